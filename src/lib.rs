@@ -1,2 +1,11 @@
+//! sealdisk: encrypted cloud disks for virtual machines, served from the
+//! hypervisor host.
+//!
+//! Layers, top-down (see `docs/architecture.md`):
+//! * [`crypto`]: the XTS-AES-256 engine every encrypted byte goes through;
+//! * [`secmem`]: locked, non-dumpable, zeroized memory for key material;
+//! * [`bench`]: the benchmarks shipped in the `sealdisk` binary.
+
+pub mod bench;
 pub mod crypto;
 pub mod secmem;

@@ -124,9 +124,7 @@ impl std::error::Error for SecretMemError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             SecretMemError::TooLarge { .. } => None,
-            SecretMemError::MemlockLimit { source, .. } | SecretMemError::Os { source, .. } => {
-                Some(source)
-            }
+            SecretMemError::MemlockLimit { source, .. } | SecretMemError::Os { source, .. } => Some(source),
         }
     }
 }
@@ -138,6 +136,8 @@ fn memlock_error(protection: Protection, bytes: usize, source: io::Error) -> Sec
     };
     // SAFETY: `rl` is a valid, writable `rlimit` for the duration of the call.
     let ok = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut rl) } == 0;
+    // rlim_t is u32 on some 32-bit targets, hence the cast.
+    #[allow(clippy::unnecessary_cast)]
     let conv = |v: libc::rlim_t| (v != libc::RLIM_INFINITY).then_some(v as u64);
     let (soft_limit, hard_limit) = if ok {
         (conv(rl.rlim_cur), conv(rl.rlim_max))
@@ -307,16 +307,15 @@ impl SecretMem {
         if raw < 0 {
             let e = io::Error::last_os_error();
             return match e.raw_os_error() {
-                // ENOSYS: not built in / unknown syscall; EINVAL: older semantics;
-                // EPERM: seccomp or secretmem.enable=0 style policies.
+                // ENOSYS: no secretmem in this kernel (or secretmem.enable=0);
+                // EINVAL: flags rejected; EPERM: e.g. a seccomp filter.
                 Some(libc::ENOSYS | libc::EINVAL | libc::EPERM) => Ok(None),
                 _ => Err(os_err(p, "memfd_secret", map_len, e)),
             };
         }
         // SAFETY: `raw` is a freshly created fd that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw as libc::c_int) };
-        let off = libc::off_t::try_from(map_len)
-            .map_err(|_| SecretMemError::TooLarge { requested: len })?;
+        let off = libc::off_t::try_from(map_len).map_err(|_| SecretMemError::TooLarge { requested: len })?;
         // SAFETY: plain syscall on our own fd.
         if unsafe { libc::ftruncate(fd.as_raw_fd(), off) } != 0 {
             return Err(os_err(p, "ftruncate", map_len, io::Error::last_os_error()));
@@ -342,8 +341,9 @@ impl SecretMem {
             protection: p,
             _fd: Some(fd),
         };
-        // Fault every page in now (secretmem pages are allocated on first touch), so a
-        // later access cannot fail; the kernel hands out zeroed pages anyway.
+        // Fault every page in now: secretmem pages are allocated (and removed from the
+        // direct map) on first touch, and a failure there is a SIGBUS; better at creation
+        // than in the middle of key handling. The kernel hands out zeroed pages anyway.
         mem.wipe();
         Ok(Some(mem))
     }
@@ -441,12 +441,7 @@ impl fmt::Debug for SecretMem {
     }
 }
 
-fn os_err(
-    protection: Protection,
-    op: &'static str,
-    bytes: usize,
-    source: io::Error,
-) -> SecretMemError {
+fn os_err(protection: Protection, op: &'static str, bytes: usize, source: io::Error) -> SecretMemError {
     SecretMemError::Os {
         protection,
         op,

@@ -37,18 +37,13 @@ fn smaps_entry(addr: usize) -> (String, Vec<String>) {
     for line in smaps.lines() {
         let first = line.split_whitespace().next().unwrap_or("");
         if let Some((a, b)) = first.split_once('-') {
-            if let (Ok(start), Ok(end)) =
-                (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
-            {
+            if let (Ok(start), Ok(end)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) {
                 current = (start <= addr && addr < end).then(|| line.to_string());
                 continue;
             }
         }
         if let (Some(header), Some(flags)) = (&current, line.strip_prefix("VmFlags:")) {
-            return (
-                header.clone(),
-                flags.split_whitespace().map(str::to_string).collect(),
-            );
+            return (header.clone(), flags.split_whitespace().map(str::to_string).collect());
         }
     }
     panic!("no smaps entry contains {addr:#x}");
@@ -80,10 +75,7 @@ fn new_uses_memfd_secret_when_kernel_has_it() {
         eprintln!("kernel has no memfd_secret; checking the mlock fallback instead");
         assert_eq!(m.protection(), Protection::Mlock);
     }
-    assert_eq!(
-        SecretMem::new_mlocked(64).unwrap().protection(),
-        Protection::Mlock
-    );
+    assert_eq!(SecretMem::new_mlocked(64).unwrap().protection(), Protection::Mlock);
 }
 
 #[test]
@@ -143,7 +135,10 @@ fn smaps_memfd_secret_path_is_locked_dontdump_dontfork() {
     for f in ["lo", "dd", "dc", "sh"] {
         assert!(has(&flags, f), "VmFlags lacks {f}: {flags:?}");
     }
-    assert!(!has(&flags, "wf"), "WIPEONFORK is impossible on shared mappings: {flags:?}");
+    assert!(
+        !has(&flags, "wf"),
+        "WIPEONFORK is impossible on shared mappings: {flags:?}"
+    );
 }
 
 #[test]
@@ -162,17 +157,32 @@ fn drop_teardown_wipes_whole_mapping() {
             }
             let prot = m.protection();
             let mut seen = None;
-            m.drop_and_inspect(|all| {
-                seen = Some((
-                    all.as_ptr() as usize,
-                    all.len(),
-                    all.iter().position(|&b| b != 0),
-                ))
-            });
+            m.drop_and_inspect(|all| seen = Some((all.as_ptr() as usize, all.len(), all.iter().position(|&b| b != 0))));
             let (ptr, n, nonzero) = seen.expect("inspector not called");
             assert_eq!(ptr, base as usize);
             assert_eq!(n, ps, "{prot}: teardown must cover the whole rounded mapping");
             assert_eq!(nonzero, None, "{prot}: byte left unwiped at drop (len {len})");
+        }
+    }
+}
+
+#[test]
+fn proc_self_mem_reads_mlock_but_not_memfd_secret() {
+    use std::os::unix::fs::FileExt;
+    let mem = std::fs::File::open("/proc/self/mem").unwrap();
+    for mut m in both_paths(32) {
+        m.as_mut_slice().fill(0x77);
+        let mut b = [0u8; 1];
+        let r = mem.read_at(&mut b, m.as_ptr() as u64);
+        match m.protection() {
+            // The kernel refuses get_user_pages() on secretmem pages: ptrace-style access
+            // (/proc/pid/mem, PTRACE_PEEKDATA, process_vm_readv) fails even for root.
+            Protection::MemfdSecret => assert!(r.is_err(), "read secretmem via /proc: {b:?}"),
+            // mlock only pins; the pages stay readable through /proc/pid/mem.
+            Protection::Mlock => {
+                assert_eq!(r.unwrap(), 1);
+                assert_eq!(b[0], 0x77);
+            }
         }
     }
 }
@@ -297,6 +307,29 @@ fn send_and_sync() {
 const CHILD_ENV: &str = "SEALDISK_SECMEM_MEMLOCK_CHILD";
 const CAP_IPC_LOCK: u32 = 14;
 
+/// Runs in the forked child before execve: async-signal-safe syscalls only.
+fn lower_memlock_and_drop_ipc_lock(limit: u64) -> std::io::Result<()> {
+    let rl = libc::rlimit {
+        rlim_cur: limit as libc::rlim_t,
+        rlim_max: limit as libc::rlim_t,
+    };
+    // SAFETY: `rl` is a valid rlimit; lowering a limit needs no privilege.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rl) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let cap = CAP_IPC_LOCK as libc::c_ulong;
+    // SAFETY: PR_CAPBSET_DROP takes a capability number and touches no memory of ours.
+    if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } != 0 {
+        let e = std::io::Error::last_os_error();
+        // EPERM: no CAP_SETPCAP (non-root run), so most likely no CAP_IPC_LOCK to drop
+        // either; the child checks that it really lacks it.
+        if e.raw_os_error() != Some(libc::EPERM) {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
 fn run_memlock_child(limit: u64) -> String {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
     cmd.args([
@@ -307,27 +340,9 @@ fn run_memlock_child(limit: u64) -> String {
         "--test-threads=1",
     ])
     .env(CHILD_ENV, limit.to_string());
-    // SAFETY: between fork and exec the closure only makes two raw syscalls and builds an
-    // io::Error from errno; it allocates nothing and takes no locks.
-    unsafe {
-        cmd.pre_exec(move || {
-            let rl = libc::rlimit {
-                rlim_cur: limit as libc::rlim_t,
-                rlim_max: limit as libc::rlim_t,
-            };
-            if libc::setrlimit(libc::RLIMIT_MEMLOCK, &rl) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // Needs CAP_SETPCAP; without it (non-root run) we most likely lack
-            // CAP_IPC_LOCK anyway, and the child verifies that.
-            if libc::prctl(libc::PR_CAPBSET_DROP, CAP_IPC_LOCK as libc::c_ulong, 0, 0, 0) != 0
-                && *libc::__errno_location() != libc::EPERM
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    // SAFETY: the closure runs between fork and exec; it only makes raw syscalls and builds
+    // an io::Error from errno, allocating nothing and taking no locks.
+    unsafe { cmd.pre_exec(move || lower_memlock_and_drop_ipc_lock(limit)) };
     let out = cmd.output().expect("re-exec test binary");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);

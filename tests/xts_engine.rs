@@ -67,7 +67,10 @@ fn every_kernel_matches_xts_mode_crate() {
 fn data_units_of_every_length_round_trip_and_agree_across_kernels() {
     let mut r = rng();
     let k = key(&mut r);
-    let kernels: Vec<Xts> = Kernel::available().into_iter().map(|kn| Xts::with_kernel(&k, kn).unwrap()).collect();
+    let kernels: Vec<Xts> = Kernel::available()
+        .into_iter()
+        .map(|kn| Xts::with_kernel(&k, kn).unwrap())
+        .collect();
     for len in (16..=600).chain([4096, 4097, 4111]) {
         let mut pt = vec![0u8; len];
         r.fill_bytes(&mut pt);
@@ -108,7 +111,8 @@ fn unaligned_buffers_work_on_every_kernel() {
             let plain = backing[shift..shift + 8192].to_vec();
             let mut want = plain.clone();
             reference(&k, &mut want, 77, 4096, false);
-            xts.encrypt_sectors(&mut backing[shift..shift + 8192], 77, 4096).unwrap();
+            xts.encrypt_sectors(&mut backing[shift..shift + 8192], 77, 4096)
+                .unwrap();
             assert_eq!(&backing[shift..shift + 8192], &want[..], "{kernel} shift {shift}");
         }
     }
@@ -169,7 +173,10 @@ fn bad_arguments_are_refused_and_change_nothing() {
     }
     assert!(matches!(
         xts.encrypt_sectors(&mut buf[..1000], 0, 512),
-        Err(XtsError::BadLength { len: 1000, sector_size: 512 })
+        Err(XtsError::BadLength {
+            len: 1000,
+            sector_size: 512
+        })
     ));
     let src = vec![0u8; 1024];
     assert!(matches!(
@@ -180,7 +187,10 @@ fn bad_arguments_are_refused_and_change_nothing() {
         xts.decrypt_sectors(&mut buf, u64::MAX - 2, 512),
         Err(XtsError::SectorOverflow { .. })
     ));
-    assert!(matches!(xts.encrypt_data_unit(&mut buf[..15], &[0; 16]), Err(XtsError::DataUnitTooShort(15))));
+    assert!(matches!(
+        xts.encrypt_data_unit(&mut buf[..15], &[0; 16]),
+        Err(XtsError::DataUnitTooShort(15))
+    ));
     assert!(buf.iter().all(|&b| b == 0xa5), "a refused call modified the buffer");
     // The last representable sectors are fine.
     xts.encrypt_sectors(&mut buf, u64::MAX - 7, 512).unwrap();

@@ -111,24 +111,6 @@ fn enc8(b: &mut [__m128i; 8], rk: &[__m128i; ROUNDS]) {
 }
 
 #[inline(always)]
-fn dec8(b: &mut [__m128i; 8], rk: &[__m128i; ROUNDS]) {
-    // SAFETY: as in `enc8`.
-    unsafe {
-        for x in b.iter_mut() {
-            *x = _mm_xor_si128(*x, rk[0]);
-        }
-        for k in &rk[1..14] {
-            for x in b.iter_mut() {
-                *x = _mm_aesdec_si128(*x, *k);
-            }
-        }
-        for x in b.iter_mut() {
-            *x = _mm_aesdeclast_si128(*x, rk[14]);
-        }
-    }
-}
-
-#[inline(always)]
 fn enc1(mut x: __m128i, rk: &[__m128i; ROUNDS]) -> __m128i {
     // SAFETY: as in `enc8`.
     unsafe {
@@ -166,6 +148,18 @@ fn mul_x(t: __m128i) -> __m128i {
     }
 }
 
+/// `t · x^8`: shift left one byte, fold the byte shifted out back in as
+/// `byte · 0x87` (carry-less).
+#[inline(always)]
+fn mul_x8(t: __m128i) -> __m128i {
+    // SAFETY: only inlined into functions that enable `pclmulqdq`.
+    unsafe {
+        let top = _mm_srli_si128::<15>(t);
+        let red = _mm_clmulepi64_si128::<0x00>(top, _mm_set_epi64x(0, 0x87));
+        _mm_xor_si128(_mm_slli_si128::<1>(t), red)
+    }
+}
+
 /// Encrypt up to eight 16-byte tweak values under `k2`, in place.
 #[target_feature(enable = "aes,sse2,sse4.1")]
 pub(crate) unsafe fn encrypt_tweaks(k2: &Schedule, tweaks: &mut [[u8; 16]]) {
@@ -191,7 +185,7 @@ pub(crate) unsafe fn encrypt_tweaks(k2: &Schedule, tweaks: &mut [[u8; 16]]) {
 /// # Safety
 /// `src` must be readable and `dst` writable for `16 * nblocks` bytes, and the
 /// CPU must have AES-NI and SSE4.1.
-#[target_feature(enable = "aes,sse2,sse4.1")]
+#[target_feature(enable = "aes,sse2,sse4.1,pclmulqdq")]
 pub(crate) unsafe fn xts_blocks<const DEC: bool>(
     rk: &Schedule,
     mut src: *const u8,
@@ -203,32 +197,50 @@ pub(crate) unsafe fn xts_blocks<const DEC: bool>(
     let rk = unsafe { schedule(rk) };
     // SAFETY: as above.
     let mut t = unsafe { load(tweak.as_ptr()) };
-    while nblocks >= 8 {
+    if nblocks >= 8 {
+        // Eight tweaks in flight; each group's tweaks are the previous
+        // group's times x^8 (a byte shift plus one carry-less multiply), so
+        // the eight updates are independent of each other.
         let mut tw = [t; 8];
         for i in 1..8 {
             tw[i] = mul_x(tw[i - 1]);
         }
-        let mut b = [_mm_setzero_si128(); 8];
-        for i in 0..8 {
-            // SAFETY: 8 blocks remain readable at `src`.
-            b[i] = _mm_xor_si128(unsafe { load(src.add(16 * i)) }, tw[i]);
+        while nblocks >= 8 {
+            let mut b = [_mm_setzero_si128(); 8];
+            for i in 0..8 {
+                // SAFETY: 8 blocks remain readable at `src`.
+                b[i] = _mm_xor_si128(unsafe { load(src.add(16 * i)) }, _mm_xor_si128(tw[i], rk[0]));
+            }
+            for k in &rk[1..14] {
+                for x in b.iter_mut() {
+                    *x = if DEC {
+                        _mm_aesdec_si128(*x, *k)
+                    } else {
+                        _mm_aesenc_si128(*x, *k)
+                    };
+                }
+            }
+            for i in 0..8 {
+                // The output XOR with the tweak is folded into the last round
+                // key: AESENCLAST(x, k ^ t) = AESENCLAST(x, k) ^ t.
+                let k = _mm_xor_si128(rk[14], tw[i]);
+                let y = if DEC {
+                    _mm_aesdeclast_si128(b[i], k)
+                } else {
+                    _mm_aesenclast_si128(b[i], k)
+                };
+                // SAFETY: 8 blocks remain writable at `dst`.
+                unsafe { store(dst.add(16 * i), y) };
+                tw[i] = mul_x8(tw[i]);
+            }
+            // SAFETY: advancing within (or one past) the caller's buffers.
+            unsafe {
+                src = src.add(128);
+                dst = dst.add(128);
+            }
+            nblocks -= 8;
         }
-        if DEC {
-            dec8(&mut b, &rk);
-        } else {
-            enc8(&mut b, &rk);
-        }
-        for i in 0..8 {
-            // SAFETY: 8 blocks remain writable at `dst`.
-            unsafe { store(dst.add(16 * i), _mm_xor_si128(b[i], tw[i])) };
-        }
-        t = mul_x(tw[7]);
-        // SAFETY: advancing within (or one past) the caller's buffers.
-        unsafe {
-            src = src.add(128);
-            dst = dst.add(128);
-        }
-        nblocks -= 8;
+        t = tw[0];
     }
     for _ in 0..nblocks {
         // SAFETY: one block remains readable at `src`.

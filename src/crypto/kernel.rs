@@ -45,6 +45,7 @@ impl Kernel {
             #[cfg(target_arch = "x86_64")]
             Kernel::Aesni => {
                 std::arch::is_x86_feature_detected!("aes")
+                    && std::arch::is_x86_feature_detected!("pclmulqdq")
                     && std::arch::is_x86_feature_detected!("sse4.1")
             }
             // std's detection is used rather than cpufeatures for VAES:
@@ -53,6 +54,7 @@ impl Kernel {
             #[cfg(target_arch = "x86_64")]
             Kernel::VaesAvx2 => {
                 std::arch::is_x86_feature_detected!("aes")
+                    && std::arch::is_x86_feature_detected!("pclmulqdq")
                     && std::arch::is_x86_feature_detected!("sse4.1")
                     && std::arch::is_x86_feature_detected!("avx2")
                     && std::arch::is_x86_feature_detected!("vaes")
@@ -121,10 +123,7 @@ mod tests {
         for k in Kernel::ALL {
             assert_eq!(k.name().parse::<Kernel>().unwrap(), k);
         }
-        assert!(matches!(
-            "avx512".parse::<Kernel>(),
-            Err(XtsError::UnknownKernel(_))
-        ));
+        assert!(matches!("avx512".parse::<Kernel>(), Err(XtsError::UnknownKernel(_))));
     }
 
     #[test]

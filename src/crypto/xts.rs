@@ -9,8 +9,8 @@ use aes::cipher::KeyInit;
 use aes::Aes256;
 
 use super::gf128::{mul_x, plain64};
-use super::keys::{RoundKeys, SoftKeys};
 use super::kernel::Kernel;
+use super::keys::{RoundKeys, SoftKeys};
 use super::portable;
 #[cfg(target_arch = "x86_64")]
 use super::{aesni, vaes};
@@ -59,7 +59,11 @@ impl fmt::Display for XtsError {
             XtsError::KernelUnsupported(k) => write!(
                 f,
                 "XTS kernel {k} is not supported by this CPU; unset SEALDISK_XTS_KERNEL or pick one of: {}",
-                Kernel::available().iter().map(|k| k.name()).collect::<Vec<_>>().join(", ")
+                Kernel::available()
+                    .iter()
+                    .map(|k| k.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
             XtsError::BadSectorSize(s) => {
                 write!(f, "sector size {s} not supported; use 512, 1024, 2048 or 4096")
@@ -229,7 +233,10 @@ impl Xts {
         }
         if let Some(s) = src {
             if s.len() != dst.len() {
-                return Err(XtsError::LengthMismatch { src: s.len(), dst: dst.len() });
+                return Err(XtsError::LengthMismatch {
+                    src: s.len(),
+                    dst: dst.len(),
+                });
             }
         }
         let len = dst.len();
@@ -238,7 +245,10 @@ impl Xts {
         }
         let count = (len / sector_size) as u64;
         if count > 0 && first_sector.checked_add(count - 1).is_none() {
-            return Err(XtsError::SectorOverflow { first_sector, sectors: count });
+            return Err(XtsError::SectorOverflow {
+                first_sector,
+                sectors: count,
+            });
         }
         match self.kernel {
             #[cfg(target_arch = "x86_64")]
@@ -247,7 +257,9 @@ impl Xts {
                 // SAFETY: src (or dst itself) is readable and dst writable for
                 // `len` bytes, a whole number of sectors of a size that is a
                 // multiple of 256; the kernel was checked at construction.
-                unsafe { vaes::sectors::<DEC>(self.round_keys(), sp, dst.as_mut_ptr(), len, first_sector, sector_size) };
+                unsafe {
+                    vaes::sectors::<DEC>(self.round_keys(), sp, dst.as_mut_ptr(), len, first_sector, sector_size)
+                };
             }
             #[cfg(target_arch = "x86_64")]
             Kernel::Aesni => {
