@@ -6,6 +6,10 @@
 //! * [`secmem`]: locked, non-dumpable, zeroized memory for key material;
 //! * [`bench`]: the benchmarks shipped in the `sealdisk` binary.
 
+pub mod bdev;
 pub mod bench;
 pub mod crypto;
+pub mod iobuf;
+pub mod reactor;
 pub mod secmem;
+pub mod uring;

@@ -47,6 +47,77 @@ enum BenchCmd {
         #[arg(long)]
         no_openssl: bool,
     },
+    /// fio-compatible I/O load on the reactor/bdev stack (like SPDK's bdevperf).
+    Io(Box<IoArgs>),
+}
+
+/// fio's options keep fio's spelling (`--rw=randread --bs=4k --iodepth=32`).
+#[derive(clap::Args)]
+struct IoArgs {
+    /// A fio job file ([global] + job sections); command-line options apply first.
+    job_file: Option<std::path::PathBuf>,
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long)]
+    rw: Option<String>,
+    #[arg(long)]
+    rwmixread: Option<String>,
+    #[arg(long)]
+    bs: Option<String>,
+    #[arg(long)]
+    iodepth: Option<String>,
+    #[arg(long)]
+    numjobs: Option<String>,
+    #[arg(long)]
+    size: Option<String>,
+    #[arg(long)]
+    offset: Option<String>,
+    #[arg(long)]
+    runtime: Option<String>,
+    /// Run for --runtime regardless of --size (fio: time_based).
+    #[arg(long = "time_based", num_args = 0..=1, default_missing_value = "1")]
+    time_based: Option<String>,
+    #[arg(long = "ramp_time")]
+    ramp_time: Option<String>,
+    /// crc32c: check every written block on read-back.
+    #[arg(long)]
+    verify: Option<String>,
+    /// Only read back and check blocks written by an earlier verify run.
+    #[arg(long = "verify_only", num_args = 0..=1, default_missing_value = "1")]
+    verify_only: Option<String>,
+    /// Accepted for fio compatibility (sealdisk always does direct I/O).
+    #[arg(long, num_args = 0..=1, default_missing_value = "1")]
+    direct: Option<String>,
+    /// file:PATH, malloc or null.
+    #[arg(long)]
+    backend: Option<String>,
+    /// Stack the crypto layer (random per-run key) on the backend.
+    #[arg(long)]
+    encrypt: bool,
+    /// Encryption sector size (512, 1024, 2048, 4096).
+    #[arg(long = "sector_size")]
+    sector_size: Option<String>,
+    /// Run plain and encrypted on the same backend, alternating, and report ratios.
+    #[arg(long)]
+    compare: bool,
+    /// Alternations per target with --compare.
+    #[arg(long, default_value_t = 2)]
+    rounds: u32,
+    /// Reactor cores, e.g. 0,1 or 0-3 (default: all).
+    #[arg(long)]
+    cores: Option<String>,
+    /// Use a kernel SQ polling thread per reactor ring.
+    #[arg(long)]
+    sqpoll: bool,
+    /// normal or json (fio's field names).
+    #[arg(long = "output-format", default_value = "normal")]
+    output_format: String,
+    /// Draw plain vs encrypted as an SVG chart.
+    #[arg(long)]
+    plot: Option<std::path::PathBuf>,
+    /// No progress line on stderr.
+    #[arg(long)]
+    quiet: bool,
 }
 
 fn main() -> ExitCode {
@@ -80,5 +151,86 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Cmd::Bench {
+            what: BenchCmd::Io(args),
+        } => match bench_io(*args) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("sealdisk bench io: {e}");
+                ExitCode::from(2)
+            }
+        },
     }
+}
+
+fn bench_io(a: IoArgs) -> Result<ExitCode, String> {
+    use sealdisk::bench::fio::{apply, parse_job_file, FileJob, JobSpec, TargetSpec};
+    use sealdisk::bench::{io, report};
+    let mut job = JobSpec::default();
+    let mut target = TargetSpec::default();
+    let given: [(&str, &Option<String>); 16] = [
+        ("name", &a.name),
+        ("rw", &a.rw),
+        ("rwmixread", &a.rwmixread),
+        ("bs", &a.bs),
+        ("iodepth", &a.iodepth),
+        ("numjobs", &a.numjobs),
+        ("size", &a.size),
+        ("offset", &a.offset),
+        ("runtime", &a.runtime),
+        ("time_based", &a.time_based),
+        ("ramp_time", &a.ramp_time),
+        ("verify", &a.verify),
+        ("verify_only", &a.verify_only),
+        ("direct", &a.direct),
+        ("backend", &a.backend),
+        ("sector_size", &a.sector_size),
+    ];
+    for (k, v) in given {
+        if let Some(v) = v {
+            apply(&mut job, &mut target, k, Some(v))?;
+        }
+    }
+    if a.encrypt {
+        target.encrypt = true;
+    }
+    let jobs = match &a.job_file {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+            parse_job_file(&text, &job, &target)?
+        }
+        None => vec![FileJob { job, target }],
+    };
+    if a.output_format != "normal" && a.output_format != "json" {
+        return Err(format!("--output-format={}: use normal or json", a.output_format));
+    }
+    if a.compare && jobs.iter().any(|j| j.target.encrypt) {
+        return Err("--compare runs both plain and encrypted; drop --encrypt".into());
+    }
+    let mut reactors = sealdisk::reactor::ReactorConfig::default();
+    if let Some(c) = &a.cores {
+        reactors.cores = sealdisk::reactor::parse_cores(c)?;
+    }
+    reactors.ring.sqpoll = a.sqpoll;
+    let opts = io::IoBenchOpts {
+        jobs,
+        compare: a.compare,
+        rounds: a.rounds,
+        reactors,
+        progress: !a.quiet,
+    };
+    let rep = io::run(&opts)?;
+    if a.output_format == "json" {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report::to_json(&rep)).expect("json")
+        );
+    } else {
+        print!("{}", report::to_text(&rep));
+    }
+    if let Some(p) = &a.plot {
+        std::fs::write(p, report::to_svg(&rep)).map_err(|e| format!("{}: {e}", p.display()))?;
+    }
+    let failed = rep.groups.iter().any(|g| g.error.is_some() || g.verify_errors > 0);
+    Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }

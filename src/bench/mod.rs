@@ -2,3 +2,7 @@
 //! figures as ratios against baselines measured in the same run.
 
 pub mod crypto;
+pub mod fio;
+pub mod io;
+pub mod job;
+pub mod report;

@@ -1,0 +1,319 @@
+//! `crypto`: XTS-AES-256 over any bdev, with the disk's own key.
+//!
+//! * Writes are encrypted out of place into bounce buffers from the reactor's
+//!   pool (the caller's buffer is never modified), in chunks of at most
+//!   [`BOUNCE_CHUNK`] bytes, each its own write to the device below.
+//! * Reads go to the device in the caller's buffer and are decrypted in place.
+//! * The XTS sector number is the byte offset divided by this layer's sector
+//!   size (512 or 4096; `plain64`, see `docs/format.md`).
+//! * Unmapped and zeroed ranges read back as zeros: a sector whose stored
+//!   bytes are all zero is returned as zeros instead of being decrypted.
+//!   Real ciphertext is all-zero with probability 2^-4096 per sector, and
+//!   the devices below return zeros for discarded or zeroed ranges, so unmap
+//!   and write-zeroes pass straight through and stay cheap.
+//! * Bounce buffers are back-pressure: when the pool is empty the write is
+//!   handed back to the caller to retry.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use super::{validate, Bdev, BdevRef, Channel, ChannelCtx, IoCompletion, IoError, IoOp, IoRequest};
+use crate::crypto::Xts;
+use crate::iobuf::{BufPool, IoBuf};
+
+/// Largest write handed to the device below in one piece.
+pub const BOUNCE_CHUNK: usize = 128 * 1024;
+
+pub struct CryptoBdev {
+    name: String,
+    inner: BdevRef,
+    xts: Arc<Xts>,
+    sector_size: u32,
+    capacity: u64,
+}
+
+impl CryptoBdev {
+    /// Stack a crypto layer with `xts` on `inner`. `sector_size` is the
+    /// encryption sector (512, 1024, 2048 or 4096) and the layer's block size;
+    /// it must be a multiple of the lower block size.
+    pub fn new(inner: BdevRef, xts: Arc<Xts>, sector_size: u32) -> Result<CryptoBdev, String> {
+        if !crate::crypto::SECTOR_SIZES.contains(&(sector_size as usize)) {
+            return Err(format!(
+                "encryption sector size {sector_size} not supported; use 512, 1024, 2048 or 4096"
+            ));
+        }
+        if sector_size % inner.block_size() != 0 {
+            return Err(format!(
+                "encryption sector size {sector_size} is not a multiple of {}'s block size {}",
+                inner.name(),
+                inner.block_size()
+            ));
+        }
+        let capacity = inner.capacity() / sector_size as u64 * sector_size as u64;
+        Ok(CryptoBdev {
+            name: format!("crypto({})", inner.name()),
+            inner,
+            xts,
+            sector_size,
+            capacity,
+        })
+    }
+}
+
+impl Bdev for CryptoBdev {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn block_size(&self) -> u32 {
+        self.sector_size
+    }
+    fn capacity(&self) -> u64 {
+        self.capacity
+    }
+    fn max_io_bytes(&self) -> u64 {
+        self.inner.max_io_bytes()
+    }
+    fn volatile_cache(&self) -> bool {
+        self.inner.volatile_cache()
+    }
+    fn open_channel(&self, ctx: &ChannelCtx) -> std::io::Result<Box<dyn Channel>> {
+        Ok(Box::new(CryptoChannel {
+            inner: self.inner.open_channel(ctx)?,
+            xts: self.xts.clone(),
+            pool: ctx.pool.clone(),
+            sector_size: self.sector_size as usize,
+            capacity: self.capacity,
+            max_io: self.max_io_bytes(),
+            pending: Vec::new(),
+            free: Vec::new(),
+            live: 0,
+            deferred: VecDeque::new(),
+            ready: VecDeque::new(),
+            scratch: Vec::new(),
+        }))
+    }
+}
+
+struct Pending {
+    tag: u64,
+    op: IoOp,
+    offset: u64,
+    parts: usize,
+    result: Result<(), IoError>,
+    buf: Option<IoBuf>,
+}
+
+struct CryptoChannel {
+    inner: Box<dyn Channel>,
+    xts: Arc<Xts>,
+    pool: BufPool,
+    sector_size: usize,
+    capacity: u64,
+    max_io: u64,
+    pending: Vec<Option<Pending>>,
+    free: Vec<usize>,
+    live: usize,
+    /// Lower requests refused by back-pressure, retried on poll.
+    deferred: VecDeque<IoRequest>,
+    ready: VecDeque<IoCompletion>,
+    scratch: Vec<IoCompletion>,
+}
+
+impl CryptoChannel {
+    fn slot(&mut self, p: Pending) -> u64 {
+        self.live += 1;
+        match self.free.pop() {
+            Some(i) => {
+                self.pending[i] = Some(p);
+                i as u64
+            }
+            None => {
+                self.pending.push(Some(p));
+                (self.pending.len() - 1) as u64
+            }
+        }
+    }
+
+    fn send_down(&mut self, req: IoRequest) {
+        if !self.deferred.is_empty() {
+            self.deferred.push_back(req);
+            return;
+        }
+        if let Err(req) = self.inner.submit(req) {
+            self.deferred.push_back(req);
+        }
+    }
+
+    fn finish_part(&mut self, c: IoCompletion) {
+        let idx = c.tag as usize;
+        let mut p = self.pending[idx].take().expect("completion for a live request");
+        if let Err(e) = c.result {
+            if p.result.is_ok() {
+                p.result = Err(e);
+            }
+        }
+        match p.op {
+            IoOp::Read => {
+                let mut buf = c.buf.expect("read completes with its buffer");
+                if p.result.is_ok() {
+                    decrypt_in_place(
+                        &self.xts,
+                        &mut buf,
+                        p.offset / self.sector_size as u64,
+                        self.sector_size,
+                    );
+                } else {
+                    // Never hand back ciphertext as if it were data.
+                    buf.fill(0);
+                }
+                p.buf = Some(buf);
+            }
+            // The bounce buffer goes back to the pool here.
+            IoOp::Write => drop(c.buf),
+            _ => {}
+        }
+        p.parts -= 1;
+        if p.parts == 0 {
+            self.free.push(idx);
+            self.live -= 1;
+            self.ready.push_back(IoCompletion {
+                tag: p.tag,
+                op: p.op,
+                result: p.result,
+                buf: p.buf,
+            });
+        } else {
+            self.pending[idx] = Some(p);
+        }
+    }
+}
+
+/// Decrypt whole sectors, leaving all-zero sectors (never written, discarded
+/// or zeroed) as zeros. Runs of non-zero sectors go to the engine in one call.
+fn decrypt_in_place(xts: &Xts, buf: &mut [u8], first_sector: u64, ss: usize) {
+    let n = buf.len() / ss;
+    let mut i = 0;
+    while i < n {
+        if is_zero(&buf[i * ss..(i + 1) * ss]) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < n && !is_zero(&buf[i * ss..(i + 1) * ss]) {
+            i += 1;
+        }
+        xts.decrypt_sectors(&mut buf[start * ss..i * ss], first_sector + start as u64, ss)
+            .expect("whole sectors of a supported size");
+    }
+}
+
+fn is_zero(s: &[u8]) -> bool {
+    // Sector sizes are multiples of 8; ciphertext almost always fails on the
+    // first word, so this costs one load per encrypted sector.
+    s.chunks_exact(8)
+        .all(|w| u64::from_ne_bytes(w.try_into().unwrap()) == 0)
+}
+
+impl Channel for CryptoChannel {
+    fn submit(&mut self, req: IoRequest) -> Result<(), IoRequest> {
+        if let Err(e) = validate(&req, self.sector_size as u32, self.capacity, self.max_io) {
+            self.ready.push_back(IoCompletion {
+                tag: req.tag,
+                op: req.op,
+                result: Err(e),
+                buf: req.buf,
+            });
+            return Ok(());
+        }
+        match req.op {
+            IoOp::Write => {
+                let src = req.buf.as_ref().expect("validated");
+                let len = src.len();
+                let chunks = len.div_ceil(BOUNCE_CHUNK);
+                let mut bounces = Vec::with_capacity(chunks);
+                for c in 0..chunks {
+                    let clen = BOUNCE_CHUNK.min(len - c * BOUNCE_CHUNK);
+                    match self.pool.alloc(clen) {
+                        Some(b) => bounces.push(b),
+                        None => return Err(req), // back-pressure; nothing done
+                    }
+                }
+                let first = req.offset / self.sector_size as u64;
+                for (c, b) in bounces.iter_mut().enumerate() {
+                    let from = c * BOUNCE_CHUNK;
+                    let s0 = first + (from / self.sector_size) as u64;
+                    self.xts
+                        .encrypt_sectors_to(&src[from..from + b.len()], b, s0, self.sector_size)
+                        .expect("validated whole sectors");
+                }
+                let (offset, fua) = (req.offset, req.fua);
+                let idx = self.slot(Pending {
+                    tag: req.tag,
+                    op: IoOp::Write,
+                    offset,
+                    parts: chunks,
+                    result: Ok(()),
+                    buf: req.buf,
+                });
+                for (c, b) in bounces.into_iter().enumerate() {
+                    let mut w = IoRequest::write(offset + (c * BOUNCE_CHUNK) as u64, b, idx);
+                    w.fua = fua;
+                    self.send_down(w);
+                }
+            }
+            IoOp::Read => {
+                let idx = self.slot(Pending {
+                    tag: req.tag,
+                    op: IoOp::Read,
+                    offset: req.offset,
+                    parts: 1,
+                    result: Ok(()),
+                    buf: None,
+                });
+                let buf = req.buf.expect("validated");
+                self.send_down(IoRequest::read(req.offset, buf, idx));
+            }
+            IoOp::Flush | IoOp::Unmap | IoOp::WriteZeroes => {
+                let idx = self.slot(Pending {
+                    tag: req.tag,
+                    op: req.op,
+                    offset: req.offset,
+                    parts: 1,
+                    result: Ok(()),
+                    buf: None,
+                });
+                self.send_down(IoRequest {
+                    op: req.op,
+                    offset: req.offset,
+                    len: req.len,
+                    buf: None,
+                    fua: req.fua,
+                    tag: idx,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn poll(&mut self, out: &mut Vec<IoCompletion>) -> usize {
+        while let Some(r) = self.deferred.pop_front() {
+            if let Err(r) = self.inner.submit(r) {
+                self.deferred.push_front(r);
+                break;
+            }
+        }
+        let mut scratch = std::mem::take(&mut self.scratch);
+        self.inner.poll(&mut scratch);
+        for c in scratch.drain(..) {
+            self.finish_part(c);
+        }
+        self.scratch = scratch;
+        let n = self.ready.len();
+        out.extend(self.ready.drain(..));
+        n
+    }
+
+    fn in_flight(&self) -> usize {
+        self.live + self.ready.len()
+    }
+}

@@ -1,0 +1,269 @@
+//! Block devices: a small bdev API and its modules, stacked like SPDK's
+//! vbdevs.
+//!
+//! A [`Bdev`] describes a device (block size, capacity, limits) and opens a
+//! [`Channel`] per reactor. A channel is the only way to do I/O: it is owned
+//! by one reactor thread, takes requests with [`Channel::submit`] and hands
+//! back completions from [`Channel::poll`]. Nothing on the I/O path locks.
+//!
+//! Stacking rule: a virtual bdev (e.g. [`crypto::CryptoBdev`]) holds the bdev
+//! below it and opens the lower channel inside its own `open_channel`, on the
+//! same reactor; its channel calls only that lower channel.
+//!
+//! Requests own their buffer ([`IoBuf`]) until the completion gives it back,
+//! so no buffer can be freed or reused while the device still uses it.
+
+pub mod crypto;
+pub mod malloc;
+pub mod null;
+pub mod uring;
+
+use std::fmt;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use crate::iobuf::{BufPool, IoBuf};
+use crate::uring::Ring;
+
+/// Largest single request any bdev in the stack accepts.
+pub const MAX_IO_BYTES: u64 = 1 << 20;
+
+/// What a request does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IoOp {
+    Read,
+    Write,
+    Flush,
+    /// Discard: the range reads back as zeros afterwards.
+    Unmap,
+    WriteZeroes,
+}
+
+/// One I/O request. `buf` is required for reads and writes (its length is
+/// the I/O length) and ignored otherwise; `len` is used for unmap and
+/// write-zeroes.
+#[derive(Debug)]
+pub struct IoRequest {
+    pub op: IoOp,
+    pub offset: u64,
+    pub len: u64,
+    pub buf: Option<IoBuf>,
+    /// Force unit access: the write is durable when it completes.
+    pub fua: bool,
+    /// Caller's cookie, returned in the completion.
+    pub tag: u64,
+}
+
+impl IoRequest {
+    pub fn read(offset: u64, buf: IoBuf, tag: u64) -> IoRequest {
+        IoRequest {
+            op: IoOp::Read,
+            offset,
+            len: buf.len() as u64,
+            buf: Some(buf),
+            fua: false,
+            tag,
+        }
+    }
+
+    pub fn write(offset: u64, buf: IoBuf, tag: u64) -> IoRequest {
+        IoRequest {
+            op: IoOp::Write,
+            offset,
+            len: buf.len() as u64,
+            buf: Some(buf),
+            fua: false,
+            tag,
+        }
+    }
+
+    pub fn flush(tag: u64) -> IoRequest {
+        IoRequest {
+            op: IoOp::Flush,
+            offset: 0,
+            len: 0,
+            buf: None,
+            fua: false,
+            tag,
+        }
+    }
+
+    pub fn unmap(offset: u64, len: u64, tag: u64) -> IoRequest {
+        IoRequest {
+            op: IoOp::Unmap,
+            offset,
+            len,
+            buf: None,
+            fua: false,
+            tag,
+        }
+    }
+
+    pub fn write_zeroes(offset: u64, len: u64, tag: u64) -> IoRequest {
+        IoRequest {
+            op: IoOp::WriteZeroes,
+            offset,
+            len,
+            buf: None,
+            fua: false,
+            tag,
+        }
+    }
+
+    /// Bytes the request covers.
+    pub fn bytes(&self) -> u64 {
+        match self.op {
+            IoOp::Read | IoOp::Write => self.buf.as_ref().map_or(0, |b| b.len() as u64),
+            IoOp::Unmap | IoOp::WriteZeroes => self.len,
+            IoOp::Flush => 0,
+        }
+    }
+}
+
+/// A finished request.
+#[derive(Debug)]
+pub struct IoCompletion {
+    pub tag: u64,
+    pub op: IoOp,
+    pub result: Result<(), IoError>,
+    /// The request's buffer, handed back.
+    pub buf: Option<IoBuf>,
+}
+
+/// Why a request failed. Every variant says what was wrong with numbers a
+/// user can check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IoError {
+    OutOfRange {
+        offset: u64,
+        len: u64,
+        capacity: u64,
+    },
+    Misaligned {
+        offset: u64,
+        len: u64,
+        block_size: u32,
+    },
+    TooLarge {
+        len: u64,
+        max: u64,
+    },
+    MissingBuffer,
+    Unsupported(IoOp),
+    /// The device failed the request (errno).
+    Device {
+        errno: i32,
+    },
+    /// The device transferred fewer bytes than asked.
+    Short {
+        want: u64,
+        got: u64,
+    },
+}
+
+impl fmt::Display for IoError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IoError::OutOfRange { offset, len, capacity } => write!(
+                f,
+                "I/O of {len} bytes at offset {offset} runs past the end of the device ({capacity} bytes)"
+            ),
+            IoError::Misaligned {
+                offset,
+                len,
+                block_size,
+            } => write!(
+                f,
+                "I/O at offset {offset}, length {len} is not aligned to the {block_size}-byte block size"
+            ),
+            IoError::TooLarge { len, max } => {
+                write!(
+                    f,
+                    "I/O of {len} bytes exceeds the maximum of {max} bytes per request; split it"
+                )
+            }
+            IoError::MissingBuffer => write!(f, "read or write request without a buffer"),
+            IoError::Unsupported(op) => write!(f, "{op:?} is not supported by this device"),
+            IoError::Device { errno } => {
+                write!(f, "device error: {}", std::io::Error::from_raw_os_error(*errno))
+            }
+            IoError::Short { want, got } => write!(f, "short transfer: {got} of {want} bytes"),
+        }
+    }
+}
+
+impl std::error::Error for IoError {}
+
+/// Per-reactor resources a channel may use: the reactor's ring and buffer
+/// pool. Given to [`Bdev::open_channel`] by the reactor that will own it.
+#[derive(Clone)]
+pub struct ChannelCtx {
+    pub ring: Rc<Ring>,
+    pub pool: BufPool,
+}
+
+/// A block device.
+pub trait Bdev: Send + Sync {
+    /// Name for logs and reports.
+    fn name(&self) -> &str;
+    /// Logical block size: offsets and lengths must be multiples of it.
+    fn block_size(&self) -> u32;
+    /// Capacity in bytes.
+    fn capacity(&self) -> u64;
+    /// Largest request accepted.
+    fn max_io_bytes(&self) -> u64 {
+        MAX_IO_BYTES
+    }
+    /// Whether the device has a volatile write cache (so FLUSH matters).
+    fn volatile_cache(&self) -> bool {
+        true
+    }
+    /// Open an I/O channel for the calling reactor.
+    fn open_channel(&self, ctx: &ChannelCtx) -> std::io::Result<Box<dyn Channel>>;
+}
+
+/// A per-reactor I/O queue of a bdev.
+pub trait Channel {
+    /// Queue a request. `Err(req)` hands it back untouched: back-pressure
+    /// (queue or buffers full); retry after polling. Invalid requests are
+    /// accepted and complete with an error.
+    fn submit(&mut self, req: IoRequest) -> Result<(), IoRequest>;
+    /// Move finished requests into `out`; returns how many.
+    fn poll(&mut self, out: &mut Vec<IoCompletion>) -> usize;
+    /// Requests submitted and not yet returned by `poll`.
+    fn in_flight(&self) -> usize;
+}
+
+/// Check a request against a device's geometry.
+pub fn validate(req: &IoRequest, block_size: u32, capacity: u64, max_io: u64) -> Result<(), IoError> {
+    let len = match req.op {
+        IoOp::Flush => return Ok(()),
+        IoOp::Read | IoOp::Write => match &req.buf {
+            Some(b) => b.len() as u64,
+            None => return Err(IoError::MissingBuffer),
+        },
+        IoOp::Unmap | IoOp::WriteZeroes => req.len,
+    };
+    let bs = block_size as u64;
+    if req.offset % bs != 0 || len % bs != 0 || len == 0 {
+        return Err(IoError::Misaligned {
+            offset: req.offset,
+            len,
+            block_size,
+        });
+    }
+    if matches!(req.op, IoOp::Read | IoOp::Write) && len > max_io {
+        return Err(IoError::TooLarge { len, max: max_io });
+    }
+    if req.offset.checked_add(len).is_none_or(|end| end > capacity) {
+        return Err(IoError::OutOfRange {
+            offset: req.offset,
+            len,
+            capacity,
+        });
+    }
+    Ok(())
+}
+
+/// Shared handle to a bdev.
+pub type BdevRef = Arc<dyn Bdev>;

@@ -1,0 +1,336 @@
+//! fio's job options, with fio's names and meanings, from the command line or
+//! a fio job file (`[global]` plus job sections).
+//!
+//! Supported keys: `name`, `rw`/`readwrite`, `rwmixread`, `rwmixwrite`,
+//! `bs`/`blocksize`, `iodepth`, `numjobs`, `size`, `offset`, `runtime`,
+//! `time_based`, `ramp_time`, `verify`, `verify_only`, `direct` (must be 1),
+//! `group_reporting`, `ioengine` (ignored: the engine is sealdisk), and
+//! sealdisk's own `backend`, `filename` (= `backend=file:PATH`), `encrypt`,
+//! `sector_size`. Anything else is an error naming the key.
+
+use std::time::Duration;
+
+/// fio's `rw`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Rw {
+    Read,
+    Write,
+    RandRead,
+    RandWrite,
+    Rw,
+    RandRw,
+}
+
+impl Rw {
+    pub fn parse(s: &str) -> Result<Rw, String> {
+        Ok(match s {
+            "read" => Rw::Read,
+            "write" => Rw::Write,
+            "randread" => Rw::RandRead,
+            "randwrite" => Rw::RandWrite,
+            "rw" | "readwrite" => Rw::Rw,
+            "randrw" => Rw::RandRw,
+            _ => return Err(format!("rw={s}: use read, write, randread, randwrite, rw or randrw")),
+        })
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Rw::Read => "read",
+            Rw::Write => "write",
+            Rw::RandRead => "randread",
+            Rw::RandWrite => "randwrite",
+            Rw::Rw => "rw",
+            Rw::RandRw => "randrw",
+        }
+    }
+    pub fn is_random(self) -> bool {
+        matches!(self, Rw::RandRead | Rw::RandWrite | Rw::RandRw)
+    }
+    /// Percentage of reads.
+    pub fn read_pct(self, rwmixread: u32) -> u32 {
+        match self {
+            Rw::Read | Rw::RandRead => 100,
+            Rw::Write | Rw::RandWrite => 0,
+            Rw::Rw | Rw::RandRw => rwmixread,
+        }
+    }
+}
+
+/// One job definition (before `numjobs` expands it).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct JobSpec {
+    pub name: String,
+    pub rw: Rw,
+    pub rwmixread: u32,
+    pub bs: u64,
+    pub iodepth: u32,
+    pub numjobs: u32,
+    /// Bytes of the device the job covers (None: all of it from `offset`).
+    pub size: Option<u64>,
+    pub offset: u64,
+    pub runtime: Option<Duration>,
+    pub time_based: bool,
+    pub ramp_time: Duration,
+    pub verify: bool,
+    pub verify_only: bool,
+}
+
+impl Default for JobSpec {
+    fn default() -> Self {
+        JobSpec {
+            name: "job".into(),
+            rw: Rw::Read,
+            rwmixread: 50,
+            bs: 4096,
+            iodepth: 1,
+            numjobs: 1,
+            size: None,
+            offset: 0,
+            runtime: None,
+            time_based: false,
+            ramp_time: Duration::ZERO,
+            verify: false,
+            verify_only: false,
+        }
+    }
+}
+
+/// Where a job runs: settings that pick the bdev stack.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TargetSpec {
+    /// `file:PATH`, `malloc` or `null` (None: not given).
+    pub backend: Option<String>,
+    pub encrypt: bool,
+    pub sector_size: Option<u32>,
+}
+
+/// fio size: bytes with optional k/m/g/t suffix (powers of 1024, like fio's
+/// default `kb_base=1024`), optional trailing `b`/`ib`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let t = t.strip_suffix("ib").or_else(|| t.strip_suffix('b')).unwrap_or(&t);
+    let (num, mult) = match t.chars().last() {
+        Some('k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('m') => (&t[..t.len() - 1], 1 << 20),
+        Some('g') => (&t[..t.len() - 1], 1 << 30),
+        Some('t') => (&t[..t.len() - 1], 1 << 40),
+        _ => (t, 1),
+    };
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("bad size {s:?}: use e.g. 4096, 4k, 128k, 1g"))
+}
+
+/// fio time: seconds by default, or with a us/ms/s/m/h suffix.
+pub fn parse_time(s: &str) -> Result<Duration, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let bad = || format!("bad time {s:?}: use e.g. 10, 10s, 500ms, 2m");
+    let (num, unit) = t
+        .find(|c: char| c.is_ascii_alphabetic())
+        .map_or((t.as_str(), ""), |i| t.split_at(i));
+    let n: f64 = num.trim().parse().map_err(|_| bad())?;
+    if !n.is_finite() || n < 0.0 {
+        return Err(bad());
+    }
+    let secs = match unit {
+        "" | "s" | "sec" => n,
+        "ms" | "msec" => n / 1e3,
+        "us" | "usec" => n / 1e6,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(bad()),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_bool(key: &str, v: Option<&str>) -> Result<bool, String> {
+    match v.map(str::trim) {
+        None | Some("1") | Some("true") | Some("yes") => Ok(true),
+        Some("0") | Some("false") | Some("no") => Ok(false),
+        Some(x) => Err(format!("{key}={x}: use 0 or 1")),
+    }
+}
+
+fn parse_u32(key: &str, v: &str, min: u32, max: u32) -> Result<u32, String> {
+    match v.trim().parse::<u32>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(format!("{key}={v}: must be an integer from {min} to {max}")),
+    }
+}
+
+/// Apply one `key[=value]` to a job and target.
+pub fn apply(job: &mut JobSpec, target: &mut TargetSpec, key: &str, value: Option<&str>) -> Result<(), String> {
+    let key = key.trim();
+    let need = || value.ok_or_else(|| format!("option {key} needs a value ({key}=...)"));
+    match key {
+        "name" => job.name = need()?.trim().to_string(),
+        "rw" | "readwrite" => job.rw = Rw::parse(need()?.trim())?,
+        "rwmixread" => job.rwmixread = parse_u32(key, need()?, 0, 100)?,
+        "rwmixwrite" => job.rwmixread = 100 - parse_u32(key, need()?, 0, 100)?,
+        "bs" | "blocksize" => {
+            let bs = parse_size(need()?)?;
+            if bs == 0 || bs % 512 != 0 || bs > crate::bdev::MAX_IO_BYTES {
+                return Err(format!("bs={}: must be a multiple of 512 up to 1m", need()?));
+            }
+            job.bs = bs;
+        }
+        "iodepth" => job.iodepth = parse_u32(key, need()?, 1, 4096)?,
+        "numjobs" => job.numjobs = parse_u32(key, need()?, 1, 1024)?,
+        "size" => {
+            let s = parse_size(need()?)?;
+            if s == 0 {
+                return Err("size=0: give the number of bytes the job covers".into());
+            }
+            job.size = Some(s);
+        }
+        "offset" => job.offset = parse_size(need()?)?,
+        "runtime" => job.runtime = Some(parse_time(need()?)?),
+        "time_based" => job.time_based = parse_bool(key, value)?,
+        "ramp_time" => job.ramp_time = parse_time(need()?)?,
+        "verify" => match need()?.trim() {
+            "crc32c" | "crc32c-intel" => job.verify = true,
+            "0" | "none" => job.verify = false,
+            v => return Err(format!("verify={v}: sealdisk supports verify=crc32c")),
+        },
+        "verify_only" => job.verify_only = parse_bool(key, value)?,
+        "direct" => {
+            if !parse_bool(key, value)? {
+                return Err("direct=0: sealdisk always does direct I/O".into());
+            }
+        }
+        "group_reporting" | "ioengine" | "thread" | "norandommap" | "randrepeat" => {}
+        "backend" => target.backend = Some(need()?.trim().to_string()),
+        "filename" => target.backend = Some(format!("file:{}", need()?.trim())),
+        "encrypt" => target.encrypt = parse_bool(key, value)?,
+        "sector_size" => {
+            let s = parse_u32(key, need()?, 512, 4096)?;
+            if !crate::crypto::SECTOR_SIZES.contains(&(s as usize)) {
+                return Err(format!("sector_size={s}: use 512, 1024, 2048 or 4096"));
+            }
+            target.sector_size = Some(s);
+        }
+        _ => return Err(format!("unknown job option {key:?}")),
+    }
+    Ok(())
+}
+
+/// A job from a job file, with the target settings it carries.
+#[derive(Debug, Clone)]
+pub struct FileJob {
+    pub job: JobSpec,
+    pub target: TargetSpec,
+}
+
+/// Parse a fio job file. `base` is applied first (command-line options),
+/// then `[global]`, then the job's own section.
+pub fn parse_job_file(text: &str, base: &JobSpec, base_target: &TargetSpec) -> Result<Vec<FileJob>, String> {
+    let mut global = (base.clone(), base_target.clone());
+    let mut jobs: Vec<FileJob> = Vec::new();
+    let mut current: Option<usize> = None; // None = global section or before any
+    for (n, raw) in text.lines().enumerate() {
+        let line = raw.split(['#', ';']).next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let at = |e: String| format!("job file line {}: {e}", n + 1);
+        if let Some(sec) = line.strip_prefix('[') {
+            let name = sec
+                .strip_suffix(']')
+                .ok_or_else(|| at(format!("unterminated section {line:?}")))?
+                .trim();
+            if name.is_empty() {
+                return Err(at("empty section name".into()));
+            }
+            if name == "global" {
+                if !jobs.is_empty() {
+                    return Err(at("[global] after a job section is not supported".into()));
+                }
+                current = None;
+            } else {
+                let mut job = global.0.clone();
+                job.name = name.to_string();
+                jobs.push(FileJob {
+                    job,
+                    target: global.1.clone(),
+                });
+                current = Some(jobs.len() - 1);
+            }
+            continue;
+        }
+        let (k, v) = match line.split_once('=') {
+            Some((k, v)) => (k.trim(), Some(v.trim())),
+            None => (line, None),
+        };
+        match current {
+            None => apply(&mut global.0, &mut global.1, k, v).map_err(at)?,
+            Some(i) => {
+                let FileJob { job, target } = &mut jobs[i];
+                apply(job, target, k, v).map_err(at)?;
+            }
+        }
+    }
+    if jobs.is_empty() {
+        return Err("job file defines no job section".into());
+    }
+    Ok(jobs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_times() {
+        assert_eq!(parse_size("4k").unwrap(), 4096);
+        assert_eq!(parse_size("128KiB").unwrap(), 128 << 10);
+        assert_eq!(parse_size("1g").unwrap(), 1 << 30);
+        assert_eq!(parse_size("512").unwrap(), 512);
+        assert!(parse_size("4q").is_err());
+        assert!(parse_size("").is_err());
+        assert_eq!(parse_time("10").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_time("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_time("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_time("-1").is_err());
+        assert!(parse_time("3 fortnights").is_err());
+    }
+
+    #[test]
+    fn job_file_global_and_sections() {
+        let text = "; comment\n[global]\nbs=4k\niodepth=32\nbackend=malloc\ntime_based\nruntime=2\n\n[rr]\nrw=randread\n[sw]\nrw=write\nbs=128k\nencrypt=1\n";
+        let jobs = parse_job_file(text, &JobSpec::default(), &TargetSpec::default()).unwrap();
+        assert_eq!(jobs.len(), 2);
+        assert_eq!(jobs[0].job.name, "rr");
+        assert_eq!(jobs[0].job.rw, Rw::RandRead);
+        assert_eq!(jobs[0].job.bs, 4096);
+        assert_eq!(jobs[0].job.iodepth, 32);
+        assert!(jobs[0].job.time_based);
+        assert!(!jobs[0].target.encrypt);
+        assert_eq!(jobs[1].job.bs, 128 << 10);
+        assert!(jobs[1].target.encrypt);
+        assert_eq!(jobs[1].target.backend.as_deref(), Some("malloc"));
+    }
+
+    #[test]
+    fn bad_job_files_name_the_problem() {
+        let d = JobSpec::default();
+        let t = TargetSpec::default();
+        let e = parse_job_file("[a]\nfrobnicate=3\n", &d, &t).unwrap_err();
+        assert!(e.contains("line 2") && e.contains("frobnicate"), "{e}");
+        assert!(parse_job_file("[global]\nbs=4k\n", &d, &t)
+            .unwrap_err()
+            .contains("no job"));
+        assert!(parse_job_file("[a]\nrw=sideways\n", &d, &t)
+            .unwrap_err()
+            .contains("rw=sideways"));
+        assert!(parse_job_file("[a]\nbs=1000\n", &d, &t)
+            .unwrap_err()
+            .contains("multiple of 512"));
+        assert!(parse_job_file("[a]\niodepth=0\n", &d, &t)
+            .unwrap_err()
+            .contains("iodepth"));
+        assert!(parse_job_file("[a\n", &d, &t).unwrap_err().contains("unterminated"));
+    }
+}

@@ -1,0 +1,347 @@
+//! `sealdisk bench io`: a fio-compatible load generator on the reactor/bdev
+//! stack (like SPDK's bdevperf). Jobs are spread over the reactors; with
+//! `--compare` the same jobs run on the plain backend and on the crypto layer
+//! over the *same* backend, alternating (ABBA), and the report gives both
+//! plus the ratios.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::fio::{FileJob, JobSpec, TargetSpec};
+use super::job::{DirStats, Job, JobResult, Progress};
+use crate::bdev::crypto::CryptoBdev;
+use crate::bdev::malloc::MallocBdev;
+use crate::bdev::null::NullBdev;
+use crate::bdev::uring::{UringBdev, UringOpts};
+use crate::bdev::BdevRef;
+use crate::crypto::Xts;
+use crate::reactor::{ReactorConfig, Reactors, StatsSnapshot};
+
+/// Options of a bench run.
+#[derive(Debug, Clone)]
+pub struct IoBenchOpts {
+    pub jobs: Vec<FileJob>,
+    pub compare: bool,
+    /// Alternations per target with `--compare` (ABBA order).
+    pub rounds: u32,
+    pub reactors: ReactorConfig,
+    /// Print a progress line to stderr.
+    pub progress: bool,
+}
+
+/// Results of one job definition on one target (all its numjobs, all
+/// rounds, merged like fio's group_reporting).
+#[derive(Debug, Clone)]
+pub struct GroupResult {
+    /// Job name (with `--compare`: `plain` or `encrypted`).
+    pub name: String,
+    pub spec: JobSpec,
+    pub target: String,
+    pub read: DirStats,
+    pub write: DirStats,
+    /// Sum over rounds of the measured wall time.
+    pub runtime: Duration,
+    pub usr_cpu: f64,
+    pub sys_cpu: f64,
+    pub error: Option<String>,
+    pub verified_blocks: u64,
+    pub verify_errors: u64,
+    /// Reactor counters over the measured runs.
+    pub reactor: StatsSnapshot,
+}
+
+impl GroupResult {
+    /// Reactor busy time per completed I/O, nanoseconds.
+    pub fn busy_ns_per_io(&self) -> f64 {
+        let ios = self.read.ios + self.write.ios;
+        if ios == 0 {
+            0.0
+        } else {
+            self.reactor.busy_ns as f64 / ios as f64
+        }
+    }
+}
+
+/// The whole report.
+#[derive(Debug, Clone)]
+pub struct IoBenchReport {
+    pub groups: Vec<GroupResult>,
+    /// With `--compare`: nanoseconds the XTS kernel takes for one block of
+    /// `bs` bytes, measured in this run.
+    pub cipher_ns_per_io: Option<f64>,
+    pub kernel: String,
+    pub cores: Vec<usize>,
+}
+
+fn build_base(t: &TargetSpec, job: &JobSpec) -> Result<BdevRef, String> {
+    let want = job.offset + job.size.unwrap_or(1 << 30);
+    let backend = t.backend.as_deref().unwrap_or("malloc");
+    Ok(match backend {
+        "malloc" => Arc::new(MallocBdev::new("malloc0", want, 512)),
+        "null" => Arc::new(NullBdev::new("null0", want.max(1 << 40), 512)),
+        b if b.starts_with("file:") => {
+            let path = PathBuf::from(&b[5..]);
+            let create = (!path.exists()).then_some(want);
+            Arc::new(
+                UringBdev::open(
+                    &path,
+                    &UringOpts {
+                        create_size: create,
+                        buffered: false,
+                    },
+                )
+                .map_err(|e| e.to_string())?,
+            )
+        }
+        other => return Err(format!("unknown backend {other:?}: use file:PATH, malloc or null")),
+    })
+}
+
+fn random_key() -> crate::secmem::SecretMem {
+    use rand::RngCore;
+    let mut k = crate::secmem::SecretMem::new(64).expect("secret memory for a benchmark key");
+    loop {
+        rand::rngs::OsRng.fill_bytes(k.as_mut_slice());
+        if k.as_slice()[..32] != k.as_slice()[32..] {
+            return k;
+        }
+    }
+}
+
+fn crypto_over(base: &BdevRef, t: &TargetSpec) -> Result<(BdevRef, Arc<Xts>), String> {
+    let key = random_key();
+    let xts = Arc::new(Xts::new(key.as_slice().try_into().expect("64 bytes")).map_err(|e| e.to_string())?);
+    let ss = t.sector_size.unwrap_or(4096);
+    Ok((Arc::new(CryptoBdev::new(base.clone(), xts.clone(), ss)?), xts))
+}
+
+fn rusage() -> (f64, f64) {
+    // SAFETY: getrusage fills the zeroed struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer to a live rusage.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    (t(ru.ru_utime), t(ru.ru_stime))
+}
+
+struct RunOut {
+    results: Vec<JobResult>,
+    wall: Duration,
+    usr: f64,
+    sys: f64,
+    reactor: StatsSnapshot,
+}
+
+fn sum_stats(v: &[StatsSnapshot]) -> StatsSnapshot {
+    v.iter().fold(StatsSnapshot::default(), |a, s| StatsSnapshot {
+        busy_ns: a.busy_ns + s.busy_ns,
+        idle_ns: a.idle_ns + s.idle_ns,
+        ios: a.ios + s.ios,
+        bytes: a.bytes + s.bytes,
+        queue_full: a.queue_full + s.queue_full,
+    })
+}
+
+/// Run `spec.numjobs` jobs on `bdev`, spread round-robin over the reactors.
+fn run_once(
+    reactors: &Reactors,
+    bdev: &BdevRef,
+    spec: &JobSpec,
+    label: &str,
+    progress: bool,
+) -> Result<RunOut, String> {
+    let (tx, rx) = mpsc::channel();
+    let prog = Arc::new(Progress::default());
+    let abort = Arc::new(AtomicBool::new(false));
+    let before = reactors.stats();
+    let (u0, s0) = rusage();
+    let t0 = Instant::now();
+    for j in 0..spec.numjobs {
+        let r = j as usize % reactors.len();
+        let (bdev, spec, prog, job_abort, tx) = (bdev.clone(), spec.clone(), prog.clone(), abort.clone(), tx.clone());
+        let setup = reactors.call(r, Duration::from_secs(10), move |ctx| -> Result<(), String> {
+            let chan = bdev
+                .open_channel(&ctx.chan)
+                .map_err(|e| format!("{}: {e}", bdev.name()))?;
+            let job = Job::new(spec, j, ctx, chan, bdev.capacity(), prog, job_abort, tx)?;
+            ctx.add_poller(Box::new(job));
+            Ok(())
+        })?;
+        if let Err(e) = setup {
+            abort.store(true, Ordering::Relaxed);
+            return Err(e);
+        }
+    }
+    drop(tx);
+    let mut results = Vec::new();
+    let tty = progress && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (mut last_ios, mut last_t) = (0u64, Instant::now());
+    while results.len() < spec.numjobs as usize {
+        match rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(r) => results.push(r),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if progress {
+                    let ios = prog.ios.load(Ordering::Relaxed);
+                    let bytes = prog.bytes.load(Ordering::Relaxed);
+                    let dt = last_t.elapsed().as_secs_f64();
+                    let line = format!(
+                        "[{label}] {:>6.1}s  {:>9.0} IOPS  {:>8.1} MiB total",
+                        t0.elapsed().as_secs_f64(),
+                        (ios - last_ios) as f64 / dt,
+                        bytes as f64 / 1048576.0
+                    );
+                    if tty {
+                        eprint!("\r{line}  ");
+                    } else {
+                        eprintln!("{line}");
+                    }
+                    (last_ios, last_t) = (ios, Instant::now());
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err("a job ended without reporting (reactor stopped?)".into());
+            }
+        }
+    }
+    if tty {
+        eprintln!();
+    }
+    let wall = t0.elapsed();
+    let (u1, s1) = rusage();
+    let after = reactors.stats();
+    let delta: Vec<StatsSnapshot> = after.iter().zip(&before).map(|(a, b)| a.since(b)).collect();
+    Ok(RunOut {
+        results,
+        wall,
+        usr: u1 - u0,
+        sys: s1 - s0,
+        reactor: sum_stats(&delta),
+    })
+}
+
+fn merge_into(g: &mut GroupResult, out: &RunOut) {
+    let mut runtime = Duration::ZERO;
+    for r in &out.results {
+        g.read.merge(&r.read);
+        g.write.merge(&r.write);
+        runtime = runtime.max(r.runtime);
+        g.verified_blocks += r.verified_blocks;
+        g.verify_errors += r.verify_errors;
+        if g.error.is_none() {
+            g.error.clone_from(&r.error);
+        }
+    }
+    let secs = out.wall.as_secs_f64().max(1e-9);
+    let old = g.runtime.as_secs_f64();
+    let total = old + secs;
+    // CPU as % of one core over the whole measured time (fio's usr_cpu).
+    g.usr_cpu = (g.usr_cpu * old + out.usr / secs * 100.0 * secs) / total;
+    g.sys_cpu = (g.sys_cpu * old + out.sys / secs * 100.0 * secs) / total;
+    g.runtime += runtime;
+    g.reactor = sum_stats(&[g.reactor, out.reactor]);
+}
+
+fn new_group(name: &str, spec: &JobSpec, target: &str) -> GroupResult {
+    GroupResult {
+        name: name.into(),
+        spec: spec.clone(),
+        target: target.into(),
+        read: DirStats::default(),
+        write: DirStats::default(),
+        runtime: Duration::ZERO,
+        usr_cpu: 0.0,
+        sys_cpu: 0.0,
+        error: None,
+        verified_blocks: 0,
+        verify_errors: 0,
+        reactor: StatsSnapshot::default(),
+    }
+}
+
+/// Nanoseconds the engine needs to encrypt `bs` bytes in `ss`-byte sectors,
+/// best of a few short runs.
+fn cipher_ns(xts: &Xts, bs: usize, ss: usize) -> f64 {
+    let mut buf = vec![0x5au8; bs.max(ss) / ss * ss];
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let mut n = 0u64;
+        while t.elapsed() < Duration::from_millis(40) {
+            for _ in 0..16 {
+                xts.encrypt_sectors(&mut buf, n, ss).expect("whole sectors");
+                n += 1;
+            }
+        }
+        best = best.min(t.elapsed().as_nanos() as f64 / n as f64);
+    }
+    best
+}
+
+/// Run the benchmark.
+pub fn run(opts: &IoBenchOpts) -> Result<IoBenchReport, String> {
+    let reactors = Reactors::start(&opts.reactors).map_err(|e| format!("starting reactors: {e}"))?;
+    let mut groups = Vec::new();
+    let mut cipher = None;
+    let mut kernel = crate::crypto::Kernel::selected()
+        .map_err(|e| e.to_string())?
+        .name()
+        .to_string();
+    for fj in &opts.jobs {
+        let base = build_base(&fj.target, &fj.job)?;
+        let backend_name = base.name().to_string();
+        if opts.compare {
+            let (enc, xts) = crypto_over(&base, &fj.target)?;
+            kernel = xts.kernel().name().to_string();
+            let rounds = opts.rounds.max(1);
+            let mut spec = fj.job.clone();
+            if let Some(rt) = spec.runtime {
+                spec.runtime = Some(rt / rounds);
+            }
+            if !spec.time_based {
+                spec.size = spec.size.map(|s| (s / rounds as u64 / spec.bs).max(1) * spec.bs);
+            }
+            let mut plain = new_group("plain", &fj.job, &backend_name);
+            let mut encrypted = new_group("encrypted", &fj.job, enc.name());
+            for r in 0..rounds {
+                let order: [bool; 2] = if r % 2 == 0 { [false, true] } else { [true, false] };
+                for is_enc in order {
+                    let (bdev, g, label) = if is_enc {
+                        (&enc, &mut encrypted, "encrypted")
+                    } else {
+                        (&base, &mut plain, "plain")
+                    };
+                    let out = run_once(&reactors, bdev, &spec, label, opts.progress)?;
+                    merge_into(g, &out);
+                }
+            }
+            let ss = fj.target.sector_size.unwrap_or(4096) as usize;
+            cipher = Some(cipher_ns(&xts, fj.job.bs as usize, ss));
+            groups.push(plain);
+            groups.push(encrypted);
+        } else {
+            let (bdev, target_name) = if fj.target.encrypt {
+                let (enc, xts) = crypto_over(&base, &fj.target)?;
+                kernel = xts.kernel().name().to_string();
+                let n = enc.name().to_string();
+                (enc, n)
+            } else {
+                (base.clone(), backend_name.clone())
+            };
+            let mut g = new_group(&fj.job.name, &fj.job, &target_name);
+            let out = run_once(&reactors, &bdev, &fj.job, &fj.job.name, opts.progress)?;
+            merge_into(&mut g, &out);
+            groups.push(g);
+        }
+    }
+    let cores = opts.reactors.cores.clone();
+    reactors.shutdown();
+    Ok(IoBenchReport {
+        groups,
+        cipher_ns_per_io: cipher,
+        kernel,
+        cores,
+    })
+}

@@ -1,0 +1,488 @@
+//! One benchmark job: a poller on a reactor that keeps `iodepth` requests in
+//! flight on its own bdev channel (closed loop), like a fio job.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+use super::fio::JobSpec;
+use crate::bdev::{Channel, IoCompletion, IoOp, IoRequest};
+use crate::iobuf::IoBuf;
+use crate::reactor::{Poll, Poller, ReactorCtx};
+
+/// Per-direction results.
+#[derive(Debug, Clone)]
+pub struct DirStats {
+    pub ios: u64,
+    pub bytes: u64,
+    /// Completion latency (submit to completion), nanoseconds.
+    pub clat: Histogram<u64>,
+}
+
+impl Default for DirStats {
+    fn default() -> Self {
+        DirStats {
+            ios: 0,
+            bytes: 0,
+            clat: Histogram::new_with_bounds(1, 120_000_000_000, 3).expect("valid bounds"),
+        }
+    }
+}
+
+impl DirStats {
+    fn record(&mut self, bytes: u64, ns: u64) {
+        self.ios += 1;
+        self.bytes += bytes;
+        let _ = self.clat.record(ns.max(1));
+    }
+    pub fn merge(&mut self, o: &DirStats) {
+        self.ios += o.ios;
+        self.bytes += o.bytes;
+        let _ = self.clat.add(&o.clat);
+    }
+}
+
+/// What a finished job reports.
+#[derive(Debug, Clone)]
+pub struct JobResult {
+    pub name: String,
+    pub reactor: usize,
+    pub read: DirStats,
+    pub write: DirStats,
+    /// Length of the measured phase (after ramp).
+    pub runtime: Duration,
+    pub error: Option<String>,
+    pub verified_blocks: u64,
+    pub verify_errors: u64,
+}
+
+/// Live counters for the progress line.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub ios: AtomicU64,
+    pub bytes: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Ramp,
+    Run,
+    /// No new main-phase I/O; waiting for in-flight to finish.
+    Drain,
+    Verify,
+    Done,
+}
+
+const VERIFY_MAGIC: u32 = 0x5344_5631; // "SDV1"
+
+/// Fill a block for `verify=crc32c`: magic, offset, crc32c of the rest, then
+/// pseudo-random bytes derived from the offset and `seed`.
+pub fn fill_verify_block(block: &mut [u8], offset: u64, seed: u64) {
+    let mut x = offset ^ seed ^ 0x9e37_79b9_7f4a_7c15;
+    for w in block[16..].chunks_exact_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        w.copy_from_slice(&x.to_le_bytes());
+    }
+    block[0..4].copy_from_slice(&VERIFY_MAGIC.to_le_bytes());
+    block[4..12].copy_from_slice(&offset.to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&block[16..]), &offset.to_le_bytes());
+    block[12..16].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Check a block written by [`fill_verify_block`] at `offset`.
+pub fn check_verify_block(block: &[u8], offset: u64) -> Result<(), String> {
+    let magic = u32::from_le_bytes(block[0..4].try_into().unwrap());
+    let off = u64::from_le_bytes(block[4..12].try_into().unwrap());
+    let crc = u32::from_le_bytes(block[12..16].try_into().unwrap());
+    if magic != VERIFY_MAGIC {
+        return Err(format!("verify: bad magic {magic:#x} in block at offset {offset}"));
+    }
+    if off != offset {
+        return Err(format!(
+            "verify: block at offset {offset} holds the data of offset {off}"
+        ));
+    }
+    let want = crc32c::crc32c_append(crc32c::crc32c(&block[16..]), &offset.to_le_bytes());
+    if want != crc {
+        return Err(format!(
+            "verify: crc32c mismatch at offset {offset}: stored {crc:#010x}, computed {want:#010x}"
+        ));
+    }
+    Ok(())
+}
+
+struct Slot {
+    buf: Option<IoBuf>,
+    start: Instant,
+    offset: u64,
+    verify_read: bool,
+}
+
+/// The job poller.
+pub struct Job {
+    spec: JobSpec,
+    reactor: usize,
+    chan: Box<dyn Channel>,
+    region_start: u64,
+    region_blocks: u64,
+    slots: Vec<Slot>,
+    free: Vec<usize>,
+    retry: Option<(IoRequest, usize)>,
+    rng: u64,
+    seq_next: u64,
+    seed: u64,
+    read_pct: u32,
+    phase: Phase,
+    started: Instant,
+    run_start: Instant,
+    run_end: Option<Instant>,
+    deadline: Option<Instant>,
+    issued_bytes: u64,
+    size_limit: u64,
+    read: DirStats,
+    write: DirStats,
+    written: Vec<u64>,
+    verify_cursor: u64,
+    verified: u64,
+    verify_errors: u64,
+    error: Option<String>,
+    completions: Vec<IoCompletion>,
+    progress: Arc<Progress>,
+    abort: Arc<AtomicBool>,
+    done: Option<Sender<JobResult>>,
+}
+
+impl Job {
+    /// A job over `[offset, offset+size)` of the device behind `chan`
+    /// (`capacity` bytes). Buffers come from the reactor's pool.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        spec: JobSpec,
+        index: u32,
+        ctx: &ReactorCtx,
+        chan: Box<dyn Channel>,
+        capacity: u64,
+        progress: Arc<Progress>,
+        abort: Arc<AtomicBool>,
+        done: Sender<JobResult>,
+    ) -> Result<Job, String> {
+        let bs = spec.bs;
+        if spec.offset % bs != 0 {
+            return Err(format!("offset={} is not a multiple of bs={bs}", spec.offset));
+        }
+        if spec.offset >= capacity {
+            return Err(format!(
+                "offset={} is past the end of the device ({capacity} bytes)",
+                spec.offset
+            ));
+        }
+        let len = spec.size.unwrap_or(capacity - spec.offset).min(capacity - spec.offset);
+        let region_blocks = len / bs;
+        if region_blocks == 0 {
+            return Err(format!("size={len} is smaller than bs={bs}"));
+        }
+        let mut slots = Vec::new();
+        let seed = 0x5ea1_d15c_0000_0001u64.wrapping_mul(index as u64 + 1) ^ ctx.id as u64;
+        let mut x = seed | 1;
+        for _ in 0..spec.iodepth {
+            let mut b = ctx.chan.pool.alloc(bs as usize).ok_or_else(|| {
+                format!(
+                    "reactor {} has no buffer space for iodepth={} x bs={bs}",
+                    ctx.id, spec.iodepth
+                )
+            })?;
+            for w in b.chunks_exact_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                w.copy_from_slice(&x.to_le_bytes());
+            }
+            slots.push(Slot {
+                buf: Some(b),
+                start: Instant::now(),
+                offset: 0,
+                verify_read: false,
+            });
+        }
+        let now = Instant::now();
+        let read_pct = spec.rw.read_pct(spec.rwmixread);
+        let writes = read_pct < 100;
+        Ok(Job {
+            reactor: ctx.id,
+            chan,
+            region_start: spec.offset,
+            region_blocks,
+            free: (0..slots.len()).rev().collect(),
+            slots,
+            retry: None,
+            rng: seed ^ 0xdead_beef,
+            seq_next: 0,
+            seed,
+            read_pct,
+            phase: if spec.verify_only {
+                Phase::Verify
+            } else if spec.ramp_time.is_zero() {
+                Phase::Run
+            } else {
+                Phase::Ramp
+            },
+            started: now,
+            run_start: now,
+            run_end: None,
+            deadline: spec.runtime.map(|r| now + spec.ramp_time + r),
+            issued_bytes: 0,
+            size_limit: if spec.time_based { u64::MAX } else { region_blocks * bs },
+            read: DirStats::default(),
+            write: DirStats::default(),
+            written: if spec.verify && writes {
+                vec![0; region_blocks.div_ceil(64) as usize]
+            } else {
+                Vec::new()
+            },
+            verify_cursor: 0,
+            verified: 0,
+            verify_errors: 0,
+            error: None,
+            completions: Vec::new(),
+            progress,
+            abort,
+            done: Some(done),
+            spec,
+        })
+    }
+
+    fn next_rand(&mut self) -> u64 {
+        // xorshift64*
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn next_block(&mut self) -> u64 {
+        if self.spec.rw.is_random() {
+            self.next_rand() % self.region_blocks
+        } else {
+            let b = self.seq_next;
+            self.seq_next = (self.seq_next + 1) % self.region_blocks;
+            b
+        }
+    }
+
+    fn mark_written(&mut self, block: u64) {
+        if let Some(w) = self.written.get_mut((block / 64) as usize) {
+            *w |= 1 << (block % 64);
+        }
+    }
+
+    fn next_verify_block(&mut self) -> Option<u64> {
+        while self.verify_cursor < self.region_blocks {
+            let b = self.verify_cursor;
+            self.verify_cursor += 1;
+            if self.spec.verify_only || self.written[(b / 64) as usize] & (1 << (b % 64)) != 0 {
+                return Some(b);
+            }
+        }
+        None
+    }
+
+    fn fail(&mut self, e: String) {
+        if self.error.is_none() {
+            self.error = Some(e);
+        }
+        self.phase = Phase::Drain;
+    }
+
+    fn handle(&mut self, c: IoCompletion, now: Instant) {
+        let slot = c.tag as usize;
+        let ns = now.duration_since(self.slots[slot].start).as_nanos() as u64;
+        let offset = self.slots[slot].offset;
+        let verify_read = self.slots[slot].verify_read;
+        let buf = c.buf.expect("reads and writes return their buffer");
+        let bytes = buf.len() as u64;
+        if let Err(e) = c.result {
+            self.fail(format!("{:?} at offset {offset}: {e}", c.op));
+        } else if verify_read {
+            self.verified += 1;
+            if let Err(e) = check_verify_block(&buf, offset) {
+                self.verify_errors += 1;
+                if self.error.is_none() {
+                    self.error = Some(e);
+                }
+            }
+        } else {
+            if self.phase != Phase::Ramp {
+                match c.op {
+                    IoOp::Read => self.read.record(bytes, ns),
+                    _ => self.write.record(bytes, ns),
+                }
+            }
+            self.progress.ios.fetch_add(1, Ordering::Relaxed);
+            self.progress.bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
+        self.slots[slot].buf = Some(buf);
+        self.free.push(slot);
+    }
+
+    /// Build the next request for a free slot, or None when the phase has
+    /// nothing more to issue.
+    fn next_request(&mut self, slot: usize) -> Option<IoRequest> {
+        let bs = self.spec.bs;
+        match self.phase {
+            Phase::Ramp | Phase::Run => {
+                if self.phase == Phase::Run && self.issued_bytes >= self.size_limit {
+                    return None;
+                }
+                let block = self.next_block();
+                let offset = self.region_start + block * bs;
+                let is_read =
+                    self.read_pct == 100 || (self.read_pct > 0 && (self.next_rand() % 100) < self.read_pct as u64);
+                let mut buf = self.slots[slot].buf.take().expect("free slot has its buffer");
+                if !is_read && self.spec.verify {
+                    fill_verify_block(&mut buf, offset, self.seed);
+                    self.mark_written(block);
+                }
+                self.issued_bytes += bs;
+                self.slots[slot].offset = offset;
+                self.slots[slot].verify_read = false;
+                Some(if is_read {
+                    IoRequest::read(offset, buf, slot as u64)
+                } else {
+                    IoRequest::write(offset, buf, slot as u64)
+                })
+            }
+            Phase::Verify => {
+                let block = self.next_verify_block()?;
+                let offset = self.region_start + block * bs;
+                let buf = self.slots[slot].buf.take().expect("free slot has its buffer");
+                self.slots[slot].offset = offset;
+                self.slots[slot].verify_read = true;
+                Some(IoRequest::read(offset, buf, slot as u64))
+            }
+            Phase::Drain | Phase::Done => None,
+        }
+    }
+
+    fn advance_phase(&mut self, now: Instant) {
+        if self.abort.load(Ordering::Relaxed) && matches!(self.phase, Phase::Ramp | Phase::Run | Phase::Verify) {
+            self.phase = Phase::Drain;
+        }
+        if self.phase == Phase::Ramp && now.duration_since(self.started) >= self.spec.ramp_time {
+            self.phase = Phase::Run;
+            self.run_start = now;
+            self.read = DirStats::default();
+            self.write = DirStats::default();
+            self.issued_bytes = 0;
+        }
+        if self.phase == Phase::Run {
+            let timed_out = self.deadline.is_some_and(|d| now >= d);
+            if timed_out || self.issued_bytes >= self.size_limit {
+                self.phase = Phase::Drain;
+            }
+        }
+        let idle = self.free.len() == self.slots.len() && self.retry.is_none();
+        if self.phase == Phase::Drain && idle {
+            if self.run_end.is_none() {
+                self.run_end = Some(now);
+            }
+            let verify = !self.written.is_empty() && self.error.is_none() && !self.abort.load(Ordering::Relaxed);
+            self.phase = if verify && self.verify_cursor == 0 {
+                Phase::Verify
+            } else {
+                Phase::Done
+            };
+        } else if self.phase == Phase::Verify && idle && self.verify_cursor >= self.region_blocks {
+            if self.run_end.is_none() {
+                self.run_end = Some(now);
+            }
+            self.phase = Phase::Done;
+        }
+    }
+
+    fn finish(&mut self) {
+        let end = self.run_end.unwrap_or_else(Instant::now);
+        let result = JobResult {
+            name: self.spec.name.clone(),
+            reactor: self.reactor,
+            read: std::mem::take(&mut self.read),
+            write: std::mem::take(&mut self.write),
+            runtime: end.duration_since(self.run_start),
+            error: self.error.take(),
+            verified_blocks: self.verified,
+            verify_errors: self.verify_errors,
+        };
+        if let Some(tx) = self.done.take() {
+            let _ = tx.send(result);
+        }
+    }
+}
+
+impl Poller for Job {
+    fn poll(&mut self, ctx: &ReactorCtx) -> Poll {
+        let mut work = 0;
+        let mut comps = std::mem::take(&mut self.completions);
+        if self.chan.poll(&mut comps) > 0 {
+            let now = Instant::now();
+            for c in comps.drain(..) {
+                let bytes = c.buf.as_ref().map_or(0, |b| b.len() as u64);
+                ctx.stats.add_io(bytes);
+                self.handle(c, now);
+                work += 1;
+            }
+        }
+        self.completions = comps;
+        let now = Instant::now();
+        self.advance_phase(now);
+        if let Some((req, slot)) = self.retry.take() {
+            match self.chan.submit(req) {
+                Ok(()) => work += 1,
+                Err(req) => {
+                    self.retry = Some((req, slot));
+                    return if work > 0 { Poll::Busy(work) } else { Poll::Idle };
+                }
+            }
+        }
+        while let Some(slot) = self.free.pop() {
+            let Some(req) = self.next_request(slot) else {
+                self.free.push(slot);
+                break;
+            };
+            self.slots[slot].start = now;
+            match self.chan.submit(req) {
+                Ok(()) => work += 1,
+                Err(req) => {
+                    // Back-pressure: keep it and retry on the next poll.
+                    self.retry = Some((req, slot));
+                    break;
+                }
+            }
+        }
+        self.advance_phase(now);
+        if self.phase == Phase::Done {
+            self.finish();
+            return Poll::Done;
+        }
+        if work > 0 {
+            Poll::Busy(work)
+        } else {
+            Poll::Idle
+        }
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        // A job dropped by a stopping reactor still reports.
+        if self.done.is_some() {
+            if self.error.is_none() && self.phase != Phase::Done {
+                self.error = Some("job stopped before it finished (reactor shut down)".into());
+            }
+            self.finish();
+        }
+    }
+}

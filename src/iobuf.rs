@@ -1,0 +1,260 @@
+//! I/O buffers: page-aligned chunks of one per-reactor arena.
+//!
+//! Each reactor owns a [`BufPool`]: one anonymous mapping, registered with the
+//! reactor's io_uring as fixed buffer 0, carved into power-of-two chunks
+//! (4 KiB .. 1 MiB) on demand and recycled through per-size free lists. An
+//! [`IoBuf`] owns its chunk and gives it back on drop. The pool is
+//! single-threaded (`Rc`): buffers never leave their reactor.
+//!
+//! An empty pool is back-pressure, not an error: [`BufPool::alloc`] returns
+//! `None` and the caller retries after completions free buffers.
+
+use std::cell::RefCell;
+use std::ops::{Deref, DerefMut};
+use std::ptr::NonNull;
+use std::rc::Rc;
+
+/// Smallest chunk: one page (O_DIRECT needs 512- or 4096-byte alignment).
+pub const MIN_BUF: usize = 4096;
+/// Largest chunk.
+pub const MAX_BUF: usize = 1 << 20;
+const CLASSES: usize = 9; // 4 KiB << 0..=8
+
+struct Arena {
+    base: NonNull<u8>,
+    size: usize,
+}
+
+impl Drop for Arena {
+    fn drop(&mut self) {
+        // SAFETY: `base`/`size` came from the mmap in `BufPool::new` and are
+        // unmapped once, here. No IoBuf outlives the arena (each holds an Rc).
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.size) };
+    }
+}
+
+struct PoolState {
+    bump: usize,
+    free: [Vec<usize>; CLASSES],
+    in_use: usize,
+    high_water: usize,
+}
+
+struct PoolInner {
+    arena: Arena,
+    state: RefCell<PoolState>,
+}
+
+/// A per-reactor pool of aligned I/O buffers. Cloning shares the pool.
+#[derive(Clone)]
+pub struct BufPool {
+    inner: Rc<PoolInner>,
+}
+
+/// Statistics of a pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStats {
+    pub arena_bytes: usize,
+    pub in_use_bytes: usize,
+    pub high_water_bytes: usize,
+}
+
+fn class_of(len: usize) -> Option<usize> {
+    if len > MAX_BUF {
+        return None;
+    }
+    let size = len.max(MIN_BUF).next_power_of_two();
+    Some(size.trailing_zeros() as usize - MIN_BUF.trailing_zeros() as usize)
+}
+
+impl BufPool {
+    /// A pool over a fresh `size`-byte arena (rounded up to 1 MiB).
+    pub fn new(size: usize) -> std::io::Result<BufPool> {
+        let size = size.max(MAX_BUF).div_ceil(MAX_BUF) * MAX_BUF;
+        // SAFETY: anonymous private mapping; the result is checked below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let base = NonNull::new(p.cast::<u8>()).expect("mmap returned null");
+        Ok(BufPool {
+            inner: Rc::new(PoolInner {
+                arena: Arena { base, size },
+                state: RefCell::new(PoolState {
+                    bump: 0,
+                    free: Default::default(),
+                    in_use: 0,
+                    high_water: 0,
+                }),
+            }),
+        })
+    }
+
+    /// The arena as one iovec, for `io_uring_register_buffers`.
+    pub fn iovec(&self) -> libc::iovec {
+        libc::iovec {
+            iov_base: self.inner.arena.base.as_ptr().cast(),
+            iov_len: self.inner.arena.size,
+        }
+    }
+
+    /// A buffer of `len` bytes (contents unspecified), or `None` when the pool
+    /// is exhausted or `len` exceeds [`MAX_BUF`].
+    pub fn alloc(&self, len: usize) -> Option<IoBuf> {
+        let class = class_of(len)?;
+        let cap = MIN_BUF << class;
+        let mut st = self.inner.state.borrow_mut();
+        let off = match st.free[class].pop() {
+            Some(off) => off,
+            None => {
+                // Chunks are carved at their own alignment so a 1 MiB chunk
+                // never straddles the arena end.
+                let off = st.bump.div_ceil(cap) * cap;
+                if off + cap > self.inner.arena.size {
+                    return None;
+                }
+                st.bump = off + cap;
+                off
+            }
+        };
+        st.in_use += cap;
+        st.high_water = st.high_water.max(st.in_use);
+        drop(st);
+        Some(IoBuf {
+            // SAFETY: off + cap <= arena size, so the pointer is in bounds.
+            ptr: unsafe { NonNull::new_unchecked(self.inner.arena.base.as_ptr().add(off)) },
+            len,
+            cap,
+            class,
+            off,
+            pool: self.inner.clone(),
+        })
+    }
+
+    /// A zero-filled buffer.
+    pub fn alloc_zeroed(&self, len: usize) -> Option<IoBuf> {
+        let mut b = self.alloc(len)?;
+        b.fill(0);
+        Some(b)
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        let st = self.inner.state.borrow();
+        PoolStats {
+            arena_bytes: self.inner.arena.size,
+            in_use_bytes: st.in_use,
+            high_water_bytes: st.high_water,
+        }
+    }
+
+    /// Whether `buf` came from this pool (and so is in registered buffer 0).
+    pub fn owns(&self, buf: &IoBuf) -> bool {
+        Rc::ptr_eq(&self.inner, &buf.pool)
+    }
+}
+
+/// An aligned I/O buffer owned by one request at a time.
+pub struct IoBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+    cap: usize,
+    class: usize,
+    off: usize,
+    pool: Rc<PoolInner>,
+}
+
+impl IoBuf {
+    /// Usable length (≤ capacity).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// Change the usable length (at most the capacity).
+    pub fn set_len(&mut self, len: usize) {
+        assert!(len <= self.cap, "IoBuf::set_len({len}) beyond capacity {}", self.cap);
+        self.len = len;
+    }
+
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr.as_ptr()
+    }
+
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+}
+
+impl Deref for IoBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: ptr..ptr+len is inside the arena chunk this IoBuf owns
+        // exclusively; the arena lives while `pool` (an Rc) does.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl DerefMut for IoBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `deref`, and `&mut self` makes the access exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for IoBuf {
+    fn drop(&mut self) {
+        let mut st = self.pool.state.borrow_mut();
+        st.in_use -= self.cap;
+        st.free[self.class].push(self.off);
+    }
+}
+
+impl std::fmt::Debug for IoBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoBuf")
+            .field("len", &self.len)
+            .field("cap", &self.cap)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alloc_free_reuse_and_exhaustion() {
+        let pool = BufPool::new(2 << 20).unwrap();
+        let a = pool.alloc(4096).unwrap();
+        assert_eq!(a.as_ptr() as usize % 4096, 0);
+        let b = pool.alloc(5000).unwrap();
+        assert_eq!(b.capacity(), 8192);
+        assert_eq!(b.as_ptr() as usize % 8192, 0);
+        let pa = a.as_ptr();
+        drop(a);
+        let c = pool.alloc(100).unwrap();
+        assert_eq!(c.as_ptr(), pa, "freed chunk is reused");
+        assert!(pool.alloc(MAX_BUF + 1).is_none());
+        let big = pool.alloc(MAX_BUF).unwrap();
+        assert!(pool.alloc(MAX_BUF).is_none(), "arena exhausted is back-pressure");
+        drop(big);
+        assert!(pool.alloc(MAX_BUF).is_some());
+        assert!(pool.owns(&c));
+    }
+}

@@ -1,0 +1,229 @@
+//! A reactor's io_uring: one ring per reactor thread (single issuer), shared
+//! by every channel on that reactor through `Rc`.
+//!
+//! Channels push SQEs tagged with their [`Route`]; the reactor submits once
+//! per loop iteration (so requests are batched, not one syscall each) and
+//! [`Ring::reap`] sorts completions into each route's queue. The reactor's
+//! buffer arena is registered as fixed buffer 0, so I/O on pool buffers
+//! uses `READ_FIXED`/`WRITE_FIXED` and skips per-I/O page pinning.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::time::Duration;
+
+use io_uring::{squeue, types, IoUring};
+
+use crate::iobuf::BufPool;
+
+/// Bits of `user_data` left for a route's own tag.
+pub const TAG_BITS: u32 = 48;
+const FILE_SLOTS: u32 = 64;
+
+/// How to set up a ring.
+#[derive(Debug, Clone, Copy)]
+pub struct RingOpts {
+    pub entries: u32,
+    /// Kernel-side submission polling thread (IORING_SETUP_SQPOLL).
+    pub sqpoll: bool,
+    /// Idle time before the SQPOLL thread sleeps.
+    pub sqpoll_idle_ms: u32,
+}
+
+impl Default for RingOpts {
+    fn default() -> Self {
+        RingOpts {
+            entries: 256,
+            sqpoll: false,
+            sqpoll_idle_ms: 50,
+        }
+    }
+}
+
+type Queue = Rc<RefCell<VecDeque<(u64, i32)>>>;
+
+/// Where a channel's completions land.
+pub struct Route {
+    id: u16,
+    queue: Queue,
+}
+
+impl Route {
+    pub fn id(&self) -> u16 {
+        self.id
+    }
+    /// Next completion `(tag, result)` for this route.
+    pub fn pop(&self) -> Option<(u64, i32)> {
+        self.queue.borrow_mut().pop_front()
+    }
+}
+
+/// The ring and its bookkeeping.
+pub struct Ring {
+    // Field order matters: the ring closes before the arena it registered is
+    // unmapped (fields drop in declaration order).
+    uring: RefCell<IoUring>,
+    routes: RefCell<Vec<Queue>>,
+    unsubmitted: Cell<u32>,
+    in_flight: Cell<usize>,
+    files: RefCell<Vec<bool>>,
+    arena: (usize, usize),
+    sqpoll: bool,
+    _pool: BufPool,
+}
+
+impl Ring {
+    /// A ring with `pool`'s arena registered as fixed buffer 0.
+    pub fn new(opts: RingOpts, pool: &BufPool) -> io::Result<Ring> {
+        let mut b = IoUring::builder();
+        if opts.sqpoll {
+            b.setup_sqpoll(opts.sqpoll_idle_ms);
+        } else {
+            // No COOP_TASKRUN: completions must reach the CQ while the
+            // reactor spins in user space, without waiting for a syscall.
+            b.setup_single_issuer();
+        }
+        let uring = b.build(opts.entries).or_else(|e| {
+            if opts.sqpoll {
+                Err(e)
+            } else {
+                // Older kernels: no SINGLE_ISSUER / COOP_TASKRUN.
+                IoUring::new(opts.entries)
+            }
+        })?;
+        let iov = pool.iovec();
+        // SAFETY: the arena stays mapped while `_pool` (a clone held by this
+        // Ring, dropped after `uring`) lives.
+        unsafe { uring.submitter().register_buffers(&[iov])? };
+        uring.submitter().register_files_sparse(FILE_SLOTS)?;
+        Ok(Ring {
+            uring: RefCell::new(uring),
+            routes: RefCell::new(Vec::new()),
+            unsubmitted: Cell::new(0),
+            in_flight: Cell::new(0),
+            files: RefCell::new(vec![false; FILE_SLOTS as usize]),
+            arena: (iov.iov_base as usize, iov.iov_len),
+            sqpoll: opts.sqpoll,
+            _pool: pool.clone(),
+        })
+    }
+
+    pub fn is_sqpoll(&self) -> bool {
+        self.sqpoll
+    }
+
+    /// A new completion route.
+    pub fn route(&self) -> Route {
+        let mut routes = self.routes.borrow_mut();
+        let queue: Queue = Rc::new(RefCell::new(VecDeque::new()));
+        routes.push(queue.clone());
+        let id = u16::try_from(routes.len() - 1).expect("more than 65536 routes on one ring");
+        Route { id, queue }
+    }
+
+    /// The fixed-buffer index for `ptr..ptr+len`, if it lies in the arena.
+    pub fn fixed_buf(&self, ptr: *const u8, len: usize) -> Option<u16> {
+        let (base, size) = self.arena;
+        let p = ptr as usize;
+        (p >= base && p + len <= base + size).then_some(0)
+    }
+
+    /// Register `fd` in the ring's file table; returns its slot.
+    pub fn register_file(&self, fd: RawFd) -> io::Result<u32> {
+        let mut files = self.files.borrow_mut();
+        let slot = files
+            .iter()
+            .position(|used| !used)
+            .ok_or_else(|| io::Error::other("no free registered-file slot on this ring"))? as u32;
+        self.uring.borrow().submitter().register_files_update(slot, &[fd])?;
+        files[slot as usize] = true;
+        Ok(slot)
+    }
+
+    /// Release a registered-file slot.
+    pub fn unregister_file(&self, slot: u32) {
+        let _ = self.uring.borrow().submitter().register_files_update(slot, &[-1]);
+        if let Some(s) = self.files.borrow_mut().get_mut(slot as usize) {
+            *s = false;
+        }
+    }
+
+    /// Queue an SQE for `route` with `tag` (< 2^48). Returns false when the
+    /// submission queue stays full even after submitting (back-pressure).
+    ///
+    /// # Safety
+    /// Every buffer and pointer the entry refers to must stay valid until its
+    /// completion has been reaped.
+    pub unsafe fn push(&self, route: &Route, tag: u64, entry: squeue::Entry) -> bool {
+        debug_assert!(tag < 1 << TAG_BITS);
+        let entry = entry.user_data(((route.id as u64) << TAG_BITS) | tag);
+        let mut ring = self.uring.borrow_mut();
+        for attempt in 0..2 {
+            // SAFETY: the caller guarantees the entry's buffers outlive it.
+            let pushed = unsafe { ring.submission().push(&entry).is_ok() };
+            if pushed {
+                self.unsubmitted.set(self.unsubmitted.get() + 1);
+                self.in_flight.set(self.in_flight.get() + 1);
+                return true;
+            }
+            if attempt == 0 {
+                let _ = ring.submit();
+                self.unsubmitted.set(0);
+            }
+        }
+        false
+    }
+
+    /// Submit queued SQEs (one syscall for the batch; with SQPOLL usually
+    /// none).
+    pub fn flush(&self) -> io::Result<usize> {
+        if self.unsubmitted.get() == 0 {
+            return Ok(0);
+        }
+        self.unsubmitted.set(0);
+        self.uring.borrow().submit()
+    }
+
+    /// Sort completed CQEs into their routes' queues. Returns how many.
+    pub fn reap(&self) -> usize {
+        let mut ring = self.uring.borrow_mut();
+        let routes = self.routes.borrow();
+        let mut n = 0;
+        for cqe in ring.completion() {
+            let ud = cqe.user_data();
+            let route = (ud >> TAG_BITS) as usize;
+            if let Some(q) = routes.get(route) {
+                q.borrow_mut().push_back((ud & ((1 << TAG_BITS) - 1), cqe.result()));
+            }
+            n += 1;
+        }
+        self.in_flight.set(self.in_flight.get() - n);
+        n
+    }
+
+    /// Requests pushed and not yet reaped.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.get()
+    }
+
+    /// Submit and block until at least one completion or `timeout`.
+    pub fn wait(&self, timeout: Duration) -> io::Result<()> {
+        self.unsubmitted.set(0);
+        let ts = types::Timespec::from(timeout);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match self.uring.borrow().submitter().submit_with_args(1, &args) {
+            Ok(_) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
