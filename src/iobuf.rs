@@ -1,15 +1,18 @@
 //! I/O buffers: page-aligned chunks of one per-reactor arena.
 //!
 //! Each reactor owns a [`BufPool`]: one anonymous mapping, registered with the
-//! reactor's io_uring as fixed buffer 0, carved into power-of-two chunks
-//! (4 KiB .. 1 MiB) on demand and recycled through per-size free lists. An
-//! [`IoBuf`] owns its chunk and gives it back on drop. The pool is
-//! single-threaded (`Rc`): buffers never leave their reactor.
+//! reactor's io_uring as fixed buffer 0, managed as a buddy allocator of
+//! power-of-two chunks (4 KiB .. 1 MiB): a free chunk splits to serve a
+//! smaller request and merges with its free buddy on release, so any mix of
+//! sizes can reuse the whole arena. An [`IoBuf`] owns its chunk and gives it
+//! back on drop. The pool is single-threaded (`Rc`): buffers never leave
+//! their reactor.
 //!
 //! An empty pool is back-pressure, not an error: [`BufPool::alloc`] returns
 //! `None` and the caller retries after completions free buffers.
 
 use std::cell::RefCell;
+use std::collections::BTreeSet;
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 use std::rc::Rc;
@@ -34,10 +37,34 @@ impl Drop for Arena {
 }
 
 struct PoolState {
-    bump: usize,
-    free: [Vec<usize>; CLASSES],
+    /// Free chunk offsets per order (chunk size = MIN_BUF << order).
+    free: [BTreeSet<usize>; CLASSES],
     in_use: usize,
     high_water: usize,
+}
+
+impl PoolState {
+    fn take(&mut self, order: usize) -> Option<usize> {
+        let from = (order..CLASSES).find(|&o| !self.free[o].is_empty())?;
+        let off = self.free[from].pop_first().expect("non-empty");
+        // Split down to the wanted order, freeing the upper halves.
+        for o in (order..from).rev() {
+            self.free[o].insert(off + (MIN_BUF << o));
+        }
+        Some(off)
+    }
+
+    fn give(&mut self, mut off: usize, mut order: usize) {
+        while order + 1 < CLASSES {
+            let buddy = off ^ (MIN_BUF << order);
+            if !self.free[order].remove(&buddy) {
+                break;
+            }
+            off = off.min(buddy);
+            order += 1;
+        }
+        self.free[order].insert(off);
+    }
 }
 
 struct PoolInner {
@@ -90,8 +117,11 @@ impl BufPool {
             inner: Rc::new(PoolInner {
                 arena: Arena { base, size },
                 state: RefCell::new(PoolState {
-                    bump: 0,
-                    free: Default::default(),
+                    free: {
+                        let mut f: [BTreeSet<usize>; CLASSES] = Default::default();
+                        f[CLASSES - 1] = (0..size).step_by(MAX_BUF).collect();
+                        f
+                    },
                     in_use: 0,
                     high_water: 0,
                 }),
@@ -113,19 +143,7 @@ impl BufPool {
         let class = class_of(len)?;
         let cap = MIN_BUF << class;
         let mut st = self.inner.state.borrow_mut();
-        let off = match st.free[class].pop() {
-            Some(off) => off,
-            None => {
-                // Chunks are carved at their own alignment so a 1 MiB chunk
-                // never straddles the arena end.
-                let off = st.bump.div_ceil(cap) * cap;
-                if off + cap > self.inner.arena.size {
-                    return None;
-                }
-                st.bump = off + cap;
-                off
-            }
-        };
+        let off = st.take(class)?;
         st.in_use += cap;
         st.high_water = st.high_water.max(st.in_use);
         drop(st);
@@ -221,7 +239,7 @@ impl Drop for IoBuf {
     fn drop(&mut self) {
         let mut st = self.pool.state.borrow_mut();
         st.in_use -= self.cap;
-        st.free[self.class].push(self.off);
+        st.give(self.off, self.class);
     }
 }
 
@@ -256,5 +274,21 @@ mod tests {
         drop(big);
         assert!(pool.alloc(MAX_BUF).is_some());
         assert!(pool.owns(&c));
+    }
+
+    #[test]
+    fn buddies_merge_so_any_size_can_reuse_the_arena() {
+        let pool = BufPool::new(1 << 20).unwrap();
+        let smalls: Vec<_> = std::iter::from_fn(|| pool.alloc(4096)).collect();
+        assert_eq!(smalls.len(), 256);
+        assert!(pool.alloc(8192).is_none());
+        drop(smalls);
+        let big = pool.alloc(1 << 20).expect("freed 4 KiB chunks merge back into 1 MiB");
+        drop(big);
+        let quarters: Vec<_> = std::iter::from_fn(|| pool.alloc(256 << 10)).collect();
+        assert_eq!(quarters.len(), 4);
+        drop(quarters);
+        assert_eq!(pool.stats().in_use_bytes, 0);
+        assert!(pool.alloc(4096).is_some());
     }
 }

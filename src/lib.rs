@@ -10,6 +10,7 @@ pub mod bdev;
 pub mod bench;
 pub mod crypto;
 pub mod iobuf;
+pub mod kms;
 pub mod reactor;
 pub mod secmem;
 pub mod uring;

@@ -25,8 +25,10 @@ use std::sync::Arc;
 use crate::iobuf::{BufPool, IoBuf};
 use crate::uring::Ring;
 
-/// Largest single request any bdev in the stack accepts.
-pub const MAX_IO_BYTES: u64 = 1 << 20;
+/// Largest single request any bdev in the stack accepts (frontends split
+/// larger client requests). Half the largest pool buffer, so a request over
+/// the limit can still be built to be refused.
+pub const MAX_IO_BYTES: u64 = 512 << 10;
 
 /// What a request does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

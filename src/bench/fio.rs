@@ -173,7 +173,7 @@ pub fn apply(job: &mut JobSpec, target: &mut TargetSpec, key: &str, value: Optio
         "bs" | "blocksize" => {
             let bs = parse_size(need()?)?;
             if bs == 0 || bs % 512 != 0 || bs > crate::bdev::MAX_IO_BYTES {
-                return Err(format!("bs={}: must be a multiple of 512 up to 1m", need()?));
+                return Err(format!("bs={}: must be a multiple of 512 up to 512k", need()?));
             }
             job.bs = bs;
         }

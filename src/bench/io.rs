@@ -51,6 +51,8 @@ pub struct GroupResult {
     pub verify_errors: u64,
     /// Reactor counters over the measured runs.
     pub reactor: StatsSnapshot,
+    /// Reactors the jobs ran on.
+    pub reactors: std::collections::BTreeSet<usize>,
 }
 
 impl GroupResult {
@@ -230,6 +232,7 @@ fn merge_into(g: &mut GroupResult, out: &RunOut) {
         runtime = runtime.max(r.runtime);
         g.verified_blocks += r.verified_blocks;
         g.verify_errors += r.verify_errors;
+        g.reactors.insert(r.reactor);
         if g.error.is_none() {
             g.error.clone_from(&r.error);
         }
@@ -258,6 +261,7 @@ fn new_group(name: &str, spec: &JobSpec, target: &str) -> GroupResult {
         verified_blocks: 0,
         verify_errors: 0,
         reactor: StatsSnapshot::default(),
+        reactors: Default::default(),
     }
 }
 

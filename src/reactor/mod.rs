@@ -152,6 +152,7 @@ impl ReactorCtx {
 
 struct Shared {
     queue: ArrayQueue<Msg>,
+    tid: std::sync::atomic::AtomicI32,
     parked: AtomicBool,
     stop: AtomicBool,
     waker: OwnedFd,
@@ -194,6 +195,7 @@ impl Reactors {
             }
             let shared = Arc::new(Shared {
                 queue: ArrayQueue::new(cfg.queue_depth.max(1)),
+                tid: std::sync::atomic::AtomicI32::new(0),
                 parked: AtomicBool::new(false),
                 stop: AtomicBool::new(false),
                 // SAFETY: `fd` is a fresh descriptor we own.
@@ -284,6 +286,14 @@ impl Reactors {
         .map_err(|_| format!("reactor {i} did not answer within {timeout:?}"))
     }
 
+    /// Kernel thread ids of the reactor threads (for /proc and perf).
+    pub fn thread_ids(&self) -> Vec<i32> {
+        self.handles
+            .iter()
+            .map(|h| h.shared.tid.load(Ordering::SeqCst))
+            .collect()
+    }
+
     /// Counters of every reactor.
     pub fn stats(&self) -> Vec<StatsSnapshot> {
         self.handles.iter().map(|h| h.shared.stats.snapshot()).collect()
@@ -320,6 +330,8 @@ fn run(
     shared: Arc<Shared>,
     ready: std::sync::mpsc::Sender<io::Result<()>>,
 ) {
+    // SAFETY: gettid has no preconditions.
+    shared.tid.store(unsafe { libc::gettid() }, Ordering::SeqCst);
     if cfg.pin && !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
         let _ = ready.send(Err(io::Error::other(format!(
             "could not pin reactor {id} to core {core}"
@@ -408,7 +420,6 @@ fn run(
         let t_wake = Instant::now();
         shared.stats.add_idle(t_wake.duration_since(t_prev));
         t_prev = t_wake;
-        last_work = t_wake - cfg.spin / 2;
     }
     drop(pollers);
 }

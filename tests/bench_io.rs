@@ -1,0 +1,284 @@
+//! `sealdisk bench io`: jobs over both reactors, verify, fio-compatible
+//! output, and refusal of bad options.
+
+mod common;
+
+use std::process::Command;
+
+use sealdisk::bench::fio::{FileJob, JobSpec, Rw, TargetSpec};
+use sealdisk::bench::io::{run, IoBenchOpts};
+use sealdisk::reactor::ReactorConfig;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_sealdisk"))
+}
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("sealdisk-benchio-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn many_jobs_over_both_reactors_verify_through_the_crypto_layer() {
+    let job = JobSpec {
+        name: "mix".into(),
+        rw: Rw::RandRw,
+        bs: 8192,
+        iodepth: 8,
+        numjobs: 4,
+        size: Some(4 << 20),
+        verify: true,
+        ..JobSpec::default()
+    };
+    let target = TargetSpec {
+        backend: Some("malloc".into()),
+        encrypt: true,
+        sector_size: Some(4096),
+    };
+    let opts = IoBenchOpts {
+        jobs: vec![FileJob { job, target }],
+        compare: false,
+        rounds: 1,
+        reactors: ReactorConfig {
+            cores: vec![0, 1],
+            pool_bytes: 16 << 20,
+            ..ReactorConfig::default()
+        },
+        progress: false,
+    };
+    let rep = run(&opts).unwrap();
+    let g = &rep.groups[0];
+    assert_eq!(g.error, None);
+    assert_eq!(g.verify_errors, 0);
+    assert!(g.verified_blocks > 0, "verify must read back written blocks");
+    assert!(g.read.ios > 0 && g.write.ios > 0);
+    assert_eq!(
+        g.read.bytes + g.write.bytes,
+        4 * (4 << 20),
+        "each job moves exactly size bytes"
+    );
+    assert_eq!(g.reactors.len(), 2, "numjobs=4 on two reactors uses both");
+}
+
+#[test]
+fn verify_catches_a_corrupted_block_plain_and_encrypted() {
+    let d = tmp("corrupt");
+    for encrypt in [false, true] {
+        let img = d.join(format!("disk-{encrypt}.img"));
+        let base = |extra: &[&str]| {
+            let mut c = bin();
+            c.args([
+                "bench",
+                "io",
+                "--quiet",
+                "--cores",
+                "0",
+                "--bs",
+                "4k",
+                "--size",
+                "1m",
+                "--iodepth",
+                "4",
+            ])
+            .arg(format!("--backend=file:{}", img.display()))
+            .args(extra);
+            if encrypt {
+                c.arg("--encrypt");
+            }
+            c
+        };
+        // Write + verify phase in one run, through each stack. (A bench
+        // run's key is random and never leaves the process, so corruption
+        // between two encrypted runs is tested at the library level below.)
+        let w = base(&["--rw=write", "--verify=crc32c", "--name=w"]).output().unwrap();
+        assert!(w.status.success(), "{}", String::from_utf8_lossy(&w.stderr));
+        let text = String::from_utf8_lossy(&w.stdout);
+        assert!(text.contains("256 blocks checked, 0 errors"), "{text}");
+        if encrypt {
+            continue;
+        }
+        // Flip one byte in block 100.
+        let mut bytes = std::fs::read(&img).unwrap();
+        bytes[100 * 4096 + 2000] ^= 0x40;
+        std::fs::write(&img, &bytes).unwrap();
+        let v = base(&["--rw=read", "--verify=crc32c", "--verify_only", "--name=v"])
+            .output()
+            .unwrap();
+        assert_eq!(v.status.code(), Some(1), "a verify failure must fail the run");
+        let text = String::from_utf8_lossy(&v.stdout);
+        assert!(text.contains("1 errors"), "{text}");
+        assert!(text.contains("offset 409600"), "the error names the block: {text}");
+    }
+}
+
+#[test]
+fn verify_catches_a_flipped_ciphertext_byte() {
+    use sealdisk::bench::job::{check_verify_block, fill_verify_block};
+    use std::sync::Arc;
+    let r = common::reactors(&[0]);
+    let base: sealdisk::bdev::BdevRef = Arc::new(sealdisk::bdev::malloc::MallocBdev::new("m", 1 << 20, 512));
+    let enc: sealdisk::bdev::BdevRef =
+        Arc::new(sealdisk::bdev::crypto::CryptoBdev::new(base.clone(), common::xts(4), 4096).unwrap());
+    let mut block = vec![0u8; 4096];
+    fill_verify_block(&mut block, 8192, 1);
+    let out = common::run_ios(
+        &r,
+        0,
+        &enc,
+        vec![common::Op::Write {
+            offset: 8192,
+            data: block,
+        }],
+    );
+    assert!(out[0].result.is_ok());
+    let back = common::run_ios(
+        &r,
+        0,
+        &enc,
+        vec![common::Op::Read {
+            offset: 8192,
+            len: 4096,
+        }],
+    );
+    check_verify_block(&back[0].data, 8192).expect("intact block verifies");
+    let mut raw = common::run_ios(
+        &r,
+        0,
+        &base,
+        vec![common::Op::Read {
+            offset: 8192,
+            len: 4096,
+        }],
+    )
+    .remove(0)
+    .data;
+    raw[3000] ^= 1;
+    common::run_ios(
+        &r,
+        0,
+        &base,
+        vec![common::Op::Write {
+            offset: 8192,
+            data: raw,
+        }],
+    );
+    let back = common::run_ios(
+        &r,
+        0,
+        &enc,
+        vec![common::Op::Read {
+            offset: 8192,
+            len: 4096,
+        }],
+    );
+    let e = check_verify_block(&back[0].data, 8192).unwrap_err();
+    assert!(e.contains("8192"), "{e}");
+}
+
+#[test]
+fn json_output_uses_fio_field_names_and_compare_names_jobs() {
+    let d = tmp("json");
+    let plot = d.join("p.svg");
+    let out = bin()
+        .args([
+            "bench",
+            "io",
+            "--quiet",
+            "--backend=malloc",
+            "--size=32m",
+            "--rw=randrw",
+            "--bs=4k",
+        ])
+        .args([
+            "--iodepth=8",
+            "--runtime=1",
+            "--time_based",
+            "--compare",
+            "--cores=0",
+            "--output-format=json",
+        ])
+        .arg(format!("--plot={}", plot.display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("exactly one JSON document");
+    let jobs = v["jobs"].as_array().unwrap();
+    let names: Vec<&str> = jobs.iter().map(|j| j["jobname"].as_str().unwrap()).collect();
+    assert_eq!(names, ["plain", "encrypted"]);
+    for j in jobs {
+        for dir in ["read", "write"] {
+            let d = &j[dir];
+            assert!(d["iops"].as_f64().unwrap() > 0.0);
+            assert!(d["bw_bytes"].as_u64().unwrap() > 0);
+            assert!(d["io_bytes"].as_u64().unwrap() > 0);
+            assert!(d["runtime"].as_u64().unwrap() > 0);
+            assert!(d["total_ios"].as_u64().unwrap() > 0);
+            for p in ["50.000000", "99.000000", "99.900000"] {
+                assert!(d["clat_ns"]["percentile"][p].as_u64().unwrap() > 0, "{dir} {p}");
+            }
+            assert!(d["lat_ns"]["mean"].as_f64().unwrap() > 0.0);
+        }
+        assert!(j["usr_cpu"].as_f64().is_some() && j["sys_cpu"].as_f64().is_some());
+    }
+    let r = &v["sealdisk"]["ratios"];
+    assert!(r["read"]["iops"].as_f64().unwrap() > 0.0);
+    assert!(r["cipher_ns_per_io"].as_f64().unwrap() > 0.0);
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("encrypted read"));
+}
+
+#[test]
+fn job_files_run_like_fio() {
+    let d = tmp("jobfile");
+    let jf = d.join("t.fio");
+    std::fs::write(
+        &jf,
+        "[global]\nbackend=null\nbs=4k\niodepth=4\nsize=1m\n\n[a]\nrw=read\n[b]\nrw=randwrite\nencrypt=1\n",
+    )
+    .unwrap();
+    let out = bin()
+        .args(["bench", "io", "--quiet", "--cores=0", "--output-format=json"])
+        .arg(&jf)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let jobs = v["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 2);
+    assert_eq!(jobs[0]["jobname"], "a");
+    assert_eq!(jobs[0]["read"]["io_bytes"], 1 << 20);
+    assert_eq!(jobs[1]["write"]["io_bytes"], 1 << 20);
+    assert_eq!(jobs[1]["job options"]["filename"], "crypto(null0)");
+}
+
+#[test]
+fn bad_options_are_refused_with_a_clear_message() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["--rw=sideways"], "rw=sideways"),
+        (&["--bs=1000"], "multiple of 512"),
+        (&["--iodepth=0"], "iodepth"),
+        (&["--backend=tape"], "unknown backend"),
+        (&["--verify=md5"], "crc32c"),
+        (&["--compare", "--encrypt"], "drop --encrypt"),
+        (&["--cores=99"], "not available"),
+        (&["--output-format=xml"], "normal or json"),
+        (&["--runtime=soon"], "bad time"),
+        (&["--offset=2m"], "past the end"),
+    ];
+    let d = tmp("badopts");
+    let small = d.join("small.img");
+    std::fs::write(&small, vec![0u8; 1 << 20]).unwrap();
+    for (args, want) in cases {
+        let mut c = bin();
+        c.args(["bench", "io", "--quiet", "--size=1m"]);
+        if args[0].starts_with("--offset") {
+            c.arg(format!("--backend=file:{}", small.display()));
+        }
+        let out = c.args(*args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}

@@ -1,0 +1,403 @@
+//! The data path: reactors, bdevs and the crypto layer, with real I/O.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use sealdisk::bdev::crypto::CryptoBdev;
+use sealdisk::bdev::malloc::MallocBdev;
+use sealdisk::bdev::null::NullBdev;
+use sealdisk::bdev::uring::{UringBdev, UringOpts};
+use sealdisk::bdev::{BdevRef, IoError, IoRequest, MAX_IO_BYTES};
+use sealdisk::reactor::{ReactorConfig, Reactors, SendError};
+
+fn tmpdir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("sealdisk-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn backends(tag: &str) -> Vec<(String, BdevRef)> {
+    let dir = tmpdir(tag);
+    let file = UringBdev::open(
+        &dir.join("disk.img"),
+        &UringOpts {
+            create_size: Some(16 << 20),
+            buffered: false,
+        },
+    )
+    .expect("O_DIRECT file in the temp dir");
+    vec![
+        (
+            "malloc".into(),
+            Arc::new(MallocBdev::new("m", 16 << 20, 512)) as BdevRef,
+        ),
+        ("uring-file".into(), Arc::new(file) as BdevRef),
+    ]
+}
+
+#[test]
+fn crypto_layer_round_trips_and_stores_ciphertext_at_the_right_sectors() {
+    let r = reactors(&[0]);
+    for (name, base) in backends("integrity") {
+        for ss in [512u32, 4096] {
+            let xts = xts(ss as u8);
+            let enc: BdevRef = Arc::new(CryptoBdev::new(base.clone(), xts.clone(), ss).unwrap());
+            let cases = [
+                (0u64, 4096usize),
+                (ss as u64 * 7, 3 * ss as usize),
+                (1 << 20, 256 << 10),
+                (15 << 20, 512 << 10),
+            ];
+            for (i, &(off, len)) in cases.iter().enumerate() {
+                let data = random_bytes(len, i as u64 + 1);
+                let out = run_ios(
+                    &r,
+                    0,
+                    &enc,
+                    vec![
+                        Op::Write {
+                            offset: off,
+                            data: data.clone(),
+                        },
+                        Op::Read { offset: off, len },
+                    ],
+                );
+                assert!(out[0].result.is_ok(), "{name}: write {:?}", out[0].result);
+                assert_eq!(out[0].data, data, "{name}: the caller's write buffer was modified");
+                assert_eq!(out[1].data, data, "{name} ss={ss}: read back differs at {off}");
+                // The device below holds XTS ciphertext with sector = offset / ss.
+                let raw = run_ios(&r, 0, &base, vec![Op::Read { offset: off, len }]);
+                let mut expect = data.clone();
+                xts.encrypt_sectors(&mut expect, off / ss as u64, ss as usize).unwrap();
+                assert_eq!(
+                    raw[0].data, expect,
+                    "{name} ss={ss}: stored bytes are not the expected ciphertext"
+                );
+                assert_ne!(raw[0].data, data);
+            }
+        }
+    }
+}
+
+#[test]
+fn unwritten_unmapped_and_zeroed_ranges_read_as_zeros() {
+    let r = reactors(&[0]);
+    for (name, base) in backends("zeros") {
+        let enc: BdevRef = Arc::new(CryptoBdev::new(base.clone(), xts(9), 4096).unwrap());
+        let data = random_bytes(64 << 10, 77);
+        let out = run_ios(
+            &r,
+            0,
+            &enc,
+            vec![
+                Op::Read {
+                    offset: 8 << 20,
+                    len: 8192,
+                },
+                Op::Write {
+                    offset: 0,
+                    data: data.clone(),
+                },
+                Op::Unmap {
+                    offset: 0,
+                    len: 16 << 10,
+                },
+                Op::WriteZeroes {
+                    offset: 32 << 10,
+                    len: 8 << 10,
+                },
+                Op::Flush,
+                Op::Read {
+                    offset: 0,
+                    len: 64 << 10,
+                },
+            ],
+        );
+        assert!(
+            out.iter().all(is_ok),
+            "{name}: {:?}",
+            out.iter().map(|d| &d.result).collect::<Vec<_>>()
+        );
+        assert!(
+            out[0].data.iter().all(|&b| b == 0),
+            "{name}: never-written range must read as zeros"
+        );
+        let back = &out[5].data;
+        assert!(
+            back[..16 << 10].iter().all(|&b| b == 0),
+            "{name}: unmapped range must read as zeros"
+        );
+        assert_eq!(&back[16 << 10..32 << 10], &data[16 << 10..32 << 10]);
+        assert!(
+            back[32 << 10..40 << 10].iter().all(|&b| b == 0),
+            "{name}: write-zeroes range must read as zeros"
+        );
+        assert_eq!(&back[40 << 10..], &data[40 << 10..]);
+    }
+}
+
+#[test]
+fn bad_requests_complete_with_clear_errors() {
+    let r = reactors(&[0]);
+    let mut all = backends("bad");
+    let base = all[0].1.clone();
+    all.push((
+        "crypto".into(),
+        Arc::new(CryptoBdev::new(base, xts(3), 4096).unwrap()) as BdevRef,
+    ));
+    all.push(("null".into(), Arc::new(NullBdev::new("n", 16 << 20, 512)) as BdevRef));
+    for (name, b) in all {
+        let bs = b.block_size() as u64;
+        let cap = b.capacity();
+        let out = run_ios(
+            &r,
+            0,
+            &b,
+            vec![
+                Op::Read {
+                    offset: cap,
+                    len: bs as usize,
+                },
+                Op::Read {
+                    offset: cap - bs,
+                    len: 2 * bs as usize,
+                },
+                Op::Write {
+                    offset: 1,
+                    data: vec![0; bs as usize],
+                },
+                Op::Write {
+                    offset: 0,
+                    data: vec![0; bs as usize + 1],
+                },
+                Op::Read {
+                    offset: 0,
+                    len: (MAX_IO_BYTES + bs) as usize,
+                },
+                Op::Unmap { offset: 0, len: 0 },
+                Op::WriteZeroes {
+                    offset: cap - bs,
+                    len: 2 * bs,
+                },
+            ],
+        );
+        assert!(
+            matches!(out[0].result, Err(IoError::OutOfRange { .. })),
+            "{name}: {:?}",
+            out[0].result
+        );
+        assert!(
+            matches!(out[1].result, Err(IoError::OutOfRange { .. })),
+            "{name}: {:?}",
+            out[1].result
+        );
+        assert!(
+            matches!(out[2].result, Err(IoError::Misaligned { offset: 1, .. })),
+            "{name}: {:?}",
+            out[2].result
+        );
+        assert!(
+            matches!(out[3].result, Err(IoError::Misaligned { .. })),
+            "{name}: {:?}",
+            out[3].result
+        );
+        assert!(
+            matches!(out[4].result, Err(IoError::TooLarge { .. })),
+            "{name}: {:?}",
+            out[4].result
+        );
+        assert!(
+            matches!(out[5].result, Err(IoError::Misaligned { len: 0, .. })),
+            "{name}: {:?}",
+            out[5].result
+        );
+        assert!(
+            matches!(out[6].result, Err(IoError::OutOfRange { .. })),
+            "{name}: {:?}",
+            out[6].result
+        );
+        let msg = out[0].result.as_ref().unwrap_err().to_string();
+        assert!(msg.contains("past the end"), "{msg}");
+    }
+}
+
+#[test]
+fn refused_requests_change_nothing() {
+    let r = reactors(&[0]);
+    let base: BdevRef = Arc::new(MallocBdev::new("m", 1 << 20, 512));
+    let enc: BdevRef = Arc::new(CryptoBdev::new(base.clone(), xts(5), 4096).unwrap());
+    let before = run_ios(
+        &r,
+        0,
+        &base,
+        vec![Op::Read {
+            offset: 0,
+            len: 1 << 20,
+        }],
+    );
+    let cap = enc.capacity();
+    let out = run_ios(
+        &r,
+        0,
+        &enc,
+        vec![
+            Op::Write {
+                offset: cap - 4096,
+                data: vec![1; 8192],
+            },
+            Op::Write {
+                offset: 512,
+                data: vec![1; 4096],
+            },
+            Op::Write {
+                offset: 0,
+                data: vec![1; 1000],
+            },
+        ],
+    );
+    assert!(out.iter().all(|d| d.result.is_err()));
+    let after = run_ios(
+        &r,
+        0,
+        &base,
+        vec![Op::Read {
+            offset: 0,
+            len: 1 << 20,
+        }],
+    );
+    assert_eq!(before[0].data, after[0].data, "a refused write changed the device");
+}
+
+#[test]
+fn crypto_layer_applies_back_pressure_when_bounce_buffers_run_out() {
+    let cfg = ReactorConfig {
+        cores: vec![0],
+        pool_bytes: 1 << 20,
+        ..ReactorConfig::default()
+    };
+    let r = Reactors::start(&cfg).unwrap();
+    let base: BdevRef = Arc::new(NullBdev::new("n", 64 << 20, 512));
+    let enc: BdevRef = Arc::new(CryptoBdev::new(base, xts(1), 4096).unwrap());
+    let (refused, completed) = r
+        .call(0, Duration::from_secs(10), move |ctx| {
+            let mut ch = enc.open_channel(&ctx.chan).unwrap();
+            // The whole 1 MiB arena goes to one caller buffer: no room for a
+            // bounce buffer, so the write must be handed back, not dropped.
+            let big = ctx.chan.pool.alloc(256 << 10).unwrap();
+            let rest: Vec<_> = std::iter::from_fn(|| ctx.chan.pool.alloc(256 << 10)).collect();
+            let refused = match ch.submit(IoRequest::write(0, big, 1)) {
+                Err(req) => req.tag == 1 && req.buf.as_ref().map(|b| b.len()) == Some(256 << 10),
+                Ok(()) => false,
+            };
+            drop(rest);
+            let b = ctx.chan.pool.alloc(4096).unwrap();
+            ch.submit(IoRequest::write(0, b, 2)).map_err(|_| ()).unwrap();
+            let c = wait_one(&mut *ch);
+            (refused, c.tag == 2 && c.result.is_ok())
+        })
+        .unwrap();
+    assert!(refused, "an exhausted pool must hand the request back");
+    assert!(completed, "after buffers free up, writes go through");
+}
+
+#[test]
+fn full_message_queue_is_back_pressure_not_a_hang() {
+    let cfg = ReactorConfig {
+        cores: vec![0],
+        queue_depth: 2,
+        ..ReactorConfig::default()
+    };
+    let r = Reactors::start(&cfg).unwrap();
+    let (hold_tx, hold_rx) = std::sync::mpsc::channel::<()>();
+    let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+    r.send(
+        0,
+        Box::new(move |_| {
+            started_tx.send(()).unwrap();
+            let _ = hold_rx.recv_timeout(Duration::from_secs(10));
+        }),
+    )
+    .map_err(|_| ())
+    .unwrap();
+    started_rx.recv().unwrap();
+    let counter = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut full = 0;
+    for _ in 0..5 {
+        let c = counter.clone();
+        match r.send(
+            0,
+            Box::new(move |_| drop(c.fetch_add(1, std::sync::atomic::Ordering::SeqCst))),
+        ) {
+            Ok(()) => {}
+            Err(SendError::Full(_)) => full += 1,
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert_eq!(full, 3, "queue of 2: three of five sends must be refused");
+    assert!(r.stats()[0].queue_full >= 3);
+    hold_tx.send(()).unwrap();
+    let n = r
+        .call(0, Duration::from_secs(5), move |_| ())
+        .map(|_| counter.load(std::sync::atomic::Ordering::SeqCst));
+    assert_eq!(n.unwrap(), 2, "the accepted messages run once the reactor is free");
+    assert!(matches!(r.send(7, Box::new(|_| ())), Err(SendError::NoSuchReactor(7))));
+}
+
+#[test]
+fn idle_reactors_park() {
+    let r = reactors(&[0, 1]);
+    std::thread::sleep(Duration::from_millis(300));
+    // CPU time the kernel charged to each reactor thread: utime + stime from
+    // /proc/self/task/TID/stat, in clock ticks, converted to ns.
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    let cpu_ns = move |tid: i32| -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).expect("task stat");
+        let f: Vec<&str> = s[s.rfind(')').unwrap() + 2..].split_whitespace().collect();
+        let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+        ticks * 1_000_000_000 / hz
+    };
+    let tids = r.thread_ids();
+    let cpu_before: Vec<u64> = tids.iter().map(|&t| cpu_ns(t)).collect();
+    let before = r.stats();
+    let t0 = std::time::Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    let wall = t0.elapsed().as_nanos() as f64;
+    let after = r.stats();
+    for (t, b) in tids.iter().zip(&cpu_before) {
+        let used = (cpu_ns(*t) - b) as f64 / wall;
+        assert!(
+            used < 0.02,
+            "an idle reactor thread used {:.2}% of a core",
+            used * 100.0
+        );
+    }
+    for (a, b) in after.iter().zip(&before) {
+        let d = a.since(b);
+        let busy = d.busy_ns as f64 / (d.busy_ns + d.idle_ns) as f64;
+        assert!(
+            busy < 0.02,
+            "an idle reactor spent {:.1}% of its time busy",
+            busy * 100.0
+        );
+    }
+    // And it still answers promptly after parking.
+    let t = std::time::Instant::now();
+    r.call(1, Duration::from_secs(2), |ctx| ctx.id).unwrap();
+    assert!(t.elapsed() < Duration::from_millis(500));
+}
+
+#[test]
+fn core_lists_parse_and_refuse_bad_input() {
+    use sealdisk::reactor::parse_cores;
+    assert_eq!(parse_cores("0").unwrap(), vec![0]);
+    assert_eq!(parse_cores("0-1").unwrap(), vec![0, 1]);
+    assert!(parse_cores("1-0").is_err());
+    assert!(parse_cores("x").is_err());
+    assert!(parse_cores("").is_err());
+    assert!(parse_cores("4096").unwrap_err().contains("not available"));
+}
