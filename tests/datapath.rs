@@ -330,7 +330,9 @@ fn full_message_queue_is_back_pressure_not_a_hang() {
         let c = counter.clone();
         match r.send(
             0,
-            Box::new(move |_| drop(c.fetch_add(1, std::sync::atomic::Ordering::SeqCst))),
+            Box::new(move |_| {
+                c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }),
         ) {
             Ok(()) => {}
             Err(SendError::Full(_)) => full += 1,
