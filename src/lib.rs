@@ -9,8 +9,10 @@
 pub mod bdev;
 pub mod bench;
 pub mod crypto;
+pub mod export;
 pub mod iobuf;
 pub mod kms;
 pub mod reactor;
 pub mod secmem;
 pub mod uring;
+pub mod volume;

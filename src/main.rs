@@ -109,6 +109,10 @@ struct IoArgs {
     /// Use a kernel SQ polling thread per reactor ring.
     #[arg(long)]
     sqpoll: bool,
+    /// Microseconds a reactor keeps spinning after its last work before it
+    /// waits in its ring.
+    #[arg(long = "spin-us")]
+    spin_us: Option<u64>,
     /// normal or json (fio's field names).
     #[arg(long = "output-format", default_value = "normal")]
     output_format: String,
@@ -212,6 +216,9 @@ fn bench_io(a: IoArgs) -> Result<ExitCode, String> {
         reactors.cores = sealdisk::reactor::parse_cores(c)?;
     }
     reactors.ring.sqpoll = a.sqpoll;
+    if let Some(us) = a.spin_us {
+        reactors.spin = std::time::Duration::from_micros(us);
+    }
     let opts = io::IoBenchOpts {
         jobs,
         compare: a.compare,

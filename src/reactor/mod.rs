@@ -77,7 +77,7 @@ impl Default for ReactorConfig {
             ring: RingOpts::default(),
             pool_bytes: 64 << 20,
             queue_depth: 1024,
-            spin: Duration::from_micros(500),
+            spin: Duration::from_micros(20),
             park_timeout: Duration::from_millis(10),
         }
     }
