@@ -1,0 +1,492 @@
+//! The volume block device: the fast path of a thin volume.
+//!
+//! The channel splits a request at cluster boundaries and looks each cluster
+//! up in the volume's in-memory map (one atomic load, no lock):
+//! * reads of unallocated clusters are zeros, allocated ones are read from
+//!   the pool at their physical location;
+//! * writes where every cluster is the volume's own go straight to the pool;
+//!   anything else (first write, shared after a snapshot, discards) goes to
+//!   the metadata thread and completes when its answer comes back.
+//!
+//! A request inside one cluster (the common case) passes the caller's buffer
+//! down untouched; one that spans clusters uses a pool buffer per piece.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
+
+use super::meta::{MetaOp, MetaReq};
+use super::tables::*;
+use super::{db_err, Pool, VolumeError};
+use crate::bdev::{validate, Bdev, Channel, ChannelCtx, IoCompletion, IoError, IoOp, IoRequest};
+use crate::iobuf::{BufPool, IoBuf};
+
+/// Map entry bit: the cluster has one reference (this volume's) and may be
+/// written in place.
+const OWNED: u64 = 1 << 63;
+
+/// A volume's in-memory map, shared by its channels on every reactor.
+pub(crate) struct VolState {
+    pub id: String,
+    pub size: u64,
+    /// Per cluster: 0 = unallocated, else (physical cluster) | OWNED?
+    map: Box<[AtomicU64]>,
+}
+
+impl VolState {
+    pub fn load(pool: &Pool, id: &str) -> Result<VolState, VolumeError> {
+        let r = pool.db.begin_read().map_err(db_err)?;
+        let size = r
+            .open_table(VOL_SIZE)
+            .map_err(db_err)?
+            .get(id)
+            .map_err(db_err)?
+            .map(|v| v.value())
+            .ok_or_else(|| VolumeError::NotFound(id.into()))?;
+        let n = size.div_ceil(pool.cluster) as usize;
+        let map: Box<[AtomicU64]> = (0..n).map(|_| AtomicU64::new(0)).collect();
+        let t = r.open_table(VOL_MAP).map_err(db_err)?;
+        let refs = r.open_table(REFS).map_err(db_err)?;
+        for e in t.range((id, 0u64)..=(id, u64::MAX)).map_err(db_err)? {
+            let (k, v) = e.map_err(db_err)?;
+            let (c, p) = (k.value().1 as usize, v.value());
+            if c >= n {
+                return Err(VolumeError::Corrupt(format!(
+                    "volume {id} maps cluster {c} past its end"
+                )));
+            }
+            let owned = refs.get(p).map_err(db_err)?.map(|v| v.value()) == Some(1);
+            map[c].store(p | if owned { OWNED } else { 0 }, Ordering::Release);
+        }
+        Ok(VolState {
+            id: id.into(),
+            size,
+            map,
+        })
+    }
+
+    pub fn entry(&self, c: u64) -> u64 {
+        self.map[c as usize].load(Ordering::Acquire)
+    }
+    pub fn set_owned(&self, c: u64, p: u64) {
+        self.map[c as usize].store(p | OWNED, Ordering::Release);
+    }
+    pub fn unmap(&self, c: u64) {
+        self.map[c as usize].store(0, Ordering::Release);
+    }
+    pub fn restore(&self, c: u64, v: u64) {
+        self.map[c as usize].store(v, Ordering::Release);
+    }
+    /// Every cluster becomes shared (a snapshot is being taken).
+    pub fn clear_owned(&self) {
+        for e in self.map.iter() {
+            e.fetch_and(!OWNED, Ordering::AcqRel);
+        }
+    }
+}
+
+/// A thin volume as a block device (block size 512).
+pub struct VolumeBdev {
+    name: String,
+    pool: Arc<Pool>,
+    state: Arc<VolState>,
+}
+
+impl VolumeBdev {
+    pub(crate) fn new(pool: Arc<Pool>, state: Arc<VolState>) -> VolumeBdev {
+        VolumeBdev {
+            name: format!("vol:{}", state.id),
+            pool,
+            state,
+        }
+    }
+}
+
+impl Bdev for VolumeBdev {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn block_size(&self) -> u32 {
+        512
+    }
+    fn capacity(&self) -> u64 {
+        self.state.size
+    }
+    fn open_channel(&self, ctx: &ChannelCtx) -> std::io::Result<Box<dyn Channel>> {
+        let meta = self
+            .pool
+            .meta
+            .sender()
+            .ok_or_else(|| std::io::Error::other("pool is shutting down"))?;
+        let (reply_tx, replies) = mpsc::channel();
+        Ok(Box::new(VolumeChannel {
+            inner: self.pool.base.open_channel(ctx)?,
+            state: self.state.clone(),
+            cluster: self.pool.cluster,
+            bufs: ctx.pool.clone(),
+            meta,
+            reply_tx,
+            replies,
+            pending: Vec::new(),
+            free: Vec::new(),
+            live: 0,
+            ready: VecDeque::new(),
+            deferred: VecDeque::new(),
+            scratch: Vec::new(),
+        }))
+    }
+}
+
+/// One piece of a request: (cluster, offset in cluster, length, offset in
+/// the caller's buffer).
+#[derive(Clone, Copy)]
+struct Piece {
+    cluster: u64,
+    off: u64,
+    len: u64,
+    buf_off: usize,
+}
+
+struct Pending {
+    tag: u64,
+    op: IoOp,
+    parts: usize,
+    result: Result<(), IoError>,
+    buf: Option<IoBuf>,
+    /// Buffer offset of each sub-request (for copying pieces back).
+    pieces: Vec<usize>,
+}
+
+struct VolumeChannel {
+    inner: Box<dyn Channel>,
+    state: Arc<VolState>,
+    cluster: u64,
+    bufs: BufPool,
+    meta: Sender<MetaReq>,
+    reply_tx: Sender<(u64, Result<(), IoError>)>,
+    replies: Receiver<(u64, Result<(), IoError>)>,
+    pending: Vec<Option<Pending>>,
+    free: Vec<usize>,
+    live: usize,
+    ready: VecDeque<IoCompletion>,
+    deferred: VecDeque<IoRequest>,
+    scratch: Vec<IoCompletion>,
+}
+
+const PART_BITS: u32 = 8;
+
+impl VolumeChannel {
+    fn pieces(&self, offset: u64, len: u64) -> Vec<Piece> {
+        let mut v = Vec::with_capacity(2);
+        let mut pos = offset;
+        while pos < offset + len {
+            let c = pos / self.cluster;
+            let o = pos % self.cluster;
+            let l = (self.cluster - o).min(offset + len - pos);
+            v.push(Piece {
+                cluster: c,
+                off: o,
+                len: l,
+                buf_off: (pos - offset) as usize,
+            });
+            pos += l;
+        }
+        v
+    }
+
+    fn slot(&mut self, p: Pending) -> usize {
+        self.live += 1;
+        match self.free.pop() {
+            Some(i) => {
+                self.pending[i] = Some(p);
+                i
+            }
+            None => {
+                self.pending.push(Some(p));
+                self.pending.len() - 1
+            }
+        }
+    }
+
+    fn down(&mut self, req: IoRequest) {
+        if !self.deferred.is_empty() {
+            self.deferred.push_back(req);
+        } else if let Err(r) = self.inner.submit(req) {
+            self.deferred.push_back(r);
+        }
+    }
+
+    fn phys(&self, e: u64, p: &Piece) -> u64 {
+        (e & !OWNED) * self.cluster + p.off
+    }
+
+    fn finish(&mut self, idx: usize, result: Result<(), IoError>, part_buf: Option<(usize, IoBuf)>) {
+        let mut p = self.pending[idx].take().expect("live request");
+        if let Err(e) = result {
+            if p.result.is_ok() {
+                p.result = Err(e);
+            }
+        }
+        if let Some((part, b)) = part_buf {
+            match (p.op, p.buf.as_mut()) {
+                (IoOp::Read, Some(dst)) => {
+                    let off = p.pieces[part];
+                    dst[off..off + b.len()].copy_from_slice(&b);
+                }
+                // The caller's own buffer, passed straight down.
+                (_, None) => p.buf = Some(b),
+                // A write's piece buffer: back to the pool.
+                _ => drop(b),
+            }
+        }
+        p.parts -= 1;
+        if p.parts == 0 {
+            self.free.push(idx);
+            self.live -= 1;
+            self.ready.push_back(IoCompletion {
+                tag: p.tag,
+                op: p.op,
+                result: p.result,
+                buf: p.buf,
+            });
+        } else {
+            self.pending[idx] = Some(p);
+        }
+    }
+
+    fn send_to_meta(&mut self, tag: u64, op: IoOp, buf: Option<IoBuf>, mop: MetaOp) {
+        let idx = self.slot(Pending {
+            tag,
+            op,
+            parts: 1,
+            result: Ok(()),
+            buf,
+            pieces: Vec::new(),
+        });
+        let req = MetaReq {
+            vol: self.state.clone(),
+            op: mop,
+            tag: idx as u64,
+            reply: self.reply_tx.clone(),
+        };
+        if self.meta.send(req).is_err() {
+            self.finish(idx, Err(IoError::Device { errno: libc::ESHUTDOWN }), None);
+        }
+    }
+}
+
+impl Channel for VolumeChannel {
+    fn submit(&mut self, req: IoRequest) -> Result<(), IoRequest> {
+        if let Err(e) = validate(&req, 512, self.state.size, crate::bdev::MAX_IO_BYTES) {
+            self.ready.push_back(IoCompletion {
+                tag: req.tag,
+                op: req.op,
+                result: Err(e),
+                buf: req.buf,
+            });
+            return Ok(());
+        }
+        match req.op {
+            IoOp::Flush => {
+                let idx = self.slot(Pending {
+                    tag: req.tag,
+                    op: IoOp::Flush,
+                    parts: 1,
+                    result: Ok(()),
+                    buf: None,
+                    pieces: vec![],
+                });
+                self.down(IoRequest::flush((idx as u64) << PART_BITS));
+            }
+            IoOp::Unmap | IoOp::WriteZeroes => {
+                self.send_to_meta(
+                    req.tag,
+                    req.op,
+                    None,
+                    MetaOp::Zero {
+                        offset: req.offset,
+                        len: req.len,
+                    },
+                );
+            }
+            IoOp::Read => {
+                let pieces = self.pieces(req.offset, req.bytes());
+                let entries: Vec<u64> = pieces.iter().map(|p| self.state.entry(p.cluster)).collect();
+                let mapped = entries.iter().filter(|&&e| e != 0).count();
+                let mut buf = req.buf.expect("validated");
+                if mapped == 0 {
+                    buf.fill(0);
+                    self.ready.push_back(IoCompletion {
+                        tag: req.tag,
+                        op: IoOp::Read,
+                        result: Ok(()),
+                        buf: Some(buf),
+                    });
+                    return Ok(());
+                }
+                if pieces.len() == 1 {
+                    let idx = self.slot(Pending {
+                        tag: req.tag,
+                        op: IoOp::Read,
+                        parts: 1,
+                        result: Ok(()),
+                        buf: None,
+                        pieces: vec![0],
+                    });
+                    let at = self.phys(entries[0], &pieces[0]);
+                    self.down(IoRequest::read(at, buf, (idx as u64) << PART_BITS));
+                    return Ok(());
+                }
+                // Spanning clusters: a pool buffer per mapped piece.
+                let mut temps = Vec::new();
+                for (p, &e) in pieces.iter().zip(&entries) {
+                    if e != 0 {
+                        match self.bufs.alloc(p.len as usize) {
+                            Some(t) => temps.push(t),
+                            None => return Err(IoRequest::read(req.offset, buf, req.tag)),
+                        }
+                    }
+                }
+                let mut offs = Vec::new();
+                for (p, &e) in pieces.iter().zip(&entries) {
+                    if e == 0 {
+                        buf[p.buf_off..p.buf_off + p.len as usize].fill(0);
+                    } else {
+                        offs.push(p.buf_off);
+                    }
+                }
+                let idx = self.slot(Pending {
+                    tag: req.tag,
+                    op: IoOp::Read,
+                    parts: temps.len(),
+                    result: Ok(()),
+                    buf: Some(buf),
+                    pieces: offs,
+                });
+                let mut part = 0;
+                for (p, &e) in pieces.iter().zip(&entries) {
+                    if e != 0 {
+                        let mut t = temps.remove(0);
+                        t.set_len(p.len as usize);
+                        let at = self.phys(e, p);
+                        self.down(IoRequest::read(at, t, ((idx as u64) << PART_BITS) | part));
+                        part += 1;
+                    }
+                }
+            }
+            IoOp::Write => {
+                let pieces = self.pieces(req.offset, req.bytes());
+                let entries: Vec<u64> = pieces.iter().map(|p| self.state.entry(p.cluster)).collect();
+                let buf = req.buf.expect("validated");
+                if entries.iter().any(|e| e & OWNED == 0) {
+                    // First write or shared cluster: the slow path.
+                    let data = buf.to_vec();
+                    self.send_to_meta(
+                        req.tag,
+                        IoOp::Write,
+                        Some(buf),
+                        MetaOp::Write {
+                            offset: req.offset,
+                            data,
+                        },
+                    );
+                    return Ok(());
+                }
+                if pieces.len() == 1 {
+                    let idx = self.slot(Pending {
+                        tag: req.tag,
+                        op: IoOp::Write,
+                        parts: 1,
+                        result: Ok(()),
+                        buf: None,
+                        pieces: vec![0],
+                    });
+                    let mut w = IoRequest::write(self.phys(entries[0], &pieces[0]), buf, (idx as u64) << PART_BITS);
+                    w.fua = req.fua;
+                    self.down(w);
+                    return Ok(());
+                }
+                let mut temps = Vec::new();
+                for p in &pieces {
+                    match self.bufs.alloc(p.len as usize) {
+                        Some(mut t) => {
+                            t.set_len(p.len as usize);
+                            t.copy_from_slice(&buf[p.buf_off..p.buf_off + p.len as usize]);
+                            temps.push(t);
+                        }
+                        None => {
+                            let mut r = IoRequest::write(req.offset, buf, req.tag);
+                            r.fua = req.fua;
+                            return Err(r);
+                        }
+                    }
+                }
+                let offs = pieces.iter().map(|p| p.buf_off).collect();
+                let idx = self.slot(Pending {
+                    tag: req.tag,
+                    op: IoOp::Write,
+                    parts: pieces.len(),
+                    result: Ok(()),
+                    buf: Some(buf),
+                    pieces: offs,
+                });
+                for (part, (p, t)) in pieces.iter().zip(temps).enumerate() {
+                    let mut w = IoRequest::write(
+                        self.phys(entries[part], p),
+                        t,
+                        ((idx as u64) << PART_BITS) | part as u64,
+                    );
+                    w.fua = req.fua;
+                    self.down(w);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn poll(&mut self, out: &mut Vec<IoCompletion>) -> usize {
+        while let Some(r) = self.deferred.pop_front() {
+            if let Err(r) = self.inner.submit(r) {
+                self.deferred.push_front(r);
+                break;
+            }
+        }
+        let mut scratch = std::mem::take(&mut self.scratch);
+        self.inner.poll(&mut scratch);
+        for c in scratch.drain(..) {
+            let idx = (c.tag >> PART_BITS) as usize;
+            let part = (c.tag & ((1 << PART_BITS) - 1)) as usize;
+            self.finish(idx, c.result, c.buf.map(|b| (part, b)));
+        }
+        self.scratch = scratch;
+        while let Ok((idx, res)) = self.replies.try_recv() {
+            self.finish(idx as usize, res, None);
+        }
+        let n = self.ready.len();
+        out.extend(self.ready.drain(..));
+        n
+    }
+
+    fn in_flight(&self) -> usize {
+        self.live + self.ready.len()
+    }
+}
+
+impl Drop for VolumeChannel {
+    fn drop(&mut self) {
+        // Wait for slow-path answers still owed to us (the metadata thread
+        // holds no buffer of ours, so this only keeps replies tidy).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while self
+            .pending
+            .iter()
+            .any(|p| p.as_ref().is_some_and(|p| p.parts > 0 && p.op != IoOp::Read))
+            && std::time::Instant::now() < deadline
+        {
+            let mut v = Vec::new();
+            self.poll(&mut v);
+            std::thread::yield_now();
+        }
+    }
+}

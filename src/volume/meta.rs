@@ -1,0 +1,354 @@
+//! The pool's metadata thread: the slow path of volume writes.
+//!
+//! Writes to unallocated or shared clusters, and discards, come here from
+//! the reactors. The thread takes whatever has queued up as one batch and,
+//! in one catalog transaction: allocates clusters, writes the new cluster
+//! contents (old bytes copied as they are, new bytes merged in), makes the
+//! pool file durable (fdatasync), updates the in-memory maps, and commits.
+//! Only then are the requests answered. Data is durable before any metadata
+//! points at it; a failed batch changes nothing on disk and is retried
+//! request by request.
+//!
+//! A cluster freed here is not reused for a grace period, so a read that
+//! raced with the discard and still targets it never sees another volume's
+//! data.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use redb::{ReadableTable, ReadableTableMetadata};
+
+use super::bdev::VolState;
+use super::tables::*;
+use super::{db_err, VolumeError};
+use crate::bdev::IoError;
+
+const GRACE: Duration = Duration::from_secs(2);
+const MAX_BATCH: usize = 64;
+
+pub(crate) enum MetaOp {
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// Zero a range; whole clusters are unmapped.
+    Zero {
+        offset: u64,
+        len: u64,
+    },
+}
+
+pub(crate) struct MetaReq {
+    pub vol: Arc<VolState>,
+    pub op: MetaOp,
+    pub tag: u64,
+    pub reply: Sender<(u64, Result<(), IoError>)>,
+}
+
+pub(crate) struct MetaHandle {
+    tx: Mutex<Option<Sender<MetaReq>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl MetaHandle {
+    pub fn start(db: Arc<redb::Database>, path: &Path, cluster: u64, capacity: u64) -> Result<MetaHandle, VolumeError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .map_err(|e| VolumeError::Io(format!("{}: {e}", path.display())))?;
+        let (tx, rx) = mpsc::channel();
+        let mut worker = Worker {
+            db,
+            file,
+            cluster,
+            capacity,
+            limbo: HashMap::new(),
+            buf: AlignedBuf::new(cluster as usize),
+        };
+        let thread = std::thread::Builder::new()
+            .name("pool-meta".into())
+            .spawn(move || worker.run(rx))
+            .map_err(|e| VolumeError::Io(e.to_string()))?;
+        Ok(MetaHandle {
+            tx: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// A sender for a channel to keep (cheap to clone, lock-free to use).
+    pub fn sender(&self) -> Option<Sender<MetaReq>> {
+        self.tx.lock().expect("meta sender").clone()
+    }
+}
+
+impl Drop for MetaHandle {
+    fn drop(&mut self) {
+        self.tx.lock().expect("meta sender").take();
+        if let Some(t) = self.thread.lock().expect("meta thread").take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A page-aligned heap buffer for O_DIRECT I/O of one cluster.
+struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the buffer is plain memory owned by this value; moving it to the
+// metadata thread moves ownership.
+unsafe impl Send for AlignedBuf {}
+
+impl AlignedBuf {
+    fn layout(len: usize) -> std::alloc::Layout {
+        std::alloc::Layout::from_size_align(len, 4096).expect("cluster layout")
+    }
+    fn new(len: usize) -> AlignedBuf {
+        // SAFETY: the layout has a non-zero size (a cluster is ≥ 64 KiB).
+        let p = unsafe { std::alloc::alloc_zeroed(Self::layout(len)) };
+        AlignedBuf {
+            ptr: std::ptr::NonNull::new(p).unwrap_or_else(|| std::alloc::handle_alloc_error(Self::layout(len))),
+            len,
+        }
+    }
+    fn as_mut(&mut self) -> &mut [u8] {
+        // SAFETY: ptr..ptr+len is our allocation; &mut self is exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with the same layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) };
+    }
+}
+
+struct Worker {
+    db: Arc<redb::Database>,
+    file: File,
+    cluster: u64,
+    capacity: u64,
+    limbo: HashMap<u64, Instant>,
+    buf: AlignedBuf,
+}
+
+/// An in-memory map change, kept to undo it if the commit fails.
+struct Undo {
+    vol: Arc<VolState>,
+    cluster: u64,
+    old: u64,
+}
+
+fn io(e: std::io::Error) -> VolumeError {
+    VolumeError::Io(e.to_string())
+}
+
+fn to_io_error(e: &VolumeError) -> IoError {
+    match e {
+        VolumeError::PoolFull { .. } => IoError::Device { errno: libc::ENOSPC },
+        _ => IoError::Device { errno: libc::EIO },
+    }
+}
+
+impl Worker {
+    fn run(&mut self, rx: Receiver<MetaReq>) {
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+            self.limbo.retain(|_, t| t.elapsed() < GRACE);
+            match self.commit(&batch) {
+                Ok(()) => {
+                    for r in &batch {
+                        let _ = r.reply.send((r.tag, Ok(())));
+                    }
+                }
+                Err(_) if batch.len() > 1 => {
+                    // Find out which request fails: one transaction each.
+                    for r in &batch {
+                        let res = self.commit(std::slice::from_ref(r)).map_err(|e| to_io_error(&e));
+                        let _ = r.reply.send((r.tag, res));
+                    }
+                }
+                Err(e) => {
+                    let _ = batch[0].reply.send((batch[0].tag, Err(to_io_error(&e))));
+                }
+            }
+        }
+    }
+
+    fn commit(&mut self, batch: &[MetaReq]) -> Result<(), VolumeError> {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        let mut undo = Vec::new();
+        let res = batch.iter().try_for_each(|r| self.apply(&txn, r, &mut undo));
+        let res = res
+            .and_then(|()| self.file.sync_data().map_err(io))
+            .and_then(|()| txn.commit().map_err(db_err));
+        if res.is_err() {
+            for u in undo.into_iter().rev() {
+                u.vol.restore(u.cluster, u.old);
+            }
+        }
+        res
+    }
+
+    fn alloc(&mut self, txn: &redb::WriteTransaction) -> Result<u64, VolumeError> {
+        let mut free = txn.open_table(FREE).map_err(db_err)?;
+        let mut pick = None;
+        for e in free.iter().map_err(db_err)? {
+            let p = e.map_err(db_err)?.0.value();
+            if !self.limbo.contains_key(&p) {
+                pick = Some(p);
+                break;
+            }
+        }
+        if let Some(p) = pick {
+            free.remove(p).map_err(db_err)?;
+            return Ok(p);
+        }
+        let mut meta = txn.open_table(POOL_META).map_err(db_err)?;
+        let high = meta.get("high").map_err(db_err)?.map(|v| v.value()).unwrap_or(1);
+        if high >= self.capacity {
+            let nfree = free.len().map_err(db_err)?;
+            return Err(VolumeError::PoolFull {
+                needed: self.cluster,
+                free: nfree * self.cluster,
+            });
+        }
+        meta.insert("high", high + 1).map_err(db_err)?;
+        Ok(high)
+    }
+
+    fn decref(&mut self, txn: &redb::WriteTransaction, p: u64) -> Result<(), VolumeError> {
+        let mut refs = txn.open_table(REFS).map_err(db_err)?;
+        let n = refs.get(p).map_err(db_err)?.map(|v| v.value()).unwrap_or(0);
+        if n <= 1 {
+            refs.remove(p).map_err(db_err)?;
+            txn.open_table(FREE).map_err(db_err)?.insert(p, ()).map_err(db_err)?;
+            self.limbo.insert(p, Instant::now());
+        } else {
+            refs.insert(p, n - 1).map_err(db_err)?;
+        }
+        Ok(())
+    }
+
+    fn refcount(txn: &redb::WriteTransaction, p: u64) -> Result<u64, VolumeError> {
+        Ok(txn
+            .open_table(REFS)
+            .map_err(db_err)?
+            .get(p)
+            .map_err(db_err)?
+            .map(|v| v.value())
+            .unwrap_or(0))
+    }
+
+    fn apply(&mut self, txn: &redb::WriteTransaction, r: &MetaReq, undo: &mut Vec<Undo>) -> Result<(), VolumeError> {
+        let vol = &r.vol;
+        let (offset, len) = match &r.op {
+            MetaOp::Write { offset, data } => (*offset, data.len() as u64),
+            MetaOp::Zero { offset, len } => (*offset, *len),
+        };
+        let cl = self.cluster;
+        let mut pos = offset;
+        while pos < offset + len {
+            let c = pos / cl;
+            let o = pos % cl;
+            let l = (cl - o).min(offset + len - pos);
+            let part = match &r.op {
+                MetaOp::Write { data, .. } => Some(&data[(pos - offset) as usize..(pos - offset + l) as usize]),
+                MetaOp::Zero { .. } => None,
+            };
+            let cur = txn
+                .open_table(VOL_MAP)
+                .map_err(db_err)?
+                .get((vol.id.as_str(), c))
+                .map_err(db_err)?
+                .map(|v| v.value());
+            // A discard of a whole cluster (or of its part inside the volume)
+            // unmaps it.
+            let whole = o == 0 && (l == cl || pos + l >= vol.size);
+            match (cur, part) {
+                (None, None) => {}
+                (Some(p), None) if whole => {
+                    txn.open_table(VOL_MAP)
+                        .map_err(db_err)?
+                        .remove((vol.id.as_str(), c))
+                        .map_err(db_err)?;
+                    self.decref(txn, p)?;
+                    undo.push(Undo {
+                        vol: vol.clone(),
+                        cluster: c,
+                        old: vol.entry(c),
+                    });
+                    vol.unmap(c);
+                }
+                (Some(p), part) if Worker::refcount(txn, p)? == 1 => {
+                    // Ours alone: write in place.
+                    let bytes: std::borrow::Cow<[u8]> = match part {
+                        Some(d) => d.into(),
+                        None => vec![0u8; l as usize].into(),
+                    };
+                    let b = &mut self.buf.as_mut()[..l as usize];
+                    b.copy_from_slice(&bytes);
+                    self.file.write_all_at(b, p * cl + o).map_err(io)?;
+                    undo.push(Undo {
+                        vol: vol.clone(),
+                        cluster: c,
+                        old: vol.entry(c),
+                    });
+                    vol.set_owned(c, p);
+                }
+                (cur, part) => {
+                    // Copy on write (or first write): a new cluster with the
+                    // old bytes as they are and the new bytes merged in.
+                    let new = self.alloc(txn)?;
+                    let cl_us = cl as usize;
+                    {
+                        let b = self.buf.as_mut();
+                        match cur {
+                            Some(p) => self.file.read_exact_at(&mut b[..cl_us], p * cl).map_err(io)?,
+                            None => b[..cl_us].fill(0),
+                        }
+                        let dst = &mut b[o as usize..(o + l) as usize];
+                        match part {
+                            Some(d) => dst.copy_from_slice(d),
+                            None => dst.fill(0),
+                        }
+                    }
+                    let b = &self.buf.as_mut()[..cl_us];
+                    self.file.write_all_at(b, new * cl).map_err(io)?;
+                    txn.open_table(VOL_MAP)
+                        .map_err(db_err)?
+                        .insert((vol.id.as_str(), c), new)
+                        .map_err(db_err)?;
+                    txn.open_table(REFS).map_err(db_err)?.insert(new, 1).map_err(db_err)?;
+                    if let Some(p) = cur {
+                        self.decref(txn, p)?;
+                    }
+                    undo.push(Undo {
+                        vol: vol.clone(),
+                        cluster: c,
+                        old: vol.entry(c),
+                    });
+                    vol.set_owned(c, new);
+                }
+            }
+            pos += l;
+        }
+        Ok(())
+    }
+}
