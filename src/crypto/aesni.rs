@@ -148,18 +148,6 @@ fn mul_x(t: __m128i) -> __m128i {
     }
 }
 
-/// `t · x^8`: shift left one byte, fold the byte shifted out back in as
-/// `byte · 0x87` (carry-less).
-#[inline(always)]
-fn mul_x8(t: __m128i) -> __m128i {
-    // SAFETY: only inlined into functions that enable `pclmulqdq`.
-    unsafe {
-        let top = _mm_srli_si128::<15>(t);
-        let red = _mm_clmulepi64_si128::<0x00>(top, _mm_set_epi64x(0, 0x87));
-        _mm_xor_si128(_mm_slli_si128::<1>(t), red)
-    }
-}
-
 /// Encrypt up to eight 16-byte tweak values under `k2`, in place.
 #[target_feature(enable = "aes,sse2,sse4.1")]
 pub(crate) unsafe fn encrypt_tweaks(k2: &Schedule, tweaks: &mut [[u8; 16]]) {
@@ -178,6 +166,232 @@ pub(crate) unsafe fn encrypt_tweaks(k2: &Schedule, tweaks: &mut [[u8; 16]]) {
     }
 }
 
+macro_rules! sse_round {
+    ($op:literal, $off:literal) => {
+        concat!(
+            "movdqa xmm8, xmmword ptr [{rk} + ",
+            $off,
+            "]\n",
+            $op,
+            " xmm0, xmm8\n",
+            $op,
+            " xmm1, xmm8\n",
+            $op,
+            " xmm2, xmm8\n",
+            $op,
+            " xmm3, xmm8\n",
+            $op,
+            " xmm4, xmm8\n",
+            $op,
+            " xmm5, xmm8\n",
+            $op,
+            " xmm6, xmm8\n",
+            $op,
+            " xmm7, xmm8\n",
+        )
+    };
+}
+
+macro_rules! sse_next_tweak {
+    ($off:literal) => {
+        concat!(
+            "movdqa xmm9, xmmword ptr [{cur} + ",
+            $off,
+            "]\n",
+            "movdqa xmm10, xmm9\n",
+            "psrldq xmm10, 15\n",
+            "pclmulqdq xmm10, xmm13, 0\n",
+            "pslldq xmm9, 1\n",
+            "pxor xmm9, xmm10\n",
+            "movdqa xmmword ptr [{next} + ",
+            $off,
+            "], xmm9\n",
+        )
+    };
+}
+
+macro_rules! sse_round0 {
+    ($reg:literal, $off:literal) => {
+        concat!(
+            "movdqu ",
+            $reg,
+            ", xmmword ptr [{src} + ",
+            $off,
+            "]\n",
+            "pxor ",
+            $reg,
+            ", xmmword ptr [{cur} + ",
+            $off,
+            "]\n",
+            "pxor ",
+            $reg,
+            ", xmm8\n",
+        )
+    };
+}
+
+macro_rules! sse_last {
+    ($last:literal, $reg:literal, $off:literal) => {
+        concat!(
+            "movdqa xmm9, xmm8\n",
+            "pxor xmm9, xmmword ptr [{cur} + ",
+            $off,
+            "]\n",
+            $last,
+            " ",
+            $reg,
+            ", xmm9\n",
+            "movdqu xmmword ptr [{dst} + ",
+            $off,
+            "], ",
+            $reg,
+            "\n",
+        )
+    };
+}
+
+/// The AES-NI loop: 8 blocks per iteration in xmm0..xmm7 (legacy SSE
+/// encoding, so it runs on CPUs without AVX). Same plan as the VAES kernel
+/// (see `vaes.rs`): round key in xmm8, tweaks in the 16-byte-aligned `{cur}`
+/// buffer folded into round 0 and the last round key, next group's tweaks
+/// (× x^8: a byte shift and one PCLMULQDQ) computed between rounds 1..8 into
+/// `{next}`, reduction constant 0x87 in xmm13.
+macro_rules! xts8_asm {
+    ($op:literal, $last:literal) => {
+        concat!(
+            "mov {tmp:e}, 0x87\n",
+            "movd xmm13, {tmp:e}\n",
+            "2:\n",
+            "movdqa xmm8, xmmword ptr [{rk}]\n",
+            sse_round0!("xmm0", "0"),
+            sse_round0!("xmm1", "16"),
+            sse_round0!("xmm2", "32"),
+            sse_round0!("xmm3", "48"),
+            sse_round0!("xmm4", "64"),
+            sse_round0!("xmm5", "80"),
+            sse_round0!("xmm6", "96"),
+            sse_round0!("xmm7", "112"),
+            sse_round!($op, "16"),
+            sse_next_tweak!("0"),
+            sse_round!($op, "32"),
+            sse_next_tweak!("16"),
+            sse_round!($op, "48"),
+            sse_next_tweak!("32"),
+            sse_round!($op, "64"),
+            sse_next_tweak!("48"),
+            sse_round!($op, "80"),
+            sse_next_tweak!("64"),
+            sse_round!($op, "96"),
+            sse_next_tweak!("80"),
+            sse_round!($op, "112"),
+            sse_next_tweak!("96"),
+            sse_round!($op, "128"),
+            sse_next_tweak!("112"),
+            sse_round!($op, "144"),
+            sse_round!($op, "160"),
+            sse_round!($op, "176"),
+            sse_round!($op, "192"),
+            sse_round!($op, "208"),
+            "movdqa xmm8, xmmword ptr [{rk} + 224]\n",
+            sse_last!($last, "xmm0", "0"),
+            sse_last!($last, "xmm1", "16"),
+            sse_last!($last, "xmm2", "32"),
+            sse_last!($last, "xmm3", "48"),
+            sse_last!($last, "xmm4", "64"),
+            sse_last!($last, "xmm5", "80"),
+            sse_last!($last, "xmm6", "96"),
+            sse_last!($last, "xmm7", "112"),
+            "add {src}, 128\n",
+            "add {dst}, 128\n",
+            "xchg {cur}, {next}\n",
+            "dec {n}\n",
+            "jnz 2b\n",
+            // Leave no key or data in vector registers.
+            "pxor xmm0, xmm0\n",
+            "pxor xmm1, xmm1\n",
+            "pxor xmm2, xmm2\n",
+            "pxor xmm3, xmm3\n",
+            "pxor xmm4, xmm4\n",
+            "pxor xmm5, xmm5\n",
+            "pxor xmm6, xmm6\n",
+            "pxor xmm7, xmm7\n",
+            "pxor xmm8, xmm8\n",
+            "pxor xmm9, xmm9\n",
+            "pxor xmm10, xmm10\n",
+        )
+    };
+}
+
+/// Tweak scratch for `xts8`: two 128-byte buffers, 16-byte aligned (legacy
+/// SSE memory operands need it). Wiped on drop.
+#[repr(C, align(16))]
+struct Scratch8([[u8; 128]; 2]);
+
+impl Drop for Scratch8 {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0[0][..]);
+        zeroize::Zeroize::zeroize(&mut self.0[1][..]);
+    }
+}
+
+/// Run `groups` 8-block groups; `cur` holds the first group's tweaks; returns
+/// the buffer holding the next group's.
+///
+/// # Safety
+/// `rk` is a 16-byte-aligned schedule; `src` readable and `dst` writable for
+/// `128 * groups` bytes (may be equal); `cur`/`next` distinct, 16-byte aligned,
+/// 128 bytes each; `groups > 0`; the CPU has AES-NI and PCLMULQDQ.
+#[target_feature(enable = "aes,sse2,sse4.1,pclmulqdq")]
+unsafe fn xts8<const DEC: bool>(
+    rk: &Schedule,
+    src: *const u8,
+    dst: *mut u8,
+    groups: usize,
+    cur: *mut u8,
+    next: *mut u8,
+) -> *mut u8 {
+    debug_assert!(groups > 0 && (rk.as_ptr() as usize) % 16 == 0);
+    let mut cur = cur;
+    // SAFETY: the caller guarantees buffers, alignment and CPU features; the
+    // assembly reads 240 bytes at rk, 128 bytes per group at src, writes 128
+    // per group at dst, reads `cur` and writes `next` (swapping them), uses
+    // no stack and clobbers only the listed registers.
+    unsafe {
+        if DEC {
+            core::arch::asm!(
+                xts8_asm!("aesdec", "aesdeclast"),
+                rk = in(reg) rk.as_ptr(),
+                src = inout(reg) src => _,
+                dst = inout(reg) dst => _,
+                n = inout(reg) groups => _,
+                cur = inout(reg) cur,
+                next = inout(reg) next => _,
+                tmp = out(reg) _,
+                out("xmm0") _, out("xmm1") _, out("xmm2") _, out("xmm3") _,
+                out("xmm4") _, out("xmm5") _, out("xmm6") _, out("xmm7") _,
+                out("xmm8") _, out("xmm9") _, out("xmm10") _, out("xmm13") _,
+                options(nostack),
+            );
+        } else {
+            core::arch::asm!(
+                xts8_asm!("aesenc", "aesenclast"),
+                rk = in(reg) rk.as_ptr(),
+                src = inout(reg) src => _,
+                dst = inout(reg) dst => _,
+                n = inout(reg) groups => _,
+                cur = inout(reg) cur,
+                next = inout(reg) next => _,
+                tmp = out(reg) _,
+                out("xmm0") _, out("xmm1") _, out("xmm2") _, out("xmm3") _,
+                out("xmm4") _, out("xmm5") _, out("xmm6") _, out("xmm7") _,
+                out("xmm8") _, out("xmm9") _, out("xmm10") _, out("xmm13") _,
+                options(nostack),
+            );
+        }
+    }
+    cur
+}
+
 /// XTS over `nblocks` whole blocks from `src` to `dst` (which may be the same
 /// pointer), starting at encrypted tweak `tweak`. Returns the tweak of the
 /// block after the last one.
@@ -193,54 +407,36 @@ pub(crate) unsafe fn xts_blocks<const DEC: bool>(
     mut nblocks: usize,
     tweak: [u8; 16],
 ) -> [u8; 16] {
+    let rk_bytes = rk;
     // SAFETY: round keys and the tweak are 16 readable bytes each.
     let rk = unsafe { schedule(rk) };
     // SAFETY: as above.
     let mut t = unsafe { load(tweak.as_ptr()) };
     if nblocks >= 8 {
-        // Eight tweaks in flight; each group's tweaks are the previous
-        // group's times x^8 (a byte shift plus one carry-less multiply), so
-        // the eight updates are independent of each other.
-        let mut tw = [t; 8];
-        for i in 1..8 {
-            tw[i] = mul_x(tw[i - 1]);
+        let groups = nblocks / 8;
+        let mut sc = Scratch8([[0; 128]; 2]);
+        let t0 = u128::from_le_bytes(tweak);
+        for (k, chunk) in sc.0[0].chunks_exact_mut(16).enumerate() {
+            let tk = if k == 0 {
+                t0
+            } else {
+                super::gf128::mul_x_pow(t0, k as u32)
+            };
+            chunk.copy_from_slice(&tk.to_le_bytes());
         }
-        while nblocks >= 8 {
-            let mut b = [_mm_setzero_si128(); 8];
-            for i in 0..8 {
-                // SAFETY: 8 blocks remain readable at `src`.
-                b[i] = _mm_xor_si128(unsafe { load(src.add(16 * i)) }, _mm_xor_si128(tw[i], rk[0]));
-            }
-            for k in &rk[1..14] {
-                for x in b.iter_mut() {
-                    *x = if DEC {
-                        _mm_aesdec_si128(*x, *k)
-                    } else {
-                        _mm_aesenc_si128(*x, *k)
-                    };
-                }
-            }
-            for i in 0..8 {
-                // The output XOR with the tweak is folded into the last round
-                // key: AESENCLAST(x, k ^ t) = AESENCLAST(x, k) ^ t.
-                let k = _mm_xor_si128(rk[14], tw[i]);
-                let y = if DEC {
-                    _mm_aesdeclast_si128(b[i], k)
-                } else {
-                    _mm_aesenclast_si128(b[i], k)
-                };
-                // SAFETY: 8 blocks remain writable at `dst`.
-                unsafe { store(dst.add(16 * i), y) };
-                tw[i] = mul_x8(tw[i]);
-            }
-            // SAFETY: advancing within (or one past) the caller's buffers.
-            unsafe {
-                src = src.add(128);
-                dst = dst.add(128);
-            }
-            nblocks -= 8;
+        let (a, b) = sc.0.split_at_mut(1);
+        // SAFETY: the caller guarantees src/dst for 16*nblocks >= 128*groups
+        // bytes; the scratch halves are distinct, aligned, 128 bytes each;
+        // the schedule lives in the 64-byte-aligned RoundKeys.
+        let last = unsafe { xts8::<DEC>(rk_bytes, src, dst, groups, a[0].as_mut_ptr(), b[0].as_mut_ptr()) };
+        // SAFETY: `last` points at one of the scratch buffers (16 bytes read).
+        t = unsafe { load(last) };
+        // SAFETY: advancing within (or one past) the caller's buffers.
+        unsafe {
+            src = src.add(128 * groups);
+            dst = dst.add(128 * groups);
         }
-        t = tw[0];
+        nblocks -= 8 * groups;
     }
     for _ in 0..nblocks {
         // SAFETY: one block remains readable at `src`.
