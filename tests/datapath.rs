@@ -403,3 +403,59 @@ fn core_lists_parse_and_refuse_bad_input() {
     assert!(parse_cores("").is_err());
     assert!(parse_cores("4096").unwrap_err().contains("not available"));
 }
+
+#[test]
+fn qos_caps_iops_and_bandwidth_without_dropping_requests() {
+    use sealdisk::bdev::qos::{QosBdev, QosLimits};
+    let r = reactors(&[0]);
+    let base: BdevRef = Arc::new(MallocBdev::new("m", 8 << 20, 512));
+    for (limits, n, min_secs) in [
+        // 400 I/Os at 1000 IOPS with a 100-I/O burst: at least 0.3 s.
+        (
+            QosLimits {
+                iops: Some(1000),
+                bytes_per_sec: None,
+            },
+            400usize,
+            0.3f64,
+        ),
+        // 4 MiB at 8 MiB/s with a 1 MiB burst: at least 0.375 s.
+        (
+            QosLimits {
+                iops: None,
+                bytes_per_sec: Some(8 << 20),
+            },
+            1024,
+            0.375,
+        ),
+    ] {
+        let q: BdevRef = Arc::new(QosBdev::new(base.clone(), limits));
+        let t = std::time::Instant::now();
+        let done = r
+            .call(0, Duration::from_secs(30), move |ctx| {
+                let mut ch = q.open_channel(&ctx.chan).unwrap();
+                for i in 0..n {
+                    let b = ctx.chan.pool.alloc(4096).unwrap();
+                    ch.submit(IoRequest::write((i as u64 % 2048) * 4096, b, i as u64))
+                        .map_err(|_| ())
+                        .unwrap();
+                }
+                let mut ok = 0;
+                let mut v = Vec::new();
+                while ok < n {
+                    v.clear();
+                    ch.poll(&mut v);
+                    ok += v.iter().filter(|c| c.result.is_ok()).count();
+                    std::thread::yield_now();
+                }
+                ok
+            })
+            .unwrap();
+        assert_eq!(done, n, "every request completes");
+        let secs = t.elapsed().as_secs_f64();
+        assert!(
+            secs >= min_secs,
+            "{limits:?}: {n} requests took {secs:.3}s, faster than the cap allows"
+        );
+    }
+}

@@ -16,6 +16,7 @@
 pub mod crypto;
 pub mod malloc;
 pub mod null;
+pub mod qos;
 pub mod uring;
 
 use std::fmt;

@@ -12,6 +12,9 @@ use super::XtsError;
 /// fallback, so a benchmark never measures something other than it says.
 pub const KERNEL_ENV: &str = "SEALDISK_XTS_KERNEL";
 
+#[cfg(target_arch = "x86_64")]
+cpufeatures::new!(cpuid_aesni, "aes", "pclmulqdq", "sse4.1");
+
 /// An XTS implementation. All produce identical output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kernel {
@@ -43,19 +46,13 @@ impl Kernel {
         match self {
             Kernel::Portable => true,
             #[cfg(target_arch = "x86_64")]
-            Kernel::Aesni => {
-                std::arch::is_x86_feature_detected!("aes")
-                    && std::arch::is_x86_feature_detected!("pclmulqdq")
-                    && std::arch::is_x86_feature_detected!("sse4.1")
-            }
+            Kernel::Aesni => cpuid_aesni::get(),
             // std's detection is used rather than cpufeatures for VAES:
             // cpufeatures 0.2 ties "vaes" to the OS saving ZMM state, which a
             // Zen 3 (VAES on YMM, no AVX-512) never reports.
             #[cfg(target_arch = "x86_64")]
             Kernel::VaesAvx2 => {
-                std::arch::is_x86_feature_detected!("aes")
-                    && std::arch::is_x86_feature_detected!("pclmulqdq")
-                    && std::arch::is_x86_feature_detected!("sse4.1")
+                cpuid_aesni::get()
                     && std::arch::is_x86_feature_detected!("avx2")
                     && std::arch::is_x86_feature_detected!("vaes")
                     && std::arch::is_x86_feature_detected!("vpclmulqdq")
