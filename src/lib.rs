@@ -10,6 +10,7 @@ pub mod bdev;
 pub mod bench;
 pub mod crypto;
 pub mod export;
+pub mod frontend;
 pub mod iobuf;
 pub mod kms;
 pub mod reactor;

@@ -1,0 +1,471 @@
+//! A Network Block Device server on the reactors.
+//!
+//! * An acceptor thread (control side) accepts connections on a unix socket
+//!   and/or TCP, and runs each handshake on a short-lived thread with plain
+//!   blocking I/O: fixed newstyle, `NBD_OPT_GO` / `NBD_OPT_INFO` /
+//!   `NBD_OPT_LIST` / `NBD_OPT_ABORT` / `NBD_OPT_EXPORT_NAME`; every other
+//!   option is answered `NBD_REP_ERR_UNSUP` and negotiation goes on.
+//! * Once an export is chosen the socket moves to a reactor (round-robin,
+//!   through [`Reactors::send`]); there a [`conn::Conn`] poller owns it and a
+//!   bdev channel, receives requests and sends replies through the reactor's
+//!   io_uring (several requests parsed per receive, replies coalesced into one
+//!   `sendmsg`), and splits requests larger than the bdev's limit.
+//! * Exports are looked up by name in [`Exports`] at handshake; a revoked
+//!   (detached) export's connections are closed.
+//!
+//! See `docs/nbd.md` for what is advertised and why.
+
+mod conn;
+pub mod proto;
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::bdev::MAX_IO_BYTES;
+use crate::export::{Export, Exports};
+use crate::reactor::{Reactors, SendError};
+use proto::*;
+
+/// Largest payload advertised (the protocol's interoperable maximum).
+pub const MAX_PAYLOAD: u32 = 32 << 20;
+/// Preferred block size advertised.
+pub const PREFERRED_BLOCK: u32 = 4096;
+/// How long a client may take over one handshake read or write.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Handshakes running at once; further connections are closed at once.
+const MAX_HANDSHAKES: usize = 64;
+/// Option data longer than this ends the handshake (a client that sends
+/// megabytes of option data is not negotiating in good faith).
+const MAX_OPTION_DATA: u32 = 64 << 10;
+/// How long a full reactor queue is retried before a client is refused.
+const HANDOFF_RETRY: Duration = Duration::from_secs(1);
+
+/// Where to listen.
+#[derive(Debug, Clone, Default)]
+pub struct NbdConfig {
+    /// Unix socket path (a stale socket file there is replaced).
+    pub unix_path: Option<PathBuf>,
+    /// TCP address; callers should default to loopback (e.g. 127.0.0.1:10809).
+    pub tcp: Option<SocketAddr>,
+}
+
+/// State shared by the acceptor, handshake threads and connections.
+pub(crate) struct Shared {
+    pub(crate) stop: AtomicBool,
+    /// Live connections (on reactors).
+    pub(crate) conns: AtomicUsize,
+    handshakes: AtomicUsize,
+    next_reactor: AtomicUsize,
+    reactors: Arc<Reactors>,
+    exports: Arc<Exports>,
+    /// Largest payload we accept (≤ [`MAX_PAYLOAD`], bounded by the
+    /// reactors' buffer arenas so one request always fits).
+    pub(crate) max_payload: u32,
+}
+
+/// A running NBD server.
+pub struct NbdServer {
+    shared: Arc<Shared>,
+    acceptor: Option<JoinHandle<()>>,
+    unix_path: Option<PathBuf>,
+    tcp_addr: Option<SocketAddr>,
+}
+
+impl NbdServer {
+    /// Bind the listeners and start accepting.
+    pub fn start(cfg: NbdConfig, reactors: Arc<Reactors>, exports: Arc<Exports>) -> io::Result<NbdServer> {
+        if cfg.unix_path.is_none() && cfg.tcp.is_none() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "NBD server needs a unix socket path or a TCP address",
+            ));
+        }
+        if reactors.is_empty() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "no reactors"));
+        }
+        // One request's buffers must fit in a reactor's arena (with room for
+        // others), or a large request could wait forever.
+        let mut arena = usize::MAX;
+        for i in 0..reactors.len() {
+            let a = reactors
+                .call(i, Duration::from_secs(5), |ctx| ctx.chan.pool.stats().arena_bytes)
+                .map_err(io::Error::other)?;
+            arena = arena.min(a);
+        }
+        let max_payload =
+            ((arena / 4) as u64 / MAX_IO_BYTES * MAX_IO_BYTES).clamp(MAX_IO_BYTES, MAX_PAYLOAD as u64) as u32;
+
+        let unix = match &cfg.unix_path {
+            Some(p) => {
+                if let Ok(m) = std::fs::symlink_metadata(p) {
+                    if m.file_type().is_socket() {
+                        std::fs::remove_file(p)?;
+                    }
+                }
+                let l = UnixListener::bind(p).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", p.display())))?;
+                l.set_nonblocking(true)?;
+                Some(l)
+            }
+            None => None,
+        };
+        let tcp = match cfg.tcp {
+            Some(a) => {
+                let l = TcpListener::bind(a).map_err(|e| io::Error::new(e.kind(), format!("{a}: {e}")))?;
+                l.set_nonblocking(true)?;
+                Some(l)
+            }
+            None => None,
+        };
+        let tcp_addr = tcp.as_ref().map(|l| l.local_addr()).transpose()?;
+        let shared = Arc::new(Shared {
+            stop: AtomicBool::new(false),
+            conns: AtomicUsize::new(0),
+            handshakes: AtomicUsize::new(0),
+            next_reactor: AtomicUsize::new(0),
+            reactors,
+            exports,
+            max_payload,
+        });
+        let sh = shared.clone();
+        let acceptor = std::thread::Builder::new()
+            .name("nbd-accept".into())
+            .spawn(move || accept_loop(sh, unix, tcp))?;
+        Ok(NbdServer {
+            shared,
+            acceptor: Some(acceptor),
+            unix_path: cfg.unix_path,
+            tcp_addr,
+        })
+    }
+
+    /// The bound TCP address (useful with port 0).
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp_addr
+    }
+
+    /// Largest request payload accepted (advertised as the maximum block
+    /// size).
+    pub fn max_payload(&self) -> u32 {
+        self.shared.max_payload
+    }
+
+    /// Connections currently served.
+    pub fn connections(&self) -> usize {
+        self.shared.conns.load(Ordering::SeqCst)
+    }
+
+    /// Close the listeners and every connection (waits up to 5 s for the
+    /// connections to finish their in-flight requests).
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.acceptor.take() {
+            let _ = t.join();
+        }
+        if let Some(p) = self.unix_path.take() {
+            let _ = std::fs::remove_file(p);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while (self.shared.conns.load(Ordering::SeqCst) > 0 || self.shared.handshakes.load(Ordering::SeqCst) > 0)
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for NbdServer {
+    fn drop(&mut self) {
+        if self.acceptor.is_some() {
+            self.stop();
+        }
+    }
+}
+
+enum Stream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Stream {
+    fn io(&mut self) -> &mut dyn ReadWrite {
+        match self {
+            Stream::Unix(s) => s,
+            Stream::Tcp(s) => s,
+        }
+    }
+    fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => {
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)
+            }
+            Stream::Tcp(s) => {
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)
+            }
+        }
+    }
+    fn dup(&self) -> io::Result<OwnedFd> {
+        match self {
+            Stream::Unix(s) => s.as_fd().try_clone_to_owned(),
+            Stream::Tcp(s) => s.as_fd().try_clone_to_owned(),
+        }
+    }
+}
+
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+fn accept_loop(sh: Arc<Shared>, unix: Option<UnixListener>, tcp: Option<TcpListener>) {
+    let mut fds = Vec::new();
+    if let Some(l) = &unix {
+        fds.push(libc::pollfd {
+            fd: l.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+    }
+    if let Some(l) = &tcp {
+        fds.push(libc::pollfd {
+            fd: l.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+    }
+    while !sh.stop.load(Ordering::SeqCst) {
+        // SAFETY: `fds` is a live array of `fds.len()` pollfd structs.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
+        if n <= 0 {
+            continue;
+        }
+        let mut accepted = Vec::new();
+        if let Some(l) = &unix {
+            while let Ok((s, _)) = l.accept() {
+                accepted.push(Stream::Unix(s));
+            }
+        }
+        if let Some(l) = &tcp {
+            while let Ok((s, _)) = l.accept() {
+                let _ = s.set_nodelay(true);
+                accepted.push(Stream::Tcp(s));
+            }
+        }
+        for s in accepted {
+            if sh.handshakes.fetch_add(1, Ordering::SeqCst) >= MAX_HANDSHAKES {
+                sh.handshakes.fetch_sub(1, Ordering::SeqCst);
+                continue; // dropped: closed
+            }
+            let sh2 = sh.clone();
+            let spawned = std::thread::Builder::new().name("nbd-handshake".into()).spawn(move || {
+                let _ = handshake_and_hand_off(&sh2, s);
+                sh2.handshakes.fetch_sub(1, Ordering::SeqCst);
+            });
+            if spawned.is_err() {
+                sh.handshakes.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+/// Transmission flags for an export.
+pub fn transmission_flags(e: &Export) -> u16 {
+    let mut f = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_CAN_MULTI_CONN;
+    if e.read_only {
+        f |= TF_READ_ONLY;
+    } else {
+        f |= TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_SEND_FAST_ZERO;
+    }
+    f
+}
+
+fn read_u32(s: &mut dyn ReadWrite) -> io::Result<u32> {
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b)?;
+    Ok(u32::from_be_bytes(b))
+}
+
+fn read_u64(s: &mut dyn ReadWrite) -> io::Result<u64> {
+    let mut b = [0u8; 8];
+    s.read_exact(&mut b)?;
+    Ok(u64::from_be_bytes(b))
+}
+
+fn lookup(sh: &Shared, name: &[u8]) -> Option<Export> {
+    let name = std::str::from_utf8(name).ok()?;
+    sh.exports.get(name).filter(|e| !e.is_revoked())
+}
+
+/// What the connection sends first once on its reactor (the end of the
+/// handshake), and the export.
+struct Handoff {
+    export: Export,
+    tail: Vec<u8>,
+    /// Option reply to send instead if the hand-off fails (GO only).
+    refuse: Option<Vec<u8>>,
+}
+
+fn handshake_and_hand_off(sh: &Arc<Shared>, mut stream: Stream) -> io::Result<()> {
+    stream.set_timeouts(Some(HANDSHAKE_TIMEOUT))?;
+    let Some(h) = negotiate(sh, stream.io())? else {
+        return Ok(());
+    };
+    stream.set_timeouts(None)?;
+    // The reactor gets its own descriptor of the socket; ours is closed when
+    // `stream` drops. If the hand-off fails we still hold the socket to say so.
+    let fd = stream.dup()?;
+    let sh2 = sh.clone();
+    let Handoff { export, tail, refuse } = h;
+    let mut msg: crate::reactor::Msg = Box::new(move |ctx| conn::start(ctx, sh2, fd, export, tail));
+    let deadline = Instant::now() + HANDOFF_RETRY;
+    let n = sh.reactors.len();
+    let mut r = sh.next_reactor.fetch_add(1, Ordering::Relaxed) % n;
+    loop {
+        match sh.reactors.send(r, msg) {
+            Ok(()) => return Ok(()),
+            Err(SendError::Full(m)) if Instant::now() < deadline && !sh.stop.load(Ordering::SeqCst) => {
+                // Back-pressure: try the next reactor, then wait a little.
+                msg = m;
+                r = (r + 1) % n;
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            Err(_) => {
+                if let Some(b) = refuse {
+                    let _ = stream.io().write_all(&b);
+                }
+                return Err(io::Error::other("every reactor queue is full; connection refused"));
+            }
+        }
+    }
+}
+
+/// Run the option haggling. `Ok(None)`: the client is gone or aborted, or
+/// asked for an export by `NBD_OPT_EXPORT_NAME` that does not exist.
+fn negotiate(sh: &Shared, s: &mut dyn ReadWrite) -> io::Result<Option<Handoff>> {
+    let mut hello = Vec::with_capacity(18);
+    hello.extend_from_slice(&NBD_MAGIC.to_be_bytes());
+    hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    s.write_all(&hello)?;
+    let cflags = read_u32(s)?;
+    if cflags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+        return Ok(None); // unknown client flags: the spec says close
+    }
+    let no_zeroes = cflags & FLAG_C_NO_ZEROES != 0;
+    loop {
+        if sh.stop.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
+        if read_u64(s)? != IHAVEOPT {
+            return Ok(None);
+        }
+        let opt = read_u32(s)?;
+        let len = read_u32(s)?;
+        if len > MAX_OPTION_DATA {
+            return Ok(None);
+        }
+        let mut data = vec![0u8; len as usize];
+        s.read_exact(&mut data)?;
+        match opt {
+            OPT_EXPORT_NAME => {
+                let Some(e) = lookup(sh, &data) else {
+                    return Ok(None); // no way to say "unknown" here but closing
+                };
+                let mut tail = Vec::with_capacity(134);
+                tail.extend_from_slice(&e.bdev.capacity().to_be_bytes());
+                tail.extend_from_slice(&transmission_flags(&e).to_be_bytes());
+                if !no_zeroes {
+                    tail.extend_from_slice(&[0u8; 124]);
+                }
+                return Ok(Some(Handoff {
+                    export: e,
+                    tail,
+                    refuse: None,
+                }));
+            }
+            OPT_ABORT => {
+                let _ = s.write_all(&option_reply(opt, REP_ACK, &[]));
+                return Ok(None);
+            }
+            OPT_LIST => {
+                if len != 0 {
+                    s.write_all(&option_reply(opt, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data"))?;
+                    continue;
+                }
+                let mut out = Vec::new();
+                for name in sh.exports.names() {
+                    let mut d = (name.len() as u32).to_be_bytes().to_vec();
+                    d.extend_from_slice(name.as_bytes());
+                    out.extend_from_slice(&option_reply(opt, REP_SERVER, &d));
+                }
+                out.extend_from_slice(&option_reply(opt, REP_ACK, &[]));
+                s.write_all(&out)?;
+            }
+            OPT_INFO | OPT_GO => {
+                let Some(req) = parse_info_request(&data) else {
+                    s.write_all(&option_reply(opt, REP_ERR_INVALID, b"malformed NBD_OPT_INFO/GO data"))?;
+                    continue;
+                };
+                let Some(e) = lookup(sh, &req.name) else {
+                    let msg = format!("no export named {:?}", String::from_utf8_lossy(&req.name));
+                    s.write_all(&option_reply(opt, REP_ERR_UNKNOWN, msg.as_bytes()))?;
+                    continue;
+                };
+                let mut out = Vec::new();
+                let mut d = INFO_EXPORT.to_be_bytes().to_vec();
+                d.extend_from_slice(&e.bdev.capacity().to_be_bytes());
+                d.extend_from_slice(&transmission_flags(&e).to_be_bytes());
+                out.extend_from_slice(&option_reply(opt, REP_INFO, &d));
+                if req.infos.contains(&INFO_NAME) {
+                    let mut d = INFO_NAME.to_be_bytes().to_vec();
+                    d.extend_from_slice(e.name.as_bytes());
+                    out.extend_from_slice(&option_reply(opt, REP_INFO, &d));
+                }
+                if req.infos.contains(&INFO_DESCRIPTION) {
+                    let mut d = INFO_DESCRIPTION.to_be_bytes().to_vec();
+                    d.extend_from_slice(format!("sealdisk {}", e.bdev.name()).as_bytes());
+                    out.extend_from_slice(&option_reply(opt, REP_INFO, &d));
+                }
+                // Sent whether asked or not (the protocol allows it): requests
+                // must be aligned to the bdev's block size.
+                let min = e.bdev.block_size();
+                let mut d = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+                d.extend_from_slice(&min.to_be_bytes());
+                d.extend_from_slice(&PREFERRED_BLOCK.max(min).to_be_bytes());
+                d.extend_from_slice(&sh.max_payload.to_be_bytes());
+                out.extend_from_slice(&option_reply(opt, REP_INFO, &d));
+                if opt == OPT_INFO {
+                    out.extend_from_slice(&option_reply(opt, REP_ACK, &[]));
+                    s.write_all(&out)?;
+                    continue;
+                }
+                s.write_all(&out)?;
+                return Ok(Some(Handoff {
+                    export: e,
+                    tail: option_reply(opt, REP_ACK, &[]),
+                    refuse: Some(option_reply(
+                        opt,
+                        REP_ERR_SHUTDOWN,
+                        b"server busy: every reactor queue is full",
+                    )),
+                }));
+            }
+            _ => {
+                // STARTTLS, STRUCTURED_REPLY, META_CONTEXT, EXTENDED_HEADERS
+                // and anything newer: not supported, keep negotiating.
+                s.write_all(&option_reply(opt, REP_ERR_UNSUP, &[]))?;
+            }
+        }
+    }
+}
