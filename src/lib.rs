@@ -8,7 +8,11 @@
 
 pub mod bdev;
 pub mod bench;
+pub mod catalog;
+pub mod cli;
+pub mod control;
 pub mod crypto;
+pub mod daemon;
 pub mod export;
 pub mod frontend;
 pub mod iobuf;

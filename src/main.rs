@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use sealdisk::bench::crypto::{self, CryptoBenchOpts};
 
@@ -125,7 +125,13 @@ struct IoArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // The control-plane subcommands (serve, check, rpc, create-disk, ...) live in
+    // `sealdisk::cli`; they are added to the command here and dispatched first.
+    let matches = sealdisk::cli::augment(Cli::command()).get_matches();
+    if let Some(code) = sealdisk::cli::dispatch(&matches) {
+        return code;
+    }
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     match cli.cmd {
         Cmd::Bench {
             what:

@@ -1,0 +1,291 @@
+//! The control-plane subcommands of the `sealdisk` binary: `serve`, `check`, `rpc`, and
+//! one subcommand per ECS operation (`create-disk`, `attach-disk`, ...), which talk to the
+//! daemon's socket.
+//!
+//! Operation parameters use ECS's names as `Key=Value` (`Size=20 DiskCategory=ssd
+//! Encrypted=true`, `DataDisk.1.Size=20`), or `Key:=<JSON>` for a raw JSON value;
+//! `--account` and `--region` (or `SEALDISK_ACCOUNT` / `SEALDISK_REGION`) fill
+//! `AccountId` and `RegionId`. Output is human-readable unless `--json`.
+
+mod output;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Arg, ArgAction, ArgMatches, Command};
+use serde_json::{Map, Value};
+
+use crate::control::client::Client;
+use crate::control::METHODS;
+
+/// `CreateDisk` → `create-disk`.
+pub fn kebab(method: &str) -> String {
+    let mut s = String::new();
+    let b = method.as_bytes();
+    for (i, c) in method.char_indices() {
+        if c.is_ascii_uppercase() && i > 0 {
+            let prev_lower = b[i - 1].is_ascii_lowercase();
+            let next_lower = b.get(i + 1).is_some_and(u8::is_ascii_lowercase);
+            if prev_lower || (next_lower && b[i - 1].is_ascii_uppercase()) {
+                s.push('-');
+            }
+        }
+        s.push(c.to_ascii_lowercase());
+    }
+    s.replace("re-init-", "reinit-")
+}
+
+fn about(method: &str) -> &'static str {
+    match method {
+        "ActivateKms" => "Activate (authorise) KMS for an account in a region",
+        "DescribeKmsKey" => "Describe the service key (CMK) of an account in a region",
+        "DescribeKmsUsage" => "KMS calls, throttling and keys per region",
+        "ScheduleKeyDeletion" => "Try to delete the service key (always refused)",
+        "CreateInstance" => "Create an instance with a system disk and DataDisk.n.* data disks, all attached",
+        "DescribeInstances" => "List instances",
+        "DeleteInstance" => "Delete an instance (detaches its disks, deletes its system disk)",
+        "CreateDisk" => "Create a disk (Size or SizeBytes, DiskCategory, Encrypted, SnapshotId, MultiAttach)",
+        "AttachDisk" => "Attach a disk to an instance (puts it on the data path)",
+        "DetachDisk" => "Detach a disk from an instance (wipes its key from memory)",
+        "ResetDisk" => "Roll a disk back to one of its snapshots",
+        "ReInitDisk" => "Return a disk to its initial state (blank, or the snapshot it came from)",
+        "ModifyDiskAttribute" => "Rename a disk or change its description",
+        "DeleteDisk" => "Delete a disk (the last holder of a key shreds it)",
+        "DescribeDisks" => "List disks",
+        "CreateSnapshot" => "Snapshot a disk",
+        "ModifySnapshotAttribute" => "Rename a snapshot",
+        "DeleteSnapshot" => "Delete a snapshot",
+        "DescribeSnapshots" => "List snapshots",
+        "CreateImage" => "Create an image from a snapshot",
+        "ModifyImageSharePermission" => "Share an image with other accounts (AddAccount.n / RemoveAccount.n)",
+        "CopyImage" => "Copy an image to another region",
+        "ExportImage" => "Export an image to a raw file under DATA_DIR/exports",
+        "DescribeImages" => "List images",
+        "DeleteImage" => "Delete an image",
+        "CheckPool" => "Check the pool against the catalog (online)",
+        _ => "",
+    }
+}
+
+fn connection_args(c: Command) -> Command {
+    c.arg(
+        Arg::new("socket")
+            .long("socket")
+            .value_name("PATH")
+            .value_parser(clap::value_parser!(PathBuf))
+            .help("daemon socket (default DATA_DIR/sealdisk.sock)"),
+    )
+    .arg(
+        Arg::new("data-dir")
+            .long("data-dir")
+            .value_name("DIR")
+            .value_parser(clap::value_parser!(PathBuf))
+            .help("daemon data directory (default $SEALDISK_DATA_DIR or /var/lib/sealdisk)"),
+    )
+    .arg(
+        Arg::new("json")
+            .long("json")
+            .action(ArgAction::SetTrue)
+            .help("print the raw JSON result"),
+    )
+}
+
+/// Adds the control-plane subcommands to the binary's command.
+pub fn augment(mut cmd: Command) -> Command {
+    cmd = cmd
+        .subcommand(serve::serve_command())
+        .subcommand(serve::check_command());
+    cmd = cmd.subcommand(
+        connection_args(Command::new("rpc"))
+            .about("Call any JSON-RPC method: sealdisk rpc CreateDisk '{\"RegionId\":...}'")
+            .arg(Arg::new("method").value_name("METHOD"))
+            .arg(Arg::new("params").value_name("JSON").help("params object (default {})"))
+            .arg(
+                Arg::new("list")
+                    .long("list")
+                    .action(ArgAction::SetTrue)
+                    .help("list the methods"),
+            ),
+    );
+    for m in METHODS {
+        let name: &'static str = Box::leak(kebab(m).into_boxed_str());
+        cmd =
+            cmd.subcommand(
+                connection_args(Command::new(name))
+                    .about(about(m))
+                    .arg(
+                        Arg::new("account")
+                            .long("account")
+                            .value_name("ID")
+                            .help("AccountId (default $SEALDISK_ACCOUNT)"),
+                    )
+                    .arg(
+                        Arg::new("region")
+                            .long("region")
+                            .value_name("ID")
+                            .help("RegionId (default $SEALDISK_REGION)"),
+                    )
+                    .arg(Arg::new("params").value_name("Key=Value").num_args(0..).help(
+                        "ECS parameters, e.g. Size=20 Encrypted=true DataDisk.1.Size=20; Key:=JSON for raw JSON",
+                    )),
+            );
+    }
+    cmd
+}
+
+/// Runs a control-plane subcommand; `None` if `m` is not one of them.
+pub fn dispatch(m: &ArgMatches) -> Option<ExitCode> {
+    let (name, sub) = m.subcommand()?;
+    match name {
+        "serve" => Some(serve::serve(sub)),
+        "check" => Some(serve::check(sub)),
+        "rpc" => Some(rpc(sub)),
+        _ => {
+            let method = METHODS.iter().find(|x| kebab(x) == name)?;
+            Some(op(method, sub))
+        }
+    }
+}
+
+fn socket_path(m: &ArgMatches) -> PathBuf {
+    if let Some(s) = m.get_one::<PathBuf>("socket") {
+        return s.clone();
+    }
+    data_dir(m).join(crate::daemon::SOCKET_FILE)
+}
+
+pub(crate) fn data_dir(m: &ArgMatches) -> PathBuf {
+    m.get_one::<PathBuf>("data-dir")
+        .cloned()
+        .or_else(|| std::env::var_os("SEALDISK_DATA_DIR").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("/var/lib/sealdisk"))
+}
+
+fn fail(code: &str, msg: &str, exit: u8) -> ExitCode {
+    eprintln!("sealdisk: {code}: {msg}");
+    ExitCode::from(exit)
+}
+
+/// Parses `Key=Value` / `Key:=JSON` pairs.
+pub fn parse_params(args: &[String]) -> Result<Map<String, Value>, String> {
+    let mut out = Map::new();
+    for a in args {
+        if let Some((k, v)) = a.split_once(":=") {
+            if !k.contains('=') {
+                let j: Value = serde_json::from_str(v).map_err(|e| format!("{a}: not JSON after := ({e})"))?;
+                out.insert(k.to_owned(), j);
+                continue;
+            }
+        }
+        let (k, v) = a
+            .split_once('=')
+            .ok_or_else(|| format!("{a}: parameters are Key=Value (e.g. Size=20), or Key:=JSON"))?;
+        if k.is_empty() {
+            return Err(format!("{a}: empty parameter name"));
+        }
+        out.insert(k.to_owned(), Value::String(v.to_owned()));
+    }
+    Ok(out)
+}
+
+fn call_and_print(m: &ArgMatches, method: &str, params: Value) -> ExitCode {
+    let mut c = match Client::connect(&socket_path(m)) {
+        Ok(c) => c,
+        Err(e) => return fail(&e.code, &e.message, 2),
+    };
+    match c.call(method, params) {
+        Ok(v) => {
+            if m.get_flag("json") {
+                println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+            } else {
+                print!("{}", output::human(method, &v));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) if e.rpc_code == 0 => fail(&e.code, &e.message, 2),
+        Err(e) => {
+            if m.get_flag("json") {
+                let err = serde_json::json!({ "code": e.rpc_code, "message": e.message, "data": e.data });
+                println!("{}", serde_json::to_string_pretty(&err).expect("json"));
+            }
+            fail(&e.code, &e.message, 1)
+        }
+    }
+}
+
+fn op(method: &str, m: &ArgMatches) -> ExitCode {
+    let args: Vec<String> = m.get_many::<String>("params").into_iter().flatten().cloned().collect();
+    let mut params = match parse_params(&args) {
+        Ok(p) => p,
+        Err(e) => return fail("InvalidParameter", &e, 2),
+    };
+    if method != "CheckPool" {
+        let acc = m
+            .get_one::<String>("account")
+            .cloned()
+            .or_else(|| std::env::var("SEALDISK_ACCOUNT").ok());
+        let reg = m
+            .get_one::<String>("region")
+            .cloned()
+            .or_else(|| std::env::var("SEALDISK_REGION").ok());
+        if let Some(a) = acc {
+            params.entry("AccountId").or_insert(Value::String(a));
+        }
+        if let Some(r) = reg {
+            params.entry("RegionId").or_insert(Value::String(r));
+        }
+    }
+    call_and_print(m, method, Value::Object(params))
+}
+
+fn rpc(m: &ArgMatches) -> ExitCode {
+    if m.get_flag("list") {
+        for x in METHODS {
+            println!("{x:<28} {}", about(x));
+        }
+        return ExitCode::SUCCESS;
+    }
+    let Some(method) = m.get_one::<String>("method") else {
+        return fail(
+            "MissingParameter.Method",
+            "give a METHOD (see `sealdisk rpc --list`)",
+            2,
+        );
+    };
+    let params = match m.get_one::<String>("params") {
+        None => Value::Object(Map::new()),
+        Some(s) => match serde_json::from_str::<Value>(s) {
+            Ok(v) => v,
+            Err(e) => return fail("InvalidParameter.Params", &format!("params are not JSON: {e}"), 2),
+        },
+    };
+    call_and_print(m, method, params)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kebab_names() {
+        assert_eq!(kebab("CreateDisk"), "create-disk");
+        assert_eq!(kebab("ReInitDisk"), "reinit-disk");
+        assert_eq!(kebab("DescribeKmsKey"), "describe-kms-key");
+        assert_eq!(kebab("CheckPool"), "check-pool");
+    }
+
+    #[test]
+    fn params_parse() {
+        let p = parse_params(&[
+            "Size=20".into(),
+            "DataDisk.1.Encrypted=true".into(),
+            "DiskIds:=[\"a\"]".into(),
+        ])
+        .unwrap();
+        assert_eq!(p["Size"], "20");
+        assert_eq!(p["DataDisk.1.Encrypted"], "true");
+        assert_eq!(p["DiskIds"], serde_json::json!(["a"]));
+        assert!(parse_params(&["novalue".into()]).is_err());
+    }
+}

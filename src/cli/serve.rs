@@ -1,0 +1,235 @@
+//! `sealdisk serve` and `sealdisk check`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Arg, ArgAction, ArgMatches, Command};
+
+use crate::control::QosConfig;
+use crate::daemon::{self, DaemonConfig};
+use crate::kms::{KmsConfig, QuotaConfig, TransitConfig};
+
+/// `4096`, `64M`, `10G`, `1T` (binary units).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mul) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        None => (s, 1u64),
+        Some((i, _)) => {
+            let unit = s[i..].to_ascii_uppercase();
+            let mul = match unit.trim_end_matches("IB").trim_end_matches('B') {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1 << 40,
+                _ => return Err(format!("{s:?}: unknown unit (use K, M, G or T)")),
+            };
+            (&s[..i], mul)
+        }
+    };
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .ok_or_else(|| format!("{s:?} is not a size (e.g. 64G)"))
+}
+
+pub fn serve_command() -> Command {
+    Command::new("serve")
+        .about("Run the daemon: catalog, pool, KMS, reactors and the JSON-RPC socket DATA_DIR/sealdisk.sock")
+        .arg(
+            Arg::new("data-dir")
+                .long("data-dir")
+                .value_name("DIR")
+                .required(true)
+                .value_parser(clap::value_parser!(PathBuf))
+                .help("data directory (created on first run, mode 0700)"),
+        )
+        .arg(
+            Arg::new("pool")
+                .long("pool")
+                .value_name("PATH")
+                .value_parser(clap::value_parser!(PathBuf))
+                .help("pool file or block device (default DATA_DIR/pool.img)"),
+        )
+        .arg(
+            Arg::new("pool-size")
+                .long("pool-size")
+                .value_name("BYTES")
+                .help("size of a new pool file, e.g. 64G (default 64G, sparse)"),
+        )
+        .arg(
+            Arg::new("cores")
+                .long("cores")
+                .value_name("LIST")
+                .help("reactor cores, e.g. 0,1 or 0-3 (default: all)"),
+        )
+        .arg(
+            Arg::new("spin-us")
+                .long("spin-us")
+                .value_name("US")
+                .value_parser(clap::value_parser!(u64))
+                .help("microseconds a reactor spins after its last work"),
+        )
+        .arg(
+            Arg::new("kms")
+                .long("kms")
+                .value_name("BACKEND")
+                .value_parser(["local", "transit"])
+                .default_value("local")
+                .help("local (embedded, default) or transit (OpenBao/Vault: BAO_ADDR/BAO_TOKEN)"),
+        )
+        .arg(
+            Arg::new("transit-addr")
+                .long("transit-addr")
+                .value_name("URL")
+                .help("transit server address (else BAO_ADDR / VAULT_ADDR)"),
+        )
+        .arg(
+            Arg::new("kms-quota-rate")
+                .long("kms-quota-rate")
+                .value_name("PER_SEC")
+                .value_parser(clap::value_parser!(f64))
+                .help("KMS calls per second per (account, region) (default 100)"),
+        )
+        .arg(
+            Arg::new("kms-quota-burst")
+                .long("kms-quota-burst")
+                .value_name("N")
+                .value_parser(clap::value_parser!(u32))
+                .help("KMS call burst per (account, region) (default 200)"),
+        )
+        .arg(
+            Arg::new("no-qos")
+                .long("no-qos")
+                .action(ArgAction::SetTrue)
+                .help("record no QoS caps on new disks (benchmarks)"),
+        )
+        .arg(
+            Arg::new("qos-file")
+                .long("qos-file")
+                .value_name("FILE")
+                .value_parser(clap::value_parser!(PathBuf))
+                .help("QoS caps table as JSON (see docs/operations.md)"),
+        )
+}
+
+pub fn check_command() -> Command {
+    Command::new("check")
+        .about("Check pool against catalog offline (daemon stopped); exits 1 on any inconsistency")
+        .arg(
+            Arg::new("data-dir")
+                .long("data-dir")
+                .value_name("DIR")
+                .required(true)
+                .value_parser(clap::value_parser!(PathBuf)),
+        )
+        .arg(
+            Arg::new("pool")
+                .long("pool")
+                .value_name("PATH")
+                .value_parser(clap::value_parser!(PathBuf)),
+        )
+        .arg(Arg::new("json").long("json").action(ArgAction::SetTrue))
+}
+
+fn config(m: &ArgMatches) -> Result<DaemonConfig, String> {
+    let dir = m.get_one::<PathBuf>("data-dir").expect("required").clone();
+    let mut cfg = DaemonConfig::new(&dir);
+    cfg.pool_path = m.get_one::<PathBuf>("pool").cloned();
+    if let Some(s) = m.get_one::<String>("pool-size") {
+        cfg.pool_size = parse_bytes(s)?;
+    }
+    if let Some(c) = m.get_one::<String>("cores") {
+        cfg.reactors.cores = crate::reactor::parse_cores(c)?;
+    }
+    if let Some(us) = m.get_one::<u64>("spin-us") {
+        cfg.reactors.spin = std::time::Duration::from_micros(*us);
+    }
+    if m.get_one::<String>("kms").map(String::as_str) == Some("transit") {
+        let t = match m.get_one::<String>("transit-addr") {
+            Some(a) => {
+                let token = std::env::var("BAO_TOKEN")
+                    .or_else(|_| std::env::var("VAULT_TOKEN"))
+                    .map_err(|_| "set BAO_TOKEN (or VAULT_TOKEN) for the transit KMS".to_string())?;
+                TransitConfig::new(a.clone(), token)
+            }
+            None => TransitConfig::from_env().map_err(|e| e.to_string())?,
+        };
+        cfg.kms = KmsConfig::transit(&dir, t);
+    }
+    let mut q = QuotaConfig::default();
+    if let Some(r) = m.get_one::<f64>("kms-quota-rate") {
+        q.rate_per_sec = *r;
+    }
+    if let Some(b) = m.get_one::<u32>("kms-quota-burst") {
+        q.burst = *b;
+    }
+    cfg.kms.quota = q;
+    if let Some(f) = m.get_one::<PathBuf>("qos-file") {
+        let text = std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
+        cfg.qos = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", f.display()))?;
+    }
+    if m.get_flag("no-qos") {
+        cfg.qos = QosConfig::off();
+    }
+    Ok(cfg)
+}
+
+pub fn serve(m: &ArgMatches) -> ExitCode {
+    let r = config(m).and_then(daemon::run);
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            daemon::log(&format!("cannot serve: {e}"));
+            ExitCode::from(2)
+        }
+    }
+}
+
+pub fn check(m: &ArgMatches) -> ExitCode {
+    let dir = m.get_one::<PathBuf>("data-dir").expect("required");
+    let pool = m.get_one::<PathBuf>("pool");
+    match crate::control::check::check_data_dir(dir, pool.map(PathBuf::as_path)) {
+        Err(e) => {
+            eprintln!("sealdisk check: {e}");
+            ExitCode::from(2)
+        }
+        Ok(rep) => {
+            if m.get_flag("json") {
+                println!("{}", serde_json::to_string_pretty(&rep).expect("json"));
+            } else {
+                println!(
+                    "catalog schema {}: {} disk(s), {} snapshot(s), {} image(s)",
+                    rep.schema_version, rep.disks, rep.snapshots, rep.images
+                );
+                if let Some(p) = &rep.pool {
+                    println!(
+                        "pool: {} volume(s), {} cluster(s) in use, {} free",
+                        p.volumes, p.clusters_in_use, p.clusters_free
+                    );
+                }
+                for p in &rep.problems {
+                    println!("PROBLEM: {p}");
+                }
+                println!("{}", if rep.consistent() { "consistent" } else { "INCONSISTENT" });
+            }
+            if rep.consistent() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes() {
+        assert_eq!(super::parse_bytes("4096").unwrap(), 4096);
+        assert_eq!(super::parse_bytes("64M").unwrap(), 64 << 20);
+        assert_eq!(super::parse_bytes("10GiB").unwrap(), 10 << 30);
+        assert!(super::parse_bytes("x").is_err());
+    }
+}

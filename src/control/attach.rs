@@ -1,0 +1,259 @@
+//! AttachDisk and DetachDisk: putting a disk on the data path and taking it off.
+//!
+//! Attach unwraps the data key (one metered KMS call) into secret memory, builds the
+//! disk's XTS engine and stacks `crypto(4096, plain64) → volume`, and registers one export
+//! per disk (a MultiAttach disk attached to several instances still has one export).
+//! Detach removes the export; the key is wiped when the last `Arc<Xts>` (held by the
+//! export and any frontend connection still draining) drops.
+
+use std::sync::Arc;
+
+use redb::WriteTransaction;
+use serde_json::{json, Value};
+
+use super::{Control, ControlError, Params, ENCRYPTION_SECTOR};
+use crate::bdev::crypto::CryptoBdev;
+use crate::bdev::BdevRef;
+use crate::catalog::{self, AttachmentRecord, DiskRecord};
+use crate::export::Export;
+use crate::kms::{CallOpts, DataKey, KeyContext, Reservation};
+
+/// Disks put back on the data path, and the ones that failed (disk id, error).
+pub type Restored = (Vec<String>, Vec<(String, ControlError)>);
+
+impl Control {
+    /// The block device of a disk for the data path. With `key` the plaintext key is
+    /// already at hand (CreateInstance); otherwise an encrypted disk's key is unwrapped
+    /// (one KMS call, from `res` if given).
+    pub(super) fn build_export(
+        &self,
+        d: &DiskRecord,
+        key: Option<DataKey>,
+        res: Option<&Reservation>,
+    ) -> Result<Export, ControlError> {
+        let vol = self.pool.bdev(&d.id)?;
+        let bdev: BdevRef = match &d.encryption {
+            None => vol,
+            Some(enc) => {
+                let key = match key {
+                    Some(k) => k,
+                    None => {
+                        // A read transaction: the caller may hold the write transaction.
+                        let r = self
+                            .db
+                            .begin_read()
+                            .map_err(|e| ControlError::Catalog(catalog::db_err(e)))?;
+                        let row = catalog::get_r::<crate::catalog::KeyRecord>(&r, &enc.key_id)?.ok_or_else(|| {
+                            ControlError::Catalog(catalog::CatalogError::Corrupt(format!(
+                                "wrapped key {} is missing; run `sealdisk check`",
+                                enc.key_id
+                            )))
+                        })?;
+                        drop(r);
+                        let ctx = KeyContext::new(&row.account, &row.region, &row.key_id);
+                        let mut opts = CallOpts::disk(&d.id);
+                        if let Some(r) = res {
+                            opts = opts.reserved(r);
+                        }
+                        self.kms.unwrap_data_key(&ctx, &row.wrapped, opts)?
+                    }
+                };
+                let xts = Arc::new(
+                    key.xts()
+                        .map_err(|e| ControlError::DataPath(format!("XTS engine: {e}")))?,
+                );
+                drop(key);
+                Arc::new(CryptoBdev::new(vol, xts, ENCRYPTION_SECTOR).map_err(ControlError::DataPath)?)
+            }
+        };
+        Ok(Export::new(&d.id, bdev, false))
+    }
+
+    /// Records an attachment in `txn` after checking it is allowed.
+    pub(super) fn check_attach(
+        &self,
+        txn: &WriteTransaction,
+        d: &DiskRecord,
+        instance_id: &str,
+    ) -> Result<Vec<AttachmentRecord>, ControlError> {
+        let inst = self.find_instance(txn, instance_id, &d.account)?;
+        if inst.region != d.region {
+            return Err(ControlError::state(
+                "InvalidOperation.RegionMismatch",
+                format!(
+                    "disk {} is in {} and instance {} in {}; a disk attaches only in its own region",
+                    d.id, d.region, inst.id, inst.region
+                ),
+            ));
+        }
+        let atts: Vec<AttachmentRecord> = catalog::list::<AttachmentRecord>(txn)?
+            .into_iter()
+            .filter(|a| a.disk_id == d.id)
+            .collect();
+        if atts.iter().any(|a| a.instance_id == instance_id) {
+            return Err(ControlError::state(
+                "IncorrectDiskStatus",
+                format!("disk {} is already attached to instance {instance_id}", d.id),
+            ));
+        }
+        if !atts.is_empty() && !d.multi_attach {
+            return Err(ControlError::state(
+                "IncorrectDiskStatus",
+                format!(
+                    "disk {} is attached to instance {}; detach it first, or use a MultiAttach (shared) disk",
+                    d.id, atts[0].instance_id
+                ),
+            ));
+        }
+        Ok(atts)
+    }
+
+    pub(super) fn attach_disk(&self, mut p: Params) -> Result<Value, ControlError> {
+        let account = p.account()?;
+        let _region = p.opt_str("RegionId")?;
+        let disk_id = p.str("DiskId")?;
+        let instance_id = p.str("InstanceId")?;
+        let _ = p.opt_bool("DeleteWithInstance")?;
+        p.finish()?;
+        let txn = self.begin()?;
+        let d = self.find_disk(&txn, &disk_id, &account)?;
+        let atts = self.check_attach(&txn, &d, &instance_id)?;
+        let res = match &d.encryption {
+            Some(_) => Some(self.kms_reserve(&d.account, &d.region, 1)?),
+            None => None,
+        };
+        let first = atts.is_empty() && self.exports.get(&disk_id).is_none();
+        let export = if first {
+            Some(self.build_export(&d, None, res.as_ref())?)
+        } else {
+            if let Some(r) = &res {
+                // Already on the data path (shared disk): the KMS call records the new use.
+                self.kms
+                    .ensure_service_key(&d.account, &d.region, CallOpts::disk(&d.id).reserved(r))?;
+            }
+            None
+        };
+        catalog::put(
+            &txn,
+            &AttachmentRecord {
+                disk_id: disk_id.clone(),
+                instance_id: instance_id.clone(),
+                attached_at: super::util::now_rfc3339(),
+            },
+        )?;
+        if let Some(e) = export {
+            self.exports
+                .add(e)
+                .map_err(|e| ControlError::state("IncorrectDiskStatus", e))?;
+        }
+        if let Err(e) = txn.commit() {
+            if first {
+                self.exports.remove(&disk_id);
+            }
+            return Err(e.into());
+        }
+        Ok(json!({ "DiskId": disk_id, "InstanceId": instance_id, "Export": disk_id }))
+    }
+
+    pub(super) fn detach_disk(&self, mut p: Params) -> Result<Value, ControlError> {
+        let account = p.account()?;
+        let _region = p.opt_str("RegionId")?;
+        let disk_id = p.str("DiskId")?;
+        let instance_id = p.str("InstanceId")?;
+        p.finish()?;
+        let txn = self.begin()?;
+        let d = self.find_disk(&txn, &disk_id, &account)?;
+        self.find_instance(&txn, &instance_id, &account)?;
+        let last = self.detach_in(&txn, &d, &instance_id, None)?;
+        txn.commit()?;
+        if last {
+            self.exports.remove(&disk_id);
+        }
+        Ok(json!({ "DiskId": disk_id, "InstanceId": instance_id, "Detached": true }))
+    }
+
+    /// Removes one attachment in `txn` (one metered KMS call for encrypted disks);
+    /// `true` if it was the last, so the caller removes the export after committing.
+    pub(super) fn detach_in(
+        &self,
+        txn: &WriteTransaction,
+        d: &DiskRecord,
+        instance_id: &str,
+        res: Option<&Reservation>,
+    ) -> Result<bool, ControlError> {
+        let key = catalog::attachment_key(&d.id, instance_id);
+        let atts: Vec<AttachmentRecord> = catalog::list::<AttachmentRecord>(txn)?
+            .into_iter()
+            .filter(|a| a.disk_id == d.id)
+            .collect();
+        if !atts.iter().any(|a| a.instance_id == instance_id) {
+            return Err(ControlError::state(
+                "IncorrectDiskStatus",
+                format!("disk {} is not attached to instance {instance_id}", d.id),
+            ));
+        }
+        if d.encryption.is_some() {
+            let own;
+            let r = match res {
+                Some(r) => r,
+                None => {
+                    own = self.kms_reserve(&d.account, &d.region, 1)?;
+                    &own
+                }
+            };
+            self.kms
+                .ensure_service_key(&d.account, &d.region, CallOpts::disk(&d.id).reserved(r))?;
+        }
+        catalog::remove::<AttachmentRecord>(txn, &key)?;
+        Ok(atts.len() == 1)
+    }
+
+    /// After a restart: puts every disk the catalog says is attached back on the data
+    /// path. Returns the restored disk ids and the failures (disk id, error).
+    pub fn restore_attachments(&self) -> Result<Restored, ControlError> {
+        let _g = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+        let r = self
+            .db
+            .begin_read()
+            .map_err(|e| ControlError::Catalog(catalog::db_err(e)))?;
+        let atts: Vec<AttachmentRecord> = catalog::list_r(&r)?;
+        let mut ids: Vec<String> = atts.into_iter().map(|a| a.disk_id).collect();
+        ids.dedup();
+        let mut ok = Vec::new();
+        let mut failed = Vec::new();
+        for id in ids {
+            if self.exports.get(&id).is_some() {
+                continue;
+            }
+            let Some(d) = catalog::get_r::<DiskRecord>(&r, &id)? else {
+                failed.push((
+                    id.clone(),
+                    ControlError::NotFound {
+                        code: "InvalidDiskId.NotFound",
+                        id,
+                    },
+                ));
+                continue;
+            };
+            match self
+                .build_export(&d, None, None)
+                .and_then(|e| self.exports.add(e).map_err(ControlError::DataPath))
+            {
+                Ok(()) => ok.push(id),
+                Err(e) => failed.push((id, e)),
+            }
+        }
+        Ok((ok, failed))
+    }
+
+    /// Shutdown: takes every disk off the data path (the catalog keeps the attachments,
+    /// so a restart restores them). Keys are wiped as the exports drop.
+    pub fn detach_all_exports(&self) -> Vec<String> {
+        let _g = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+        let names = self.exports.names();
+        for n in &names {
+            self.exports.remove(n);
+        }
+        names
+    }
+}

@@ -1,0 +1,117 @@
+//! Consistency of the pool against the catalog: `CheckPool` online and
+//! `sealdisk check` offline.
+
+use std::path::Path;
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use super::{Control, ControlError, Params};
+use crate::catalog::{self, DiskRecord, ImageRecord, SnapshotRecord};
+use crate::volume::{CheckReport, Pool};
+
+/// What `check` found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    pub schema_version: u64,
+    pub disks: usize,
+    pub snapshots: usize,
+    pub images: usize,
+    pub pool: Option<CheckReport>,
+    pub problems: Vec<String>,
+}
+
+impl Report {
+    pub fn consistent(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Checks the catalog rows, the pool's own maps, and that every disk, snapshot and
+/// image has its volume of the recorded size and the pool holds no other volumes.
+pub fn check(db: &redb::Database, pool: &Pool) -> Result<Report, ControlError> {
+    let r = db.begin_read().map_err(|e| ControlError::Catalog(catalog::db_err(e)))?;
+    let mut rep = Report {
+        schema_version: catalog::schema_version(&r)?,
+        ..Report::default()
+    };
+    rep.problems.extend(catalog::check_catalog(&r)?);
+    let disks: Vec<DiskRecord> = catalog::list_r(&r)?;
+    let snaps: Vec<SnapshotRecord> = catalog::list_r(&r)?;
+    let images: Vec<ImageRecord> = catalog::list_r(&r)?;
+    rep.disks = disks.len();
+    rep.snapshots = snaps.len();
+    rep.images = images.len();
+    let objects = disks
+        .iter()
+        .map(|d| ("disk", &d.id, d.size))
+        .chain(snaps.iter().map(|s| ("snapshot", &s.id, s.size)))
+        .chain(images.iter().map(|m| ("image", &m.id, m.size)));
+    let mut n = 0u64;
+    for (what, id, size) in objects {
+        n += 1;
+        match pool.volume_size(id) {
+            Ok(Some(s)) if s == size => {}
+            Ok(Some(s)) => rep
+                .problems
+                .push(format!("{what} {id}: catalog size {size} but volume size {s}")),
+            Ok(None) => rep.problems.push(format!("{what} {id} has no volume in the pool")),
+            Err(e) => rep.problems.push(format!("{what} {id}: {e}")),
+        }
+    }
+    drop(r);
+    match pool.check() {
+        Ok(pr) => {
+            if pr.volumes != n {
+                rep.problems.push(format!(
+                    "the pool holds {} volumes but the catalog knows {n} disks, snapshots and images",
+                    pr.volumes
+                ));
+            }
+            rep.problems.extend(pr.problems.iter().map(|p| format!("pool: {p}")));
+            rep.pool = Some(pr);
+        }
+        Err(e) => rep.problems.push(format!("pool check failed: {e}")),
+    }
+    Ok(rep)
+}
+
+/// `sealdisk check`: opens the catalog and pool of a data directory (the daemon must be
+/// stopped) and checks them.
+pub fn check_data_dir(data_dir: &Path, pool_path: Option<&Path>) -> Result<Report, String> {
+    let cat = data_dir.join(catalog::CATALOG_FILE);
+    if !cat.exists() {
+        return Err(format!(
+            "{} does not exist: not a sealdisk data directory",
+            cat.display()
+        ));
+    }
+    let db = catalog::open(&cat).map_err(|e| e.to_string())?;
+    let pool_path = pool_path
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| data_dir.join(crate::daemon::POOL_FILE));
+    if !pool_path.exists() {
+        return Err(format!(
+            "pool {} does not exist (pass --pool PATH)",
+            pool_path.display()
+        ));
+    }
+    let pool = Pool::open(db.clone(), &pool_path, 0).map_err(|e| e.to_string())?;
+    check(&db, &pool).map_err(|e| e.to_string())
+}
+
+impl Control {
+    pub(super) fn check_pool(&self, p: Params) -> Result<Value, ControlError> {
+        p.finish()?;
+        let rep = check(&self.db, &self.pool)?;
+        Ok(json!({
+            "Consistent": rep.consistent(),
+            "Problems": rep.problems,
+            "Disks": rep.disks,
+            "Snapshots": rep.snapshots,
+            "Images": rep.images,
+            "Pool": rep.pool,
+            "SchemaVersion": rep.schema_version,
+        }))
+    }
+}

@@ -1,0 +1,314 @@
+//! CreateImage, ModifyImageSharePermission, CopyImage, ExportImage, DescribeImages,
+//! DeleteImage. An image is its own copy-on-write volume, cloned from a snapshot (or
+//! from another image by CopyImage). Images of encrypted snapshots keep the lineage key
+//! and cannot be shared, copied or exported.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::params::{check_account, check_region, check_text};
+use super::{same_region, view, Control, ControlError, Params};
+use crate::bdev::{BdevRef, IoRequest};
+use crate::catalog::{self, ImageRecord};
+use crate::reactor::Reactors;
+
+/// Bytes read per reactor call when exporting.
+const EXPORT_BATCH: u64 = 8 << 20;
+
+impl Control {
+    pub(super) fn create_image(&self, mut p: Params) -> Result<Value, ControlError> {
+        let account = p.account()?;
+        let region = p.opt_str("RegionId")?;
+        let snap_id = p.str("SnapshotId")?;
+        let name = p.opt_str("ImageName")?.unwrap_or_default();
+        let _desc = p.opt_str("Description")?;
+        p.finish()?;
+        check_text("ImageName", &name)?;
+        let txn = self.begin()?;
+        let s = self.find_snapshot(&txn, &snap_id, &account)?;
+        same_region(region.as_deref(), &s.region, "InvalidSnapshotId.NotFound", &snap_id)?;
+        let id = super::util::new_id("m");
+        self.pool.clone_volume(&txn, &snap_id, &id, s.size)?;
+        if let Some(enc) = &s.encryption {
+            self.key_ref(&txn, enc)?;
+        }
+        let rec = ImageRecord {
+            id: id.clone(),
+            account,
+            region: s.region.clone(),
+            name,
+            source_snapshot: Some(snap_id),
+            source_image: None,
+            size: s.size,
+            encryption: s.encryption.clone(),
+            shared_with: Vec::new(),
+            created_at: super::util::now_rfc3339(),
+        };
+        catalog::put(&txn, &rec)?;
+        txn.commit()?;
+        Ok(json!({ "ImageId": id, "Encrypted": rec.encryption.is_some() }))
+    }
+
+    pub(super) fn modify_image_share_permission(&self, mut p: Params) -> Result<Value, ControlError> {
+        let account = p.account()?;
+        let _region = p.opt_str("RegionId")?;
+        let id = p.str("ImageId")?;
+        let add = p.opt_str_list("AddAccount")?.unwrap_or_default();
+        let remove = p.opt_str_list("RemoveAccount")?.unwrap_or_default();
+        p.finish()?;
+        for a in add.iter().chain(&remove) {
+            check_account(a)?;
+        }
+        let txn = self.begin()?;
+        let mut m = self.find_image(&txn, &id, &account, false)?;
+        if m.encryption.is_some() && !add.is_empty() {
+            return Err(ControlError::limit(
+                "InvalidOperation.EncryptedImageShare",
+                format!(
+                    "image {id} comes from an encrypted snapshot and cannot be shared; share an image made from \
+                     an unencrypted snapshot"
+                ),
+            ));
+        }
+        for a in add {
+            if a != account && !m.shared_with.contains(&a) {
+                m.shared_with.push(a);
+            }
+        }
+        m.shared_with.retain(|a| !remove.contains(a));
+        m.shared_with.sort();
+        catalog::put(&txn, &m)?;
+        txn.commit()?;
+        Ok(json!({ "ImageId": id, "SharedWith": m.shared_with }))
+    }
+
+    pub(super) fn copy_image(&self, mut p: Params) -> Result<Value, ControlError> {
+        let account = p.account()?;
+        let region = p.opt_str("RegionId")?;
+        let id = p.str("ImageId")?;
+        let dest = p.str("DestinationRegionId")?;
+        let name = p.opt_str("DestinationImageName")?;
+        let _desc = p.opt_str("DestinationDescription")?;
+        p.refuse_kms_key_id()?;
+        let encrypted = p.opt_bool("Encrypted")?;
+        p.finish()?;
+        check_region(&dest, "DestinationRegionId")?;
+        let txn = self.begin()?;
+        let m = self.find_image(&txn, &id, &account, false)?;
+        same_region(region.as_deref(), &m.region, "InvalidImageId.NotFound", &id)?;
+        if m.encryption.is_some() {
+            return Err(ControlError::limit(
+                "InvalidOperation.EncryptedImageCopy",
+                format!(
+                    "image {id} comes from an encrypted snapshot and cannot be copied (its key belongs to region {})",
+                    m.region
+                ),
+            ));
+        }
+        if encrypted == Some(true) {
+            return Err(ControlError::limit(
+                "InvalidOperation.EncryptionConversion",
+                "an unencrypted image cannot be copied into an encrypted one",
+            ));
+        }
+        let new_id = super::util::new_id("m");
+        self.pool.clone_volume(&txn, &id, &new_id, m.size)?;
+        let rec = ImageRecord {
+            id: new_id.clone(),
+            account,
+            region: dest.clone(),
+            name: name.unwrap_or_else(|| m.name.clone()),
+            source_snapshot: None,
+            source_image: Some(id.clone()),
+            size: m.size,
+            encryption: None,
+            shared_with: Vec::new(),
+            created_at: super::util::now_rfc3339(),
+        };
+        catalog::put(&txn, &rec)?;
+        txn.commit()?;
+        Ok(json!({ "ImageId": new_id, "RegionId": dest }))
+    }
+
+    pub(super) fn export_image(&self, mut p: Params) -> Result<Value, ControlError> {
+        let account = p.account()?;
+        let region = p.opt_str("RegionId")?;
+        let id = p.str("ImageId")?;
+        let bucket = p.opt_str("OSSBucket")?.unwrap_or_else(|| "exports".into());
+        let prefix = p.opt_str("OSSPrefix")?.unwrap_or_default();
+        let format = p.opt_str("ImageFormat")?.unwrap_or_else(|| "raw".into());
+        p.finish()?;
+        let ok_name =
+            |s: &str, max: usize| s.len() <= max && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if bucket.is_empty() || !ok_name(&bucket, 63) || bucket.starts_with('.') {
+            return Err(ControlError::param(
+                "InvalidParameter.OSSBucket",
+                "OSSBucket: 1-63 characters of A-Z a-z 0-9 . _ - (a directory under DATA_DIR/exports)",
+            ));
+        }
+        if !ok_name(&prefix, 64) || prefix.starts_with('.') {
+            return Err(ControlError::param(
+                "InvalidParameter.OSSPrefix",
+                "OSSPrefix: at most 64 characters of A-Z a-z 0-9 . _ -",
+            ));
+        }
+        if !format.eq_ignore_ascii_case("raw") {
+            return Err(ControlError::param(
+                "InvalidParameter.ImageFormat",
+                "ImageFormat: only raw is supported (convert with qemu-img afterwards)",
+            ));
+        }
+        let txn = self.begin()?;
+        let m = self.find_image(&txn, &id, &account, false)?;
+        same_region(region.as_deref(), &m.region, "InvalidImageId.NotFound", &id)?;
+        if m.encryption.is_some() {
+            return Err(ControlError::limit(
+                "InvalidOperation.EncryptedImageExport",
+                format!("image {id} comes from an encrypted snapshot and cannot be exported"),
+            ));
+        }
+        drop(txn);
+        let reactors = self.reactors.as_ref().ok_or_else(|| {
+            ControlError::DataPath("ExportImage needs the reactors (run it through the daemon)".into())
+        })?;
+        let dir = self.cfg.data_dir.join("exports").join(&bucket);
+        std::fs::create_dir_all(&dir).map_err(|e| ControlError::DataPath(format!("{}: {e}", dir.display())))?;
+        let path = dir.join(format!("{prefix}{id}.raw"));
+        let bdev = self.pool.bdev(&id)?;
+        export_to_file(reactors, &bdev, &path)?;
+        Ok(json!({ "ImageId": id, "Path": path.display().to_string(), "SizeBytes": m.size }))
+    }
+
+    pub(super) fn delete_image(&self, mut p: Params) -> Result<Value, ControlError> {
+        let account = p.account()?;
+        let region = p.opt_str("RegionId")?;
+        let id = p.str("ImageId")?;
+        let _force = p.opt_bool("Force")?;
+        p.finish()?;
+        let txn = self.begin()?;
+        let m = self.find_image(&txn, &id, &account, false)?;
+        same_region(region.as_deref(), &m.region, "InvalidImageId.NotFound", &id)?;
+        self.pool.delete_volume(&txn, &id)?;
+        catalog::remove::<ImageRecord>(&txn, &id)?;
+        let shredded = match &m.encryption {
+            Some(enc) => self.key_unref(&txn, enc, &id)?,
+            None => false,
+        };
+        txn.commit()?;
+        Ok(json!({ "ImageId": id, "KeyShredded": shredded }))
+    }
+
+    pub(super) fn describe_images(&self, mut p: Params) -> Result<Value, ControlError> {
+        let account = p.account()?;
+        let region = p.opt_str("RegionId")?;
+        let ids = p.opt_str_list("ImageId")?;
+        let owner = p.opt_str("ImageOwnerAlias")?.unwrap_or_else(|| "all".into());
+        p.finish()?;
+        if !["self", "others", "all"].contains(&owner.as_str()) {
+            return Err(ControlError::param(
+                "InvalidParameter.ImageOwnerAlias",
+                "ImageOwnerAlias: use self, others or all",
+            ));
+        }
+        let r = self
+            .db
+            .begin_read()
+            .map_err(|e| ControlError::Catalog(catalog::db_err(e)))?;
+        let images: Vec<ImageRecord> = catalog::list_r(&r)?;
+        let out: Vec<Value> = images
+            .iter()
+            .filter(|m| {
+                let mine = m.account == account;
+                let shared = m.shared_with.contains(&account);
+                (match owner.as_str() {
+                    "self" => mine,
+                    "others" => shared,
+                    _ => mine || shared,
+                }) && region.as_ref().is_none_or(|r| *r == m.region)
+                    && ids.as_ref().is_none_or(|l| l.contains(&m.id))
+            })
+            .map(|m| view::image(m, &account))
+            .collect();
+        Ok(json!({ "TotalCount": out.len(), "Images": { "Image": out } }))
+    }
+}
+
+/// Reads a whole volume through the data path on reactor 0 and writes it to a new file
+/// (mode 0600; refused if the file exists).
+fn export_to_file(reactors: &Reactors, bdev: &BdevRef, path: &Path) -> Result<(), ControlError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let err = |e: String| ControlError::DataPath(format!("export to {}: {e}", path.display()));
+    let tmp: PathBuf = path.with_extension("raw.partial");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| err(e.to_string()))?;
+    let cap = bdev.capacity();
+    let mut off = 0u64;
+    let res = (|| {
+        while off < cap {
+            let len = EXPORT_BATCH.min(cap - off);
+            let b = bdev.clone();
+            let start = off;
+            let data = reactors
+                .call(0, Duration::from_secs(120), move |ctx| read_range(ctx, &b, start, len))
+                .map_err(err)?
+                .map_err(err)?;
+            f.write_all(&data).map_err(|e| err(e.to_string()))?;
+            off += len;
+        }
+        f.sync_all().map_err(|e| err(e.to_string()))?;
+        std::fs::rename(&tmp, path).map_err(|e| err(e.to_string()))
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res
+}
+
+/// On a reactor: reads `len` bytes at `off` in `max_io_bytes` pieces.
+fn read_range(ctx: &mut crate::reactor::ReactorCtx, bdev: &BdevRef, off: u64, len: u64) -> Result<Vec<u8>, String> {
+    let mut ch = bdev.open_channel(&ctx.chan).map_err(|e| e.to_string())?;
+    let piece = bdev.max_io_bytes().clamp(4096, crate::bdev::MAX_IO_BYTES);
+    let mut out = Vec::with_capacity(len as usize);
+    let mut pos = off;
+    let end = off + len;
+    while pos < end {
+        let n = piece.min(end - pos) as usize;
+        let mut buf = ctx.chan.pool.alloc(n).ok_or("no I/O buffer available")?;
+        buf.set_len(n);
+        let mut req = IoRequest::read(pos, buf, 0);
+        loop {
+            match ch.submit(req) {
+                Ok(()) => break,
+                Err(r) => {
+                    req = r;
+                    let mut v = Vec::new();
+                    ch.poll(&mut v);
+                }
+            }
+        }
+        let t = std::time::Instant::now();
+        let mut done = Vec::new();
+        loop {
+            ch.poll(&mut done);
+            if let Some(c) = done.pop() {
+                c.result.map_err(|e| e.to_string())?;
+                let b = c.buf.ok_or("read returned no buffer")?;
+                out.extend_from_slice(&b[..n]);
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(30) {
+                return Err("read did not complete within 30 s".into());
+            }
+            std::hint::spin_loop();
+        }
+        pos += n as u64;
+    }
+    Ok(out)
+}

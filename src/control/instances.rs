@@ -1,0 +1,227 @@
+//! CreateInstance, DescribeInstances, DeleteInstance. An instance is a VM on this host:
+//! a system disk (blank or from an image; never encrypted) plus data disks
+//! (`DataDisk.n.*`, encrypted or from snapshots), all attached at creation.
+
+use serde_json::{json, Value};
+
+use super::disks::{parse_spec, KeyPlan};
+use super::params::check_text;
+use super::{view, Control, ControlError, Params};
+use crate::catalog::{self, AttachmentRecord, DiskRecord, DiskRole, InstanceRecord};
+
+/// ECS's limit on data disks per instance at creation.
+const MAX_DATA_DISKS: usize = 16;
+
+impl Control {
+    pub(super) fn create_instance(&self, mut p: Params) -> Result<Value, ControlError> {
+        let region = p.region("RegionId")?;
+        let account = p.account()?;
+        p.refuse_kms_key_id()?;
+        let name = p.opt_str("InstanceName")?.unwrap_or_default();
+        check_text("InstanceName", &name)?;
+        let image_id = p.opt_str("ImageId")?;
+        let _ty = p.opt_str("InstanceType")?;
+        let mut sys = p.group("SystemDisk")?;
+        let mut sys_spec = parse_spec(&mut sys, &account, &region, "Category", Some(DiskRole::System))?;
+        sys.finish()?;
+        if sys_spec.snapshot_id.is_some() {
+            return Err(ControlError::param(
+                "InvalidParameter.SystemDiskSnapshotId",
+                "SystemDisk.SnapshotId: a system disk comes from ImageId (create an image from the snapshot)",
+            ));
+        }
+        sys_spec.image_id = image_id.clone();
+        let mut data_specs = Vec::new();
+        for mut g in p.indexed("DataDisk")? {
+            data_specs.push(parse_spec(&mut g, &account, &region, "Category", Some(DiskRole::Data))?);
+            g.finish()?;
+        }
+        p.finish()?;
+        if data_specs.len() > MAX_DATA_DISKS {
+            return Err(ControlError::param(
+                "InvalidParameter.DataDiskCount",
+                format!("at most {MAX_DATA_DISKS} data disks per instance"),
+            ));
+        }
+        if sys_spec.encrypted == Some(true) {
+            return Err(ControlError::limit(
+                "InvalidOperation.EncryptedSystemDisk",
+                "system disks cannot be encrypted; drop SystemDisk.Encrypted and encrypt data disks \
+                 (DataDisk.n.Encrypted=true)",
+            ));
+        }
+        if sys_spec.size.is_none() && image_id.is_none() {
+            sys_spec.size = Some(20 << 30);
+        }
+
+        let txn = self.begin()?;
+        let sys_plan = self.plan_disk(&txn, sys_spec)?;
+        let mut plans = Vec::new();
+        for s in data_specs {
+            plans.push(self.plan_disk(&txn, s)?);
+        }
+        // Every limit passed. One KMS call per encrypted data disk (its key is generated
+        // or unwrapped once and used for the attach as well): reserve them all first.
+        let units = plans.iter().filter(|p| p.encrypted).count() as u32;
+        let res = if units > 0 {
+            Some(self.kms_reserve(&account, &region, units)?)
+        } else {
+            None
+        };
+        let instance_id = super::util::new_id("i");
+        let none = || KeyPlan {
+            enc: None,
+            new_row: None,
+            key: None,
+        };
+        let sys_id = super::util::new_id("d");
+        let sys_rec = self.apply_disk(&txn, &sys_plan, &sys_id, &none())?;
+        let mut disks: Vec<(DiskRecord, KeyPlan)> = vec![(sys_rec, none())];
+        for plan in &plans {
+            let id = super::util::new_id("d");
+            let keys = match &res {
+                Some(r) if plan.encrypted => self.plan_key(&txn, plan, &id, r, true)?,
+                _ => none(),
+            };
+            let rec = self.apply_disk(&txn, plan, &id, &keys)?;
+            disks.push((rec, keys));
+        }
+        let now = super::util::now_rfc3339();
+        catalog::put(
+            &txn,
+            &InstanceRecord {
+                id: instance_id.clone(),
+                account,
+                region,
+                name,
+                system_disk: sys_id.clone(),
+                image_id,
+                created_at: now.clone(),
+            },
+        )?;
+        for (d, _) in &disks {
+            catalog::put(
+                &txn,
+                &AttachmentRecord {
+                    disk_id: d.id.clone(),
+                    instance_id: instance_id.clone(),
+                    attached_at: now.clone(),
+                },
+            )?;
+        }
+        txn.commit()?;
+        // Volumes exist now: put every disk on the data path with the keys at hand.
+        let data_ids: Vec<String> = disks.iter().skip(1).map(|(d, _)| d.id.clone()).collect();
+        let mut failed = Vec::new();
+        for (d, keys) in disks {
+            match self
+                .build_export(&d, keys.key, None)
+                .and_then(|e| self.exports.add(e).map_err(ControlError::DataPath))
+            {
+                Ok(()) => {}
+                Err(e) => failed.push(json!({ "DiskId": d.id, "Code": e.code(), "Message": e.to_string() })),
+            }
+        }
+        Ok(json!({
+            "InstanceId": instance_id,
+            "SystemDiskId": sys_id,
+            "DataDiskIds": data_ids,
+            "ExportFailures": failed,
+        }))
+    }
+
+    pub(super) fn describe_instances(&self, mut p: Params) -> Result<Value, ControlError> {
+        let account = p.account()?;
+        let region = p.opt_str("RegionId")?;
+        let ids = p.opt_str_list("InstanceIds")?;
+        p.finish()?;
+        let r = self
+            .db
+            .begin_read()
+            .map_err(|e| ControlError::Catalog(catalog::db_err(e)))?;
+        let insts: Vec<InstanceRecord> = catalog::list_r(&r)?;
+        let atts: Vec<AttachmentRecord> = catalog::list_r(&r)?;
+        let out: Vec<Value> = insts
+            .iter()
+            .filter(|i| {
+                i.account == account
+                    && region.as_ref().is_none_or(|r| *r == i.region)
+                    && ids.as_ref().is_none_or(|l| l.contains(&i.id))
+            })
+            .map(|i| {
+                let data: Vec<String> = atts
+                    .iter()
+                    .filter(|a| a.instance_id == i.id && a.disk_id != i.system_disk)
+                    .map(|a| a.disk_id.clone())
+                    .collect();
+                view::instance(i, &data)
+            })
+            .collect();
+        Ok(json!({ "TotalCount": out.len(), "Instances": { "Instance": out } }))
+    }
+
+    /// Detaches every disk (one KMS call per encrypted one, reserved up front), deletes
+    /// the system disk and the instance. Data disks stay, detached.
+    pub(super) fn delete_instance(&self, mut p: Params) -> Result<Value, ControlError> {
+        let account = p.account()?;
+        let _region = p.opt_str("RegionId")?;
+        let id = p.str("InstanceId")?;
+        let _force = p.opt_bool("Force")?;
+        p.finish()?;
+        let txn = self.begin()?;
+        let inst = self.find_instance(&txn, &id, &account)?;
+        let atts: Vec<AttachmentRecord> = catalog::list::<AttachmentRecord>(&txn)?
+            .into_iter()
+            .filter(|a| a.instance_id == id)
+            .collect();
+        let mut disks = Vec::new();
+        for a in &atts {
+            disks.push(self.find_disk(&txn, &a.disk_id, &account)?);
+        }
+        let units = disks.iter().filter(|d| d.encryption.is_some()).count() as u32;
+        // Fail on quota before the first detach.
+        let res = if units > 0 {
+            Some(self.kms_reserve(&inst.account, &inst.region, units)?)
+        } else {
+            None
+        };
+        let mut to_unexport = Vec::new();
+        for d in &disks {
+            if self.detach_in(&txn, d, &id, res.as_ref())? {
+                to_unexport.push(d.id.clone());
+            }
+        }
+        let sys = self.find_disk(&txn, &inst.system_disk, &account)?;
+        // The system disk's volume can only go once it is off the data path; put it back
+        // if anything fails before the commit.
+        let sys_export = self.exports.remove(&sys.id).is_some();
+        let restore = || {
+            if sys_export {
+                if let Ok(x) = self.build_export(&sys, None, None) {
+                    let _ = self.exports.add(x);
+                }
+            }
+        };
+        let deleted = (|| {
+            self.pool.delete_volume(&txn, &sys.id)?;
+            catalog::remove::<DiskRecord>(&txn, &sys.id)?;
+            Ok::<(), ControlError>(())
+        })();
+        if let Err(e) = deleted {
+            restore();
+            return Err(e);
+        }
+        if let Some(enc) = &sys.encryption {
+            self.key_unref(&txn, enc, &sys.id)?;
+        }
+        catalog::remove::<InstanceRecord>(&txn, &id)?;
+        if let Err(e) = txn.commit() {
+            restore();
+            return Err(e.into());
+        }
+        for d in &to_unexport {
+            self.exports.remove(d);
+        }
+        Ok(json!({ "InstanceId": id, "DeletedSystemDiskId": sys.id }))
+    }
+}

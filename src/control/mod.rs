@@ -1,0 +1,300 @@
+//! The control plane: ECS operations over the catalog, the volume pool, the KMS and the
+//! export registry, as JSON-RPC 2.0 methods.
+//!
+//! * [`Control`] runs one operation at a time (a mutex), each as one catalog write
+//!   transaction that also carries the pool's volume-map changes: an error aborts the
+//!   transaction and nothing changes.
+//! * On encrypted disks every operation that calls the KMS first reserves the quota it
+//!   needs ([`Kms::reserve`]), so over quota it fails before changing anything.
+//! * Nothing here ever returns or stores key material: data keys exist in plaintext only
+//!   inside the KMS's `DataKey` and the data path's `Xts`.
+//!
+//! Files: `params` (reading ECS parameters), `disks`, `snapshots`, `images`,
+//! `instances`, `kms_ops`, `attach` (the data path), `view` (ECS-shaped replies),
+//! `check` (pool vs catalog), `rpc` (JSON-RPC framing), `server`/`client` (unix socket).
+
+mod attach;
+pub mod check;
+pub mod client;
+mod disks;
+pub mod error;
+mod images;
+mod instances;
+mod kms_ops;
+pub mod params;
+pub mod qos;
+pub mod rpc;
+pub mod server;
+mod snapshots;
+pub mod util;
+mod view;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use redb::{Database, WriteTransaction};
+use serde_json::Value;
+
+use crate::catalog::{self, DiskRecord, Encryption, ImageRecord, InstanceRecord, KeyRecord, SnapshotRecord};
+use crate::export::Exports;
+use crate::kms::{KeyContext, Kms, KmsError, Reservation};
+use crate::reactor::Reactors;
+use crate::volume::Pool;
+
+pub use error::ControlError;
+pub use params::Params;
+pub use qos::{CategoryQos, QosConfig};
+
+/// Encryption sector of encrypted disks (plain64 tweak = byte offset / 4096).
+pub const ENCRYPTION_SECTOR: u32 = 4096;
+
+/// Every JSON-RPC method, in the order `rpc --list` shows them.
+pub const METHODS: &[&str] = &[
+    "ActivateKms",
+    "DescribeKmsKey",
+    "DescribeKmsUsage",
+    "ScheduleKeyDeletion",
+    "CreateInstance",
+    "DescribeInstances",
+    "DeleteInstance",
+    "CreateDisk",
+    "AttachDisk",
+    "DetachDisk",
+    "ResetDisk",
+    "ReInitDisk",
+    "ModifyDiskAttribute",
+    "DeleteDisk",
+    "DescribeDisks",
+    "CreateSnapshot",
+    "ModifySnapshotAttribute",
+    "DeleteSnapshot",
+    "DescribeSnapshots",
+    "CreateImage",
+    "ModifyImageSharePermission",
+    "CopyImage",
+    "ExportImage",
+    "DescribeImages",
+    "DeleteImage",
+    "CheckPool",
+];
+
+/// Settings of the control plane.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    /// The daemon's data directory (exports of images go under `exports/`).
+    pub data_dir: PathBuf,
+    /// QoS caps recorded on new disks.
+    pub qos: QosConfig,
+}
+
+/// The ECS operations.
+pub struct Control {
+    db: Arc<Database>,
+    pool: Arc<Pool>,
+    kms: Arc<Kms>,
+    exports: Arc<Exports>,
+    reactors: Option<Arc<Reactors>>,
+    cfg: ControlConfig,
+    serial: Mutex<()>,
+}
+
+impl Control {
+    /// The control plane over an open catalog database, pool, KMS and export registry.
+    /// `reactors` is needed only by ExportImage (it reads the image through the data path).
+    pub fn new(
+        db: Arc<Database>,
+        pool: Arc<Pool>,
+        kms: Arc<Kms>,
+        exports: Arc<Exports>,
+        reactors: Option<Arc<Reactors>>,
+        cfg: ControlConfig,
+    ) -> Control {
+        Control {
+            db,
+            pool,
+            kms,
+            exports,
+            reactors,
+            cfg,
+            serial: Mutex::new(()),
+        }
+    }
+
+    pub fn db(&self) -> &Arc<Database> {
+        &self.db
+    }
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+    pub fn kms(&self) -> &Arc<Kms> {
+        &self.kms
+    }
+    pub fn exports(&self) -> &Arc<Exports> {
+        &self.exports
+    }
+
+    /// Runs one method. Errors carry a stable code ([`ControlError::code`]).
+    pub fn call(&self, method: &str, params: Value) -> Result<Value, ControlError> {
+        if !METHODS.contains(&method) {
+            return Err(ControlError::MethodNotFound(method.to_owned()));
+        }
+        let _one_at_a_time = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+        let p = Params::new(params)?;
+        let mut v = match method {
+            "ActivateKms" => self.activate_kms(p),
+            "DescribeKmsKey" => self.describe_kms_key(p),
+            "DescribeKmsUsage" => self.describe_kms_usage(p),
+            "ScheduleKeyDeletion" => self.schedule_key_deletion(p),
+            "CreateInstance" => self.create_instance(p),
+            "DescribeInstances" => self.describe_instances(p),
+            "DeleteInstance" => self.delete_instance(p),
+            "CreateDisk" => self.create_disk(p),
+            "AttachDisk" => self.attach_disk(p),
+            "DetachDisk" => self.detach_disk(p),
+            "ResetDisk" => self.reset_disk(p),
+            "ReInitDisk" => self.reinit_disk(p),
+            "ModifyDiskAttribute" => self.modify_disk_attribute(p),
+            "DeleteDisk" => self.delete_disk(p),
+            "DescribeDisks" => self.describe_disks(p),
+            "CreateSnapshot" => self.create_snapshot(p),
+            "ModifySnapshotAttribute" => self.modify_snapshot_attribute(p),
+            "DeleteSnapshot" => self.delete_snapshot(p),
+            "DescribeSnapshots" => self.describe_snapshots(p),
+            "CreateImage" => self.create_image(p),
+            "ModifyImageSharePermission" => self.modify_image_share_permission(p),
+            "CopyImage" => self.copy_image(p),
+            "ExportImage" => self.export_image(p),
+            "DescribeImages" => self.describe_images(p),
+            "DeleteImage" => self.delete_image(p),
+            "CheckPool" => self.check_pool(p),
+            _ => Err(ControlError::MethodNotFound(method.to_owned())),
+        }?;
+        if let Value::Object(m) = &mut v {
+            m.insert("RequestId".into(), Value::String(util::new_id("req")));
+        }
+        Ok(v)
+    }
+
+    fn begin(&self) -> Result<WriteTransaction, ControlError> {
+        Ok(self.db.begin_write()?)
+    }
+
+    /// KMS activated for (account, region)? Else `Kms.NotActivated`; then reserve `units`.
+    fn kms_reserve(&self, account: &str, region: &str, units: u32) -> Result<Reservation, ControlError> {
+        if !self.kms.is_activated(account, region) {
+            return Err(ControlError::Kms(KmsError::NotActivated {
+                account: account.to_owned(),
+                region: region.to_owned(),
+            }));
+        }
+        Ok(self.kms.reserve(account, region, units)?)
+    }
+
+    /// The key row of an encrypted object (missing = catalog corruption).
+    fn key_record(&self, txn: &WriteTransaction, enc: &Encryption) -> Result<KeyRecord, ControlError> {
+        catalog::get::<KeyRecord>(txn, &enc.key_id)?.ok_or_else(|| {
+            ControlError::Catalog(catalog::CatalogError::Corrupt(format!(
+                "wrapped key {} is missing; run `sealdisk check`",
+                enc.key_id
+            )))
+        })
+    }
+
+    /// One more holder of a lineage key.
+    fn key_ref(&self, txn: &WriteTransaction, enc: &Encryption) -> Result<(), ControlError> {
+        let mut k = self.key_record(txn, enc)?;
+        k.refs += 1;
+        catalog::put(txn, &k)?;
+        Ok(())
+    }
+
+    /// One holder fewer; the last one removes the wrapped key (crypto-shred), audited
+    /// through the KMS before the transaction commits (if the audit fails, nothing changes).
+    fn key_unref(&self, txn: &WriteTransaction, enc: &Encryption, holder: &str) -> Result<bool, ControlError> {
+        let mut k = self.key_record(txn, enc)?;
+        k.refs = k.refs.saturating_sub(1);
+        if k.refs == 0 {
+            catalog::remove::<KeyRecord>(txn, &k.key_id)?;
+            let ctx = KeyContext::new(&k.account, &k.region, &k.key_id);
+            self.kms.audit_crypto_shred(&ctx, Some(holder))?;
+            Ok(true)
+        } else {
+            catalog::put(txn, &k)?;
+            Ok(false)
+        }
+    }
+
+    fn find_disk(&self, txn: &WriteTransaction, id: &str, account: &str) -> Result<DiskRecord, ControlError> {
+        let d = catalog::get::<DiskRecord>(txn, id)?.ok_or_else(|| ControlError::NotFound {
+            code: "InvalidDiskId.NotFound",
+            id: id.to_owned(),
+        })?;
+        if d.account != account {
+            return Err(ControlError::CrossAccount {
+                what: "disk",
+                id: id.to_owned(),
+            });
+        }
+        Ok(d)
+    }
+
+    fn find_snapshot(&self, txn: &WriteTransaction, id: &str, account: &str) -> Result<SnapshotRecord, ControlError> {
+        let s = catalog::get::<SnapshotRecord>(txn, id)?.ok_or_else(|| ControlError::NotFound {
+            code: "InvalidSnapshotId.NotFound",
+            id: id.to_owned(),
+        })?;
+        if s.account != account {
+            return Err(ControlError::CrossAccount {
+                what: "snapshot",
+                id: id.to_owned(),
+            });
+        }
+        Ok(s)
+    }
+
+    /// An image the account owns, or (with `shared_ok`) one shared with it.
+    fn find_image(
+        &self,
+        txn: &WriteTransaction,
+        id: &str,
+        account: &str,
+        shared_ok: bool,
+    ) -> Result<ImageRecord, ControlError> {
+        let m = catalog::get::<ImageRecord>(txn, id)?.ok_or_else(|| ControlError::NotFound {
+            code: "InvalidImageId.NotFound",
+            id: id.to_owned(),
+        })?;
+        if m.account != account && !(shared_ok && m.shared_with.iter().any(|a| a == account)) {
+            return Err(ControlError::CrossAccount {
+                what: "image",
+                id: id.to_owned(),
+            });
+        }
+        Ok(m)
+    }
+
+    fn find_instance(&self, txn: &WriteTransaction, id: &str, account: &str) -> Result<InstanceRecord, ControlError> {
+        let i = catalog::get::<InstanceRecord>(txn, id)?.ok_or_else(|| ControlError::NotFound {
+            code: "InvalidInstanceId.NotFound",
+            id: id.to_owned(),
+        })?;
+        if i.account != account {
+            return Err(ControlError::CrossAccount {
+                what: "instance",
+                id: id.to_owned(),
+            });
+        }
+        Ok(i)
+    }
+}
+
+/// An object in another region than the one the caller named is not found there.
+fn same_region(region: Option<&str>, obj_region: &str, code: &'static str, id: &str) -> Result<(), ControlError> {
+    match region {
+        Some(r) if r != obj_region => Err(ControlError::NotFound {
+            code,
+            id: id.to_owned(),
+        }),
+        _ => Ok(()),
+    }
+}

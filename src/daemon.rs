@@ -1,0 +1,221 @@
+//! `sealdisk serve`: the daemon. On first run it creates everything it needs in the data
+//! directory (catalog, pool, embedded KMS); then it starts the reactors, restores the
+//! attachments the catalog records, and serves JSON-RPC on `DATA_DIR/sealdisk.sock`.
+//! SIGTERM/SIGINT shut it down cleanly: stop the RPC server, take every disk off the data
+//! path (keys are wiped as the exports drop), stop the reactors. Attachments stay in the
+//! catalog, so the next start puts the same disks back on the data path.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::catalog;
+use crate::control::rpc::LogLine;
+use crate::control::server::RpcServer;
+use crate::control::{Control, ControlConfig, QosConfig};
+use crate::export::Exports;
+use crate::kms::{Kms, KmsConfig};
+use crate::reactor::{ReactorConfig, Reactors};
+use crate::volume::Pool;
+
+/// Default pool file name inside the data directory.
+pub const POOL_FILE: &str = "pool.img";
+/// RPC socket name inside the data directory.
+pub const SOCKET_FILE: &str = "sealdisk.sock";
+/// Default size of a new pool file (sparse).
+pub const DEFAULT_POOL_SIZE: u64 = 64 << 30;
+
+/// Everything `serve` needs.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub data_dir: PathBuf,
+    /// Pool file or block device (default `DATA_DIR/pool.img`).
+    pub pool_path: Option<PathBuf>,
+    /// Size of a new pool file.
+    pub pool_size: u64,
+    pub reactors: ReactorConfig,
+    pub kms: KmsConfig,
+    pub qos: QosConfig,
+    /// RPC socket (default `DATA_DIR/sealdisk.sock`).
+    pub socket: Option<PathBuf>,
+}
+
+impl DaemonConfig {
+    /// Embedded defaults: local KMS, pool file in the data directory, all cores.
+    pub fn new(data_dir: impl Into<PathBuf>) -> DaemonConfig {
+        let data_dir = data_dir.into();
+        DaemonConfig {
+            kms: KmsConfig::local(&data_dir),
+            data_dir,
+            pool_path: None,
+            pool_size: DEFAULT_POOL_SIZE,
+            reactors: ReactorConfig::default(),
+            qos: QosConfig::default(),
+            socket: None,
+        }
+    }
+
+    pub fn socket_path(&self) -> PathBuf {
+        self.socket.clone().unwrap_or_else(|| self.data_dir.join(SOCKET_FILE))
+    }
+
+    pub fn pool_path(&self) -> PathBuf {
+        self.pool_path.clone().unwrap_or_else(|| self.data_dir.join(POOL_FILE))
+    }
+}
+
+/// One line on stderr, with a UTC timestamp.
+pub fn log(msg: &str) {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    eprintln!("{} sealdisk: {msg}", crate::control::util::rfc3339(secs));
+}
+
+/// A running daemon.
+pub struct Daemon {
+    control: Arc<Control>,
+    server: Option<RpcServer>,
+    reactors: Option<Arc<Reactors>>,
+    // NBD: the frontend server (issue 6) is held here and stopped first at shutdown.
+}
+
+impl Daemon {
+    /// Opens or creates the data directory's state and starts serving.
+    pub fn start(cfg: DaemonConfig) -> Result<Daemon, String> {
+        let dir = &cfg.data_dir;
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+        let kms = Arc::new(Kms::open(cfg.kms.clone()).map_err(|e| format!("KMS ({}): {e}", e.code()))?);
+        let db = catalog::open(&dir.join(catalog::CATALOG_FILE)).map_err(|e| format!("{} ({})", e, e.code()))?;
+        let pool_path = cfg.pool_path();
+        let pool = Pool::open(db.clone(), &pool_path, cfg.pool_size)
+            .map_err(|e| format!("pool {}: {e} ({})", pool_path.display(), e.code()))?;
+        // Owner-only state files (the directory is 0700 as well).
+        for f in [dir.join(catalog::CATALOG_FILE), pool_path.clone()] {
+            if std::fs::metadata(&f).is_ok_and(|m| m.is_file()) {
+                let _ = std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600));
+            }
+        }
+        let reactors = Arc::new(Reactors::start(&cfg.reactors).map_err(|e| format!("reactors: {e}"))?);
+        let exports = Exports::new();
+        let control = Arc::new(Control::new(
+            db,
+            pool,
+            kms,
+            exports.clone(),
+            Some(reactors.clone()),
+            ControlConfig {
+                data_dir: dir.clone(),
+                qos: cfg.qos,
+            },
+        ));
+        let (restored, failed) = control.restore_attachments().map_err(|e| e.to_string())?;
+        if !restored.is_empty() {
+            log(&format!(
+                "restored {} attached disk(s): {}",
+                restored.len(),
+                restored.join(", ")
+            ));
+        }
+        for (id, e) in &failed {
+            log(&format!(
+                "could not restore disk {id} to the data path: {} ({e})",
+                e.code()
+            ));
+        }
+
+        // ---- NBD frontend (issue 6) goes here, once src/frontend lands: ----
+        // let nbd = crate::frontend::nbd::NbdServer::start(nbd_cfg, reactors.clone(), exports.clone())?;
+        // (keep it in `Daemon` and stop it first in `shutdown`.)
+
+        let logf: Arc<dyn Fn(LogLine) + Send + Sync> = Arc::new(|l: LogLine| {
+            log(&format!(
+                "rpc {} account={} -> {}",
+                l.method,
+                l.account.as_deref().unwrap_or("-"),
+                l.code
+            ))
+        });
+        let sock = cfg.socket_path();
+        let server = RpcServer::start(&sock, control.clone(), logf).map_err(|e| format!("{}: {e}", sock.display()))?;
+        log(&format!(
+            "serving {} (data dir {}, pool {}, {} reactor(s), KMS {})",
+            sock.display(),
+            dir.display(),
+            pool_path.display(),
+            reactors.len(),
+            control.kms().backend_kind()
+        ));
+        Ok(Daemon {
+            control,
+            server: Some(server),
+            reactors: Some(reactors),
+        })
+    }
+
+    pub fn control(&self) -> &Arc<Control> {
+        &self.control
+    }
+
+    /// Clean shutdown: RPC off, every export removed (keys wiped), reactors stopped.
+    pub fn shutdown(mut self) {
+        if let Some(s) = self.server.take() {
+            s.stop();
+        }
+        let off = self.control.detach_all_exports();
+        log(&format!("took {} disk(s) off the data path; keys wiped", off.len()));
+        self.reactors.take();
+    }
+}
+
+/// Blocks SIGTERM and SIGINT in this thread (and every thread it starts later) so that
+/// [`wait_for_signal`] receives them.
+pub fn block_signals() {
+    // SAFETY: plain sigset manipulation on a local set; the results are checked.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// Waits for SIGTERM or SIGINT (blocked with [`block_signals`]); returns its number.
+pub fn wait_for_signal() -> i32 {
+    // SAFETY: sigwait on a set of blocked signals; `sig` is written by the kernel.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        let mut sig: libc::c_int = 0;
+        loop {
+            if libc::sigwait(&set, &mut sig) == 0 {
+                return sig;
+            }
+        }
+    }
+}
+
+/// `sealdisk serve`: start, wait for SIGTERM/SIGINT, shut down.
+pub fn run(cfg: DaemonConfig) -> Result<(), String> {
+    block_signals();
+    let d = Daemon::start(cfg)?;
+    let sig = wait_for_signal();
+    log(&format!(
+        "signal {} received; shutting down",
+        if sig == libc::SIGTERM { "SIGTERM" } else { "SIGINT" }
+    ));
+    d.shutdown();
+    log("stopped");
+    Ok(())
+}
+
+/// Data directory path check used by the CLI.
+pub fn is_data_dir(p: &Path) -> bool {
+    p.join(catalog::CATALOG_FILE).exists()
+}

@@ -1,0 +1,358 @@
+//! The `sealdisk serve` daemon as a process: first run on an empty data directory, JSON-RPC
+//! errors over the socket, SIGTERM shutdown, restart restoring attachments (and their
+//! data), `sealdisk check` clean and then failing on a corrupted catalog, and no key bytes
+//! in any file or log.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use common::{run_ios, Op};
+use sealdisk::catalog;
+use sealdisk::control::client::Client;
+use sealdisk::control::{Control, ControlConfig, QosConfig};
+use sealdisk::export::Exports;
+use sealdisk::kms::{CallOpts, KeyContext, Kms, KmsConfig};
+use sealdisk::volume::Pool;
+
+const R: &str = "cn-hangzhou";
+const A: &str = "acct1";
+const MIB: u64 = 1 << 20;
+const BIN: &str = env!("CARGO_BIN_EXE_sealdisk");
+
+struct TempDir(PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+fn tempdir(tag: &str) -> TempDir {
+    use rand::RngCore;
+    let mut b = [0u8; 6];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    let p = std::env::temp_dir().join(format!(
+        "sealdisk-daemon-{tag}-{}-{}",
+        std::process::id(),
+        hex::encode(b)
+    ));
+    std::fs::create_dir_all(&p).unwrap();
+    TempDir(p)
+}
+
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+fn start(dir: &Path, log: PathBuf) -> Daemon {
+    let f = std::fs::File::create(&log).unwrap();
+    let child = Command::new(BIN)
+        .args(["serve", "--data-dir"])
+        .arg(dir)
+        .args(["--cores", "0", "--pool-size", "64M"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(f)
+        .spawn()
+        .unwrap();
+    let sock = dir.join("sealdisk.sock");
+    let t = Instant::now();
+    while Client::connect(&sock).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "daemon did not start: {}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Daemon { child, log }
+}
+
+fn stop(mut d: Daemon) -> String {
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) };
+    let t = Instant::now();
+    loop {
+        if let Some(st) = d.child.try_wait().unwrap() {
+            let log = std::fs::read_to_string(&d.log).unwrap();
+            assert!(st.success(), "daemon exit {st:?}: {log}");
+            return log;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "daemon ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The daemon's parts in this process (the daemon must not be running).
+fn open_in_process(dir: &Path, reactors: &Arc<sealdisk::reactor::Reactors>) -> Control {
+    let kms = Arc::new(Kms::open(KmsConfig::local(dir)).unwrap());
+    let db = catalog::open(&dir.join(catalog::CATALOG_FILE)).unwrap();
+    let pool = Pool::open(db.clone(), &dir.join("pool.img"), 64 * MIB).unwrap();
+    Control::new(
+        db,
+        pool,
+        kms,
+        Exports::new(),
+        Some(reactors.clone()),
+        ControlConfig {
+            data_dir: dir.to_owned(),
+            qos: QosConfig::default(),
+        },
+    )
+}
+
+fn raw(c: &mut Client, line: &str) -> Value {
+    serde_json::from_str(&c.raw(line).unwrap()).unwrap()
+}
+
+fn disks(c: &mut Client) -> Vec<Value> {
+    c.call("DescribeDisks", json!({"AccountId": A})).unwrap()["Disks"]["Disk"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            files(&p, out);
+        } else {
+            out.push(p);
+        }
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    let mut i = 0;
+    while i < hay.len() {
+        let end = (i + 4096).min(hay.len());
+        if hay[i..end].iter().any(|&b| b != 0) {
+            let we = (end + needle.len()).min(hay.len());
+            if hay[i..we].windows(needle.len()).any(|w| w == needle) {
+                return true;
+            }
+        }
+        i = end;
+    }
+    false
+}
+
+#[test]
+fn serve_restart_restores_attachments_and_check() {
+    let dir = tempdir("data");
+    let logs = tempdir("logs");
+    let d = &dir.0;
+
+    // First run: nothing but a data directory path.
+    let dm = start(d, logs.0.join("1.log"));
+    let sock = d.join("sealdisk.sock");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777, 0o600);
+    let mut c = Client::connect(&sock).unwrap();
+    c.call("ActivateKms", json!({"RegionId": R, "AccountId": A})).unwrap();
+    let inst = c
+        .call(
+            "CreateInstance",
+            json!({"RegionId": R, "AccountId": A, "SystemDisk.SizeBytes": 4 * MIB,
+                   "DataDisk.1.SizeBytes": 4 * MIB, "DataDisk.1.Encrypted": "true",
+                   "DataDisk.2.SizeBytes": 4 * MIB}),
+        )
+        .unwrap();
+    let data: Vec<String> = inst["DataDiskIds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().into())
+        .collect();
+    let (enc, plain) = (data[0].clone(), data[1].clone());
+    let iid = inst["InstanceId"].as_str().unwrap().to_owned();
+
+    // JSON-RPC errors.
+    let v = raw(&mut c, "{not json");
+    assert_eq!(
+        (v["error"]["code"].clone(), v["error"]["data"]["code"].clone()),
+        (json!(-32700), json!("Rpc.ParseError"))
+    );
+    let v = raw(&mut c, r#"{"jsonrpc":"2.0","id":7,"method":"NoSuch","params":{}}"#);
+    assert_eq!(v["error"]["code"], -32601);
+    assert_eq!(v["id"], 7);
+    let v = raw(
+        &mut c,
+        r#"{"jsonrpc":"2.0","id":8,"method":"CreateDisk","params":[1,2]}"#,
+    );
+    assert_eq!(v["error"]["code"], -32602);
+    let v = raw(
+        &mut c,
+        r#"{"jsonrpc":"2.0","id":9,"method":"CreateDisk","params":{"RegionId":"cn-hangzhou","AccountId":"acct1","Size":[]}}"#,
+    );
+    assert_eq!(
+        (v["error"]["code"].clone(), v["error"]["data"]["code"].clone()),
+        (json!(-32602), json!("InvalidParameter.Size"))
+    );
+    let v = raw(&mut c, r#"{"id":1,"method":"DescribeDisks"}"#);
+    assert_eq!(v["error"]["code"], -32600);
+    let v = raw(
+        &mut c,
+        r#"[{"jsonrpc":"2.0","id":1,"method":"DescribeKmsUsage","params":{"AccountId":"acct1"}},{"jsonrpc":"2.0","method":"DescribeDisks","params":{"AccountId":"acct1"}}]"#,
+    );
+    assert_eq!(v.as_array().unwrap().len(), 1, "batch: the notification gets no reply");
+    let e = c
+        .call(
+            "CreateDisk",
+            json!({"RegionId": R, "AccountId": A, "Size": 1, "Encrypted": true, "DiskRole": "system"}),
+        )
+        .unwrap_err();
+    assert_eq!(
+        (e.rpc_code, e.code.as_str()),
+        (-32000, "InvalidOperation.EncryptedSystemDisk")
+    );
+    assert!(e.message.contains("encrypt a data disk"), "{}", e.message);
+    // The CLI talks to the same socket.
+    let out = Command::new(BIN)
+        .args(["describe-disks", "--json", "--account", A, "--data-dir"])
+        .arg(d)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["TotalCount"], 3);
+    let out = Command::new(BIN)
+        .args([
+            "create-disk",
+            "--account",
+            A,
+            "--region",
+            R,
+            "Size=1",
+            "Encrypted=true",
+            "DiskKind=local",
+            "--data-dir",
+        ])
+        .arg(d)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("InvalidOperation.EncryptedLocalDisk"));
+    drop(c);
+    let log1 = stop(dm);
+    assert!(log1.contains("keys wiped"), "{log1}");
+
+    // Write data through the data path in this process, as a frontend would.
+    let reactors = Arc::new(common::reactors(&[0]));
+    let pattern = common::random_bytes(32 << 10, 99);
+    {
+        let ctl = open_in_process(d, &reactors);
+        let (ok, failed) = ctl.restore_attachments().unwrap();
+        assert!(failed.is_empty());
+        assert_eq!(ok.len(), 3);
+        for id in [&enc, &plain] {
+            let b = ctl.exports().get(id).unwrap().bdev;
+            let r = run_ios(
+                &reactors,
+                0,
+                &b,
+                vec![
+                    Op::Write {
+                        offset: MIB,
+                        data: pattern.clone(),
+                    },
+                    Op::Flush,
+                ],
+            );
+            assert!(r.iter().all(common::is_ok));
+        }
+        ctl.detach_all_exports();
+    }
+
+    // Restart: the attachments come back on the data path.
+    let dm = start(d, logs.0.join("2.log"));
+    let mut c = Client::connect(&sock).unwrap();
+    let all = disks(&mut c);
+    assert_eq!(all.len(), 3);
+    for disk in &all {
+        assert_eq!(disk["Status"], "In_use", "{disk}");
+        assert_eq!(disk["Exported"], true, "{disk}");
+        assert_eq!(disk["InstanceId"], iid.as_str());
+    }
+    c.call(
+        "DetachDisk",
+        json!({"AccountId": A, "DiskId": plain, "InstanceId": iid}),
+    )
+    .unwrap();
+    drop(c);
+    let log2 = stop(dm);
+    assert!(log2.contains("restored 3 attached disk(s)"), "{log2}");
+
+    let dm = start(d, logs.0.join("3.log"));
+    let mut c = Client::connect(&sock).unwrap();
+    for disk in disks(&mut c) {
+        let attached = disk["DiskId"] != plain.as_str();
+        assert_eq!(disk["Exported"], attached, "{disk}");
+    }
+    let chk = c.call("CheckPool", json!({})).unwrap();
+    assert_eq!(chk["Consistent"], true);
+    drop(c);
+    stop(dm);
+
+    // Offline check: clean.
+    let out = Command::new(BIN).args(["check", "--data-dir"]).arg(d).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+
+    // The data survived both restarts; look for key bytes everywhere.
+    {
+        let ctl = open_in_process(d, &reactors);
+        ctl.restore_attachments().unwrap();
+        let b = ctl.exports().get(&enc).unwrap().bdev;
+        let mut r = run_ios(
+            &reactors,
+            0,
+            &b,
+            vec![Op::Read {
+                offset: MIB,
+                len: 32 << 10,
+            }],
+        );
+        assert_eq!(r.remove(0).data, pattern, "encrypted disk data after restarts");
+        ctl.detach_all_exports();
+        let rd = ctl.db().begin_read().unwrap();
+        let keys: Vec<catalog::KeyRecord> = catalog::list_r(&rd).unwrap();
+        assert_eq!(keys.len(), 1);
+        let k = &keys[0];
+        let key = ctl
+            .kms()
+            .unwrap_data_key(
+                &KeyContext::new(&k.account, &k.region, &k.key_id),
+                &k.wrapped,
+                CallOpts::default(),
+            )
+            .unwrap();
+        let mut paths = Vec::new();
+        files(d, &mut paths);
+        files(&logs.0, &mut paths);
+        for p in &paths {
+            let c = std::fs::read(p).unwrap();
+            for w in key.as_bytes().chunks(16) {
+                assert!(!contains(&c, w), "key bytes in {}", p.display());
+                assert!(
+                    !contains(&c, hex::encode(w).as_bytes()),
+                    "hex key bytes in {}",
+                    p.display()
+                );
+            }
+        }
+        // Corrupt the catalog: the wrapped key disappears behind the disk's back.
+        drop(rd);
+        let w = ctl.db().begin_write().unwrap();
+        catalog::remove::<catalog::KeyRecord>(&w, &k.key_id).unwrap();
+        w.commit().unwrap();
+    }
+    let out = Command::new(BIN).args(["check", "--data-dir"]).arg(d).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("wrapped key"));
+}
