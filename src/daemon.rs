@@ -14,6 +14,7 @@ use crate::control::rpc::LogLine;
 use crate::control::server::RpcServer;
 use crate::control::{Control, ControlConfig, QosConfig};
 use crate::export::Exports;
+use crate::frontend::nbd::{NbdConfig, NbdServer};
 use crate::kms::{Kms, KmsConfig};
 use crate::reactor::{ReactorConfig, Reactors};
 use crate::volume::Pool;
@@ -22,6 +23,8 @@ use crate::volume::Pool;
 pub const POOL_FILE: &str = "pool.img";
 /// RPC socket name inside the data directory.
 pub const SOCKET_FILE: &str = "sealdisk.sock";
+/// The NBD socket in the data directory.
+pub const NBD_SOCKET_FILE: &str = "nbd.sock";
 /// Default size of a new pool file (sparse).
 pub const DEFAULT_POOL_SIZE: u64 = 64 << 30;
 
@@ -38,6 +41,11 @@ pub struct DaemonConfig {
     pub qos: QosConfig,
     /// RPC socket (default `DATA_DIR/sealdisk.sock`).
     pub socket: Option<PathBuf>,
+    /// NBD unix socket (default `DATA_DIR/nbd.sock`).
+    pub nbd_socket: Option<PathBuf>,
+    /// NBD over TCP (off unless given; use a loopback address unless the
+    /// network is trusted: NBD has no authentication).
+    pub nbd_tcp: Option<std::net::SocketAddr>,
 }
 
 impl DaemonConfig {
@@ -52,7 +60,15 @@ impl DaemonConfig {
             reactors: ReactorConfig::default(),
             qos: QosConfig::default(),
             socket: None,
+            nbd_socket: None,
+            nbd_tcp: None,
         }
+    }
+
+    pub fn nbd_socket_path(&self) -> PathBuf {
+        self.nbd_socket
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join(NBD_SOCKET_FILE))
     }
 
     pub fn socket_path(&self) -> PathBuf {
@@ -78,7 +94,8 @@ pub struct Daemon {
     control: Arc<Control>,
     server: Option<RpcServer>,
     reactors: Option<Arc<Reactors>>,
-    // NBD: the frontend server (issue 6) is held here and stopped first at shutdown.
+    /// The NBD frontend; stopped first at shutdown.
+    nbd: Option<NbdServer>,
 }
 
 impl Daemon {
@@ -127,9 +144,22 @@ impl Daemon {
             ));
         }
 
-        // ---- NBD frontend (issue 6) goes here, once src/frontend lands: ----
-        // let nbd = crate::frontend::nbd::NbdServer::start(nbd_cfg, reactors.clone(), exports.clone())?;
-        // (keep it in `Daemon` and stop it first in `shutdown`.)
+        let nbd_sock = cfg.nbd_socket_path();
+        let nbd = NbdServer::start(
+            NbdConfig {
+                unix_path: Some(nbd_sock.clone()),
+                tcp: cfg.nbd_tcp,
+            },
+            reactors.clone(),
+            exports.clone(),
+        )
+        .map_err(|e| format!("NBD server on {}: {e}", nbd_sock.display()))?;
+        let _ = std::fs::set_permissions(&nbd_sock, std::fs::Permissions::from_mode(0o600));
+        log(&format!(
+            "NBD exports (attached disks, by disk id) on {}{}",
+            nbd_sock.display(),
+            nbd.tcp_addr().map(|a| format!(" and tcp://{a}")).unwrap_or_default()
+        ));
 
         let logf: Arc<dyn Fn(LogLine) + Send + Sync> = Arc::new(|l: LogLine| {
             log(&format!(
@@ -153,6 +183,7 @@ impl Daemon {
             control,
             server: Some(server),
             reactors: Some(reactors),
+            nbd: Some(nbd),
         })
     }
 
@@ -162,6 +193,9 @@ impl Daemon {
 
     /// Clean shutdown: RPC off, every export removed (keys wiped), reactors stopped.
     pub fn shutdown(mut self) {
+        if let Some(n) = self.nbd.take() {
+            n.shutdown();
+        }
         if let Some(s) = self.server.take() {
             s.stop();
         }

@@ -48,6 +48,7 @@ type Queue = Rc<RefCell<VecDeque<(u64, i32)>>>;
 pub struct Route {
     id: u16,
     queue: Queue,
+    queued: Rc<Cell<usize>>,
 }
 
 impl Route {
@@ -56,7 +57,11 @@ impl Route {
     }
     /// Next completion `(tag, result)` for this route.
     pub fn pop(&self) -> Option<(u64, i32)> {
-        self.queue.borrow_mut().pop_front()
+        let e = self.queue.borrow_mut().pop_front();
+        if e.is_some() {
+            self.queued.set(self.queued.get() - 1);
+        }
+        e
     }
 }
 
@@ -68,6 +73,8 @@ pub struct Ring {
     routes: RefCell<Vec<Queue>>,
     unsubmitted: Cell<u32>,
     in_flight: Cell<usize>,
+    /// Completions reaped into route queues and not yet popped.
+    queued: Rc<Cell<usize>>,
     files: RefCell<Vec<bool>>,
     arena: (usize, usize),
     sqpoll: bool,
@@ -103,6 +110,7 @@ impl Ring {
             routes: RefCell::new(Vec::new()),
             unsubmitted: Cell::new(0),
             in_flight: Cell::new(0),
+            queued: Rc::new(Cell::new(0)),
             files: RefCell::new(vec![false; FILE_SLOTS as usize]),
             arena: (iov.iov_base as usize, iov.iov_len),
             sqpoll: opts.sqpoll,
@@ -120,7 +128,11 @@ impl Ring {
         let queue: Queue = Rc::new(RefCell::new(VecDeque::new()));
         routes.push(queue.clone());
         let id = u16::try_from(routes.len() - 1).expect("more than 65536 routes on one ring");
-        Route { id, queue }
+        Route {
+            id,
+            queue,
+            queued: self.queued.clone(),
+        }
     }
 
     /// The fixed-buffer index for `ptr..ptr+len`, if it lies in the arena.
@@ -196,11 +208,20 @@ impl Ring {
             let route = (ud >> TAG_BITS) as usize;
             if let Some(q) = routes.get(route) {
                 q.borrow_mut().push_back((ud & ((1 << TAG_BITS) - 1), cqe.result()));
+                self.queued.set(self.queued.get() + 1);
             }
             n += 1;
         }
         self.in_flight.set(self.in_flight.get() - n);
         n
+    }
+
+    /// Completions already reaped into route queues that their owners have
+    /// not popped yet. A channel polled by one poller can reap completions
+    /// that belong to another poller polled earlier in the same loop
+    /// iteration; the reactor must not park while any are waiting.
+    pub fn queued(&self) -> usize {
+        self.queued.get()
     }
 
     /// Requests pushed and not yet reaped.

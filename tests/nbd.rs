@@ -697,3 +697,66 @@ fn tcp_listener_on_loopback() {
     assert!(!w.contains("Pattern verification failed"), "{w}");
     server.shutdown();
 }
+
+/// Regression: a bdev channel polled by one connection used to reap the
+/// completions of another poller into its route queue after that poller's
+/// turn, and the reactor then parked on them until its park timeout (10 ms
+/// stalls at p99). With a one-minute park timeout such a stall turns into a
+/// hang, so finishing promptly proves no completion is slept on.
+#[test]
+fn no_completion_is_slept_on_with_a_long_park_timeout() {
+    let dir = std::env::temp_dir().join(format!("sealdisk-nbd-park-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let reactors = Arc::new(
+        Reactors::start(&ReactorConfig {
+            cores: vec![sealdisk::reactor::all_cores()[0]],
+            pool_bytes: 64 << 20,
+            park_timeout: Duration::from_secs(60),
+            ..ReactorConfig::default()
+        })
+        .unwrap(),
+    );
+    let exports = Exports::new();
+    let base: BdevRef = Arc::new(file_bdev(&dir.join("disk.img"), 64 * MIB));
+    let enc: BdevRef = Arc::new(CryptoBdev::new(base, xts(3), 4096).unwrap());
+    exports.add(Export::new("disk", enc, false)).unwrap();
+    let sock = dir.join("nbd.sock");
+    let server = NbdServer::start(
+        NbdConfig {
+            unix_path: Some(sock.clone()),
+            tcp: None,
+        },
+        reactors.clone(),
+        exports.clone(),
+    )
+    .unwrap();
+    let uri = format!("nbd+unix:///disk?socket={}", sock.display());
+    let t = Instant::now();
+    let out = run(
+        "fio",
+        &[
+            "--name=park",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randrw",
+            "--bs=4k",
+            "--iodepth=32",
+            "--size=64M",
+            "--runtime=3",
+            "--time_based",
+            "--output-format=json",
+        ],
+    );
+    let took = t.elapsed();
+    assert!(fio_json_errors(&out).iter().all(|(_, e)| *e == 0), "{out}");
+    assert!(
+        took < Duration::from_secs(40),
+        "fio took {took:?}: a completion was slept on"
+    );
+    let v: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
+    let max_clat = v["jobs"][0]["read"]["clat_ns"]["max"].as_u64().unwrap();
+    assert!(max_clat < 30_000_000_000, "a request waited {max_clat} ns");
+    server.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+}

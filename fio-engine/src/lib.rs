@@ -404,6 +404,8 @@ fn new_engine() -> Result<Engine, String> {
         ctx: ChannelCtx {
             ring: Rc::new(ring),
             pool,
+            // The engine polls from fio's getevents; nothing to wake.
+            waker: std::sync::Arc::new(|| {}),
         },
         chans: Vec::new(),
         slots: Vec::new(),

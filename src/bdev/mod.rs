@@ -197,12 +197,18 @@ impl fmt::Display for IoError {
 
 impl std::error::Error for IoError {}
 
-/// Per-reactor resources a channel may use: the reactor's ring and buffer
-/// pool. Given to [`Bdev::open_channel`] by the reactor that will own it.
+/// Wakes the reactor that owns a channel (cheap when it is not parked).
+/// Work completed on another thread (the volume metadata thread) calls it
+/// after posting its answer, so the reactor does not sleep on it.
+pub type Waker = Arc<dyn Fn() + Send + Sync>;
+
+/// Per-reactor resources a channel may use: the reactor's ring, buffer pool
+/// and waker. Given to [`Bdev::open_channel`] by the reactor that will own it.
 #[derive(Clone)]
 pub struct ChannelCtx {
     pub ring: Rc<Ring>,
     pub pool: BufPool,
+    pub waker: Waker,
 }
 
 /// A block device.

@@ -46,6 +46,9 @@ fn about(method: &str) -> &'static str {
         "DescribeInstances" => "List instances",
         "DeleteInstance" => "Delete an instance (detaches its disks, deletes its system disk)",
         "CreateDisk" => "Create a disk (Size or SizeBytes, DiskCategory, Encrypted, SnapshotId, MultiAttach)",
+        "CreateEncryptedCopy" => {
+            "Copy a plaintext disk (SourceDiskId) or a raw image/block device (SourcePath) into a new encrypted disk"
+        }
         "AttachDisk" => "Attach a disk to an instance (puts it on the data path)",
         "DetachDisk" => "Detach a disk from an instance (wipes its key from memory)",
         "ResetDisk" => "Roll a disk back to one of its snapshots",
@@ -273,6 +276,7 @@ mod tests {
         assert_eq!(kebab("ReInitDisk"), "reinit-disk");
         assert_eq!(kebab("DescribeKmsKey"), "describe-kms-key");
         assert_eq!(kebab("CheckPool"), "check-pool");
+        assert_eq!(kebab("CreateEncryptedCopy"), "create-encrypted-copy");
     }
 
     #[test]

@@ -100,6 +100,20 @@ pub fn serve_command() -> Command {
                 .help("KMS call burst per (account, region) (default 200)"),
         )
         .arg(
+            Arg::new("nbd-socket")
+                .long("nbd-socket")
+                .value_name("PATH")
+                .value_parser(clap::value_parser!(PathBuf))
+                .help("NBD unix socket (default DATA_DIR/nbd.sock)"),
+        )
+        .arg(
+            Arg::new("nbd-tcp")
+                .long("nbd-tcp")
+                .value_name("ADDR:PORT")
+                .value_parser(clap::value_parser!(std::net::SocketAddr))
+                .help("also serve NBD over TCP (e.g. 127.0.0.1:10809; NBD has no authentication)"),
+        )
+        .arg(
             Arg::new("no-qos")
                 .long("no-qos")
                 .action(ArgAction::SetTrue)
@@ -170,6 +184,8 @@ fn config(m: &ArgMatches) -> Result<DaemonConfig, String> {
         let text = std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
         cfg.qos = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", f.display()))?;
     }
+    cfg.nbd_socket = m.get_one::<PathBuf>("nbd-socket").cloned();
+    cfg.nbd_tcp = m.get_one::<std::net::SocketAddr>("nbd-tcp").copied();
     if m.get_flag("no-qos") {
         cfg.qos = QosConfig::off();
     }

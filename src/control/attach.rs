@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 
 use super::{Control, ControlError, Params, ENCRYPTION_SECTOR};
 use crate::bdev::crypto::CryptoBdev;
+use crate::bdev::qos::{QosBdev, QosLimits};
 use crate::bdev::BdevRef;
 use crate::catalog::{self, AttachmentRecord, DiskRecord};
 use crate::export::Export;
@@ -65,6 +66,17 @@ impl Control {
                 drop(key);
                 Arc::new(CryptoBdev::new(vol, xts, ENCRYPTION_SECTOR).map_err(ControlError::DataPath)?)
             }
+        };
+        // QoS caps sit on top, so a throttled request holds no bounce buffer.
+        let bdev: BdevRef = match (&d.qos, self.cfg.qos.enabled) {
+            (Some(c), true) => Arc::new(QosBdev::new(
+                bdev,
+                QosLimits {
+                    iops: Some(c.iops),
+                    bytes_per_sec: Some(c.bandwidth_bytes),
+                },
+            )),
+            _ => bdev,
         };
         Ok(Export::new(&d.id, bdev, false))
     }

@@ -58,7 +58,7 @@ pub(super) struct KeyPlan {
 }
 
 /// `DiskCategory` values: basic|ultra|ssd, the ECS names, and the ECS local-disk names.
-fn parse_category(s: &str, name: &str) -> Result<(Category, Option<DiskKind>), ControlError> {
+pub(super) fn parse_category(s: &str, name: &str) -> Result<(Category, Option<DiskKind>), ControlError> {
     if let Some(c) = Category::parse(s) {
         return Ok((c, None));
     }
@@ -388,7 +388,11 @@ impl Control {
         Ok(json!({ "DiskId": disk_id, "Encrypted": plan.encrypted }))
     }
 
-    fn attachments_of(&self, txn: &WriteTransaction, disk_id: &str) -> Result<Vec<AttachmentRecord>, ControlError> {
+    pub(super) fn attachments_of(
+        &self,
+        txn: &WriteTransaction,
+        disk_id: &str,
+    ) -> Result<Vec<AttachmentRecord>, ControlError> {
         Ok(catalog::list::<AttachmentRecord>(txn)?
             .into_iter()
             .filter(|a| a.disk_id == disk_id)

@@ -10,12 +10,13 @@
 //!   inside the KMS's `DataKey` and the data path's `Xts`.
 //!
 //! Files: `params` (reading ECS parameters), `disks`, `snapshots`, `images`,
-//! `instances`, `kms_ops`, `attach` (the data path), `view` (ECS-shaped replies),
+//! `instances`, `kms_ops`, `attach` (the data path), `copy` (CreateEncryptedCopy), `view` (ECS-shaped replies),
 //! `check` (pool vs catalog), `rpc` (JSON-RPC framing), `server`/`client` (unix socket).
 
 mod attach;
 pub mod check;
 pub mod client;
+mod copy;
 mod disks;
 pub mod error;
 mod images;
@@ -58,6 +59,7 @@ pub const METHODS: &[&str] = &[
     "DescribeInstances",
     "DeleteInstance",
     "CreateDisk",
+    "CreateEncryptedCopy",
     "AttachDisk",
     "DetachDisk",
     "ResetDisk",
@@ -149,6 +151,7 @@ impl Control {
             "DescribeInstances" => self.describe_instances(p),
             "DeleteInstance" => self.delete_instance(p),
             "CreateDisk" => self.create_disk(p),
+            "CreateEncryptedCopy" => self.create_encrypted_copy(p),
             "AttachDisk" => self.attach_disk(p),
             "DetachDisk" => self.detach_disk(p),
             "ResetDisk" => self.reset_disk(p),

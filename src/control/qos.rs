@@ -1,6 +1,7 @@
 //! Per-category QoS caps, computed from the disk size like cloud disks do.
-//! sealdisk records the caps on each disk at creation and reports them in DescribeDisks;
-//! enforcing them on the data path is the data path's job (see docs/operations.md).
+//! sealdisk records the caps on each disk at creation, reports them in DescribeDisks, and
+//! enforces them at attach with a `qos` vbdev on top of the disk's stack
+//! (`bdev::qos`); a daemon started with `--no-qos` attaches without caps.
 
 use serde::{Deserialize, Serialize};
 

@@ -78,7 +78,12 @@ impl Default for ReactorConfig {
             pool_bytes: 64 << 20,
             queue_depth: 1024,
             spin: Duration::from_micros(20),
-            park_timeout: Duration::from_millis(10),
+            park_timeout: Duration::from_millis(
+                std::env::var("SEALDISK_PARK_MS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(10),
+            ),
         }
     }
 }
@@ -353,6 +358,15 @@ fn run(
         chan: ChannelCtx {
             ring: ring.clone(),
             pool,
+            waker: {
+                let sh = shared.clone();
+                Arc::new(move || {
+                    fence(Ordering::SeqCst);
+                    if sh.parked.load(Ordering::SeqCst) {
+                        sh.wake();
+                    }
+                })
+            },
         },
         stats: shared.stats.clone(),
         new_pollers: Vec::new(),
@@ -393,7 +407,9 @@ fn run(
         let now = Instant::now();
         let dt = now.duration_since(t_prev);
         t_prev = now;
-        if work > 0 {
+        // Completions already reaped into a route queue (by a channel polled
+        // after their owner) are work too: parking now would sleep on them.
+        if work > 0 || ring.queued() > 0 {
             last_work = now;
             shared.stats.add_busy(dt);
             continue;
@@ -414,7 +430,15 @@ fn run(
                 // use (the ring is dropped when this function returns).
                 waker_armed = unsafe { ring.push(&waker_route, 0, e) };
             }
+            let before = ring.in_flight();
+            let t = Instant::now();
             let _ = ring.wait(cfg.park_timeout);
+            if t.elapsed() >= cfg.park_timeout && !pollers.is_empty() {
+                eprintln!(
+                    "reactor {id}: park timed out, in flight {before}, waker {waker_armed}, pollers {}",
+                    pollers.len()
+                );
+            }
         }
         shared.parked.store(false, Ordering::SeqCst);
         let t_wake = Instant::now();

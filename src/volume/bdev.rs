@@ -128,6 +128,7 @@ impl Bdev for VolumeBdev {
             meta,
             reply_tx,
             replies,
+            waker: ctx.waker.clone(),
             pending: Vec::new(),
             free: Vec::new(),
             live: 0,
@@ -166,6 +167,7 @@ struct VolumeChannel {
     meta: Sender<MetaReq>,
     reply_tx: Sender<(u64, Result<(), IoError>)>,
     replies: Receiver<(u64, Result<(), IoError>)>,
+    waker: crate::bdev::Waker,
     pending: Vec<Option<Pending>>,
     free: Vec<usize>,
     live: usize,
@@ -269,6 +271,7 @@ impl VolumeChannel {
             op: mop,
             tag: idx as u64,
             reply: self.reply_tx.clone(),
+            waker: self.waker.clone(),
         };
         if self.meta.send(req).is_err() {
             self.finish(idx, Err(IoError::Device { errno: libc::ESHUTDOWN }), None);

@@ -49,6 +49,8 @@ pub(crate) struct MetaReq {
     pub op: MetaOp,
     pub tag: u64,
     pub reply: Sender<(u64, Result<(), IoError>)>,
+    /// Wakes the requesting reactor once the reply is posted.
+    pub waker: crate::bdev::Waker,
 }
 
 pub(crate) struct MetaHandle {
@@ -187,6 +189,9 @@ impl Worker {
                 Err(e) => {
                     let _ = batch[0].reply.send((batch[0].tag, Err(to_io_error(&e))));
                 }
+            }
+            for r in &batch {
+                (r.waker)();
             }
         }
     }

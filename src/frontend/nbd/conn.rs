@@ -298,14 +298,7 @@ impl Conn {
 
     /// Check a request's range; `Err(nbd errno)` if it cannot be served.
     fn check_range(&self, r: &Request, past_end: u32) -> Result<(), u32> {
-        let len = r.len as u64;
-        if r.offset % self.block_size != 0 || len % self.block_size != 0 {
-            return Err(EINVAL);
-        }
-        match r.offset.checked_add(len) {
-            Some(end) if end <= self.capacity => Ok(()),
-            _ => Err(past_end),
-        }
+        super::proto::check_range(r, self.block_size, self.capacity, past_end)
     }
 
     /// Act on one request header. Returns false when resources are short

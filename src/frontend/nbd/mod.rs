@@ -44,7 +44,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_HANDSHAKES: usize = 64;
 /// Option data longer than this ends the handshake (a client that sends
 /// megabytes of option data is not negotiating in good faith).
-const MAX_OPTION_DATA: u32 = 64 << 10;
+pub const MAX_OPTION_DATA: u32 = 64 << 10;
 /// How long a full reactor queue is retried before a client is refused.
 const HANDOFF_RETRY: Duration = Duration::from_secs(1);
 
@@ -296,12 +296,6 @@ fn read_u32(s: &mut dyn ReadWrite) -> io::Result<u32> {
     Ok(u32::from_be_bytes(b))
 }
 
-fn read_u64(s: &mut dyn ReadWrite) -> io::Result<u64> {
-    let mut b = [0u8; 8];
-    s.read_exact(&mut b)?;
-    Ok(u64::from_be_bytes(b))
-}
-
 fn lookup(sh: &Shared, name: &[u8]) -> Option<Export> {
     let name = std::str::from_utf8(name).ok()?;
     sh.exports.get(name).filter(|e| !e.is_revoked())
@@ -367,14 +361,11 @@ fn negotiate(sh: &Shared, s: &mut dyn ReadWrite) -> io::Result<Option<Handoff>> 
         if sh.stop.load(Ordering::SeqCst) {
             return Ok(None);
         }
-        if read_u64(s)? != IHAVEOPT {
-            return Ok(None);
-        }
-        let opt = read_u32(s)?;
-        let len = read_u32(s)?;
-        if len > MAX_OPTION_DATA {
-            return Ok(None);
-        }
+        let mut hdr = [0u8; OPTION_HEADER_LEN];
+        s.read_exact(&mut hdr)?;
+        let Some(Ok((opt, len))) = parse_option_header(&hdr, MAX_OPTION_DATA) else {
+            return Ok(None); // not IHAVEOPT, or more data than we accept
+        };
         let mut data = vec![0u8; len as usize];
         s.read_exact(&mut data)?;
         match opt {

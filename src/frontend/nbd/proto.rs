@@ -127,6 +127,81 @@ pub fn parse_request(b: &[u8]) -> Option<Result<Request, BadMagic>> {
     }))
 }
 
+/// Encode a request header (the inverse of [`parse_request`]; clients and tests).
+pub fn encode_request(r: &Request) -> [u8; REQUEST_LEN] {
+    let mut b = [0u8; REQUEST_LEN];
+    b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    b[4..6].copy_from_slice(&r.flags.to_be_bytes());
+    b[6..8].copy_from_slice(&r.cmd.to_be_bytes());
+    b[8..16].copy_from_slice(&r.cookie.to_be_bytes());
+    b[16..24].copy_from_slice(&r.offset.to_be_bytes());
+    b[24..28].copy_from_slice(&r.len.to_be_bytes());
+    b
+}
+
+/// The range check of a request: offset and length multiples of `block_size`, and
+/// `offset + len` (without overflow) within `capacity`. `Err(nbd errno)`: `EINVAL` when
+/// misaligned, `past_end` when past the end (the protocol wants `EINVAL` for reads and
+/// trims, `ENOSPC` for writes).
+pub fn check_range(r: &Request, block_size: u64, capacity: u64, past_end: u32) -> Result<(), u32> {
+    let len = r.len as u64;
+    if block_size == 0 || r.offset % block_size != 0 || len % block_size != 0 {
+        return Err(EINVAL);
+    }
+    match r.offset.checked_add(len) {
+        Some(end) if end <= capacity => Ok(()),
+        _ => Err(past_end),
+    }
+}
+
+/// Size of a client option header: `IHAVEOPT`, option, data length.
+pub const OPTION_HEADER_LEN: usize = 16;
+
+/// Why a client option header is unusable; the server closes the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadOption {
+    /// The frame does not start with `IHAVEOPT`.
+    Magic(u64),
+    /// The option data is longer than the server accepts.
+    TooLong(u32),
+}
+
+/// Parse a client option header (the first [`OPTION_HEADER_LEN`] bytes of `b`) into
+/// (option, data length); `None`: not enough bytes yet.
+pub fn parse_option_header(b: &[u8], max_data: u32) -> Option<Result<(u32, u32), BadOption>> {
+    let h = b.get(..OPTION_HEADER_LEN)?;
+    let magic = u64::from_be_bytes(h[0..8].try_into().unwrap());
+    if magic != IHAVEOPT {
+        return Some(Err(BadOption::Magic(magic)));
+    }
+    let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
+    let len = u32::from_be_bytes(h[12..16].try_into().unwrap());
+    if len > max_data {
+        return Some(Err(BadOption::TooLong(len)));
+    }
+    Some(Ok((opt, len)))
+}
+
+/// One client option frame, borrowed from the input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionFrame<'a> {
+    pub opt: u32,
+    pub data: &'a [u8],
+    /// Bytes of input the frame took (header and data).
+    pub used: usize,
+}
+
+/// Parse one whole client option frame from `b`; `None`: not enough bytes yet.
+pub fn parse_option(b: &[u8], max_data: u32) -> Option<Result<OptionFrame<'_>, BadOption>> {
+    let (opt, len) = match parse_option_header(b, max_data)? {
+        Ok(x) => x,
+        Err(e) => return Some(Err(e)),
+    };
+    let used = OPTION_HEADER_LEN + len as usize;
+    let data = b.get(OPTION_HEADER_LEN..used)?;
+    Some(Ok(OptionFrame { opt, data, used }))
+}
+
 /// Encode a simple reply header.
 pub fn simple_reply(error: u32, cookie: u64) -> [u8; REPLY_LEN] {
     let mut h = [0u8; REPLY_LEN];

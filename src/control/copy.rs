@@ -1,0 +1,665 @@
+//! CreateEncryptedCopy: the supported way to encrypt existing data. A plaintext disk
+//! (or a raw image file / block device on the host) is copied into a new encrypted
+//! data disk through that disk's crypto layer on the reactors, so only ciphertext
+//! reaches the pool.
+//!
+//! Order of events:
+//!
+//! 1. Every check first: parameters, the source (same account and region, not
+//!    encrypted, a readable file or block device outside the data directory), the size,
+//!    KMS activation and one unit of KMS quota (reserved). A refusal changes nothing.
+//! 2. A new data key from the KMS (`GenerateDataKey`, audited, metered like CreateDisk).
+//! 3. One transaction creates the new (empty, thin) volume and, for an attached source,
+//!    a temporary copy-on-write clone of it (a point-in-time snapshot, so the copy is
+//!    crash-consistent while the VM keeps writing). No catalog row yet: a half-made
+//!    disk is never visible, and its key is stored nowhere.
+//! 4. The copy: the source is read in batches (through the reactors for a disk, with
+//!    `pread` for a file), all-zero 4 KiB blocks are skipped (the new disk stays thin),
+//!    the rest is written through the new disk's `crypto → volume` stack by a poller on
+//!    a reactor (up to [`QUEUE_DEPTH`] writes in flight), then flushed.
+//! 5. One transaction records the wrapped key, the disk row, and deletes the temporary
+//!    clone. The new disk is detached.
+//!
+//! Any failure after step 2 deletes the new volume and the temporary clone and drops the
+//! key (audited as a crypto-shred): nothing is left behind.
+
+use std::fs::File;
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::params::{check_text, MAX_SIZE_GIB};
+use super::{same_region, Control, ControlError, Params, ENCRYPTION_SECTOR};
+use crate::bdev::crypto::{CryptoBdev, BOUNCE_CHUNK};
+use crate::bdev::{BdevRef, Channel, IoCompletion, IoError, IoRequest};
+use crate::catalog::{self, Category, DiskKind, DiskRecord, DiskRole, Encryption, KeyRecord};
+use crate::kms::{CallOpts, KeyContext};
+use crate::reactor::{Poll, Poller, ReactorCtx, Reactors};
+use crate::volume::VolumeError;
+
+/// Zero-detection and allocation unit.
+const BLOCK: u64 = 4096;
+/// Bytes of source handled per round (read, scan, write).
+const BATCH: u64 = 4 << 20;
+/// Largest single write (the crypto layer's bounce chunk).
+const PIECE: u64 = BOUNCE_CHUNK as u64;
+/// Largest single read from a source disk.
+const READ_PIECE: u64 = 256 << 10;
+/// Requests in flight per batch.
+const QUEUE_DEPTH: usize = 32;
+/// A batch that takes longer than this fails the copy.
+const BATCH_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Where the data comes from.
+enum Source {
+    /// A plaintext disk; `tmp` is the temporary clone read instead when it is attached.
+    Disk { rec: Box<DiskRecord>, tmp: Option<String> },
+    /// A raw image file or block device.
+    File { path: PathBuf, file: File },
+}
+
+/// What the copy did.
+#[derive(Debug, Default, Clone, Copy)]
+struct CopyStats {
+    copied: u64,
+    skipped: u64,
+}
+
+impl Control {
+    pub(super) fn create_encrypted_copy(&self, mut p: Params) -> Result<Value, ControlError> {
+        let region = p.region("RegionId")?;
+        let account = p.account()?;
+        let src_disk = p.opt_str("SourceDiskId")?;
+        let src_path = p.opt_str("SourcePath")?;
+        let category = p.opt_str("DiskCategory")?;
+        let size = p.size()?;
+        let name = p.opt_str("DiskName")?.unwrap_or_default();
+        let description = p.opt_str("Description")?.unwrap_or_default();
+        p.refuse_kms_key_id()?;
+        p.finish()?;
+        check_text("DiskName", &name)?;
+        check_text("Description", &description)?;
+        let category = match category {
+            None => None,
+            Some(s) => match super::disks::parse_category(&s, "DiskCategory")? {
+                (c, None) => Some(c),
+                (_, Some(kind)) => {
+                    return Err(ControlError::limit(
+                        "InvalidOperation.EncryptedLocalDisk",
+                        format!(
+                            "{s} is a {} disk and cannot be encrypted; copy into a cloud disk (basic, ultra, ssd)",
+                            kind.as_str()
+                        ),
+                    ))
+                }
+            },
+        };
+
+        // 1. Checks. The write transaction only reads here and is dropped before any I/O
+        //    (the pool's metadata thread needs the writer).
+        let txn = self.begin()?;
+        let (source, src_size, default_category) =
+            match (src_disk, src_path) {
+                (Some(_), Some(_)) => return Err(ControlError::param(
+                    "InvalidParameter.SourceDiskId",
+                    "give SourceDiskId (a plaintext disk) or SourcePath (a raw image file or block device), not both",
+                )),
+                (None, None) => {
+                    return Err(ControlError::param(
+                        "MissingParameter.SourceDiskId",
+                        "SourceDiskId (a plaintext disk) or SourcePath (a raw image file or block device on the host) \
+                     is required",
+                    ))
+                }
+                (Some(id), None) => {
+                    let d = self.find_disk(&txn, &id, &account)?;
+                    same_region(Some(&region), &d.region, "InvalidDiskId.NotFound", &id)?;
+                    if d.encryption.is_some() {
+                        return Err(ControlError::limit(
+                            "InvalidOperation.SourceEncrypted",
+                            format!(
+                                "disk {id} is already encrypted; CreateEncryptedCopy encrypts plaintext data. For \
+                             another disk with the same data, use CreateSnapshot and CreateDisk SnapshotId=..."
+                            ),
+                        ));
+                    }
+                    let attached = !self.attachments_of(&txn, &id)?.is_empty()
+                        || self.exports.get(&id).is_some()
+                        || self.pool.is_open(&id);
+                    let (size, cat) = (d.size, d.category);
+                    let tmp = attached.then(|| super::util::new_id("cptmp"));
+                    (Source::Disk { rec: Box::new(d), tmp }, size, cat)
+                }
+                (None, Some(path)) => {
+                    let (path, file, size) = self.open_source_path(&path)?;
+                    (Source::File { path, file }, size, Category::Ssd)
+                }
+            };
+        drop(txn);
+        let src_rounded = src_size.div_ceil(BLOCK) * BLOCK;
+        let new_size = match size {
+            Some(s) if s < src_size => {
+                return Err(ControlError::param(
+                    "InvalidParameter.Size",
+                    format!("size {s} bytes is smaller than the source ({src_size} bytes); give at least that"),
+                ))
+            }
+            Some(s) => s,
+            None => src_rounded,
+        };
+        if new_size > MAX_SIZE_GIB << 30 {
+            return Err(ControlError::param(
+                "InvalidParameter.Size",
+                format!("the source is {src_size} bytes, more than the largest disk ({MAX_SIZE_GIB} GiB)"),
+            ));
+        }
+        let category = category.unwrap_or(default_category);
+        let reactors = self.reactors.clone().ok_or_else(|| {
+            ControlError::DataPath("CreateEncryptedCopy needs the reactors (run it through the daemon)".into())
+        })?;
+        let res = self.kms_reserve(&account, &region, 1)?;
+
+        // 2. The data key.
+        let disk_id = super::util::new_id("d");
+        let key_id = super::util::new_id("k");
+        let ctx = KeyContext::new(&account, &region, &key_id);
+        let (key, wrapped) = self
+            .kms
+            .generate_data_key(&ctx, CallOpts::disk(&disk_id).reserved(&res))?;
+        drop(res);
+        let xts = match key.xts() {
+            Ok(x) => Arc::new(x),
+            Err(e) => {
+                let _ = self.kms.audit_crypto_shred(&ctx, Some(&disk_id));
+                return Err(ControlError::DataPath(format!("XTS engine: {e}")));
+            }
+        };
+        drop(key);
+
+        // 3. The new volume (and the point-in-time clone of an attached source).
+        let tmp = match &source {
+            Source::Disk { tmp, .. } => tmp.clone(),
+            Source::File { .. } => None,
+        };
+        let made = (|| {
+            let txn = self.begin()?;
+            self.pool.create_volume(&txn, &disk_id, new_size)?;
+            if let (Source::Disk { rec, .. }, Some(t)) = (&source, &tmp) {
+                self.pool.clone_volume(&txn, &rec.id, t, rec.size)?;
+            }
+            txn.commit()?;
+            Ok::<(), ControlError>(())
+        })();
+        if let Err(e) = made {
+            let _ = self.kms.audit_crypto_shred(&ctx, Some(&disk_id));
+            return Err(e);
+        }
+
+        // 4. The copy; 5. the catalog rows.
+        let finished = (|| {
+            let dst: BdevRef = Arc::new(
+                CryptoBdev::new(self.pool.bdev(&disk_id)?, xts, ENCRYPTION_SECTOR).map_err(ControlError::DataPath)?,
+            );
+            let stats = match &source {
+                Source::Disk { rec, tmp } => {
+                    let src = self.pool.bdev(tmp.as_deref().unwrap_or(&rec.id))?;
+                    copy(&reactors, &dst, src_rounded, |off, len| {
+                        run_job(&reactors, &src, read_ops(off, len), vec![0; len as usize])
+                            .map_err(|e| io_error(e, "reading the source disk"))
+                    })?
+                }
+                Source::File { path, file } => copy(&reactors, &dst, src_rounded, |off, len| {
+                    read_file(file, off, len).map_err(|e| ControlError::DataPath(format!("{}: {e}", path.display())))
+                })?,
+            };
+            drop(dst);
+            let txn = self.begin()?;
+            if let Some(t) = &tmp {
+                self.wait_closed(t);
+                self.pool.delete_volume(&txn, t)?;
+            }
+            let enc = Encryption {
+                key_id: key_id.clone(),
+                cmk_id: wrapped.cmk_id.clone(),
+            };
+            catalog::put(
+                &txn,
+                &KeyRecord {
+                    key_id: key_id.clone(),
+                    account: account.clone(),
+                    region: region.clone(),
+                    wrapped: wrapped.clone(),
+                    refs: 0,
+                    origin_disk: disk_id.clone(),
+                    created_at: super::util::now_rfc3339(),
+                },
+            )?;
+            self.key_ref(&txn, &enc)?;
+            let rec = DiskRecord {
+                id: disk_id.clone(),
+                account: account.clone(),
+                region: region.clone(),
+                name: name.clone(),
+                description: description.clone(),
+                size: new_size,
+                category,
+                kind: DiskKind::Cloud,
+                role: DiskRole::Data,
+                encryption: Some(enc),
+                source_snapshot: None,
+                source_image: None,
+                multi_attach: false,
+                qos: self.cfg.qos.caps(category, new_size),
+                created_at: super::util::now_rfc3339(),
+            };
+            catalog::put(&txn, &rec)?;
+            txn.commit()?;
+            Ok::<CopyStats, ControlError>(stats)
+        })();
+        let stats = match finished {
+            Ok(s) => s,
+            Err(e) => {
+                self.discard_copy(&disk_id, tmp.as_deref());
+                let _ = self.kms.audit_crypto_shred(&ctx, Some(&disk_id));
+                return Err(e);
+            }
+        };
+        let (source_id, mode) = match &source {
+            Source::Disk { rec, tmp: Some(_) } => (rec.id.clone(), "snapshot"),
+            Source::Disk { rec, tmp: None } => (rec.id.clone(), "direct"),
+            Source::File { path, .. } => (path.display().to_string(), "file"),
+        };
+        Ok(json!({
+            "DiskId": disk_id,
+            "Encrypted": true,
+            "SizeBytes": new_size,
+            "Source": source_id,
+            "SourceSizeBytes": src_size,
+            "CopyMode": mode,
+            "BytesCopied": stats.copied,
+            "BytesSkipped": stats.skipped,
+        }))
+    }
+
+    /// Checks and opens `SourcePath`: absolute, a regular file or block device the daemon
+    /// can read, not inside the data directory and not the pool. Returns the canonical
+    /// path, the open file and its size.
+    fn open_source_path(&self, path: &str) -> Result<(PathBuf, File, u64), ControlError> {
+        let bad =
+            |why: String| ControlError::param("InvalidParameter.SourcePath", format!("SourcePath {path:?}: {why}"));
+        let p = Path::new(path);
+        if !p.is_absolute() {
+            return Err(bad("must be an absolute path on the daemon's host".into()));
+        }
+        let canon = std::fs::canonicalize(p).map_err(|e| bad(format!("cannot be opened ({e})")))?;
+        let meta = std::fs::metadata(&canon).map_err(|e| bad(format!("cannot be opened ({e})")))?;
+        let ft = meta.file_type();
+        if !ft.is_file() && !ft.is_block_device() {
+            return Err(bad("must be a raw image file or a block device".into()));
+        }
+        if let Ok(dd) = std::fs::canonicalize(&self.cfg.data_dir) {
+            if canon.starts_with(&dd) {
+                return Err(bad(
+                    "is inside the daemon's data directory (catalog, pool, keys); copy from a disk with SourceDiskId"
+                        .into(),
+                ));
+            }
+        }
+        if let Ok(pm) = std::fs::metadata(self.pool.path()) {
+            let same_file = pm.dev() == meta.dev() && pm.ino() == meta.ino();
+            let same_dev = ft.is_block_device() && pm.file_type().is_block_device() && pm.rdev() == meta.rdev();
+            if same_file || same_dev {
+                return Err(bad("is the daemon's pool; copy from a disk with SourceDiskId".into()));
+            }
+        }
+        let mut file = File::open(&canon).map_err(|e| bad(format!("cannot be opened ({e})")))?;
+        let size = if ft.is_block_device() {
+            file.seek(SeekFrom::End(0))
+                .map_err(|e| bad(format!("size unknown ({e})")))?
+        } else {
+            meta.len()
+        };
+        if size == 0 {
+            return Err(bad("is empty".into()));
+        }
+        Ok((canon, file, size))
+    }
+
+    /// Waits (briefly) until no bdev of `id` is alive: the copy's pollers drop theirs
+    /// as they finish.
+    fn wait_closed(&self, id: &str) {
+        let t = Instant::now();
+        while self.pool.is_open(id) && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Removes a half-made copy: the new volume and the temporary clone.
+    fn discard_copy(&self, disk_id: &str, tmp: Option<&str>) {
+        self.wait_closed(disk_id);
+        if let Some(t) = tmp {
+            self.wait_closed(t);
+        }
+        let r = (|| {
+            let txn = self.begin()?;
+            for id in std::iter::once(disk_id).chain(tmp) {
+                match self.pool.delete_volume(&txn, id) {
+                    Ok(()) | Err(VolumeError::NotFound(_)) => {}
+                    Err(e) => return Err(ControlError::from(e)),
+                }
+            }
+            txn.commit()?;
+            Ok::<(), ControlError>(())
+        })();
+        if let Err(e) = r {
+            eprintln!(
+                "sealdisk: CreateEncryptedCopy could not remove the half-made volume {disk_id}: {e}; \
+                 `sealdisk check` lists it"
+            );
+        }
+    }
+}
+
+/// Copies `len` bytes (a multiple of [`BLOCK`]) from `read(offset, n)` into `dst`,
+/// skipping all-zero blocks, and flushes `dst`.
+fn copy(
+    reactors: &Reactors,
+    dst: &BdevRef,
+    len: u64,
+    mut read: impl FnMut(u64, u64) -> Result<Vec<u8>, ControlError>,
+) -> Result<CopyStats, ControlError> {
+    let mut st = CopyStats::default();
+    let mut off = 0;
+    while off < len {
+        let n = BATCH.min(len - off);
+        let data = read(off, n)?;
+        let mut ops = Vec::new();
+        for (start, end) in nonzero_runs(&data, PIECE as usize) {
+            ops.push(Op::Write {
+                offset: off + start as u64,
+                at: start,
+                len: end - start,
+            });
+            st.copied += (end - start) as u64;
+        }
+        st.skipped += n - ops.iter().map(Op::len).sum::<u64>();
+        if !ops.is_empty() {
+            run_job(reactors, dst, ops, data).map_err(|e| io_error(e, "writing the new disk"))?;
+        }
+        off += n;
+    }
+    run_job(reactors, dst, vec![Op::Flush], Vec::new()).map_err(|e| io_error(e, "flushing the new disk"))?;
+    Ok(st)
+}
+
+/// Byte ranges of `data` holding non-zero [`BLOCK`]s, merged up to `max` bytes each.
+fn nonzero_runs(data: &[u8], max: usize) -> Vec<(usize, usize)> {
+    let blk = BLOCK as usize;
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    for (i, b) in data.chunks(blk).enumerate() {
+        // OR-folding 64-byte pieces vectorises; an early-exit byte loop does not.
+        if b.chunks(64).all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0) {
+            continue;
+        }
+        let (s, e) = (i * blk, (i * blk + b.len()));
+        match out.last_mut() {
+            Some(last) if last.1 == s && e - last.0 <= max => last.1 = e,
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+/// Reads `len` bytes at `off` from a file (zeros past its end).
+fn read_file(f: &File, off: u64, len: u64) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len as usize];
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], off + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(buf)
+}
+
+fn read_ops(off: u64, len: u64) -> Vec<Op> {
+    let mut ops = Vec::new();
+    let mut pos = 0;
+    while pos < len {
+        let n = READ_PIECE.min(len - pos);
+        ops.push(Op::Read {
+            offset: off + pos,
+            at: pos as usize,
+            len: n as usize,
+        });
+        pos += n;
+    }
+    ops
+}
+
+/// Why an I/O job failed.
+#[derive(Debug)]
+enum JobError {
+    Io(IoError),
+    Other(String),
+}
+
+fn io_error(e: JobError, what: &str) -> ControlError {
+    match e {
+        JobError::Io(IoError::Device { errno }) if errno == libc::ENOSPC => {
+            ControlError::Volume(VolumeError::PoolFull { needed: BLOCK, free: 0 })
+        }
+        JobError::Io(e) => ControlError::Volume(VolumeError::Io(format!("{what}: {e}"))),
+        JobError::Other(e) => ControlError::DataPath(format!("{what}: {e}")),
+    }
+}
+
+/// One request of a job; `at..at+len` is its place in the job's buffer.
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Read { offset: u64, at: usize, len: usize },
+    Write { offset: u64, at: usize, len: usize },
+    Flush,
+}
+
+impl Op {
+    fn len(&self) -> u64 {
+        match self {
+            Op::Read { len, .. } | Op::Write { len, .. } => *len as u64,
+            Op::Flush => 0,
+        }
+    }
+}
+
+/// Runs `ops` against `bdev` as a poller on a reactor (never blocking it), up to
+/// [`QUEUE_DEPTH`] at a time; writes take their bytes from `data`, reads fill it.
+/// Returns `data`.
+fn run_job(reactors: &Reactors, bdev: &BdevRef, ops: Vec<Op>, data: Vec<u8>) -> Result<Vec<u8>, JobError> {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let r = NEXT.fetch_add(1, Ordering::Relaxed) % reactors.len().max(1);
+    let (tx, rx) = mpsc::sync_channel(1);
+    let cancel = Arc::new(AtomicBool::new(false));
+    let (b, c) = (bdev.clone(), cancel.clone());
+    reactors
+        .call(r, Duration::from_secs(10), move |ctx: &mut ReactorCtx| {
+            ctx.add_poller(Box::new(Job {
+                bdev: b,
+                ch: None,
+                ops,
+                next: 0,
+                inflight: 0,
+                pending: None,
+                data,
+                err: None,
+                cancel: c,
+                reply: Some(tx),
+                done: Vec::new(),
+            }))
+        })
+        .map_err(JobError::Other)?;
+    match rx.recv_timeout(BATCH_TIMEOUT) {
+        Ok(r) => r,
+        Err(_) => {
+            cancel.store(true, Ordering::Release);
+            // Let the poller drain and drop its channel before the caller cleans up.
+            let _ = rx.recv_timeout(Duration::from_secs(10));
+            Err(JobError::Other(format!(
+                "I/O did not complete within {BATCH_TIMEOUT:?}"
+            )))
+        }
+    }
+}
+
+struct Job {
+    bdev: BdevRef,
+    ch: Option<Box<dyn Channel>>,
+    ops: Vec<Op>,
+    next: usize,
+    inflight: usize,
+    /// A request the channel handed back (back-pressure), to submit again.
+    pending: Option<IoRequest>,
+    data: Vec<u8>,
+    err: Option<JobError>,
+    cancel: Arc<AtomicBool>,
+    reply: Option<mpsc::SyncSender<Result<Vec<u8>, JobError>>>,
+    done: Vec<IoCompletion>,
+}
+
+impl Job {
+    fn request(&self, ctx: &ReactorCtx, i: usize) -> Option<IoRequest> {
+        Some(match self.ops[i] {
+            Op::Read { offset, len, .. } => {
+                let mut b = ctx.chan.pool.alloc(len)?;
+                b.set_len(len);
+                IoRequest::read(offset, b, i as u64)
+            }
+            Op::Write { offset, at, len } => {
+                let mut b = ctx.chan.pool.alloc(len)?;
+                b.set_len(len);
+                b.copy_from_slice(&self.data[at..at + len]);
+                IoRequest::write(offset, b, i as u64)
+            }
+            Op::Flush => IoRequest::flush(i as u64),
+        })
+    }
+
+    fn finish(&mut self) -> Poll {
+        self.ch = None;
+        let res = match self.err.take() {
+            Some(e) => Err(e),
+            None => Ok(std::mem::take(&mut self.data)),
+        };
+        if let Some(tx) = self.reply.take() {
+            let _ = tx.send(res);
+        }
+        Poll::Done
+    }
+}
+
+impl Poller for Job {
+    fn poll(&mut self, ctx: &ReactorCtx) -> Poll {
+        let mut ch = match self.ch.take() {
+            Some(c) => c,
+            None => match self.bdev.open_channel(&ctx.chan) {
+                Ok(c) => c,
+                Err(e) => {
+                    self.err = Some(JobError::Other(format!("opening a channel: {e}")));
+                    return self.finish();
+                }
+            },
+        };
+        let mut work = 0;
+        ch.poll(&mut self.done);
+        for c in std::mem::take(&mut self.done) {
+            work += 1;
+            self.inflight -= 1;
+            match (c.result, self.ops.get(c.tag as usize)) {
+                (Err(e), _) => {
+                    self.err.get_or_insert(JobError::Io(e));
+                }
+                (Ok(()), Some(&Op::Read { at, len, .. })) => match &c.buf {
+                    Some(b) if b.len() >= len => self.data[at..at + len].copy_from_slice(&b[..len]),
+                    _ => {
+                        self.err
+                            .get_or_insert(JobError::Other("a read returned no data".into()));
+                    }
+                },
+                (Ok(()), _) => {}
+            }
+        }
+        if self.cancel.load(Ordering::Acquire) && self.err.is_none() {
+            self.err = Some(JobError::Other("cancelled".into()));
+        }
+        while self.err.is_none() && self.inflight < QUEUE_DEPTH {
+            let req = match self.pending.take() {
+                Some(r) => r,
+                None if self.next < self.ops.len() => match self.request(ctx, self.next) {
+                    Some(r) => {
+                        self.next += 1;
+                        r
+                    }
+                    None => break, // no buffer free: back-pressure, retry on the next poll
+                },
+                None => break,
+            };
+            match ch.submit(req) {
+                Ok(()) => {
+                    self.inflight += 1;
+                    work += 1;
+                }
+                Err(r) => {
+                    self.pending = Some(r);
+                    break;
+                }
+            }
+        }
+        self.ch = Some(ch);
+        let all_sent = self.next == self.ops.len() && self.pending.is_none();
+        if self.inflight == 0 && (self.err.is_some() || all_sent) {
+            self.pending = None;
+            return self.finish();
+        }
+        if work > 0 {
+            Poll::Busy(work)
+        } else {
+            Poll::Idle
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nonzero_runs;
+
+    #[test]
+    fn runs_skip_zero_blocks_and_merge_up_to_max() {
+        let mut d = vec![0u8; 10 * 4096];
+        d[0] = 1; // block 0
+        d[4096 + 4095] = 1; // block 1
+        d[3 * 4096 + 17] = 1; // block 3
+        for b in 5..10 {
+            d[b * 4096] = 9;
+        }
+        assert_eq!(
+            nonzero_runs(&d, 8192),
+            vec![
+                (0, 8192),
+                (3 * 4096, 4 * 4096),
+                (5 * 4096, 7 * 4096),
+                (7 * 4096, 9 * 4096),
+                (9 * 4096, 10 * 4096)
+            ]
+        );
+        assert!(nonzero_runs(&vec![0u8; 3 * 4096], 8192).is_empty());
+        // A short tail block counts too.
+        assert_eq!(nonzero_runs(&[0, 0, 7], 8192), vec![(0, 3)]);
+    }
+}

@@ -1,0 +1,201 @@
+#!/usr/bin/env python3
+"""Issue 6 figures: sealdisk's NBD export against qemu-nbd (raw and LUKS) and
+against fio's io_uring engine on the raw file, in one interleaved run.
+
+Targets (all 2 GiB, filled once before measuring):
+  file     fio ioengine=io_uring direct=1 on a raw image file   (the ceiling)
+  sd-plain fio ioengine=nbd -> sealdisk serve, plaintext disk
+  sd-enc   fio ioengine=nbd -> sealdisk serve, encrypted disk (AES-256-XTS)
+  q-raw    fio ioengine=nbd -> qemu-nbd --cache=none, raw image
+  q-luks   fio ioengine=nbd -> qemu-nbd --cache=none, QEMU LUKS1 image (aes-256-xts-plain64)
+Workloads: 4k randread/randwrite QD32, 128k seq read/write QD8, numjobs=1.
+Order: for rep, for workload: file, sd-plain, sd-enc, q-raw, q-luks.
+Placement (like ../shared/peer/qemu-luks-nbd.sh): servers (one sealdisk reactor,
+qemu-nbd) on the CPU that does not take the disk's completion interrupts, fio on
+the other. Server CPU is utime+stime of the server process over the fio run.
+
+Usage: tools/nbd-compare.py [--workdir DIR] [--runtime S] [--ramp S] [--reps N] [--out FILE]
+"""
+import argparse, json, os, shutil, signal, subprocess, sys, tempfile, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEALDISK = os.path.join(ROOT, "target", "release", "sealdisk")
+CLK = os.sysconf("SC_CLK_TCK")
+WORKLOADS = {
+    "randread": ["--rw=randread", "--bs=4k", "--iodepth=32"],
+    "randwrite": ["--rw=randwrite", "--bs=4k", "--iodepth=32"],
+    "seqread": ["--rw=read", "--bs=128k", "--iodepth=8"],
+    "seqwrite": ["--rw=write", "--bs=128k", "--iodepth=8"],
+}
+TARGETS = ["file", "sd-plain", "sd-enc", "q-raw", "q-luks"]
+
+
+def log(*a):
+    print(time.strftime("[%H:%M:%S]"), *a, file=sys.stderr, flush=True)
+
+
+def irq_cpu():
+    """The CPU taking the block device's completion interrupts, if one."""
+    try:
+        for line in open("/proc/interrupts"):
+            if "-req" in line or "nvme" in line:
+                counts = [int(x) for x in line.split()[1:1 + os.cpu_count()] if x.isdigit()]
+                if counts and max(counts) > 0:
+                    return counts.index(max(counts))
+    except OSError:
+        pass
+    return 0
+
+
+def cpu_ticks(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        s = f.read()
+    fields = s[s.rindex(")") + 2:].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+
+
+def sd(data_dir, *args):
+    out = run([SEALDISK, *args, "--data-dir", data_dir, "--json", "--account", "bench", "--region", "local-1"]).stdout
+    return json.loads(out) if out.strip() else {}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "sealdisk-nbd-compare"))
+    ap.add_argument("--runtime", type=int, default=10)
+    ap.add_argument("--ramp", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--size", default="2G")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    for tool in ("fio", "qemu-nbd", "qemu-img"):
+        if not shutil.which(tool):
+            sys.exit(f"{tool} not found (apt-get install fio qemu-utils)")
+    subprocess.run(["cargo", "build", "--release", "--quiet", "--manifest-path", os.path.join(ROOT, "Cargo.toml")], check=True)
+    fio_cpu = irq_cpu()
+    srv_cpu = 1 - fio_cpu if os.cpu_count() >= 2 and fio_cpu in (0, 1) else (fio_cpu + 1) % os.cpu_count()
+    w = a.workdir
+    shutil.rmtree(w, ignore_errors=True)
+    os.makedirs(w)
+    procs = []
+
+    def cleanup(*_):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    try:
+        # --- sealdisk: one reactor on the server CPU, no QoS caps.
+        data = os.path.join(w, "sd")
+        p = subprocess.Popen([SEALDISK, "serve", "--data-dir", data, "--cores", str(srv_cpu), "--no-qos",
+                              "--pool-size", str(8 << 30)], stderr=open(os.path.join(w, "sealdisk.log"), "w"))
+        procs.append(p)
+        for _ in range(100):
+            if os.path.exists(os.path.join(data, "sealdisk.sock")):
+                break
+            time.sleep(0.1)
+        sd(data, "activate-kms")
+        inst = sd(data, "create-instance")["InstanceId"]
+        size_gib = int(a.size.rstrip("G"))
+        disks = {}
+        for name, enc in (("sd-plain", "false"), ("sd-enc", "true")):
+            d = sd(data, "create-disk", f"Size={size_gib}", f"Encrypted={enc}", "DiskCategory=ssd")["DiskId"]
+            sd(data, "attach-disk", f"DiskId={d}", f"InstanceId={inst}")
+            disks[name] = f"nbd+unix:///{d}?socket={os.path.join(data, 'nbd.sock')}"
+        # --- qemu-nbd raw and LUKS, pinned to the server CPU.
+        raw, luks, pw = (os.path.join(w, n) for n in ("raw.img", "luks.img", "pass"))
+        with open(os.open(pw, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+            f.write("peer-bench-passphrase")
+        run(["qemu-img", "create", "-q", "-f", "raw", raw, a.size])
+        run(["qemu-img", "create", "-q", "-f", "luks", "--object", f"secret,id=sec0,file={pw},format=raw",
+             "-o", "key-secret=sec0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,hash-alg=sha256", luks, a.size])
+        qsock = {"q-raw": os.path.join(w, "raw.sock"), "q-luks": os.path.join(w, "luks.sock")}
+        qpid = {}
+        for name, args in (("q-raw", ["-f", "raw", raw]),
+                           ("q-luks", ["--object", f"secret,id=sec0,file={pw},format=raw", "--image-opts",
+                                       f"driver=luks,key-secret=sec0,file.driver=file,file.filename={luks}"])):
+            pidf = os.path.join(w, name + ".pid")
+            run(["taskset", "-c", str(srv_cpu), "qemu-nbd", "--fork", f"--pid-file={pidf}", "--persistent",
+                 "--shared=4", "-k", qsock[name], "--cache=none", "--aio=io_uring", *args])
+            qpid[name] = int(open(pidf).read())
+        uris = dict(disks)
+        for name in qsock:
+            uris[name] = f"nbd+unix:///?socket={qsock[name]}"
+        srv_pid = {"sd-plain": p.pid, "sd-enc": p.pid, **qpid, "file": None}
+        # --- fill every target once (allocates sealdisk clusters, real ciphertext everywhere).
+        for name in ["sd-plain", "sd-enc", "q-raw", "q-luks"]:
+            log(f"filling {name}")
+            run(["fio", "--name=fill", "--ioengine=nbd", f"--uri={uris[name]}", "--rw=write", "--bs=1M",
+                 "--iodepth=8", f"--size={a.size}", f"--cpus_allowed={fio_cpu}", "--output-format=json"])
+        # --- measure.
+        res = {}
+        for rep in range(a.reps):
+            for wl, wopts in WORKLOADS.items():
+                for t in TARGETS:
+                    log(f"rep {rep + 1} {wl} {t}")
+                    tgt = (["--ioengine=io_uring", "--direct=1", f"--filename={raw}"] if t == "file"
+                           else ["--ioengine=nbd", f"--uri={uris[t]}"])
+                    pid = srv_pid[t]
+                    c0 = cpu_ticks(pid) if pid else 0
+                    t0 = time.time()
+                    out = run(["fio", f"--name={wl}", "--numjobs=1", "--time_based=1", f"--runtime={a.runtime}",
+                               f"--ramp_time={a.ramp}", f"--size={a.size}", "--norandommap=1", "--randrepeat=0",
+                               f"--cpus_allowed={fio_cpu}", *wopts, *tgt, "--output-format=json"]).stdout
+                    wall = time.time() - t0
+                    cpu = (cpu_ticks(pid) - c0) / CLK if pid else None
+                    j = json.loads(out[out.index("{"):])["jobs"][0]
+                    d = j["write"] if "write" in wl else j["read"]
+                    pc = d["clat_ns"].get("percentile", {})
+                    ios = d["total_ios"] or 1
+                    # Server CPU covers ramp too: scale to the measured IOs over the whole wall time.
+                    ios_wall = d["iops"] * wall
+                    res.setdefault((wl, t), []).append({
+                        "iops": d["iops"], "mibs": d["bw_bytes"] / 2**20,
+                        "p50": pc.get("50.000000", 0) / 1000, "p99": pc.get("99.000000", 0) / 1000,
+                        "srv_us": (cpu / ios_wall * 1e6) if cpu is not None and ios_wall else None,
+                        "err": j["error"], "ios": ios,
+                    })
+    finally:
+        cleanup()
+        for pid in (qpid if "qpid" in dir() else {}).values():
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def avg(wl, t, k):
+        v = [r[k] for r in res[(wl, t)] if r[k] is not None]
+        return sum(v) / len(v) if v else None
+
+    def f(x, n=0):
+        return "n/a" if x is None else f"{x:,.{n}f}"
+    L = [f"# NBD export comparison ({time.strftime('%Y-%m-%d %H:%M')}, {a.reps} reps x {a.runtime}s, "
+         f"servers on cpu {srv_cpu}, fio on cpu {fio_cpu})", "",
+         "| workload | target | IOPS | MiB/s | p50 us | p99 us | server CPU us/IO |", "|---|---|---:|---:|---:|---:|---:|"]
+    for wl in WORKLOADS:
+        for t in TARGETS:
+            L.append(f"| {wl} | {t} | {f(avg(wl, t, 'iops'))} | {f(avg(wl, t, 'mibs'), 1)} | {f(avg(wl, t, 'p50'), 1)} | "
+                     f"{f(avg(wl, t, 'p99'), 1)} | {f(avg(wl, t, 'srv_us'), 1)} |")
+    L += ["", "| workload | sd-enc / q-luks | sd-enc / sd-plain | sd-enc / file | sd-plain / q-raw |", "|---|---:|---:|---:|---:|"]
+    for wl in WORKLOADS:
+        r = lambda x, y: avg(wl, x, "iops") / avg(wl, y, "iops")
+        L.append(f"| {wl} | {r('sd-enc', 'q-luks'):.2f} | {r('sd-enc', 'sd-plain'):.3f} | {r('sd-enc', 'file'):.3f} | "
+                 f"{r('sd-plain', 'q-raw'):.2f} |")
+    errs = [(k, r["err"]) for k, v in res.items() for r in v if r["err"]]
+    L += ["", f"fio errors: {errs or 'none'}"]
+    text = "\n".join(L) + "\n"
+    print(text)
+    if a.out:
+        open(a.out, "w").write(text)
+
+
+if __name__ == "__main__":
+    main()
