@@ -144,6 +144,7 @@ fn sum_stats(v: &[StatsSnapshot]) -> StatsSnapshot {
         ios: a.ios + s.ios,
         bytes: a.bytes + s.bytes,
         queue_full: a.queue_full + s.queue_full,
+        slow_parks: a.slow_parks + s.slow_parks,
     })
 }
 

@@ -11,6 +11,7 @@ pub struct ReactorStats {
     ios: AtomicU64,
     bytes: AtomicU64,
     queue_full: AtomicU64,
+    slow_parks: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -21,6 +22,8 @@ pub struct StatsSnapshot {
     pub ios: u64,
     pub bytes: u64,
     pub queue_full: u64,
+    /// Parks that lasted the whole park timeout with I/O in flight.
+    pub slow_parks: u64,
 }
 
 impl ReactorStats {
@@ -37,6 +40,9 @@ impl ReactorStats {
     pub fn add_queue_full(&self) {
         self.queue_full.fetch_add(1, Relaxed);
     }
+    pub fn add_slow_park(&self) {
+        self.slow_parks.fetch_add(1, Relaxed);
+    }
     pub fn snapshot(&self) -> StatsSnapshot {
         StatsSnapshot {
             busy_ns: self.busy_ns.load(Relaxed),
@@ -44,6 +50,7 @@ impl ReactorStats {
             ios: self.ios.load(Relaxed),
             bytes: self.bytes.load(Relaxed),
             queue_full: self.queue_full.load(Relaxed),
+            slow_parks: self.slow_parks.load(Relaxed),
         }
     }
 }
@@ -57,6 +64,7 @@ impl StatsSnapshot {
             ios: self.ios - earlier.ios,
             bytes: self.bytes - earlier.bytes,
             queue_full: self.queue_full - earlier.queue_full,
+            slow_parks: self.slow_parks - earlier.slow_parks,
         }
     }
 }
