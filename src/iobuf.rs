@@ -22,6 +22,7 @@ pub const MIN_BUF: usize = 4096;
 /// Largest chunk.
 pub const MAX_BUF: usize = 1 << 20;
 const CLASSES: usize = 9; // 4 KiB << 0..=8
+const CACHE_PER_CLASS: usize = 64;
 
 struct Arena {
     base: NonNull<u8>,
@@ -39,12 +40,28 @@ impl Drop for Arena {
 struct PoolState {
     /// Free chunk offsets per order (chunk size = MIN_BUF << order).
     free: [BTreeSet<usize>; CLASSES],
+    /// Recently freed chunks per order, reused first without touching the
+    /// buddy tree (the data path frees and takes the same sizes over and
+    /// over). Bounded, and drained back into the tree when a larger size
+    /// cannot be found.
+    cache: [Vec<usize>; CLASSES],
     in_use: usize,
     high_water: usize,
 }
 
 impl PoolState {
     fn take(&mut self, order: usize) -> Option<usize> {
+        if let Some(off) = self.cache[order].pop() {
+            return Some(off);
+        }
+        if !(order..CLASSES).any(|o| !self.free[o].is_empty()) {
+            // Cached chunks may merge into what is asked for.
+            for o in 0..CLASSES {
+                for off in std::mem::take(&mut self.cache[o]) {
+                    self.merge(off, o);
+                }
+            }
+        }
         let from = (order..CLASSES).find(|&o| !self.free[o].is_empty())?;
         let off = self.free[from].pop_first().expect("non-empty");
         // Split down to the wanted order, freeing the upper halves.
@@ -54,7 +71,15 @@ impl PoolState {
         Some(off)
     }
 
-    fn give(&mut self, mut off: usize, mut order: usize) {
+    fn give(&mut self, off: usize, order: usize) {
+        if self.cache[order].len() < CACHE_PER_CLASS {
+            self.cache[order].push(off);
+        } else {
+            self.merge(off, order);
+        }
+    }
+
+    fn merge(&mut self, mut off: usize, mut order: usize) {
         while order + 1 < CLASSES {
             let buddy = off ^ (MIN_BUF << order);
             if !self.free[order].remove(&buddy) {
@@ -122,6 +147,7 @@ impl BufPool {
                         f[CLASSES - 1] = (0..size).step_by(MAX_BUF).collect();
                         f
                     },
+                    cache: Default::default(),
                     in_use: 0,
                     high_water: 0,
                 }),
