@@ -230,7 +230,8 @@ impl Channel for CryptoChannel {
                 let src = req.buf.as_ref().expect("validated");
                 let len = src.len();
                 let chunks = len.div_ceil(BOUNCE_CHUNK);
-                let mut bounces = Vec::with_capacity(chunks);
+                // At most MAX_IO_BYTES / BOUNCE_CHUNK = 4 pieces: kept inline, no heap allocation.
+                let mut bounces: smallvec::SmallVec<[IoBuf; 4]> = smallvec::SmallVec::new();
                 for c in 0..chunks {
                     let clen = BOUNCE_CHUNK.min(len - c * BOUNCE_CHUNK);
                     match self.pool.alloc(clen) {

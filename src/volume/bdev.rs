@@ -22,6 +22,10 @@ use super::{db_err, Pool, VolumeError};
 use crate::bdev::{validate, Bdev, Channel, ChannelCtx, IoCompletion, IoError, IoOp, IoRequest};
 use crate::iobuf::{BufPool, IoBuf};
 
+/// Per-request lists stay inline (no heap allocation on the I/O path): a
+/// request of at most 512 KiB spans at most 3 clusters of the default size.
+type Inline<T> = smallvec::SmallVec<[T; 4]>;
+
 /// Map entry bit: the cluster has one reference (this volume's) and may be
 /// written in place.
 const OWNED: u64 = 1 << 63;
@@ -156,7 +160,7 @@ struct Pending {
     result: Result<(), IoError>,
     buf: Option<IoBuf>,
     /// Buffer offset of each sub-request (for copying pieces back).
-    pieces: Vec<usize>,
+    pieces: Inline<usize>,
 }
 
 struct VolumeChannel {
@@ -179,8 +183,8 @@ struct VolumeChannel {
 const PART_BITS: u32 = 8;
 
 impl VolumeChannel {
-    fn pieces(&self, offset: u64, len: u64) -> Vec<Piece> {
-        let mut v = Vec::with_capacity(2);
+    fn pieces(&self, offset: u64, len: u64) -> Inline<Piece> {
+        let mut v = Inline::new();
         let mut pos = offset;
         while pos < offset + len {
             let c = pos / self.cluster;
@@ -264,7 +268,7 @@ impl VolumeChannel {
             parts: 1,
             result: Ok(()),
             buf,
-            pieces: Vec::new(),
+            pieces: Inline::new(),
         });
         let req = MetaReq {
             vol: self.state.clone(),
@@ -298,7 +302,7 @@ impl Channel for VolumeChannel {
                     parts: 1,
                     result: Ok(()),
                     buf: None,
-                    pieces: vec![],
+                    pieces: Inline::new(),
                 });
                 self.down(IoRequest::flush((idx as u64) << PART_BITS));
             }
@@ -315,7 +319,7 @@ impl Channel for VolumeChannel {
             }
             IoOp::Read => {
                 let pieces = self.pieces(req.offset, req.bytes());
-                let entries: Vec<u64> = pieces.iter().map(|p| self.state.entry(p.cluster)).collect();
+                let entries: Inline<u64> = pieces.iter().map(|p| self.state.entry(p.cluster)).collect();
                 let mapped = entries.iter().filter(|&&e| e != 0).count();
                 let mut buf = req.buf.expect("validated");
                 if mapped == 0 {
@@ -335,14 +339,14 @@ impl Channel for VolumeChannel {
                         parts: 1,
                         result: Ok(()),
                         buf: None,
-                        pieces: vec![0],
+                        pieces: smallvec::smallvec![0],
                     });
                     let at = self.phys(entries[0], &pieces[0]);
                     self.down(IoRequest::read(at, buf, (idx as u64) << PART_BITS));
                     return Ok(());
                 }
                 // Spanning clusters: a pool buffer per mapped piece.
-                let mut temps = Vec::new();
+                let mut temps: Inline<IoBuf> = Inline::new();
                 for (p, &e) in pieces.iter().zip(&entries) {
                     if e != 0 {
                         match self.bufs.alloc(p.len as usize) {
@@ -351,7 +355,7 @@ impl Channel for VolumeChannel {
                         }
                     }
                 }
-                let mut offs = Vec::new();
+                let mut offs = Inline::new();
                 for (p, &e) in pieces.iter().zip(&entries) {
                     if e == 0 {
                         buf[p.buf_off..p.buf_off + p.len as usize].fill(0);
@@ -380,7 +384,7 @@ impl Channel for VolumeChannel {
             }
             IoOp::Write => {
                 let pieces = self.pieces(req.offset, req.bytes());
-                let entries: Vec<u64> = pieces.iter().map(|p| self.state.entry(p.cluster)).collect();
+                let entries: Inline<u64> = pieces.iter().map(|p| self.state.entry(p.cluster)).collect();
                 let buf = req.buf.expect("validated");
                 if entries.iter().any(|e| e & OWNED == 0) {
                     // First write or shared cluster: the slow path.
@@ -403,14 +407,14 @@ impl Channel for VolumeChannel {
                         parts: 1,
                         result: Ok(()),
                         buf: None,
-                        pieces: vec![0],
+                        pieces: smallvec::smallvec![0],
                     });
                     let mut w = IoRequest::write(self.phys(entries[0], &pieces[0]), buf, (idx as u64) << PART_BITS);
                     w.fua = req.fua;
                     self.down(w);
                     return Ok(());
                 }
-                let mut temps = Vec::new();
+                let mut temps: Inline<IoBuf> = Inline::new();
                 for p in &pieces {
                     match self.bufs.alloc(p.len as usize) {
                         Some(mut t) => {
