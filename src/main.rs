@@ -72,6 +72,9 @@ struct IoArgs {
     size: Option<String>,
     #[arg(long)]
     offset: Option<String>,
+    /// Job n starts at offset + n * offset_increment.
+    #[arg(long = "offset_increment")]
+    offset_increment: Option<String>,
     #[arg(long)]
     runtime: Option<String>,
     /// Run for --runtime regardless of --size (fio: time_based).
@@ -178,7 +181,7 @@ fn bench_io(a: IoArgs) -> Result<ExitCode, String> {
     use sealdisk::bench::{io, report};
     let mut job = JobSpec::default();
     let mut target = TargetSpec::default();
-    let given: [(&str, &Option<String>); 16] = [
+    let given: [(&str, &Option<String>); 17] = [
         ("name", &a.name),
         ("rw", &a.rw),
         ("rwmixread", &a.rwmixread),
@@ -187,6 +190,7 @@ fn bench_io(a: IoArgs) -> Result<ExitCode, String> {
         ("numjobs", &a.numjobs),
         ("size", &a.size),
         ("offset", &a.offset),
+        ("offset_increment", &a.offset_increment),
         ("runtime", &a.runtime),
         ("time_based", &a.time_based),
         ("ramp_time", &a.ramp_time),

@@ -29,6 +29,9 @@ fn many_jobs_over_both_reactors_verify_through_the_crypto_layer() {
         iodepth: 8,
         numjobs: 4,
         size: Some(4 << 20),
+        // Disjoint regions: jobs racing on one block would tear it (two
+        // reactors writing the same sectors at once), as with fio.
+        offset_increment: 4 << 20,
         verify: true,
         ..JobSpec::default()
     };

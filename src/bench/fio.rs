@@ -2,7 +2,7 @@
 //! a fio job file (`[global]` plus job sections).
 //!
 //! Supported keys: `name`, `rw`/`readwrite`, `rwmixread`, `rwmixwrite`,
-//! `bs`/`blocksize`, `iodepth`, `numjobs`, `size`, `offset`, `runtime`,
+//! `bs`/`blocksize`, `iodepth`, `numjobs`, `size`, `offset`, `offset_increment`, `runtime`,
 //! `time_based`, `ramp_time`, `verify`, `verify_only`, `direct` (must be 1),
 //! `group_reporting`, `ioengine` (ignored: the engine is sealdisk), and
 //! sealdisk's own `backend`, `filename` (= `backend=file:PATH`), `encrypt`,
@@ -69,6 +69,9 @@ pub struct JobSpec {
     /// Bytes of the device the job covers (None: all of it from `offset`).
     pub size: Option<u64>,
     pub offset: u64,
+    /// fio's `offset_increment`: job n of `numjobs` starts at
+    /// `offset + n * offset_increment` (disjoint regions for verify).
+    pub offset_increment: u64,
     pub runtime: Option<Duration>,
     pub time_based: bool,
     pub ramp_time: Duration,
@@ -87,6 +90,7 @@ impl Default for JobSpec {
             numjobs: 1,
             size: None,
             offset: 0,
+            offset_increment: 0,
             runtime: None,
             time_based: false,
             ramp_time: Duration::ZERO,
@@ -187,6 +191,7 @@ pub fn apply(job: &mut JobSpec, target: &mut TargetSpec, key: &str, value: Optio
             job.size = Some(s);
         }
         "offset" => job.offset = parse_size(need()?)?,
+        "offset_increment" => job.offset_increment = parse_size(need()?)?,
         "runtime" => job.runtime = Some(parse_time(need()?)?),
         "time_based" => job.time_based = parse_bool(key, value)?,
         "ramp_time" => job.ramp_time = parse_time(need()?)?,

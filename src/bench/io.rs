@@ -79,7 +79,7 @@ pub struct IoBenchReport {
 }
 
 fn build_base(t: &TargetSpec, job: &JobSpec) -> Result<BdevRef, String> {
-    let want = job.offset + job.size.unwrap_or(1 << 30);
+    let want = job.offset + job.offset_increment * (job.numjobs as u64 - 1) + job.size.unwrap_or(1 << 30);
     let backend = t.backend.as_deref().unwrap_or("malloc");
     Ok(match backend {
         "malloc" => Arc::new(MallocBdev::new("malloc0", want, 512)),
@@ -164,7 +164,9 @@ fn run_once(
     let t0 = Instant::now();
     for j in 0..spec.numjobs {
         let r = j as usize % reactors.len();
-        let (bdev, spec, prog, job_abort, tx) = (bdev.clone(), spec.clone(), prog.clone(), abort.clone(), tx.clone());
+        let (bdev, mut spec, prog, job_abort, tx) =
+            (bdev.clone(), spec.clone(), prog.clone(), abort.clone(), tx.clone());
+        spec.offset += spec.offset_increment * j as u64;
         let setup = reactors.call(r, Duration::from_secs(10), move |ctx| -> Result<(), String> {
             let chan = bdev
                 .open_channel(&ctx.chan)
