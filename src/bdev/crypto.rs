@@ -17,7 +17,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use super::{validate, Bdev, BdevRef, Channel, ChannelCtx, IoCompletion, IoError, IoOp, IoRequest};
+use super::{validate, Bdev, BdevRef, Channel, ChannelCtx, IoCompletion, IoError, IoOp, IoRequest, Lower};
 use crate::crypto::Xts;
 use crate::iobuf::{BufPool, IoBuf};
 
@@ -78,7 +78,7 @@ impl Bdev for CryptoBdev {
     }
     fn open_channel(&self, ctx: &ChannelCtx) -> std::io::Result<Box<dyn Channel>> {
         Ok(Box::new(CryptoChannel {
-            inner: self.inner.open_channel(ctx)?,
+            lower: Lower::new(self.inner.open_channel(ctx)?),
             xts: self.xts.clone(),
             pool: ctx.pool.clone(),
             sector_size: self.sector_size as usize,
@@ -87,9 +87,7 @@ impl Bdev for CryptoBdev {
             pending: Vec::new(),
             free: Vec::new(),
             live: 0,
-            deferred: VecDeque::new(),
             ready: VecDeque::new(),
-            scratch: Vec::new(),
         }))
     }
 }
@@ -104,7 +102,7 @@ struct Pending {
 }
 
 struct CryptoChannel {
-    inner: Box<dyn Channel>,
+    lower: Lower,
     xts: Arc<Xts>,
     pool: BufPool,
     sector_size: usize,
@@ -113,10 +111,7 @@ struct CryptoChannel {
     pending: Vec<Option<Pending>>,
     free: Vec<usize>,
     live: usize,
-    /// Lower requests refused by back-pressure, retried on poll.
-    deferred: VecDeque<IoRequest>,
     ready: VecDeque<IoCompletion>,
-    scratch: Vec<IoCompletion>,
 }
 
 impl CryptoChannel {
@@ -135,13 +130,7 @@ impl CryptoChannel {
     }
 
     fn send_down(&mut self, req: IoRequest) {
-        if !self.deferred.is_empty() {
-            self.deferred.push_back(req);
-            return;
-        }
-        if let Err(req) = self.inner.submit(req) {
-            self.deferred.push_back(req);
-        }
+        self.lower.submit(req);
     }
 
     fn finish_part(&mut self, c: IoCompletion) {
@@ -297,18 +286,11 @@ impl Channel for CryptoChannel {
     }
 
     fn poll(&mut self, out: &mut Vec<IoCompletion>) -> usize {
-        while let Some(r) = self.deferred.pop_front() {
-            if let Err(r) = self.inner.submit(r) {
-                self.deferred.push_front(r);
-                break;
-            }
-        }
-        let mut scratch = std::mem::take(&mut self.scratch);
-        self.inner.poll(&mut scratch);
-        for c in scratch.drain(..) {
+        let mut comps = self.lower.poll();
+        for c in comps.drain(..) {
             self.finish_part(c);
         }
-        self.scratch = scratch;
+        self.lower.recycle(comps);
         let n = self.ready.len();
         out.extend(self.ready.drain(..));
         n

@@ -243,6 +243,55 @@ pub trait Channel {
     fn in_flight(&self) -> usize;
 }
 
+/// The channel below a virtual bdev's channel, with the stacking rule's
+/// back-pressure handling: a request the lower channel refuses waits here and
+/// goes first, in order, on the next poll, so a vbdev never drops or
+/// reorders what it sends down.
+pub struct Lower {
+    chan: Box<dyn Channel>,
+    deferred: std::collections::VecDeque<IoRequest>,
+    scratch: Vec<IoCompletion>,
+}
+
+impl Lower {
+    pub fn new(chan: Box<dyn Channel>) -> Lower {
+        Lower {
+            chan,
+            deferred: Default::default(),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Send a request down (or queue it behind earlier refused ones).
+    pub fn submit(&mut self, req: IoRequest) {
+        if !self.deferred.is_empty() {
+            self.deferred.push_back(req);
+        } else if let Err(r) = self.chan.submit(req) {
+            self.deferred.push_back(r);
+        }
+    }
+
+    /// Retry refused requests, then collect the lower channel's completions.
+    /// Hand the vector back with [`Lower::recycle`] to reuse its storage.
+    pub fn poll(&mut self) -> Vec<IoCompletion> {
+        while let Some(r) = self.deferred.pop_front() {
+            if let Err(r) = self.chan.submit(r) {
+                self.deferred.push_front(r);
+                break;
+            }
+        }
+        let mut v = std::mem::take(&mut self.scratch);
+        self.chan.poll(&mut v);
+        v
+    }
+
+    /// Return the (drained) vector from [`Lower::poll`].
+    pub fn recycle(&mut self, v: Vec<IoCompletion>) {
+        debug_assert!(v.is_empty());
+        self.scratch = v;
+    }
+}
+
 /// Check a request against a device's geometry.
 pub fn validate(req: &IoRequest, block_size: u32, capacity: u64, max_io: u64) -> Result<(), IoError> {
     let len = match req.op {

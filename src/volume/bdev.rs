@@ -19,7 +19,7 @@ use std::sync::Arc;
 use super::meta::{MetaOp, MetaReq};
 use super::tables::*;
 use super::{db_err, Pool, VolumeError};
-use crate::bdev::{validate, Bdev, Channel, ChannelCtx, IoCompletion, IoError, IoOp, IoRequest};
+use crate::bdev::{validate, Bdev, Channel, ChannelCtx, IoCompletion, IoError, IoOp, IoRequest, Lower};
 use crate::iobuf::{BufPool, IoBuf};
 
 /// Per-request lists stay inline (no heap allocation on the I/O path): a
@@ -125,7 +125,7 @@ impl Bdev for VolumeBdev {
             .ok_or_else(|| std::io::Error::other("pool is shutting down"))?;
         let (reply_tx, replies) = mpsc::channel();
         Ok(Box::new(VolumeChannel {
-            inner: self.pool.base.open_channel(ctx)?,
+            lower: Lower::new(self.pool.base.open_channel(ctx)?),
             state: self.state.clone(),
             cluster: self.pool.cluster,
             bufs: ctx.pool.clone(),
@@ -137,8 +137,6 @@ impl Bdev for VolumeBdev {
             free: Vec::new(),
             live: 0,
             ready: VecDeque::new(),
-            deferred: VecDeque::new(),
-            scratch: Vec::new(),
         }))
     }
 }
@@ -164,7 +162,7 @@ struct Pending {
 }
 
 struct VolumeChannel {
-    inner: Box<dyn Channel>,
+    lower: Lower,
     state: Arc<VolState>,
     cluster: u64,
     bufs: BufPool,
@@ -176,8 +174,6 @@ struct VolumeChannel {
     free: Vec<usize>,
     live: usize,
     ready: VecDeque<IoCompletion>,
-    deferred: VecDeque<IoRequest>,
-    scratch: Vec<IoCompletion>,
 }
 
 const PART_BITS: u32 = 8;
@@ -216,11 +212,7 @@ impl VolumeChannel {
     }
 
     fn down(&mut self, req: IoRequest) {
-        if !self.deferred.is_empty() {
-            self.deferred.push_back(req);
-        } else if let Err(r) = self.inner.submit(req) {
-            self.deferred.push_back(r);
-        }
+        self.lower.submit(req);
     }
 
     fn phys(&self, e: u64, p: &Piece) -> u64 {
@@ -453,20 +445,13 @@ impl Channel for VolumeChannel {
     }
 
     fn poll(&mut self, out: &mut Vec<IoCompletion>) -> usize {
-        while let Some(r) = self.deferred.pop_front() {
-            if let Err(r) = self.inner.submit(r) {
-                self.deferred.push_front(r);
-                break;
-            }
-        }
-        let mut scratch = std::mem::take(&mut self.scratch);
-        self.inner.poll(&mut scratch);
-        for c in scratch.drain(..) {
+        let mut comps = self.lower.poll();
+        for c in comps.drain(..) {
             let idx = (c.tag >> PART_BITS) as usize;
             let part = (c.tag & ((1 << PART_BITS) - 1)) as usize;
             self.finish(idx, c.result, c.buf.map(|b| (part, b)));
         }
-        self.scratch = scratch;
+        self.lower.recycle(comps);
         while let Ok((idx, res)) = self.replies.try_recv() {
             self.finish(idx as usize, res, None);
         }

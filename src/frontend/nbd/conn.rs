@@ -141,14 +141,18 @@ struct Req {
     err: u32,
     /// Read: the parts' buffers, in order, as they come back. Write: the
     /// payload chunks until each is filled and submitted.
-    bufs: Vec<Option<IoBuf>>,
+    bufs: Inline<Option<IoBuf>>,
     /// Trim / write-zeroes with FUA: flush once the parts are done.
     flush_after: bool,
 }
 
+/// Per-request buffer lists stay inline (one part up to 512 KiB covers
+/// almost every request), so parsing a request allocates nothing.
+type Inline<T> = smallvec::SmallVec<[T; 2]>;
+
 struct Reply {
     hdr: [u8; REPLY_LEN],
-    data: Vec<IoBuf>,
+    data: Inline<IoBuf>,
 }
 
 /// One `sendmsg` in flight: everything it points at lives here, boxed so
@@ -278,13 +282,13 @@ impl Conn {
     fn reply(&mut self, err: u32, cookie: u64) {
         self.replies.push_back(Reply {
             hdr: simple_reply(err, cookie),
-            data: Vec::new(),
+            data: Inline::new(),
         });
     }
 
     /// Allocate `n` buffers of the given lengths, all or none.
-    fn alloc_chunks(&self, len: u64) -> Option<Vec<Option<IoBuf>>> {
-        let mut v = Vec::with_capacity(len.div_ceil(MAX_IO_BYTES) as usize);
+    fn alloc_chunks(&self, len: u64) -> Option<Inline<Option<IoBuf>>> {
+        let mut v = Inline::new();
         let mut off = 0;
         while off < len {
             let l = (len - off).min(MAX_IO_BYTES) as usize;
@@ -390,7 +394,7 @@ impl Conn {
                     fua: false,
                     parts_left: 1,
                     err: 0,
-                    bufs: Vec::new(),
+                    bufs: Inline::new(),
                     flush_after: false,
                 });
                 self.submit(IoRequest::flush(tag(slot, 0)));
@@ -425,7 +429,7 @@ impl Conn {
                         fua: false,
                         parts_left: n as u32,
                         err: 0,
-                        bufs: Vec::new(),
+                        bufs: Inline::new(),
                         flush_after: r.flags & CMD_FLAG_FUA != 0,
                     });
                     for i in 0..n {
@@ -626,7 +630,7 @@ impl Conn {
             let data = if req.op == IoOp::Read && req.err == 0 {
                 req.bufs.into_iter().map(|b| b.expect("every part returned")).collect()
             } else {
-                Vec::new()
+                Inline::new()
             };
             self.replies.push_back(Reply {
                 hdr: simple_reply(req.err, req.cookie),
