@@ -17,6 +17,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use super::slab::Slab;
 use super::{validate, Bdev, BdevRef, Channel, ChannelCtx, IoCompletion, IoError, IoOp, IoRequest, Lower};
 use crate::crypto::Xts;
 use crate::iobuf::{BufPool, IoBuf};
@@ -84,9 +85,7 @@ impl Bdev for CryptoBdev {
             sector_size: self.sector_size as usize,
             capacity: self.capacity,
             max_io: self.max_io_bytes(),
-            pending: Vec::new(),
-            free: Vec::new(),
-            live: 0,
+            pending: Slab::default(),
             ready: VecDeque::new(),
         }))
     }
@@ -108,25 +107,13 @@ struct CryptoChannel {
     sector_size: usize,
     capacity: u64,
     max_io: u64,
-    pending: Vec<Option<Pending>>,
-    free: Vec<usize>,
-    live: usize,
+    pending: Slab<Pending>,
     ready: VecDeque<IoCompletion>,
 }
 
 impl CryptoChannel {
     fn slot(&mut self, p: Pending) -> u64 {
-        self.live += 1;
-        match self.free.pop() {
-            Some(i) => {
-                self.pending[i] = Some(p);
-                i as u64
-            }
-            None => {
-                self.pending.push(Some(p));
-                (self.pending.len() - 1) as u64
-            }
-        }
+        self.pending.insert(p) as u64
     }
 
     fn send_down(&mut self, req: IoRequest) {
@@ -135,7 +122,7 @@ impl CryptoChannel {
 
     fn finish_part(&mut self, c: IoCompletion) {
         let idx = c.tag as usize;
-        let mut p = self.pending[idx].take().expect("completion for a live request");
+        let p = self.pending.get_mut(idx).expect("completion for a live request");
         if let Err(e) = c.result {
             if p.result.is_ok() {
                 p.result = Err(e);
@@ -163,16 +150,13 @@ impl CryptoChannel {
         }
         p.parts -= 1;
         if p.parts == 0 {
-            self.free.push(idx);
-            self.live -= 1;
+            let p = self.pending.remove(idx).expect("live");
             self.ready.push_back(IoCompletion {
                 tag: p.tag,
                 op: p.op,
                 result: p.result,
                 buf: p.buf,
             });
-        } else {
-            self.pending[idx] = Some(p);
         }
     }
 }
@@ -297,6 +281,6 @@ impl Channel for CryptoChannel {
     }
 
     fn in_flight(&self) -> usize {
-        self.live + self.ready.len()
+        self.pending.len() + self.ready.len()
     }
 }

@@ -17,6 +17,7 @@ pub mod crypto;
 pub mod malloc;
 pub mod null;
 pub mod qos;
+pub mod slab;
 pub mod uring;
 
 use std::fmt;

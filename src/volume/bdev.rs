@@ -19,6 +19,7 @@ use std::sync::Arc;
 use super::meta::{MetaOp, MetaReq};
 use super::tables::*;
 use super::{db_err, Pool, VolumeError};
+use crate::bdev::slab::Slab;
 use crate::bdev::{validate, Bdev, Channel, ChannelCtx, IoCompletion, IoError, IoOp, IoRequest, Lower};
 use crate::iobuf::{BufPool, IoBuf};
 
@@ -133,9 +134,7 @@ impl Bdev for VolumeBdev {
             reply_tx,
             replies,
             waker: ctx.waker.clone(),
-            pending: Vec::new(),
-            free: Vec::new(),
-            live: 0,
+            pending: Slab::default(),
             ready: VecDeque::new(),
         }))
     }
@@ -170,9 +169,7 @@ struct VolumeChannel {
     reply_tx: Sender<(u64, Result<(), IoError>)>,
     replies: Receiver<(u64, Result<(), IoError>)>,
     waker: crate::bdev::Waker,
-    pending: Vec<Option<Pending>>,
-    free: Vec<usize>,
-    live: usize,
+    pending: Slab<Pending>,
     ready: VecDeque<IoCompletion>,
 }
 
@@ -198,17 +195,7 @@ impl VolumeChannel {
     }
 
     fn slot(&mut self, p: Pending) -> usize {
-        self.live += 1;
-        match self.free.pop() {
-            Some(i) => {
-                self.pending[i] = Some(p);
-                i
-            }
-            None => {
-                self.pending.push(Some(p));
-                self.pending.len() - 1
-            }
-        }
+        self.pending.insert(p)
     }
 
     fn down(&mut self, req: IoRequest) {
@@ -220,7 +207,7 @@ impl VolumeChannel {
     }
 
     fn finish(&mut self, idx: usize, result: Result<(), IoError>, part_buf: Option<(usize, IoBuf)>) {
-        let mut p = self.pending[idx].take().expect("live request");
+        let p = self.pending.get_mut(idx).expect("live request");
         if let Err(e) = result {
             if p.result.is_ok() {
                 p.result = Err(e);
@@ -240,16 +227,13 @@ impl VolumeChannel {
         }
         p.parts -= 1;
         if p.parts == 0 {
-            self.free.push(idx);
-            self.live -= 1;
+            let p = self.pending.remove(idx).expect("live request");
             self.ready.push_back(IoCompletion {
                 tag: p.tag,
                 op: p.op,
                 result: p.result,
                 buf: p.buf,
             });
-        } else {
-            self.pending[idx] = Some(p);
         }
     }
 
@@ -461,7 +445,7 @@ impl Channel for VolumeChannel {
     }
 
     fn in_flight(&self) -> usize {
-        self.live + self.ready.len()
+        self.pending.len() + self.ready.len()
     }
 }
 
@@ -470,12 +454,7 @@ impl Drop for VolumeChannel {
         // Wait for slow-path answers still owed to us (the metadata thread
         // holds no buffer of ours, so this only keeps replies tidy).
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while self
-            .pending
-            .iter()
-            .any(|p| p.as_ref().is_some_and(|p| p.parts > 0 && p.op != IoOp::Read))
-            && std::time::Instant::now() < deadline
-        {
+        while self.pending.iter().any(|p| p.parts > 0 && p.op != IoOp::Read) && std::time::Instant::now() < deadline {
             let mut v = Vec::new();
             self.poll(&mut v);
             std::thread::yield_now();

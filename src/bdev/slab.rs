@@ -1,0 +1,81 @@
+//! A slab of requests in flight, indexed by a small integer that travels as
+//! the lower request's tag. Freed slots are reused, so the table stays as
+//! large as the deepest queue seen and no request allocates.
+
+pub struct Slab<T> {
+    items: Vec<Option<T>>,
+    free: Vec<usize>,
+    live: usize,
+}
+
+impl<T> Default for Slab<T> {
+    fn default() -> Self {
+        Slab {
+            items: Vec::new(),
+            free: Vec::new(),
+            live: 0,
+        }
+    }
+}
+
+impl<T> Slab<T> {
+    /// Store `v`; returns its index.
+    pub fn insert(&mut self, v: T) -> usize {
+        self.live += 1;
+        match self.free.pop() {
+            Some(i) => {
+                self.items[i] = Some(v);
+                i
+            }
+            None => {
+                self.items.push(Some(v));
+                self.items.len() - 1
+            }
+        }
+    }
+
+    /// The entry at `i`, if live.
+    pub fn get_mut(&mut self, i: usize) -> Option<&mut T> {
+        self.items.get_mut(i).and_then(Option::as_mut)
+    }
+
+    /// Remove and return the entry at `i`, freeing its index.
+    pub fn remove(&mut self, i: usize) -> Option<T> {
+        let v = self.items.get_mut(i)?.take()?;
+        self.free.push(i);
+        self.live -= 1;
+        Some(v)
+    }
+
+    /// Live entries.
+    pub fn len(&self) -> usize {
+        self.live
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.live == 0
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
+        self.items.iter().flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Slab;
+
+    #[test]
+    fn indices_are_reused_and_counted() {
+        let mut s = Slab::default();
+        let a = s.insert("a");
+        let b = s.insert("b");
+        assert_eq!(s.len(), 2);
+        assert_eq!(s.remove(a), Some("a"));
+        assert_eq!(s.remove(a), None, "a freed index is not live");
+        assert_eq!(s.insert("c"), a, "the freed index is reused");
+        *s.get_mut(b).unwrap() = "B";
+        assert_eq!(s.iter().copied().collect::<Vec<_>>(), ["c", "B"]);
+        assert_eq!(s.len(), 2);
+    }
+}
