@@ -112,6 +112,10 @@ struct IoArgs {
     /// Use a kernel SQ polling thread per reactor ring.
     #[arg(long)]
     sqpoll: bool,
+    /// Polled completions (IOPOLL) for file backends: auto (where the device
+    /// has poll queues), on (try, fall back on EOPNOTSUPP) or off.
+    #[arg(long, default_value = "auto")]
+    iopoll: String,
     /// Microseconds a reactor keeps spinning after its last work before it
     /// waits in its ring.
     #[arg(long = "spin-us")]
@@ -235,6 +239,7 @@ fn bench_io(a: IoArgs) -> Result<ExitCode, String> {
         rounds: a.rounds,
         reactors,
         progress: !a.quiet,
+        iopoll: a.iopoll.parse()?,
     };
     let rep = io::run(&opts)?;
     if a.output_format == "json" {

@@ -7,7 +7,7 @@
 //! buffer arena is registered as fixed buffer 0, so I/O on pool buffers
 //! uses `READ_FIXED`/`WRITE_FIXED` and skips per-I/O page pinning.
 
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::RawFd;
@@ -78,13 +78,33 @@ pub struct Ring {
     files: RefCell<Vec<bool>>,
     arena: (usize, usize),
     sqpoll: bool,
+    iopoll: bool,
     _pool: BufPool,
 }
 
 impl Ring {
     /// A ring with `pool`'s arena registered as fixed buffer 0.
     pub fn new(opts: RingOpts, pool: &BufPool) -> io::Result<Ring> {
+        Self::build(opts, false, pool)
+    }
+
+    /// A polled-completion ring (IORING_SETUP_IOPOLL) for `O_DIRECT`
+    /// reads and writes on files whose device has poll queues. Nothing
+    /// interrupts a waiter on such a ring: its owner must keep calling
+    /// [`Ring::flush`] (which polls) while requests are in flight.
+    pub fn new_iopoll(entries: u32, pool: &BufPool) -> io::Result<Ring> {
+        let opts = RingOpts {
+            entries,
+            ..RingOpts::default()
+        };
+        Self::build(opts, true, pool)
+    }
+
+    fn build(opts: RingOpts, iopoll: bool, pool: &BufPool) -> io::Result<Ring> {
         let mut b = IoUring::builder();
+        if iopoll {
+            b.setup_iopoll();
+        }
         if opts.sqpoll {
             b.setup_sqpoll(opts.sqpoll_idle_ms);
         } else {
@@ -93,7 +113,7 @@ impl Ring {
             b.setup_single_issuer();
         }
         let uring = b.build(opts.entries).or_else(|e| {
-            if opts.sqpoll {
+            if opts.sqpoll || iopoll {
                 Err(e)
             } else {
                 // Older kernels: no SINGLE_ISSUER / COOP_TASKRUN.
@@ -114,12 +134,17 @@ impl Ring {
             files: RefCell::new(vec![false; FILE_SLOTS as usize]),
             arena: (iov.iov_base as usize, iov.iov_len),
             sqpoll: opts.sqpoll,
+            iopoll,
             _pool: pool.clone(),
         })
     }
 
     pub fn is_sqpoll(&self) -> bool {
         self.sqpoll
+    }
+
+    pub fn is_iopoll(&self) -> bool {
+        self.iopoll
     }
 
     /// A new completion route.
@@ -189,9 +214,10 @@ impl Ring {
     }
 
     /// Submit queued SQEs (one syscall for the batch; with SQPOLL usually
-    /// none).
+    /// none). On an IOPOLL ring with requests in flight this also polls the
+    /// device for completions (the enter carries GETEVENTS).
     pub fn flush(&self) -> io::Result<usize> {
-        if self.unsubmitted.get() == 0 {
+        if self.unsubmitted.get() == 0 && !(self.iopoll && self.in_flight.get() > 0) {
             return Ok(0);
         }
         self.unsubmitted.set(0);
@@ -246,5 +272,27 @@ impl Ring {
             }
             Err(e) => Err(e),
         }
+    }
+}
+
+/// A reactor's IOPOLL ring, made on first use by a channel whose file
+/// supports polled completions (most files here do not, so most reactors
+/// never make one). Shared by the reactor, which keeps polling it, and its
+/// channels.
+#[derive(Clone, Default)]
+pub struct PollRing(Rc<OnceCell<Option<Rc<Ring>>>>);
+
+impl PollRing {
+    /// The ring, made now if needed; None if the kernel refuses IOPOLL rings
+    /// (the caller then uses the reactor's interrupt-driven ring).
+    pub fn get_or_init(&self, pool: &BufPool) -> Option<Rc<Ring>> {
+        self.0
+            .get_or_init(|| Ring::new_iopoll(256, pool).ok().map(Rc::new))
+            .clone()
+    }
+
+    /// The ring, if one was made.
+    pub fn get(&self) -> Option<&Rc<Ring>> {
+        self.0.get().and_then(|r| r.as_ref())
     }
 }

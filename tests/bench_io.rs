@@ -50,6 +50,7 @@ fn many_jobs_over_both_reactors_verify_through_the_crypto_layer() {
             ..ReactorConfig::default()
         },
         progress: false,
+        iopoll: Default::default(),
     };
     let rep = run(&opts).unwrap();
     let g = &rep.groups[0];

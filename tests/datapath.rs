@@ -27,6 +27,7 @@ fn backends(tag: &str) -> Vec<(String, BdevRef)> {
         &UringOpts {
             create_size: Some(16 << 20),
             buffered: false,
+            ..UringOpts::default()
         },
     )
     .expect("O_DIRECT file in the temp dir");

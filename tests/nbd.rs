@@ -235,6 +235,7 @@ fn file_bdev(path: &Path, size: u64) -> UringBdev {
         &UringOpts {
             create_size: Some(size),
             buffered: false,
+            ..UringOpts::default()
         },
     );
     direct.unwrap_or_else(|_| {
@@ -243,6 +244,7 @@ fn file_bdev(path: &Path, size: u64) -> UringBdev {
             &UringOpts {
                 create_size: Some(size),
                 buffered: true,
+                ..UringOpts::default()
             },
         )
         .expect("backing file")

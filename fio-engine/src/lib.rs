@@ -310,6 +310,7 @@ fn open_target(t: &Target) -> Result<BdevRef, String> {
                 &UringOpts {
                     create_size: t.size,
                     buffered: t.buffered,
+                    ..UringOpts::default()
                 },
             )
             .map_err(|e| e.to_string())?,
@@ -403,6 +404,7 @@ fn new_engine() -> Result<Engine, String> {
     Ok(Engine {
         ctx: ChannelCtx {
             ring: Rc::new(ring),
+            iopoll: Default::default(),
             pool,
             // The engine polls from fio's getevents; nothing to wake.
             waker: std::sync::Arc::new(|| {}),

@@ -208,6 +208,8 @@ pub type Waker = Arc<dyn Fn() + Send + Sync>;
 #[derive(Clone)]
 pub struct ChannelCtx {
     pub ring: Rc<Ring>,
+    /// The reactor's IOPOLL ring, for files that support polled completions.
+    pub iopoll: crate::uring::PollRing,
     pub pool: BufPool,
     pub waker: Waker,
 }

@@ -1,6 +1,15 @@
 //! `uring`: a file or block device through the reactor's io_uring, opened
 //! `O_DIRECT`, with the reactor's buffer arena as a registered (fixed) buffer
 //! and the file in the ring's registered-file table.
+//!
+//! Polled completions (IOPOLL): when the file's block device has poll queues
+//! (`/sys/dev/block/M:m/queue/io_poll` is 1), reads and writes go to the
+//! reactor's IOPOLL ring and complete without an interrupt; flush, unmap and
+//! write-zeroes stay on the interrupt ring (IOPOLL rings refuse them). If the
+//! kernel answers a polled request with `EOPNOTSUPP` (a loop device, a
+//! filesystem without `iopoll`, a queue without poll support), that request
+//! is resubmitted on the interrupt ring and the bdev stops using IOPOLL: a
+//! clean fallback, never an error seen by the caller.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -9,12 +18,37 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use io_uring::{opcode, types};
 
 use super::{validate, Bdev, Channel, ChannelCtx, IoCompletion, IoError, IoOp, IoRequest};
 use crate::iobuf::IoBuf;
 use crate::uring::{Ring, Route};
+
+/// Whether to use polled completions (IORING_SETUP_IOPOLL).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Iopoll {
+    /// Where the device advertises poll queues (sysfs `queue/io_poll`).
+    #[default]
+    Auto,
+    /// Try it on any file; fall back on the first `EOPNOTSUPP`.
+    On,
+    Off,
+}
+
+impl std::str::FromStr for Iopoll {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Iopoll, String> {
+        match s {
+            "auto" => Ok(Iopoll::Auto),
+            "on" => Ok(Iopoll::On),
+            "off" => Ok(Iopoll::Off),
+            o => Err(format!("iopoll {o:?}: use auto, on or off")),
+        }
+    }
+}
 
 /// How to open the backing file.
 #[derive(Debug, Clone, Default)]
@@ -23,6 +57,24 @@ pub struct UringOpts {
     pub create_size: Option<u64>,
     /// Open without O_DIRECT (page cache). For filesystems without it.
     pub buffered: bool,
+    pub iopoll: Iopoll,
+}
+
+/// Does the block device holding (or being) this file have poll queues?
+fn device_polls(meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let dev = if meta.file_type().is_block_device() {
+        meta.rdev()
+    } else {
+        meta.dev()
+    };
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let base = format!("/sys/dev/block/{major}:{minor}");
+    // A partition has no queue of its own: its parent's is one level up.
+    ["queue/io_poll", "../queue/io_poll"]
+        .iter()
+        .find_map(|q| std::fs::read_to_string(format!("{base}/{q}")).ok())
+        .is_some_and(|v| v.trim() == "1")
 }
 
 pub struct UringBdev {
@@ -32,6 +84,11 @@ pub struct UringBdev {
     capacity: u64,
     block_size: u32,
     is_block_device: bool,
+    /// Still using IOPOLL (cleared, for every channel, on the first
+    /// `EOPNOTSUPP` from a polled request).
+    iopoll: Arc<AtomicBool>,
+    /// Requests completed through the IOPOLL ring.
+    polled_ios: Arc<AtomicU64>,
 }
 
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
@@ -54,6 +111,12 @@ impl UringBdev {
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
         let meta = file.metadata()?;
         let is_block_device = meta.file_type().is_block_device();
+        let iopoll = !opts.buffered
+            && match opts.iopoll {
+                Iopoll::Off => false,
+                Iopoll::On => true,
+                Iopoll::Auto => device_polls(&meta),
+            };
         let (capacity, block_size) = if is_block_device {
             let mut size: u64 = 0;
             let mut ssz: libc::c_int = 0;
@@ -89,11 +152,23 @@ impl UringBdev {
             capacity,
             block_size,
             is_block_device,
+            iopoll: Arc::new(AtomicBool::new(iopoll)),
+            polled_ios: Arc::new(AtomicU64::new(0)),
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether reads and writes still go through an IOPOLL ring.
+    pub fn uses_iopoll(&self) -> bool {
+        self.iopoll.load(Ordering::Relaxed)
+    }
+
+    /// Requests completed by polling (IOPOLL) so far.
+    pub fn polled_ios(&self) -> u64 {
+        self.polled_ios.load(Ordering::Relaxed)
     }
 }
 
@@ -112,9 +187,22 @@ impl Bdev for UringBdev {
         // lives and dies with the channel.
         let file = self.file.try_clone()?;
         let slot = ctx.ring.register_file(file.as_raw_fd())?;
+        let polled = if self.uses_iopoll() {
+            ctx.iopoll.get_or_init(&ctx.pool).and_then(|ring| {
+                let slot = ring.register_file(file.as_raw_fd()).ok()?;
+                let route = ring.route();
+                Some(Polled { ring, route, slot })
+            })
+        } else {
+            None
+        };
         Ok(Box::new(UringChannel {
             ring: ctx.ring.clone(),
             route: ctx.ring.route(),
+            polled,
+            iopoll: self.iopoll.clone(),
+            polled_ios: self.polled_ios.clone(),
+            retry: VecDeque::new(),
             file,
             slot,
             is_block_device: self.is_block_device,
@@ -132,13 +220,29 @@ impl Bdev for UringBdev {
 struct InFlight {
     tag: u64,
     op: IoOp,
+    offset: u64,
+    len: u64,
+    fua: bool,
     want: u64,
     buf: Option<IoBuf>,
+}
+
+/// A channel's place on the reactor's IOPOLL ring.
+struct Polled {
+    ring: Rc<Ring>,
+    route: Route,
+    slot: u32,
 }
 
 struct UringChannel {
     ring: Rc<Ring>,
     route: Route,
+    polled: Option<Polled>,
+    iopoll: Arc<AtomicBool>,
+    polled_ios: Arc<AtomicU64>,
+    /// Slab entries refused by the IOPOLL ring, waiting to be resubmitted on
+    /// the interrupt ring.
+    retry: VecDeque<usize>,
     file: File,
     slot: u32,
     is_block_device: bool,
@@ -179,7 +283,7 @@ impl UringChannel {
 }
 
 impl Channel for UringChannel {
-    fn submit(&mut self, mut req: IoRequest) -> Result<(), IoRequest> {
+    fn submit(&mut self, req: IoRequest) -> Result<(), IoRequest> {
         if let Err(e) = validate(&req, self.block_size, self.capacity, self.max_io) {
             self.complete_now(req, Err(e));
             return Ok(());
@@ -189,43 +293,6 @@ impl Channel for UringChannel {
             self.complete_now(req, r);
             return Ok(());
         }
-        let fd = types::Fixed(self.slot);
-        let entry = match req.op {
-            IoOp::Read => {
-                let buf = req.buf.as_mut().expect("validated");
-                let (ptr, len) = (buf.as_mut_ptr(), buf.len());
-                match self.ring.fixed_buf(ptr, len) {
-                    Some(i) => opcode::ReadFixed::new(fd, ptr, len as u32, i)
-                        .offset(req.offset)
-                        .build(),
-                    None => opcode::Read::new(fd, ptr, len as u32).offset(req.offset).build(),
-                }
-            }
-            IoOp::Write => {
-                let buf = req.buf.as_ref().expect("validated");
-                let (ptr, len) = (buf.as_ptr(), buf.len());
-                let flags = if req.fua { libc::RWF_DSYNC } else { 0 };
-                match self.ring.fixed_buf(ptr, len) {
-                    Some(i) => opcode::WriteFixed::new(fd, ptr, len as u32, i)
-                        .offset(req.offset)
-                        .rw_flags(flags)
-                        .build(),
-                    None => opcode::Write::new(fd, ptr, len as u32)
-                        .offset(req.offset)
-                        .rw_flags(flags)
-                        .build(),
-                }
-            }
-            IoOp::Flush => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
-            IoOp::Unmap => opcode::Fallocate::new(fd, req.len)
-                .offset(req.offset)
-                .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
-                .build(),
-            IoOp::WriteZeroes => opcode::Fallocate::new(fd, req.len)
-                .offset(req.offset)
-                .mode(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE)
-                .build(),
-        };
         let idx = match self.free.pop() {
             Some(i) => i,
             None => {
@@ -233,37 +300,75 @@ impl Channel for UringChannel {
                 self.slab.len() - 1
             }
         };
-        // SAFETY: the buffer the entry points at is moved into the slab entry
-        // below and stays there (not dropped, not moved out) until `poll`
-        // reaps this entry's completion. IoBuf memory is in the arena, whose
-        // address does not change when the IoBuf value moves.
-        let pushed = unsafe { self.ring.push(&self.route, idx as u64, entry) };
-        if !pushed {
-            self.free.push(idx);
-            return Err(req);
-        }
-        let want = req.bytes();
-        self.slab[idx] = Some(InFlight {
+        let mut f = InFlight {
             tag: req.tag,
             op: req.op,
-            want,
+            offset: req.offset,
+            len: req.len,
+            fua: req.fua,
+            want: req.bytes(),
             buf: req.buf,
-        });
+        };
+        let polled = self
+            .polled
+            .as_ref()
+            .filter(|_| matches!(f.op, IoOp::Read | IoOp::Write) && self.iopoll.load(Ordering::Relaxed));
+        let pushed = match polled {
+            // SAFETY: see `entry`; the slab keeps the buffer until reaped.
+            Some(p) => unsafe { p.ring.push(&p.route, idx as u64, entry(&mut f, &p.ring, p.slot)) },
+            // SAFETY: as above.
+            None => unsafe {
+                self.ring
+                    .push(&self.route, idx as u64, entry(&mut f, &self.ring, self.slot))
+            },
+        };
+        if !pushed {
+            self.free.push(idx);
+            return Err(IoRequest {
+                tag: f.tag,
+                op: f.op,
+                offset: f.offset,
+                len: f.len,
+                fua: f.fua,
+                buf: f.buf,
+            });
+        }
+        self.slab[idx] = Some(f);
         self.live += 1;
         Ok(())
     }
-
     fn poll(&mut self, out: &mut Vec<IoCompletion>) -> usize {
         if self.live > 0 {
             // Requests queued since the reactor's last flush go to the kernel
             // now (one syscall for the batch), so a caller polling in a loop
-            // always makes progress.
+            // always makes progress. On the IOPOLL ring this is also the poll.
+            if let Some(p) = &self.polled {
+                let _ = p.ring.flush();
+                p.ring.reap();
+            }
             let _ = self.ring.flush();
         }
         self.ring.reap();
         let mut n = self.ready.len();
         out.extend(self.ready.drain(..));
-        while let Some((idx, res)) = self.route.pop() {
+        loop {
+            let (idx, res) = match self.route.pop() {
+                Some(c) => c,
+                None => match self.polled.as_ref().and_then(|p| p.route.pop()) {
+                    Some((idx, res)) if res == -libc::EOPNOTSUPP => {
+                        // This file cannot complete by polling: stop trying
+                        // (for every channel of the bdev) and resubmit.
+                        self.iopoll.store(false, Ordering::Relaxed);
+                        self.retry.push_back(idx as usize);
+                        continue;
+                    }
+                    Some(c) => {
+                        self.polled_ios.fetch_add(1, Ordering::Relaxed);
+                        c
+                    }
+                    None => break,
+                },
+            };
             let f = self.slab[idx as usize].take().expect("completion for a live slot");
             self.free.push(idx as usize);
             self.live -= 1;
@@ -285,6 +390,15 @@ impl Channel for UringChannel {
             });
             n += 1;
         }
+        while let Some(&idx) = self.retry.front() {
+            let f = self.slab[idx].as_mut().expect("retry of a live slot");
+            // SAFETY: the slab entry keeps the buffer until this new entry's
+            // completion is reaped (the polled one has completed).
+            if !unsafe { self.ring.push(&self.route, idx as u64, entry(f, &self.ring, self.slot)) } {
+                break; // SQ full: try again on the next poll.
+            }
+            self.retry.pop_front();
+        }
         n
     }
 
@@ -296,11 +410,28 @@ impl Channel for UringChannel {
 impl Drop for UringChannel {
     fn drop(&mut self) {
         // Buffers of requests still in the kernel must not be handed back to
-        // the pool while the kernel may write them: wait for them.
+        // the pool while the kernel may write them: wait for them. Requests
+        // waiting for a resubmission are not in the kernel.
+        for idx in self.retry.drain(..) {
+            if self.slab[idx].take().is_some() {
+                self.live -= 1;
+            }
+        }
         let mut spins = 0;
         while self.live > 0 && spins < 10_000 {
+            if let Some(p) = &self.polled {
+                let _ = p.ring.flush();
+                p.ring.reap();
+                while let Some((idx, _)) = p.route.pop() {
+                    if self.slab[idx as usize].take().is_some() {
+                        self.live -= 1;
+                    }
+                }
+            }
             let _ = self.ring.flush();
-            let _ = self.ring.wait(std::time::Duration::from_millis(1));
+            if self.ring.in_flight() > 0 {
+                let _ = self.ring.wait(std::time::Duration::from_millis(1));
+            }
             self.ring.reap();
             while let Some((idx, _)) = self.route.pop() {
                 if self.slab[idx as usize].take().is_some() {
@@ -315,6 +446,50 @@ impl Drop for UringChannel {
                 std::mem::forget(f.buf);
             }
         }
+        if let Some(p) = &self.polled {
+            p.ring.unregister_file(p.slot);
+        }
         self.ring.unregister_file(self.slot);
+    }
+}
+
+/// The SQE for `f` on `ring`, whose registered-file slot for this file is
+/// `slot`. The entry points into `f.buf`: the caller keeps `f` (in the slab)
+/// until the completion is reaped.
+fn entry(f: &mut InFlight, ring: &Ring, slot: u32) -> io_uring::squeue::Entry {
+    let fd = types::Fixed(slot);
+    match f.op {
+        IoOp::Read => {
+            let buf = f.buf.as_mut().expect("validated");
+            let (ptr, len) = (buf.as_mut_ptr(), buf.len());
+            match ring.fixed_buf(ptr, len) {
+                Some(i) => opcode::ReadFixed::new(fd, ptr, len as u32, i).offset(f.offset).build(),
+                None => opcode::Read::new(fd, ptr, len as u32).offset(f.offset).build(),
+            }
+        }
+        IoOp::Write => {
+            let buf = f.buf.as_ref().expect("validated");
+            let (ptr, len) = (buf.as_ptr(), buf.len());
+            let flags = if f.fua { libc::RWF_DSYNC } else { 0 };
+            match ring.fixed_buf(ptr, len) {
+                Some(i) => opcode::WriteFixed::new(fd, ptr, len as u32, i)
+                    .offset(f.offset)
+                    .rw_flags(flags)
+                    .build(),
+                None => opcode::Write::new(fd, ptr, len as u32)
+                    .offset(f.offset)
+                    .rw_flags(flags)
+                    .build(),
+            }
+        }
+        IoOp::Flush => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
+        IoOp::Unmap => opcode::Fallocate::new(fd, f.len)
+            .offset(f.offset)
+            .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+            .build(),
+        IoOp::WriteZeroes => opcode::Fallocate::new(fd, f.len)
+            .offset(f.offset)
+            .mode(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE)
+            .build(),
     }
 }

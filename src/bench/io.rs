@@ -15,7 +15,7 @@ use super::job::{DirStats, Job, JobResult, Progress};
 use crate::bdev::crypto::CryptoBdev;
 use crate::bdev::malloc::MallocBdev;
 use crate::bdev::null::NullBdev;
-use crate::bdev::uring::{UringBdev, UringOpts};
+use crate::bdev::uring::{Iopoll, UringBdev, UringOpts};
 use crate::bdev::BdevRef;
 use crate::crypto::Xts;
 use crate::reactor::{ReactorConfig, Reactors, StatsSnapshot};
@@ -30,6 +30,8 @@ pub struct IoBenchOpts {
     pub reactors: ReactorConfig,
     /// Print a progress line to stderr.
     pub progress: bool,
+    /// Polled completions for `file:` backends.
+    pub iopoll: Iopoll,
 }
 
 /// Results of one job definition on one target (all its numjobs, all
@@ -78,7 +80,7 @@ pub struct IoBenchReport {
     pub cores: Vec<usize>,
 }
 
-fn build_base(t: &TargetSpec, job: &JobSpec) -> Result<BdevRef, String> {
+fn build_base(t: &TargetSpec, job: &JobSpec, iopoll: Iopoll) -> Result<BdevRef, String> {
     let want = job.offset + job.offset_increment * (job.numjobs as u64 - 1) + job.size.unwrap_or(1 << 30);
     let backend = t.backend.as_deref().unwrap_or("malloc");
     Ok(match backend {
@@ -93,6 +95,7 @@ fn build_base(t: &TargetSpec, job: &JobSpec) -> Result<BdevRef, String> {
                     &UringOpts {
                         create_size: create,
                         buffered: false,
+                        iopoll,
                     },
                 )
                 .map_err(|e| e.to_string())?,
@@ -297,7 +300,7 @@ pub fn run(opts: &IoBenchOpts) -> Result<IoBenchReport, String> {
         .name()
         .to_string();
     for fj in &opts.jobs {
-        let base = build_base(&fj.target, &fj.job)?;
+        let base = build_base(&fj.target, &fj.job, opts.iopoll)?;
         let backend_name = base.name().to_string();
         if opts.compare {
             let (enc, xts) = crypto_over(&base, &fj.target)?;

@@ -30,7 +30,7 @@ pub use stats::{ReactorStats, StatsSnapshot};
 
 use crate::bdev::ChannelCtx;
 use crate::iobuf::BufPool;
-use crate::uring::{Ring, RingOpts};
+use crate::uring::{PollRing, Ring, RingOpts};
 
 /// What a poller did in one call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -347,11 +347,13 @@ fn run(
         }
     };
     let _ = ready.send(Ok(()));
+    let iopoll = PollRing::default();
     let mut ctx = ReactorCtx {
         id,
         core,
         chan: ChannelCtx {
             ring: ring.clone(),
+            iopoll: iopoll.clone(),
             pool,
             waker: {
                 let sh = shared.clone();
@@ -402,9 +404,16 @@ fn run(
         let now = Instant::now();
         let dt = now.duration_since(t_prev);
         t_prev = now;
+        // I/O on the IOPOLL ring completes only when polled: it never wakes
+        // a parked reactor, so the reactor spins while any is in flight.
+        let polling = iopoll.get().is_some_and(|p| {
+            let _ = p.flush();
+            p.reap();
+            p.in_flight() > 0 || p.queued() > 0
+        });
         // Completions already reaped into a route queue (by a channel polled
         // after their owner) are work too: parking now would sleep on them.
-        if work > 0 || ring.queued() > 0 {
+        if work > 0 || ring.queued() > 0 || polling {
             last_work = now;
             shared.stats.add_busy(dt);
             continue;

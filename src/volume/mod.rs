@@ -175,6 +175,7 @@ impl Pool {
             &UringOpts {
                 create_size: new.then_some(create_size),
                 buffered: false,
+                ..UringOpts::default()
             },
         )
         .map_err(|e| VolumeError::Io(format!("{}: {e}", path.display())))?;
