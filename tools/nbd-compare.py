@@ -8,11 +8,14 @@ Targets (all 2 GiB, filled once before measuring):
   sd-enc   fio ioengine=nbd -> sealdisk serve, encrypted disk (AES-256-XTS)
   q-raw    fio ioengine=nbd -> qemu-nbd --cache=none, raw image
   q-luks   fio ioengine=nbd -> qemu-nbd --cache=none, QEMU LUKS1 image (aes-256-xts-plain64)
+  nbd-null fio ioengine=nbd -> nbdkit null (no storage at all): what fio's nbd client and the
+           unix socket can carry on their own, the ceiling of any NBD server here
 Workloads: 4k randread/randwrite QD32, 128k seq read/write QD8, numjobs=1.
 Order: for rep, for workload: file, sd-plain, sd-enc, q-raw, q-luks.
 Placement (like ../shared/peer/qemu-luks-nbd.sh): servers (one sealdisk reactor,
 qemu-nbd) on the CPU that does not take the disk's completion interrupts, fio on
-the other. Server CPU is utime+stime of the server process over the fio run.
+the other. Server CPU is utime+stime of the server process over the fio run;
+client CPU is fio's usr_cpu+sys_cpu (% of its one core).
 
 Usage: tools/nbd-compare.py [--workdir DIR] [--runtime S] [--ramp S] [--reps N] [--out FILE]
 """
@@ -27,7 +30,7 @@ WORKLOADS = {
     "seqread": ["--rw=read", "--bs=128k", "--iodepth=8"],
     "seqwrite": ["--rw=write", "--bs=128k", "--iodepth=8"],
 }
-TARGETS = ["file", "sd-plain", "sd-enc", "q-raw", "q-luks"]
+TARGETS = ["file", "sd-plain", "sd-enc", "q-raw", "q-luks", "nbd-null"]
 
 
 def log(*a):
@@ -72,9 +75,9 @@ def main():
     ap.add_argument("--size", default="2G")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    for tool in ("fio", "qemu-nbd", "qemu-img"):
+    for tool in ("fio", "qemu-nbd", "qemu-img", "nbdkit"):
         if not shutil.which(tool):
-            sys.exit(f"{tool} not found (apt-get install fio qemu-utils)")
+            sys.exit(f"{tool} not found (apt-get install fio qemu-utils nbdkit)")
     subprocess.run(["cargo", "build", "--release", "--quiet", "--manifest-path", os.path.join(ROOT, "Cargo.toml")], check=True)
     fio_cpu = irq_cpu()
     srv_cpu = 1 - fio_cpu if os.cpu_count() >= 2 and fio_cpu in (0, 1) else (fio_cpu + 1) % os.cpu_count()
@@ -129,7 +132,16 @@ def main():
         uris = dict(disks)
         for name in qsock:
             uris[name] = f"nbd+unix:///?socket={qsock[name]}"
-        srv_pid = {"sd-plain": p.pid, "sd-enc": p.pid, **qpid, "file": None}
+        null_sock = os.path.join(w, "null.sock")
+        nk = subprocess.Popen(["taskset", "-c", str(srv_cpu), "nbdkit", "--foreground", "-U", null_sock,
+                               "null", f"size={a.size}"])
+        procs.append(nk)
+        for _ in range(100):
+            if os.path.exists(null_sock):
+                break
+            time.sleep(0.1)
+        uris["nbd-null"] = f"nbd+unix:///?socket={null_sock}"
+        srv_pid = {"sd-plain": p.pid, "sd-enc": p.pid, **qpid, "nbd-null": nk.pid, "file": None}
         # --- fill every target once (allocates sealdisk clusters, real ciphertext everywhere).
         for name in ["sd-plain", "sd-enc", "q-raw", "q-luks"]:
             log(f"filling {name}")
@@ -161,7 +173,7 @@ def main():
                         "iops": d["iops"], "mibs": d["bw_bytes"] / 2**20,
                         "p50": pc.get("50.000000", 0) / 1000, "p99": pc.get("99.000000", 0) / 1000,
                         "srv_us": (cpu / ios_wall * 1e6) if cpu is not None and ios_wall else None,
-                        "err": j["error"], "ios": ios,
+                        "err": j["error"], "ios": ios, "cli": j["usr_cpu"] + j["sys_cpu"],
                     })
     finally:
         cleanup()
@@ -179,11 +191,12 @@ def main():
         return "n/a" if x is None else f"{x:,.{n}f}"
     L = [f"# NBD export comparison ({time.strftime('%Y-%m-%d %H:%M')}, {a.reps} reps x {a.runtime}s, "
          f"servers on cpu {srv_cpu}, fio on cpu {fio_cpu})", "",
-         "| workload | target | IOPS | MiB/s | p50 us | p99 us | server CPU us/IO |", "|---|---|---:|---:|---:|---:|---:|"]
+         "| workload | target | IOPS | MiB/s | p50 us | p99 us | server CPU us/IO | client CPU % |",
+         "|---|---|---:|---:|---:|---:|---:|---:|"]
     for wl in WORKLOADS:
         for t in TARGETS:
             L.append(f"| {wl} | {t} | {f(avg(wl, t, 'iops'))} | {f(avg(wl, t, 'mibs'), 1)} | {f(avg(wl, t, 'p50'), 1)} | "
-                     f"{f(avg(wl, t, 'p99'), 1)} | {f(avg(wl, t, 'srv_us'), 1)} |")
+                     f"{f(avg(wl, t, 'p99'), 1)} | {f(avg(wl, t, 'srv_us'), 1)} | {f(avg(wl, t, 'cli'))} |")
     L += ["", "| workload | sd-enc / q-luks | sd-enc / sd-plain | sd-enc / file | sd-plain / q-raw |", "|---|---:|---:|---:|---:|"]
     for wl in WORKLOADS:
         r = lambda x, y: avg(wl, x, "iops") / avg(wl, y, "iops")
