@@ -213,6 +213,35 @@ fn serve_restart_restores_attachments_and_check() {
         (-32000, "InvalidOperation.EncryptedSystemDisk")
     );
     assert!(e.message.contains("encrypt a data disk"), "{}", e.message);
+    // Reactor counters: host-level (the CLI adds no account), unknown params refused.
+    let v = c.call("DescribeReactors", json!({})).unwrap();
+    let rs = v["Reactors"].as_array().unwrap();
+    assert!(!rs.is_empty());
+    for (i, r) in rs.iter().enumerate() {
+        assert_eq!(r["ReactorId"], i);
+        for k in ["Core", "BusyNs", "IdleNs", "Ios", "Bytes", "QueueFull", "SlowParks"] {
+            assert!(r[k].is_u64(), "{k} in {r}");
+        }
+        assert!(r["IdleNs"].as_u64().unwrap() > 0, "an idle daemon's reactor parks: {r}");
+    }
+    let e = c.call("DescribeReactors", json!({"Verbose": true})).unwrap_err();
+    assert_eq!(e.code, "InvalidParameter.Unrecognized");
+    let out = Command::new(BIN)
+        .args([
+            "describe-reactors",
+            "--json",
+            "--account",
+            A,
+            "--region",
+            R,
+            "--data-dir",
+        ])
+        .arg(d)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["Reactors"].as_array().unwrap().len(), rs.len());
     // The CLI talks to the same socket.
     let out = Command::new(BIN)
         .args(["describe-disks", "--json", "--account", A, "--data-dir"])

@@ -548,6 +548,39 @@ fn pipelined_requests_and_large_split_requests() {
             "block {i} differs"
         );
     }
+    // Large writes back to back with small ones in one send: each large
+    // payload is received straight into its buffer, the small ones from the
+    // receive buffer; every byte must land where it belongs.
+    let sizes = [128 << 10, 4096, 256 << 10, 64 << 10, 8192, 192 << 10];
+    let mut off = 1u64 << 20;
+    let mut batch = Vec::new();
+    let mut placed = Vec::new();
+    for (i, &n) in sizes.iter().enumerate() {
+        let d = random_bytes(n, 2000 + i as u64);
+        batch.extend_from_slice(&c.request(CMD_WRITE, 0, 700 + i as u64, off, n as u32));
+        batch.extend_from_slice(&d);
+        placed.push((off, d));
+        off += n as u64 + 4096;
+    }
+    c.send(&batch);
+    for _ in &sizes {
+        assert_eq!(c.reply(0).0, 0);
+    }
+    for (i, (o, d)) in placed.iter().enumerate() {
+        assert!(
+            &c.read(800 + i as u64, *o, d.len() as u32).1 == d,
+            "large write {i} differs"
+        );
+    }
+    // The reactors counted those I/Os and bytes.
+    let (ios, bytes) = f
+        .reactors
+        .stats()
+        .iter()
+        .fold((0, 0), |a, s| (a.0 + s.ios, a.1 + s.bytes));
+    let want: u64 = sizes.iter().map(|&n| 2 * n as u64).sum::<u64>() + 2 * 64 * 4096;
+    assert!(ios >= 2 * 64 + 2 * sizes.len() as u64, "reactor I/O count {ios}");
+    assert!(bytes >= want, "reactor byte count {bytes} < {want}");
     // A request of max_payload bytes: several bdev requests, one reply.
     let max = f.server().max_payload();
     let big = random_bytes(max as usize, 77);

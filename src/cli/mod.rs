@@ -67,6 +67,7 @@ fn about(method: &str) -> &'static str {
         "DescribeImages" => "List images",
         "DeleteImage" => "Delete an image",
         "CheckPool" => "Check the pool against the catalog (online)",
+        "DescribeReactors" => "Each reactor's core, busy/idle time, I/Os, bytes, queue-full events",
         _ => "",
     }
 }
@@ -223,7 +224,7 @@ fn op(method: &str, m: &ArgMatches) -> ExitCode {
         Ok(p) => p,
         Err(e) => return fail("InvalidParameter", &e, 2),
     };
-    if method != "CheckPool" {
+    if !crate::control::HOST_METHODS.contains(&method) {
         let acc = m
             .get_one::<String>("account")
             .cloned()

@@ -109,6 +109,20 @@ pub fn human(method: &str, v: &Value) -> String {
                 ],
             )
         }),
+        "DescribeReactors" => v.get("Reactors").and_then(Value::as_array).map(|r| {
+            table(
+                r,
+                &[
+                    "ReactorId",
+                    "Core",
+                    "BusyPercent",
+                    "Ios",
+                    "Bytes",
+                    "QueueFull",
+                    "SlowParks",
+                ],
+            )
+        }),
         _ => None,
     };
     if let Some(t) = t {

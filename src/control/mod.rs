@@ -24,6 +24,7 @@ mod instances;
 mod kms_ops;
 pub mod params;
 pub mod qos;
+mod reactors;
 pub mod rpc;
 pub mod server;
 mod snapshots;
@@ -78,7 +79,11 @@ pub const METHODS: &[&str] = &[
     "DescribeImages",
     "DeleteImage",
     "CheckPool",
+    "DescribeReactors",
 ];
+
+/// Methods about the host, not an account: the CLI adds no AccountId/RegionId.
+pub const HOST_METHODS: &[&str] = &["CheckPool", "DescribeReactors"];
 
 /// Settings of the control plane.
 #[derive(Debug, Clone)]
@@ -170,6 +175,7 @@ impl Control {
             "DescribeImages" => self.describe_images(p),
             "DeleteImage" => self.delete_image(p),
             "CheckPool" => self.check_pool(p),
+            "DescribeReactors" => self.describe_reactors(p),
             _ => Err(ControlError::MethodNotFound(method.to_owned())),
         }?;
         if let Value::Object(m) = &mut v {

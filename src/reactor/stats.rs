@@ -37,6 +37,11 @@ impl ReactorStats {
         self.ios.fetch_add(1, Relaxed);
         self.bytes.fetch_add(bytes, Relaxed);
     }
+    /// `n` I/Os moving `bytes` in all.
+    pub fn add_ios(&self, n: u64, bytes: u64) {
+        self.ios.fetch_add(n, Relaxed);
+        self.bytes.fetch_add(bytes, Relaxed);
+    }
     pub fn add_queue_full(&self) {
         self.queue_full.fetch_add(1, Relaxed);
     }

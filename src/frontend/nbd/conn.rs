@@ -101,6 +101,7 @@ pub(super) fn start(ctx: &mut ReactorCtx, sh: Arc<Shared>, fd: OwnedFd, export: 
         tx: None,
         tx_armed: false,
         phase: Phase::Running,
+        done: (0, 0),
     };
     ctx.add_poller(Box::new(c));
 }
@@ -138,6 +139,8 @@ enum RxState {
 struct Req {
     cookie: u64,
     op: IoOp,
+    /// Payload bytes (reads and writes), for the reactor's counters.
+    bytes: u64,
     offset: u64,
     fua: bool,
     /// Parts not completed yet (submitted or still to be).
@@ -206,6 +209,8 @@ pub(super) struct Conn {
     /// The batch's `sendmsg` is in the kernel.
     tx_armed: bool,
     phase: Phase,
+    /// Requests (and their payload bytes) finished since the last poll.
+    done: (u64, u64),
 }
 
 fn nbd_errno(e: &IoError, op: IoOp) -> u32 {
@@ -341,6 +346,7 @@ impl Conn {
                     let slot = self.new_slot(Req {
                         cookie: r.cookie,
                         op: IoOp::Read,
+                        bytes: r.len as u64,
                         offset: r.offset,
                         fua: false,
                         parts_left: n as u32,
@@ -379,6 +385,7 @@ impl Conn {
                     let slot = self.new_slot(Req {
                         cookie: r.cookie,
                         op: IoOp::Write,
+                        bytes: r.len as u64,
                         offset: r.offset,
                         fua: r.flags & CMD_FLAG_FUA != 0,
                         parts_left: bufs.len() as u32,
@@ -400,6 +407,7 @@ impl Conn {
                 let slot = self.new_slot(Req {
                     cookie: r.cookie,
                     op: IoOp::Flush,
+                    bytes: 0,
                     offset: 0,
                     fua: false,
                     parts_left: 1,
@@ -435,6 +443,7 @@ impl Conn {
                     let slot = self.new_slot(Req {
                         cookie: r.cookie,
                         op,
+                        bytes: 0,
                         offset: r.offset,
                         fua: false,
                         parts_left: n as u32,
@@ -642,6 +651,8 @@ impl Conn {
             let req = self.slots[slot].take().expect("live");
             self.free.push(slot);
             self.live -= 1;
+            self.done.0 += 1;
+            self.done.1 += req.bytes;
             let data = if req.op == IoOp::Read && req.err == 0 {
                 req.bufs.into_iter().map(|b| b.expect("every part returned")).collect()
             } else {
@@ -779,7 +790,7 @@ impl Conn {
 }
 
 impl Poller for Conn {
-    fn poll(&mut self, _ctx: &ReactorCtx) -> Poll {
+    fn poll(&mut self, ctx: &ReactorCtx) -> Poll {
         let mut work = 0;
         if self.phase != Phase::Dead && (self.sh.stop.load(Ordering::Relaxed) || self.export.is_revoked()) {
             self.kill();
@@ -810,6 +821,10 @@ impl Poller for Conn {
             }
         }
         work += self.on_completions();
+        if self.done.0 > 0 {
+            ctx.stats.add_ios(self.done.0, self.done.1);
+            self.done = (0, 0);
+        }
         if self.phase == Phase::Running {
             work += self.parse();
         }
