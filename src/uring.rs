@@ -30,6 +30,8 @@ pub struct RingOpts {
     pub sqpoll: bool,
     /// Idle time before the SQPOLL thread sleeps.
     pub sqpoll_idle_ms: u32,
+    /// IORING_SETUP_COOP_TASKRUN + TASKRUN_FLAG (see [`Ring::reap`]).
+    pub coop_taskrun: bool,
 }
 
 impl Default for RingOpts {
@@ -38,6 +40,7 @@ impl Default for RingOpts {
             entries: 256,
             sqpoll: false,
             sqpoll_idle_ms: 50,
+            coop_taskrun: true,
         }
     }
 }
@@ -108,9 +111,15 @@ impl Ring {
         if opts.sqpoll {
             b.setup_sqpoll(opts.sqpoll_idle_ms);
         } else {
-            // No COOP_TASKRUN: completions must reach the CQ while the
-            // reactor spins in user space, without waiting for a syscall.
             b.setup_single_issuer();
+            if !iopoll && opts.coop_taskrun {
+                // Completions of a reactor's I/O run as task work on the
+                // reactor's thread. COOP_TASKRUN: the kernel does not
+                // interrupt a running reactor with an IPI for each of them;
+                // it sets IORING_SQ_TASKRUN instead, which `reap` checks on
+                // every loop iteration (one enter runs the whole batch).
+                b.setup_coop_taskrun().setup_taskrun_flag();
+            }
         }
         let uring = b.build(opts.entries).or_else(|e| {
             if opts.sqpoll || iopoll {
@@ -227,6 +236,12 @@ impl Ring {
     /// Sort completed CQEs into their routes' queues. Returns how many.
     pub fn reap(&self) -> usize {
         let mut ring = self.uring.borrow_mut();
+        if ring.submission().taskrun() {
+            // Completions waiting as task work (COOP_TASKRUN): one enter
+            // with GETEVENTS (set by `submit` when it sees the flag) posts them.
+            let _ = ring.submit();
+            self.unsubmitted.set(0);
+        }
         let routes = self.routes.borrow();
         let mut n = 0;
         for cqe in ring.completion() {

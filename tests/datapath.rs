@@ -354,15 +354,14 @@ fn full_message_queue_is_back_pressure_not_a_hang() {
 fn idle_reactors_park() {
     let r = reactors(&[0, 1]);
     std::thread::sleep(Duration::from_millis(300));
-    // CPU time the kernel charged to each reactor thread: utime + stime from
-    // /proc/self/task/TID/stat, in clock ticks, converted to ns.
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    // CPU time each reactor thread ran, in ns, from the scheduler's own
+    // accounting (/proc/self/task/TID/schedstat, first field): exact, unlike
+    // utime+stime, which charge whole clock ticks to whoever is running when
+    // the tick fires (a thread waking every 10 ms can be charged far more than
+    // it ran when the machine is loaded).
     let cpu_ns = move |tid: i32| -> u64 {
-        let s = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).expect("task stat");
-        let f: Vec<&str> = s[s.rfind(')').unwrap() + 2..].split_whitespace().collect();
-        let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-        ticks * 1_000_000_000 / hz
+        let s = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).expect("task schedstat");
+        s.split_whitespace().next().unwrap().parse().unwrap()
     };
     let tids = r.thread_ids();
     let cpu_before: Vec<u64> = tids.iter().map(|&t| cpu_ns(t)).collect();
