@@ -116,6 +116,15 @@ impl Daemon {
                 let _ = std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600));
             }
         }
+        // Volumes of a copy the last run did not finish (killed mid-copy).
+        let swept = crate::control::check::sweep_unreferenced(&db, &pool).map_err(|e| e.to_string())?;
+        if !swept.is_empty() {
+            log(&format!(
+                "removed {} volume(s) no disk, snapshot or image refers to (an interrupted copy): {}",
+                swept.len(),
+                swept.join(", ")
+            ));
+        }
         let reactors = Arc::new(Reactors::start(&cfg.reactors).map_err(|e| format!("reactors: {e}"))?);
         let exports = Exports::new();
         let control = Arc::new(Control::new(

@@ -60,6 +60,20 @@ pub fn check(db: &redb::Database, pool: &Pool) -> Result<Report, ControlError> {
         }
     }
     drop(r);
+    let known: std::collections::HashSet<&str> = disks
+        .iter()
+        .map(|d| d.id.as_str())
+        .chain(snaps.iter().map(|s| s.id.as_str()))
+        .chain(images.iter().map(|m| m.id.as_str()))
+        .collect();
+    match pool.volume_ids() {
+        Ok(ids) => rep.problems.extend(
+            ids.iter()
+                .filter(|id| !known.contains(id.as_str()))
+                .map(|id| format!("volume {id} is in the pool but no disk, snapshot or image refers to it")),
+        ),
+        Err(e) => rep.problems.push(format!("listing the pool's volumes: {e}")),
+    }
     match pool.check() {
         Ok(pr) => {
             if pr.volumes != n {
@@ -74,6 +88,41 @@ pub fn check(db: &redb::Database, pool: &Pool) -> Result<Report, ControlError> {
         Err(e) => rep.problems.push(format!("pool check failed: {e}")),
     }
     Ok(rep)
+}
+
+/// Deletes every volume that no disk, snapshot or image refers to, in one
+/// transaction, and returns their ids. Only a copy interrupted by a crash
+/// (CreateEncryptedCopy makes its volume before the catalog rows that name
+/// it) leaves such a volume, so this is safe only while no operation runs:
+/// the daemon calls it at start, before it serves anyone.
+pub fn sweep_unreferenced(db: &redb::Database, pool: &Pool) -> Result<Vec<String>, ControlError> {
+    let r = db.begin_read().map_err(|e| ControlError::Catalog(catalog::db_err(e)))?;
+    let disks: Vec<DiskRecord> = catalog::list_r(&r)?;
+    let snaps: Vec<SnapshotRecord> = catalog::list_r(&r)?;
+    let images: Vec<ImageRecord> = catalog::list_r(&r)?;
+    drop(r);
+    let known: std::collections::HashSet<&str> = disks
+        .iter()
+        .map(|d| d.id.as_str())
+        .chain(snaps.iter().map(|s| s.id.as_str()))
+        .chain(images.iter().map(|m| m.id.as_str()))
+        .collect();
+    let orphans: Vec<String> = pool
+        .volume_ids()?
+        .into_iter()
+        .filter(|id| !known.contains(id.as_str()))
+        .collect();
+    if orphans.is_empty() {
+        return Ok(orphans);
+    }
+    let txn = db
+        .begin_write()
+        .map_err(|e| ControlError::Catalog(catalog::db_err(e)))?;
+    for id in &orphans {
+        pool.delete_volume(&txn, id)?;
+    }
+    txn.commit().map_err(|e| ControlError::Catalog(catalog::db_err(e)))?;
+    Ok(orphans)
 }
 
 /// `sealdisk check`: opens the catalog and pool of a data directory (the daemon must be

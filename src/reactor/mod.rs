@@ -46,6 +46,14 @@ pub enum Poll {
 /// Something the reactor calls on every loop iteration.
 pub trait Poller {
     fn poll(&mut self, ctx: &ReactorCtx) -> Poll;
+    /// Work that can become ready without a completion or a message to wake
+    /// the reactor (a request held by a QoS limit, a retry after
+    /// back-pressure): while any poller says so, the reactor parks at most
+    /// [`ReactorConfig::park_timeout`]; otherwise up to
+    /// [`ReactorConfig::idle_park`].
+    fn pending(&self) -> bool {
+        true
+    }
 }
 
 /// A message: code to run on a reactor's thread.
@@ -65,8 +73,13 @@ pub struct ReactorConfig {
     pub queue_depth: usize,
     /// Keep spinning this long after the last work before parking.
     pub spin: Duration,
-    /// Longest park (pollers waiting on time are polled at least this often).
+    /// Longest park while a poller has [`Poller::pending`] work (it is
+    /// polled at least this often).
     pub park_timeout: Duration,
+    /// Longest park when no poller has pending work: completions and
+    /// messages wake the reactor, so this only bounds how late a poller
+    /// notices a flag (a revoked export, a stopping server).
+    pub idle_park: Duration,
 }
 
 impl Default for ReactorConfig {
@@ -79,6 +92,7 @@ impl Default for ReactorConfig {
             queue_depth: 1024,
             spin: Duration::from_micros(20),
             park_timeout: Duration::from_millis(10),
+            idle_park: Duration::from_millis(100),
         }
     }
 }
@@ -435,9 +449,14 @@ fn run(
                 waker_armed = unsafe { ring.push(&waker_route, 0, e) };
             }
             let busy_ring = ring.in_flight() > waker_armed as usize;
+            let timeout = if pollers.iter().any(|p| p.pending()) {
+                cfg.park_timeout
+            } else {
+                cfg.idle_park.max(cfg.park_timeout)
+            };
             let t = Instant::now();
-            let _ = ring.wait(cfg.park_timeout);
-            if busy_ring && t.elapsed() >= cfg.park_timeout {
+            let _ = ring.wait(timeout);
+            if busy_ring && t.elapsed() >= timeout {
                 // I/O in flight and no completion for a whole park timeout:
                 // a slow device (or a lost wake-up); counted for the stats.
                 shared.stats.add_slow_park();

@@ -427,6 +427,17 @@ impl Pool {
         Pool::drop_map(txn, id)
     }
 
+    /// Ids of every volume in the pool.
+    pub fn volume_ids(&self) -> Result<Vec<String>, VolumeError> {
+        let r = self.db.begin_read().map_err(db_err)?;
+        let t = r.open_table(VOL_SIZE).map_err(db_err)?;
+        let mut ids = Vec::new();
+        for e in t.iter().map_err(db_err)? {
+            ids.push(e.map_err(db_err)?.0.value().to_string());
+        }
+        Ok(ids)
+    }
+
     /// Size of a volume, if it exists.
     pub fn volume_size(&self, id: &str) -> Result<Option<u64>, VolumeError> {
         let r = self.db.begin_read().map_err(db_err)?;

@@ -790,6 +790,14 @@ impl Conn {
 }
 
 impl Poller for Conn {
+    /// Requests in the bdev stack (a QoS limit may hold them), requests
+    /// refused by back-pressure, or a header waiting for buffers: all may
+    /// need a poll without any wake-up. An idle connection has none (its
+    /// armed receive wakes the reactor).
+    fn pending(&self) -> bool {
+        self.live > 0 || !self.deferred.is_empty() || self.stalled
+    }
+
     fn poll(&mut self, ctx: &ReactorCtx) -> Poll {
         let mut work = 0;
         if self.phase != Phase::Dead && (self.sh.stop.load(Ordering::Relaxed) || self.export.is_revoked()) {
