@@ -227,7 +227,12 @@ fn serve_restart_restores_attachments_and_check() {
     let t = Instant::now();
     loop {
         let v = c.call("DescribeReactors", json!({})).unwrap();
-        if v["Reactors"].as_array().unwrap().iter().all(|r| r["IdleNs"].as_u64().unwrap() > 0) {
+        if v["Reactors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["IdleNs"].as_u64().unwrap() > 0)
+        {
             break;
         }
         assert!(t.elapsed() < Duration::from_secs(5), "reactors never parked: {v}");

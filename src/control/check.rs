@@ -60,16 +60,9 @@ pub fn check(db: &redb::Database, pool: &Pool) -> Result<Report, ControlError> {
         }
     }
     drop(r);
-    let known: std::collections::HashSet<&str> = disks
-        .iter()
-        .map(|d| d.id.as_str())
-        .chain(snaps.iter().map(|s| s.id.as_str()))
-        .chain(images.iter().map(|m| m.id.as_str()))
-        .collect();
-    match pool.volume_ids() {
+    match unreferenced(pool, &disks, &snaps, &images) {
         Ok(ids) => rep.problems.extend(
             ids.iter()
-                .filter(|id| !known.contains(id.as_str()))
                 .map(|id| format!("volume {id} is in the pool but no disk, snapshot or image refers to it")),
         ),
         Err(e) => rep.problems.push(format!("listing the pool's volumes: {e}")),
@@ -90,6 +83,26 @@ pub fn check(db: &redb::Database, pool: &Pool) -> Result<Report, ControlError> {
     Ok(rep)
 }
 
+/// Volumes in the pool that none of these disks, snapshots and images is.
+fn unreferenced(
+    pool: &Pool,
+    disks: &[DiskRecord],
+    snaps: &[SnapshotRecord],
+    images: &[ImageRecord],
+) -> Result<Vec<String>, crate::volume::VolumeError> {
+    let known: std::collections::HashSet<&str> = disks
+        .iter()
+        .map(|d| d.id.as_str())
+        .chain(snaps.iter().map(|s| s.id.as_str()))
+        .chain(images.iter().map(|m| m.id.as_str()))
+        .collect();
+    Ok(pool
+        .volume_ids()?
+        .into_iter()
+        .filter(|id| !known.contains(id.as_str()))
+        .collect())
+}
+
 /// Deletes every volume that no disk, snapshot or image refers to, in one
 /// transaction, and returns their ids. Only a copy interrupted by a crash
 /// (CreateEncryptedCopy makes its volume before the catalog rows that name
@@ -101,17 +114,7 @@ pub fn sweep_unreferenced(db: &redb::Database, pool: &Pool) -> Result<Vec<String
     let snaps: Vec<SnapshotRecord> = catalog::list_r(&r)?;
     let images: Vec<ImageRecord> = catalog::list_r(&r)?;
     drop(r);
-    let known: std::collections::HashSet<&str> = disks
-        .iter()
-        .map(|d| d.id.as_str())
-        .chain(snaps.iter().map(|s| s.id.as_str()))
-        .chain(images.iter().map(|m| m.id.as_str()))
-        .collect();
-    let orphans: Vec<String> = pool
-        .volume_ids()?
-        .into_iter()
-        .filter(|id| !known.contains(id.as_str()))
-        .collect();
+    let orphans = unreferenced(pool, &disks, &snaps, &images)?;
     if orphans.is_empty() {
         return Ok(orphans);
     }
