@@ -11,7 +11,8 @@ Targets (all 2 GiB, filled once before measuring):
   nbd-null fio ioengine=nbd -> nbdkit null (no storage at all): what fio's nbd client and the
            unix socket can carry on their own, the ceiling of any NBD server here
 Workloads: 4k randread/randwrite QD32, 128k seq read/write QD8, numjobs=1.
-Order: for rep, for workload: file, sd-plain, sd-enc, q-raw, q-luks.
+Order: for rep, for workload: file, sd-plain, sd-enc, q-raw, q-luks, nbd-null; reversed on
+every other rep (ABBA), so use an even --reps.
 Placement (like ../shared/peer/qemu-luks-nbd.sh): servers (one sealdisk reactor,
 qemu-nbd) on the CPU that does not take the disk's completion interrupts, fio on
 the other. Server CPU is utime+stime of the server process over the fio run;
@@ -151,7 +152,10 @@ def main():
         res = {}
         for rep in range(a.reps):
             for wl, wopts in WORKLOADS.items():
-                for t in TARGETS:
+                # ABBA: odd repetitions run the targets in reverse, so a host
+                # slowing down during a workload (write-back after writes) does
+                # not always hit the same targets.
+                for t in (TARGETS if rep % 2 == 0 else TARGETS[::-1]):
                     log(f"rep {rep + 1} {wl} {t}")
                     tgt = (["--ioengine=io_uring", "--direct=1", f"--filename={raw}"] if t == "file"
                            else ["--ioengine=nbd", f"--uri={uris[t]}"])

@@ -448,17 +448,18 @@ fn run(
                 // use (the ring is dropped when this function returns).
                 waker_armed = unsafe { ring.push(&waker_route, 0, e) };
             }
-            let busy_ring = ring.in_flight() > waker_armed as usize;
-            let timeout = if pollers.iter().any(|p| p.pending()) {
+            let pending = pollers.iter().any(|p| p.pending());
+            let timeout = if pending {
                 cfg.park_timeout
             } else {
                 cfg.idle_park.max(cfg.park_timeout)
             };
             let t = Instant::now();
             let _ = ring.wait(timeout);
-            if busy_ring && t.elapsed() >= timeout {
-                // I/O in flight and no completion for a whole park timeout:
-                // a slow device (or a lost wake-up); counted for the stats.
+            if pending && t.elapsed() >= timeout {
+                // Requests waiting and nothing for a whole park timeout: a
+                // slow device (or a lost wake-up); counted for the stats.
+                // (An idle connection's armed receive is not waiting work.)
                 shared.stats.add_slow_park();
             }
         }

@@ -22,7 +22,8 @@ pub struct StatsSnapshot {
     pub ios: u64,
     pub bytes: u64,
     pub queue_full: u64,
-    /// Parks that lasted the whole park timeout with I/O in flight.
+    /// Parks that lasted the whole park timeout while a poller had pending
+    /// work (`Poller::pending`).
     pub slow_parks: u64,
 }
 
