@@ -4,8 +4,9 @@
 //!
 //! Polled completions (IOPOLL): when the file's block device has poll queues
 //! (`/sys/dev/block/M:m/queue/io_poll` is 1), reads and writes go to the
-//! reactor's IOPOLL ring and complete without an interrupt; flush, unmap and
-//! write-zeroes stay on the interrupt ring (IOPOLL rings refuse them). If the
+//! reactor's IOPOLL ring and complete without an interrupt; flush, unmap,
+//! write-zeroes (IOPOLL rings refuse them) and FUA writes (their completion
+//! waits for a journal commit) stay on the interrupt ring. If the
 //! kernel answers a polled request with `EOPNOTSUPP` (a loop device, a
 //! filesystem without `iopoll`, a queue without poll support), that request
 //! is resubmitted on the interrupt ring and the bdev stops using IOPOLL: a
@@ -312,7 +313,7 @@ impl Channel for UringChannel {
         let polled = self
             .polled
             .as_ref()
-            .filter(|_| matches!(f.op, IoOp::Read | IoOp::Write) && self.iopoll.load(Ordering::Relaxed));
+            .filter(|_| matches!(f.op, IoOp::Read | IoOp::Write) && !f.fua && self.iopoll.load(Ordering::Relaxed));
         let pushed = match polled {
             // SAFETY: see `entry`; the slab keeps the buffer until reaped.
             Some(p) => unsafe { p.ring.push(&p.route, idx as u64, entry(&mut f, &p.ring, p.slot)) },
