@@ -234,31 +234,19 @@ impl Control {
     }
 
     fn find_disk(&self, txn: &WriteTransaction, id: &str, account: &str) -> Result<DiskRecord, ControlError> {
-        let d = catalog::get::<DiskRecord>(txn, id)?.ok_or_else(|| ControlError::NotFound {
-            code: "InvalidDiskId.NotFound",
-            id: id.to_owned(),
-        })?;
-        if d.account != account {
-            return Err(ControlError::CrossAccount {
-                what: "disk",
-                id: id.to_owned(),
-            });
-        }
-        Ok(d)
+        find_owned(txn, id, "InvalidDiskId.NotFound", "disk", |d: &DiskRecord| {
+            d.account == account
+        })
     }
 
     fn find_snapshot(&self, txn: &WriteTransaction, id: &str, account: &str) -> Result<SnapshotRecord, ControlError> {
-        let s = catalog::get::<SnapshotRecord>(txn, id)?.ok_or_else(|| ControlError::NotFound {
-            code: "InvalidSnapshotId.NotFound",
-            id: id.to_owned(),
-        })?;
-        if s.account != account {
-            return Err(ControlError::CrossAccount {
-                what: "snapshot",
-                id: id.to_owned(),
-            });
-        }
-        Ok(s)
+        find_owned(
+            txn,
+            id,
+            "InvalidSnapshotId.NotFound",
+            "snapshot",
+            |s: &SnapshotRecord| s.account == account,
+        )
     }
 
     /// An image the account owns, or (with `shared_ok`) one shared with it.
@@ -269,32 +257,42 @@ impl Control {
         account: &str,
         shared_ok: bool,
     ) -> Result<ImageRecord, ControlError> {
-        let m = catalog::get::<ImageRecord>(txn, id)?.ok_or_else(|| ControlError::NotFound {
-            code: "InvalidImageId.NotFound",
-            id: id.to_owned(),
-        })?;
-        if m.account != account && !(shared_ok && m.shared_with.iter().any(|a| a == account)) {
-            return Err(ControlError::CrossAccount {
-                what: "image",
-                id: id.to_owned(),
-            });
-        }
-        Ok(m)
+        find_owned(txn, id, "InvalidImageId.NotFound", "image", |m: &ImageRecord| {
+            m.account == account || (shared_ok && m.shared_with.iter().any(|a| a == account))
+        })
     }
 
     fn find_instance(&self, txn: &WriteTransaction, id: &str, account: &str) -> Result<InstanceRecord, ControlError> {
-        let i = catalog::get::<InstanceRecord>(txn, id)?.ok_or_else(|| ControlError::NotFound {
-            code: "InvalidInstanceId.NotFound",
-            id: id.to_owned(),
-        })?;
-        if i.account != account {
-            return Err(ControlError::CrossAccount {
-                what: "instance",
-                id: id.to_owned(),
-            });
-        }
-        Ok(i)
+        find_owned(
+            txn,
+            id,
+            "InvalidInstanceId.NotFound",
+            "instance",
+            |i: &InstanceRecord| i.account == account,
+        )
     }
+}
+
+/// The catalog row `id`: `not_found` if there is none, `CrossAccount` if
+/// `visible` says the caller may not use it.
+fn find_owned<R: catalog::Record>(
+    txn: &WriteTransaction,
+    id: &str,
+    not_found: &'static str,
+    what: &'static str,
+    visible: impl Fn(&R) -> bool,
+) -> Result<R, ControlError> {
+    let r = catalog::get::<R>(txn, id)?.ok_or_else(|| ControlError::NotFound {
+        code: not_found,
+        id: id.to_owned(),
+    })?;
+    if !visible(&r) {
+        return Err(ControlError::CrossAccount {
+            what,
+            id: id.to_owned(),
+        });
+    }
+    Ok(r)
 }
 
 /// An object in another region than the one the caller named is not found there.
