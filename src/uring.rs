@@ -32,7 +32,14 @@ pub struct RingOpts {
     pub sqpoll_idle_ms: u32,
     /// IORING_SETUP_COOP_TASKRUN + TASKRUN_FLAG (see [`Ring::reap`]).
     pub coop_taskrun: bool,
+    /// Submit as soon as this many payload bytes are queued, instead of at
+    /// the end of the loop iteration (see [`Ring::note_payload`]).
+    pub eager_submit_bytes: usize,
 }
+
+/// Default [`RingOpts::eager_submit_bytes`]: 8 × 4 KiB requests, or every
+/// request of 32 KiB and more.
+pub const EAGER_SUBMIT_BYTES: usize = 32 << 10;
 
 impl Default for RingOpts {
     fn default() -> Self {
@@ -41,6 +48,7 @@ impl Default for RingOpts {
             sqpoll: false,
             sqpoll_idle_ms: 50,
             coop_taskrun: true,
+            eager_submit_bytes: EAGER_SUBMIT_BYTES,
         }
     }
 }
@@ -75,6 +83,9 @@ pub struct Ring {
     uring: RefCell<IoUring>,
     routes: RefCell<Vec<Queue>>,
     unsubmitted: Cell<u32>,
+    /// Payload bytes of the unsubmitted SQEs (see [`Ring::note_payload`]).
+    unsubmitted_bytes: Cell<usize>,
+    eager_bytes: usize,
     in_flight: Cell<usize>,
     /// Completions reaped into route queues and not yet popped.
     queued: Rc<Cell<usize>>,
@@ -138,6 +149,8 @@ impl Ring {
             uring: RefCell::new(uring),
             routes: RefCell::new(Vec::new()),
             unsubmitted: Cell::new(0),
+            unsubmitted_bytes: Cell::new(0),
+            eager_bytes: opts.eager_submit_bytes.max(1),
             in_flight: Cell::new(0),
             queued: Rc::new(Cell::new(0)),
             files: RefCell::new(vec![false; FILE_SLOTS as usize]),
@@ -217,6 +230,7 @@ impl Ring {
             if attempt == 0 {
                 let _ = ring.submit();
                 self.unsubmitted.set(0);
+                self.unsubmitted_bytes.set(0);
             }
         }
         false
@@ -230,7 +244,26 @@ impl Ring {
             return Ok(0);
         }
         self.unsubmitted.set(0);
+        self.unsubmitted_bytes.set(0);
         self.uring.borrow().submit()
+    }
+
+    /// Count `bytes` of payload for the SQE just pushed; once
+    /// [`RingOpts::eager_submit_bytes`] are waiting, submit them now.
+    ///
+    /// A poller handles a whole batch of completions before the reactor's
+    /// end-of-iteration submit, and on the encrypted path every new write
+    /// is encrypted first (about 0.5 µs per 4 KiB): without this the device
+    /// idles while the reactor encrypts the batch. Submitting every 32 KiB
+    /// lifted encrypted / plain at 128 KiB sequential writes from 0.81 to
+    /// 0.96–0.98 here (docs/benchmarks.md), for one extra syscall per 32 KiB.
+    pub fn note_payload(&self, bytes: usize) {
+        let b = self.unsubmitted_bytes.get() + bytes;
+        if b >= self.eager_bytes {
+            let _ = self.flush();
+        } else {
+            self.unsubmitted_bytes.set(b);
+        }
     }
 
     /// Sort completed CQEs into their routes' queues. Returns how many.
@@ -241,6 +274,7 @@ impl Ring {
             // with GETEVENTS (set by `submit` when it sees the flag) posts them.
             let _ = ring.submit();
             self.unsubmitted.set(0);
+            self.unsubmitted_bytes.set(0);
         }
         let routes = self.routes.borrow();
         let mut n = 0;
@@ -273,6 +307,7 @@ impl Ring {
     /// Submit and block until at least one completion or `timeout`.
     pub fn wait(&self, timeout: Duration) -> io::Result<()> {
         self.unsubmitted.set(0);
+        self.unsubmitted_bytes.set(0);
         let ts = types::Timespec::from(timeout);
         let args = types::SubmitArgs::new().timespec(&ts);
         match self.uring.borrow().submitter().submit_with_args(1, &args) {
@@ -309,5 +344,58 @@ impl PollRing {
     /// The ring, if one was made.
     pub fn get(&self) -> Option<&Rc<Ring>> {
         self.0.get().and_then(|r| r.as_ref())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use io_uring::opcode;
+
+    fn wait_for(ring: &Ring, route: &Route) -> Option<(u64, i32)> {
+        for _ in 0..200 {
+            ring.reap();
+            if let Some(c) = route.pop() {
+                return Some(c);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        None
+    }
+
+    #[test]
+    fn requests_go_to_the_kernel_once_enough_payload_is_queued() {
+        let pool = BufPool::new(1 << 20).unwrap();
+        let opts = RingOpts {
+            eager_submit_bytes: 8192,
+            ..RingOpts::default()
+        };
+        let ring = Ring::new(opts, &pool).unwrap();
+        let route = ring.route();
+        // SAFETY: a NOP refers to no memory.
+        assert!(unsafe { ring.push(&route, 1, opcode::Nop::new().build()) });
+        ring.note_payload(4096);
+        assert_eq!(
+            wait_for(&ring, &route),
+            None,
+            "below the threshold nothing is submitted"
+        );
+        // SAFETY: as above.
+        assert!(unsafe { ring.push(&route, 2, opcode::Nop::new().build()) });
+        ring.note_payload(4096);
+        let mut tags = [wait_for(&ring, &route), wait_for(&ring, &route)].map(|c| c.map(|c| c.0));
+        tags.sort();
+        assert_eq!(
+            tags,
+            [Some(1), Some(2)],
+            "reaching the threshold submits the whole batch"
+        );
+        // The count starts again after a submit.
+        // SAFETY: as above.
+        assert!(unsafe { ring.push(&route, 3, opcode::Nop::new().build()) });
+        ring.note_payload(4096);
+        assert_eq!(wait_for(&ring, &route), None);
+        ring.flush().unwrap();
+        assert_eq!(wait_for(&ring, &route).map(|c| c.0), Some(3));
     }
 }

@@ -323,6 +323,9 @@ impl Channel for UringChannel {
                     .push(&self.route, idx as u64, entry(&mut f, &self.ring, self.slot))
             },
         };
+        if pushed && polled.is_none() {
+            self.ring.note_payload(f.want as usize);
+        }
         if !pushed {
             self.free.push(idx);
             return Err(IoRequest {
