@@ -152,7 +152,9 @@ def main():
         uris["nbd-null"] = f"nbd+unix:///?socket={null_sock}"
         srv_pid = {"sd-plain": p.pid, "sd-enc": p.pid, **qpid, "nbd-null": nk.pid, "file": None}
         # --- fill every target once (allocates sealdisk clusters, real ciphertext everywhere).
-        for name in [t for t in ["sd-plain", "sd-enc", "q-raw", "q-luks"] if t in targets]:
+        # (the file target reads q-raw's image, so it needs that fill too)
+        fill = set(targets) | ({"q-raw"} if "file" in targets else set())
+        for name in [t for t in ["sd-plain", "sd-enc", "q-raw", "q-luks"] if t in fill]:
             log(f"filling {name}")
             run(["fio", "--name=fill", "--ioengine=nbd", f"--uri={uris[name]}", "--rw=write", "--bs=1M",
                  "--iodepth=8", f"--size={a.size}", f"--cpus_allowed={fio_cpu}", "--output-format=json"])
