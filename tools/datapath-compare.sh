@@ -3,8 +3,9 @@
 #   fio io_uring (--direct=1) on the raw file   vs   sealdisk bench io plain
 #   sealdisk plain vs encrypted (--compare: plain, enc, enc, plain on the same file)
 # for 4k randread/randwrite QD32 and 128k seq read/write QD8; each repetition runs
-# fio then sealdisk back to back, so slow phases of a shared host hit both. Then the
-# RAM backend cost check (4k randwrite QD32, one reactor).
+# fio and sealdisk back to back, first one then the other on alternate reps, so
+# slow phases of a shared host hit both. Then the RAM backend cost check (4k
+# randwrite QD32, one reactor, six alternating rounds).
 # Usage: tools/datapath-compare.sh [WORKDIR] [RUNTIME_S] [REPS]
 set -euo pipefail
 W=${1:-/var/tmp/sealdisk-datapath}
@@ -27,11 +28,18 @@ for wl in "randread 4k 32" "randwrite 4k 32" "read 128k 8" "write 128k 8"; do
     set -- $wl
     rw=$1 bs=$2 qd=$3
     for rep in $(seq 1 "$REPS"); do
-        taskset -c "$CORE" fio --name=f --filename="$IMG" --size=1g --rw="$rw" --bs="$bs" --iodepth="$qd" \
-            --ioengine=io_uring --direct=1 --runtime="$RT" --time_based --output-format=json \
-            > "$W/fio-$rw-$bs-$rep.json"
-        "$S" bench io --backend "file:$IMG" --size 1g --rw "$rw" --bs "$bs" --iodepth "$qd" --runtime $((RT * 2)) \
-            --time_based --cores "$CORE" --quiet --compare --rounds 2 --output-format json > "$W/sd-$rw-$bs-$rep.json"
+        run_fio() {
+            taskset -c "$CORE" fio --name=f --filename="$IMG" --size=1g --rw="$rw" --bs="$bs" --iodepth="$qd" \
+                --ioengine=io_uring --direct=1 --runtime="$RT" --time_based --output-format=json \
+                > "$W/fio-$rw-$bs-$rep.json"
+        }
+        run_sd() {
+            "$S" bench io --backend "file:$IMG" --size 1g --rw "$rw" --bs "$bs" --iodepth "$qd" --runtime $((RT * 2)) \
+                --time_based --cores "$CORE" --quiet --compare --rounds 2 --output-format json > "$W/sd-$rw-$bs-$rep.json"
+        }
+        # Alternate who goes first: this disk runs faster for a few seconds
+        # after a pause, which would always favour the first tool.
+        if [ $((rep % 2)) = 1 ]; then run_fio; run_sd; else run_sd; run_fio; fi
     done
     python3 - "$W" "$rw" "$bs" "$REPS" "$rw $bs QD$qd" <<'PY'
 import json, sys
@@ -51,5 +59,5 @@ PY
 done
 echo
 echo "# RAM backend, one reactor, 4k randwrite QD32"
-"$S" bench io --backend malloc --size 1g --rw randwrite --bs 4k --iodepth 32 --runtime $((RT * 2)) --time_based \
-    --cores "$CORE" --quiet --compare --rounds 2 | tail -3
+"$S" bench io --backend malloc --size 1g --rw randwrite --bs 4k --iodepth 32 --runtime $((RT * 4)) --time_based \
+    --cores "$CORE" --quiet --compare --rounds 6 | tail -3

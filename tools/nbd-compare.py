@@ -79,6 +79,8 @@ def main():
                     help="comma-separated subset of " + ",".join(TARGETS))
     ap.add_argument("--workloads", default=",".join(WORKLOADS),
                     help="comma-separated subset of " + ",".join(WORKLOADS))
+    ap.add_argument("--spin-us", type=int, default=None,
+                    help="sealdisk serve --spin-us (default: the daemon's)")
     a = ap.parse_args()
     targets = [t for t in TARGETS if t in a.targets.split(",")]
     workloads = {k: v for k, v in WORKLOADS.items() if k in a.workloads.split(",")}
@@ -108,7 +110,8 @@ def main():
         # --- sealdisk: one reactor on the server CPU, no QoS caps.
         data = os.path.join(w, "sd")
         p = subprocess.Popen([SEALDISK, "serve", "--data-dir", data, "--cores", str(srv_cpu), "--no-qos",
-                              "--pool-size", str(8 << 30)], stderr=open(os.path.join(w, "sealdisk.log"), "w"))
+                              "--pool-size", str(8 << 30),
+                              *([] if a.spin_us is None else ["--spin-us", str(a.spin_us)])], stderr=open(os.path.join(w, "sealdisk.log"), "w"))
         procs.append(p)
         for _ in range(100):
             if os.path.exists(os.path.join(data, "sealdisk.sock")):

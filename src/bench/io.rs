@@ -272,22 +272,37 @@ fn new_group(name: &str, spec: &JobSpec, target: &str) -> GroupResult {
 }
 
 /// Nanoseconds the engine needs to encrypt `bs` bytes in `ss`-byte sectors,
-/// best of a few short runs.
-fn cipher_ns(xts: &Xts, bs: usize, ss: usize) -> f64 {
-    let mut buf = vec![0x5au8; bs.max(ss) / ss * ss];
-    let mut best = f64::MAX;
-    for _ in 0..5 {
-        let t = Instant::now();
-        let mut n = 0u64;
-        while t.elapsed() < Duration::from_millis(40) {
-            for _ in 0..16 {
-                xts.encrypt_sectors(&mut buf, n, ss).expect("whole sectors");
-                n += 1;
+/// best of a few short runs, measured on reactor 0's thread (the core the
+/// jobs run on, between their rounds).
+fn cipher_ns(reactors: &Reactors, xts: &Arc<Xts>, bs: usize, ss: usize) -> Result<f64, String> {
+    let xts = xts.clone();
+    reactors.call(0, Duration::from_secs(10), move |_| {
+        let mut buf = vec![0x5au8; bs.max(ss) / ss * ss];
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            let t = Instant::now();
+            let mut n = 0u64;
+            while t.elapsed() < Duration::from_millis(40) {
+                for _ in 0..16 {
+                    xts.encrypt_sectors(&mut buf, n, ss).expect("whole sectors");
+                    n += 1;
+                }
             }
+            best = best.min(t.elapsed().as_nanos() as f64 / n as f64);
         }
-        best = best.min(t.elapsed().as_nanos() as f64 / n as f64);
+        best
+    })
+}
+
+/// The median of the samples.
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
     }
-    best
 }
 
 /// Run the benchmark.
@@ -315,6 +330,11 @@ pub fn run(opts: &IoBenchOpts) -> Result<IoBenchReport, String> {
             }
             let mut plain = new_group("plain", &fj.job, &backend_name);
             let mut encrypted = new_group("encrypted", &fj.job, enc.name());
+            let ss = fj.target.sector_size.unwrap_or(4096) as usize;
+            let bs = fj.job.bs as usize;
+            // The cipher's own cost, sampled before and after every round on
+            // the reactors' core: the machine's speed drifts over a run.
+            let mut samples = vec![cipher_ns(&reactors, &xts, bs, ss)?];
             for r in 0..rounds {
                 let order: [bool; 2] = if r % 2 == 0 { [false, true] } else { [true, false] };
                 for is_enc in order {
@@ -326,9 +346,9 @@ pub fn run(opts: &IoBenchOpts) -> Result<IoBenchReport, String> {
                     let out = run_once(&reactors, bdev, &spec, label, opts.progress)?;
                     merge_into(g, &out);
                 }
+                samples.push(cipher_ns(&reactors, &xts, bs, ss)?);
             }
-            let ss = fj.target.sector_size.unwrap_or(4096) as usize;
-            cipher = Some(cipher_ns(&xts, fj.job.bs as usize, ss));
+            cipher = median(samples);
             groups.push(plain);
             groups.push(encrypted);
         } else {
