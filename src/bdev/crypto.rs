@@ -95,7 +95,7 @@ impl Bdev for CryptoBdev {
             capacity: self.capacity,
             max_io: self.max_io_bytes(),
             pending: Slab::default(),
-            ready: VecDeque::new(),
+            ready: Vec::new(),
             backlog: VecDeque::new(),
         }))
     }
@@ -118,7 +118,7 @@ struct CryptoChannel {
     capacity: u64,
     max_io: u64,
     pending: Slab<Pending>,
-    ready: VecDeque<IoCompletion>,
+    ready: Vec<IoCompletion>,
     /// Completions from below not yet handled (reads not yet decrypted).
     backlog: VecDeque<IoCompletion>,
 }
@@ -163,13 +163,30 @@ impl CryptoChannel {
         p.parts -= 1;
         if p.parts == 0 {
             let p = self.pending.remove(idx).expect("live");
-            self.ready.push_back(IoCompletion {
+            self.ready.push(IoCompletion {
                 tag: p.tag,
                 op: p.op,
                 result: p.result,
                 buf: p.buf,
             });
         }
+    }
+}
+
+impl CryptoChannel {
+    /// Handle one completion from below, charging a read's bytes to
+    /// `budget`; true once the budget is spent.
+    fn handle_within(&mut self, c: IoCompletion, budget: &mut usize) -> bool {
+        let bytes = match (&c.op, &c.buf) {
+            (IoOp::Read, Some(b)) => b.len(),
+            _ => 0,
+        };
+        self.finish_part(c);
+        if bytes >= *budget {
+            return true;
+        }
+        *budget -= bytes;
+        false
     }
 }
 
@@ -202,7 +219,7 @@ fn is_zero(s: &[u8]) -> bool {
 impl Channel for CryptoChannel {
     fn submit(&mut self, req: IoRequest) -> Result<(), IoRequest> {
         if let Err(e) = validate(&req, self.sector_size as u32, self.capacity, self.max_io) {
-            self.ready.push_back(IoCompletion {
+            self.ready.push(IoCompletion {
                 tag: req.tag,
                 op: req.op,
                 result: Err(e),
@@ -283,22 +300,24 @@ impl Channel for CryptoChannel {
 
     fn poll(&mut self, out: &mut Vec<IoCompletion>) -> usize {
         let mut comps = self.lower.poll();
-        self.backlog.extend(comps.drain(..));
-        self.lower.recycle(comps);
         let mut budget = DECRYPT_BUDGET;
-        while let Some(c) = self.backlog.pop_front() {
-            let bytes = match (&c.op, &c.buf) {
-                (IoOp::Read, Some(b)) => b.len(),
-                _ => 0,
-            };
-            self.finish_part(c);
-            if bytes >= budget {
-                break;
-            }
-            budget -= bytes;
+        // Older completions first; new ones go straight through while the
+        // budget lasts and wait in the backlog after that.
+        let mut spent = false;
+        while !spent {
+            let Some(c) = self.backlog.pop_front() else { break };
+            spent = self.handle_within(c, &mut budget);
         }
+        for c in comps.drain(..) {
+            if spent {
+                self.backlog.push_back(c);
+            } else {
+                spent = self.handle_within(c, &mut budget);
+            }
+        }
+        self.lower.recycle(comps);
         let n = self.ready.len();
-        out.extend(self.ready.drain(..));
+        out.append(&mut self.ready);
         n
     }
 
