@@ -171,9 +171,7 @@ impl CryptoChannel {
             });
         }
     }
-}
 
-impl CryptoChannel {
     /// Handle one completion from below, charging a read's bytes to
     /// `budget`; true once the budget is spent.
     fn handle_within(&mut self, c: IoCompletion, budget: &mut usize) -> bool {
