@@ -329,8 +329,7 @@ struct Scratch8([[u8; 128]; 2]);
 
 impl Drop for Scratch8 {
     fn drop(&mut self) {
-        zeroize::Zeroize::zeroize(&mut self.0[0][..]);
-        zeroize::Zeroize::zeroize(&mut self.0[1][..]);
+        super::wipe::wipe(self.0.as_flattened_mut());
     }
 }
 

@@ -14,6 +14,7 @@ mod gf128;
 mod kernel;
 mod keys;
 mod portable;
+mod wipe;
 mod xts;
 
 #[cfg(target_arch = "x86_64")]

@@ -244,8 +244,7 @@ struct TweakScratch([[u8; 256]; 2]);
 
 impl Drop for TweakScratch {
     fn drop(&mut self) {
-        zeroize::Zeroize::zeroize(&mut self.0[0][..]);
-        zeroize::Zeroize::zeroize(&mut self.0[1][..]);
+        super::wipe::wipe(self.0.as_flattened_mut());
     }
 }
 
@@ -351,5 +350,5 @@ pub(crate) unsafe fn sectors<const DEC: bool>(
         }
         i += batch;
     }
-    zeroize::Zeroize::zeroize(&mut tweaks);
+    super::wipe::wipe(tweaks.as_flattened_mut());
 }

@@ -284,7 +284,7 @@ impl Xts {
                     }
                     i += batch;
                 }
-                zeroize::Zeroize::zeroize(&mut tweaks);
+                super::wipe::wipe(tweaks.as_flattened_mut());
             }
             _ => {
                 if let Some(s) = src {
