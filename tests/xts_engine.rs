@@ -99,6 +99,40 @@ fn data_units_of_every_length_round_trip_and_agree_across_kernels() {
     }
 }
 
+/// `encrypt_sectors_for_device` (streaming stores on VAES when the output is
+/// 32-byte aligned) writes exactly what `encrypt_sectors_to` does, aligned
+/// or not, and leaves the bytes around the output alone.
+#[test]
+fn device_bound_encryption_matches_every_kernel_aligned_or_not() {
+    let mut r = rng();
+    for kernel in Kernel::available() {
+        for &ss in &[512usize, 4096] {
+            for &nsec in &[1usize, 3, 32] {
+                let k = key(&mut r);
+                let xts = Xts::with_kernel(&k, kernel).unwrap();
+                let first = r.gen::<u32>() as u64;
+                let mut plain = vec![0u8; ss * nsec];
+                r.fill_bytes(&mut plain);
+                let mut want = vec![0u8; plain.len()];
+                xts.encrypt_sectors_to(&plain, &mut want, first, ss).unwrap();
+                let mut check = plain.clone();
+                reference(&k, &mut check, first, ss, false);
+                assert_eq!(want, check, "{kernel} encrypt_to ss={ss}");
+                let mut backing = vec![0xeeu8; plain.len() + 128];
+                let aligned = backing.as_ptr().align_offset(32);
+                for off in [aligned, aligned + 32, aligned + 8, aligned + 1] {
+                    backing.fill(0xee);
+                    let end = off + plain.len();
+                    xts.encrypt_sectors_for_device(&plain, &mut backing[off..end], first, ss)
+                        .unwrap();
+                    assert_eq!(&backing[off..end], &want[..], "{kernel} ss={ss} n={nsec} off={off}");
+                    assert!(backing[..off].iter().chain(&backing[end..]).all(|&b| b == 0xee));
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn unaligned_buffers_work_on_every_kernel() {
     let mut r = rng();

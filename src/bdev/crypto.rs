@@ -11,6 +11,9 @@
 //!   Real ciphertext is all-zero with probability 2^-4096 per sector, and
 //!   the devices below return zeros for discarded or zeroed ranges, so unmap
 //!   and write-zeroes pass straight through and stay cheap.
+//! * When the device below reads writes by DMA ([`Bdev::dma_writes`]), the
+//!   bounce buffers are filled with streaming stores: the CPU never reads
+//!   them again, so fetching their cache lines first is wasted.
 //! * Bounce buffers are back-pressure: when the pool is empty the write is
 //!   handed back to the caller to retry.
 //! * Each poll decrypts at most [`DECRYPT_BUDGET`] bytes of reads, so the
@@ -86,10 +89,14 @@ impl Bdev for CryptoBdev {
     fn volatile_cache(&self) -> bool {
         self.inner.volatile_cache()
     }
+    fn dma_writes(&self) -> bool {
+        self.inner.dma_writes()
+    }
     fn open_channel(&self, ctx: &ChannelCtx) -> std::io::Result<Box<dyn Channel>> {
         Ok(Box::new(CryptoChannel {
             lower: Lower::new(self.inner.open_channel(ctx)?),
             xts: self.xts.clone(),
+            stream: self.inner.dma_writes(),
             pool: ctx.pool.clone(),
             sector_size: self.sector_size as usize,
             capacity: self.capacity,
@@ -113,6 +120,9 @@ struct Pending {
 struct CryptoChannel {
     lower: Lower,
     xts: Arc<Xts>,
+    /// The device below reads writes by DMA: fill bounce buffers with
+    /// streaming stores (`Xts::encrypt_sectors_for_device`).
+    stream: bool,
     pool: BufPool,
     sector_size: usize,
     capacity: u64,
@@ -243,9 +253,13 @@ impl Channel for CryptoChannel {
                 for (c, b) in bounces.iter_mut().enumerate() {
                     let from = c * BOUNCE_CHUNK;
                     let s0 = first + (from / self.sector_size) as u64;
-                    self.xts
-                        .encrypt_sectors_to(&src[from..from + b.len()], b, s0, self.sector_size)
-                        .expect("validated whole sectors");
+                    let s = &src[from..from + b.len()];
+                    if self.stream {
+                        self.xts.encrypt_sectors_for_device(s, b, s0, self.sector_size)
+                    } else {
+                        self.xts.encrypt_sectors_to(s, b, s0, self.sector_size)
+                    }
+                    .expect("validated whole sectors");
                 }
                 let (offset, fua) = (req.offset, req.fua);
                 let idx = self.slot(Pending {

@@ -230,6 +230,12 @@ pub trait Bdev: Send + Sync {
     fn volatile_cache(&self) -> bool {
         true
     }
+    /// Whether a device reads write payloads by DMA (rather than the CPU
+    /// copying them). A layer that fills write buffers of its own (the crypto
+    /// layer's bounce buffers) then fills them with streaming stores.
+    fn dma_writes(&self) -> bool {
+        false
+    }
     /// Open an I/O channel for the calling reactor.
     fn open_channel(&self, ctx: &ChannelCtx) -> std::io::Result<Box<dyn Channel>>;
 }

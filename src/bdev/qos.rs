@@ -150,6 +150,9 @@ impl Bdev for QosBdev {
     fn volatile_cache(&self) -> bool {
         self.inner.volatile_cache()
     }
+    fn dma_writes(&self) -> bool {
+        self.inner.dma_writes()
+    }
     fn open_channel(&self, ctx: &ChannelCtx) -> std::io::Result<Box<dyn Channel>> {
         Ok(Box::new(QosChannel {
             inner: self.inner.open_channel(ctx)?,

@@ -85,6 +85,8 @@ pub struct UringBdev {
     capacity: u64,
     block_size: u32,
     is_block_device: bool,
+    /// Opened with O_DIRECT: writes go to the device by DMA.
+    direct: bool,
     /// Still using IOPOLL (cleared, for every channel, on the first
     /// `EOPNOTSUPP` from a polled request).
     iopoll: Arc<AtomicBool>,
@@ -153,6 +155,7 @@ impl UringBdev {
             capacity,
             block_size,
             is_block_device,
+            direct: !opts.buffered,
             iopoll: Arc::new(AtomicBool::new(iopoll)),
             polled_ios: Arc::new(AtomicU64::new(0)),
         })
@@ -182,6 +185,9 @@ impl Bdev for UringBdev {
     }
     fn capacity(&self) -> u64 {
         self.capacity
+    }
+    fn dma_writes(&self) -> bool {
+        self.direct
     }
     fn open_channel(&self, ctx: &ChannelCtx) -> io::Result<Box<dyn Channel>> {
         // Each channel gets its own descriptor so its registered-file slot

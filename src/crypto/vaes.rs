@@ -99,7 +99,7 @@ macro_rules! round0 {
 }
 
 macro_rules! last_round {
-    ($last:literal, $reg:literal, $off:literal) => {
+    ($last:literal, $store:literal, $reg:literal, $off:literal) => {
         concat!(
             "vpxor ymm9, ymm8, ymmword ptr [{cur} + ",
             $off,
@@ -110,7 +110,8 @@ macro_rules! last_round {
             ", ",
             $reg,
             ", ymm9\n",
-            "vmovdqu ymmword ptr [{dst} + ",
+            $store,
+            " ymmword ptr [{dst} + ",
             $off,
             "], ",
             $reg,
@@ -120,7 +121,7 @@ macro_rules! last_round {
 }
 
 macro_rules! xts16_asm {
-    ($op:literal, $last:literal) => {
+    ($op:literal, $last:literal, $store:literal) => {
         concat!(
             "mov {tmp:e}, 0x87\n",
             "vmovd xmm13, {tmp:e}\n",
@@ -157,14 +158,14 @@ macro_rules! xts16_asm {
             aes_round!($op, "384"),
             aes_round!($op, "416"),
             "vmovdqu ymm8, ymmword ptr [{rk} + 448]\n",
-            last_round!($last, "ymm0", "0"),
-            last_round!($last, "ymm1", "32"),
-            last_round!($last, "ymm2", "64"),
-            last_round!($last, "ymm3", "96"),
-            last_round!($last, "ymm4", "128"),
-            last_round!($last, "ymm5", "160"),
-            last_round!($last, "ymm6", "192"),
-            last_round!($last, "ymm7", "224"),
+            last_round!($last, $store, "ymm0", "0"),
+            last_round!($last, $store, "ymm1", "32"),
+            last_round!($last, $store, "ymm2", "64"),
+            last_round!($last, $store, "ymm3", "96"),
+            last_round!($last, $store, "ymm4", "128"),
+            last_round!($last, $store, "ymm5", "160"),
+            last_round!($last, $store, "ymm6", "192"),
+            last_round!($last, $store, "ymm7", "224"),
             "add {src}, 256\n",
             "add {dst}, 256\n",
             "xchg {cur}, {next}\n",
@@ -176,6 +177,18 @@ macro_rules! xts16_asm {
     };
 }
 
+/// How [`xts16`] runs: decrypt, encrypt, or encrypt with streaming stores.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    Decrypt,
+    Encrypt,
+    /// Encrypt, writing the output with non-temporal stores (`vmovntdq`):
+    /// no read-for-ownership of the destination's cache lines and no cache
+    /// pollution. For bounce buffers the device reads next, not the CPU.
+    /// `dst` must be 32-byte aligned; the caller fences afterwards.
+    EncryptStream,
+}
+
 /// Run `groups` 16-block groups. On entry `cur` holds the 16 tweaks of the
 /// first group; on return the tweaks of the group after the last one are in
 /// the returned buffer (one of `cur`, `next`).
@@ -183,9 +196,11 @@ macro_rules! xts16_asm {
 /// # Safety
 /// `src` readable and `dst` writable for `256 * groups` bytes (they may be
 /// equal); `cur` and `next` are distinct 256-byte buffers; `rk` points at 15
-/// 32-byte round keys; `groups > 0`; the CPU has AVX2, VAES and VPCLMULQDQ.
+/// 32-byte round keys; `groups > 0`; the CPU has AVX2, VAES and VPCLMULQDQ;
+/// with [`Mode::EncryptStream`], `dst` is 32-byte aligned.
 #[target_feature(enable = "avx2,vaes,vpclmulqdq")]
-unsafe fn xts16<const DEC: bool>(
+unsafe fn xts16(
+    mode: Mode,
     rk: *const [u8; 32],
     src: *const u8,
     dst: *mut u8,
@@ -194,44 +209,37 @@ unsafe fn xts16<const DEC: bool>(
     next: *mut u8,
 ) -> *mut u8 {
     debug_assert!(groups > 0);
+    debug_assert!(mode != Mode::EncryptStream || dst as usize % 32 == 0);
     let mut cur = cur;
-    // SAFETY: the caller guarantees the buffers and CPU features above; the
-    // assembly reads `rk` (480 bytes), reads/writes 256 bytes per group at
-    // src/dst, and reads `cur`/writes `next` (256 bytes each), swapping them.
-    // It touches no stack and clobbers only the registers listed.
+    macro_rules! run {
+        ($code:expr) => {
+            asm!(
+                $code,
+                rk = in(reg) rk,
+                src = inout(reg) src => _,
+                dst = inout(reg) dst => _,
+                n = inout(reg) groups => _,
+                cur = inout(reg) cur,
+                next = inout(reg) next => _,
+                tmp = out(reg) _,
+                out("ymm0") _, out("ymm1") _, out("ymm2") _, out("ymm3") _,
+                out("ymm4") _, out("ymm5") _, out("ymm6") _, out("ymm7") _,
+                out("ymm8") _, out("ymm9") _, out("ymm10") _, out("ymm11") _,
+                out("ymm12") _, out("ymm13") _, out("ymm14") _, out("ymm15") _,
+                options(nostack),
+            )
+        };
+    }
+    // SAFETY: the caller guarantees the buffers, alignment and CPU features
+    // above; the assembly reads `rk` (480 bytes), reads/writes 256 bytes per
+    // group at src/dst, and reads `cur`/writes `next` (256 bytes each),
+    // swapping them. It touches no stack and clobbers only the registers
+    // listed.
     unsafe {
-        if DEC {
-            asm!(
-                xts16_asm!("vaesdec", "vaesdeclast"),
-                rk = in(reg) rk,
-                src = inout(reg) src => _,
-                dst = inout(reg) dst => _,
-                n = inout(reg) groups => _,
-                cur = inout(reg) cur,
-                next = inout(reg) next => _,
-                tmp = out(reg) _,
-                out("ymm0") _, out("ymm1") _, out("ymm2") _, out("ymm3") _,
-                out("ymm4") _, out("ymm5") _, out("ymm6") _, out("ymm7") _,
-                out("ymm8") _, out("ymm9") _, out("ymm10") _, out("ymm11") _,
-                out("ymm12") _, out("ymm13") _, out("ymm14") _, out("ymm15") _,
-                options(nostack),
-            );
-        } else {
-            asm!(
-                xts16_asm!("vaesenc", "vaesenclast"),
-                rk = in(reg) rk,
-                src = inout(reg) src => _,
-                dst = inout(reg) dst => _,
-                n = inout(reg) groups => _,
-                cur = inout(reg) cur,
-                next = inout(reg) next => _,
-                tmp = out(reg) _,
-                out("ymm0") _, out("ymm1") _, out("ymm2") _, out("ymm3") _,
-                out("ymm4") _, out("ymm5") _, out("ymm6") _, out("ymm7") _,
-                out("ymm8") _, out("ymm9") _, out("ymm10") _, out("ymm11") _,
-                out("ymm12") _, out("ymm13") _, out("ymm14") _, out("ymm15") _,
-                options(nostack),
-            );
+        match mode {
+            Mode::Decrypt => run!(xts16_asm!("vaesdec", "vaesdeclast", "vmovdqu")),
+            Mode::Encrypt => run!(xts16_asm!("vaesenc", "vaesenclast", "vmovdqu")),
+            Mode::EncryptStream => run!(xts16_asm!("vaesenc", "vaesenclast", "vmovntdq")),
         }
     }
     cur
@@ -284,9 +292,20 @@ pub(crate) unsafe fn xts_blocks<const DEC: bool>(
         fill16(&mut s.0[0], u128::from_le_bytes(tweak));
         let rk = if DEC { &keys.dec1_x2 } else { &keys.enc1_x2 };
         let (a, b) = s.0.split_at_mut(1);
+        let mode = if DEC { Mode::Decrypt } else { Mode::Encrypt };
         // SAFETY: the caller guarantees src/dst for 16*nblocks ≥ 256*groups
         // bytes; the scratch buffers are distinct and 256 bytes each.
-        let last = unsafe { xts16::<DEC>(rk.as_ptr(), src, dst, groups, a[0].as_mut_ptr(), b[0].as_mut_ptr()) };
+        let last = unsafe {
+            xts16(
+                mode,
+                rk.as_ptr(),
+                src,
+                dst,
+                groups,
+                a[0].as_mut_ptr(),
+                b[0].as_mut_ptr(),
+            )
+        };
         // SAFETY: `last` points at one of the scratch buffers.
         tweak.copy_from_slice(unsafe { core::slice::from_raw_parts(last, 16) });
         done = groups * 16;
@@ -304,12 +323,17 @@ pub(crate) unsafe fn xts_blocks<const DEC: bool>(
 /// `plain64` tweaks starting at `first_sector`. Tweaks of up to eight sectors
 /// are encrypted together so the 14 serial AES rounds of each overlap.
 ///
+/// With [`Mode::EncryptStream`] the output is written with streaming stores
+/// and fenced (`sfence`) before returning.
+///
 /// # Safety
 /// `src` readable and `dst` writable for `len` bytes (may be equal), `len` a
 /// multiple of `sector_size`, `sector_size` a multiple of 256; the CPU
-/// supports [`super::Kernel::VaesAvx2`].
+/// supports [`super::Kernel::VaesAvx2`]; with [`Mode::EncryptStream`], `dst`
+/// is 32-byte aligned.
 #[target_feature(enable = "avx2,vaes,vpclmulqdq,aes,pclmulqdq,sse4.1")]
-pub(crate) unsafe fn sectors<const DEC: bool>(
+pub(crate) unsafe fn sectors(
+    mode: Mode,
     keys: &RoundKeys,
     src: *const u8,
     dst: *mut u8,
@@ -320,7 +344,11 @@ pub(crate) unsafe fn sectors<const DEC: bool>(
     debug_assert!(sector_size % 256 == 0 && len % sector_size == 0);
     let count = len / sector_size;
     let groups = sector_size / 256;
-    let rk = if DEC { &keys.dec1_x2 } else { &keys.enc1_x2 };
+    let rk = if mode == Mode::Decrypt {
+        &keys.dec1_x2
+    } else {
+        &keys.enc1_x2
+    };
     let mut s = TweakScratch([[0; 256]; 2]);
     let mut tweaks = [[0u8; 16]; 8];
     let mut i = 0;
@@ -338,7 +366,8 @@ pub(crate) unsafe fn sectors<const DEC: bool>(
             // SAFETY: sector `i + j` lies within the caller's buffers; the
             // scratch buffers are distinct and 256 bytes each.
             unsafe {
-                xts16::<DEC>(
+                xts16(
+                    mode,
                     rk.as_ptr(),
                     src.add(off),
                     dst.add(off),
@@ -349,6 +378,11 @@ pub(crate) unsafe fn sectors<const DEC: bool>(
             };
         }
         i += batch;
+    }
+    if mode == Mode::EncryptStream {
+        // Streaming stores are weakly ordered: make them visible before the
+        // caller hands the buffer on.
+        core::arch::x86_64::_mm_sfence();
     }
     super::wipe::wipe(tweaks.as_flattened_mut());
 }

@@ -197,6 +197,21 @@ impl Xts {
         self.sectors::<false>(Some(src), dst, first_sector, sector_size)
     }
 
+    /// Like [`Xts::encrypt_sectors_to`], for a `dst` that a device reads
+    /// next (by DMA), not the CPU: where the kernel has them (VAES) and `dst`
+    /// is 32-byte aligned, the output goes out with streaming stores, which
+    /// skip reading `dst`'s cache lines in first and leave the cache to the
+    /// data the CPU still needs. The bytes written are the same.
+    pub fn encrypt_sectors_for_device(
+        &self,
+        src: &[u8],
+        dst: &mut [u8],
+        first_sector: u64,
+        sector_size: usize,
+    ) -> Result<(), XtsError> {
+        self.sectors_mode::<false>(Some(src), dst, first_sector, sector_size, true)
+    }
+
     /// Decrypt whole sectors from `src` into `dst`; `src` is not modified.
     pub fn decrypt_sectors_to(
         &self,
@@ -228,6 +243,19 @@ impl Xts {
         first_sector: u64,
         sector_size: usize,
     ) -> Result<(), XtsError> {
+        self.sectors_mode::<DEC>(src, dst, first_sector, sector_size, false)
+    }
+
+    /// `stream`: write `dst` with streaming stores where possible (encrypt
+    /// only; see [`Xts::encrypt_sectors_for_device`]).
+    fn sectors_mode<const DEC: bool>(
+        &self,
+        src: Option<&[u8]>,
+        dst: &mut [u8],
+        first_sector: u64,
+        sector_size: usize,
+        stream: bool,
+    ) -> Result<(), XtsError> {
         if !SECTOR_SIZES.contains(&sector_size) {
             return Err(XtsError::BadSectorSize(sector_size));
         }
@@ -254,11 +282,25 @@ impl Xts {
             #[cfg(target_arch = "x86_64")]
             Kernel::VaesAvx2 => {
                 let sp = src.map_or(dst.as_ptr(), |s| s.as_ptr());
+                let mode = match (DEC, stream && dst.as_ptr() as usize % 32 == 0) {
+                    (true, _) => vaes::Mode::Decrypt,
+                    (false, true) => vaes::Mode::EncryptStream,
+                    (false, false) => vaes::Mode::Encrypt,
+                };
                 // SAFETY: src (or dst itself) is readable and dst writable for
                 // `len` bytes, a whole number of sectors of a size that is a
-                // multiple of 256; the kernel was checked at construction.
+                // multiple of 256; the kernel was checked at construction;
+                // streaming only with a 32-byte aligned dst (checked above).
                 unsafe {
-                    vaes::sectors::<DEC>(self.round_keys(), sp, dst.as_mut_ptr(), len, first_sector, sector_size)
+                    vaes::sectors(
+                        mode,
+                        self.round_keys(),
+                        sp,
+                        dst.as_mut_ptr(),
+                        len,
+                        first_sector,
+                        sector_size,
+                    )
                 };
             }
             #[cfg(target_arch = "x86_64")]

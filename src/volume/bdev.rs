@@ -118,6 +118,9 @@ impl Bdev for VolumeBdev {
     fn capacity(&self) -> u64 {
         self.state.size
     }
+    fn dma_writes(&self) -> bool {
+        self.pool.base.dma_writes()
+    }
     fn open_channel(&self, ctx: &ChannelCtx) -> std::io::Result<Box<dyn Channel>> {
         let meta = self
             .pool
