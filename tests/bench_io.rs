@@ -197,9 +197,10 @@ fn json_output_uses_fio_field_names_and_compare_names_jobs() {
         ])
         .args([
             "--iodepth=8",
-            "--runtime=1",
+            "--runtime=2",
             "--time_based",
             "--compare",
+            "--rounds=4",
             "--cores=0",
             "--output-format=json",
         ])
@@ -229,6 +230,14 @@ fn json_output_uses_fio_field_names_and_compare_names_jobs() {
     let r = &v["sealdisk"]["ratios"];
     assert!(r["read"]["iops"].as_f64().unwrap() > 0.0);
     assert!(r["cipher_ns_per_io"].as_f64().unwrap() > 0.0);
+    // Per-round ratios: one per alternation, their median reported.
+    let m = &r["round_median"];
+    assert_eq!(m["rounds"].as_u64(), Some(4));
+    for k in ["iops", "clat_p99", "extra_over_cipher"] {
+        let x = m[k].as_f64().unwrap_or_else(|| panic!("round_median.{k} missing: {m}"));
+        assert!(x.is_finite() && x != 0.0, "round_median.{k} = {x}");
+    }
+    assert!(m["iops"].as_f64().unwrap() > 0.0);
     let svg = std::fs::read_to_string(&plot).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("encrypted read"));
 }

@@ -78,6 +78,46 @@ pub struct IoBenchReport {
     pub cipher_ns_per_io: Option<f64>,
     pub kernel: String,
     pub cores: Vec<usize>,
+    /// With `--compare`: each round's plain and encrypted run, in order.
+    pub rounds: Vec<RoundPair>,
+}
+
+/// One `--compare` round: the plain and the encrypted run side by side.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RoundPair {
+    pub plain: RoundFigures,
+    pub encrypted: RoundFigures,
+}
+
+/// What one run of one round did.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RoundFigures {
+    pub iops: f64,
+    /// Reactor busy time per I/O, nanoseconds.
+    pub busy_ns_per_io: f64,
+    pub clat_p99_ns: f64,
+}
+
+impl RoundFigures {
+    fn of(out: &RunOut) -> RoundFigures {
+        let mut clat = hdrhistogram::Histogram::<u64>::new(3).expect("3 significant figures is valid");
+        let mut ios = 0;
+        for r in &out.results {
+            ios += r.read.ios + r.write.ios;
+            let _ = clat.add(&r.read.clat);
+            let _ = clat.add(&r.write.clat);
+        }
+        let runtime = out.results.iter().map(|r| r.runtime).max().unwrap_or_default();
+        RoundFigures {
+            iops: ios as f64 / runtime.as_secs_f64().max(1e-9),
+            busy_ns_per_io: if ios == 0 {
+                0.0
+            } else {
+                out.reactor.busy_ns as f64 / ios as f64
+            },
+            clat_p99_ns: clat.value_at_quantile(0.99) as f64,
+        }
+    }
 }
 
 fn build_base(t: &TargetSpec, job: &JobSpec, iopoll: Iopoll) -> Result<BdevRef, String> {
@@ -295,7 +335,7 @@ fn cipher_ns(reactors: &Reactors, xts: &Arc<Xts>, bs: usize, ss: usize) -> Resul
 }
 
 /// The median of the samples.
-fn median(mut v: Vec<f64>) -> Option<f64> {
+pub(crate) fn median(mut v: Vec<f64>) -> Option<f64> {
     v.sort_by(f64::total_cmp);
     let n = v.len();
     match n {
@@ -310,6 +350,7 @@ pub fn run(opts: &IoBenchOpts) -> Result<IoBenchReport, String> {
     let reactors = Reactors::start(&opts.reactors).map_err(|e| format!("starting reactors: {e}"))?;
     let mut groups = Vec::new();
     let mut cipher = None;
+    let mut round_pairs = Vec::new();
     let mut kernel = crate::crypto::Kernel::selected()
         .map_err(|e| e.to_string())?
         .name()
@@ -337,6 +378,7 @@ pub fn run(opts: &IoBenchOpts) -> Result<IoBenchReport, String> {
             let mut samples = vec![cipher_ns(&reactors, &xts, bs, ss)?];
             for r in 0..rounds {
                 let order: [bool; 2] = if r % 2 == 0 { [false, true] } else { [true, false] };
+                let mut pair = RoundPair::default();
                 for is_enc in order {
                     let (bdev, g, label) = if is_enc {
                         (&enc, &mut encrypted, "encrypted")
@@ -345,7 +387,9 @@ pub fn run(opts: &IoBenchOpts) -> Result<IoBenchReport, String> {
                     };
                     let out = run_once(&reactors, bdev, &spec, label, opts.progress)?;
                     merge_into(g, &out);
+                    *(if is_enc { &mut pair.encrypted } else { &mut pair.plain }) = RoundFigures::of(&out);
                 }
+                round_pairs.push(pair);
                 samples.push(cipher_ns(&reactors, &xts, bs, ss)?);
             }
             cipher = median(samples);
@@ -373,5 +417,6 @@ pub fn run(opts: &IoBenchOpts) -> Result<IoBenchReport, String> {
         cipher_ns_per_io: cipher,
         kernel,
         cores,
+        rounds: round_pairs,
     })
 }

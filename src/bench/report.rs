@@ -4,7 +4,7 @@
 
 use serde_json::{json, Map, Value};
 
-use super::io::{GroupResult, IoBenchReport};
+use super::io::{median, GroupResult, IoBenchReport, RoundPair};
 use super::job::DirStats;
 
 const PCTS: [f64; 17] = [
@@ -134,6 +134,21 @@ pub fn ratios(r: &IoBenchReport) -> Option<Value> {
         v["extra_over_cipher"] = json!(extra / c);
         v["kernel"] = json!(r.kernel);
     }
+    // Each round's plain and encrypted runs are next to each other in time,
+    // so the median of the per-round ratios cancels the host's drift between
+    // rounds and ignores a round that a burst of other load hit.
+    if r.rounds.len() > 1 {
+        let med = |f: &dyn Fn(&RoundPair) -> f64| median(r.rounds.iter().map(f).collect());
+        let mut m = json!({
+            "rounds": r.rounds.len(),
+            "iops": med(&|p| p.encrypted.iops / p.plain.iops.max(1e-9)),
+            "clat_p99": med(&|p| p.encrypted.clat_p99_ns / p.plain.clat_p99_ns.max(1.0)),
+        });
+        if let Some(c) = r.cipher_ns_per_io {
+            m["extra_over_cipher"] = json!(med(&|p| (p.encrypted.busy_ns_per_io - p.plain.busy_ns_per_io) / c));
+        }
+        v["round_median"] = m;
+    }
     Some(v)
 }
 
@@ -230,6 +245,18 @@ pub fn to_text(r: &IoBenchReport) -> String {
                     d["clat_p99.9"].as_f64().unwrap_or(0.0)
                 );
             }
+        }
+        if let Some(m) = v.get("round_median") {
+            let _ = writeln!(
+                s,
+                "  median of {} rounds: IOPS x{:.3}, clat p99 x{:.3}{}",
+                m["rounds"],
+                m["iops"].as_f64().unwrap_or(0.0),
+                m["clat_p99"].as_f64().unwrap_or(0.0),
+                m["extra_over_cipher"]
+                    .as_f64()
+                    .map_or(String::new(), |x| format!(", extra {x:.2} x the cipher"))
+            );
         }
         if let Some(c) = v.get("cipher_ns_per_io").and_then(Value::as_f64) {
             let _ = writeln!(
