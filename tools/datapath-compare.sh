@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Issue 3 figures, interleaved on one file:
 #   fio io_uring (--direct=1) on the raw file   vs   sealdisk bench io plain
-#   sealdisk plain vs encrypted (--compare: plain, enc, enc, plain on the same file)
+#   sealdisk plain vs encrypted (--compare --rounds 4: plain/enc alternating on the same file)
 # for 4k randread/randwrite QD32 and 128k seq read/write QD8; each repetition runs
 # fio and sealdisk back to back, first one then the other on alternate reps, so
-# slow phases of a shared host hit both. Then the RAM backend cost check (4k
-# randwrite QD32, one reactor, six alternating rounds).
+# slow phases of a shared host hit both. enc/plain is given pooled over all runs and
+# as the median of the per-round ratios (each round's plain and encrypted runs are
+# adjacent in time), averaged over reps. Then the RAM backend cost check (4k
+# randwrite QD32, one reactor, twelve alternating rounds).
 # Usage: tools/datapath-compare.sh [WORKDIR] [RUNTIME_S] [REPS]
 set -euo pipefail
 W=${1:-/var/tmp/sealdisk-datapath}
@@ -22,8 +24,8 @@ if [ ! -s "$IMG" ]; then
     fio --name=fill --filename="$IMG" --size=1g --rw=write --bs=1m --iodepth=8 --ioengine=io_uring \
         --direct=1 --output-format=terse >/dev/null
 fi
-echo "# core $CORE (the block device's interrupt core), ${RT}s per run, $REPS reps (fio, then sealdisk plain/enc/enc/plain)"
-printf "| workload | fio io_uring IOPS | sealdisk plain IOPS | plain/fio | encrypted IOPS | enc/plain | p99 enc/plain |\n|---|---:|---:|---:|---:|---:|---:|\n"
+echo "# core $CORE (the block device's interrupt core), ${RT}s per run, $REPS reps (fio, then sealdisk plain/enc in 4 alternating rounds)"
+printf "| workload | fio io_uring IOPS | sealdisk plain IOPS | plain/fio | encrypted IOPS | enc/plain | p99 enc/plain | enc/plain round median | p99 round median |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
 for wl in "randread 4k 32" "randwrite 4k 32" "read 128k 8" "write 128k 8"; do
     set -- $wl
     rw=$1 bs=$2 qd=$3
@@ -35,7 +37,7 @@ for wl in "randread 4k 32" "randwrite 4k 32" "read 128k 8" "write 128k 8"; do
         }
         run_sd() {
             "$S" bench io --backend "file:$IMG" --size 1g --rw "$rw" --bs "$bs" --iodepth "$qd" --runtime $((RT * 2)) \
-                --time_based --cores "$CORE" --quiet --compare --rounds 2 --output-format json > "$W/sd-$rw-$bs-$rep.json"
+                --time_based --cores "$CORE" --quiet --compare --rounds 4 --output-format json > "$W/sd-$rw-$bs-$rep.json"
         }
         # Alternate who goes first: this disk runs faster for a few seconds
         # after a pause, which would always favour the first tool.
@@ -44,7 +46,7 @@ for wl in "randread 4k 32" "randwrite 4k 32" "read 128k 8" "write 128k 8"; do
     python3 - "$W" "$rw" "$bs" "$REPS" "$rw $bs QD$qd" <<'PY'
 import json, sys
 w, rw, bs, reps, label = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
-fio, pl, en, p99p, p99e = [], [], [], [], []
+fio, pl, en, p99p, p99e, rmi, rmp = [], [], [], [], [], [], []
 for r in range(1, reps + 1):
     j = json.load(open(f"{w}/fio-{rw}-{bs}-{r}.json"))["jobs"][0]
     fio.append(j["read"]["iops"] + j["write"]["iops"])
@@ -53,11 +55,13 @@ for r in range(1, reps + 1):
     d = "read" if p["read"]["iops"] > 0 else "write"
     pl.append(p[d]["iops"]); en.append(e[d]["iops"])
     p99p.append(p[d]["clat_ns"]["percentile"]["99.000000"]); p99e.append(e[d]["clat_ns"]["percentile"]["99.000000"])
+    rm = s["sealdisk"]["ratios"]["round_median"]
+    rmi.append(rm["iops"]); rmp.append(rm["clat_p99"])
 m = lambda v: sum(v) / len(v)
-print(f"| {label} | {m(fio):,.0f} | {m(pl):,.0f} | {m(pl)/m(fio):.3f} | {m(en):,.0f} | {m(en)/m(pl):.3f} | {m(p99e)/m(p99p):.3f} |")
+print(f"| {label} | {m(fio):,.0f} | {m(pl):,.0f} | {m(pl)/m(fio):.3f} | {m(en):,.0f} | {m(en)/m(pl):.3f} | {m(p99e)/m(p99p):.3f} | {m(rmi):.3f} | {m(rmp):.3f} |")
 PY
 done
 echo
 echo "# RAM backend, one reactor, 4k randwrite QD32"
 "$S" bench io --backend malloc --size 1g --rw randwrite --bs 4k --iodepth 32 --runtime $((RT * 4)) --time_based \
-    --cores "$CORE" --quiet --compare --rounds 6 | tail -3
+    --cores "$CORE" --quiet --compare --rounds 12 | tail -4
