@@ -88,6 +88,10 @@ struct IoArgs {
     /// Only read back and check blocks written by an earlier verify run.
     #[arg(long = "verify_only", num_args = 0..=1, default_missing_value = "1")]
     verify_only: Option<String>,
+    /// Stamp each 512-byte piece of a write buffer with its offset and a
+    /// counter before every write (fio's default: 1).
+    #[arg(long = "scramble_buffers", num_args = 0..=1, default_missing_value = "1")]
+    scramble_buffers: Option<String>,
     /// Accepted for fio compatibility (sealdisk always does direct I/O).
     #[arg(long, num_args = 0..=1, default_missing_value = "1")]
     direct: Option<String>,
@@ -185,7 +189,7 @@ fn bench_io(a: IoArgs) -> Result<ExitCode, String> {
     use sealdisk::bench::{io, report};
     let mut job = JobSpec::default();
     let mut target = TargetSpec::default();
-    let given: [(&str, &Option<String>); 17] = [
+    let given: [(&str, &Option<String>); 18] = [
         ("name", &a.name),
         ("rw", &a.rw),
         ("rwmixread", &a.rwmixread),
@@ -200,6 +204,7 @@ fn bench_io(a: IoArgs) -> Result<ExitCode, String> {
         ("ramp_time", &a.ramp_time),
         ("verify", &a.verify),
         ("verify_only", &a.verify_only),
+        ("scramble_buffers", &a.scramble_buffers),
         ("direct", &a.direct),
         ("backend", &a.backend),
         ("sector_size", &a.sector_size),

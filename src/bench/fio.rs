@@ -3,7 +3,7 @@
 //!
 //! Supported keys: `name`, `rw`/`readwrite`, `rwmixread`, `rwmixwrite`,
 //! `bs`/`blocksize`, `iodepth`, `numjobs`, `size`, `offset`, `offset_increment`, `runtime`,
-//! `time_based`, `ramp_time`, `verify`, `verify_only`, `direct` (must be 1),
+//! `time_based`, `ramp_time`, `verify`, `verify_only`, `scramble_buffers`, `direct` (must be 1),
 //! `group_reporting`, `ioengine` (ignored: the engine is sealdisk), and
 //! sealdisk's own `backend`, `filename` (= `backend=file:PATH`), `encrypt`,
 //! `sector_size`. Anything else is an error naming the key.
@@ -77,6 +77,11 @@ pub struct JobSpec {
     pub ramp_time: Duration,
     pub verify: bool,
     pub verify_only: bool,
+    /// fio's `scramble_buffers` (default on): before each write, stamp every
+    /// 512-byte piece of the buffer with its offset and a counter, so no two
+    /// writes carry the same bytes and the buffer is freshly written, as
+    /// fio's buffers are. Off with `verify` (the pattern is the data).
+    pub scramble_buffers: bool,
 }
 
 impl Default for JobSpec {
@@ -96,6 +101,7 @@ impl Default for JobSpec {
             ramp_time: Duration::ZERO,
             verify: false,
             verify_only: false,
+            scramble_buffers: true,
         }
     }
 }
@@ -201,6 +207,7 @@ pub fn apply(job: &mut JobSpec, target: &mut TargetSpec, key: &str, value: Optio
             v => return Err(format!("verify={v}: sealdisk supports verify=crc32c")),
         },
         "verify_only" => job.verify_only = parse_bool(key, value)?,
+        "scramble_buffers" => job.scramble_buffers = parse_bool(key, value)?,
         "direct" => {
             if !parse_bool(key, value)? {
                 return Err("direct=0: sealdisk always does direct I/O".into());
@@ -316,6 +323,21 @@ mod tests {
         assert_eq!(jobs[1].job.bs, 128 << 10);
         assert!(jobs[1].target.encrypt);
         assert_eq!(jobs[1].target.backend.as_deref(), Some("malloc"));
+        // fio's default scramble_buffers=1, switched off per section.
+        assert!(jobs[0].job.scramble_buffers);
+        let off = parse_job_file(
+            "[a]\nrw=write\nscramble_buffers=0\n",
+            &JobSpec::default(),
+            &TargetSpec::default(),
+        )
+        .unwrap();
+        assert!(!off[0].job.scramble_buffers);
+        assert!(parse_job_file(
+            "[a]\nscramble_buffers=maybe\n",
+            &JobSpec::default(),
+            &TargetSpec::default()
+        )
+        .is_err());
     }
 
     #[test]

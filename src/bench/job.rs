@@ -94,6 +94,17 @@ pub fn fill_verify_block(block: &mut [u8], offset: u64, seed: u64) {
     block[12..16].copy_from_slice(&crc.to_le_bytes());
 }
 
+/// fio's `scramble_buffers`: write `offset` and `stamp` into the first 16
+/// bytes of every 512-byte piece of `buf` (fio stamps each piece too).
+pub fn scramble(buf: &mut [u8], offset: u64, stamp: u64) {
+    for (i, piece) in buf.chunks_mut(512).enumerate() {
+        if piece.len() >= 16 {
+            piece[..8].copy_from_slice(&(offset + 512 * i as u64).to_le_bytes());
+            piece[8..16].copy_from_slice(&stamp.to_le_bytes());
+        }
+    }
+}
+
 /// Check a block written by [`fill_verify_block`] at `offset`.
 pub fn check_verify_block(block: &[u8], offset: u64) -> Result<(), String> {
     let magic = u32::from_le_bytes(block[0..4].try_into().unwrap());
@@ -134,6 +145,8 @@ pub struct Job {
     free: Vec<usize>,
     retry: Option<(IoRequest, usize)>,
     rng: u64,
+    /// Writes scrambled so far (the stamp of the next).
+    scrambles: u64,
     seq_next: u64,
     seed: u64,
     read_pct: u32,
@@ -221,6 +234,7 @@ impl Job {
             slots,
             retry: None,
             rng: seed ^ 0xdead_beef,
+            scrambles: seed << 20,
             seq_next: 0,
             seed,
             read_pct,
@@ -346,6 +360,9 @@ impl Job {
                 if !is_read && self.spec.verify {
                     fill_verify_block(&mut buf, offset, self.seed);
                     self.mark_written(block);
+                } else if !is_read && self.spec.scramble_buffers {
+                    self.scrambles += 1;
+                    scramble(&mut buf, offset, self.scrambles);
                 }
                 self.issued_bytes += bs;
                 self.slots[slot].offset = offset;
@@ -483,6 +500,26 @@ impl Drop for Job {
                 self.error = Some("job stopped before it finished (reactor shut down)".into());
             }
             self.finish();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::scramble;
+
+    #[test]
+    fn scramble_stamps_every_512_byte_piece_and_no_two_writes_match() {
+        let orig: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
+        let mut a = orig.clone();
+        scramble(&mut a, 8192, 1);
+        let mut b = a.clone();
+        scramble(&mut b, 8192, 2);
+        assert_ne!(a, b);
+        for (i, piece) in a.chunks(512).enumerate() {
+            assert_eq!(piece[..8], (8192 + 512 * i as u64).to_le_bytes());
+            assert_eq!(piece[8..16], 1u64.to_le_bytes());
+            assert_eq!(piece[16..], orig[512 * i + 16..512 * (i + 1)]);
         }
     }
 }

@@ -28,7 +28,8 @@
 //! * `{cur}` and `{next}` swap each iteration (`xchg`).
 //!
 //! Decryption is the same loop with `VAESDEC`/`VAESDECLAST` and the inverse
-//! schedule.
+//! schedule. [`Mode::EncryptStream`] is the encrypt loop with `VMOVNTDQ`
+//! stores, for output that a device reads next (bounce buffers).
 
 use core::arch::asm;
 
