@@ -11,9 +11,10 @@
 //!   Real ciphertext is all-zero with probability 2^-4096 per sector, and
 //!   the devices below return zeros for discarded or zeroed ranges, so unmap
 //!   and write-zeroes pass straight through and stay cheap.
-//! * When the device below reads writes by DMA ([`Bdev::dma_writes`]), the
-//!   bounce buffers are filled with streaming stores: the CPU never reads
-//!   them again, so fetching their cache lines first is wasted.
+//! * When the device below reads writes by DMA ([`Bdev::dma_writes`]),
+//!   bounce buffers of up to [`STREAM_MAX`] bytes are filled with streaming
+//!   stores: the CPU never reads them again, so fetching their cache lines
+//!   first is wasted.
 //! * Bounce buffers are back-pressure: when the pool is empty the write is
 //!   handed back to the caller to retry.
 //! * Each poll decrypts at most [`DECRYPT_BUDGET`] bytes of reads, so the
@@ -36,6 +37,13 @@ pub const BOUNCE_CHUNK: usize = 128 * 1024;
 /// them early, see `Ring::note_payload`) while the others are still being
 /// decrypted, instead of the device idling through the whole batch.
 pub const DECRYPT_BUDGET: usize = 32 << 10;
+
+/// Largest bounce buffer filled with streaming stores (when the device below
+/// reads writes by DMA). Measured on a virtio disk: at 4 KiB streaming halved
+/// the encrypted write path's extra CPU per I/O and cut its p99; at 128 KiB it
+/// cost IOPS (0.83–0.85 of plain against 0.89–0.96), as the device's copy of
+/// a large payload runs faster out of the CPU's cache than out of memory.
+pub const STREAM_MAX: usize = 16 << 10;
 
 pub struct CryptoBdev {
     name: String,
@@ -254,7 +262,7 @@ impl Channel for CryptoChannel {
                     let from = c * BOUNCE_CHUNK;
                     let s0 = first + (from / self.sector_size) as u64;
                     let s = &src[from..from + b.len()];
-                    if self.stream {
+                    if self.stream && b.len() <= STREAM_MAX {
                         self.xts.encrypt_sectors_for_device(s, b, s0, self.sector_size)
                     } else {
                         self.xts.encrypt_sectors_to(s, b, s0, self.sector_size)
