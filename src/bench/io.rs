@@ -78,7 +78,8 @@ pub struct IoBenchReport {
     pub cipher_ns_per_io: Option<f64>,
     pub kernel: String,
     pub cores: Vec<usize>,
-    /// With `--compare`: each round's plain and encrypted run, in order.
+    /// With `--compare`: each round's plain and encrypted run, in order, for
+    /// the first job definition (the one [`super::report::ratios`] compares).
     pub rounds: Vec<RoundPair>,
 }
 
@@ -376,6 +377,7 @@ pub fn run(opts: &IoBenchOpts) -> Result<IoBenchReport, String> {
             // The cipher's own cost, sampled before and after every round on
             // the reactors' core: the machine's speed drifts over a run.
             let mut samples = vec![cipher_ns(&reactors, &xts, bs, ss)?];
+            let mut pairs = Vec::new();
             for r in 0..rounds {
                 let order: [bool; 2] = if r % 2 == 0 { [false, true] } else { [true, false] };
                 let mut pair = RoundPair::default();
@@ -389,10 +391,13 @@ pub fn run(opts: &IoBenchOpts) -> Result<IoBenchReport, String> {
                     merge_into(g, &out);
                     *(if is_enc { &mut pair.encrypted } else { &mut pair.plain }) = RoundFigures::of(&out);
                 }
-                round_pairs.push(pair);
+                pairs.push(pair);
                 samples.push(cipher_ns(&reactors, &xts, bs, ss)?);
             }
             cipher = median(samples);
+            if round_pairs.is_empty() {
+                round_pairs = pairs;
+            }
             groups.push(plain);
             groups.push(encrypted);
         } else {
