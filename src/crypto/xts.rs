@@ -178,12 +178,12 @@ impl Xts {
 
     /// Encrypt whole sectors in place.
     pub fn encrypt_sectors(&self, buf: &mut [u8], first_sector: u64, sector_size: usize) -> Result<(), XtsError> {
-        self.sectors::<false>(None, buf, first_sector, sector_size)
+        self.sectors::<false>(None, buf, first_sector, sector_size, false)
     }
 
     /// Decrypt whole sectors in place.
     pub fn decrypt_sectors(&self, buf: &mut [u8], first_sector: u64, sector_size: usize) -> Result<(), XtsError> {
-        self.sectors::<true>(None, buf, first_sector, sector_size)
+        self.sectors::<true>(None, buf, first_sector, sector_size, false)
     }
 
     /// Encrypt whole sectors from `src` into `dst`; `src` is not modified.
@@ -194,7 +194,7 @@ impl Xts {
         first_sector: u64,
         sector_size: usize,
     ) -> Result<(), XtsError> {
-        self.sectors::<false>(Some(src), dst, first_sector, sector_size)
+        self.sectors::<false>(Some(src), dst, first_sector, sector_size, false)
     }
 
     /// Like [`Xts::encrypt_sectors_to`], for a `dst` that a device reads
@@ -209,7 +209,7 @@ impl Xts {
         first_sector: u64,
         sector_size: usize,
     ) -> Result<(), XtsError> {
-        self.sectors_mode::<false>(Some(src), dst, first_sector, sector_size, true)
+        self.sectors::<false>(Some(src), dst, first_sector, sector_size, true)
     }
 
     /// Decrypt whole sectors from `src` into `dst`; `src` is not modified.
@@ -220,7 +220,7 @@ impl Xts {
         first_sector: u64,
         sector_size: usize,
     ) -> Result<(), XtsError> {
-        self.sectors::<true>(Some(src), dst, first_sector, sector_size)
+        self.sectors::<true>(Some(src), dst, first_sector, sector_size, false)
     }
 
     /// Encrypt one IEEE 1619 data unit of any length ≥ 16 in place, with
@@ -236,19 +236,10 @@ impl Xts {
         self.data_unit::<true>(buf, tweak)
     }
 
+    /// Whole sectors from `src` (or `dst` in place) into `dst`. `stream`:
+    /// write `dst` with streaming stores where the kernel can (encrypt only;
+    /// see [`Xts::encrypt_sectors_for_device`]).
     fn sectors<const DEC: bool>(
-        &self,
-        src: Option<&[u8]>,
-        dst: &mut [u8],
-        first_sector: u64,
-        sector_size: usize,
-    ) -> Result<(), XtsError> {
-        self.sectors_mode::<DEC>(src, dst, first_sector, sector_size, false)
-    }
-
-    /// `stream`: write `dst` with streaming stores where possible (encrypt
-    /// only; see [`Xts::encrypt_sectors_for_device`]).
-    fn sectors_mode<const DEC: bool>(
         &self,
         src: Option<&[u8]>,
         dst: &mut [u8],
