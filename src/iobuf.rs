@@ -176,10 +176,8 @@ impl BufPool {
         Some(IoBuf {
             // SAFETY: off + cap <= arena size, so the pointer is in bounds.
             ptr: unsafe { NonNull::new_unchecked(self.inner.arena.base.as_ptr().add(off)) },
-            len,
-            cap,
-            class,
-            off,
+            len: len as u32,
+            class: class as u8,
             pool: self.inner.clone(),
         })
     }
@@ -207,19 +205,22 @@ impl BufPool {
 }
 
 /// An aligned I/O buffer owned by one request at a time.
+///
+/// Three words (it travels in every request and completion): the capacity
+/// follows from the size class and the arena offset from the pointer.
 pub struct IoBuf {
     ptr: NonNull<u8>,
-    len: usize,
-    cap: usize,
-    class: usize,
-    off: usize,
+    /// Usable length, at most [`MAX_BUF`].
+    len: u32,
+    /// Size class: capacity is `MIN_BUF << class`.
+    class: u8,
     pool: Rc<PoolInner>,
 }
 
 impl IoBuf {
     /// Usable length (≤ capacity).
     pub fn len(&self) -> usize {
-        self.len
+        self.len as usize
     }
 
     pub fn is_empty(&self) -> bool {
@@ -227,13 +228,14 @@ impl IoBuf {
     }
 
     pub fn capacity(&self) -> usize {
-        self.cap
+        MIN_BUF << self.class
     }
 
     /// Change the usable length (at most the capacity).
     pub fn set_len(&mut self, len: usize) {
-        assert!(len <= self.cap, "IoBuf::set_len({len}) beyond capacity {}", self.cap);
-        self.len = len;
+        let cap = self.capacity();
+        assert!(len <= cap, "IoBuf::set_len({len}) beyond capacity {cap}");
+        self.len = len as u32;
     }
 
     pub fn as_ptr(&self) -> *const u8 {
@@ -250,22 +252,23 @@ impl Deref for IoBuf {
     fn deref(&self) -> &[u8] {
         // SAFETY: ptr..ptr+len is inside the arena chunk this IoBuf owns
         // exclusively; the arena lives while `pool` (an Rc) does.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len as usize) }
     }
 }
 
 impl DerefMut for IoBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
         // SAFETY: as in `deref`, and `&mut self` makes the access exclusive.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len as usize) }
     }
 }
 
 impl Drop for IoBuf {
     fn drop(&mut self) {
+        let off = self.ptr.as_ptr() as usize - self.pool.arena.base.as_ptr() as usize;
         let mut st = self.pool.state.borrow_mut();
-        st.in_use -= self.cap;
-        st.give(self.off, self.class);
+        st.in_use -= self.capacity();
+        st.give(off, self.class as usize);
     }
 }
 
@@ -273,7 +276,7 @@ impl std::fmt::Debug for IoBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IoBuf")
             .field("len", &self.len)
-            .field("cap", &self.cap)
+            .field("cap", &self.capacity())
             .finish()
     }
 }
@@ -281,6 +284,12 @@ impl std::fmt::Debug for IoBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_buffer_is_three_words() {
+        assert_eq!(std::mem::size_of::<IoBuf>(), 24);
+        assert_eq!(std::mem::size_of::<Option<IoBuf>>(), 24);
+    }
 
     #[test]
     fn alloc_free_reuse_and_exhaustion() {

@@ -238,6 +238,16 @@ fn json_output_uses_fio_field_names_and_compare_names_jobs() {
         assert!(x.is_finite() && x != 0.0, "round_median.{k} = {x}");
     }
     assert!(m["iops"].as_f64().unwrap() > 0.0);
+    // ... and the rounds themselves, in order.
+    let rounds = r["rounds"].as_array().expect("per-round figures");
+    assert_eq!(rounds.len(), 4);
+    for round in rounds {
+        for side in ["plain", "encrypted"] {
+            for k in ["iops", "clat_p99_ns", "busy_ns_per_io"] {
+                assert!(round[side][k].as_f64().unwrap() > 0.0, "rounds[].{side}.{k}: {round}");
+            }
+        }
+    }
     let svg = std::fs::read_to_string(&plot).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("encrypted read"));
 }

@@ -5,7 +5,6 @@
 //! to one block from two reactors give some mix of the two (as on a real
 //! disk), never undefined behaviour, and no lock is taken.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -48,7 +47,7 @@ impl Bdev for MallocBdev {
             words: self.words.clone(),
             block_size: self.block_size,
             max_io: self.max_io_bytes(),
-            ready: VecDeque::new(),
+            ready: Vec::new(),
         }))
     }
 }
@@ -57,7 +56,8 @@ struct MallocChannel {
     words: Arc<[AtomicU64]>,
     block_size: u32,
     max_io: u64,
-    ready: VecDeque<IoCompletion>,
+    /// Finished in submit order; handed over whole on the next poll.
+    ready: Vec<IoCompletion>,
 }
 
 impl MallocChannel {
@@ -91,7 +91,7 @@ impl MallocChannel {
 impl Channel for MallocChannel {
     fn submit(&mut self, mut req: IoRequest) -> Result<(), IoRequest> {
         let result = self.run(&mut req);
-        self.ready.push_back(IoCompletion {
+        self.ready.push(IoCompletion {
             tag: req.tag,
             op: req.op,
             result,
@@ -101,7 +101,7 @@ impl Channel for MallocChannel {
     }
     fn poll(&mut self, out: &mut Vec<IoCompletion>) -> usize {
         let n = self.ready.len();
-        out.extend(self.ready.drain(..));
+        out.append(&mut self.ready);
         n
     }
     fn in_flight(&self) -> usize {

@@ -4,7 +4,7 @@
 
 use serde_json::{json, Map, Value};
 
-use super::io::{median, GroupResult, IoBenchReport, RoundPair};
+use super::io::{median, GroupResult, IoBenchReport, RoundFigures, RoundPair};
 use super::job::DirStats;
 
 const PCTS: [f64; 17] = [
@@ -148,6 +148,14 @@ pub fn ratios(r: &IoBenchReport) -> Option<Value> {
             m["extra_over_cipher"] = json!(med(&|p| (p.encrypted.busy_ns_per_io - p.plain.busy_ns_per_io) / c));
         }
         v["round_median"] = m;
+        // The rounds themselves, in order: the spread says how far to trust
+        // the median.
+        let fig = |f: &RoundFigures| json!({"iops": f.iops, "clat_p99_ns": f.clat_p99_ns, "busy_ns_per_io": f.busy_ns_per_io});
+        v["rounds"] = r
+            .rounds
+            .iter()
+            .map(|p| json!({"plain": fig(&p.plain), "encrypted": fig(&p.encrypted)}))
+            .collect();
     }
     Some(v)
 }

@@ -148,10 +148,12 @@ fn mul_x(t: __m128i) -> __m128i {
     }
 }
 
-/// Encrypt up to eight 16-byte tweak values under `k2`, in place.
+/// Encrypt up to eight 16-byte tweak values under `k2`, in place. The count
+/// is fixed at compile time, so the loads and stores unroll (a slice of
+/// run-time length compiled to a `memcpy` call per batch).
 #[target_feature(enable = "aes,sse2,sse4.1")]
-pub(crate) unsafe fn encrypt_tweaks(k2: &Schedule, tweaks: &mut [[u8; 16]]) {
-    debug_assert!(tweaks.len() <= 8);
+pub(crate) unsafe fn encrypt_tweaks<const N: usize>(k2: &Schedule, tweaks: &mut [[u8; 16]; N]) {
+    const { assert!(N <= 8) };
     // SAFETY: round keys are 16 readable bytes each.
     let rk = unsafe { schedule(k2) };
     let mut b = [_mm_setzero_si128(); 8];

@@ -359,7 +359,8 @@ pub(crate) unsafe fn sectors(
             *t = super::gf128::plain64(first_sector.wrapping_add((i + j) as u64));
         }
         // SAFETY: the CPU has AES-NI (implied by this kernel's features).
-        unsafe { aesni::encrypt_tweaks(&keys.enc2, &mut tweaks[..batch]) };
+        // All eight slots are encrypted; those past `batch` are not used.
+        unsafe { aesni::encrypt_tweaks(&keys.enc2, &mut tweaks) };
         for (j, t) in tweaks[..batch].iter().enumerate() {
             let off = (i + j) * sector_size;
             fill16(&mut s.0[0], u128::from_le_bytes(*t));

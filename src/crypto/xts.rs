@@ -308,8 +308,9 @@ impl Xts {
                     for (j, t) in tweaks[..batch].iter_mut().enumerate() {
                         *t = plain64(first_sector + (i + j) as u64);
                     }
-                    // SAFETY: AES-NI checked at construction.
-                    unsafe { aesni::encrypt_tweaks(&rk.enc2, &mut tweaks[..batch]) };
+                    // SAFETY: AES-NI checked at construction. All eight slots
+                    // are encrypted; those past `batch` are not used.
+                    unsafe { aesni::encrypt_tweaks(&rk.enc2, &mut tweaks) };
                     for (j, t) in tweaks[..batch].iter().enumerate() {
                         let off = (i + j) * sector_size;
                         // SAFETY: sector i+j lies within both buffers.
