@@ -92,6 +92,10 @@ struct IoArgs {
     /// counter before every write (fio's default: 1).
     #[arg(long = "scramble_buffers", num_args = 0..=1, default_missing_value = "1")]
     scramble_buffers: Option<String>,
+    /// Fill each write buffer with fresh pseudo-random bytes before every
+    /// write (fio's refill_buffers; default off).
+    #[arg(long = "refill_buffers", num_args = 0..=1, default_missing_value = "1")]
+    refill_buffers: Option<String>,
     /// Accepted for fio compatibility (sealdisk always does direct I/O).
     #[arg(long, num_args = 0..=1, default_missing_value = "1")]
     direct: Option<String>,
@@ -189,7 +193,7 @@ fn bench_io(a: IoArgs) -> Result<ExitCode, String> {
     use sealdisk::bench::{io, report};
     let mut job = JobSpec::default();
     let mut target = TargetSpec::default();
-    let given: [(&str, &Option<String>); 18] = [
+    let given: [(&str, &Option<String>); 19] = [
         ("name", &a.name),
         ("rw", &a.rw),
         ("rwmixread", &a.rwmixread),
@@ -205,6 +209,7 @@ fn bench_io(a: IoArgs) -> Result<ExitCode, String> {
         ("verify", &a.verify),
         ("verify_only", &a.verify_only),
         ("scramble_buffers", &a.scramble_buffers),
+        ("refill_buffers", &a.refill_buffers),
         ("direct", &a.direct),
         ("backend", &a.backend),
         ("sector_size", &a.sector_size),

@@ -305,3 +305,41 @@ fn bad_options_are_refused_with_a_clear_message() {
         assert!(err.contains(want), "{args:?}: {err}");
     }
 }
+
+/// 32-byte pieces of `data` that appear more than once.
+fn repeated_pieces(data: &[u8]) -> usize {
+    let mut seen = std::collections::HashSet::new();
+    data.chunks(32).filter(|p| !seen.insert(p.to_vec())).count()
+}
+
+#[test]
+fn refill_buffers_writes_fresh_data_every_time_scramble_only_stamps() {
+    let d = tmp("refill");
+    let run_with = |flag: &str| {
+        let img = d.join(format!("{}.img", flag.trim_start_matches('-')));
+        std::fs::write(&img, vec![0u8; 256 << 10]).unwrap();
+        let out = bin()
+            .args([
+                "bench",
+                "io",
+                "--quiet",
+                "--cores=0",
+                "--rw=write",
+                "--bs=4k",
+                "--iodepth=1",
+            ])
+            .args(["--size=256k", flag])
+            .arg(format!("--backend=file:{}", img.display()))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{flag}: {}", String::from_utf8_lossy(&out.stderr));
+        std::fs::read(&img).unwrap()
+    };
+    // One buffer (iodepth 1) written 64 times: scrambled, only the stamps
+    // differ, so most of its pieces repeat; refilled, none do.
+    let scrambled = run_with("--scramble_buffers=1");
+    assert!(repeated_pieces(&scrambled) > 4000, "{}", repeated_pieces(&scrambled));
+    let refilled = run_with("--refill_buffers");
+    assert_eq!(repeated_pieces(&refilled), 0);
+    assert!(refilled.iter().filter(|&&b| b == 0).count() < refilled.len() / 100);
+}

@@ -3,7 +3,7 @@
 //!
 //! Supported keys: `name`, `rw`/`readwrite`, `rwmixread`, `rwmixwrite`,
 //! `bs`/`blocksize`, `iodepth`, `numjobs`, `size`, `offset`, `offset_increment`, `runtime`,
-//! `time_based`, `ramp_time`, `verify`, `verify_only`, `scramble_buffers`, `direct` (must be 1),
+//! `time_based`, `ramp_time`, `verify`, `verify_only`, `scramble_buffers`, `refill_buffers`, `direct` (must be 1),
 //! `group_reporting`, `ioengine` (ignored: the engine is sealdisk), and
 //! sealdisk's own `backend`, `filename` (= `backend=file:PATH`), `encrypt`,
 //! `sector_size`. Anything else is an error naming the key.
@@ -82,6 +82,11 @@ pub struct JobSpec {
     /// writes carry the same bytes and the buffer is freshly written, as
     /// fio's buffers are. Off with `verify` (the pattern is the data).
     pub scramble_buffers: bool,
+    /// fio's `refill_buffers` (default off): fill the whole buffer with fresh
+    /// pseudo-random bytes before each write, so every write carries data
+    /// the device has never seen (costs the job ~0.3 µs per 4 KiB). Takes
+    /// the place of `scramble_buffers`; off with `verify`.
+    pub refill_buffers: bool,
 }
 
 impl Default for JobSpec {
@@ -102,6 +107,7 @@ impl Default for JobSpec {
             verify: false,
             verify_only: false,
             scramble_buffers: true,
+            refill_buffers: false,
         }
     }
 }
@@ -208,6 +214,7 @@ pub fn apply(job: &mut JobSpec, target: &mut TargetSpec, key: &str, value: Optio
         },
         "verify_only" => job.verify_only = parse_bool(key, value)?,
         "scramble_buffers" => job.scramble_buffers = parse_bool(key, value)?,
+        "refill_buffers" => job.refill_buffers = parse_bool(key, value)?,
         "direct" => {
             if !parse_bool(key, value)? {
                 return Err("direct=0: sealdisk always does direct I/O".into());
@@ -332,6 +339,17 @@ mod tests {
         )
         .unwrap();
         assert!(!off[0].job.scramble_buffers);
+        assert!(
+            !off[0].job.refill_buffers,
+            "refill_buffers is off by default, as in fio"
+        );
+        let refill = parse_job_file(
+            "[a]\nrw=write\nrefill_buffers=1\n",
+            &JobSpec::default(),
+            &TargetSpec::default(),
+        )
+        .unwrap();
+        assert!(refill[0].job.refill_buffers);
         assert!(parse_job_file(
             "[a]\nscramble_buffers=maybe\n",
             &JobSpec::default(),

@@ -105,6 +105,22 @@ pub fn scramble(buf: &mut [u8], offset: u64, stamp: u64) {
     }
 }
 
+/// fio's `refill_buffers`: overwrite `buf` with fresh pseudo-random bytes
+/// from `state` (four interleaved xorshift64 streams, so the loop is not one
+/// serial dependency chain).
+pub fn refill(buf: &mut [u8], state: &mut [u64; 4]) {
+    for chunk in buf.chunks_mut(32) {
+        let mut out = [0u8; 32];
+        for (lane, x) in state.iter_mut().enumerate() {
+            *x ^= *x << 13;
+            *x ^= *x >> 7;
+            *x ^= *x << 17;
+            out[lane * 8..lane * 8 + 8].copy_from_slice(&x.to_le_bytes());
+        }
+        chunk.copy_from_slice(&out[..chunk.len()]);
+    }
+}
+
 /// Check a block written by [`fill_verify_block`] at `offset`.
 pub fn check_verify_block(block: &[u8], offset: u64) -> Result<(), String> {
     let magic = u32::from_le_bytes(block[0..4].try_into().unwrap());
@@ -147,6 +163,8 @@ pub struct Job {
     rng: u64,
     /// Writes scrambled so far (the stamp of the next).
     scrambles: u64,
+    /// State of the `refill_buffers` generator.
+    refill: [u64; 4],
     seq_next: u64,
     seed: u64,
     read_pct: u32,
@@ -235,6 +253,7 @@ impl Job {
             retry: None,
             rng: seed ^ 0xdead_beef,
             scrambles: seed << 20,
+            refill: std::array::from_fn(|i| (seed ^ 0x9e37_79b9_7f4a_7c15).rotate_left(16 * i as u32) | 1),
             seq_next: 0,
             seed,
             read_pct,
@@ -360,6 +379,8 @@ impl Job {
                 if !is_read && self.spec.verify {
                     fill_verify_block(&mut buf, offset, self.seed);
                     self.mark_written(block);
+                } else if !is_read && self.spec.refill_buffers {
+                    refill(&mut buf, &mut self.refill);
                 } else if !is_read && self.spec.scramble_buffers {
                     self.scrambles += 1;
                     scramble(&mut buf, offset, self.scrambles);
@@ -506,7 +527,28 @@ impl Drop for Job {
 
 #[cfg(test)]
 mod tests {
-    use super::scramble;
+    use super::{refill, scramble};
+
+    #[test]
+    fn refill_rewrites_every_byte_with_fresh_data() {
+        let mut state = [1, 2, 3, 4];
+        let mut a = vec![0u8; 4096];
+        refill(&mut a, &mut state);
+        let mut b = a.clone();
+        refill(&mut b, &mut state);
+        // No 32-byte piece repeats, within a buffer or between two refills.
+        let mut seen = std::collections::HashSet::new();
+        for piece in a.chunks(32).chain(b.chunks(32)) {
+            assert!(seen.insert(piece.to_vec()), "a 32-byte piece repeated");
+        }
+        // Byte values are spread out (not mostly zeros or one value).
+        let zeros = a.iter().filter(|&&x| x == 0).count();
+        assert!(zeros < 64, "{zeros} zero bytes in 4096");
+        // Odd lengths are filled to the end.
+        let mut c = vec![0u8; 100];
+        refill(&mut c, &mut state);
+        assert!(c[96..].iter().any(|&x| x != 0));
+    }
 
     #[test]
     fn scramble_stamps_every_512_byte_piece_and_no_two_writes_match() {
