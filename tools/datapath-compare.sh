@@ -9,12 +9,17 @@
 # adjacent in time), averaged over reps. Then the RAM backend cost check (4k
 # randwrite QD32, one reactor, twelve alternating rounds).
 # Usage: tools/datapath-compare.sh [WORKDIR] [RUNTIME_S] [REPS]
+# BUFFERS=refill gives fio and sealdisk --refill_buffers (fresh random data in
+# every write, as a guest's writes are) instead of fio's default scrambled
+# reuse of the same buffers.
 set -euo pipefail
 W=${1:-/var/tmp/sealdisk-datapath}
 RT=${2:-8}
 REPS=${3:-3}
 CORE=${CORE:-$(awk '/virtio.*req|nvme.*q/{for(i=2;i<=NF;i++) if($i ~ /^[0-9]+$/ && $i>0){print i-2; exit}}' /proc/interrupts)}
 CORE=${CORE:-0}
+BUF_OPT=()
+[ "${BUFFERS:-}" = refill ] && BUF_OPT=(--refill_buffers)
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 S=$ROOT/target/release/sealdisk
 mkdir -p "$W"
@@ -24,7 +29,7 @@ if [ ! -s "$IMG" ]; then
     fio --name=fill --filename="$IMG" --size=1g --rw=write --bs=1m --iodepth=8 --ioengine=io_uring \
         --direct=1 --output-format=terse >/dev/null
 fi
-echo "# core $CORE (the block device's interrupt core), ${RT}s per run, $REPS reps (fio, then sealdisk plain/enc in 4 alternating rounds)"
+echo "# core $CORE (the block device's interrupt core), ${RT}s per run, $REPS reps (fio, then sealdisk plain/enc in 4 alternating rounds)${BUF_OPT:+, write buffers: ${BUF_OPT[*]}}"
 printf "| workload | fio io_uring IOPS | sealdisk plain IOPS | plain/fio | encrypted IOPS | enc/plain | p99 enc/plain | enc/plain round median | p99 round median |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
 for wl in "randread 4k 32" "randwrite 4k 32" "read 128k 8" "write 128k 8"; do
     set -- $wl
@@ -32,12 +37,12 @@ for wl in "randread 4k 32" "randwrite 4k 32" "read 128k 8" "write 128k 8"; do
     for rep in $(seq 1 "$REPS"); do
         run_fio() {
             taskset -c "$CORE" fio --name=f --filename="$IMG" --size=1g --rw="$rw" --bs="$bs" --iodepth="$qd" \
-                --ioengine=io_uring --direct=1 --runtime="$RT" --time_based --output-format=json \
+                --ioengine=io_uring --direct=1 --runtime="$RT" --time_based --output-format=json "${BUF_OPT[@]}" \
                 > "$W/fio-$rw-$bs-$rep.json"
         }
         run_sd() {
             "$S" bench io --backend "file:$IMG" --size 1g --rw "$rw" --bs "$bs" --iodepth "$qd" --runtime $((RT * 2)) \
-                --time_based --cores "$CORE" --quiet --compare --rounds 4 --output-format json > "$W/sd-$rw-$bs-$rep.json"
+                --time_based --cores "$CORE" --quiet --compare --rounds 4 --output-format json "${BUF_OPT[@]}" > "$W/sd-$rw-$bs-$rep.json"
         }
         # Alternate who goes first: this disk runs faster for a few seconds
         # after a pause, which would always favour the first tool.
