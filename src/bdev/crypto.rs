@@ -127,6 +127,8 @@ struct Pending {
     op: IoOp,
 }
 
+const _: () = assert!(std::mem::size_of::<Pending>() == 56);
+
 impl Pending {
     fn new(tag: u64, op: IoOp, offset: u64, parts: usize, buf: Option<IoBuf>) -> Pending {
         Pending {
