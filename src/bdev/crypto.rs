@@ -159,8 +159,21 @@ struct CryptoChannel {
 }
 
 impl CryptoChannel {
+    #[inline]
     fn slot(&mut self, p: Pending) -> u64 {
         self.pending.insert(p) as u64
+    }
+
+    /// Encrypt `src` (whole sectors at byte `offset` of the device) into
+    /// the bounce buffer `dst`.
+    fn encrypt_into(&self, src: &[u8], dst: &mut [u8], offset: u64) {
+        let s0 = offset / self.sector_size as u64;
+        if self.stream && dst.len() <= STREAM_MAX {
+            self.xts.encrypt_sectors_for_device(src, dst, s0, self.sector_size)
+        } else {
+            self.xts.encrypt_sectors_to(src, dst, s0, self.sector_size)
+        }
+        .expect("validated whole sectors");
     }
 
     fn send_down(&mut self, req: IoRequest) {
@@ -197,13 +210,16 @@ impl CryptoChannel {
         }
         p.parts -= 1;
         if p.parts == 0 {
-            let p = self.pending.remove(idx).expect("live");
-            self.ready.push(IoCompletion {
+            // Take the fields out and free the slot in place: moving the whole
+            // `Pending` out costs more than the rest of this function.
+            let done = IoCompletion {
                 tag: p.tag,
                 op: p.op,
-                result: p.error.map_or(Ok(()), |e| Err(*e)),
-                buf: p.buf,
-            });
+                result: p.error.take().map_or(Ok(()), |e| Err(*e)),
+                buf: p.buf.take(),
+            };
+            self.pending.free(idx);
+            self.ready.push(done);
         }
     }
 
@@ -261,7 +277,20 @@ impl Channel for CryptoChannel {
             return Ok(());
         }
         match req.op {
+            IoOp::Write if req.bytes() as usize <= BOUNCE_CHUNK => {
+                // One piece (every write up to 128 KiB): no chunk loop.
+                let src = req.buf.as_ref().expect("validated");
+                let Some(mut b) = self.pool.alloc(src.len()) else {
+                    return Err(req); // back-pressure; nothing done
+                };
+                self.encrypt_into(src, &mut b, req.offset);
+                let idx = self.slot(Pending::new(req.tag, IoOp::Write, req.offset, 1, req.buf));
+                let mut w = IoRequest::write(req.offset, b, idx);
+                w.fua = req.fua;
+                self.send_down(w);
+            }
             IoOp::Write => {
+                // Over 128 KiB: one bounce buffer and one write below per piece.
                 let src = req.buf.as_ref().expect("validated");
                 let len = src.len();
                 let chunks = len.div_ceil(BOUNCE_CHUNK);
@@ -274,17 +303,9 @@ impl Channel for CryptoChannel {
                         None => return Err(req), // back-pressure; nothing done
                     }
                 }
-                let first = req.offset / self.sector_size as u64;
                 for (c, b) in bounces.iter_mut().enumerate() {
                     let from = c * BOUNCE_CHUNK;
-                    let s0 = first + (from / self.sector_size) as u64;
-                    let s = &src[from..from + b.len()];
-                    if self.stream && b.len() <= STREAM_MAX {
-                        self.xts.encrypt_sectors_for_device(s, b, s0, self.sector_size)
-                    } else {
-                        self.xts.encrypt_sectors_to(s, b, s0, self.sector_size)
-                    }
-                    .expect("validated whole sectors");
+                    self.encrypt_into(&src[from..from + b.len()], b, req.offset + from as u64);
                 }
                 let (offset, fua) = (req.offset, req.fua);
                 let idx = self.slot(Pending::new(req.tag, IoOp::Write, offset, chunks, req.buf));

@@ -24,7 +24,12 @@ impl<T> Slab<T> {
         self.live += 1;
         match self.free.pop() {
             Some(i) => {
-                self.items[i] = Some(v);
+                // A freed index always holds `None`; matching on it lets the
+                // compiler skip the old value's drop.
+                match &mut self.items[i] {
+                    slot @ None => *slot = Some(v),
+                    Some(_) => unreachable!("free index {i} is live"),
+                }
                 i
             }
             None => {
@@ -45,6 +50,16 @@ impl<T> Slab<T> {
         self.free.push(i);
         self.live -= 1;
         Some(v)
+    }
+
+    /// Drop the entry at `i` in place and free its index (no-op if not live).
+    pub fn free(&mut self, i: usize) {
+        if let Some(slot) = self.items.get_mut(i) {
+            if slot.take().is_some() {
+                self.free.push(i);
+                self.live -= 1;
+            }
+        }
     }
 
     /// Live entries.
@@ -77,5 +92,11 @@ mod tests {
         *s.get_mut(b).unwrap() = "B";
         assert_eq!(s.iter().copied().collect::<Vec<_>>(), ["c", "B"]);
         assert_eq!(s.len(), 2);
+        s.free(b);
+        assert_eq!(s.len(), 1, "free drops the entry");
+        s.free(b);
+        assert_eq!(s.len(), 1, "freeing a dead index changes nothing");
+        assert_eq!(s.insert("d"), b, "the index freed in place is reused");
+        assert_eq!(s.iter().copied().collect::<Vec<_>>(), ["c", "d"]);
     }
 }
