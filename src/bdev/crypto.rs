@@ -284,9 +284,14 @@ impl Channel for CryptoChannel {
                     return Err(req); // back-pressure; nothing done
                 };
                 self.encrypt_into(src, &mut b, req.offset);
-                let idx = self.slot(Pending::new(req.tag, IoOp::Write, req.offset, 1, req.buf));
-                let mut w = IoRequest::write(req.offset, b, idx);
-                w.fua = req.fua;
+                let (tag, offset, fua) = (req.tag, req.offset, req.fua);
+                let user = req.buf;
+                // Built in its slot, not moved in: ~6 ns per write (measured over `null`).
+                let idx = self
+                    .pending
+                    .insert_with(|| Pending::new(tag, IoOp::Write, offset, 1, user)) as u64;
+                let mut w = IoRequest::write(offset, b, idx);
+                w.fua = fua;
                 self.send_down(w);
             }
             IoOp::Write => {

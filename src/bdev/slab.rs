@@ -21,19 +21,24 @@ impl<T> Default for Slab<T> {
 impl<T> Slab<T> {
     /// Store `v`; returns its index.
     pub fn insert(&mut self, v: T) -> usize {
+        self.insert_with(|| v)
+    }
+
+    /// Store the value `make` returns; returns its index. The value is built
+    /// after its slot is found, so it can be written straight into it.
+    #[inline]
+    pub fn insert_with(&mut self, make: impl FnOnce() -> T) -> usize {
         self.live += 1;
         match self.free.pop() {
             Some(i) => {
-                // A freed index always holds `None`; matching on it lets the
-                // compiler skip the old value's drop.
                 match &mut self.items[i] {
-                    slot @ None => *slot = Some(v),
+                    slot @ None => *slot = Some(make()),
                     Some(_) => unreachable!("free index {i} is live"),
                 }
                 i
             }
             None => {
-                self.items.push(Some(v));
+                self.items.push(Some(make()));
                 self.items.len() - 1
             }
         }
