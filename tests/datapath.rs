@@ -53,6 +53,9 @@ fn crypto_layer_round_trips_and_stores_ciphertext_at_the_right_sectors() {
             let cases = [
                 (0u64, 4096usize),
                 (ss as u64 * 7, 3 * ss as usize),
+                // The largest one-piece write, and the smallest split one.
+                (2 << 20, 128 << 10),
+                (3 << 20, (128 << 10) + ss as usize),
                 (1 << 20, 256 << 10),
                 (15 << 20, 512 << 10),
             ];

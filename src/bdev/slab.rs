@@ -57,7 +57,8 @@ impl<T> Slab<T> {
         Some(v)
     }
 
-    /// Drop the entry at `i` in place and free its index (no-op if not live).
+    /// Drop the entry at `i` and free its index (no-op if not live), without
+    /// handing the value back as [`Slab::remove`] does.
     pub fn free(&mut self, i: usize) {
         if let Some(slot) = self.items.get_mut(i) {
             if slot.take().is_some() {
