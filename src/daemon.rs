@@ -17,7 +17,7 @@ use crate::export::Exports;
 use crate::frontend::nbd::{NbdConfig, NbdServer};
 use crate::kms::{Kms, KmsConfig};
 use crate::reactor::{ReactorConfig, Reactors};
-use crate::volume::Pool;
+use crate::volume::{Faults, Pool};
 
 /// Default pool file name inside the data directory.
 pub const POOL_FILE: &str = "pool.img";
@@ -108,8 +108,25 @@ impl Daemon {
         let kms = Arc::new(Kms::open(cfg.kms.clone()).map_err(|e| format!("KMS ({}): {e}", e.code()))?);
         let db = catalog::open(&dir.join(catalog::CATALOG_FILE)).map_err(|e| format!("{} ({})", e, e.code()))?;
         let pool_path = cfg.pool_path();
-        let pool = Pool::open(db.clone(), &pool_path, cfg.pool_size)
-            .map_err(|e| format!("pool {}: {e} ({})", pool_path.display(), e.code()))?;
+        // Fault injection for crash harnesses (never set in production).
+        let faults = match std::env::var("SEALDISK_FAULTS") {
+            Ok(spec) if !spec.is_empty() => {
+                let f = Faults::parse(&spec).map_err(|e| format!("SEALDISK_FAULTS: {e}"))?;
+                log(&format!(
+                    "SEALDISK_FAULTS={spec}: injecting faults into the pool's metadata thread"
+                ));
+                f
+            }
+            _ => Faults::default(),
+        };
+        let pool = Pool::open_with_faults(
+            db.clone(),
+            &pool_path,
+            cfg.pool_size,
+            crate::volume::DEFAULT_CLUSTER,
+            Arc::new(faults),
+        )
+        .map_err(|e| format!("pool {}: {e} ({})", pool_path.display(), e.code()))?;
         // Owner-only state files (the directory is 0700 as well).
         for f in [dir.join(catalog::CATALOG_FILE), pool_path.clone()] {
             if std::fs::metadata(&f).is_ok_and(|m| m.is_file()) {

@@ -10,12 +10,18 @@
 //!
 //! A request inside one cluster (the common case) passes the caller's buffer
 //! down untouched; one that spans clusters uses a pool buffer per piece.
+//!
+//! Every request that addresses the pool device enters the pool's epoch
+//! ([`super::epochs`]) before it loads the map and leaves it on completion:
+//! that is how a snapshot knows when fast-path writes started before it have
+//! landed, and when a freed cluster can no longer be addressed.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
+use super::epochs::{Epochs, Slots};
 use super::meta::{MetaOp, MetaReq};
 use super::tables::*;
 use super::{db_err, Pool, VolumeError};
@@ -32,11 +38,18 @@ type Inline<T> = smallvec::SmallVec<[T; 4]>;
 const OWNED: u64 = 1 << 63;
 
 /// A volume's in-memory map, shared by its channels on every reactor.
+///
+/// Entries are published only once durable (by the metadata thread after its
+/// commit). `owners` is the ownership generation, bumped whenever every
+/// entry loses its OWNED bit (a snapshot or clone is being taken): the
+/// metadata thread sets OWNED only if the generation it saw in its
+/// transaction is still current. The data path never takes that lock.
 pub(crate) struct VolState {
     pub id: String,
     pub size: u64,
     /// Per cluster: 0 = unallocated, else (physical cluster) | OWNED?
     map: Box<[AtomicU64]>,
+    owners: Mutex<u64>,
 }
 
 impl VolState {
@@ -68,25 +81,42 @@ impl VolState {
             id: id.into(),
             size,
             map,
+            owners: Mutex::new(0),
         })
     }
 
+    /// The map entry of cluster `c`. Sequentially consistent (a plain load on
+    /// x86), so that it is ordered after the epoch entry before it.
     pub fn entry(&self, c: u64) -> u64 {
-        self.map[c as usize].load(Ordering::Acquire)
+        self.map[c as usize].load(Ordering::SeqCst)
     }
-    pub fn set_owned(&self, c: u64, p: u64) {
-        self.map[c as usize].store(p | OWNED, Ordering::Release);
+
+    /// The current ownership generation.
+    pub fn owner_gen(&self) -> u64 {
+        *self.owners.lock().expect("volume owners")
     }
-    pub fn unmap(&self, c: u64) {
-        self.map[c as usize].store(0, Ordering::Release);
+
+    /// Publish a durable map entry: `phys` (0 = unmapped), owned if the
+    /// transaction found it the volume's alone in generation `owned_gen` and
+    /// no snapshot has been taken since.
+    pub fn publish(&self, c: u64, phys: u64, owned_gen: Option<u64>) {
+        let g = self.owners.lock().expect("volume owners");
+        let v = match owned_gen {
+            Some(gen) if phys != 0 && gen == *g => phys | OWNED,
+            _ => phys,
+        };
+        self.map[c as usize].store(v, Ordering::SeqCst);
     }
-    pub fn restore(&self, c: u64, v: u64) {
-        self.map[c as usize].store(v, Ordering::Release);
-    }
-    /// Every cluster becomes shared (a snapshot is being taken).
-    pub fn clear_owned(&self) {
+
+    /// Every cluster becomes shared (a snapshot or clone is being taken):
+    /// from here on writes take the slow path, which consults the reference
+    /// counts. The caller then waits for a grace period, so no fast-path
+    /// write that saw an OWNED bit is still in flight.
+    pub fn share_all(&self) {
+        let mut g = self.owners.lock().expect("volume owners");
+        *g += 1;
         for e in self.map.iter() {
-            e.fetch_and(!OWNED, Ordering::AcqRel);
+            e.fetch_and(!OWNED, Ordering::SeqCst);
         }
     }
 }
@@ -130,6 +160,8 @@ impl Bdev for VolumeBdev {
         let (reply_tx, replies) = mpsc::channel();
         Ok(Box::new(VolumeChannel {
             lower: Lower::new(self.pool.base.open_channel(ctx)?),
+            epochs: self.pool.epochs.clone(),
+            slots: self.pool.epochs.register(),
             state: self.state.clone(),
             cluster: self.pool.cluster,
             bufs: ctx.pool.clone(),
@@ -153,9 +185,14 @@ struct Piece {
     buf_off: usize,
 }
 
+/// [`Pending::epoch`] of a request that did not enter an epoch.
+const NO_EPOCH: u8 = u8::MAX;
+
 struct Pending {
     tag: u64,
     op: IoOp,
+    /// Epoch parity entered, or [`NO_EPOCH`].
+    epoch: u8,
     parts: usize,
     result: Result<(), IoError>,
     buf: Option<IoBuf>,
@@ -164,7 +201,10 @@ struct Pending {
 }
 
 struct VolumeChannel {
+    /// First field: dropped (waiting for the device) before `slots`.
     lower: Lower,
+    epochs: Arc<Epochs>,
+    slots: Arc<Slots>,
     state: Arc<VolState>,
     cluster: u64,
     bufs: BufPool,
@@ -231,6 +271,9 @@ impl VolumeChannel {
         p.parts -= 1;
         if p.parts == 0 {
             let p = self.pending.remove(idx).expect("live request");
+            if p.epoch != NO_EPOCH {
+                self.slots.leave(p.epoch);
+            }
             self.ready.push_back(IoCompletion {
                 tag: p.tag,
                 op: p.op,
@@ -244,6 +287,7 @@ impl VolumeChannel {
         let idx = self.slot(Pending {
             tag,
             op,
+            epoch: NO_EPOCH,
             parts: 1,
             result: Ok(()),
             buf,
@@ -278,6 +322,7 @@ impl Channel for VolumeChannel {
                 let idx = self.slot(Pending {
                     tag: req.tag,
                     op: IoOp::Flush,
+                    epoch: NO_EPOCH,
                     parts: 1,
                     result: Ok(()),
                     buf: None,
@@ -298,10 +343,12 @@ impl Channel for VolumeChannel {
             }
             IoOp::Read => {
                 let pieces = self.pieces(req.offset, req.bytes());
+                let epoch = self.slots.enter(&self.epochs);
                 let entries: Inline<u64> = pieces.iter().map(|p| self.state.entry(p.cluster)).collect();
                 let mapped = entries.iter().filter(|&&e| e != 0).count();
                 let mut buf = req.buf.expect("validated");
                 if mapped == 0 {
+                    self.slots.leave(epoch);
                     buf.fill(0);
                     self.ready.push_back(IoCompletion {
                         tag: req.tag,
@@ -315,6 +362,7 @@ impl Channel for VolumeChannel {
                     let idx = self.slot(Pending {
                         tag: req.tag,
                         op: IoOp::Read,
+                        epoch,
                         parts: 1,
                         result: Ok(()),
                         buf: None,
@@ -330,7 +378,10 @@ impl Channel for VolumeChannel {
                     if e != 0 {
                         match self.bufs.alloc(p.len as usize) {
                             Some(t) => temps.push(t),
-                            None => return Err(IoRequest::read(req.offset, buf, req.tag)),
+                            None => {
+                                self.slots.leave(epoch);
+                                return Err(IoRequest::read(req.offset, buf, req.tag));
+                            }
                         }
                     }
                 }
@@ -345,6 +396,7 @@ impl Channel for VolumeChannel {
                 let idx = self.slot(Pending {
                     tag: req.tag,
                     op: IoOp::Read,
+                    epoch,
                     parts: temps.len(),
                     result: Ok(()),
                     buf: Some(buf),
@@ -363,10 +415,13 @@ impl Channel for VolumeChannel {
             }
             IoOp::Write => {
                 let pieces = self.pieces(req.offset, req.bytes());
+                let epoch = self.slots.enter(&self.epochs);
                 let entries: Inline<u64> = pieces.iter().map(|p| self.state.entry(p.cluster)).collect();
                 let buf = req.buf.expect("validated");
                 if entries.iter().any(|e| e & OWNED == 0) {
-                    // First write or shared cluster: the slow path.
+                    // First write or shared cluster: the slow path (the
+                    // metadata thread serialises it with snapshots and frees).
+                    self.slots.leave(epoch);
                     let data = buf.to_vec();
                     self.send_to_meta(
                         req.tag,
@@ -383,6 +438,7 @@ impl Channel for VolumeChannel {
                     let idx = self.slot(Pending {
                         tag: req.tag,
                         op: IoOp::Write,
+                        epoch,
                         parts: 1,
                         result: Ok(()),
                         buf: None,
@@ -402,6 +458,7 @@ impl Channel for VolumeChannel {
                             temps.push(t);
                         }
                         None => {
+                            self.slots.leave(epoch);
                             let mut r = IoRequest::write(req.offset, buf, req.tag);
                             r.fua = req.fua;
                             return Err(r);
@@ -412,6 +469,7 @@ impl Channel for VolumeChannel {
                 let idx = self.slot(Pending {
                     tag: req.tag,
                     op: IoOp::Write,
+                    epoch,
                     parts: pieces.len(),
                     result: Ok(()),
                     buf: Some(buf),

@@ -4,33 +4,43 @@
 //! the reactors. The thread takes whatever has queued up as one batch and,
 //! in one catalog transaction: allocates clusters, writes the new cluster
 //! contents (old bytes copied as they are, new bytes merged in), makes the
-//! pool file durable (fdatasync), updates the in-memory maps, and commits.
-//! Only then are the requests answered. Data is durable before any metadata
-//! points at it; a failed batch changes nothing on disk and is retried
-//! request by request.
+//! pool file durable (fdatasync) and commits. Only after the commit does it
+//! publish the new map entries to the reactors and answer the requests. So:
+//! * data is durable before any durable map entry points at it;
+//! * no write takes the fast path into a cluster whose mapping is not yet
+//!   durable (until it is published, writes there keep coming here), so a
+//!   FLUSH over acknowledged writes never depends on a commit in flight;
+//! * a failed fdatasync or commit changes nothing the reactors see: the
+//!   requests it carried fail with EIO, nothing acknowledged is rolled back.
+//!   A batch whose *preparation* fails (pool full) is retried request by
+//!   request, so one request's error does not fail its neighbours.
 //!
-//! A cluster freed here is not reused for a grace period, so a read that
-//! raced with the discard and still targets it never sees another volume's
+//! A cluster freed here (or by the control plane) is reused only after a
+//! grace period ([`super::epochs`]) that began once the unmapping was
+//! published, so a read that still targets it never sees another volume's
 //! data.
 
-use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use redb::{ReadableTable, ReadableTableMetadata};
 
 use super::bdev::VolState;
+use super::epochs::{Epochs, Limbo};
+use super::faults::{FaultPoint, Faults};
 use super::tables::*;
 use super::{db_err, VolumeError};
 use crate::bdev::IoError;
 
-const GRACE: Duration = Duration::from_secs(2);
 const MAX_BATCH: usize = 64;
+/// How often an idle metadata thread advances grace periods while freed
+/// clusters wait for one.
+const RECLAIM_TICK: Duration = Duration::from_millis(1);
 
 pub(crate) enum MetaOp {
     Write {
@@ -53,13 +63,26 @@ pub(crate) struct MetaReq {
     pub waker: crate::bdev::Waker,
 }
 
+/// What the metadata thread shares with the rest of the pool.
+pub(crate) struct Shared {
+    pub epochs: Arc<Epochs>,
+    pub limbo: Arc<Limbo>,
+    pub faults: Arc<Faults>,
+}
+
 pub(crate) struct MetaHandle {
     tx: Mutex<Option<Sender<MetaReq>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl MetaHandle {
-    pub fn start(db: Arc<redb::Database>, path: &Path, cluster: u64, capacity: u64) -> Result<MetaHandle, VolumeError> {
+    pub fn start(
+        db: Arc<redb::Database>,
+        path: &Path,
+        cluster: u64,
+        capacity: u64,
+        shared: Shared,
+    ) -> Result<MetaHandle, VolumeError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -72,7 +95,7 @@ impl MetaHandle {
             file,
             cluster,
             capacity,
-            limbo: HashMap::new(),
+            shared,
             buf: AlignedBuf::new(cluster as usize),
         };
         let thread = std::thread::Builder::new()
@@ -140,15 +163,35 @@ struct Worker {
     file: File,
     cluster: u64,
     capacity: u64,
-    limbo: HashMap<u64, Instant>,
+    shared: Shared,
     buf: AlignedBuf,
 }
 
-/// An in-memory map change, kept to undo it if the commit fails.
-struct Undo {
+/// A map entry to publish to the reactors once its commit is durable.
+struct Publish {
     vol: Arc<VolState>,
     cluster: u64,
-    old: u64,
+    /// Physical cluster, or 0 (unmapped).
+    phys: u64,
+    /// The volume's ownership generation when the transaction found the
+    /// cluster to be the volume's alone (None: shared or unmapped).
+    owned_gen: Option<u64>,
+}
+
+/// What a prepared transaction will change once committed.
+#[derive(Default)]
+struct Effects {
+    publish: Vec<Publish>,
+    /// Clusters this transaction frees (held in limbo meanwhile).
+    freed: Vec<u64>,
+}
+
+/// Why a batch failed.
+enum Failure {
+    /// Preparing one of its requests failed (e.g. the pool is full).
+    Prepare(VolumeError),
+    /// The fdatasync or the commit failed: nothing of the batch is durable.
+    Durability(VolumeError),
 }
 
 fn io(e: std::io::Error) -> VolumeError {
@@ -164,7 +207,22 @@ fn to_io_error(e: &VolumeError) -> IoError {
 
 impl Worker {
     fn run(&mut self, rx: Receiver<MetaReq>) {
-        while let Ok(first) = rx.recv() {
+        loop {
+            let first = if self.shared.limbo.is_empty() {
+                match rx.recv() {
+                    Ok(r) => r,
+                    Err(_) => break,
+                }
+            } else {
+                match rx.recv_timeout(RECLAIM_TICK) {
+                    Ok(r) => r,
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.reclaim();
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            };
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
@@ -172,22 +230,33 @@ impl Worker {
                     Err(_) => break,
                 }
             }
-            self.limbo.retain(|_, t| t.elapsed() < GRACE);
+            self.reclaim();
             match self.commit(&batch) {
                 Ok(()) => {
                     for r in &batch {
                         let _ = r.reply.send((r.tag, Ok(())));
                     }
                 }
-                Err(_) if batch.len() > 1 => {
+                Err(Failure::Prepare(_)) if batch.len() > 1 => {
                     // Find out which request fails: one transaction each.
                     for r in &batch {
-                        let res = self.commit(std::slice::from_ref(r)).map_err(|e| to_io_error(&e));
+                        let res = self.commit(std::slice::from_ref(r)).map_err(|f| match f {
+                            Failure::Prepare(e) | Failure::Durability(e) => to_io_error(&e),
+                        });
                         let _ = r.reply.send((r.tag, res));
                     }
                 }
-                Err(e) => {
+                Err(Failure::Prepare(e)) => {
                     let _ = batch[0].reply.send((batch[0].tag, Err(to_io_error(&e))));
+                }
+                Err(Failure::Durability(e)) => {
+                    crate::daemon::log(&format!(
+                        "pool metadata: {e}; the {} request(s) of this batch failed with EIO, nothing else changed",
+                        batch.len()
+                    ));
+                    for r in &batch {
+                        let _ = r.reply.send((r.tag, Err(IoError::Device { errno: libc::EIO })));
+                    }
                 }
             }
             for r in &batch {
@@ -196,19 +265,54 @@ impl Worker {
         }
     }
 
-    fn commit(&mut self, batch: &[MetaReq]) -> Result<(), VolumeError> {
-        let txn = self.db.begin_write().map_err(db_err)?;
-        let mut undo = Vec::new();
-        let res = batch.iter().try_for_each(|r| self.apply(&txn, r, &mut undo));
-        let res = res
-            .and_then(|()| self.file.sync_data().map_err(io))
-            .and_then(|()| txn.commit().map_err(db_err));
-        if res.is_err() {
-            for u in undo.into_iter().rev() {
-                u.vol.restore(u.cluster, u.old);
-            }
+    /// Advance grace periods; clusters whose grace period ended become
+    /// reusable.
+    fn reclaim(&self) {
+        if !self.shared.limbo.is_empty() {
+            let done = self.shared.epochs.poll();
+            self.shared.limbo.prune(done);
         }
-        res
+    }
+
+    fn commit(&mut self, batch: &[MetaReq]) -> Result<(), Failure> {
+        let txn = self.db.begin_write().map_err(|e| Failure::Prepare(db_err(e)))?;
+        let mut fx = Effects::default();
+        let res = batch
+            .iter()
+            .try_for_each(|r| self.apply(&txn, r, &mut fx))
+            .map_err(Failure::Prepare)
+            .and_then(|()| {
+                self.shared
+                    .faults
+                    .at(FaultPoint::PoolSync)
+                    .and_then(|()| self.file.sync_data())
+                    .map_err(|e| Failure::Durability(VolumeError::Io(format!("fdatasync of the pool: {e}"))))
+            })
+            .and_then(|()| {
+                self.shared
+                    .faults
+                    .at(FaultPoint::Commit)
+                    .map_err(|e| Failure::Durability(VolumeError::Db(format!("commit: {e}"))))
+            });
+        let res = match res {
+            // Dropping the transaction aborts it.
+            Ok(()) => txn.commit().map_err(|e| Failure::Durability(db_err(e))),
+            Err(f) => Err(f),
+        };
+        if res.is_err() {
+            // Nothing was freed after all.
+            self.shared.limbo.forget(&fx.freed);
+            return res;
+        }
+        // Durable: now the reactors may use the new entries.
+        for p in &fx.publish {
+            p.vol.publish(p.cluster, p.phys, p.owned_gen);
+        }
+        if !fx.freed.is_empty() {
+            let t = self.shared.epochs.request();
+            self.shared.limbo.ticket(&fx.freed, t);
+        }
+        Ok(())
     }
 
     fn alloc(&mut self, txn: &redb::WriteTransaction) -> Result<u64, VolumeError> {
@@ -216,7 +320,7 @@ impl Worker {
         let mut pick = None;
         for e in free.iter().map_err(db_err)? {
             let p = e.map_err(db_err)?.0.value();
-            if !self.limbo.contains_key(&p) {
+            if !self.shared.limbo.holds(p) {
                 pick = Some(p);
                 break;
             }
@@ -238,13 +342,15 @@ impl Worker {
         Ok(high)
     }
 
-    fn decref(&mut self, txn: &redb::WriteTransaction, p: u64) -> Result<(), VolumeError> {
+    fn decref(&mut self, txn: &redb::WriteTransaction, p: u64, fx: &mut Effects) -> Result<(), VolumeError> {
         let mut refs = txn.open_table(REFS).map_err(db_err)?;
         let n = refs.get(p).map_err(db_err)?.map(|v| v.value()).unwrap_or(0);
         if n <= 1 {
             refs.remove(p).map_err(db_err)?;
             txn.open_table(FREE).map_err(db_err)?.insert(p, ()).map_err(db_err)?;
-            self.limbo.insert(p, Instant::now());
+            // Not even this transaction may reuse it.
+            self.shared.limbo.hold(p);
+            fx.freed.push(p);
         } else {
             refs.insert(p, n - 1).map_err(db_err)?;
         }
@@ -261,7 +367,7 @@ impl Worker {
             .unwrap_or(0))
     }
 
-    fn apply(&mut self, txn: &redb::WriteTransaction, r: &MetaReq, undo: &mut Vec<Undo>) -> Result<(), VolumeError> {
+    fn apply(&mut self, txn: &redb::WriteTransaction, r: &MetaReq, fx: &mut Effects) -> Result<(), VolumeError> {
         let vol = &r.vol;
         let (offset, len) = match &r.op {
             MetaOp::Write { offset, data } => (*offset, data.len() as u64),
@@ -293,33 +399,34 @@ impl Worker {
                         .map_err(db_err)?
                         .remove((vol.id.as_str(), c))
                         .map_err(db_err)?;
-                    self.decref(txn, p)?;
-                    undo.push(Undo {
+                    self.decref(txn, p, fx)?;
+                    fx.publish.push(Publish {
                         vol: vol.clone(),
                         cluster: c,
-                        old: vol.entry(c),
+                        phys: 0,
+                        owned_gen: None,
                     });
-                    vol.unmap(c);
                 }
                 (Some(p), part) if Worker::refcount(txn, p)? == 1 => {
                     // Ours alone: write in place.
-                    let bytes: std::borrow::Cow<[u8]> = match part {
-                        Some(d) => d.into(),
-                        None => vec![0u8; l as usize].into(),
-                    };
+                    let gen = vol.owner_gen();
                     let b = &mut self.buf.as_mut()[..l as usize];
-                    b.copy_from_slice(&bytes);
+                    match part {
+                        Some(d) => b.copy_from_slice(d),
+                        None => b.fill(0),
+                    }
                     self.file.write_all_at(b, p * cl + o).map_err(io)?;
-                    undo.push(Undo {
+                    fx.publish.push(Publish {
                         vol: vol.clone(),
                         cluster: c,
-                        old: vol.entry(c),
+                        phys: p,
+                        owned_gen: Some(gen),
                     });
-                    vol.set_owned(c, p);
                 }
                 (cur, part) => {
                     // Copy on write (or first write): a new cluster with the
                     // old bytes as they are and the new bytes merged in.
+                    let gen = vol.owner_gen();
                     let new = self.alloc(txn)?;
                     let cl_us = cl as usize;
                     {
@@ -342,14 +449,14 @@ impl Worker {
                         .map_err(db_err)?;
                     txn.open_table(REFS).map_err(db_err)?.insert(new, 1).map_err(db_err)?;
                     if let Some(p) = cur {
-                        self.decref(txn, p)?;
+                        self.decref(txn, p, fx)?;
                     }
-                    undo.push(Undo {
+                    fx.publish.push(Publish {
                         vol: vol.clone(),
                         cluster: c,
-                        old: vol.entry(c),
+                        phys: new,
+                        owned_gen: Some(gen),
                     });
-                    vol.set_owned(c, new);
                 }
             }
             pos += l;

@@ -17,20 +17,29 @@
 //! metadata thread (slow path), which writes the new cluster (copying the
 //! old one's bytes as they are: ciphertext stays ciphertext, because the
 //! XTS tweak is the disk's sector number, not the pool's), makes the data
-//! durable (fdatasync), and only then commits the map change. Unallocated
-//! clusters read as zeros.
+//! durable (fdatasync), commits the map change, and only then publishes it
+//! to the reactors. Unallocated clusters read as zeros.
+//!
+//! `docs/reliability.md` states the durability contract and how each part
+//! is enforced: publish-after-commit ([`meta`]), snapshots that drain
+//! in-flight fast-path writes and cluster reuse after a grace period
+//! ([`epochs`]), and the fault injection the tests use ([`faults`]).
 
 mod bdev;
+mod epochs;
+mod faults;
 mod meta;
 mod tables;
 
 pub use bdev::VolumeBdev;
+pub use faults::{FaultPoint, Faults};
 
 use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use redb::{ReadableTable, ReadableTableMetadata};
 
@@ -40,6 +49,10 @@ use tables::*;
 
 /// Default cluster (allocation and copy-on-write unit).
 pub const DEFAULT_CLUSTER: u64 = 256 << 10;
+
+/// How long a snapshot of a live volume waits for its in-flight fast-path
+/// writes to land before it gives up (the device stalls).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why a volume operation failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,6 +149,11 @@ pub struct Pool {
     pub(crate) base: BdevRef,
     /// Volumes with a live bdev, with their in-memory maps.
     pub(crate) open: Mutex<HashMap<String, Weak<bdev::VolState>>>,
+    /// Which I/O could still address a cluster (see [`epochs`]).
+    pub(crate) epochs: Arc<epochs::Epochs>,
+    /// Freed clusters waiting for a grace period before reuse.
+    limbo: Arc<epochs::Limbo>,
+    faults: Arc<Faults>,
     pub(crate) meta: meta::MetaHandle,
 }
 
@@ -153,6 +171,18 @@ impl Pool {
         path: &Path,
         create_size: u64,
         cluster: u64,
+    ) -> Result<Arc<Pool>, VolumeError> {
+        Pool::open_with_faults(db, path, create_size, cluster, Arc::new(Faults::default()))
+    }
+
+    /// [`Pool::open_with`] with faults injected into the metadata thread's
+    /// fdatasync and commit (tests; `serve` reads them from `SEALDISK_FAULTS`).
+    pub fn open_with_faults(
+        db: Arc<redb::Database>,
+        path: &Path,
+        create_size: u64,
+        cluster: u64,
+        faults: Arc<Faults>,
     ) -> Result<Arc<Pool>, VolumeError> {
         if !cluster.is_power_of_two() || !(64 << 10..=4 << 20).contains(&cluster) {
             return Err(VolumeError::BadSize {
@@ -233,7 +263,19 @@ impl Pool {
                 ));
             }
         }
-        let meta = meta::MetaHandle::start(db.clone(), path, cluster, capacity_clusters)?;
+        let epochs = Arc::new(epochs::Epochs::default());
+        let limbo = Arc::new(epochs::Limbo::default());
+        let meta = meta::MetaHandle::start(
+            db.clone(),
+            path,
+            cluster,
+            capacity_clusters,
+            meta::Shared {
+                epochs: epochs.clone(),
+                limbo: limbo.clone(),
+                faults: faults.clone(),
+            },
+        )?;
         Ok(Arc::new(Pool {
             db,
             path: path.to_path_buf(),
@@ -241,6 +283,9 @@ impl Pool {
             capacity_clusters,
             base: Arc::new(base),
             open: Mutex::new(HashMap::new()),
+            epochs,
+            limbo,
+            faults,
             meta,
         }))
     }
@@ -251,6 +296,11 @@ impl Pool {
 
     pub fn cluster_size(&self) -> u64 {
         self.cluster
+    }
+
+    /// The faults injected into this pool's metadata thread.
+    pub fn faults(&self) -> &Arc<Faults> {
+        &self.faults
     }
 
     /// Pool capacity in bytes (data clusters only).
@@ -298,7 +348,11 @@ impl Pool {
     /// `dst` becomes a copy-on-write copy of `src` (snapshot or clone), of
     /// `size` bytes (≥ src's size). Shares clusters; copies nothing. If `src`
     /// is attached, its writes to now-shared clusters go copy-on-write from
-    /// here on.
+    /// here on, and this waits until every fast-path write that started
+    /// before has landed (so the copy holds it and no later copy-on-write
+    /// misses it). Slow-path writes are serialised with `txn` by the
+    /// catalog's single writer: committed ones are in the copy, later ones
+    /// see the shared clusters.
     pub fn clone_volume(
         &self,
         txn: &redb::WriteTransaction,
@@ -326,8 +380,15 @@ impl Pool {
         }
         if let Some(live) = self.live(src) {
             // From now on every write to `src` takes the slow path, which
-            // consults the reference counts (and finds them shared).
-            live.clear_owned();
+            // consults the reference counts (and finds them shared); then
+            // drain the fast-path writes that saw an OWNED bit.
+            live.share_all();
+            if !self.epochs.synchronize(DRAIN_TIMEOUT) {
+                return Err(VolumeError::Io(format!(
+                    "writes in flight on {src} did not complete within {} s; nothing was copied, try again",
+                    DRAIN_TIMEOUT.as_secs()
+                )));
+            }
         }
         sizes.insert(dst, size).map_err(db_err)?;
         let mut map = txn.open_table(VOL_MAP).map_err(db_err)?;
@@ -346,8 +407,11 @@ impl Pool {
         Ok(())
     }
 
-    /// Drop every map entry of `id`, releasing clusters no one else uses.
-    fn drop_map(txn: &redb::WriteTransaction, id: &str) -> Result<(), VolumeError> {
+    /// Drop every map entry of `id` (not attached), releasing clusters no one
+    /// else uses. They are reused only after a grace period: another
+    /// volume's read issued before it copied away from a shared cluster may
+    /// still be in flight.
+    fn drop_map(&self, txn: &redb::WriteTransaction, id: &str) -> Result<(), VolumeError> {
         let mut map = txn.open_table(VOL_MAP).map_err(db_err)?;
         let entries: Vec<(u64, u64)> = map
             .extract_from_if((id, 0u64)..=(id, u64::MAX), |_, _| true)
@@ -357,15 +421,19 @@ impl Pool {
             .map_err(db_err)?;
         let mut refs = txn.open_table(REFS).map_err(db_err)?;
         let mut free = txn.open_table(FREE).map_err(db_err)?;
+        let mut freed = Vec::new();
         for (_, p) in entries {
             let n = refs.get(p).map_err(db_err)?.map(|v| v.value()).unwrap_or(0);
             if n <= 1 {
                 refs.remove(p).map_err(db_err)?;
                 free.insert(p, ()).map_err(db_err)?;
+                freed.push(p);
             } else {
                 refs.insert(p, n - 1).map_err(db_err)?;
             }
         }
+        // If `txn` aborts they were never freed: they just leave limbo later.
+        self.limbo.ticket(&freed, self.epochs.request());
         Ok(())
     }
 
@@ -400,7 +468,7 @@ impl Pool {
             }
             size
         };
-        Pool::drop_map(txn, id)?;
+        self.drop_map(txn, id)?;
         if let Some(f) = from {
             // Re-create `id` as a clone of `from` with its own size.
             txn.open_table(VOL_SIZE).map_err(db_err)?.remove(id).map_err(db_err)?;
@@ -424,7 +492,7 @@ impl Pool {
         {
             return Err(VolumeError::NotFound(id.into()));
         }
-        Pool::drop_map(txn, id)
+        self.drop_map(txn, id)
     }
 
     /// Ids of every volume in the pool.
