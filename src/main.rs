@@ -99,7 +99,7 @@ struct IoArgs {
     /// Accepted for fio compatibility (sealdisk always does direct I/O).
     #[arg(long, num_args = 0..=1, default_missing_value = "1")]
     direct: Option<String>,
-    /// file:PATH, malloc or null.
+    /// file:PATH, volume:POOL_PATH (a thin volume in a new pool there, written once first), malloc or null.
     #[arg(long)]
     backend: Option<String>,
     /// Stack the crypto layer (random per-run key) on the backend.

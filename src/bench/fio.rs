@@ -115,7 +115,7 @@ impl Default for JobSpec {
 /// Where a job runs: settings that pick the bdev stack.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct TargetSpec {
-    /// `file:PATH`, `malloc` or `null` (None: not given).
+    /// `file:PATH`, `volume:POOL_PATH`, `malloc` or `null` (None: not given).
     pub backend: Option<String>,
     pub encrypt: bool,
     pub sector_size: Option<u32>,
