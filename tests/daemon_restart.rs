@@ -50,11 +50,15 @@ struct Daemon {
 }
 
 fn start(dir: &Path, log: PathBuf) -> Daemon {
+    start_with(dir, log, "64M")
+}
+
+fn start_with(dir: &Path, log: PathBuf, pool_size: &str) -> Daemon {
     let f = std::fs::File::create(&log).unwrap();
     let child = Command::new(BIN)
         .args(["serve", "--data-dir"])
         .arg(dir)
-        .args(["--cores", "0", "--pool-size", "64M"])
+        .args(["--cores", "0", "--pool-size", pool_size])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(f)
@@ -429,4 +433,83 @@ fn serve_restart_restores_attachments_and_check() {
     let out = Command::new(BIN).args(["check", "--data-dir"]).arg(d).output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stdout));
     assert!(String::from_utf8_lossy(&out.stdout).contains("wrapped key"));
+}
+
+/// SIGKILL while CreateEncryptedCopy is copying (its new volume exists, the
+/// catalog rows that name it do not): the next start removes the half-made
+/// volume and says so, CheckPool is clean, no disk appeared, and the same
+/// copy then completes.
+#[test]
+fn sigkill_during_create_encrypted_copy_leaves_nothing_half_made() {
+    use std::io::Write;
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempdir("copykill");
+    let logs = tempdir("copykill-logs");
+    let src = tempdir("copykill-src");
+    let d = &dir.0;
+    // A raw image with data in every block (nothing for the copy to skip).
+    let img = src.0.join("src.img");
+    {
+        let mut f = std::fs::File::create(&img).unwrap();
+        let mut chunk = vec![0u8; MIB as usize];
+        for (i, b) in chunk.iter_mut().enumerate() {
+            *b = (i % 251 + 1) as u8;
+        }
+        for _ in 0..96 {
+            f.write_all(&chunk).unwrap();
+        }
+    }
+    let dm = start_with(d, logs.0.join("1.log"), "256M");
+    let sock = d.join("sealdisk.sock");
+    let mut c = Client::connect(&sock).unwrap();
+    c.call("ActivateKms", json!({"RegionId": R, "AccountId": A})).unwrap();
+    let pool = d.join("pool.img");
+    let used = |p: &Path| std::fs::metadata(p).unwrap().blocks() * 512;
+    let before = used(&pool);
+    let copier = {
+        let sock = sock.clone();
+        let img = img.clone();
+        std::thread::spawn(move || {
+            let mut c = Client::connect(&sock).unwrap();
+            c.call(
+                "CreateEncryptedCopy",
+                json!({"RegionId": R, "AccountId": A, "SourcePath": img.to_str().unwrap()}),
+            )
+        })
+    };
+    // Kill once the copy has written some of its data into the pool.
+    let t = Instant::now();
+    while used(&pool) < before + 8 * MIB {
+        assert!(!copier.is_finished(), "the copy finished before it could be killed");
+        assert!(t.elapsed() < Duration::from_secs(60), "the copy wrote nothing");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let mut child = dm.child;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let res = copier.join().unwrap();
+    assert!(res.is_err(), "the copy returned although the daemon was killed mid-copy: {res:?}");
+    drop(c);
+
+    let dm = start_with(d, logs.0.join("2.log"), "256M");
+    let mut c = Client::connect(&sock).unwrap();
+    let chk = c.call("CheckPool", json!({})).unwrap();
+    assert_eq!(chk["Consistent"], true, "{chk}");
+    assert!(disks(&mut c).is_empty(), "a half-made copy became a disk");
+    // The same copy completes now.
+    let v = c
+        .call(
+            "CreateEncryptedCopy",
+            json!({"RegionId": R, "AccountId": A, "SourcePath": img.to_str().unwrap()}),
+        )
+        .unwrap();
+    assert_eq!(v["BytesCopied"], 96 * MIB, "{v}");
+    let chk = c.call("CheckPool", json!({})).unwrap();
+    assert_eq!(chk["Consistent"], true, "{chk}");
+    drop(c);
+    let log2 = stop(dm);
+    assert!(
+        log2.contains("removed 1 volume(s) no disk, snapshot or image refers to"),
+        "the start after the kill must say what it swept: {log2}"
+    );
 }
