@@ -18,9 +18,14 @@ use io_uring::{squeue, types, IoUring};
 
 use crate::iobuf::BufPool;
 
-/// Bits of `user_data` left for a route's own tag.
-pub const TAG_BITS: u32 = 48;
-const FILE_SLOTS: u32 = 64;
+/// Bits of `user_data` left for a route's own tag. Above them: the route's
+/// generation (16 bits) and its slot (16 bits).
+pub const TAG_BITS: u32 = 32;
+const GEN_BITS: u32 = 16;
+/// Most registered-file slots a ring asks for; fewer if the process's file
+/// limit is lower (the kernel refuses a table larger than RLIMIT_NOFILE).
+/// Past them, channels use plain descriptors.
+const MAX_FILE_SLOTS: u32 = 16384;
 
 /// How to set up a ring.
 #[derive(Debug, Clone, Copy)]
@@ -55,11 +60,22 @@ impl Default for RingOpts {
 
 type Queue = Rc<RefCell<VecDeque<(u64, i32)>>>;
 
-/// Where a channel's completions land.
+/// The ring's routes. A slot is reused after its route is dropped, with a new
+/// generation, so a late completion of the old route (a request its channel
+/// gave up waiting for) is dropped instead of reaching the new one.
+#[derive(Default)]
+struct Routes {
+    slots: Vec<(u16, Option<Queue>)>,
+    free: Vec<u16>,
+}
+
+/// Where a channel's completions land. Dropping it frees its slot.
 pub struct Route {
     id: u16,
+    gen: u16,
     queue: Queue,
     queued: Rc<Cell<usize>>,
+    routes: Rc<RefCell<Routes>>,
 }
 
 impl Route {
@@ -76,12 +92,29 @@ impl Route {
     }
 }
 
+impl Drop for Route {
+    fn drop(&mut self) {
+        let left = self.queue.borrow().len();
+        self.queued.set(self.queued.get() - left);
+        let mut r = self.routes.borrow_mut();
+        r.slots[self.id as usize].1 = None;
+        r.free.push(self.id);
+    }
+}
+
+/// The ring's registered-file table.
+struct Files {
+    used: Vec<bool>,
+    /// Shared registrations: fd → (slot, users).
+    shared: std::collections::HashMap<RawFd, (u32, usize)>,
+}
+
 /// The ring and its bookkeeping.
 pub struct Ring {
     // Field order matters: the ring closes before the arena it registered is
     // unmapped (fields drop in declaration order).
     uring: RefCell<IoUring>,
-    routes: RefCell<Vec<Queue>>,
+    routes: Rc<RefCell<Routes>>,
     unsubmitted: Cell<u32>,
     /// Payload bytes of the unsubmitted SQEs (see [`Ring::note_payload`]).
     unsubmitted_bytes: Cell<usize>,
@@ -89,7 +122,7 @@ pub struct Ring {
     in_flight: Cell<usize>,
     /// Completions reaped into route queues and not yet popped.
     queued: Rc<Cell<usize>>,
-    files: RefCell<Vec<bool>>,
+    files: RefCell<Files>,
     arena: (usize, usize),
     sqpoll: bool,
     iopoll: bool,
@@ -144,16 +177,20 @@ impl Ring {
         // SAFETY: the arena stays mapped while `_pool` (a clone held by this
         // Ring, dropped after `uring`) lives.
         unsafe { uring.submitter().register_buffers(&[iov])? };
-        uring.submitter().register_files_sparse(FILE_SLOTS)?;
+        let slots = file_slots();
+        uring.submitter().register_files_sparse(slots)?;
         Ok(Ring {
             uring: RefCell::new(uring),
-            routes: RefCell::new(Vec::new()),
+            routes: Rc::default(),
             unsubmitted: Cell::new(0),
             unsubmitted_bytes: Cell::new(0),
             eager_bytes: opts.eager_submit_bytes.max(1),
             in_flight: Cell::new(0),
             queued: Rc::new(Cell::new(0)),
-            files: RefCell::new(vec![false; FILE_SLOTS as usize]),
+            files: RefCell::new(Files {
+                used: vec![false; slots as usize],
+                shared: Default::default(),
+            }),
             arena: (iov.iov_base as usize, iov.iov_len),
             sqpoll: opts.sqpoll,
             iopoll,
@@ -169,17 +206,35 @@ impl Ring {
         self.iopoll
     }
 
-    /// A new completion route.
-    pub fn route(&self) -> Route {
+    /// A new completion route; `None` when 65,536 routes are live on this
+    /// ring.
+    pub fn route(&self) -> Option<Route> {
         let mut routes = self.routes.borrow_mut();
         let queue: Queue = Rc::new(RefCell::new(VecDeque::new()));
-        routes.push(queue.clone());
-        let id = u16::try_from(routes.len() - 1).expect("more than 65536 routes on one ring");
-        Route {
+        let id = match routes.free.pop() {
+            Some(id) => id,
+            None => {
+                let id = u16::try_from(routes.slots.len()).ok()?;
+                routes.slots.push((0, None));
+                id
+            }
+        };
+        let slot = &mut routes.slots[id as usize];
+        slot.0 = slot.0.wrapping_add(1);
+        slot.1 = Some(queue.clone());
+        Some(Route {
             id,
+            gen: slot.0,
             queue,
             queued: self.queued.clone(),
-        }
+            routes: self.routes.clone(),
+        })
+    }
+
+    /// Live routes (for tests and stats).
+    pub fn routes(&self) -> usize {
+        let r = self.routes.borrow();
+        r.slots.len() - r.free.len()
     }
 
     /// The fixed-buffer index for `ptr..ptr+len`, if it lies in the arena.
@@ -189,22 +244,61 @@ impl Ring {
         (p >= base && p + len <= base + size).then_some(0)
     }
 
-    /// Register `fd` in the ring's file table; returns its slot.
+    /// Register `fd` in the ring's file table; returns its slot, or an error
+    /// when the table is full (use the plain descriptor then).
     pub fn register_file(&self, fd: RawFd) -> io::Result<u32> {
         let mut files = self.files.borrow_mut();
         let slot = files
+            .used
             .iter()
             .position(|used| !used)
             .ok_or_else(|| io::Error::other("no free registered-file slot on this ring"))? as u32;
         self.uring.borrow().submitter().register_files_update(slot, &[fd])?;
-        files[slot as usize] = true;
+        files.used[slot as usize] = true;
         Ok(slot)
+    }
+
+    /// Register `fd` once for every channel on this ring that uses it (a
+    /// bdev's file); each call must be paired with
+    /// [`Ring::unregister_shared_file`], and `fd` must stay open until the
+    /// last one.
+    pub fn register_shared_file(&self, fd: RawFd) -> io::Result<u32> {
+        if let Some((slot, users)) = self.files.borrow_mut().shared.get_mut(&fd) {
+            *users += 1;
+            return Ok(*slot);
+        }
+        let slot = self.register_file(fd)?;
+        self.files.borrow_mut().shared.insert(fd, (slot, 1));
+        Ok(slot)
+    }
+
+    /// Release one user of a shared registration of `fd`.
+    pub fn unregister_shared_file(&self, fd: RawFd) {
+        let slot = {
+            let mut files = self.files.borrow_mut();
+            let Some((slot, users)) = files.shared.get_mut(&fd) else {
+                return;
+            };
+            *users -= 1;
+            if *users > 0 {
+                return;
+            }
+            let slot = *slot;
+            files.shared.remove(&fd);
+            slot
+        };
+        self.unregister_file(slot);
+    }
+
+    /// Registered-file slots in use.
+    pub fn files_registered(&self) -> usize {
+        self.files.borrow().used.iter().filter(|u| **u).count()
     }
 
     /// Release a registered-file slot.
     pub fn unregister_file(&self, slot: u32) {
         let _ = self.uring.borrow().submitter().register_files_update(slot, &[-1]);
-        if let Some(s) = self.files.borrow_mut().get_mut(slot as usize) {
+        if let Some(s) = self.files.borrow_mut().used.get_mut(slot as usize) {
             *s = false;
         }
     }
@@ -217,7 +311,8 @@ impl Ring {
     /// completion has been reaped.
     pub unsafe fn push(&self, route: &Route, tag: u64, entry: squeue::Entry) -> bool {
         debug_assert!(tag < 1 << TAG_BITS);
-        let entry = entry.user_data(((route.id as u64) << TAG_BITS) | tag);
+        let ud = ((route.id as u64) << (TAG_BITS + GEN_BITS)) | ((route.gen as u64) << TAG_BITS) | tag;
+        let entry = entry.user_data(ud);
         let mut ring = self.uring.borrow_mut();
         for attempt in 0..2 {
             // SAFETY: the caller guarantees the entry's buffers outlive it.
@@ -280,10 +375,14 @@ impl Ring {
         let mut n = 0;
         for cqe in ring.completion() {
             let ud = cqe.user_data();
-            let route = (ud >> TAG_BITS) as usize;
-            if let Some(q) = routes.get(route) {
-                q.borrow_mut().push_back((ud & ((1 << TAG_BITS) - 1), cqe.result()));
-                self.queued.set(self.queued.get() + 1);
+            let route = (ud >> (TAG_BITS + GEN_BITS)) as usize;
+            let gen = ((ud >> TAG_BITS) & ((1 << GEN_BITS) - 1)) as u16;
+            // A route dropped (or reused) since: nobody waits for this one.
+            if let Some((g, Some(q))) = routes.slots.get(route) {
+                if *g == gen {
+                    q.borrow_mut().push_back((ud & ((1 << TAG_BITS) - 1), cqe.result()));
+                    self.queued.set(self.queued.get() + 1);
+                }
             }
             n += 1;
         }
@@ -323,6 +422,19 @@ impl Ring {
             Err(e) => Err(e),
         }
     }
+}
+
+/// Registered-file slots for a new ring: [`MAX_FILE_SLOTS`], or the file
+/// limit if that is lower.
+fn file_slots() -> u32 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
+    let cur = if ok { lim.rlim_cur } else { 1024 };
+    (cur.min(MAX_FILE_SLOTS as u64) as u32).max(16)
 }
 
 /// A reactor's IOPOLL ring, made on first use by a channel whose file
@@ -371,7 +483,7 @@ mod tests {
             ..RingOpts::default()
         };
         let ring = Ring::new(opts, &pool).unwrap();
-        let route = ring.route();
+        let route = ring.route().unwrap();
         // SAFETY: a NOP refers to no memory.
         assert!(unsafe { ring.push(&route, 1, opcode::Nop::new().build()) });
         ring.note_payload(4096);
@@ -397,5 +509,46 @@ mod tests {
         assert_eq!(wait_for(&ring, &route), None);
         ring.flush().unwrap();
         assert_eq!(wait_for(&ring, &route).map(|c| c.0), Some(3));
+    }
+
+    #[test]
+    fn routes_are_reused_and_a_dropped_routes_late_completions_go_nowhere() {
+        let pool = BufPool::new(1 << 20).unwrap();
+        let ring = Ring::new(RingOpts::default(), &pool).unwrap();
+        // Far more routes over the ring's life than 16 bits can name at once.
+        for _ in 0..70_000 {
+            drop(ring.route().unwrap());
+        }
+        assert_eq!(ring.routes(), 0);
+        let a = ring.route().unwrap();
+        // SAFETY: a NOP refers to no memory.
+        assert!(unsafe { ring.push(&a, 7, opcode::Nop::new().build()) });
+        ring.flush().unwrap();
+        let id = a.id();
+        drop(a);
+        let b = ring.route().unwrap();
+        assert_eq!(b.id(), id, "the slot is reused");
+        assert_eq!(wait_for(&ring, &b), None, "the old route's completion is dropped");
+        assert_eq!(ring.queued(), 0);
+        // SAFETY: as above.
+        assert!(unsafe { ring.push(&b, 8, opcode::Nop::new().build()) });
+        ring.flush().unwrap();
+        assert_eq!(wait_for(&ring, &b).map(|c| c.0), Some(8));
+    }
+
+    #[test]
+    fn a_shared_file_takes_one_slot_and_is_released_by_its_last_user() {
+        let pool = BufPool::new(1 << 20).unwrap();
+        let ring = Ring::new(RingOpts::default(), &pool).unwrap();
+        let f = std::fs::File::open("/dev/null").unwrap();
+        use std::os::fd::AsRawFd;
+        let s1 = ring.register_shared_file(f.as_raw_fd()).unwrap();
+        let s2 = ring.register_shared_file(f.as_raw_fd()).unwrap();
+        assert_eq!(s1, s2);
+        assert_eq!(ring.files_registered(), 1);
+        ring.unregister_shared_file(f.as_raw_fd());
+        assert_eq!(ring.files_registered(), 1);
+        ring.unregister_shared_file(f.as_raw_fd());
+        assert_eq!(ring.files_registered(), 0);
     }
 }

@@ -15,7 +15,7 @@
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -81,7 +81,8 @@ fn device_polls(meta: &std::fs::Metadata) -> bool {
 pub struct UringBdev {
     name: String,
     path: PathBuf,
-    file: File,
+    /// Shared by every channel: each ring registers it once for all of them.
+    file: Arc<File>,
     capacity: u64,
     block_size: u32,
     is_block_device: bool,
@@ -151,7 +152,7 @@ impl UringBdev {
         Ok(UringBdev {
             name: format!("uring:{}", path.display()),
             path: path.to_path_buf(),
-            file,
+            file: Arc::new(file),
             capacity,
             block_size,
             is_block_device,
@@ -190,14 +191,20 @@ impl Bdev for UringBdev {
         self.direct
     }
     fn open_channel(&self, ctx: &ChannelCtx) -> io::Result<Box<dyn Channel>> {
-        // Each channel gets its own descriptor so its registered-file slot
-        // lives and dies with the channel.
-        let file = self.file.try_clone()?;
-        let slot = ctx.ring.register_file(file.as_raw_fd())?;
+        // One registration of the file per ring, shared by its channels
+        // (the channel keeps the file open); a full table means plain
+        // descriptors, never a refused channel.
+        let file = self.file.clone();
+        let fd = file.as_raw_fd();
+        let route = ctx
+            .ring
+            .route()
+            .ok_or_else(|| io::Error::other("65536 channels on this reactor's ring"))?;
+        let slot = ctx.ring.register_shared_file(fd).ok();
         let polled = if self.uses_iopoll() {
             ctx.iopoll.get_or_init(&ctx.pool).and_then(|ring| {
-                let slot = ring.register_file(file.as_raw_fd()).ok()?;
-                let route = ring.route();
+                let route = ring.route()?;
+                let slot = ring.register_shared_file(fd).ok();
                 Some(Polled { ring, route, slot })
             })
         } else {
@@ -205,7 +212,7 @@ impl Bdev for UringBdev {
         };
         Ok(Box::new(UringChannel {
             ring: ctx.ring.clone(),
-            route: ctx.ring.route(),
+            route,
             polled,
             iopoll: self.iopoll.clone(),
             polled_ios: self.polled_ios.clone(),
@@ -238,7 +245,7 @@ struct InFlight {
 struct Polled {
     ring: Rc<Ring>,
     route: Route,
-    slot: u32,
+    slot: Option<u32>,
 }
 
 struct UringChannel {
@@ -250,8 +257,9 @@ struct UringChannel {
     /// Slab entries refused by the IOPOLL ring, waiting to be resubmitted on
     /// the interrupt ring.
     retry: VecDeque<usize>,
-    file: File,
-    slot: u32,
+    file: Arc<File>,
+    /// The file's registered slot on `ring`, if the table had room.
+    slot: Option<u32>,
     is_block_device: bool,
     block_size: u32,
     capacity: u64,
@@ -322,11 +330,11 @@ impl Channel for UringChannel {
             .filter(|_| matches!(f.op, IoOp::Read | IoOp::Write) && !f.fua && self.iopoll.load(Ordering::Relaxed));
         let pushed = match polled {
             // SAFETY: see `entry`; the slab keeps the buffer until reaped.
-            Some(p) => unsafe { p.ring.push(&p.route, idx as u64, entry(&mut f, &p.ring, p.slot)) },
+            Some(p) => unsafe { p.ring.push(&p.route, idx as u64, entry(&mut f, &p.ring, p.slot, self.file.as_raw_fd())) },
             // SAFETY: as above.
             None => unsafe {
                 self.ring
-                    .push(&self.route, idx as u64, entry(&mut f, &self.ring, self.slot))
+                    .push(&self.route, idx as u64, entry(&mut f, &self.ring, self.slot, self.file.as_raw_fd()))
             },
         };
         if pushed && polled.is_none() {
@@ -404,7 +412,7 @@ impl Channel for UringChannel {
             let f = self.slab[idx].as_mut().expect("retry of a live slot");
             // SAFETY: the slab entry keeps the buffer until this new entry's
             // completion is reaped (the polled one has completed).
-            if !unsafe { self.ring.push(&self.route, idx as u64, entry(f, &self.ring, self.slot)) } {
+            if !unsafe { self.ring.push(&self.route, idx as u64, entry(f, &self.ring, self.slot, self.file.as_raw_fd())) } {
                 break; // SQ full: try again on the next poll.
             }
             self.retry.pop_front();
@@ -457,17 +465,21 @@ impl Drop for UringChannel {
             }
         }
         if let Some(p) = &self.polled {
-            p.ring.unregister_file(p.slot);
+            if p.slot.is_some() {
+                p.ring.unregister_shared_file(self.file.as_raw_fd());
+            }
         }
-        self.ring.unregister_file(self.slot);
+        if self.slot.is_some() {
+            self.ring.unregister_shared_file(self.file.as_raw_fd());
+        }
     }
 }
 
-/// The SQE for `f` on `ring`, whose registered-file slot for this file is
-/// `slot`. The entry points into `f.buf`: the caller keeps `f` (in the slab)
-/// until the completion is reaped.
-fn entry(f: &mut InFlight, ring: &Ring, slot: u32) -> io_uring::squeue::Entry {
-    let fd = types::Fixed(slot);
+/// The body of [`entry`] for one kind of file reference (the crate's
+/// file-reference trait is sealed, so this is a macro, not a generic).
+macro_rules! entry_on {
+    ($f:expr, $ring:expr, $fd:expr) => {{
+    let (f, ring, fd) = ($f, $ring, $fd);
     match f.op {
         IoOp::Read => {
             let buf = f.buf.as_mut().expect("validated");
@@ -502,4 +514,17 @@ fn entry(f: &mut InFlight, ring: &Ring, slot: u32) -> io_uring::squeue::Entry {
             .mode(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE)
             .build(),
     }
+    }};
 }
+
+/// The SQE for `f` on `ring`, whose registered-file slot for this file is
+/// `slot` (else the plain descriptor `fd`). The entry points into `f.buf`:
+/// the caller keeps `f` (in the slab) until the completion is reaped.
+fn entry(f: &mut InFlight, ring: &Ring, slot: Option<u32>, fd: RawFd) -> io_uring::squeue::Entry {
+    match slot {
+        Some(s) => entry_on!(f, ring, types::Fixed(s)),
+        None => entry_on!(f, ring, types::Fd(fd)),
+    }
+}
+
+

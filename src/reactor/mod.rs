@@ -383,7 +383,7 @@ fn run(
         new_pollers: Vec::new(),
     };
     let mut pollers: Vec<Box<dyn Poller>> = Vec::new();
-    let waker_route = ring.route();
+    let waker_route = ring.route().expect("a new ring has room for a route");
     // The eventfd read's target must outlive any in-kernel use; it is leaked
     // (8 bytes per reactor) rather than tied to the ring's teardown order.
     let waker_buf: &'static mut u64 = Box::leak(Box::new(0u64));

@@ -58,22 +58,31 @@ pub(super) fn start(ctx: &mut ReactorCtx, sh: Arc<Shared>, fd: OwnedFd, export: 
     if sh.stop.load(Ordering::SeqCst) || export.is_revoked() {
         return; // fd dropped: the client sees the connection close
     }
+    let refuse = |why: String| {
+        crate::daemon::log(&format!(
+            "NBD: connection to export {} refused on reactor {}: {why}",
+            export.name, ctx.id
+        ));
+    };
     let chan = match export.bdev.open_channel(&ctx.chan) {
         Ok(c) => c,
-        Err(_) => return,
+        Err(e) => return refuse(format!("opening its I/O channel: {e}")),
     };
     let Some(mut rbuf) = ctx.chan.pool.alloc(RBUF) else {
-        return;
+        return refuse("no buffer for its requests (the reactor's pool is exhausted)".into());
     };
     rbuf.set_len(RBUF);
     let ring = ctx.chan.ring.clone();
+    let Some(route) = ring.route() else {
+        return refuse("65536 connections on this reactor".into());
+    };
     let fixed = ring.register_file(fd.as_raw_fd()).ok();
     sh.conns.fetch_add(1, Ordering::SeqCst);
     let bs = export.bdev.block_size();
     let cap = export.bdev.capacity();
     let max_payload = sh.max_payload;
     let c = Conn {
-        route: ring.route(),
+        route,
         ring,
         pool: ctx.chan.pool.clone(),
         sock: fd,
