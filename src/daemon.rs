@@ -108,17 +108,29 @@ impl Daemon {
         let kms = Arc::new(Kms::open(cfg.kms.clone()).map_err(|e| format!("KMS ({}): {e}", e.code()))?);
         let db = catalog::open(&dir.join(catalog::CATALOG_FILE)).map_err(|e| format!("{} ({})", e, e.code()))?;
         let pool_path = cfg.pool_path();
-        // Fault injection for crash harnesses (never set in production).
-        let faults = match std::env::var("SEALDISK_FAULTS") {
-            Ok(spec) if !spec.is_empty() => {
-                let f = Faults::parse(&spec).map_err(|e| format!("SEALDISK_FAULTS: {e}"))?;
-                log(&format!(
-                    "SEALDISK_FAULTS={spec}: injecting faults into the pool's metadata thread"
-                ));
-                f
-            }
-            _ => Faults::default(),
+        // Fault injection for crash harnesses (never set in production):
+        // `reactor:panic=Nms` items are the daemon's, the rest the pool's.
+        let spec = std::env::var("SEALDISK_FAULTS").unwrap_or_default();
+        let (reactor_faults, pool_faults): (Vec<&str>, Vec<&str>) = spec
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .partition(|s| s.starts_with("reactor:"));
+        let panic_after = match reactor_faults.as_slice() {
+            [] => None,
+            [one] => Some(
+                one.strip_prefix("reactor:panic=")
+                    .and_then(|v| v.strip_suffix("ms"))
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .map(std::time::Duration::from_millis)
+                    .ok_or_else(|| format!("SEALDISK_FAULTS: {one:?}: expected reactor:panic=Nms"))?,
+            ),
+            _ => return Err("SEALDISK_FAULTS: at most one reactor:panic item".into()),
         };
+        let faults = Faults::parse(&pool_faults.join(",")).map_err(|e| format!("SEALDISK_FAULTS: {e}"))?;
+        if !spec.is_empty() {
+            log(&format!("SEALDISK_FAULTS={spec}: injecting faults"));
+        }
         let pool = Pool::open_with_faults(
             db.clone(),
             &pool_path,
@@ -143,6 +155,13 @@ impl Daemon {
             ));
         }
         let reactors = Arc::new(Reactors::start(&cfg.reactors).map_err(|e| format!("reactors: {e}"))?);
+        if let Some(after) = panic_after {
+            let r = reactors.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(after);
+                let _ = r.send(0, Box::new(|_| panic!("injected by SEALDISK_FAULTS=reactor:panic")));
+            });
+        }
         let exports = Exports::new();
         let control = Arc::new(Control::new(
             db,
@@ -261,9 +280,60 @@ pub fn wait_for_signal() -> i32 {
     }
 }
 
+/// Exit status of a daemon brought down by a panicking data-path thread.
+pub const EXIT_DATA_PATH_PANIC: i32 = 70;
+
+/// A panic on a data-path thread (a reactor or the pool's metadata thread)
+/// takes the whole daemon down at once: a half-alive daemon that answers
+/// RPCs while its disks are unreachable is the worst way to fail. The log
+/// line says which thread and why; the exit status is non-zero so the
+/// supervisor restarts the daemon and recovery runs (as after a kill).
+pub fn exit_on_data_path_panic() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        let name = std::thread::current().name().unwrap_or("").to_string();
+        if name.starts_with("reactor-") || name == "pool-meta" {
+            log(&format!(
+                "{name} panicked ({info}); exiting with status {EXIT_DATA_PATH_PANIC} so a supervisor restarts sealdisk"
+            ));
+            // SAFETY: _exit(2) ends the process at once; nothing runs after it.
+            unsafe { libc::_exit(EXIT_DATA_PATH_PANIC) };
+        }
+    }));
+}
+
+/// Raises the soft open-files limit to the hard one (every NBD connection
+/// takes a descriptor) and returns the limit in force.
+pub fn raise_nofile_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                lim = want;
+            }
+        }
+    }
+    lim.rlim_cur
+}
+
 /// `sealdisk serve`: start, wait for SIGTERM/SIGINT, shut down.
 pub fn run(cfg: DaemonConfig) -> Result<(), String> {
     block_signals();
+    exit_on_data_path_panic();
+    let nofile = raise_nofile_limit();
+    log(&format!("open-files limit {nofile}"));
     let d = Daemon::start(cfg)?;
     let sig = wait_for_signal();
     log(&format!(

@@ -330,11 +330,20 @@ impl Channel for UringChannel {
             .filter(|_| matches!(f.op, IoOp::Read | IoOp::Write) && !f.fua && self.iopoll.load(Ordering::Relaxed));
         let pushed = match polled {
             // SAFETY: see `entry`; the slab keeps the buffer until reaped.
-            Some(p) => unsafe { p.ring.push(&p.route, idx as u64, entry(&mut f, &p.ring, p.slot, self.file.as_raw_fd())) },
+            Some(p) => unsafe {
+                p.ring.push(
+                    &p.route,
+                    idx as u64,
+                    entry(&mut f, &p.ring, p.slot, self.file.as_raw_fd()),
+                )
+            },
             // SAFETY: as above.
             None => unsafe {
-                self.ring
-                    .push(&self.route, idx as u64, entry(&mut f, &self.ring, self.slot, self.file.as_raw_fd()))
+                self.ring.push(
+                    &self.route,
+                    idx as u64,
+                    entry(&mut f, &self.ring, self.slot, self.file.as_raw_fd()),
+                )
             },
         };
         if pushed && polled.is_none() {
@@ -412,7 +421,13 @@ impl Channel for UringChannel {
             let f = self.slab[idx].as_mut().expect("retry of a live slot");
             // SAFETY: the slab entry keeps the buffer until this new entry's
             // completion is reaped (the polled one has completed).
-            if !unsafe { self.ring.push(&self.route, idx as u64, entry(f, &self.ring, self.slot, self.file.as_raw_fd())) } {
+            if !unsafe {
+                self.ring.push(
+                    &self.route,
+                    idx as u64,
+                    entry(f, &self.ring, self.slot, self.file.as_raw_fd()),
+                )
+            } {
                 break; // SQ full: try again on the next poll.
             }
             self.retry.pop_front();
@@ -479,41 +494,41 @@ impl Drop for UringChannel {
 /// file-reference trait is sealed, so this is a macro, not a generic).
 macro_rules! entry_on {
     ($f:expr, $ring:expr, $fd:expr) => {{
-    let (f, ring, fd) = ($f, $ring, $fd);
-    match f.op {
-        IoOp::Read => {
-            let buf = f.buf.as_mut().expect("validated");
-            let (ptr, len) = (buf.as_mut_ptr(), buf.len());
-            match ring.fixed_buf(ptr, len) {
-                Some(i) => opcode::ReadFixed::new(fd, ptr, len as u32, i).offset(f.offset).build(),
-                None => opcode::Read::new(fd, ptr, len as u32).offset(f.offset).build(),
+        let (f, ring, fd) = ($f, $ring, $fd);
+        match f.op {
+            IoOp::Read => {
+                let buf = f.buf.as_mut().expect("validated");
+                let (ptr, len) = (buf.as_mut_ptr(), buf.len());
+                match ring.fixed_buf(ptr, len) {
+                    Some(i) => opcode::ReadFixed::new(fd, ptr, len as u32, i).offset(f.offset).build(),
+                    None => opcode::Read::new(fd, ptr, len as u32).offset(f.offset).build(),
+                }
             }
-        }
-        IoOp::Write => {
-            let buf = f.buf.as_ref().expect("validated");
-            let (ptr, len) = (buf.as_ptr(), buf.len());
-            let flags = if f.fua { libc::RWF_DSYNC } else { 0 };
-            match ring.fixed_buf(ptr, len) {
-                Some(i) => opcode::WriteFixed::new(fd, ptr, len as u32, i)
-                    .offset(f.offset)
-                    .rw_flags(flags)
-                    .build(),
-                None => opcode::Write::new(fd, ptr, len as u32)
-                    .offset(f.offset)
-                    .rw_flags(flags)
-                    .build(),
+            IoOp::Write => {
+                let buf = f.buf.as_ref().expect("validated");
+                let (ptr, len) = (buf.as_ptr(), buf.len());
+                let flags = if f.fua { libc::RWF_DSYNC } else { 0 };
+                match ring.fixed_buf(ptr, len) {
+                    Some(i) => opcode::WriteFixed::new(fd, ptr, len as u32, i)
+                        .offset(f.offset)
+                        .rw_flags(flags)
+                        .build(),
+                    None => opcode::Write::new(fd, ptr, len as u32)
+                        .offset(f.offset)
+                        .rw_flags(flags)
+                        .build(),
+                }
             }
+            IoOp::Flush => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
+            IoOp::Unmap => opcode::Fallocate::new(fd, f.len)
+                .offset(f.offset)
+                .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+                .build(),
+            IoOp::WriteZeroes => opcode::Fallocate::new(fd, f.len)
+                .offset(f.offset)
+                .mode(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE)
+                .build(),
         }
-        IoOp::Flush => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
-        IoOp::Unmap => opcode::Fallocate::new(fd, f.len)
-            .offset(f.offset)
-            .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
-            .build(),
-        IoOp::WriteZeroes => opcode::Fallocate::new(fd, f.len)
-            .offset(f.offset)
-            .mode(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE)
-            .build(),
-    }
     }};
 }
 
@@ -526,5 +541,3 @@ fn entry(f: &mut InFlight, ring: &Ring, slot: Option<u32>, fd: RawFd) -> io_urin
         None => entry_on!(f, ring, types::Fd(fd)),
     }
 }
-
-
