@@ -35,8 +35,12 @@ use crate::iobuf::{BufPool, IoBuf};
 use crate::reactor::{Poll, Poller, ReactorCtx};
 use crate::uring::{Ring, Route};
 
-/// Receive buffer size.
+/// Receive buffer size of a busy connection. A new connection starts with
+/// [`RBUF_START`] (heap memory, not the reactor's pool: an idle connection
+/// must cost little, there may be ten thousand) and grows by four each time
+/// the client fills it.
 const RBUF: usize = 256 << 10;
+const RBUF_START: usize = 16 << 10;
 /// Write payloads from this size on are received straight into their chunk
 /// buffers (a header-sized receive first): one more receive per request
 /// costs less than copying the payload out of `rbuf`.
@@ -68,10 +72,7 @@ pub(super) fn start(ctx: &mut ReactorCtx, sh: Arc<Shared>, fd: OwnedFd, export: 
         Ok(c) => c,
         Err(e) => return refuse(format!("opening its I/O channel: {e}")),
     };
-    let Some(mut rbuf) = ctx.chan.pool.alloc(RBUF) else {
-        return refuse("no buffer for its requests (the reactor's pool is exhausted)".into());
-    };
-    rbuf.set_len(RBUF);
+    let rbuf = vec![0u8; RBUF_START];
     let ring = ctx.chan.ring.clone();
     let Some(route) = ring.route() else {
         return refuse("65536 connections on this reactor".into());
@@ -194,8 +195,9 @@ pub(super) struct Conn {
     block_size: u64,
     capacity: u64,
     max_payload: u32,
-    /// Dropped by hand in `Drop` (leaked if the kernel may still write it).
-    rbuf: ManuallyDrop<IoBuf>,
+    /// Receive buffer. Dropped by hand in `Drop` (leaked if the kernel may
+    /// still write it); grown only while no receive targets it.
+    rbuf: ManuallyDrop<Vec<u8>>,
     rpos: usize,
     rlen: usize,
     rx: Option<RxTarget>,
@@ -587,21 +589,27 @@ impl Conn {
         if self.rpos == self.rlen {
             self.rpos = 0;
             self.rlen = 0;
-        } else if self.rpos > 0 && (self.rlen == RBUF || self.stalled) {
+        } else if self.rpos > 0 && (self.rlen == self.rbuf.len() || self.stalled) {
             // Compact (nothing is in flight into the buffer now).
             self.rbuf.copy_within(self.rpos..self.rlen, 0);
             self.rlen -= self.rpos;
             self.rpos = 0;
         }
-        if self.rlen == RBUF {
-            return; // full of unparsed requests: back-pressure on the client
+        if self.rlen == self.rbuf.len() {
+            if self.rbuf.len() >= RBUF {
+                return; // full of unparsed requests: back-pressure on the client
+            }
+            // A busy client: a larger buffer (no receive targets it now).
+            let mut bigger = vec![0u8; (self.rbuf.len() * 4).min(RBUF)];
+            bigger[..self.rlen].copy_from_slice(&self.rbuf[..self.rlen]);
+            *self.rbuf = bigger;
         }
-        let mut want = RBUF - self.rlen;
+        let mut want = self.rbuf.len() - self.rlen;
         if self.big_writes {
             // Just the rest of the next header (see `big_writes`).
             want = want.min(REQUEST_LEN - (self.rlen - self.rpos).min(REQUEST_LEN - 1));
         }
-        // SAFETY: rlen < RBUF, so the pointer stays in the buffer.
+        // SAFETY: rlen < rbuf.len(), so the pointer stays in the buffer.
         let ptr = unsafe { self.rbuf.as_mut_ptr().add(self.rlen) };
         let e = self.recv_entry(ptr, want as u32);
         if self.push(TAG_RECV, e) {

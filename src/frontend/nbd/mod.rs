@@ -40,7 +40,7 @@ pub const MAX_PAYLOAD: u32 = 32 << 20;
 pub const PREFERRED_BLOCK: u32 = 4096;
 /// How long a client may take over one handshake read or write.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Handshakes running at once; further connections are closed at once.
+/// Handshakes running at once; further clients wait in the listen backlog.
 const MAX_HANDSHAKES: usize = 64;
 /// Option data longer than this ends the handshake (a client that sends
 /// megabytes of option data is not negotiating in good faith).
@@ -244,39 +244,77 @@ fn accept_loop(sh: Arc<Shared>, unix: Option<UnixListener>, tcp: Option<TcpListe
             revents: 0,
         });
     }
+    let mut last_emfile_log: Option<Instant> = None;
     while !sh.stop.load(Ordering::SeqCst) {
+        // Back-pressure: with MAX_HANDSHAKES under way, leave new clients in
+        // the listen backlog (they wait in connect) instead of dropping them.
+        if sh.handshakes.load(Ordering::SeqCst) >= MAX_HANDSHAKES {
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
         // SAFETY: `fds` is a live array of `fds.len()` pollfd structs.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
         if n <= 0 {
             continue;
         }
-        let mut accepted = Vec::new();
-        if let Some(l) = &unix {
-            while let Ok((s, _)) = l.accept() {
-                accepted.push(Stream::Unix(s));
-            }
-        }
-        if let Some(l) = &tcp {
-            while let Ok((s, _)) = l.accept() {
-                let _ = s.set_nodelay(true);
-                accepted.push(Stream::Tcp(s));
-            }
-        }
-        for s in accepted {
-            if sh.handshakes.fetch_add(1, Ordering::SeqCst) >= MAX_HANDSHAKES {
-                sh.handshakes.fetch_sub(1, Ordering::SeqCst);
-                continue; // dropped: closed
-            }
+        let mut out_of_fds = false;
+        while sh.handshakes.load(Ordering::SeqCst) < MAX_HANDSHAKES {
+            let s = match accept_one(unix.as_ref(), tcp.as_ref()) {
+                Ok(Some(s)) => s,
+                Ok(None) => break,
+                Err(e) => {
+                    out_of_fds = matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE));
+                    if out_of_fds && last_emfile_log.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                        crate::daemon::log(&format!(
+                            "NBD: cannot accept connections: {e}; raise the open-files limit (LimitNOFILE)"
+                        ));
+                        last_emfile_log = Some(Instant::now());
+                    }
+                    break;
+                }
+            };
+            sh.handshakes.fetch_add(1, Ordering::SeqCst);
             let sh2 = sh.clone();
             let spawned = std::thread::Builder::new().name("nbd-handshake".into()).spawn(move || {
                 let _ = handshake_and_hand_off(&sh2, s);
                 sh2.handshakes.fetch_sub(1, Ordering::SeqCst);
             });
-            if spawned.is_err() {
+            if let Err(e) = spawned {
                 sh.handshakes.fetch_sub(1, Ordering::SeqCst);
+                crate::daemon::log(&format!("NBD: connection closed: no thread for its handshake: {e}"));
             }
         }
+        if out_of_fds {
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
+}
+
+/// The next waiting client on either listener; `Ok(None)` when none waits.
+fn accept_one(unix: Option<&UnixListener>, tcp: Option<&TcpListener>) -> io::Result<Option<Stream>> {
+    let again = |e: io::Error| -> io::Result<()> {
+        if e.kind() == io::ErrorKind::WouldBlock {
+            Ok(())
+        } else {
+            Err(e)
+        }
+    };
+    if let Some(l) = unix {
+        match l.accept() {
+            Ok((s, _)) => return Ok(Some(Stream::Unix(s))),
+            Err(e) => again(e)?,
+        };
+    }
+    if let Some(l) = tcp {
+        match l.accept() {
+            Ok((s, _)) => {
+                let _ = s.set_nodelay(true);
+                return Ok(Some(Stream::Tcp(s)));
+            }
+            Err(e) => again(e)?,
+        };
+    }
+    Ok(None)
 }
 
 /// Transmission flags for an export.
