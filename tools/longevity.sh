@@ -10,4 +10,4 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 export SEALDISK_LONG_CONNS=${1:-10000}
 export SEALDISK_LONG_CYCLES=${2:-1000000}
 cargo test --release --manifest-path "$ROOT/Cargo.toml" --test longevity -- --nocapture --test-threads 1 2>&1 |
-    tee /dev/stderr | grep -E '^(concurrent|churn):'
+    tee /dev/stderr | grep -oE '(concurrent|churn): .*'

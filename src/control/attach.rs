@@ -127,24 +127,27 @@ impl Control {
         let instance_id = p.str("InstanceId")?;
         let _ = p.opt_bool("DeleteWithInstance")?;
         p.finish()?;
-        let txn = self.begin()?;
-        let d = self.find_disk(&txn, &disk_id, &account)?;
-        let atts = self.check_attach(&txn, &d, &instance_id)?;
+        let check = |txn: &WriteTransaction| {
+            let d = self.find_disk(txn, &disk_id, &account)?;
+            let atts = self.check_attach(txn, &d, &instance_id)?;
+            let first = atts.is_empty() && self.exports.get(&disk_id).is_none();
+            Ok::<_, ControlError>((d, first))
+        };
+        let (d, first) = self.peek(check)?;
         let res = match &d.encryption {
             Some(_) => Some(self.kms_reserve(&d.account, &d.region, 1)?),
             None => None,
         };
-        let first = atts.is_empty() && self.exports.get(&disk_id).is_none();
+        // The KMS call (unwrap, or metering the new use of a shared disk) before the
+        // write transaction.
         let export = if first {
             Some(self.build_export(&d, None, res.as_ref())?)
         } else {
-            if let Some(r) = &res {
-                // Already on the data path (shared disk): the KMS call records the new use.
-                self.kms
-                    .ensure_service_key(&d.account, &d.region, CallOpts::disk(&d.id).reserved(r))?;
-            }
+            self.meter_use(&d, res.as_ref())?;
             None
         };
+        let txn = self.begin()?;
+        check(&txn)?;
         catalog::put(
             &txn,
             &AttachmentRecord {
@@ -173,10 +176,17 @@ impl Control {
         let disk_id = p.str("DiskId")?;
         let instance_id = p.str("InstanceId")?;
         p.finish()?;
+        let check = |txn: &WriteTransaction| {
+            let d = self.find_disk(txn, &disk_id, &account)?;
+            self.find_instance(txn, &instance_id, &account)?;
+            self.attached_to(txn, &d, &instance_id)?;
+            Ok::<_, ControlError>(d)
+        };
+        let d = self.peek(check)?;
+        self.meter_use(&d, None)?;
         let txn = self.begin()?;
-        let d = self.find_disk(&txn, &disk_id, &account)?;
-        self.find_instance(&txn, &instance_id, &account)?;
-        let last = self.detach_in(&txn, &d, &instance_id, None)?;
+        let d = check(&txn)?;
+        let last = self.detach_in(&txn, &d, &instance_id)?;
         txn.commit()?;
         if last {
             self.exports.remove(&disk_id);
@@ -184,16 +194,13 @@ impl Control {
         Ok(json!({ "DiskId": disk_id, "InstanceId": instance_id, "Detached": true }))
     }
 
-    /// Removes one attachment in `txn` (one metered KMS call for encrypted disks);
-    /// `true` if it was the last, so the caller removes the export after committing.
-    pub(super) fn detach_in(
+    /// The disk's attachments, if one of them is to `instance_id`; else an error.
+    fn attached_to(
         &self,
         txn: &WriteTransaction,
         d: &DiskRecord,
         instance_id: &str,
-        res: Option<&Reservation>,
-    ) -> Result<bool, ControlError> {
-        let key = catalog::attachment_key(&d.id, instance_id);
+    ) -> Result<Vec<AttachmentRecord>, ControlError> {
         let atts: Vec<AttachmentRecord> = catalog::list::<AttachmentRecord>(txn)?
             .into_iter()
             .filter(|a| a.disk_id == d.id)
@@ -204,19 +211,20 @@ impl Control {
                 format!("disk {} is not attached to instance {instance_id}", d.id),
             ));
         }
-        if d.encryption.is_some() {
-            let own;
-            let r = match res {
-                Some(r) => r,
-                None => {
-                    own = self.kms_reserve(&d.account, &d.region, 1)?;
-                    &own
-                }
-            };
-            self.kms
-                .ensure_service_key(&d.account, &d.region, CallOpts::disk(&d.id).reserved(r))?;
-        }
-        catalog::remove::<AttachmentRecord>(txn, &key)?;
+        Ok(atts)
+    }
+
+    /// Removes one attachment in `txn` (the caller metered the KMS use first,
+    /// [`Control::meter_use`]); `true` if it was the last, so the caller removes the
+    /// export after committing.
+    pub(super) fn detach_in(
+        &self,
+        txn: &WriteTransaction,
+        d: &DiskRecord,
+        instance_id: &str,
+    ) -> Result<bool, ControlError> {
+        let atts = self.attached_to(txn, d, instance_id)?;
+        catalog::remove::<AttachmentRecord>(txn, &catalog::attachment_key(&d.id, instance_id))?;
         Ok(atts.len() == 1)
     }
 

@@ -264,7 +264,6 @@ impl Control {
     /// an immediate attach.
     pub(super) fn plan_key(
         &self,
-        txn: &WriteTransaction,
         plan: &Plan,
         disk_id: &str,
         res: &Reservation,
@@ -280,7 +279,7 @@ impl Control {
         let opts = CallOpts::disk(disk_id).reserved(res);
         match &plan.lineage {
             Some(enc) => {
-                let row = self.key_record(txn, enc)?;
+                let row = self.peek(|txn| self.key_record(txn, enc))?;
                 let ctx = KeyContext::new(&row.account, &row.region, &row.key_id);
                 let key = self.kms.unwrap_data_key(&ctx, &row.wrapped, opts)?;
                 Ok(KeyPlan {
@@ -313,6 +312,19 @@ impl Control {
                 })
             }
         }
+    }
+
+    /// `first` again, in the transaction that writes: the same plan (operations are
+    /// serialised), or an error if its key lineage changed meanwhile.
+    pub(super) fn replan(&self, txn: &WriteTransaction, spec: DiskSpec, first: &Plan) -> Result<Plan, ControlError> {
+        let plan = self.plan_disk(txn, spec)?;
+        if plan.lineage != first.lineage || plan.encrypted != first.encrypted {
+            return Err(ControlError::state(
+                "IncorrectDiskStatus",
+                "the disk's source changed while its key was being prepared; try again",
+            ));
+        }
+        Ok(plan)
     }
 
     /// Creates the volume and the catalog rows of a planned disk, in `txn`.
@@ -367,8 +379,7 @@ impl Control {
         let account = p.account()?;
         let spec = parse_spec(&mut p, &account, &region, "DiskCategory", None)?;
         p.finish()?;
-        let txn = self.begin()?;
-        let plan = self.plan_disk(&txn, spec)?;
+        let plan = self.peek(|txn| self.plan_disk(txn, spec.clone()))?;
         let disk_id = super::util::new_id("d");
         let res = if plan.encrypted {
             Some(self.kms_reserve(&account, &region, 1)?)
@@ -376,13 +387,15 @@ impl Control {
             None
         };
         let keys = match &res {
-            Some(r) => self.plan_key(&txn, &plan, &disk_id, r, false)?,
+            Some(r) => self.plan_key(&plan, &disk_id, r, false)?,
             None => KeyPlan {
                 enc: None,
                 new_row: None,
                 key: None,
             },
         };
+        let txn = self.begin()?;
+        let plan = self.replan(&txn, spec, &plan)?;
         self.apply_disk(&txn, &plan, &disk_id, &keys)?;
         txn.commit()?;
         Ok(json!({ "DiskId": disk_id, "Encrypted": plan.encrypted }))
@@ -420,51 +433,62 @@ impl Control {
         let region = p.opt_str("RegionId")?;
         let id = p.str("DiskId")?;
         p.finish()?;
+        let check = |txn: &WriteTransaction| {
+            let d = self.find_disk(txn, &id, &account)?;
+            same_region(region.as_deref(), &d.region, "InvalidDiskId.NotFound", &id)?;
+            self.require_detached(txn, &d, "DeleteDisk")?;
+            if let Some(i) = catalog::list::<catalog::InstanceRecord>(txn)?
+                .into_iter()
+                .find(|i| i.system_disk == id)
+            {
+                return Err(ControlError::state(
+                    "IncorrectDiskStatus",
+                    format!(
+                        "disk {id} is the system disk of instance {}; delete the instance instead",
+                        i.id
+                    ),
+                ));
+            }
+            let shred = match &d.encryption {
+                Some(enc) => self.would_shred(txn, enc)?,
+                None => None,
+            };
+            Ok((d, shred))
+        };
+        let (_, shred) = self.peek(check)?;
+        self.audit_shred(shred.as_ref(), &id)?;
         let txn = self.begin()?;
-        let d = self.find_disk(&txn, &id, &account)?;
-        same_region(region.as_deref(), &d.region, "InvalidDiskId.NotFound", &id)?;
-        self.require_detached(&txn, &d, "DeleteDisk")?;
-        if let Some(i) = catalog::list::<catalog::InstanceRecord>(&txn)?
-            .into_iter()
-            .find(|i| i.system_disk == id)
-        {
-            return Err(ControlError::state(
-                "IncorrectDiskStatus",
-                format!(
-                    "disk {id} is the system disk of instance {}; delete the instance instead",
-                    i.id
-                ),
-            ));
-        }
+        let (d, _) = check(&txn)?;
         self.pool.delete_volume(&txn, &id)?;
         catalog::remove::<DiskRecord>(&txn, &id)?;
         let shredded = match &d.encryption {
-            Some(enc) => self.key_unref(&txn, enc, &id)?,
+            Some(enc) => self.key_unref(&txn, enc, shred.is_some())?,
             None => false,
         };
         txn.commit()?;
         Ok(json!({ "DiskId": id, "KeyShredded": shredded }))
     }
 
-    /// Shared by ResetDisk and ReInitDisk: the disk's volume becomes a copy of `from`.
+    /// Shared by ResetDisk and ReInitDisk: `check` finds the disk and the state to go
+    /// back to (volume id, or None for blank); the KMS use is metered outside the write
+    /// transaction; then the disk's volume becomes a copy of that state.
     fn reset_to(
         &self,
-        txn: &WriteTransaction,
-        d: &DiskRecord,
-        from: Option<&str>,
         op: &str,
-    ) -> Result<(), ControlError> {
-        self.require_detached(txn, d, op)?;
-        let res = match &d.encryption {
-            Some(_) => Some(self.kms_reserve(&d.account, &d.region, 1)?),
-            None => None,
-        };
-        if let Some(r) = &res {
-            self.kms
-                .ensure_service_key(&d.account, &d.region, CallOpts::disk(&d.id).reserved(r))?;
-        }
-        self.pool.reset_volume(txn, &d.id, from)?;
-        Ok(())
+        check: impl Fn(&WriteTransaction) -> Result<(DiskRecord, Option<String>), ControlError>,
+    ) -> Result<Option<String>, ControlError> {
+        let (d, _) = self.peek(|txn| {
+            let (d, from) = check(txn)?;
+            self.require_detached(txn, &d, op)?;
+            Ok((d, from))
+        })?;
+        self.meter_use(&d, None)?;
+        let txn = self.begin()?;
+        let (d, from) = check(&txn)?;
+        self.require_detached(&txn, &d, op)?;
+        self.pool.reset_volume(&txn, &d.id, from.as_deref())?;
+        txn.commit()?;
+        Ok(from)
     }
 
     pub(super) fn reset_disk(&self, mut p: Params) -> Result<Value, ControlError> {
@@ -473,22 +497,22 @@ impl Control {
         let id = p.str("DiskId")?;
         let snap_id = p.str("SnapshotId")?;
         p.finish()?;
-        let txn = self.begin()?;
-        let d = self.find_disk(&txn, &id, &account)?;
-        same_region(region.as_deref(), &d.region, "InvalidDiskId.NotFound", &id)?;
-        let s = self.find_snapshot(&txn, &snap_id, &account)?;
-        if s.source_disk != d.id {
-            return Err(ControlError::param(
-                "InvalidParameter.SnapshotNotOfDisk",
-                format!(
-                    "snapshot {snap_id} was taken of disk {}, not {id}; ResetDisk only rolls a disk back to its own \
-                     snapshots (create a new disk from that snapshot instead)",
-                    s.source_disk
-                ),
-            ));
-        }
-        self.reset_to(&txn, &d, Some(&snap_id), "ResetDisk")?;
-        txn.commit()?;
+        self.reset_to("ResetDisk", |txn| {
+            let d = self.find_disk(txn, &id, &account)?;
+            same_region(region.as_deref(), &d.region, "InvalidDiskId.NotFound", &id)?;
+            let s = self.find_snapshot(txn, &snap_id, &account)?;
+            if s.source_disk != d.id {
+                return Err(ControlError::param(
+                    "InvalidParameter.SnapshotNotOfDisk",
+                    format!(
+                        "snapshot {snap_id} was taken of disk {}, not {id}; ResetDisk only rolls a disk back to its \
+                         own snapshots (create a new disk from that snapshot instead)",
+                        s.source_disk
+                    ),
+                ));
+            }
+            Ok((d, Some(snap_id.clone())))
+        })?;
         Ok(json!({ "DiskId": id, "SnapshotId": snap_id }))
     }
 
@@ -497,35 +521,35 @@ impl Control {
         let region = p.opt_str("RegionId")?;
         let id = p.str("DiskId")?;
         p.finish()?;
-        let txn = self.begin()?;
-        let d = self.find_disk(&txn, &id, &account)?;
-        same_region(region.as_deref(), &d.region, "InvalidDiskId.NotFound", &id)?;
-        let from = match (&d.source_snapshot, &d.source_image) {
-            (Some(s), _) => {
-                if catalog::get::<SnapshotRecord>(&txn, s)?.is_none() {
-                    return Err(ControlError::state(
-                        "InvalidOperation.SourceSnapshotDeleted",
-                        format!(
-                            "disk {id} was created from snapshot {s}, which has been deleted, so its initial \
+        let from = self.reset_to("ReInitDisk", |txn| {
+            let d = self.find_disk(txn, &id, &account)?;
+            same_region(region.as_deref(), &d.region, "InvalidDiskId.NotFound", &id)?;
+            let from = match (&d.source_snapshot, &d.source_image) {
+                (Some(s), _) => {
+                    if catalog::get::<SnapshotRecord>(txn, s)?.is_none() {
+                        return Err(ControlError::state(
+                            "InvalidOperation.SourceSnapshotDeleted",
+                            format!(
+                                "disk {id} was created from snapshot {s}, which has been deleted, so its initial \
                              state is gone; use ResetDisk with another of its snapshots"
-                        ),
-                    ));
+                            ),
+                        ));
+                    }
+                    Some(s.clone())
                 }
-                Some(s.clone())
-            }
-            (None, Some(m)) => {
-                if catalog::get::<ImageRecord>(&txn, m)?.is_none() {
-                    return Err(ControlError::state(
-                        "InvalidOperation.SourceImageDeleted",
-                        format!("disk {id} was created from image {m}, which no longer exists"),
-                    ));
+                (None, Some(m)) => {
+                    if catalog::get::<ImageRecord>(txn, m)?.is_none() {
+                        return Err(ControlError::state(
+                            "InvalidOperation.SourceImageDeleted",
+                            format!("disk {id} was created from image {m}, which no longer exists"),
+                        ));
+                    }
+                    Some(m.clone())
                 }
-                Some(m.clone())
-            }
-            (None, None) => None,
-        };
-        self.reset_to(&txn, &d, from.as_deref(), "ReInitDisk")?;
-        txn.commit()?;
+                (None, None) => None,
+            };
+            Ok((d, from))
+        })?;
         Ok(json!({ "DiskId": id, "InitialState": from.unwrap_or_else(|| "blank".into()) }))
     }
 
@@ -543,9 +567,10 @@ impl Control {
         if let Some(n) = &desc {
             check_text("Description", n)?;
         }
+        let d = self.peek(|txn| self.find_disk(txn, &id, &account))?;
+        self.refuse_conversion_or_cmk_change("disk", &id, &d.account, &d.region, &d.encryption, encrypted, cmk)?;
         let txn = self.begin()?;
         let mut d = self.find_disk(&txn, &id, &account)?;
-        self.refuse_conversion_or_cmk_change("disk", &id, &d.account, &d.region, &d.encryption, encrypted, cmk)?;
         if let Some(n) = name {
             d.name = n;
         }

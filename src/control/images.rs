@@ -188,13 +188,23 @@ impl Control {
         let id = p.str("ImageId")?;
         let _force = p.opt_bool("Force")?;
         p.finish()?;
+        let check = |txn: &redb::WriteTransaction| {
+            let m = self.find_image(txn, &id, &account, false)?;
+            same_region(region.as_deref(), &m.region, "InvalidImageId.NotFound", &id)?;
+            let shred = match &m.encryption {
+                Some(enc) => self.would_shred(txn, enc)?,
+                None => None,
+            };
+            Ok((m, shred))
+        };
+        let (_, shred) = self.peek(check)?;
+        self.audit_shred(shred.as_ref(), &id)?;
         let txn = self.begin()?;
-        let m = self.find_image(&txn, &id, &account, false)?;
-        same_region(region.as_deref(), &m.region, "InvalidImageId.NotFound", &id)?;
+        let (m, _) = check(&txn)?;
         self.pool.delete_volume(&txn, &id)?;
         catalog::remove::<ImageRecord>(&txn, &id)?;
         let shredded = match &m.encryption {
-            Some(enc) => self.key_unref(&txn, enc, &id)?,
+            Some(enc) => self.key_unref(&txn, enc, shred.is_some())?,
             None => false,
         };
         txn.commit()?;

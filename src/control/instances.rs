@@ -54,12 +54,14 @@ impl Control {
             sys_spec.size = Some(20 << 30);
         }
 
-        let txn = self.begin()?;
-        let sys_plan = self.plan_disk(&txn, sys_spec)?;
-        let mut plans = Vec::new();
-        for s in data_specs {
-            plans.push(self.plan_disk(&txn, s)?);
-        }
+        let (sys_plan, plans) = self.peek(|txn| {
+            let sys_plan = self.plan_disk(txn, sys_spec.clone())?;
+            let mut plans = Vec::new();
+            for s in &data_specs {
+                plans.push(self.plan_disk(txn, s.clone())?);
+            }
+            Ok((sys_plan, plans))
+        })?;
         // Every limit passed. One KMS call per encrypted data disk (its key is generated
         // or unwrapped once and used for the attach as well): reserve them all first.
         let units = plans.iter().filter(|p| p.encrypted).count() as u32;
@@ -75,15 +77,23 @@ impl Control {
             key: None,
         };
         let sys_id = super::util::new_id("d");
-        let sys_rec = self.apply_disk(&txn, &sys_plan, &sys_id, &none())?;
-        let mut disks: Vec<(DiskRecord, KeyPlan)> = vec![(sys_rec, none())];
+        // The KMS calls, before the write transaction.
+        let mut keyed = Vec::new();
         for plan in &plans {
             let id = super::util::new_id("d");
             let keys = match &res {
-                Some(r) if plan.encrypted => self.plan_key(&txn, plan, &id, r, true)?,
+                Some(r) if plan.encrypted => self.plan_key(plan, &id, r, true)?,
                 _ => none(),
             };
-            let rec = self.apply_disk(&txn, plan, &id, &keys)?;
+            keyed.push((id, keys));
+        }
+        let txn = self.begin()?;
+        let sys_plan = self.replan(&txn, sys_spec, &sys_plan)?;
+        let sys_rec = self.apply_disk(&txn, &sys_plan, &sys_id, &none())?;
+        let mut disks: Vec<(DiskRecord, KeyPlan)> = vec![(sys_rec, none())];
+        for ((id, keys), (spec, first)) in keyed.into_iter().zip(data_specs.into_iter().zip(&plans)) {
+            let plan = self.replan(&txn, spec, first)?;
+            let rec = self.apply_disk(&txn, &plan, &id, &keys)?;
             disks.push((rec, keys));
         }
         let now = super::util::now_rfc3339();
@@ -168,30 +178,43 @@ impl Control {
         let id = p.str("InstanceId")?;
         let _force = p.opt_bool("Force")?;
         p.finish()?;
-        let txn = self.begin()?;
-        let inst = self.find_instance(&txn, &id, &account)?;
-        let atts: Vec<AttachmentRecord> = catalog::list::<AttachmentRecord>(&txn)?
-            .into_iter()
-            .filter(|a| a.instance_id == id)
-            .collect();
-        let mut disks = Vec::new();
-        for a in &atts {
-            disks.push(self.find_disk(&txn, &a.disk_id, &account)?);
-        }
+        let check = |txn: &redb::WriteTransaction| {
+            let inst = self.find_instance(txn, &id, &account)?;
+            let atts: Vec<AttachmentRecord> = catalog::list::<AttachmentRecord>(txn)?
+                .into_iter()
+                .filter(|a| a.instance_id == id)
+                .collect();
+            let mut disks = Vec::new();
+            for a in &atts {
+                disks.push(self.find_disk(txn, &a.disk_id, &account)?);
+            }
+            let sys = self.find_disk(txn, &inst.system_disk, &account)?;
+            let shred = match &sys.encryption {
+                Some(enc) => self.would_shred(txn, enc)?,
+                None => None,
+            };
+            Ok((inst, disks, sys, shred))
+        };
+        let (inst, disks, sys, shred) = self.peek(check)?;
         let units = disks.iter().filter(|d| d.encryption.is_some()).count() as u32;
-        // Fail on quota before the first detach.
+        // Fail on quota before the first detach; the KMS calls before the write transaction.
         let res = if units > 0 {
             Some(self.kms_reserve(&inst.account, &inst.region, units)?)
         } else {
             None
         };
+        for d in &disks {
+            self.meter_use(d, res.as_ref())?;
+        }
+        self.audit_shred(shred.as_ref(), &sys.id)?;
+        let txn = self.begin()?;
+        let (_, disks, sys, _) = check(&txn)?;
         let mut to_unexport = Vec::new();
         for d in &disks {
-            if self.detach_in(&txn, d, &id, res.as_ref())? {
+            if self.detach_in(&txn, d, &id)? {
                 to_unexport.push(d.id.clone());
             }
         }
-        let sys = self.find_disk(&txn, &inst.system_disk, &account)?;
         // The system disk's volume can only go once it is off the data path; put it back
         // if anything fails before the commit.
         let sys_export = self.exports.remove(&sys.id).is_some();
@@ -212,7 +235,7 @@ impl Control {
             return Err(e);
         }
         if let Some(enc) = &sys.encryption {
-            self.key_unref(&txn, enc, &sys.id)?;
+            self.key_unref(&txn, enc, shred.is_some())?;
         }
         catalog::remove::<InstanceRecord>(&txn, &id)?;
         if let Err(e) = txn.commit() {

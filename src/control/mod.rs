@@ -4,6 +4,11 @@
 //! * [`Control`] runs one operation at a time (a mutex), each as one catalog write
 //!   transaction that also carries the pool's volume-map changes: an error aborts the
 //!   transaction and nothing changes.
+//! * The pool's metadata thread (the data path's first writes and copy-on-writes) needs
+//!   the same catalog writer, so nothing slow runs while an operation holds it: an
+//!   operation that calls the KMS (unwrap, generate, metering, audit of a crypto-shred)
+//!   first checks in a transaction it drops ([`Control::peek`]), makes its KMS calls,
+//!   and then checks again and writes in a second one.
 //! * On encrypted disks every operation that calls the KMS first reserves the quota it
 //!   needs ([`Kms::reserve`]), so over quota it fails before changing anything.
 //! * Nothing here ever returns or stores key material: data keys exist in plaintext only
@@ -39,7 +44,7 @@ use serde_json::Value;
 
 use crate::catalog::{self, DiskRecord, Encryption, ImageRecord, InstanceRecord, KeyRecord, SnapshotRecord};
 use crate::export::Exports;
-use crate::kms::{KeyContext, Kms, KmsError, Reservation};
+use crate::kms::{CallOpts, KeyContext, Kms, KmsError, Reservation};
 use crate::reactor::Reactors;
 use crate::volume::Pool;
 
@@ -188,6 +193,51 @@ impl Control {
         Ok(self.db.begin_write()?)
     }
 
+    /// Runs the checks `f` in a write transaction that is dropped (aborted) when it
+    /// returns, so slow work that depends on them (KMS calls, audit fsyncs) runs after,
+    /// with the catalog writer free for the data path. Operations are serialised, so the
+    /// second transaction that writes finds the same state; it checks again all the same.
+    fn peek<T>(&self, f: impl FnOnce(&WriteTransaction) -> Result<T, ControlError>) -> Result<T, ControlError> {
+        let txn = self.begin()?;
+        f(&txn)
+    }
+
+    /// One metered KMS use of an encrypted disk's service key (attaching a shared disk,
+    /// detaching, resetting), from `res` or a reservation of its own. Never inside a
+    /// write transaction. A no-op for unencrypted disks.
+    fn meter_use(&self, d: &DiskRecord, res: Option<&Reservation>) -> Result<(), ControlError> {
+        if d.encryption.is_none() {
+            return Ok(());
+        }
+        let own;
+        let r = match res {
+            Some(r) => r,
+            None => {
+                own = self.kms_reserve(&d.account, &d.region, 1)?;
+                &own
+            }
+        };
+        self.kms
+            .ensure_service_key(&d.account, &d.region, CallOpts::disk(&d.id).reserved(r))?;
+        Ok(())
+    }
+
+    /// If dropping one holder of `enc` will remove its wrapped key (crypto-shred), the
+    /// key's context, to audit before the transaction that removes it.
+    fn would_shred(&self, txn: &WriteTransaction, enc: &Encryption) -> Result<Option<KeyContext>, ControlError> {
+        let k = self.key_record(txn, enc)?;
+        Ok((k.refs <= 1).then(|| KeyContext::new(&k.account, &k.region, &k.key_id)))
+    }
+
+    /// Audits a coming crypto-shred through the KMS (outside any write transaction);
+    /// if the audit fails, the operation stops and nothing changes.
+    fn audit_shred(&self, ctx: Option<&KeyContext>, holder: &str) -> Result<(), ControlError> {
+        if let Some(ctx) = ctx {
+            self.kms.audit_crypto_shred(ctx, Some(holder))?;
+        }
+        Ok(())
+    }
+
     /// KMS activated for (account, region)? Else `Kms.NotActivated`; then reserve `units`.
     fn kms_reserve(&self, account: &str, region: &str, units: u32) -> Result<Reservation, ControlError> {
         if !self.kms.is_activated(account, region) {
@@ -217,15 +267,21 @@ impl Control {
         Ok(())
     }
 
-    /// One holder fewer; the last one removes the wrapped key (crypto-shred), audited
-    /// through the KMS before the transaction commits (if the audit fails, nothing changes).
-    fn key_unref(&self, txn: &WriteTransaction, enc: &Encryption, holder: &str) -> Result<bool, ControlError> {
+    /// One holder fewer; the last one removes the wrapped key (crypto-shred). The caller
+    /// audited the shred before this transaction ([`Control::would_shred`],
+    /// [`Control::audit_shred`]); `audited` says whether it did, and a shred that was not
+    /// audited is refused (nothing changes).
+    fn key_unref(&self, txn: &WriteTransaction, enc: &Encryption, audited: bool) -> Result<bool, ControlError> {
         let mut k = self.key_record(txn, enc)?;
         k.refs = k.refs.saturating_sub(1);
         if k.refs == 0 {
+            if !audited {
+                return Err(ControlError::Catalog(catalog::CatalogError::Corrupt(format!(
+                    "key {} lost its last holder while another one was expected; try again",
+                    k.key_id
+                ))));
+            }
             catalog::remove::<KeyRecord>(txn, &k.key_id)?;
-            let ctx = KeyContext::new(&k.account, &k.region, &k.key_id);
-            self.kms.audit_crypto_shred(&ctx, Some(holder))?;
             Ok(true)
         } else {
             catalog::put(txn, &k)?;

@@ -20,9 +20,12 @@ impl Control {
         p.refuse_kms_key_id()?;
         p.finish()?;
         check_text("SnapshotName", &name)?;
-        let txn = self.begin()?;
-        let d = self.find_disk(&txn, &disk_id, &account)?;
-        same_region(region.as_deref(), &d.region, "InvalidDiskId.NotFound", &disk_id)?;
+        let check = |txn: &redb::WriteTransaction| {
+            let d = self.find_disk(txn, &disk_id, &account)?;
+            same_region(region.as_deref(), &d.region, "InvalidDiskId.NotFound", &disk_id)?;
+            Ok::<DiskRecord, ControlError>(d)
+        };
+        let d = self.peek(check)?;
         if let Some(want) = encrypted {
             if want != d.encryption.is_some() {
                 return Err(ControlError::limit(
@@ -43,6 +46,8 @@ impl Control {
             self.kms
                 .ensure_service_key(&d.account, &d.region, CallOpts::disk(&d.id).reserved(&r))?;
         }
+        let txn = self.begin()?;
+        let d = check(&txn)?;
         let id = super::util::new_id("s");
         self.pool.clone_volume(&txn, &disk_id, &id, d.size)?;
         if let Some(enc) = &d.encryption {
@@ -76,9 +81,10 @@ impl Control {
         if let Some(n) = &name {
             check_text("SnapshotName", n)?;
         }
+        let s = self.peek(|txn| self.find_snapshot(txn, &id, &account))?;
+        self.refuse_conversion_or_cmk_change("snapshot", &id, &s.account, &s.region, &s.encryption, encrypted, cmk)?;
         let txn = self.begin()?;
         let mut s = self.find_snapshot(&txn, &id, &account)?;
-        self.refuse_conversion_or_cmk_change("snapshot", &id, &s.account, &s.region, &s.encryption, encrypted, cmk)?;
         if let Some(n) = name {
             s.name = n;
         }
@@ -93,28 +99,38 @@ impl Control {
         let id = p.str("SnapshotId")?;
         let force = p.opt_bool("Force")?.unwrap_or(false);
         p.finish()?;
+        let check = |txn: &redb::WriteTransaction| {
+            let s = self.find_snapshot(txn, &id, &account)?;
+            same_region(region.as_deref(), &s.region, "InvalidSnapshotId.NotFound", &id)?;
+            let users: Vec<String> = catalog::list::<DiskRecord>(txn)?
+                .into_iter()
+                .filter(|d| d.source_snapshot.as_deref() == Some(id.as_str()))
+                .map(|d| d.id)
+                .collect();
+            if !users.is_empty() && !force {
+                return Err(ControlError::state(
+                    "IncorrectSnapshotStatus.UsedByDisk",
+                    format!(
+                        "snapshot {id} was used to create disk(s) {}; pass Force=true to delete it anyway \
+                         (those disks can then no longer be re-initialized)",
+                        users.join(", ")
+                    ),
+                ));
+            }
+            let shred = match &s.encryption {
+                Some(enc) => self.would_shred(txn, enc)?,
+                None => None,
+            };
+            Ok((s, shred))
+        };
+        let (_, shred) = self.peek(check)?;
+        self.audit_shred(shred.as_ref(), &id)?;
         let txn = self.begin()?;
-        let s = self.find_snapshot(&txn, &id, &account)?;
-        same_region(region.as_deref(), &s.region, "InvalidSnapshotId.NotFound", &id)?;
-        let users: Vec<String> = catalog::list::<DiskRecord>(&txn)?
-            .into_iter()
-            .filter(|d| d.source_snapshot.as_deref() == Some(id.as_str()))
-            .map(|d| d.id)
-            .collect();
-        if !users.is_empty() && !force {
-            return Err(ControlError::state(
-                "IncorrectSnapshotStatus.UsedByDisk",
-                format!(
-                    "snapshot {id} was used to create disk(s) {}; pass Force=true to delete it anyway \
-                     (those disks can then no longer be re-initialized)",
-                    users.join(", ")
-                ),
-            ));
-        }
+        let (s, _) = check(&txn)?;
         self.pool.delete_volume(&txn, &id)?;
         catalog::remove::<SnapshotRecord>(&txn, &id)?;
         let shredded = match &s.encryption {
-            Some(enc) => self.key_unref(&txn, enc, &id)?,
+            Some(enc) => self.key_unref(&txn, enc, shred.is_some())?,
             None => false,
         };
         txn.commit()?;
