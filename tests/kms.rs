@@ -1509,3 +1509,166 @@ fn key_scanner_finds_planted_keys() {
     fs::write(clean.path().join("f"), b"nothing to see").unwrap();
     assert_no_key_bytes(clean.path(), &[("planted", key)]);
 }
+
+/// A TCP proxy in front of the KMS that holds every client→server chunk for `delay`
+/// (while it is non-zero): a KMS that answers slowly.
+struct SlowProxy {
+    addr: String,
+    delay_ms: Arc<AtomicU64>,
+    /// Chunks held so far.
+    held: Arc<AtomicU64>,
+}
+
+impl SlowProxy {
+    fn start(upstream: &str) -> SlowProxy {
+        let up = upstream.trim_start_matches("http://").to_string();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = format!("http://{}", l.local_addr().unwrap());
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let held = Arc::new(AtomicU64::new(0));
+        let (d, h) = (delay_ms.clone(), held.clone());
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(mut client) = c else { return };
+                let Ok(mut server) = std::net::TcpStream::connect(&up) else {
+                    continue;
+                };
+                let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (d, h) = (d.clone(), h.clone());
+                std::thread::spawn(move || {
+                    let mut b = vec![0u8; 64 << 10];
+                    use std::io::Read;
+                    while let Ok(n) = client.read(&mut b) {
+                        if n == 0 {
+                            break;
+                        }
+                        let ms = d.load(Ordering::SeqCst);
+                        if ms > 0 {
+                            h.fetch_add(1, Ordering::SeqCst);
+                            std::thread::sleep(Duration::from_millis(ms));
+                        }
+                        if server.write_all(&b[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = server.shutdown(std::net::Shutdown::Write);
+                });
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut s2, &mut c2);
+                    let _ = c2.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        SlowProxy { addr, delay_ms, held }
+    }
+}
+
+/// While an AttachDisk waits on a slow KMS (transit behind a proxy that holds each
+/// request for 3 s), first writes into fresh clusters of another attached disk (the
+/// metadata thread, which needs the catalog writer) complete before that AttachDisk
+/// returns: no KMS call runs while the catalog write transaction is held.
+#[test]
+fn a_slow_kms_does_not_delay_first_writes_to_another_disk() {
+    use sealdisk::bdev::IoRequest;
+    use sealdisk::control::{Control, ControlConfig, QosConfig};
+    use sealdisk::reactor::{ReactorConfig, Reactors};
+    let bao = BaoServer::start();
+    let proxy = SlowProxy::start(&bao.addr);
+    let data = TempDir::new("slowkms");
+    let kms = Arc::new(
+        Kms::open(KmsConfig::transit(
+            data.path(),
+            TransitConfig::new(proxy.addr.clone(), bao.token.clone()),
+        ))
+        .unwrap(),
+    );
+    let db = sealdisk::catalog::open(&data.path().join(sealdisk::catalog::CATALOG_FILE)).unwrap();
+    let pool = sealdisk::volume::Pool::open(db.clone(), &data.path().join("pool.img"), 64 << 20).unwrap();
+    let reactors = Arc::new(
+        Reactors::start(&ReactorConfig {
+            cores: vec![0],
+            pool_bytes: 16 << 20,
+            ..ReactorConfig::default()
+        })
+        .unwrap(),
+    );
+    let ctl = Arc::new(Control::new(
+        db,
+        pool,
+        kms,
+        sealdisk::export::Exports::new(),
+        Some(reactors.clone()),
+        ControlConfig {
+            data_dir: data.path().to_owned(),
+            qos: QosConfig::default(),
+        },
+    ));
+    let call = |m: &str, p: serde_json::Value| {
+        let mut p = p;
+        p["RegionId"] = REG.into();
+        p["AccountId"] = ACC.into();
+        ctl.call(m, p).unwrap_or_else(|e| panic!("{m}: {e}"))
+    };
+    call("ActivateKms", serde_json::json!({}));
+    let inst = call("CreateInstance", serde_json::json!({"SystemDisk.SizeBytes": 4 << 20}));
+    let iid = inst["InstanceId"].as_str().unwrap().to_owned();
+    let disk = |call: &dyn Fn(&str, serde_json::Value) -> serde_json::Value| {
+        let v = call(
+            "CreateDisk",
+            serde_json::json!({"SizeBytes": 16 << 20, "Encrypted": true, "MultiAttach": false}),
+        );
+        v["DiskId"].as_str().unwrap().to_owned()
+    };
+    let (a, b) = (disk(&call), disk(&call));
+    call("AttachDisk", serde_json::json!({"DiskId": a, "InstanceId": iid}));
+    let a_bdev = ctl.exports().get(&a).unwrap().bdev;
+
+    // The KMS turns slow; B's attach waits on it in another thread.
+    proxy.delay_ms.store(3000, Ordering::SeqCst);
+    let attach = {
+        let (ctl, b, iid) = (ctl.clone(), b.clone(), iid.clone());
+        std::thread::spawn(move || {
+            ctl.call(
+                "AttachDisk",
+                serde_json::json!({"RegionId": REG, "AccountId": ACC, "DiskId": b, "InstanceId": iid}),
+            )
+        })
+    };
+    let t = Instant::now();
+    while proxy.held.load(Ordering::SeqCst) == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the attach never reached the KMS"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // First writes into fresh clusters of A: the slow path, through the catalog writer.
+    for c in 0..4u64 {
+        let bdev = a_bdev.clone();
+        let res = reactors
+            .call(0, Duration::from_secs(30), move |ctx| {
+                let mut ch = bdev.open_channel(&ctx.chan).unwrap();
+                let mut buf = ctx.chan.pool.alloc(4096).unwrap();
+                buf.set_len(4096);
+                buf.fill(0x5a);
+                ch.submit(IoRequest::write(c * (256 << 10), buf, 1)).unwrap();
+                let mut out = Vec::new();
+                loop {
+                    ch.poll(&mut out);
+                    if let Some(done) = out.pop() {
+                        return done.result;
+                    }
+                    std::thread::yield_now();
+                }
+            })
+            .unwrap();
+        assert!(res.is_ok(), "{res:?}");
+    }
+    assert!(
+        !attach.is_finished(),
+        "the first writes waited for the AttachDisk that waits on the KMS"
+    );
+    proxy.delay_ms.store(0, Ordering::SeqCst);
+    attach.join().unwrap().unwrap();
+    assert!(ctl.exports().get(&b).is_some());
+}
