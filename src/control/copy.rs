@@ -27,19 +27,19 @@ use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use super::job::{run_job, JobError, Op};
 use super::params::{check_text, MAX_SIZE_GIB};
 use super::{same_region, Control, ControlError, Params, ENCRYPTION_SECTOR};
 use crate::bdev::crypto::{CryptoBdev, BOUNCE_CHUNK};
-use crate::bdev::{BdevRef, Channel, IoCompletion, IoError, IoRequest};
+use crate::bdev::{BdevRef, IoError};
 use crate::catalog::{self, Category, DiskKind, DiskRecord, DiskRole, Encryption, KeyRecord};
 use crate::kms::{CallOpts, KeyContext};
-use crate::reactor::{Poll, Poller, ReactorCtx, Reactors};
+use crate::reactor::Reactors;
 use crate::volume::VolumeError;
 
 /// Zero-detection and allocation unit.
@@ -50,10 +50,6 @@ const BATCH: u64 = 4 << 20;
 const PIECE: u64 = BOUNCE_CHUNK as u64;
 /// Largest single read from a source disk.
 const READ_PIECE: u64 = 256 << 10;
-/// Requests in flight per batch.
-const QUEUE_DEPTH: usize = 32;
-/// A batch that takes longer than this fails the copy.
-const BATCH_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Where the data comes from.
 enum Source {
@@ -415,6 +411,16 @@ fn nonzero_runs(data: &[u8], max: usize) -> Vec<(usize, usize)> {
     out
 }
 
+fn io_error(e: JobError, what: &str) -> ControlError {
+    match e {
+        JobError::Io(IoError::Device { errno }) if errno == libc::ENOSPC => {
+            ControlError::Volume(VolumeError::PoolFull { needed: BLOCK, free: 0 })
+        }
+        JobError::Io(e) => ControlError::Volume(VolumeError::Io(format!("{what}: {e}"))),
+        JobError::Other(e) => ControlError::DataPath(format!("{what}: {e}")),
+    }
+}
+
 /// Reads `len` bytes at `off` from a file (zeros past its end).
 fn read_file(f: &File, off: u64, len: u64) -> std::io::Result<Vec<u8>> {
     let mut buf = vec![0u8; len as usize];
@@ -443,196 +449,6 @@ fn read_ops(off: u64, len: u64) -> Vec<Op> {
         pos += n;
     }
     ops
-}
-
-/// Why an I/O job failed.
-#[derive(Debug)]
-enum JobError {
-    Io(IoError),
-    Other(String),
-}
-
-fn io_error(e: JobError, what: &str) -> ControlError {
-    match e {
-        JobError::Io(IoError::Device { errno }) if errno == libc::ENOSPC => {
-            ControlError::Volume(VolumeError::PoolFull { needed: BLOCK, free: 0 })
-        }
-        JobError::Io(e) => ControlError::Volume(VolumeError::Io(format!("{what}: {e}"))),
-        JobError::Other(e) => ControlError::DataPath(format!("{what}: {e}")),
-    }
-}
-
-/// One request of a job; `at..at+len` is its place in the job's buffer.
-#[derive(Debug, Clone, Copy)]
-enum Op {
-    Read { offset: u64, at: usize, len: usize },
-    Write { offset: u64, at: usize, len: usize },
-    Flush,
-}
-
-impl Op {
-    fn len(&self) -> u64 {
-        match self {
-            Op::Read { len, .. } | Op::Write { len, .. } => *len as u64,
-            Op::Flush => 0,
-        }
-    }
-}
-
-/// Runs `ops` against `bdev` as a poller on a reactor (never blocking it), up to
-/// [`QUEUE_DEPTH`] at a time; writes take their bytes from `data`, reads fill it.
-/// Returns `data`.
-fn run_job(reactors: &Reactors, bdev: &BdevRef, ops: Vec<Op>, data: Vec<u8>) -> Result<Vec<u8>, JobError> {
-    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let r = NEXT.fetch_add(1, Ordering::Relaxed) % reactors.len().max(1);
-    let (tx, rx) = mpsc::sync_channel(1);
-    let cancel = Arc::new(AtomicBool::new(false));
-    let (b, c) = (bdev.clone(), cancel.clone());
-    reactors
-        .call(r, Duration::from_secs(10), move |ctx: &mut ReactorCtx| {
-            ctx.add_poller(Box::new(Job {
-                bdev: b,
-                ch: None,
-                ops,
-                next: 0,
-                inflight: 0,
-                pending: None,
-                data,
-                err: None,
-                cancel: c,
-                reply: Some(tx),
-                done: Vec::new(),
-            }))
-        })
-        .map_err(JobError::Other)?;
-    match rx.recv_timeout(BATCH_TIMEOUT) {
-        Ok(r) => r,
-        Err(_) => {
-            cancel.store(true, Ordering::Release);
-            // Let the poller drain and drop its channel before the caller cleans up.
-            let _ = rx.recv_timeout(Duration::from_secs(10));
-            Err(JobError::Other(format!(
-                "I/O did not complete within {BATCH_TIMEOUT:?}"
-            )))
-        }
-    }
-}
-
-struct Job {
-    bdev: BdevRef,
-    ch: Option<Box<dyn Channel>>,
-    ops: Vec<Op>,
-    next: usize,
-    inflight: usize,
-    /// A request the channel handed back (back-pressure), to submit again.
-    pending: Option<IoRequest>,
-    data: Vec<u8>,
-    err: Option<JobError>,
-    cancel: Arc<AtomicBool>,
-    reply: Option<mpsc::SyncSender<Result<Vec<u8>, JobError>>>,
-    done: Vec<IoCompletion>,
-}
-
-impl Job {
-    fn request(&self, ctx: &ReactorCtx, i: usize) -> Option<IoRequest> {
-        Some(match self.ops[i] {
-            Op::Read { offset, len, .. } => {
-                let mut b = ctx.chan.pool.alloc(len)?;
-                b.set_len(len);
-                IoRequest::read(offset, b, i as u64)
-            }
-            Op::Write { offset, at, len } => {
-                let mut b = ctx.chan.pool.alloc(len)?;
-                b.set_len(len);
-                b.copy_from_slice(&self.data[at..at + len]);
-                IoRequest::write(offset, b, i as u64)
-            }
-            Op::Flush => IoRequest::flush(i as u64),
-        })
-    }
-
-    fn finish(&mut self) -> Poll {
-        self.ch = None;
-        let res = match self.err.take() {
-            Some(e) => Err(e),
-            None => Ok(std::mem::take(&mut self.data)),
-        };
-        if let Some(tx) = self.reply.take() {
-            let _ = tx.send(res);
-        }
-        Poll::Done
-    }
-}
-
-impl Poller for Job {
-    fn poll(&mut self, ctx: &ReactorCtx) -> Poll {
-        let mut ch = match self.ch.take() {
-            Some(c) => c,
-            None => match self.bdev.open_channel(&ctx.chan) {
-                Ok(c) => c,
-                Err(e) => {
-                    self.err = Some(JobError::Other(format!("opening a channel: {e}")));
-                    return self.finish();
-                }
-            },
-        };
-        let mut work = 0;
-        ch.poll(&mut self.done);
-        for c in std::mem::take(&mut self.done) {
-            work += 1;
-            self.inflight -= 1;
-            match (c.result, self.ops.get(c.tag as usize)) {
-                (Err(e), _) => {
-                    self.err.get_or_insert(JobError::Io(e));
-                }
-                (Ok(()), Some(&Op::Read { at, len, .. })) => match &c.buf {
-                    Some(b) if b.len() >= len => self.data[at..at + len].copy_from_slice(&b[..len]),
-                    _ => {
-                        self.err
-                            .get_or_insert(JobError::Other("a read returned no data".into()));
-                    }
-                },
-                (Ok(()), _) => {}
-            }
-        }
-        if self.cancel.load(Ordering::Acquire) && self.err.is_none() {
-            self.err = Some(JobError::Other("cancelled".into()));
-        }
-        while self.err.is_none() && self.inflight < QUEUE_DEPTH {
-            let req = match self.pending.take() {
-                Some(r) => r,
-                None if self.next < self.ops.len() => match self.request(ctx, self.next) {
-                    Some(r) => {
-                        self.next += 1;
-                        r
-                    }
-                    None => break, // no buffer free: back-pressure, retry on the next poll
-                },
-                None => break,
-            };
-            match ch.submit(req) {
-                Ok(()) => {
-                    self.inflight += 1;
-                    work += 1;
-                }
-                Err(r) => {
-                    self.pending = Some(r);
-                    break;
-                }
-            }
-        }
-        self.ch = Some(ch);
-        let all_sent = self.next == self.ops.len() && self.pending.is_none();
-        if self.inflight == 0 && (self.err.is_some() || all_sent) {
-            self.pending = None;
-            return self.finish();
-        }
-        if work > 0 {
-            Poll::Busy(work)
-        } else {
-            Poll::Idle
-        }
-    }
 }
 
 #[cfg(test)]

@@ -26,6 +26,7 @@ mod disks;
 pub mod error;
 mod images;
 mod instances;
+mod job;
 mod kms_ops;
 pub mod params;
 pub mod qos;

@@ -521,6 +521,27 @@ impl Pool {
         Ok(n * self.cluster)
     }
 
+    /// Byte ranges `(offset, len)` of `id` that map pool clusters, in order and
+    /// merged, each at most `max` bytes; the rest of the volume reads as zeros. For a
+    /// volume no one writes (a snapshot, a clone made for a copy), this is where its
+    /// data is.
+    pub fn allocated_ranges(&self, id: &str, max: u64) -> Result<Vec<(u64, u64)>, VolumeError> {
+        let size = self.volume_size(id)?.ok_or_else(|| VolumeError::NotFound(id.into()))?;
+        let r = self.db.begin_read().map_err(db_err)?;
+        let t = r.open_table(VOL_MAP).map_err(db_err)?;
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for e in t.range((id, 0u64)..=(id, u64::MAX)).map_err(db_err)? {
+            let c = e.map_err(db_err)?.0.value().1;
+            let off = c * self.cluster;
+            let len = self.cluster.min(size.saturating_sub(off));
+            match out.last_mut() {
+                Some(last) if last.0 + last.1 == off && last.1 + len <= max => last.1 += len,
+                _ => out.push((off, len)),
+            }
+        }
+        Ok(out)
+    }
+
     /// A block device over the volume (block size 512) for the data path.
     /// While any returned bdev lives, the volume counts as attached.
     pub fn bdev(self: &Arc<Self>, id: &str) -> Result<BdevRef, VolumeError> {
