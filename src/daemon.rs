@@ -163,7 +163,7 @@ impl Daemon {
             });
         }
         let exports = Exports::new();
-        let control = Arc::new(Control::new(
+        let control = Control::new(
             db,
             pool,
             kms,
@@ -173,7 +173,7 @@ impl Daemon {
                 data_dir: dir.clone(),
                 qos: cfg.qos,
             },
-        ));
+        );
         let (restored, failed) = control.restore_attachments().map_err(|e| e.to_string())?;
         if !restored.is_empty() {
             log(&format!(
@@ -238,6 +238,13 @@ impl Daemon {
 
     /// Clean shutdown: RPC off, every export removed (keys wiped), reactors stopped.
     pub fn shutdown(mut self) {
+        // Background tasks first (a copy stops between batches and cleans up).
+        let left = self.control.cancel_tasks(std::time::Duration::from_secs(3));
+        if left > 0 {
+            log(&format!(
+                "{left} background task(s) did not stop in 3 s; the next start removes what they made"
+            ));
+        }
         if let Some(n) = self.nbd.take() {
             n.shutdown();
         }

@@ -45,7 +45,7 @@ impl Drop for TempDir {
 }
 
 struct Env {
-    ctl: Control,
+    ctl: std::sync::Arc<Control>,
     reactors: Arc<Reactors>,
     dir: TempDir,
 }
@@ -76,11 +76,21 @@ impl Env {
         Env { ctl, reactors, dir }
     }
     fn ok(&self, m: &str, p: Value) -> Value {
-        self.ctl.call(m, p).unwrap_or_else(|e| panic!("{m}: {} {e}", e.code()))
+        let account = p["AccountId"].clone();
+        let v = self.ctl.call(m, p).unwrap_or_else(|e| panic!("{m}: {} {e}", e.code()));
+        common::wait_task(v, |q| self.describe_tasks(&account, q)).unwrap_or_else(|(c, e)| panic!("{m}: {c} {e}"))
+    }
+    fn describe_tasks(&self, account: &Value, mut q: Value) -> Value {
+        q["AccountId"] = account.clone();
+        self.ctl.call("DescribeTasks", q).unwrap()
     }
     fn err(&self, m: &str, p: Value) -> ControlError {
+        let account = p["AccountId"].clone();
         match self.ctl.call(m, p) {
-            Ok(v) => panic!("{m} should have failed, got {v}"),
+            Ok(v) => match common::wait_task(v, |q| self.describe_tasks(&account, q)) {
+                Ok(v) => panic!("{m} should have failed, got {v}"),
+                Err((code, msg)) => ControlError::state(Box::leak(code.into_boxed_str()), msg),
+            },
             Err(e) => e,
         }
     }
@@ -238,7 +248,7 @@ fn copy_of_a_detached_plaintext_disk_reads_the_same_and_is_ciphertext_in_the_poo
     );
     let new = r["DiskId"].as_str().unwrap().to_owned();
     assert_eq!(r["Encrypted"], true);
-    assert_eq!(r["CopyMode"], "direct");
+    assert_eq!(r["CopyMode"], "snapshot");
     assert_eq!(r["SizeBytes"], size);
     let copied = r["BytesCopied"].as_u64().unwrap();
     assert_eq!(copied, (nonzero_blocks(&data) * BLK) as u64);

@@ -44,7 +44,7 @@ fn rand_hex() -> String {
 }
 
 struct Env {
-    ctl: Control,
+    ctl: std::sync::Arc<Control>,
     reactors: Arc<Reactors>,
     dir: TempDir,
     replies: std::cell::RefCell<Vec<String>>,
@@ -89,7 +89,13 @@ impl Env {
         r
     }
     fn ok(&self, m: &str, p: Value) -> Value {
-        self.call(m, p).unwrap_or_else(|e| panic!("{m}: {} {e}", e.code()))
+        let account = p["AccountId"].clone();
+        let v = self.call(m, p).unwrap_or_else(|e| panic!("{m}: {} {e}", e.code()));
+        common::wait_task(v, |mut q| {
+            q["AccountId"] = account.clone();
+            self.ctl.call("DescribeTasks", q).unwrap()
+        })
+        .unwrap_or_else(|(c, e)| panic!("{m}: {c} {e}"))
     }
     fn err(&self, m: &str, p: Value) -> String {
         match self.call(m, p) {

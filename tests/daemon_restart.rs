@@ -93,7 +93,7 @@ fn stop(mut d: Daemon) -> String {
 }
 
 /// The daemon's parts in this process (the daemon must not be running).
-fn open_in_process(dir: &Path, reactors: &Arc<sealdisk::reactor::Reactors>) -> Control {
+fn open_in_process(dir: &Path, reactors: &Arc<sealdisk::reactor::Reactors>) -> Arc<Control> {
     let kms = Arc::new(Kms::open(KmsConfig::local(dir)).unwrap());
     let db = catalog::open(&dir.join(catalog::CATALOG_FILE)).unwrap();
     let pool = Pool::open(db.clone(), &dir.join("pool.img"), 64 * MIB).unwrap();
@@ -466,29 +466,29 @@ fn sigkill_during_create_encrypted_copy_leaves_nothing_half_made() {
     let pool = d.join("pool.img");
     let used = |p: &Path| std::fs::metadata(p).unwrap().blocks() * 512;
     let before = used(&pool);
-    let copier = {
-        let sock = sock.clone();
-        let img = img.clone();
-        std::thread::spawn(move || {
-            let mut c = Client::connect(&sock).unwrap();
-            c.call(
-                "CreateEncryptedCopy",
-                json!({"RegionId": R, "AccountId": A, "SourcePath": img.to_str().unwrap()}),
-            )
-        })
-    };
+    let task = c
+        .call(
+            "CreateEncryptedCopy",
+            json!({"RegionId": R, "AccountId": A, "SourcePath": img.to_str().unwrap()}),
+        )
+        .unwrap();
+    let tid = task["TaskId"].as_str().expect("a background task").to_owned();
     // Kill once the copy has written some of its data into the pool.
     let t = Instant::now();
     while used(&pool) < before + 8 * MIB {
-        assert!(!copier.is_finished(), "the copy finished before it could be killed");
+        let v = c
+            .call("DescribeTasks", json!({"AccountId": A, "TaskIds": [tid]}))
+            .unwrap();
+        assert_eq!(
+            v["TaskSet"]["Task"][0]["TaskStatus"], "Processing",
+            "the copy ended before it could be killed: {v}"
+        );
         assert!(t.elapsed() < Duration::from_secs(60), "the copy wrote nothing");
         std::thread::sleep(Duration::from_millis(2));
     }
     let mut child = dm.child;
     child.kill().unwrap();
     child.wait().unwrap();
-    let res = copier.join().unwrap();
-    assert!(res.is_err(), "the copy returned although the daemon was killed mid-copy: {res:?}");
     drop(c);
 
     let dm = start_with(d, logs.0.join("2.log"), "256M");
@@ -503,6 +503,11 @@ fn sigkill_during_create_encrypted_copy_leaves_nothing_half_made() {
             json!({"RegionId": R, "AccountId": A, "SourcePath": img.to_str().unwrap()}),
         )
         .unwrap();
+    let v = common::wait_task(v, |mut q| {
+        q["AccountId"] = A.into();
+        c.call("DescribeTasks", q).unwrap()
+    })
+    .unwrap();
     assert_eq!(v["BytesCopied"], 96 * MIB, "{v}");
     let chk = c.call("CheckPool", json!({})).unwrap();
     assert_eq!(chk["Consistent"], true, "{chk}");

@@ -1592,7 +1592,7 @@ fn a_slow_kms_does_not_delay_first_writes_to_another_disk() {
         })
         .unwrap(),
     );
-    let ctl = Arc::new(Control::new(
+    let ctl = Control::new(
         db,
         pool,
         kms,
@@ -1602,7 +1602,7 @@ fn a_slow_kms_does_not_delay_first_writes_to_another_disk() {
             data_dir: data.path().to_owned(),
             qos: QosConfig::default(),
         },
-    ));
+    );
     let call = |m: &str, p: serde_json::Value| {
         let mut p = p;
         p["RegionId"] = REG.into();

@@ -16,7 +16,7 @@ use std::process::ExitCode;
 use clap::{Arg, ArgAction, ArgMatches, Command};
 use serde_json::{Map, Value};
 
-use crate::control::client::Client;
+use crate::control::client::{Client, RpcError};
 use crate::control::METHODS;
 
 /// `CreateDisk` → `create-disk`.
@@ -68,6 +68,8 @@ fn about(method: &str) -> &'static str {
         "DeleteImage" => "Delete an image",
         "CheckPool" => "Check the pool against the catalog (online)",
         "DescribeReactors" => "Each reactor's core, busy/idle time, I/Os, bytes, queue-full events",
+        "DescribeTasks" => "Background tasks (CreateEncryptedCopy, ExportImage): state, bytes done, rate",
+        "CancelTask" => "Stop a background task (TaskId); it removes what it had made",
         _ => "",
     }
 }
@@ -198,7 +200,8 @@ fn call_and_print(m: &ArgMatches, method: &str, params: Value) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(&e.code, &e.message, 2),
     };
-    match c.call(method, params) {
+    let account = params.get("AccountId").cloned();
+    match c.call(method, params).and_then(|v| wait_for_task(&mut c, account, v)) {
         Ok(v) => {
             if m.get_flag("json") {
                 println!("{}", serde_json::to_string_pretty(&v).expect("json"));
@@ -214,6 +217,50 @@ fn call_and_print(m: &ArgMatches, method: &str, params: Value) -> ExitCode {
                 println!("{}", serde_json::to_string_pretty(&err).expect("json"));
             }
             fail(&e.code, &e.message, 1)
+        }
+    }
+}
+
+/// A reply naming a background task: show its progress on stderr until it ends, and
+/// return its result (or its error). Other replies come back as they are.
+fn wait_for_task(c: &mut Client, account: Option<Value>, v: Value) -> Result<Value, RpcError> {
+    let Some(id) = v.get("TaskId").and_then(Value::as_str).map(str::to_owned) else {
+        return Ok(v);
+    };
+    let mut last = std::time::Instant::now();
+    loop {
+        let mut q = serde_json::json!({ "TaskIds": [id] });
+        if let Some(a) = &account {
+            q["AccountId"] = a.clone();
+        }
+        let d = c.call("DescribeTasks", q)?;
+        let t = &d["TaskSet"]["Task"][0];
+        let mib = |k: &str| t[k].as_u64().unwrap_or(0) as f64 / (1u64 << 20) as f64;
+        match t["TaskStatus"].as_str() {
+            Some("Finished") => return Ok(t["Result"].clone()),
+            Some("Processing") => {
+                if last.elapsed() >= std::time::Duration::from_secs(1) {
+                    eprintln!(
+                        "task {id}: {:.1} of {:.1} MiB, {:.1} MiB/s",
+                        mib("BytesDone"),
+                        mib("BytesTotal"),
+                        mib("RateBytesPerSec")
+                    );
+                    last = std::time::Instant::now();
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            _ => {
+                return Err(RpcError {
+                    rpc_code: -32000,
+                    code: t["Error"]["Code"].as_str().unwrap_or("OperationCancelled").to_owned(),
+                    message: t["Error"]["Message"]
+                        .as_str()
+                        .unwrap_or("the task was cancelled")
+                        .to_owned(),
+                    data: t.clone(),
+                })
+            }
         }
     }
 }

@@ -9,19 +9,23 @@
 //!    encrypted, a readable file or block device outside the data directory), the size,
 //!    KMS activation and one unit of KMS quota (reserved). A refusal changes nothing.
 //! 2. A new data key from the KMS (`GenerateDataKey`, audited, metered like CreateDisk).
-//! 3. One transaction creates the new (empty, thin) volume and, for an attached source,
-//!    a temporary copy-on-write clone of it (a point-in-time snapshot, so the copy is
-//!    crash-consistent while the VM keeps writing). No catalog row yet: a half-made
-//!    disk is never visible, and its key is stored nowhere.
-//! 4. The copy: the source is read in batches (through the reactors for a disk, with
-//!    `pread` for a file), all-zero 4 KiB blocks are skipped (the new disk stays thin),
-//!    the rest is written through the new disk's `crypto → volume` stack by a poller on
-//!    a reactor (up to [`QUEUE_DEPTH`] writes in flight), then flushed.
+//! 3. One transaction creates the new (empty, thin) volume and, for a source disk, a
+//!    temporary copy-on-write clone of it (a point-in-time snapshot: the copy is
+//!    crash-consistent while the VM keeps writing, and nothing done to the source
+//!    meanwhile can disturb it). No catalog row yet: a half-made disk is never
+//!    visible, and its key is stored nowhere. The call returns here with a `TaskId`;
+//!    the rest runs as a background task ([`super::tasks`]).
+//! 4. The copy: the source is read in batches (through the reactors for a disk, only
+//!    its allocated clusters; with `pread` for a file), all-zero 4 KiB blocks are
+//!    skipped (the new disk stays thin), the rest is written through the new disk's
+//!    `crypto → volume` stack by a poller on a reactor (up to 32 writes in flight), then
+//!    flushed. `CancelTask` (or shutdown) stops it between batches.
 //! 5. One transaction records the wrapped key, the disk row, and deletes the temporary
-//!    clone. The new disk is detached.
+//!    clone. The new disk is detached. The task's result is the call's old reply.
 //!
-//! Any failure after step 2 deletes the new volume and the temporary clone and drops the
-//! key (audited as a crypto-shred): nothing is left behind.
+//! Any failure or cancellation after step 2 deletes the new volume and the temporary
+//! clone and drops the key (audited as a crypto-shred): nothing is left behind. A kill
+//! leaves the volumes without catalog rows; the next start removes them.
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
@@ -32,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::job::{run_job, JobError, Op};
+use super::job::{read_ops, run_job, JobError, Op};
 use super::params::{check_text, MAX_SIZE_GIB};
 use super::{same_region, Control, ControlError, Params, ENCRYPTION_SECTOR};
 use crate::bdev::crypto::{CryptoBdev, BOUNCE_CHUNK};
@@ -48,22 +52,39 @@ const BLOCK: u64 = 4096;
 const BATCH: u64 = 4 << 20;
 /// Largest single write (the crypto layer's bounce chunk).
 const PIECE: u64 = BOUNCE_CHUNK as u64;
-/// Largest single read from a source disk.
-const READ_PIECE: u64 = 256 << 10;
 
 /// Where the data comes from.
 enum Source {
-    /// A plaintext disk; `tmp` is the temporary clone read instead when it is attached.
-    Disk { rec: Box<DiskRecord>, tmp: Option<String> },
+    /// A plaintext disk; `tmp` is the temporary clone that is read instead.
+    Disk { rec: Box<DiskRecord>, tmp: String },
     /// A raw image file or block device.
     File { path: PathBuf, file: File },
+}
+
+/// Everything the background part of a copy needs.
+struct CopyJob {
+    source: Source,
+    tmp: Option<String>,
+    disk_id: String,
+    key_id: String,
+    wrapped: crate::kms::WrappedKey,
+    ctx: KeyContext,
+    xts: Arc<crate::crypto::Xts>,
+    new_size: u64,
+    src_size: u64,
+    src_rounded: u64,
+    category: Category,
+    name: String,
+    description: String,
+    account: String,
+    region: String,
+    reactors: Arc<Reactors>,
 }
 
 /// What the copy did.
 #[derive(Debug, Default, Clone, Copy)]
 struct CopyStats {
     copied: u64,
-    skipped: u64,
 }
 
 impl Control {
@@ -124,11 +145,8 @@ impl Control {
                             ),
                         ));
                     }
-                    let attached = !self.attachments_of(&txn, &id)?.is_empty()
-                        || self.exports.get(&id).is_some()
-                        || self.pool.is_open(&id);
                     let (size, cat) = (d.size, d.category);
-                    let tmp = attached.then(|| super::util::new_id("cptmp"));
+                    let tmp = super::util::new_id("cptmp");
                     (Source::Disk { rec: Box::new(d), tmp }, size, cat)
                 }
                 (None, Some(path)) => {
@@ -177,9 +195,9 @@ impl Control {
         };
         drop(key);
 
-        // 3. The new volume (and the point-in-time clone of an attached source).
+        // 3. The new volume (and the point-in-time clone of a source disk).
         let tmp = match &source {
-            Source::Disk { tmp, .. } => tmp.clone(),
+            Source::Disk { tmp, .. } => Some(tmp.clone()),
             Source::File { .. } => None,
         };
         let made = (|| {
@@ -196,22 +214,117 @@ impl Control {
             return Err(e);
         }
 
-        // 4. The copy; 5. the catalog rows.
+        // 4. and 5.: a background task.
+        let total = match &source {
+            Source::Disk { tmp, .. } => self
+                .pool
+                .allocated_ranges(tmp, BATCH)
+                .map(|v| v.iter().map(|r| r.1).sum())
+                .unwrap_or(src_rounded),
+            Source::File { .. } => src_rounded,
+        };
+        let (source_id, mode) = match &source {
+            Source::Disk { rec, .. } => (rec.id.clone(), "snapshot"),
+            Source::File { path, .. } => (path.display().to_string(), "file"),
+        };
+        let job = CopyJob {
+            source,
+            tmp,
+            disk_id: disk_id.clone(),
+            key_id,
+            wrapped,
+            ctx,
+            xts,
+            new_size,
+            src_size,
+            src_rounded,
+            category,
+            name,
+            description,
+            account: account.clone(),
+            region,
+            reactors,
+        };
+        let cleanup_tmp = job.tmp.clone();
+        let Some(ctl) = self.me.upgrade() else {
+            self.discard_copy(&job.disk_id, job.tmp.as_deref());
+            return Err(ControlError::DataPath("the control plane is shutting down".into()));
+        };
+        let task = match self
+            .tasks
+            .spawn(&account, "CreateEncryptedCopy", &disk_id, total, move |task| {
+                ctl.run_copy(task, job, &source_id, mode)
+            }) {
+            Ok(t) => t,
+            Err(e) => {
+                self.discard_copy(&disk_id, cleanup_tmp.as_deref());
+                return Err(e);
+            }
+        };
+        Ok(json!({
+            "TaskId": task.id,
+            "DiskId": disk_id,
+            "Encrypted": true,
+            "SizeBytes": new_size,
+            "SourceSizeBytes": src_size,
+            "CopyMode": match mode { "file" => "file", _ => "snapshot" },
+        }))
+    }
+
+    /// Steps 4 and 5 of a copy, on its task's thread; the result is the task's result.
+    fn run_copy(
+        &self,
+        task: &super::tasks::Task,
+        job: CopyJob,
+        source_id: &str,
+        mode: &str,
+    ) -> Result<Value, ControlError> {
+        let CopyJob {
+            source,
+            tmp,
+            disk_id,
+            key_id,
+            wrapped,
+            ctx,
+            xts,
+            new_size,
+            src_size,
+            src_rounded,
+            category,
+            name,
+            description,
+            account,
+            region,
+            reactors,
+        } = job;
         let finished = (|| {
             let dst: BdevRef = Arc::new(
                 CryptoBdev::new(self.pool.bdev(&disk_id)?, xts, ENCRYPTION_SECTOR).map_err(ControlError::DataPath)?,
             );
             let stats = match &source {
-                Source::Disk { rec, tmp } => {
-                    let src = self.pool.bdev(tmp.as_deref().unwrap_or(&rec.id))?;
-                    copy(&reactors, &dst, src_rounded, |off, len| {
+                Source::Disk { tmp, .. } => {
+                    let src = self.pool.bdev(tmp)?;
+                    let ranges = self.pool.allocated_ranges(tmp, BATCH)?;
+                    let ranges: Vec<(u64, u64)> = ranges
+                        .into_iter()
+                        .filter(|r| r.0 < src_rounded)
+                        .map(|(o, n)| (o, n.min(src_rounded - o)))
+                        .collect();
+                    copy(&reactors, &dst, &ranges, task, |off, len| {
                         run_job(&reactors, &src, read_ops(off, len), vec![0; len as usize])
                             .map_err(|e| io_error(e, "reading the source disk"))
                     })?
                 }
-                Source::File { path, file } => copy(&reactors, &dst, src_rounded, |off, len| {
-                    read_file(file, off, len).map_err(|e| ControlError::DataPath(format!("{}: {e}", path.display())))
-                })?,
+                Source::File { path, file } => {
+                    let ranges: Vec<(u64, u64)> = (0..src_rounded)
+                        .step_by(BATCH as usize)
+                        .map(|o| (o, BATCH.min(src_rounded - o)))
+                        .collect();
+                    copy(&reactors, &dst, &ranges, task, |off, len| {
+                        read_file(file, off, len)
+                            .map_err(|e| ControlError::DataPath(format!("{}: {e}", path.display())))
+                    })?
+                }
             };
             drop(dst);
             let txn = self.begin()?;
@@ -265,11 +378,6 @@ impl Control {
                 return Err(e);
             }
         };
-        let (source_id, mode) = match &source {
-            Source::Disk { rec, tmp: Some(_) } => (rec.id.clone(), "snapshot"),
-            Source::Disk { rec, tmp: None } => (rec.id.clone(), "direct"),
-            Source::File { path, .. } => (path.display().to_string(), "file"),
-        };
         Ok(json!({
             "DiskId": disk_id,
             "Encrypted": true,
@@ -278,7 +386,7 @@ impl Control {
             "SourceSizeBytes": src_size,
             "CopyMode": mode,
             "BytesCopied": stats.copied,
-            "BytesSkipped": stats.skipped,
+            "BytesSkipped": src_rounded - stats.copied,
         }))
     }
 
@@ -361,18 +469,21 @@ impl Control {
     }
 }
 
-/// Copies `len` bytes (a multiple of [`BLOCK`]) from `read(offset, n)` into `dst`,
-/// skipping all-zero blocks, and flushes `dst`.
+/// Copies the byte ranges `(offset, len)` (multiples of [`BLOCK`]) from
+/// `read(offset, n)` into `dst`, skipping all-zero blocks, and flushes `dst`. Stops
+/// between batches when `task` is cancelled.
 fn copy(
     reactors: &Reactors,
     dst: &BdevRef,
-    len: u64,
+    ranges: &[(u64, u64)],
+    task: &super::tasks::Task,
     mut read: impl FnMut(u64, u64) -> Result<Vec<u8>, ControlError>,
 ) -> Result<CopyStats, ControlError> {
     let mut st = CopyStats::default();
-    let mut off = 0;
-    while off < len {
-        let n = BATCH.min(len - off);
+    for &(off, n) in ranges {
+        if task.cancelled() {
+            return Err(task.cancelled_error());
+        }
         let data = read(off, n)?;
         let mut ops = Vec::new();
         for (start, end) in nonzero_runs(&data, PIECE as usize) {
@@ -383,18 +494,17 @@ fn copy(
             });
             st.copied += (end - start) as u64;
         }
-        st.skipped += n - ops.iter().map(Op::len).sum::<u64>();
         if !ops.is_empty() {
             run_job(reactors, dst, ops, data).map_err(|e| io_error(e, "writing the new disk"))?;
         }
-        off += n;
+        task.progress(n);
     }
     run_job(reactors, dst, vec![Op::Flush], Vec::new()).map_err(|e| io_error(e, "flushing the new disk"))?;
     Ok(st)
 }
 
 /// Byte ranges of `data` holding non-zero [`BLOCK`]s, merged up to `max` bytes each.
-fn nonzero_runs(data: &[u8], max: usize) -> Vec<(usize, usize)> {
+pub(super) fn nonzero_runs(data: &[u8], max: usize) -> Vec<(usize, usize)> {
     let blk = BLOCK as usize;
     let mut out: Vec<(usize, usize)> = Vec::new();
     for (i, b) in data.chunks(blk).enumerate() {
@@ -434,21 +544,6 @@ fn read_file(f: &File, off: u64, len: u64) -> std::io::Result<Vec<u8>> {
         }
     }
     Ok(buf)
-}
-
-fn read_ops(off: u64, len: u64) -> Vec<Op> {
-    let mut ops = Vec::new();
-    let mut pos = 0;
-    while pos < len {
-        let n = READ_PIECE.min(len - pos);
-        ops.push(Op::Read {
-            offset: off + pos,
-            at: pos as usize,
-            len: n as usize,
-        });
-        pos += n;
-    }
-    ops
 }
 
 #[cfg(test)]

@@ -3,15 +3,14 @@
 //! from another image by CopyImage). Images of encrypted snapshots keep the lineage key
 //! and cannot be shared, copied or exported.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use super::job::{read_ops, run_job};
 use super::params::{check_account, check_region, check_text};
 use super::{same_region, view, Control, ControlError, Params};
-use crate::bdev::{BdevRef, IoRequest};
+use crate::bdev::BdevRef;
 use crate::catalog::{self, ImageRecord};
 use crate::reactor::Reactors;
 
@@ -171,15 +170,32 @@ impl Control {
             ));
         }
         drop(txn);
-        let reactors = self.reactors.as_ref().ok_or_else(|| {
+        let reactors = self.reactors.clone().ok_or_else(|| {
             ControlError::DataPath("ExportImage needs the reactors (run it through the daemon)".into())
         })?;
         let dir = self.cfg.data_dir.join("exports").join(&bucket);
         std::fs::create_dir_all(&dir).map_err(|e| ControlError::DataPath(format!("{}: {e}", dir.display())))?;
         let path = dir.join(format!("{prefix}{id}.raw"));
+        if path.exists() {
+            return Err(ControlError::state(
+                "InvalidParameter.OSSPrefix",
+                format!("{} exists already; remove it or give another OSSPrefix", path.display()),
+            ));
+        }
         let bdev = self.pool.bdev(&id)?;
-        export_to_file(reactors, &bdev, &path)?;
-        Ok(json!({ "ImageId": id, "Path": path.display().to_string(), "SizeBytes": m.size }))
+        let ranges = self.pool.allocated_ranges(&id, EXPORT_BATCH)?;
+        let total = ranges.iter().map(|r| r.1).sum();
+        let ctl = self
+            .me
+            .upgrade()
+            .ok_or_else(|| ControlError::DataPath("the control plane is shutting down".into()))?;
+        let (tid, tpath, size) = (id.clone(), path.clone(), m.size);
+        let task = self.tasks.spawn(&account, "ExportImage", &id, total, move |task| {
+            export_to_file(&reactors, &bdev, &ranges, &tpath, task)?;
+            drop(ctl);
+            Ok(json!({ "ImageId": tid, "Path": tpath.display().to_string(), "SizeBytes": size }))
+        })?;
+        Ok(json!({ "TaskId": task.id, "ImageId": id, "Path": path.display().to_string(), "SizeBytes": m.size }))
     }
 
     pub(super) fn delete_image(&self, mut p: Params) -> Result<Value, ControlError> {
@@ -246,31 +262,40 @@ impl Control {
     }
 }
 
-/// Reads a whole volume through the data path on reactor 0 and writes it to a new file
-/// (mode 0600; refused if the file exists).
-fn export_to_file(reactors: &Reactors, bdev: &BdevRef, path: &Path) -> Result<(), ControlError> {
-    use std::os::unix::fs::OpenOptionsExt;
+/// Writes the byte ranges `ranges` of `bdev` (its allocated clusters; the rest reads as
+/// zeros) into a new sparse file of the volume's size (mode 0600; refused if the file
+/// exists), reading through the data path with pollers on the reactors (never blocking
+/// one). All-zero blocks stay holes. Stops between batches when `task` is cancelled and
+/// removes the partial file.
+fn export_to_file(
+    reactors: &Reactors,
+    bdev: &BdevRef,
+    ranges: &[(u64, u64)],
+    path: &Path,
+    task: &super::tasks::Task,
+) -> Result<(), ControlError> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
     let err = |e: String| ControlError::DataPath(format!("export to {}: {e}", path.display()));
     let tmp: PathBuf = path.with_extension("raw.partial");
-    let mut f = std::fs::OpenOptions::new()
+    let f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(&tmp)
         .map_err(|e| err(e.to_string()))?;
-    let cap = bdev.capacity();
-    let mut off = 0u64;
     let res = (|| {
-        while off < cap {
-            let len = EXPORT_BATCH.min(cap - off);
-            let b = bdev.clone();
-            let start = off;
-            let data = reactors
-                .call(0, Duration::from_secs(120), move |ctx| read_range(ctx, &b, start, len))
-                .map_err(err)?
-                .map_err(err)?;
-            f.write_all(&data).map_err(|e| err(e.to_string()))?;
-            off += len;
+        f.set_len(bdev.capacity()).map_err(|e| err(e.to_string()))?;
+        for &(off, n) in ranges {
+            if task.cancelled() {
+                return Err(task.cancelled_error());
+            }
+            let data = run_job(reactors, bdev, read_ops(off, n), vec![0; n as usize])
+                .map_err(|e| err(format!("reading the image: {e:?}")))?;
+            for (s, e) in super::copy::nonzero_runs(&data, n as usize) {
+                f.write_all_at(&data[s..e], off + s as u64)
+                    .map_err(|e| err(e.to_string()))?;
+            }
+            task.progress(n);
         }
         f.sync_all().map_err(|e| err(e.to_string()))?;
         std::fs::rename(&tmp, path).map_err(|e| err(e.to_string()))
@@ -279,46 +304,4 @@ fn export_to_file(reactors: &Reactors, bdev: &BdevRef, path: &Path) -> Result<()
         let _ = std::fs::remove_file(&tmp);
     }
     res
-}
-
-/// On a reactor: reads `len` bytes at `off` in `max_io_bytes` pieces.
-fn read_range(ctx: &mut crate::reactor::ReactorCtx, bdev: &BdevRef, off: u64, len: u64) -> Result<Vec<u8>, String> {
-    let mut ch = bdev.open_channel(&ctx.chan).map_err(|e| e.to_string())?;
-    let piece = bdev.max_io_bytes().clamp(4096, crate::bdev::MAX_IO_BYTES);
-    let mut out = Vec::with_capacity(len as usize);
-    let mut pos = off;
-    let end = off + len;
-    while pos < end {
-        let n = piece.min(end - pos) as usize;
-        let mut buf = ctx.chan.pool.alloc(n).ok_or("no I/O buffer available")?;
-        buf.set_len(n);
-        let mut req = IoRequest::read(pos, buf, 0);
-        loop {
-            match ch.submit(req) {
-                Ok(()) => break,
-                Err(r) => {
-                    req = r;
-                    let mut v = Vec::new();
-                    ch.poll(&mut v);
-                }
-            }
-        }
-        let t = std::time::Instant::now();
-        let mut done = Vec::new();
-        loop {
-            ch.poll(&mut done);
-            if let Some(c) = done.pop() {
-                c.result.map_err(|e| e.to_string())?;
-                let b = c.buf.ok_or("read returned no buffer")?;
-                out.extend_from_slice(&b[..n]);
-                break;
-            }
-            if t.elapsed() > Duration::from_secs(30) {
-                return Err("read did not complete within 30 s".into());
-            }
-            std::hint::spin_loop();
-        }
-        pos += n as u64;
-    }
-    Ok(out)
 }

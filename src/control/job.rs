@@ -10,6 +10,8 @@ use std::time::Duration;
 use crate::bdev::{BdevRef, Channel, IoCompletion, IoError, IoRequest};
 use crate::reactor::{Poll, Poller, ReactorCtx, Reactors};
 
+/// Largest single read of a job built by [`read_ops`].
+const READ_PIECE: u64 = 256 << 10;
 /// Requests in flight per job.
 pub(super) const QUEUE_DEPTH: usize = 32;
 /// A job that takes longer than this fails.
@@ -28,15 +30,6 @@ pub(super) enum Op {
     Read { offset: u64, at: usize, len: usize },
     Write { offset: u64, at: usize, len: usize },
     Flush,
-}
-
-impl Op {
-    pub(super) fn len(&self) -> u64 {
-        match self {
-            Op::Read { len, .. } | Op::Write { len, .. } => *len as u64,
-            Op::Flush => 0,
-        }
-    }
 }
 
 /// Runs `ops` against `bdev` as a poller on a reactor (never blocking it), up to
@@ -191,4 +184,20 @@ impl Poller for Job {
             Poll::Idle
         }
     }
+}
+
+/// Reads of `len` bytes at `off`, in pieces, filling a job buffer of `len` bytes.
+pub(super) fn read_ops(off: u64, len: u64) -> Vec<Op> {
+    let mut ops = Vec::new();
+    let mut pos = 0;
+    while pos < len {
+        let n = READ_PIECE.min(len - pos);
+        ops.push(Op::Read {
+            offset: off + pos,
+            at: pos as usize,
+            len: n as usize,
+        });
+        pos += n;
+    }
+    ops
 }

@@ -34,6 +34,7 @@ mod reactors;
 pub mod rpc;
 pub mod server;
 mod snapshots;
+mod tasks;
 pub mod util;
 mod view;
 
@@ -86,6 +87,23 @@ pub const METHODS: &[&str] = &[
     "DeleteImage",
     "CheckPool",
     "DescribeReactors",
+    "DescribeTasks",
+    "CancelTask",
+];
+
+/// Methods that change nothing in the catalog: they never wait behind another
+/// operation (they read with read transactions, or only flag a task).
+const CONCURRENT_METHODS: &[&str] = &[
+    "DescribeKmsKey",
+    "DescribeKmsUsage",
+    "DescribeInstances",
+    "DescribeDisks",
+    "DescribeSnapshots",
+    "DescribeImages",
+    "CheckPool",
+    "DescribeReactors",
+    "DescribeTasks",
+    "CancelTask",
 ];
 
 /// Methods about the host, not an account: the CLI adds no AccountId/RegionId.
@@ -109,6 +127,9 @@ pub struct Control {
     reactors: Option<Arc<Reactors>>,
     cfg: ControlConfig,
     serial: Mutex<()>,
+    tasks: tasks::Tasks,
+    /// This control plane, for background tasks to hold.
+    me: std::sync::Weak<Control>,
 }
 
 impl Control {
@@ -121,8 +142,8 @@ impl Control {
         exports: Arc<Exports>,
         reactors: Option<Arc<Reactors>>,
         cfg: ControlConfig,
-    ) -> Control {
-        Control {
+    ) -> Arc<Control> {
+        Arc::new_cyclic(|me| Control {
             db,
             pool,
             kms,
@@ -130,7 +151,9 @@ impl Control {
             reactors,
             cfg,
             serial: Mutex::new(()),
-        }
+            tasks: tasks::Tasks::default(),
+            me: me.clone(),
+        })
     }
 
     pub fn db(&self) -> &Arc<Database> {
@@ -151,7 +174,8 @@ impl Control {
         if !METHODS.contains(&method) {
             return Err(ControlError::MethodNotFound(method.to_owned()));
         }
-        let _one_at_a_time = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+        let _one_at_a_time =
+            (!CONCURRENT_METHODS.contains(&method)).then(|| self.serial.lock().unwrap_or_else(|p| p.into_inner()));
         let p = Params::new(params)?;
         let mut v = match method {
             "ActivateKms" => self.activate_kms(p),
@@ -182,6 +206,8 @@ impl Control {
             "DeleteImage" => self.delete_image(p),
             "CheckPool" => self.check_pool(p),
             "DescribeReactors" => self.describe_reactors(p),
+            "DescribeTasks" => self.describe_tasks(p),
+            "CancelTask" => self.cancel_task(p),
             _ => Err(ControlError::MethodNotFound(method.to_owned())),
         }?;
         if let Value::Object(m) = &mut v {

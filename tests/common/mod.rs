@@ -119,3 +119,34 @@ pub fn op_name(op: &Op) -> IoOp {
         Op::WriteZeroes { .. } => IoOp::WriteZeroes,
     }
 }
+
+/// If `reply` names a background task (`TaskId`), waits for it through `describe`
+/// (a DescribeTasks call for the task's account) and returns its result, or its error
+/// as (code, message). Other replies come back as they are.
+pub fn wait_task(
+    reply: serde_json::Value,
+    mut describe: impl FnMut(serde_json::Value) -> serde_json::Value,
+) -> Result<serde_json::Value, (String, String)> {
+    let Some(id) = reply.get("TaskId").and_then(|v| v.as_str()).map(str::to_owned) else {
+        return Ok(reply);
+    };
+    let t = Instant::now();
+    loop {
+        let v = describe(serde_json::json!({ "TaskIds": [id] }));
+        let task = &v["TaskSet"]["Task"][0];
+        match task["TaskStatus"].as_str() {
+            Some("Finished") => return Ok(task["Result"].clone()),
+            Some("Failed") => {
+                return Err((
+                    task["Error"]["Code"].as_str().unwrap_or("").to_owned(),
+                    task["Error"]["Message"].as_str().unwrap_or("").to_owned(),
+                ))
+            }
+            Some("Cancelled") => return Err(("OperationCancelled".into(), "cancelled".into())),
+            Some("Processing") => {}
+            _ => panic!("task {id}: {v}"),
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "task {id} did not finish: {v}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
