@@ -302,3 +302,213 @@ fn a_reactor_panic_exits_the_daemon_non_zero_and_the_next_start_recovers() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+fn call(d: &Path, m: &str, mut p: Value) -> Value {
+    let mut c = Client::connect(&d.join("data/sealdisk.sock")).unwrap();
+    if p.get("AccountId").is_none() && m != "CheckPool" {
+        p["AccountId"] = A.into();
+        p["RegionId"] = R.into();
+    }
+    c.call(m, p).unwrap_or_else(|e| panic!("{m}: {e}"))
+}
+
+fn task(d: &Path, id: &str) -> Value {
+    call(d, "DescribeTasks", json!({"TaskIds": [id]}))["TaskSet"]["Task"][0].clone()
+}
+
+fn wait_task(d: &Path, id: &str) -> Value {
+    let t = Instant::now();
+    loop {
+        let v = task(d, id);
+        if v["TaskStatus"] != "Processing" {
+            return v;
+        }
+        assert!(t.elapsed() < Duration::from_secs(300), "task {id} did not end: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A raw image of `mib` MiB with data in every block.
+fn image_file(d: &Path, mib: usize) -> PathBuf {
+    let p = d.join("src.img");
+    let mut f = std::fs::File::create(&p).unwrap();
+    let chunk: Vec<u8> = (0..MIB as usize).map(|i| (i % 251 + 1) as u8).collect();
+    for _ in 0..mib {
+        f.write_all(&chunk).unwrap();
+    }
+    p
+}
+
+/// CreateEncryptedCopy returns a TaskId at once; while it copies, DescribeDisks,
+/// DescribeTasks and another disk's operations answer; CancelTask stops it and leaves
+/// nothing behind; SIGTERM during another copy stops the daemon within 5 s with a
+/// clean catalog and pool.
+#[test]
+fn a_copy_is_a_background_task_that_describe_calls_pass_and_cancel_and_sigterm_stop() {
+    let d = dir("tasks");
+    let src = dir("tasks-src");
+    let img = image_file(&src.0, 192);
+    // Slow commits keep the copy running long enough to be watched (every first write
+    // into a cluster commits).
+    let mut dm = start(&d.0, "1.log", Some("commit:delay=20ms"));
+    call(&d.0, "ActivateKms", json!({}));
+    let other = disk(&d.0);
+    let copy = |d: &Path| {
+        call(d, "CreateEncryptedCopy", json!({"SourcePath": img.to_str().unwrap()}))["TaskId"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let id = copy(&d.0);
+    // Other calls go on while it copies.
+    let disks = call(&d.0, "DescribeDisks", json!({}));
+    assert!(disks["TotalCount"].as_u64().unwrap() >= 2);
+    call(&d.0, "CreateSnapshot", json!({"DiskId": other}));
+    let t = task(&d.0, &id);
+    assert_eq!(
+        t["TaskStatus"], "Processing",
+        "the copy ended before the other calls: {t}"
+    );
+    assert_eq!(t["TaskAction"], "CreateEncryptedCopy");
+    assert_eq!(t["BytesTotal"], 192 * MIB);
+    // Cancel it: nothing is left.
+    call(&d.0, "CancelTask", json!({"TaskId": id}));
+    let t = wait_task(&d.0, &id);
+    assert_eq!(t["TaskStatus"], "Cancelled", "{t}");
+    let chk = call(&d.0, "CheckPool", json!({}));
+    assert_eq!(chk["Consistent"], true, "{chk}");
+    let disks = call(&d.0, "DescribeDisks", json!({}));
+    assert_eq!(disks["TotalCount"], 2, "the cancelled copy left a disk: {disks}");
+    // Cancelling it again, or an unknown task, is a clear error.
+    let mut c = Client::connect(&d.0.join("data/sealdisk.sock")).unwrap();
+    let e = c.call("CancelTask", json!({"AccountId": A, "TaskId": id})).unwrap_err();
+    assert_eq!(e.code, "IncorrectTaskStatus", "{e}");
+    let e = c
+        .call("CancelTask", json!({"AccountId": A, "TaskId": "t-nosuch"}))
+        .unwrap_err();
+    assert_eq!(e.code, "InvalidTaskId.NotFound", "{e}");
+    let e = c
+        .call("DescribeTasks", json!({"AccountId": A, "Bogus": 1}))
+        .unwrap_err();
+    assert!(e.code.starts_with("InvalidParameter"), "{e}");
+    // SIGTERM during a copy.
+    let id = copy(&d.0);
+    assert_eq!(task(&d.0, &id)["TaskStatus"], "Processing");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(dm.child.id() as i32, libc::SIGTERM) };
+    let t = Instant::now();
+    let st = loop {
+        if let Some(st) = dm.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "SIGTERM during a copy took over 5 s: {}",
+            std::fs::read_to_string(&dm.log).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(st.success(), "{st}: {}", std::fs::read_to_string(&dm.log).unwrap());
+    let out = Command::new(BIN)
+        .args(["check", "--data-dir"])
+        .arg(d.0.join("data"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+/// A 1 TiB thin disk with data at its start, middle and end: CreateEncryptedCopy and
+/// ExportImage (of an image of its snapshot) complete, reading only what is allocated,
+/// and both hold the data at its offsets.
+#[test]
+fn copy_and_export_of_a_1_tib_thin_disk_complete() {
+    let d = dir("tib");
+    let _dm = start(&d.0, "1.log", None);
+    call(&d.0, "ActivateKms", json!({}));
+    let inst = call(&d.0, "CreateInstance", json!({"SystemDisk.SizeBytes": 4 * MIB}));
+    let iid = inst["InstanceId"].as_str().unwrap().to_owned();
+    let tib = 1u64 << 40;
+    let src = call(&d.0, "CreateDisk", json!({"SizeBytes": tib}))["DiskId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    call(&d.0, "AttachDisk", json!({"DiskId": src, "InstanceId": iid}));
+    let offsets = [0u64, tib / 2 + 12345 * 4096, tib - 4096];
+    let block = |o: u64| -> Vec<u8> { (0..4096).map(|i| ((o >> 12) as u8) ^ (i as u8) | 1).collect() };
+    let sock = d.0.join("data/nbd.sock");
+    {
+        let mut s = connect(&sock, &src);
+        for (i, &o) in offsets.iter().enumerate() {
+            let mut r = encode_request(&Request {
+                flags: 0,
+                cmd: CMD_WRITE,
+                cookie: i as u64,
+                offset: o,
+                len: 4096,
+            })
+            .to_vec();
+            r.extend_from_slice(&block(o));
+            s.write_all(&r).unwrap();
+            let mut h = [0u8; 16];
+            s.read_exact(&mut h).unwrap();
+            assert_eq!(u32::from_be_bytes(h[4..8].try_into().unwrap()), 0);
+        }
+    }
+    let read_at = |export: &str, o: u64| -> Vec<u8> {
+        let mut s = connect(&sock, export);
+        let r = encode_request(&Request {
+            flags: 0,
+            cmd: CMD_READ,
+            cookie: 1,
+            offset: o,
+            len: 4096,
+        });
+        s.write_all(&r).unwrap();
+        let mut h = [0u8; 16];
+        s.read_exact(&mut h).unwrap();
+        assert_eq!(u32::from_be_bytes(h[4..8].try_into().unwrap()), 0);
+        let mut b = vec![0u8; 4096];
+        s.read_exact(&mut b).unwrap();
+        b
+    };
+    let t = Instant::now();
+    let id = call(&d.0, "CreateEncryptedCopy", json!({"SourceDiskId": src}))["TaskId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let done = wait_task(&d.0, &id);
+    assert_eq!(done["TaskStatus"], "Finished", "{done}");
+    let copied = done["Result"]["DiskId"].as_str().unwrap().to_owned();
+    assert_eq!(done["Result"]["BytesCopied"], 3 * 4096, "{done}");
+    let copy_secs = t.elapsed().as_secs_f64();
+    call(&d.0, "AttachDisk", json!({"DiskId": copied, "InstanceId": iid}));
+    for &o in &offsets {
+        assert_eq!(read_at(&copied, o), block(o), "the copy at {o}");
+    }
+    let snap = call(&d.0, "CreateSnapshot", json!({"DiskId": src}))["SnapshotId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let image = call(&d.0, "CreateImage", json!({"SnapshotId": snap}))["ImageId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let t = Instant::now();
+    let ex = call(&d.0, "ExportImage", json!({"ImageId": image}));
+    let done = wait_task(&d.0, ex["TaskId"].as_str().unwrap());
+    assert_eq!(done["TaskStatus"], "Finished", "{done}");
+    let path = PathBuf::from(done["Result"]["Path"].as_str().unwrap());
+    let f = std::fs::File::open(&path).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), tib);
+    use std::os::unix::fs::FileExt;
+    for &o in &offsets {
+        let mut b = vec![0u8; 4096];
+        f.read_exact_at(&mut b, o).unwrap();
+        assert_eq!(b, block(o), "the export at {o}");
+    }
+    eprintln!(
+        "1 TiB thin disk: CreateEncryptedCopy {copy_secs:.1} s, ExportImage {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let _ = std::fs::remove_file(&path);
+}
