@@ -795,3 +795,40 @@ fn no_completion_is_slept_on_with_a_long_park_timeout() {
     server.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A device whose channels cannot be opened (stands in for any resource a reactor
+/// cannot give a new connection).
+struct NoChannels;
+impl sealdisk::bdev::Bdev for NoChannels {
+    fn name(&self) -> &str {
+        "no-channels"
+    }
+    fn block_size(&self) -> u32 {
+        512
+    }
+    fn capacity(&self) -> u64 {
+        MIB
+    }
+    fn open_channel(&self, _ctx: &sealdisk::bdev::ChannelCtx) -> std::io::Result<Box<dyn sealdisk::bdev::Channel>> {
+        Err(std::io::Error::other("no channel for you"))
+    }
+}
+
+#[test]
+fn a_connection_the_reactor_cannot_take_gets_an_nbd_error_and_is_counted() {
+    let f = Fixture::new("refused");
+    f.exports
+        .add(Export::new("broken", Arc::new(NoChannels), false))
+        .unwrap();
+    for i in 1..=3 {
+        let mut c = Client::hello(&f.sock);
+        assert_eq!(
+            c.go("broken"),
+            REP_ERR_SHUTDOWN,
+            "connection {i}: a clear NBD error, not a silent close"
+        );
+        assert_eq!(f.server().refused(), i);
+    }
+    // The others are served as before.
+    still_serving(&f);
+}

@@ -58,15 +58,30 @@ const TAG_RECV: u64 = 1;
 const TAG_SEND: u64 = 2;
 
 /// Start a connection on this reactor (called from a message).
-pub(super) fn start(ctx: &mut ReactorCtx, sh: Arc<Shared>, fd: OwnedFd, export: Export, tail: Vec<u8>) {
+pub(super) fn start(
+    ctx: &mut ReactorCtx,
+    sh: Arc<Shared>,
+    fd: OwnedFd,
+    export: Export,
+    tail: Vec<u8>,
+    go: Option<u32>,
+) {
     if sh.stop.load(Ordering::SeqCst) || export.is_revoked() {
         return; // fd dropped: the client sees the connection close
     }
+    // A connection that cannot be taken: counted, logged, and (after NBD_OPT_GO) told
+    // why with an error reply to its GO instead of a silent close.
     let refuse = |why: String| {
+        let n = sh.refused.fetch_add(1, Ordering::SeqCst) + 1;
         crate::daemon::log(&format!(
-            "NBD: connection to export {} refused on reactor {}: {why}",
+            "NBD: connection to export {} refused on reactor {} ({n} refused so far): {why}",
             export.name, ctx.id
         ));
+        if let Some(opt) = go {
+            let reply = super::proto::option_reply(opt, super::proto::REP_ERR_SHUTDOWN, why.as_bytes());
+            // SAFETY: write(2) of a live buffer to the connection's own descriptor.
+            let _ = unsafe { libc::write(fd.as_raw_fd(), reply.as_ptr().cast(), reply.len()) };
+        }
     };
     let chan = match export.bdev.open_channel(&ctx.chan) {
         Ok(c) => c,

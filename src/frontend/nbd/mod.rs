@@ -62,6 +62,8 @@ pub(crate) struct Shared {
     pub(crate) stop: AtomicBool,
     /// Live connections (on reactors).
     pub(crate) conns: AtomicUsize,
+    /// Connections negotiated but not taken (logged each time).
+    pub(crate) refused: AtomicUsize,
     handshakes: AtomicUsize,
     next_reactor: AtomicUsize,
     reactors: Arc<Reactors>,
@@ -128,6 +130,7 @@ impl NbdServer {
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
             conns: AtomicUsize::new(0),
+            refused: AtomicUsize::new(0),
             handshakes: AtomicUsize::new(0),
             next_reactor: AtomicUsize::new(0),
             reactors,
@@ -160,6 +163,11 @@ impl NbdServer {
     /// Connections currently served.
     pub fn connections(&self) -> usize {
         self.shared.conns.load(Ordering::SeqCst)
+    }
+
+    /// Connections negotiated that no reactor could take (each was told, and logged).
+    pub fn refused(&self) -> usize {
+        self.shared.refused.load(Ordering::SeqCst)
     }
 
     /// Close the listeners and every connection (waits up to 5 s for the
@@ -346,6 +354,9 @@ struct Handoff {
     tail: Vec<u8>,
     /// Option reply to send instead if the hand-off fails (GO only).
     refuse: Option<Vec<u8>>,
+    /// The option (GO) whose final reply `tail` is: the reactor answers it with an
+    /// error instead if it cannot take the connection.
+    go: Option<u32>,
 }
 
 fn handshake_and_hand_off(sh: &Arc<Shared>, mut stream: Stream) -> io::Result<()> {
@@ -358,8 +369,13 @@ fn handshake_and_hand_off(sh: &Arc<Shared>, mut stream: Stream) -> io::Result<()
     // `stream` drops. If the hand-off fails we still hold the socket to say so.
     let fd = stream.dup()?;
     let sh2 = sh.clone();
-    let Handoff { export, tail, refuse } = h;
-    let mut msg: crate::reactor::Msg = Box::new(move |ctx| conn::start(ctx, sh2, fd, export, tail));
+    let Handoff {
+        export,
+        tail,
+        refuse,
+        go,
+    } = h;
+    let mut msg: crate::reactor::Msg = Box::new(move |ctx| conn::start(ctx, sh2, fd, export, tail, go));
     let deadline = Instant::now() + HANDOFF_RETRY;
     let n = sh.reactors.len();
     let mut r = sh.next_reactor.fetch_add(1, Ordering::Relaxed) % n;
@@ -421,6 +437,7 @@ fn negotiate(sh: &Shared, s: &mut dyn ReadWrite) -> io::Result<Option<Handoff>> 
                     export: e,
                     tail,
                     refuse: None,
+                    go: None,
                 }));
             }
             OPT_ABORT => {
@@ -488,6 +505,7 @@ fn negotiate(sh: &Shared, s: &mut dyn ReadWrite) -> io::Result<Option<Handoff>> 
                         REP_ERR_SHUTDOWN,
                         b"server busy: every reactor queue is full",
                     )),
+                    go: Some(opt),
                 }));
             }
             _ => {
