@@ -1620,6 +1620,10 @@ fn a_slow_kms_does_not_delay_first_writes_to_another_disk() {
         v["DiskId"].as_str().unwrap().to_owned()
     };
     let (a, b) = (disk(&call), disk(&call));
+    let plain = call("CreateDisk", serde_json::json!({"SizeBytes": 16 << 20}))["DiskId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     call("AttachDisk", serde_json::json!({"DiskId": a, "InstanceId": iid}));
     let a_bdev = ctl.exports().get(&a).unwrap().bdev;
 
@@ -1667,6 +1671,14 @@ fn a_slow_kms_does_not_delay_first_writes_to_another_disk() {
     assert!(
         !attach.is_finished(),
         "the first writes waited for the AttachDisk that waits on the KMS"
+    );
+    // Operations on other objects, and Describe calls, do not wait for it either.
+    let disks = call("DescribeDisks", serde_json::json!({}));
+    assert!(disks["TotalCount"].as_u64().unwrap() >= 3);
+    call("CreateSnapshot", serde_json::json!({"DiskId": plain}));
+    assert!(
+        !attach.is_finished(),
+        "DescribeDisks or CreateSnapshot of another disk waited for the AttachDisk"
     );
     proxy.delay_ms.store(0, Ordering::SeqCst);
     attach.join().unwrap().unwrap();

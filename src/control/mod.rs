@@ -1,9 +1,11 @@
 //! The control plane: ECS operations over the catalog, the volume pool, the KMS and the
 //! export registry, as JSON-RPC 2.0 methods.
 //!
-//! * [`Control`] runs one operation at a time (a mutex), each as one catalog write
-//!   transaction that also carries the pool's volume-map changes: an error aborts the
-//!   transaction and nothing changes.
+//! * Each operation runs as one catalog write transaction that also carries the pool's
+//!   volume-map changes: an error aborts the transaction and nothing changes. Operations
+//!   on different objects run concurrently; two that name the same disk, instance,
+//!   snapshot or image run one after the other ([`ObjectLocks`]); Describe calls never
+//!   wait.
 //! * The pool's metadata thread (the data path's first writes and copy-on-writes) needs
 //!   the same catalog writer, so nothing slow runs while an operation holds it: an
 //!   operation that calls the KMS (unwrap, generate, metering, audit of a crypto-shred)
@@ -118,6 +120,46 @@ pub struct ControlConfig {
     pub qos: QosConfig,
 }
 
+/// Parameters that name an existing object an operation works on: operations naming
+/// the same object run one after the other.
+const LOCK_PARAMS: &[&str] = &["DiskId", "InstanceId", "SnapshotId", "ImageId", "SourceDiskId"];
+
+/// Objects some operation is working on.
+#[derive(Default)]
+struct ObjectLocks {
+    held: Mutex<std::collections::HashSet<String>>,
+    freed: std::sync::Condvar,
+}
+
+/// The objects of one operation, released on drop.
+struct ObjectGuard<'a> {
+    locks: &'a ObjectLocks,
+    ids: Vec<String>,
+}
+
+impl ObjectLocks {
+    /// Waits until none of `ids` is held, then holds them all (all at once: no order,
+    /// no deadlock).
+    fn lock(&self, ids: Vec<String>) -> ObjectGuard<'_> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        while ids.iter().any(|i| held.contains(i)) {
+            held = self.freed.wait(held).unwrap_or_else(|p| p.into_inner());
+        }
+        held.extend(ids.iter().cloned());
+        ObjectGuard { locks: self, ids }
+    }
+}
+
+impl Drop for ObjectGuard<'_> {
+    fn drop(&mut self) {
+        let mut held = self.locks.held.lock().unwrap_or_else(|p| p.into_inner());
+        for i in &self.ids {
+            held.remove(i);
+        }
+        self.locks.freed.notify_all();
+    }
+}
+
 /// The ECS operations.
 pub struct Control {
     db: Arc<Database>,
@@ -126,7 +168,9 @@ pub struct Control {
     exports: Arc<Exports>,
     reactors: Option<Arc<Reactors>>,
     cfg: ControlConfig,
+    /// Held by start-up work that must see no operation at all (restoring attachments).
     serial: Mutex<()>,
+    objects: ObjectLocks,
     tasks: tasks::Tasks,
     /// This control plane, for background tasks to hold.
     me: std::sync::Weak<Control>,
@@ -151,6 +195,7 @@ impl Control {
             reactors,
             cfg,
             serial: Mutex::new(()),
+            objects: ObjectLocks::default(),
             tasks: tasks::Tasks::default(),
             me: me.clone(),
         })
@@ -174,8 +219,16 @@ impl Control {
         if !METHODS.contains(&method) {
             return Err(ControlError::MethodNotFound(method.to_owned()));
         }
-        let _one_at_a_time =
-            (!CONCURRENT_METHODS.contains(&method)).then(|| self.serial.lock().unwrap_or_else(|p| p.into_inner()));
+        let _objects = (!CONCURRENT_METHODS.contains(&method)).then(|| {
+            let ids = LOCK_PARAMS
+                .iter()
+                .filter_map(|k| params.get(*k).and_then(Value::as_str))
+                .map(|id| id.to_owned())
+                .collect();
+            self.objects.lock(ids)
+        });
+        let _not_starting = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+        drop(_not_starting);
         let p = Params::new(params)?;
         let mut v = match method {
             "ActivateKms" => self.activate_kms(p),
@@ -303,10 +356,15 @@ impl Control {
         k.refs = k.refs.saturating_sub(1);
         if k.refs == 0 {
             if !audited {
-                return Err(ControlError::Catalog(catalog::CatalogError::Corrupt(format!(
-                    "key {} lost its last holder while another one was expected; try again",
-                    k.key_id
-                ))));
+                // Another holder of the lineage went meanwhile (an operation on another
+                // object of the same lineage): the shred was not audited, so refuse.
+                return Err(ControlError::state(
+                    "OperationConflict",
+                    format!(
+                        "key {} lost another holder while this operation ran; try again",
+                        k.key_id
+                    ),
+                ));
             }
             catalog::remove::<KeyRecord>(txn, &k.key_id)?;
             Ok(true)
