@@ -267,7 +267,7 @@ impl Control {
             "Encrypted": true,
             "SizeBytes": new_size,
             "SourceSizeBytes": src_size,
-            "CopyMode": match mode { "file" => "file", _ => "snapshot" },
+            "CopyMode": mode,
         }))
     }
 

@@ -123,8 +123,13 @@ impl Tasks {
         });
         {
             let mut m = self.map.lock().expect("tasks");
-            let finished: Vec<String> = m.iter().filter(|(_, t)| !t.running()).map(|(k, _)| k.clone()).collect();
-            for k in finished.iter().take(finished.len().saturating_sub(KEEP_FINISHED)) {
+            let mut finished: Vec<(Instant, String)> = m
+                .values()
+                .filter(|t| !t.running())
+                .map(|t| (t.started, t.id.clone()))
+                .collect();
+            finished.sort();
+            for (_, k) in finished.iter().take(finished.len().saturating_sub(KEEP_FINISHED)) {
                 m.remove(k);
             }
             m.insert(t.id.clone(), t.clone());
