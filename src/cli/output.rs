@@ -109,6 +109,20 @@ pub fn human(method: &str, v: &Value) -> String {
                 ],
             )
         }),
+        "DescribeTasks" => v["TaskSet"]["Task"].as_array().map(|r| {
+            table(
+                r,
+                &[
+                    "TaskId",
+                    "TaskAction",
+                    "TaskStatus",
+                    "ResourceId",
+                    "BytesDone",
+                    "BytesTotal",
+                    "RateBytesPerSec",
+                ],
+            )
+        }),
         "DescribeReactors" => v.get("Reactors").and_then(Value::as_array).map(|r| {
             table(
                 r,
