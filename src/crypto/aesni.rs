@@ -24,12 +24,6 @@ unsafe fn store(p: *mut u8, v: __m128i) {
     unsafe { _mm_storeu_si128(p as *mut __m128i, v) }
 }
 
-#[inline(always)]
-unsafe fn schedule(rk: &Schedule) -> [__m128i; ROUNDS] {
-    // SAFETY: each round key is 16 readable bytes.
-    core::array::from_fn(|i| unsafe { load(rk[i].as_ptr()) })
-}
-
 macro_rules! expand_round {
     ($t1:ident, $t3:ident, $rcon:literal, $out:ident, $i:expr, $second:expr) => {{
         let mut t2 = _mm_aeskeygenassist_si128::<$rcon>($t3);
@@ -91,49 +85,6 @@ pub(crate) unsafe fn expand_key(key: &[u8; 32], enc: &mut Schedule, dec: &mut Sc
     }
 }
 
-#[inline(always)]
-fn enc8(b: &mut [__m128i; 8], rk: &[__m128i; ROUNDS]) {
-    // SAFETY (whole fn): only reached from `#[target_feature(enable = "aes")]`
-    // functions, inlined into them.
-    unsafe {
-        for x in b.iter_mut() {
-            *x = _mm_xor_si128(*x, rk[0]);
-        }
-        for k in &rk[1..14] {
-            for x in b.iter_mut() {
-                *x = _mm_aesenc_si128(*x, *k);
-            }
-        }
-        for x in b.iter_mut() {
-            *x = _mm_aesenclast_si128(*x, rk[14]);
-        }
-    }
-}
-
-#[inline(always)]
-fn enc1(mut x: __m128i, rk: &[__m128i; ROUNDS]) -> __m128i {
-    // SAFETY: as in `enc8`.
-    unsafe {
-        x = _mm_xor_si128(x, rk[0]);
-        for k in &rk[1..14] {
-            x = _mm_aesenc_si128(x, *k);
-        }
-        _mm_aesenclast_si128(x, rk[14])
-    }
-}
-
-#[inline(always)]
-fn dec1(mut x: __m128i, rk: &[__m128i; ROUNDS]) -> __m128i {
-    // SAFETY: as in `enc8`.
-    unsafe {
-        x = _mm_xor_si128(x, rk[0]);
-        for k in &rk[1..14] {
-            x = _mm_aesdec_si128(x, *k);
-        }
-        _mm_aesdeclast_si128(x, rk[14])
-    }
-}
-
 /// `t · x` in GF(2^128) on a register (XTS byte order).
 #[inline(always)]
 fn mul_x(t: __m128i) -> __m128i {
@@ -145,26 +96,6 @@ fn mul_x(t: __m128i) -> __m128i {
         let m = _mm_shuffle_epi32::<0x13>(_mm_srai_epi32::<31>(t));
         let m = _mm_and_si128(m, _mm_set_epi32(0, 1, 0, 0x87));
         _mm_xor_si128(_mm_add_epi64(t, t), m)
-    }
-}
-
-/// Encrypt up to eight 16-byte tweak values under `k2`, in place. The count
-/// is fixed at compile time, so the loads and stores unroll (a slice of
-/// run-time length compiled to a `memcpy` call per batch).
-#[target_feature(enable = "aes,sse2,sse4.1")]
-pub(crate) unsafe fn encrypt_tweaks<const N: usize>(k2: &Schedule, tweaks: &mut [[u8; 16]; N]) {
-    const { assert!(N <= 8) };
-    // SAFETY: round keys are 16 readable bytes each.
-    let rk = unsafe { schedule(k2) };
-    let mut b = [_mm_setzero_si128(); 8];
-    for (x, t) in b.iter_mut().zip(tweaks.iter()) {
-        // SAFETY: each tweak is 16 readable bytes.
-        *x = unsafe { load(t.as_ptr()) };
-    }
-    enc8(&mut b, &rk);
-    for (x, t) in b.iter().zip(tweaks.iter_mut()) {
-        // SAFETY: each tweak is 16 writable bytes.
-        unsafe { store(t.as_mut_ptr(), *x) };
     }
 }
 
@@ -192,6 +123,96 @@ macro_rules! sse_round {
             " xmm7, xmm8\n",
         )
     };
+}
+
+/// Encrypt up to eight 16-byte tweak values under `k2`, in place. The round
+/// keys go from secret memory through xmm8 only (memory operands in the asm):
+/// no copy of the schedule is made on the stack, and xmm8 is cleared after.
+#[target_feature(enable = "aes,sse2,sse4.1")]
+pub(crate) unsafe fn encrypt_tweaks<const N: usize>(k2: &Schedule, tweaks: &mut [[u8; 16]; N]) {
+    const { assert!(N <= 8) };
+    let mut b = [_mm_setzero_si128(); 8];
+    for (x, t) in b.iter_mut().zip(tweaks.iter()) {
+        // SAFETY: each tweak is 16 readable bytes.
+        *x = unsafe { load(t.as_ptr()) };
+    }
+    let [mut b0, mut b1, mut b2, mut b3, mut b4, mut b5, mut b6, mut b7] = b;
+    // SAFETY: `k2` is 15 round keys of 16 bytes in the 64-byte-aligned
+    // RoundKeys (so every `[rk + 16*i]` operand is aligned, as the legacy SSE
+    // encoding needs); the asm reads only them and writes only registers.
+    unsafe {
+        core::arch::asm!(
+            "movdqa xmm8, xmmword ptr [{rk}]",
+            "pxor xmm0, xmm8", "pxor xmm1, xmm8", "pxor xmm2, xmm8", "pxor xmm3, xmm8",
+            "pxor xmm4, xmm8", "pxor xmm5, xmm8", "pxor xmm6, xmm8", "pxor xmm7, xmm8",
+            sse_round!("aesenc", "16"),
+            sse_round!("aesenc", "32"),
+            sse_round!("aesenc", "48"),
+            sse_round!("aesenc", "64"),
+            sse_round!("aesenc", "80"),
+            sse_round!("aesenc", "96"),
+            sse_round!("aesenc", "112"),
+            sse_round!("aesenc", "128"),
+            sse_round!("aesenc", "144"),
+            sse_round!("aesenc", "160"),
+            sse_round!("aesenc", "176"),
+            sse_round!("aesenc", "192"),
+            sse_round!("aesenc", "208"),
+            sse_round!("aesenclast", "224"),
+            "pxor xmm8, xmm8",
+            rk = in(reg) k2.as_ptr(),
+            inout("xmm0") b0, inout("xmm1") b1, inout("xmm2") b2, inout("xmm3") b3,
+            inout("xmm4") b4, inout("xmm5") b5, inout("xmm6") b6, inout("xmm7") b7,
+            out("xmm8") _,
+            options(nostack, readonly, preserves_flags),
+        );
+    }
+    let b = [b0, b1, b2, b3, b4, b5, b6, b7];
+    for (x, t) in b.iter().zip(tweaks.iter_mut()) {
+        // SAFETY: each tweak is 16 writable bytes.
+        unsafe { store(t.as_mut_ptr(), *x) };
+    }
+}
+
+/// One block through the cipher (`aesenc`/`aesenclast`, or the `aesdec`
+/// pair with a decryption schedule); round keys as memory operands straight
+/// from secret memory, as in [`encrypt_tweaks`].
+#[inline(always)]
+unsafe fn cipher1<const DEC: bool>(mut x: __m128i, rk: &Schedule) -> __m128i {
+    macro_rules! one {
+        ($op:literal, $last:literal) => {
+            // SAFETY: as in `encrypt_tweaks`: aligned round keys in secret
+            // memory, read-only; only `x` is written.
+            unsafe {
+                core::arch::asm!(
+                    "pxor {x}, xmmword ptr [{rk}]",
+                    concat!($op, " {x}, xmmword ptr [{rk} + 16]"),
+                    concat!($op, " {x}, xmmword ptr [{rk} + 32]"),
+                    concat!($op, " {x}, xmmword ptr [{rk} + 48]"),
+                    concat!($op, " {x}, xmmword ptr [{rk} + 64]"),
+                    concat!($op, " {x}, xmmword ptr [{rk} + 80]"),
+                    concat!($op, " {x}, xmmword ptr [{rk} + 96]"),
+                    concat!($op, " {x}, xmmword ptr [{rk} + 112]"),
+                    concat!($op, " {x}, xmmword ptr [{rk} + 128]"),
+                    concat!($op, " {x}, xmmword ptr [{rk} + 144]"),
+                    concat!($op, " {x}, xmmword ptr [{rk} + 160]"),
+                    concat!($op, " {x}, xmmword ptr [{rk} + 176]"),
+                    concat!($op, " {x}, xmmword ptr [{rk} + 192]"),
+                    concat!($op, " {x}, xmmword ptr [{rk} + 208]"),
+                    concat!($last, " {x}, xmmword ptr [{rk} + 224]"),
+                    x = inout(xmm_reg) x,
+                    rk = in(reg) rk.as_ptr(),
+                    options(nostack, readonly, preserves_flags),
+                )
+            }
+        };
+    }
+    if DEC {
+        one!("aesdec", "aesdeclast");
+    } else {
+        one!("aesenc", "aesenclast");
+    }
+    x
 }
 
 macro_rules! sse_next_tweak {
@@ -409,9 +430,7 @@ pub(crate) unsafe fn xts_blocks<const DEC: bool>(
     tweak: [u8; 16],
 ) -> [u8; 16] {
     let rk_bytes = rk;
-    // SAFETY: round keys and the tweak are 16 readable bytes each.
-    let rk = unsafe { schedule(rk) };
-    // SAFETY: as above.
+    // SAFETY: the tweak is 16 readable bytes.
     let mut t = unsafe { load(tweak.as_ptr()) };
     if nblocks >= 8 {
         let groups = nblocks / 8;
@@ -442,7 +461,8 @@ pub(crate) unsafe fn xts_blocks<const DEC: bool>(
     for _ in 0..nblocks {
         // SAFETY: one block remains readable at `src`.
         let x = _mm_xor_si128(unsafe { load(src) }, t);
-        let y = if DEC { dec1(x, &rk) } else { enc1(x, &rk) };
+        // SAFETY: the schedule is RoundKeys' (aligned, in secret memory).
+        let y = unsafe { cipher1::<DEC>(x, rk_bytes) };
         // SAFETY: one block remains writable at `dst`.
         unsafe { store(dst, _mm_xor_si128(y, t)) };
         t = mul_x(t);
