@@ -138,14 +138,18 @@ pub fn random_bytes(buf: &mut [u8]) -> Result<(), KmsError> {
 #[inline(never)]
 pub fn hkdf_sha256(salt: Option<&[u8]>, ikm: &SecretMem, info: &[u8], len: usize) -> Result<SecretMem, KmsError> {
     let mut out = SecretMem::new(len)?;
-    {
-        let hk = Hkdf::<Sha256>::new(salt, ikm.as_slice());
-        // `len` is at most 64 here, far below HKDF's 255 * 32 limit.
-        hk.expand(info, out.as_mut_slice())
-            .expect("HKDF output length within limit");
-    }
+    hkdf_into(salt, ikm.as_slice(), info, out.as_mut_slice());
+    // The HKDF state (PRK, HMAC pads) lived in `hkdf_into`'s frame, below this one.
     scrub_stack();
     Ok(out)
+}
+
+/// The HKDF work, in a frame of its own that [`scrub_stack`] then overwrites.
+#[inline(never)]
+fn hkdf_into(salt: Option<&[u8]>, ikm: &[u8], info: &[u8], out: &mut [u8]) {
+    let hk = Hkdf::<Sha256>::new(salt, ikm);
+    // `out` is at most 64 bytes here, far below HKDF's 255 * 32 limit.
+    hk.expand(info, out).expect("HKDF output length within limit");
 }
 
 /// AES-256-GCM encryption of `plain` (secret) under `key` (secret, 32 bytes); returns
@@ -154,16 +158,12 @@ pub fn hkdf_sha256(salt: Option<&[u8]>, ikm: &SecretMem, info: &[u8], len: usize
 #[inline(never)]
 pub fn gcm_seal(key: &SecretMem, nonce: &[u8; NONCE_LEN], aad: &[u8], plain: &[u8]) -> Result<Vec<u8>, KmsError> {
     let mut scratch = SecretMem::from_slice(plain)?;
-    let tag = {
-        let cipher = Aes256Gcm::new_from_slice(key.as_slice()).expect("32-byte AES key");
-        cipher
-            .encrypt_in_place_detached(Nonce::from_slice(nonce), aad, scratch.as_mut_slice())
-            .map_err(|_| KmsError::BackendError {
-                detail: "AES-GCM refused to encrypt".into(),
-            })
-    };
+    let tag = gcm_seal_in_place(key.as_slice(), nonce, aad, scratch.as_mut_slice());
+    // The cipher's round keys and GHASH key lived in that frame, below this one.
     scrub_stack();
-    let tag = tag?;
+    let tag = tag.ok_or_else(|| KmsError::BackendError {
+        detail: "AES-GCM refused to encrypt".into(),
+    })?;
     let mut out = Vec::with_capacity(plain.len() + TAG_LEN);
     out.extend_from_slice(scratch.as_slice()); // ciphertext now
     out.extend_from_slice(&tag);
@@ -183,19 +183,30 @@ pub fn gcm_open(
         return Ok(None);
     };
     let mut out = SecretMem::from_slice(&sealed[..ct_len])?;
-    let ok = {
-        let cipher = Aes256Gcm::new_from_slice(key.as_slice()).expect("32-byte AES key");
-        cipher
-            .decrypt_in_place_detached(
-                Nonce::from_slice(nonce),
-                aad,
-                out.as_mut_slice(),
-                Tag::from_slice(&sealed[ct_len..]),
-            )
-            .is_ok()
-    };
+    let ok = gcm_open_in_place(key.as_slice(), nonce, aad, out.as_mut_slice(), &sealed[ct_len..]);
+    // As in `gcm_seal`.
     scrub_stack();
     Ok(ok.then_some(out))
+}
+
+/// AES-256-GCM sealing in a frame of its own (see [`scrub_stack`]); the tag.
+#[inline(never)]
+fn gcm_seal_in_place(key: &[u8], nonce: &[u8; NONCE_LEN], aad: &[u8], buf: &mut [u8]) -> Option<[u8; TAG_LEN]> {
+    let cipher = Aes256Gcm::new_from_slice(key).expect("32-byte AES key");
+    let tag = cipher
+        .encrypt_in_place_detached(Nonce::from_slice(nonce), aad, buf)
+        .ok()?;
+    Some(tag.into())
+}
+
+/// AES-256-GCM opening in a frame of its own (see [`scrub_stack`]); whether the tag
+/// verified.
+#[inline(never)]
+fn gcm_open_in_place(key: &[u8], nonce: &[u8; NONCE_LEN], aad: &[u8], buf: &mut [u8], tag: &[u8]) -> bool {
+    let cipher = Aes256Gcm::new_from_slice(key).expect("32-byte AES key");
+    cipher
+        .decrypt_in_place_detached(Nonce::from_slice(nonce), aad, buf, Tag::from_slice(tag))
+        .is_ok()
 }
 
 /// `true` if the two halves of a 64-byte XTS key differ (constant time).
@@ -223,10 +234,11 @@ pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 /// Best-effort wipe of the stack below the caller's frame.
 ///
 /// The hash, HKDF and AES-GCM types of the RustCrypto crates keep key-equivalent state
-/// (HMAC pads, AES round keys) inside themselves, on the stack of the function that uses
-/// them; the AES ones zeroize on drop, the HMAC ones do not. The helpers above therefore
-/// do that work in their own `#[inline(never)]` frames and then call this, which
-/// overwrites the stack area those frames used.
+/// (HMAC pads, AES round keys, the GHASH key) inside themselves, on the stack of the
+/// function that uses them; the AES and GHASH ones zeroize on drop (crate features), the
+/// HMAC ones do not. The helpers above therefore do that work in `#[inline(never)]`
+/// worker functions and call this from their caller once the worker has returned: its
+/// 16 KiB array then lies over the stack area the worker's frame used.
 #[inline(never)]
 pub fn scrub_stack() {
     let mut area = [0u8; 16 * 1024];
