@@ -46,6 +46,10 @@ pub struct DaemonConfig {
     /// NBD over TCP (off unless given; use a loopback address unless the
     /// network is trusted: NBD has no authentication).
     pub nbd_tcp: Option<std::net::SocketAddr>,
+    /// CreateEncryptedCopy's SourcePath only beneath this directory (none: refused).
+    pub import_dir: Option<PathBuf>,
+    /// Block devices there too.
+    pub import_devices: bool,
 }
 
 impl DaemonConfig {
@@ -62,6 +66,8 @@ impl DaemonConfig {
             socket: None,
             nbd_socket: None,
             nbd_tcp: None,
+            import_dir: None,
+            import_devices: false,
         }
     }
 
@@ -172,6 +178,8 @@ impl Daemon {
             ControlConfig {
                 data_dir: dir.clone(),
                 qos: cfg.qos,
+                import_dir: cfg.import_dir.clone(),
+                import_devices: cfg.import_devices,
             },
         );
         let (restored, failed) = control.restore_attachments().map_err(|e| e.to_string())?;

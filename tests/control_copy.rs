@@ -71,6 +71,8 @@ impl Env {
             ControlConfig {
                 data_dir: dir.0.clone(),
                 qos: QosConfig::default(),
+                import_dir: Some(std::env::temp_dir()),
+                import_devices: false,
             },
         );
         Env { ctl, reactors, dir }
@@ -595,4 +597,144 @@ fn pool_full_mid_copy_removes_the_half_made_disk_and_its_key() {
         json!({"RegionId": R, "AccountId": A, "SourcePath": file.to_str().unwrap()}),
     );
     e.check_clean();
+}
+
+/// SourcePath is bounded: no import directory, no SourcePath; with one, only files
+/// beneath it, resolved by the kernel without `..` escapes or symlinks, no hard-linked
+/// files, block devices only with `import_devices`. Each refusal changes nothing.
+#[test]
+fn source_paths_stay_beneath_the_import_directory() {
+    use std::os::unix::fs::symlink;
+    let e = Env::new("import");
+    e.activate(A);
+    let imp = TempDir::new("import-dir");
+    let outside = TempDir::new("import-outside");
+    let secret = outside.0.join("secret.raw");
+    std::fs::write(&secret, vec![7u8; 8192]).unwrap();
+    let inside = imp.0.join("img.raw");
+    std::fs::write(&inside, vec![1u8; 8192]).unwrap();
+    std::fs::create_dir(imp.0.join("sub")).unwrap();
+    symlink(&secret, imp.0.join("link.raw")).unwrap();
+    symlink(&outside.0, imp.0.join("dirlink")).unwrap();
+    std::fs::hard_link(&secret, imp.0.join("hard.raw")).unwrap();
+    // A block device node (the first loop device's numbers) inside the import directory.
+    let dev = imp.0.join("dev0");
+    let path = std::ffi::CString::new(dev.to_str().unwrap()).unwrap();
+    // SAFETY: mknod(2) with a live NUL-terminated path.
+    let rc = unsafe { libc::mknod(path.as_ptr(), libc::S_IFBLK | 0o600, libc::makedev(7, 0)) };
+    assert_eq!(
+        rc,
+        0,
+        "mknod of a block device node (the test runs as root): {}",
+        std::io::Error::last_os_error()
+    );
+
+    let call = |p: &str| {
+        e.ctl.call(
+            "CreateEncryptedCopy",
+            json!({"RegionId": R, "AccountId": A, "SourcePath": p}),
+        )
+    };
+    let before = e.dump();
+    let refused = |p: &str, code: &str, why: &str| {
+        let err = call(p).expect_err(p);
+        assert_eq!(err.code(), code, "{p}: {err}");
+        assert!(err.to_string().contains(why), "{p}: {err}");
+    };
+    // This Env's import directory is the system temp dir; these all lie outside it or
+    // break its rules.
+    refused(
+        "/etc/shadow",
+        "InvalidParameter.SourcePath",
+        "not beneath the import directory",
+    );
+    let rel = |p: &std::path::Path| {
+        p.strip_prefix(std::env::temp_dir())
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned()
+    };
+    let imp_rel = rel(&imp.0);
+    refused(
+        &format!("{imp_rel}/../../etc/passwd"),
+        "InvalidParameter.SourcePath",
+        "leaves the import directory",
+    );
+    refused(&format!("{imp_rel}/link.raw"), "InvalidParameter.SourcePath", "symlink");
+    refused(
+        &format!("{imp_rel}/dirlink/secret.raw"),
+        "InvalidParameter.SourcePath",
+        "symlink",
+    );
+    refused(
+        &format!("{imp_rel}/hard.raw"),
+        "InvalidParameter.SourcePath",
+        "hard links",
+    );
+    refused(
+        &format!("{imp_rel}/dev0"),
+        "InvalidParameter.SourcePath",
+        "--import-devices",
+    );
+    refused(
+        &format!("{imp_rel}/sub"),
+        "InvalidParameter.SourcePath",
+        "raw image file",
+    );
+    refused(
+        &format!("{imp_rel}/nothing.raw"),
+        "InvalidParameter.SourcePath",
+        "cannot be opened",
+    );
+    assert_eq!(before, e.dump(), "a refused SourcePath changed something");
+    // Inside, by absolute path and relative to the import directory: copied.
+    let r = e.ok(
+        "CreateEncryptedCopy",
+        json!({"RegionId": R, "AccountId": A, "SourcePath": inside.to_str().unwrap()}),
+    );
+    assert_eq!(r["BytesCopied"], 8192);
+    let r = e.ok(
+        "CreateEncryptedCopy",
+        json!({"RegionId": R, "AccountId": A, "SourcePath": format!("{imp_rel}/sub/../img.raw")}),
+    );
+    assert_eq!(r["BytesCopied"], 8192);
+
+    // Without an import directory SourcePath is refused; with import_devices a block
+    // device passes the device rule (the unbacked loop device is then empty).
+    for (dir, devices, path, code, why) in [
+        (
+            None,
+            false,
+            inside.to_str().unwrap().to_owned(),
+            "InvalidOperation.ImportDisabled",
+            "--import-dir",
+        ),
+        (
+            Some(imp.0.clone()),
+            true,
+            "dev0".to_owned(),
+            "InvalidParameter.SourcePath",
+            "is empty",
+        ),
+    ] {
+        let db = catalog::open(&TempDir::new("import-cat").0.join(catalog::CATALOG_FILE)).unwrap();
+        let pool_dir = TempDir::new("import-pool");
+        let pool = Pool::open(db.clone(), &pool_dir.0.join("pool.img"), 16 * MIB).unwrap();
+        let kms_dir = TempDir::new("import-kms");
+        let kms = Arc::new(Kms::open(KmsConfig::local(&kms_dir.0)).unwrap());
+        let mut cfg = ControlConfig::new(pool_dir.0.clone());
+        cfg.import_dir = dir;
+        cfg.import_devices = devices;
+        let ctl = Control::new(db, pool, kms, Exports::new(), Some(e.reactors.clone()), cfg);
+        ctl.call("ActivateKms", json!({"RegionId": R, "AccountId": A})).unwrap();
+        let err = ctl
+            .call(
+                "CreateEncryptedCopy",
+                json!({"RegionId": R, "AccountId": A, "SourcePath": path}),
+            )
+            .expect_err("refused");
+        assert_eq!(err.code(), code, "{err}");
+        assert!(err.to_string().contains(why), "{err}");
+    }
 }

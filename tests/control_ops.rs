@@ -71,6 +71,8 @@ impl Env {
             ControlConfig {
                 data_dir: dir.0.clone(),
                 qos: QosConfig::default(),
+                import_dir: None,
+                import_devices: false,
             },
         );
         Env {

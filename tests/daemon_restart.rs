@@ -54,11 +54,16 @@ fn start(dir: &Path, log: PathBuf) -> Daemon {
 }
 
 fn start_with(dir: &Path, log: PathBuf, pool_size: &str) -> Daemon {
+    start_args(dir, log, pool_size, &[])
+}
+
+fn start_args(dir: &Path, log: PathBuf, pool_size: &str, extra: &[&std::ffi::OsStr]) -> Daemon {
     let f = std::fs::File::create(&log).unwrap();
     let child = Command::new(BIN)
         .args(["serve", "--data-dir"])
         .arg(dir)
         .args(["--cores", "0", "--pool-size", pool_size])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(f)
@@ -106,6 +111,8 @@ fn open_in_process(dir: &Path, reactors: &Arc<sealdisk::reactor::Reactors>) -> A
         ControlConfig {
             data_dir: dir.to_owned(),
             qos: QosConfig::default(),
+            import_dir: None,
+            import_devices: false,
         },
     )
 }
@@ -459,7 +466,8 @@ fn sigkill_during_create_encrypted_copy_leaves_nothing_half_made() {
             f.write_all(&chunk).unwrap();
         }
     }
-    let dm = start_with(d, logs.0.join("1.log"), "256M");
+    let import = [std::ffi::OsStr::new("--import-dir"), src.0.as_os_str()];
+    let dm = start_args(d, logs.0.join("1.log"), "256M", &import);
     let sock = d.join("sealdisk.sock");
     let mut c = Client::connect(&sock).unwrap();
     c.call("ActivateKms", json!({"RegionId": R, "AccountId": A})).unwrap();
@@ -491,7 +499,7 @@ fn sigkill_during_create_encrypted_copy_leaves_nothing_half_made() {
     child.wait().unwrap();
     drop(c);
 
-    let dm = start_with(d, logs.0.join("2.log"), "256M");
+    let dm = start_args(d, logs.0.join("2.log"), "256M", &import);
     let mut c = Client::connect(&sock).unwrap();
     let chk = c.call("CheckPool", json!({})).unwrap();
     assert_eq!(chk["Consistent"], true, "{chk}");

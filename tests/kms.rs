@@ -1601,6 +1601,8 @@ fn a_slow_kms_does_not_delay_first_writes_to_another_disk() {
         ControlConfig {
             data_dir: data.path().to_owned(),
             qos: QosConfig::default(),
+            import_dir: None,
+            import_devices: false,
         },
     );
     let call = |m: &str, p: serde_json::Value| {

@@ -57,7 +57,8 @@ fn start_on(d: &Path, log: &str, faults: Option<&str>, cores: &str) -> Daemon {
     let mut cmd = Command::new(BIN);
     cmd.args(["serve", "--data-dir"])
         .arg(d.join("data"))
-        .args(["--cores", cores, "--pool-size", "64M", "--no-qos"])
+        .args(["--cores", cores, "--pool-size", "64M", "--no-qos", "--import-dir"])
+        .arg(std::env::temp_dir())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap());

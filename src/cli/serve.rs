@@ -114,6 +114,19 @@ pub fn serve_command() -> Command {
                 .help("also serve NBD over TCP (e.g. 127.0.0.1:10809; NBD has no authentication)"),
         )
         .arg(
+            Arg::new("import-dir")
+                .long("import-dir")
+                .value_name("DIR")
+                .value_parser(clap::value_parser!(PathBuf))
+                .help("CreateEncryptedCopy SourcePath only beneath DIR (default: SourcePath refused)"),
+        )
+        .arg(
+            Arg::new("import-devices")
+                .long("import-devices")
+                .action(ArgAction::SetTrue)
+                .help("also block devices beneath --import-dir"),
+        )
+        .arg(
             Arg::new("no-qos")
                 .long("no-qos")
                 .action(ArgAction::SetTrue)
@@ -188,6 +201,19 @@ fn config(m: &ArgMatches) -> Result<DaemonConfig, String> {
     cfg.nbd_tcp = m.get_one::<std::net::SocketAddr>("nbd-tcp").copied();
     if m.get_flag("no-qos") {
         cfg.qos = QosConfig::off();
+    }
+    cfg.import_dir = m.get_one::<PathBuf>("import-dir").cloned();
+    cfg.import_devices = m.get_flag("import-devices");
+    if cfg.import_devices && cfg.import_dir.is_none() {
+        return Err("--import-devices needs --import-dir".into());
+    }
+    if let Some(d) = &cfg.import_dir {
+        if !d.is_absolute() || !d.is_dir() {
+            return Err(format!(
+                "--import-dir {}: must be an existing directory, given as an absolute path",
+                d.display()
+            ));
+        }
     }
     Ok(cfg)
 }

@@ -390,24 +390,63 @@ impl Control {
         }))
     }
 
-    /// Checks and opens `SourcePath`: absolute, a regular file or block device the daemon
-    /// can read, not inside the data directory and not the pool. Returns the canonical
-    /// path, the open file and its size.
+    /// Checks and opens `SourcePath`: only beneath the import directory (`serve
+    /// --import-dir`; none: refused), resolved by the kernel without leaving it and
+    /// without following any symlink (`openat2` with `RESOLVE_BENEATH |
+    /// RESOLVE_NO_SYMLINKS`, so nothing can swap a path between the check and the open),
+    /// a regular file with one link (a hard link could name a file outside) or, with
+    /// `--import-devices`, a block device; never the pool. Returns the path as given
+    /// beneath the import directory, the open file and its size.
     fn open_source_path(&self, path: &str) -> Result<(PathBuf, File, u64), ControlError> {
         let bad =
             |why: String| ControlError::param("InvalidParameter.SourcePath", format!("SourcePath {path:?}: {why}"));
+        let Some(dir) = &self.cfg.import_dir else {
+            return Err(ControlError::limit(
+                "InvalidOperation.ImportDisabled",
+                "SourcePath is off: the daemon has no import directory (serve --import-dir DIR); copy from a disk \
+                 with SourceDiskId, or put the image under an import directory",
+            ));
+        };
         let p = Path::new(path);
-        if !p.is_absolute() {
-            return Err(bad("must be an absolute path on the daemon's host".into()));
+        // Relative to the import directory; an absolute path must lie beneath it.
+        let rel = if p.is_absolute() {
+            p.strip_prefix(dir)
+                .map_err(|_| bad(format!("is not beneath the import directory {}", dir.display())))?
+        } else {
+            p
+        };
+        if rel.as_os_str().is_empty() {
+            return Err(bad("names the import directory itself, not a file".into()));
         }
-        let canon = std::fs::canonicalize(p).map_err(|e| bad(format!("cannot be opened ({e})")))?;
-        let meta = std::fs::metadata(&canon).map_err(|e| bad(format!("cannot be opened ({e})")))?;
+        let file = openat2_beneath(dir, rel).map_err(|e| {
+            bad(match e.raw_os_error() {
+                Some(libc::EXDEV) => format!("leaves the import directory {}", dir.display()),
+                Some(libc::ELOOP) => "goes through a symlink (not followed)".into(),
+                _ => format!("cannot be opened beneath {} ({e})", dir.display()),
+            })
+        })?;
+        let meta = file.metadata().map_err(|e| bad(format!("cannot be read ({e})")))?;
         let ft = meta.file_type();
-        if !ft.is_file() && !ft.is_block_device() {
+        if ft.is_block_device() {
+            if !self.cfg.import_devices {
+                return Err(bad(
+                    "is a block device; the daemon imports devices only with serve --import-devices".into(),
+                ));
+            }
+        } else if !ft.is_file() {
             return Err(bad("must be a raw image file or a block device".into()));
+        } else if meta.nlink() != 1 {
+            return Err(bad(format!(
+                "has {} hard links; a hard link can name a file outside the import directory, so copy the \
+                 image into it instead",
+                meta.nlink()
+            )));
         }
-        if let Ok(dd) = std::fs::canonicalize(&self.cfg.data_dir) {
-            if canon.starts_with(&dd) {
+        if let (Ok(dd), Ok(real)) = (
+            std::fs::canonicalize(&self.cfg.data_dir),
+            std::fs::canonicalize(dir.join(rel)),
+        ) {
+            if real.starts_with(&dd) {
                 return Err(bad(
                     "is inside the daemon's data directory (catalog, pool, keys); copy from a disk with SourceDiskId"
                         .into(),
@@ -421,7 +460,7 @@ impl Control {
                 return Err(bad("is the daemon's pool; copy from a disk with SourceDiskId".into()));
             }
         }
-        let mut file = File::open(&canon).map_err(|e| bad(format!("cannot be opened ({e})")))?;
+        let mut file = file;
         let size = if ft.is_block_device() {
             file.seek(SeekFrom::End(0))
                 .map_err(|e| bad(format!("size unknown ({e})")))?
@@ -431,7 +470,7 @@ impl Control {
         if size == 0 {
             return Err(bad("is empty".into()));
         }
-        Ok((canon, file, size))
+        Ok((dir.join(rel), file, size))
     }
 
     /// Waits (briefly) until no bdev of `id` is alive: the copy's pollers drop theirs
@@ -544,6 +583,36 @@ fn read_file(f: &File, off: u64, len: u64) -> std::io::Result<Vec<u8>> {
         }
     }
     Ok(buf)
+}
+
+/// Opens `rel` read-only beneath `dir`, as the kernel resolves it: no `..` or absolute
+/// component leaving `dir` (EXDEV), no symlink anywhere on the way (ELOOP).
+fn openat2_beneath(dir: &Path, rel: &Path) -> std::io::Result<File> {
+    use std::ffi::CString;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    let d = File::open(dir)?;
+    let c = CString::new(rel.as_os_str().as_bytes()).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: zero is a valid `open_how` (no flags); the fields are set below.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY) as u64;
+    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: openat2(2) with a live directory descriptor, a NUL-terminated path and a
+    // live `open_how` of the size passed; the result is checked.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            std::os::fd::AsRawFd::as_raw_fd(&d),
+            c.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor that we own.
+    Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd as i32) }))
 }
 
 #[cfg(test)]

@@ -118,6 +118,23 @@ pub struct ControlConfig {
     pub data_dir: PathBuf,
     /// QoS caps recorded on new disks.
     pub qos: QosConfig,
+    /// The only directory CreateEncryptedCopy's SourcePath may name files under
+    /// (`serve --import-dir`); `None`: SourcePath is refused.
+    pub import_dir: Option<PathBuf>,
+    /// Block devices under `import_dir` may be imported too (`serve --import-devices`).
+    pub import_devices: bool,
+}
+
+impl ControlConfig {
+    /// Defaults: QoS from the category table, no import directory.
+    pub fn new(data_dir: impl Into<PathBuf>) -> ControlConfig {
+        ControlConfig {
+            data_dir: data_dir.into(),
+            qos: QosConfig::default(),
+            import_dir: None,
+            import_devices: false,
+        }
+    }
 }
 
 /// Parameters that name an existing object an operation works on: operations naming
