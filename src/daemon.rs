@@ -216,9 +216,12 @@ impl Daemon {
 
         let logf: Arc<dyn Fn(LogLine) + Send + Sync> = Arc::new(|l: LogLine| {
             log(&format!(
-                "rpc {} account={} -> {}",
+                "rpc {} account={} caller={} -> {}",
                 l.method,
                 l.account.as_deref().unwrap_or("-"),
+                l.caller
+                    .map(|c| format!("uid:{},pid:{}", c.uid, c.pid))
+                    .unwrap_or_else(|| "-".into()),
                 l.code
             ))
         });

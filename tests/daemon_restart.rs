@@ -525,4 +525,22 @@ fn sigkill_during_create_encrypted_copy_leaves_nothing_half_made() {
         log2.contains("removed 1 volume(s) no disk, snapshot or image refers to"),
         "the start after the kill must say what it swept: {log2}"
     );
+    // Who called: the RPC log line and the KMS audit record carry this process's uid
+    // and pid (SO_PEERCRED), also for the copy's background task.
+    // SAFETY: getuid(2) has no preconditions.
+    let me = format!("uid:{},pid:{}", unsafe { libc::getuid() }, std::process::id());
+    assert!(
+        log2.contains(&format!("rpc CreateEncryptedCopy account={A} caller={me} -> ok")),
+        "{log2}"
+    );
+    let audit = std::fs::read_to_string(d.join("kms/audit.log")).unwrap();
+    let entries: Vec<Value> = audit.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let gen = entries
+        .iter()
+        .rev()
+        .find(|e| e["operation"] == "GenerateDataKey")
+        .expect("the copy generated a key");
+    assert_eq!(gen["caller"]["pid"], std::process::id(), "{gen}");
+    // SAFETY: as above.
+    assert_eq!(gen["caller"]["uid"], unsafe { libc::getuid() }, "{gen}");
 }

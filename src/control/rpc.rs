@@ -28,6 +28,8 @@ pub struct LogLine {
     pub method: String,
     pub account: Option<String>,
     pub code: String,
+    /// The control socket's peer, when known.
+    pub caller: Option<crate::kms::Caller>,
 }
 
 fn error_obj(rpc: i64, message: &str, code: &str, retry_after_ms: Option<u64>) -> Value {
@@ -95,6 +97,7 @@ fn handle_one(h: &dyn Handler, req: Value, log: &mut dyn FnMut(LogLine)) -> Opti
                 method,
                 account: None,
                 code: e.code().to_owned(),
+                caller: crate::kms::audit::caller(),
             });
             return id.map(|_| response_err(reply_id, control_error(&e)));
         }
@@ -108,6 +111,7 @@ fn handle_one(h: &dyn Handler, req: Value, log: &mut dyn FnMut(LogLine)) -> Opti
             Ok(_) => "ok".into(),
             Err(e) => e.code().to_owned(),
         },
+        caller: crate::kms::audit::caller(),
     });
     let id = id?;
     Some(match result {

@@ -135,10 +135,12 @@ impl Tasks {
             m.insert(t.id.clone(), t.clone());
         }
         let task = t.clone();
+        // The task's KMS calls are audited as its caller's.
+        let caller = crate::kms::audit::caller();
         std::thread::Builder::new()
             .name(format!("task-{}", t.id))
             .spawn(move || {
-                let res = body(&task);
+                let res = crate::kms::audit::with_caller(caller, || body(&task));
                 let state = match res {
                     Ok(v) => State::Finished(v),
                     Err(_) if task.cancelled() => State::Cancelled,

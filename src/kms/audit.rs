@@ -29,6 +29,31 @@ impl Default for AuditConfig {
     }
 }
 
+/// Who made the calls on this thread: the peer of the control socket connection
+/// (SO_PEERCRED), recorded in every audit record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Caller {
+    pub uid: u32,
+    pub pid: i32,
+}
+
+thread_local! {
+    static CALLER: std::cell::Cell<Option<Caller>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with `caller` as this thread's caller (restored afterwards).
+pub fn with_caller<R>(caller: Option<Caller>, f: impl FnOnce() -> R) -> R {
+    let old = CALLER.with(|c| c.replace(caller));
+    let r = f();
+    CALLER.with(|c| c.set(old));
+    r
+}
+
+/// This thread's caller, if one was set.
+pub fn caller() -> Option<Caller> {
+    CALLER.with(|c| c.get())
+}
+
 /// One audit record, as written (one JSON object per line).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditEntry {
@@ -52,6 +77,9 @@ pub struct AuditEntry {
     pub result: String,
     /// The error code when `result` is `error`.
     pub error_code: Option<String>,
+    /// Who asked (the control socket's peer), when the call came from one.
+    #[serde(default)]
+    pub caller: Option<Caller>,
 }
 
 #[derive(Debug)]

@@ -19,7 +19,7 @@
 //! `docs/kms.md` for the operator's view and `docs/format.md` ("Key derivation and
 //! wrapping") for the exact bytes.
 
-mod audit;
+pub(crate) mod audit;
 mod error;
 mod format;
 mod fsutil;
@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use crate::crypto::{Xts, XtsError};
 use crate::secmem::SecretMem;
 
-pub use audit::{AuditConfig, AuditEntry};
+pub use audit::{with_caller, AuditConfig, AuditEntry, Caller};
 pub use error::{IdField, KmsError};
 pub use format::{
     CMK_LEN, DATA_KEY_LEN, LABEL_CMK_AAD, LABEL_DATA_KEY, LABEL_KEYSTORE_KEY, LABEL_TRANSIT_CONTEXT, LABEL_WRAP_KEY,
@@ -371,6 +371,7 @@ impl Kms {
             backend: self.backend_kind(),
             result: if result.is_ok() { "ok" } else { "error" }.to_owned(),
             error_code: result.err().map(|e| e.code().to_owned()),
+            caller: audit::caller(),
         };
         self.audit.lock().unwrap_or_else(|p| p.into_inner()).append(&entry)
     }
