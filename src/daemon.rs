@@ -50,6 +50,8 @@ pub struct DaemonConfig {
     pub import_dir: Option<PathBuf>,
     /// Block devices there too.
     pub import_devices: bool,
+    /// Group of the per-instance NBD sockets (`serve --vmm-group`; None: root's).
+    pub vmm_gid: Option<u32>,
 }
 
 impl DaemonConfig {
@@ -68,6 +70,7 @@ impl DaemonConfig {
             nbd_tcp: None,
             import_dir: None,
             import_devices: false,
+            vmm_gid: None,
         }
     }
 
@@ -109,8 +112,15 @@ impl Daemon {
     pub fn start(cfg: DaemonConfig) -> Result<Daemon, String> {
         let dir = &cfg.data_dir;
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| format!("{}: {e}", dir.display()))?;
+        // Owner-only, except that the VMM group may pass through to its instances'
+        // sockets (DATA_DIR/instances/<id>/nbd.sock); every file in here is 0600.
+        let gid = cfg.vmm_gid.unwrap_or(0);
+        std::os::unix::fs::chown(dir, None, Some(gid)).map_err(|e| format!("{}: {e}", dir.display()))?;
+        std::fs::set_permissions(
+            dir,
+            std::fs::Permissions::from_mode(if gid == 0 { 0o700 } else { 0o710 }),
+        )
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
         let kms = Arc::new(Kms::open(cfg.kms.clone()).map_err(|e| format!("KMS ({}): {e}", e.code()))?);
         let db = catalog::open(&dir.join(catalog::CATALOG_FILE)).map_err(|e| format!("{} ({})", e, e.code()))?;
         let pool_path = cfg.pool_path();
@@ -202,6 +212,8 @@ impl Daemon {
             NbdConfig {
                 unix_path: Some(nbd_sock.clone()),
                 tcp: cfg.nbd_tcp,
+                instances_dir: Some(dir.join(crate::export::INSTANCES_DIR)),
+                instance_gid: cfg.vmm_gid,
             },
             reactors.clone(),
             exports.clone(),

@@ -33,10 +33,13 @@ impl Export {
     }
 }
 
-/// The registry (control path only; the data path holds `Export` clones).
+/// The registry (control path only; the data path holds `Export` clones). The
+/// daemon's registry (every attached disk, for the administrator's socket) also holds
+/// the per-instance ones.
 #[derive(Default)]
 pub struct Exports {
     map: RwLock<BTreeMap<String, Export>>,
+    instances: InstanceExports,
 }
 
 impl Exports {
@@ -63,5 +66,117 @@ impl Exports {
     }
     pub fn names(&self) -> Vec<String> {
         self.map.read().expect("exports lock").keys().cloned().collect()
+    }
+    /// The per-instance registries.
+    pub fn instances(&self) -> &InstanceExports {
+        &self.instances
+    }
+}
+
+/// Directory of the per-instance sockets in the data directory.
+pub const INSTANCES_DIR: &str = "instances";
+/// File name of an instance's NBD socket in its directory.
+pub const INSTANCE_SOCKET: &str = "nbd.sock";
+
+/// The NBD socket of `instance`: `DATA_DIR/instances/<InstanceId>/nbd.sock`.
+pub fn instance_socket(data_dir: &std::path::Path, instance: &str) -> std::path::PathBuf {
+    data_dir.join(INSTANCES_DIR).join(instance).join(INSTANCE_SOCKET)
+}
+
+/// Per-instance export registries: an instance's NBD socket
+/// (`DATA_DIR/instances/<InstanceId>/nbd.sock`) serves exactly the disks attached to
+/// it, each as an [`Export`] of its own, so detaching a shared disk from one instance
+/// ends only that instance's connections. The control plane adds and removes; the NBD
+/// server binds and removes the sockets, and reports when it has caught up.
+#[derive(Default)]
+pub struct InstanceExports {
+    state: std::sync::Mutex<InstState>,
+    synced: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct InstState {
+    map: BTreeMap<String, Arc<Exports>>,
+    /// Bumped by every change of the instance set.
+    gen: u64,
+    /// The generation the NBD server has bound sockets for.
+    bound: u64,
+    /// Whether an NBD server serves these (else nobody waits for sockets).
+    served: bool,
+}
+
+impl InstanceExports {
+    fn state(&self) -> std::sync::MutexGuard<'_, InstState> {
+        self.state.lock().expect("instance exports")
+    }
+
+    /// The registry of `instance`, made (and its socket requested) if new.
+    pub fn get_or_create(&self, instance: &str) -> Arc<Exports> {
+        let mut s = self.state();
+        if let Some(e) = s.map.get(instance) {
+            return e.clone();
+        }
+        let e = Exports::new();
+        s.map.insert(instance.to_owned(), e.clone());
+        s.gen += 1;
+        e
+    }
+
+    /// The registry of `instance`, if it has one.
+    pub fn get(&self, instance: &str) -> Option<Arc<Exports>> {
+        self.state().map.get(instance).cloned()
+    }
+
+    /// Drops `instance`'s registry (revoking every export in it); its socket goes.
+    pub fn remove(&self, instance: &str) {
+        let mut s = self.state();
+        if let Some(e) = s.map.remove(instance) {
+            for n in e.names() {
+                e.remove(&n);
+            }
+            s.gen += 1;
+        }
+    }
+
+    /// Drops every registry (shutdown).
+    pub fn clear(&self) {
+        let ids: Vec<String> = self.state().map.keys().cloned().collect();
+        for i in ids {
+            self.remove(&i);
+        }
+    }
+
+    /// For the NBD server: the generation and the instances with their registries.
+    pub fn snapshot(&self) -> (u64, Vec<(String, Arc<Exports>)>) {
+        let s = self.state();
+        (s.gen, s.map.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+    }
+
+    /// The current generation (cheap, for the NBD server's loop).
+    pub fn generation(&self) -> u64 {
+        self.state().gen
+    }
+
+    /// For the NBD server: sockets for generation `gen` are bound (or `serving`
+    /// stopped).
+    pub fn set_bound(&self, gen: u64, serving: bool) {
+        let mut s = self.state();
+        s.bound = gen;
+        s.served = serving;
+        self.synced.notify_all();
+    }
+
+    /// Waits (at most `timeout`) until the NBD server has bound the sockets of every
+    /// instance created so far, if a server serves them.
+    pub fn wait_bound(&self, timeout: std::time::Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut s = self.state();
+        while s.served && s.bound < s.gen {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            s = self.synced.wait_timeout(s, left).expect("instance exports").0;
+        }
     }
 }

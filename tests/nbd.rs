@@ -60,6 +60,7 @@ impl Fixture {
             NbdConfig {
                 unix_path: Some(sock.clone()),
                 tcp: None,
+                ..Default::default()
             },
             reactors.clone(),
             exports.clone(),
@@ -708,6 +709,7 @@ fn tcp_listener_on_loopback() {
         NbdConfig {
             unix_path: None,
             tcp: Some("127.0.0.1:0".parse().unwrap()),
+            ..Default::default()
         },
         f.reactors.clone(),
         f.exports.clone(),
@@ -761,6 +763,7 @@ fn no_completion_is_slept_on_with_a_long_park_timeout() {
         NbdConfig {
             unix_path: Some(sock.clone()),
             tcp: None,
+            ..Default::default()
         },
         reactors.clone(),
         exports.clone(),

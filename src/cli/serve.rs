@@ -114,6 +114,12 @@ pub fn serve_command() -> Command {
                 .help("also serve NBD over TCP (e.g. 127.0.0.1:10809; NBD has no authentication)"),
         )
         .arg(
+            Arg::new("vmm-group")
+                .long("vmm-group")
+                .value_name("NAME")
+                .help("group of the per-instance NBD sockets DATA_DIR/instances/<id>/nbd.sock (default root)"),
+        )
+        .arg(
             Arg::new("import-dir")
                 .long("import-dir")
                 .value_name("DIR")
@@ -201,6 +207,16 @@ fn config(m: &ArgMatches) -> Result<DaemonConfig, String> {
     cfg.nbd_tcp = m.get_one::<std::net::SocketAddr>("nbd-tcp").copied();
     if m.get_flag("no-qos") {
         cfg.qos = QosConfig::off();
+    }
+    if let Some(g) = m.get_one::<String>("vmm-group") {
+        let name = std::ffi::CString::new(g.as_str()).map_err(|_| format!("--vmm-group {g:?}: not a group name"))?;
+        // SAFETY: getgrnam(3) with a NUL-terminated name; the result is read at once.
+        let gr = unsafe { libc::getgrnam(name.as_ptr()) };
+        if gr.is_null() {
+            return Err(format!("--vmm-group {g}: no such group"));
+        }
+        // SAFETY: a non-null result points at a valid group entry.
+        cfg.vmm_gid = Some(unsafe { (*gr).gr_gid });
     }
     cfg.import_dir = m.get_one::<PathBuf>("import-dir").cloned();
     cfg.import_devices = m.get_flag("import-devices");

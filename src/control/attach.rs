@@ -167,7 +167,14 @@ impl Control {
             }
             return Err(e.into());
         }
-        Ok(json!({ "DiskId": disk_id, "InstanceId": instance_id, "Export": disk_id }))
+        self.instance_add(&instance_id, &disk_id);
+        self.exports.instances().wait_bound(std::time::Duration::from_secs(1));
+        Ok(json!({
+            "DiskId": disk_id,
+            "InstanceId": instance_id,
+            "Export": disk_id,
+            "Socket": crate::export::instance_socket(&self.cfg.data_dir, &instance_id).display().to_string(),
+        }))
     }
 
     pub(super) fn detach_disk(&self, mut p: Params) -> Result<Value, ControlError> {
@@ -188,10 +195,30 @@ impl Control {
         let d = check(&txn)?;
         let last = self.detach_in(&txn, &d, &instance_id)?;
         txn.commit()?;
+        self.instance_drop(&instance_id, &disk_id);
         if last {
             self.exports.remove(&disk_id);
         }
         Ok(json!({ "DiskId": disk_id, "InstanceId": instance_id, "Detached": true }))
+    }
+
+    /// Puts an attached disk on its instance's socket (an export of its own there, so
+    /// detaching it from this instance ends only this instance's connections).
+    pub(super) fn instance_add(&self, instance_id: &str, disk_id: &str) {
+        if let Some(e) = self.exports.get(disk_id) {
+            let _ = self.exports.instances().get_or_create(instance_id).add(Export::new(
+                disk_id,
+                e.bdev.clone(),
+                e.read_only,
+            ));
+        }
+    }
+
+    /// Takes a disk off its instance's socket (its connections there end).
+    pub(super) fn instance_drop(&self, instance_id: &str, disk_id: &str) {
+        if let Some(r) = self.exports.instances().get(instance_id) {
+            r.remove(disk_id);
+        }
     }
 
     /// The disk's attachments, if one of them is to `instance_id`; else an error.
@@ -237,7 +264,7 @@ impl Control {
             .begin_read()
             .map_err(|e| ControlError::Catalog(catalog::db_err(e)))?;
         let atts: Vec<AttachmentRecord> = catalog::list_r(&r)?;
-        let mut ids: Vec<String> = atts.into_iter().map(|a| a.disk_id).collect();
+        let mut ids: Vec<String> = atts.iter().map(|a| a.disk_id.clone()).collect();
         ids.dedup();
         let mut ok = Vec::new();
         let mut failed = Vec::new();
@@ -263,6 +290,10 @@ impl Control {
                 Err(e) => failed.push((id, e)),
             }
         }
+        for a in &atts {
+            self.instance_add(&a.instance_id, &a.disk_id);
+        }
+        self.exports.instances().wait_bound(std::time::Duration::from_secs(1));
         Ok((ok, failed))
     }
 
@@ -270,6 +301,7 @@ impl Control {
     /// so a restart restores them). Keys are wiped as the exports drop.
     pub fn detach_all_exports(&self) -> Vec<String> {
         let _g = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+        self.exports.instances().clear();
         let names = self.exports.names();
         for n in &names {
             self.exports.remove(n);

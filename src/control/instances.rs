@@ -128,11 +128,15 @@ impl Control {
                 .build_export(&d, keys.key, None)
                 .and_then(|e| self.exports.add(e).map_err(ControlError::DataPath))
             {
-                Ok(()) => {}
+                Ok(()) => self.instance_add(&instance_id, &d.id),
                 Err(e) => failed.push(json!({ "DiskId": d.id, "Code": e.code(), "Message": e.to_string() })),
             }
         }
+        // The instance's socket serves them (and exists) before the reply.
+        self.exports.instances().get_or_create(&instance_id);
+        self.exports.instances().wait_bound(std::time::Duration::from_secs(1));
         Ok(json!({
+            "Socket": crate::export::instance_socket(&self.cfg.data_dir, &instance_id).display().to_string(),
             "InstanceId": instance_id,
             "SystemDiskId": sys_id,
             "DataDiskIds": data_ids,
@@ -217,12 +221,18 @@ impl Control {
         }
         // The system disk's volume can only go once it is off the data path; put it back
         // if anything fails before the commit.
+        // The instance's socket goes first (its exports hold the disks' volumes open).
+        let on_socket = self.exports.instances().get(&id).map(|r| r.names()).unwrap_or_default();
+        self.exports.instances().remove(&id);
         let sys_export = self.exports.remove(&sys.id).is_some();
         let restore = || {
             if sys_export {
                 if let Ok(x) = self.build_export(&sys, None, None) {
                     let _ = self.exports.add(x);
                 }
+            }
+            for d in &on_socket {
+                self.instance_add(&id, d);
             }
         };
         let deleted = (|| {

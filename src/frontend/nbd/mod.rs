@@ -55,6 +55,12 @@ pub struct NbdConfig {
     pub unix_path: Option<PathBuf>,
     /// TCP address; callers should default to loopback (e.g. 127.0.0.1:10809).
     pub tcp: Option<SocketAddr>,
+    /// Serve each instance's disks on `DIR/<InstanceId>/nbd.sock` (the registries in
+    /// [`Exports::instances`]); `None`: no per-instance sockets.
+    pub instances_dir: Option<PathBuf>,
+    /// Group of the per-instance sockets and their directories (mode 0660 / 0710, so
+    /// the VMM's user reaches its VMs' disks and nothing else); `None`: root's group.
+    pub instance_gid: Option<u32>,
 }
 
 /// State shared by the acceptor, handshake threads and connections.
@@ -138,9 +144,19 @@ impl NbdServer {
             max_payload,
         });
         let sh = shared.clone();
+        let instances = cfg.instances_dir.clone().map(|dir| InstanceSockets {
+            dir,
+            gid: cfg.instance_gid.unwrap_or(0),
+            bound: Default::default(),
+            generation: None,
+        });
+        if instances.is_some() {
+            // From now on the control plane waits for new instances' sockets.
+            shared.exports.instances().set_bound(0, true);
+        }
         let acceptor = std::thread::Builder::new()
             .name("nbd-accept".into())
-            .spawn(move || accept_loop(sh, unix, tcp))?;
+            .spawn(move || accept_loop(sh, unix, tcp, instances))?;
         Ok(NbdServer {
             shared,
             acceptor: Some(acceptor),
@@ -236,93 +252,187 @@ impl Stream {
 trait ReadWrite: Read + Write {}
 impl<T: Read + Write> ReadWrite for T {}
 
-fn accept_loop(sh: Arc<Shared>, unix: Option<UnixListener>, tcp: Option<TcpListener>) {
-    let mut fds = Vec::new();
-    if let Some(l) = &unix {
-        fds.push(libc::pollfd {
-            fd: l.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        });
+/// A listening socket and the registry its clients may open.
+enum Listener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    fn fd(&self) -> i32 {
+        match self {
+            Listener::Unix(l) => l.as_raw_fd(),
+            Listener::Tcp(l) => l.as_raw_fd(),
+        }
     }
-    if let Some(l) = &tcp {
-        fds.push(libc::pollfd {
-            fd: l.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        });
+
+    /// The next waiting client; `Ok(None)` when none waits.
+    fn accept(&self) -> io::Result<Option<Stream>> {
+        let r = match self {
+            Listener::Unix(l) => l.accept().map(|(s, _)| Stream::Unix(s)),
+            Listener::Tcp(l) => l.accept().map(|(s, _)| {
+                let _ = s.set_nodelay(true);
+                Stream::Tcp(s)
+            }),
+        };
+        match r {
+            Ok(s) => Ok(Some(s)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
     }
+}
+
+/// The per-instance sockets, kept in step with [`Exports::instances`].
+struct InstanceSockets {
+    dir: PathBuf,
+    gid: u32,
+    /// Instance id → (its socket, its registry).
+    bound: std::collections::BTreeMap<String, (Listener, Arc<Exports>)>,
+    generation: Option<u64>,
+}
+
+impl InstanceSockets {
+    /// Binds sockets for new instances and removes those of deleted ones.
+    fn sync(&mut self, sh: &Shared) {
+        let inst = sh.exports.instances();
+        if self.generation == Some(inst.generation()) {
+            return;
+        }
+        let (gen, now) = inst.snapshot();
+        let keep: std::collections::BTreeSet<&String> = now.iter().map(|(id, _)| id).collect();
+        let gone: Vec<String> = self.bound.keys().filter(|k| !keep.contains(k)).cloned().collect();
+        for id in gone {
+            self.bound.remove(&id);
+            let d = self.dir.join(&id);
+            let _ = std::fs::remove_file(d.join(NBD_SOCKET));
+            let _ = std::fs::remove_dir(&d);
+        }
+        for (id, exports) in now {
+            if self.bound.contains_key(&id) {
+                continue;
+            }
+            match self.bind(&id) {
+                Ok(l) => {
+                    self.bound.insert(id, (Listener::Unix(l), exports));
+                }
+                Err(e) => crate::daemon::log(&format!("NBD: cannot serve instance {id}'s disks: {e}")),
+            }
+        }
+        self.generation = Some(gen);
+        inst.set_bound(gen, true);
+    }
+
+    fn bind(&self, id: &str) -> io::Result<UnixListener> {
+        use std::os::unix::fs::PermissionsExt;
+        let chown = |p: &std::path::Path| -> io::Result<()> { std::os::unix::fs::chown(p, Some(0), Some(self.gid)) };
+        std::fs::create_dir_all(&self.dir)?;
+        chown(&self.dir)?;
+        std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o710))?;
+        let d = self.dir.join(id);
+        std::fs::create_dir_all(&d)?;
+        chown(&d)?;
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o710))?;
+        let p = d.join(NBD_SOCKET);
+        if std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_socket()) {
+            std::fs::remove_file(&p)?;
+        }
+        let l = UnixListener::bind(&p)?;
+        chown(&p)?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o660))?;
+        l.set_nonblocking(true)?;
+        Ok(l)
+    }
+}
+
+use crate::export::INSTANCE_SOCKET as NBD_SOCKET;
+
+fn accept_loop(
+    sh: Arc<Shared>,
+    unix: Option<UnixListener>,
+    tcp: Option<TcpListener>,
+    mut instances: Option<InstanceSockets>,
+) {
+    let admin: Vec<Listener> = unix
+        .map(Listener::Unix)
+        .into_iter()
+        .chain(tcp.map(Listener::Tcp))
+        .collect();
     let mut last_emfile_log: Option<Instant> = None;
     while !sh.stop.load(Ordering::SeqCst) {
+        if let Some(i) = instances.as_mut() {
+            i.sync(&sh);
+        }
         // Back-pressure: with MAX_HANDSHAKES under way, leave new clients in
         // the listen backlog (they wait in connect) instead of dropping them.
         if sh.handshakes.load(Ordering::SeqCst) >= MAX_HANDSHAKES {
             std::thread::sleep(Duration::from_millis(1));
             continue;
         }
+        let all: Vec<(&Listener, &Arc<Exports>)> = admin
+            .iter()
+            .map(|l| (l, &sh.exports))
+            .chain(instances.iter().flat_map(|i| i.bound.values().map(|(l, e)| (l, e))))
+            .collect();
+        let mut fds: Vec<libc::pollfd> = all
+            .iter()
+            .map(|(l, _)| libc::pollfd {
+                fd: l.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // Short waits while instance sockets may need binding.
+        let timeout = if instances.is_some() { 20 } else { 100 };
         // SAFETY: `fds` is a live array of `fds.len()` pollfd structs.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
         if n <= 0 {
             continue;
         }
         let mut out_of_fds = false;
-        while sh.handshakes.load(Ordering::SeqCst) < MAX_HANDSHAKES {
-            let s = match accept_one(unix.as_ref(), tcp.as_ref()) {
-                Ok(Some(s)) => s,
-                Ok(None) => break,
-                Err(e) => {
-                    out_of_fds = matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE));
-                    if out_of_fds && last_emfile_log.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-                        crate::daemon::log(&format!(
-                            "NBD: cannot accept connections: {e}; raise the open-files limit (LimitNOFILE)"
-                        ));
-                        last_emfile_log = Some(Instant::now());
+        for ((l, exports), fd) in all.iter().zip(&fds) {
+            if fd.revents == 0 {
+                continue;
+            }
+            while sh.handshakes.load(Ordering::SeqCst) < MAX_HANDSHAKES {
+                let s = match l.accept() {
+                    Ok(Some(s)) => s,
+                    Ok(None) => break,
+                    Err(e) => {
+                        out_of_fds = matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE));
+                        if out_of_fds && last_emfile_log.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                            crate::daemon::log(&format!(
+                                "NBD: cannot accept connections: {e}; raise the open-files limit (LimitNOFILE)"
+                            ));
+                            last_emfile_log = Some(Instant::now());
+                        }
+                        break;
                     }
-                    break;
+                };
+                sh.handshakes.fetch_add(1, Ordering::SeqCst);
+                let (sh2, ex) = (sh.clone(), (*exports).clone());
+                let spawned = std::thread::Builder::new().name("nbd-handshake".into()).spawn(move || {
+                    let _ = handshake_and_hand_off(&sh2, &ex, s);
+                    sh2.handshakes.fetch_sub(1, Ordering::SeqCst);
+                });
+                if let Err(e) = spawned {
+                    sh.handshakes.fetch_sub(1, Ordering::SeqCst);
+                    crate::daemon::log(&format!("NBD: connection closed: no thread for its handshake: {e}"));
                 }
-            };
-            sh.handshakes.fetch_add(1, Ordering::SeqCst);
-            let sh2 = sh.clone();
-            let spawned = std::thread::Builder::new().name("nbd-handshake".into()).spawn(move || {
-                let _ = handshake_and_hand_off(&sh2, s);
-                sh2.handshakes.fetch_sub(1, Ordering::SeqCst);
-            });
-            if let Err(e) = spawned {
-                sh.handshakes.fetch_sub(1, Ordering::SeqCst);
-                crate::daemon::log(&format!("NBD: connection closed: no thread for its handshake: {e}"));
             }
         }
         if out_of_fds {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
-}
-
-/// The next waiting client on either listener; `Ok(None)` when none waits.
-fn accept_one(unix: Option<&UnixListener>, tcp: Option<&TcpListener>) -> io::Result<Option<Stream>> {
-    let again = |e: io::Error| -> io::Result<()> {
-        if e.kind() == io::ErrorKind::WouldBlock {
-            Ok(())
-        } else {
-            Err(e)
+    if let Some(mut i) = instances {
+        for (id, _) in std::mem::take(&mut i.bound) {
+            let d = i.dir.join(&id);
+            let _ = std::fs::remove_file(d.join(NBD_SOCKET));
+            let _ = std::fs::remove_dir(&d);
         }
-    };
-    if let Some(l) = unix {
-        match l.accept() {
-            Ok((s, _)) => return Ok(Some(Stream::Unix(s))),
-            Err(e) => again(e)?,
-        };
+        sh.exports.instances().set_bound(u64::MAX, false);
     }
-    if let Some(l) = tcp {
-        match l.accept() {
-            Ok((s, _)) => {
-                let _ = s.set_nodelay(true);
-                return Ok(Some(Stream::Tcp(s)));
-            }
-            Err(e) => again(e)?,
-        };
-    }
-    Ok(None)
 }
 
 /// Transmission flags for an export.
@@ -342,9 +452,9 @@ fn read_u32(s: &mut dyn ReadWrite) -> io::Result<u32> {
     Ok(u32::from_be_bytes(b))
 }
 
-fn lookup(sh: &Shared, name: &[u8]) -> Option<Export> {
+fn lookup(exports: &Exports, name: &[u8]) -> Option<Export> {
     let name = std::str::from_utf8(name).ok()?;
-    sh.exports.get(name).filter(|e| !e.is_revoked())
+    exports.get(name).filter(|e| !e.is_revoked())
 }
 
 /// What the connection sends first once on its reactor (the end of the
@@ -359,9 +469,9 @@ struct Handoff {
     go: Option<u32>,
 }
 
-fn handshake_and_hand_off(sh: &Arc<Shared>, mut stream: Stream) -> io::Result<()> {
+fn handshake_and_hand_off(sh: &Arc<Shared>, exports: &Exports, mut stream: Stream) -> io::Result<()> {
     stream.set_timeouts(Some(HANDSHAKE_TIMEOUT))?;
-    let Some(h) = negotiate(sh, stream.io())? else {
+    let Some(h) = negotiate(sh, exports, stream.io())? else {
         return Ok(());
     };
     stream.set_timeouts(None)?;
@@ -400,7 +510,7 @@ fn handshake_and_hand_off(sh: &Arc<Shared>, mut stream: Stream) -> io::Result<()
 
 /// Run the option haggling. `Ok(None)`: the client is gone or aborted, or
 /// asked for an export by `NBD_OPT_EXPORT_NAME` that does not exist.
-fn negotiate(sh: &Shared, s: &mut dyn ReadWrite) -> io::Result<Option<Handoff>> {
+fn negotiate(sh: &Shared, exports: &Exports, s: &mut dyn ReadWrite) -> io::Result<Option<Handoff>> {
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&NBD_MAGIC.to_be_bytes());
     hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -424,7 +534,7 @@ fn negotiate(sh: &Shared, s: &mut dyn ReadWrite) -> io::Result<Option<Handoff>> 
         s.read_exact(&mut data)?;
         match opt {
             OPT_EXPORT_NAME => {
-                let Some(e) = lookup(sh, &data) else {
+                let Some(e) = lookup(exports, &data) else {
                     return Ok(None); // no way to say "unknown" here but closing
                 };
                 let mut tail = Vec::with_capacity(134);
@@ -450,7 +560,7 @@ fn negotiate(sh: &Shared, s: &mut dyn ReadWrite) -> io::Result<Option<Handoff>> 
                     continue;
                 }
                 let mut out = Vec::new();
-                for name in sh.exports.names() {
+                for name in exports.names() {
                     let mut d = (name.len() as u32).to_be_bytes().to_vec();
                     d.extend_from_slice(name.as_bytes());
                     out.extend_from_slice(&option_reply(opt, REP_SERVER, &d));
@@ -463,7 +573,7 @@ fn negotiate(sh: &Shared, s: &mut dyn ReadWrite) -> io::Result<Option<Handoff>> 
                     s.write_all(&option_reply(opt, REP_ERR_INVALID, b"malformed NBD_OPT_INFO/GO data"))?;
                     continue;
                 };
-                let Some(e) = lookup(sh, &req.name) else {
+                let Some(e) = lookup(exports, &req.name) else {
                     let msg = format!("no export named {:?}", String::from_utf8_lossy(&req.name));
                     s.write_all(&option_reply(opt, REP_ERR_UNKNOWN, msg.as_bytes()))?;
                     continue;

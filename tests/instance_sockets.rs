@@ -1,0 +1,253 @@
+//! Only its own VM reaches a disk: each instance's NBD socket,
+//! `DATA_DIR/instances/<InstanceId>/nbd.sock`, lists and opens exactly the disks attached
+//! to that instance; other names are refused; DetachDisk ends that instance's open
+//! connections to the disk within a second and later opens are refused; the socket is
+//! mode 0660 with the `--vmm-group` group; the administrator's `DATA_DIR/nbd.sock` stays
+//! 0600 and serves every attached disk.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use sealdisk::control::client::Client;
+use sealdisk::frontend::nbd::proto::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_sealdisk");
+const R: &str = "cn-hangzhou";
+const A: &str = "acct1";
+const MIB: u64 = 1 << 20;
+
+struct Dir(PathBuf);
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Daemon(Child);
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(data: &Path, extra: &[&str]) -> Daemon {
+    let child = Command::new(BIN)
+        .args(["serve", "--data-dir"])
+        .arg(data)
+        .args(["--cores", "0", "--pool-size", "64M", "--no-qos"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while Client::connect(&data.join("sealdisk.sock")).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(30), "daemon did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Daemon(child)
+}
+
+fn rpc(data: &Path, m: &str, mut p: Value) -> Value {
+    let mut c = Client::connect(&data.join("sealdisk.sock")).unwrap();
+    p["AccountId"] = A.into();
+    p["RegionId"] = R.into();
+    c.call(m, p).unwrap_or_else(|e| panic!("{m}: {e}"))
+}
+
+fn hello(sock: &Path) -> UnixStream {
+    let mut s = UnixStream::connect(sock).unwrap_or_else(|e| panic!("{}: {e}", sock.display()));
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut h = [0u8; 18];
+    s.read_exact(&mut h).unwrap();
+    s.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes())
+        .unwrap();
+    s
+}
+
+fn option(s: &mut UnixStream, opt: u32, data: &[u8]) {
+    let mut m = IHAVEOPT.to_be_bytes().to_vec();
+    m.extend_from_slice(&opt.to_be_bytes());
+    m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    m.extend_from_slice(data);
+    s.write_all(&m).unwrap();
+}
+
+fn reply(s: &mut UnixStream) -> (u32, Vec<u8>) {
+    let mut r = [0u8; 20];
+    s.read_exact(&mut r).unwrap();
+    let mut d = vec![0u8; u32::from_be_bytes(r[16..20].try_into().unwrap()) as usize];
+    s.read_exact(&mut d).unwrap();
+    (u32::from_be_bytes(r[12..16].try_into().unwrap()), d)
+}
+
+/// NBD_OPT_LIST on `sock`: the export names.
+fn list(sock: &Path) -> Vec<String> {
+    let mut s = hello(sock);
+    option(&mut s, OPT_LIST, &[]);
+    let mut names = Vec::new();
+    loop {
+        match reply(&mut s) {
+            (REP_SERVER, d) => names.push(String::from_utf8(d[4..].to_vec()).unwrap()),
+            (REP_ACK, _) => break,
+            (t, _) => panic!("LIST reply {t:#x}"),
+        }
+    }
+    names.sort();
+    names
+}
+
+/// NBD_OPT_GO: the connection, or the error reply type.
+fn go(sock: &Path, export: &str) -> Result<UnixStream, u32> {
+    let mut s = hello(sock);
+    let mut d = (export.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(export.as_bytes());
+    d.extend_from_slice(&0u16.to_be_bytes());
+    option(&mut s, OPT_GO, &d);
+    loop {
+        match reply(&mut s) {
+            (REP_INFO, _) => continue,
+            (REP_ACK, _) => return Ok(s),
+            (t, _) => return Err(t),
+        }
+    }
+}
+
+/// One 4 KiB read; false if the connection failed or the read was refused.
+fn read_ok(s: &mut UnixStream) -> bool {
+    let r = encode_request(&Request {
+        flags: 0,
+        cmd: CMD_READ,
+        cookie: 9,
+        offset: 0,
+        len: 4096,
+    });
+    if s.write_all(&r).is_err() {
+        return false;
+    }
+    let mut h = [0u8; 16];
+    if s.read_exact(&mut h).is_err() || u32::from_be_bytes(h[4..8].try_into().unwrap()) != 0 {
+        return false;
+    }
+    let mut b = vec![0u8; 4096];
+    s.read_exact(&mut b).is_ok()
+}
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+#[test]
+fn each_instance_socket_serves_exactly_its_own_disks() {
+    let dir = Dir(std::env::temp_dir().join(format!("sealdisk-inst-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    let data = dir.0.join("data");
+    let _dm = start(&data, &["--vmm-group", "daemon"]);
+    // SAFETY: getgrnam(3) with a NUL-terminated literal; read at once.
+    let vmm_gid = unsafe { (*libc::getgrnam(c"daemon".as_ptr())).gr_gid };
+    let mk = |data: &Path| {
+        let v = rpc(
+            data,
+            "CreateInstance",
+            json!({"SystemDisk.SizeBytes": 4 * MIB, "DataDisk.1.SizeBytes": 4 * MIB}),
+        );
+        let sock = PathBuf::from(v["Socket"].as_str().unwrap());
+        let disks = vec![
+            v["SystemDiskId"].as_str().unwrap().to_owned(),
+            v["DataDiskIds"][0].as_str().unwrap().to_owned(),
+        ];
+        (v["InstanceId"].as_str().unwrap().to_owned(), sock, disks)
+    };
+    let (i1, s1, d1) = mk(&data);
+    let (_i2, s2, d2) = mk(&data);
+    assert_eq!(s1, data.join("instances").join(&i1).join("nbd.sock"));
+    // Mode and group.
+    let m = std::fs::metadata(&s1).unwrap();
+    assert_eq!(m.permissions().mode() & 0o777, 0o660);
+    assert_eq!(m.gid(), vmm_gid);
+    let admin = data.join("nbd.sock");
+    assert_eq!(std::fs::metadata(&admin).unwrap().permissions().mode() & 0o777, 0o600);
+    // LIST: its own disks only; the admin socket lists all.
+    assert_eq!(list(&s1), sorted(d1.clone()));
+    assert_eq!(list(&s2), sorted(d2.clone()));
+    assert_eq!(list(&admin), sorted([d1.clone(), d2.clone()].concat()));
+    // Another instance's disk, a detached disk, an unknown name: refused.
+    let loose = rpc(&data, "CreateDisk", json!({"SizeBytes": 4 * MIB}))["DiskId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for name in [d2[1].as_str(), loose.as_str(), "d-nosuch"] {
+        let e = go(&s1, name)
+            .err()
+            .unwrap_or_else(|| panic!("{name} opened on another instance's socket"));
+        assert!(e == REP_ERR_UNKNOWN || e == REP_ERR_POLICY, "{name}: {e:#x}");
+    }
+    // Its own disk: served.
+    let mut c = go(&s1, &d1[1]).unwrap();
+    assert!(read_ok(&mut c));
+    // Attach the loose disk to instance 1: it appears there (and only there); AttachDisk
+    // names the socket.
+    let v = rpc(&data, "AttachDisk", json!({"DiskId": loose, "InstanceId": i1}));
+    assert_eq!(v["Socket"], s1.display().to_string());
+    assert!(list(&s1).contains(&loose));
+    assert!(!list(&s2).contains(&loose));
+    // Detach instance 1's data disk: the open connection's next request fails within a
+    // second, and later opens are refused.
+    rpc(&data, "DetachDisk", json!({"DiskId": d1[1], "InstanceId": i1}));
+    let t = Instant::now();
+    while read_ok(&mut c) {
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "a detached disk's connection still serves"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(go(&s1, &d1[1]).is_err(), "a detached disk opened");
+    // The other instance is unaffected.
+    let mut c2 = go(&s2, &d2[1]).unwrap();
+    assert!(read_ok(&mut c2));
+    // Deleting an instance removes its socket.
+    rpc(&data, "DeleteInstance", json!({"InstanceId": i1}));
+    let t = Instant::now();
+    while s1.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "a deleted instance's socket stays"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(read_ok(&mut c2));
+}
+
+#[test]
+fn instance_sockets_come_back_after_a_restart() {
+    let dir = Dir(std::env::temp_dir().join(format!("sealdisk-inst-rs-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    let data = dir.0.join("data");
+    let dm = start(&data, &[]);
+    let v = rpc(
+        &data,
+        "CreateInstance",
+        json!({"SystemDisk.SizeBytes": 4 * MIB, "DataDisk.1.SizeBytes": 4 * MIB}),
+    );
+    let sock = PathBuf::from(v["Socket"].as_str().unwrap());
+    let disk = v["DataDiskIds"][0].as_str().unwrap().to_owned();
+    drop(dm);
+    let _dm = start(&data, &[]);
+    assert!(
+        list(&sock).contains(&disk),
+        "after a restart the instance's socket serves its disks"
+    );
+    assert_eq!(std::fs::metadata(&sock).unwrap().gid(), 0);
+    let mut c = go(&sock, &disk).unwrap();
+    assert!(read_ok(&mut c));
+}
