@@ -52,6 +52,8 @@ pub struct DaemonConfig {
     pub import_devices: bool,
     /// Group of the per-instance NBD sockets (`serve --vmm-group`; None: root's).
     pub vmm_gid: Option<u32>,
+    /// Group that may use the control socket (`serve --rpc-group`; None: owner only).
+    pub rpc_gid: Option<u32>,
 }
 
 impl DaemonConfig {
@@ -71,6 +73,7 @@ impl DaemonConfig {
             import_dir: None,
             import_devices: false,
             vmm_gid: None,
+            rpc_gid: None,
         }
     }
 
@@ -114,7 +117,14 @@ impl Daemon {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         // Owner-only, except that the VMM group may pass through to its instances'
         // sockets (DATA_DIR/instances/<id>/nbd.sock); every file in here is 0600.
-        let gid = cfg.vmm_gid.unwrap_or(0);
+        let gid = match (cfg.vmm_gid, cfg.rpc_gid) {
+            (Some(v), Some(r)) if v != r => {
+                return Err(
+                    "--vmm-group and --rpc-group differ; the data directory can let only one group through".into(),
+                )
+            }
+            (v, r) => v.or(r).unwrap_or(0),
+        };
         std::os::unix::fs::chown(dir, None, Some(gid)).map_err(|e| format!("{}: {e}", dir.display()))?;
         std::fs::set_permissions(
             dir,
@@ -239,6 +249,13 @@ impl Daemon {
         });
         let sock = cfg.socket_path();
         let server = RpcServer::start(&sock, control.clone(), logf).map_err(|e| format!("{}: {e}", sock.display()))?;
+        if let Some(g) = cfg.rpc_gid {
+            // The control socket for that group too (0660); the data directory lets
+            // the group pass through to it.
+            std::os::unix::fs::chown(&sock, Some(0), Some(g)).map_err(|e| format!("{}: {e}", sock.display()))?;
+            std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o660))
+                .map_err(|e| format!("{}: {e}", sock.display()))?;
+        }
         log(&format!(
             "serving {} (data dir {}, pool {}, {} reactor(s), KMS {})",
             sock.display(),

@@ -251,3 +251,39 @@ fn instance_sockets_come_back_after_a_restart() {
     let mut c = go(&sock, &disk).unwrap();
     assert!(read_ok(&mut c));
 }
+
+#[test]
+fn the_control_socket_opens_to_a_group_only_when_asked() {
+    let dir = Dir(std::env::temp_dir().join(format!("sealdisk-inst-rpc-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    let data = dir.0.join("data");
+    {
+        let _dm = start(&data, &[]);
+        let m = std::fs::metadata(data.join("sealdisk.sock")).unwrap();
+        assert_eq!(m.permissions().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::metadata(&data).unwrap().permissions().mode() & 0o777, 0o700);
+    }
+    {
+        let _dm = start(&data, &["--rpc-group", "daemon"]);
+        let m = std::fs::metadata(data.join("sealdisk.sock")).unwrap();
+        assert_eq!(m.permissions().mode() & 0o777, 0o660);
+        assert_eq!(m.gid(), 1);
+        let d = std::fs::metadata(&data).unwrap();
+        assert_eq!((d.permissions().mode() & 0o777, d.gid()), (0o710, 1));
+    }
+    for bad in [
+        &["--rpc-group", "no-such-group-here"][..],
+        &["--vmm-group", "no-such-group-here"][..],
+        &["--vmm-group", "daemon", "--rpc-group", "root"][..],
+    ] {
+        let out = Command::new(BIN)
+            .args(["serve", "--data-dir"])
+            .arg(&data)
+            .args(bad)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{bad:?} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("group"), "{bad:?}: {err}");
+    }
+}

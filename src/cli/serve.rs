@@ -120,6 +120,12 @@ pub fn serve_command() -> Command {
                 .help("group of the per-instance NBD sockets DATA_DIR/instances/<id>/nbd.sock (default root)"),
         )
         .arg(
+            Arg::new("rpc-group")
+                .long("rpc-group")
+                .value_name("NAME")
+                .help("group that may use the control socket DATA_DIR/sealdisk.sock (default: owner only)"),
+        )
+        .arg(
             Arg::new("import-dir")
                 .long("import-dir")
                 .value_name("DIR")
@@ -208,16 +214,14 @@ fn config(m: &ArgMatches) -> Result<DaemonConfig, String> {
     if m.get_flag("no-qos") {
         cfg.qos = QosConfig::off();
     }
-    if let Some(g) = m.get_one::<String>("vmm-group") {
-        let name = std::ffi::CString::new(g.as_str()).map_err(|_| format!("--vmm-group {g:?}: not a group name"))?;
-        // SAFETY: getgrnam(3) with a NUL-terminated name; the result is read at once.
-        let gr = unsafe { libc::getgrnam(name.as_ptr()) };
-        if gr.is_null() {
-            return Err(format!("--vmm-group {g}: no such group"));
-        }
-        // SAFETY: a non-null result points at a valid group entry.
-        cfg.vmm_gid = Some(unsafe { (*gr).gr_gid });
-    }
+    cfg.vmm_gid = m
+        .get_one::<String>("vmm-group")
+        .map(|g| group_id("--vmm-group", g))
+        .transpose()?;
+    cfg.rpc_gid = m
+        .get_one::<String>("rpc-group")
+        .map(|g| group_id("--rpc-group", g))
+        .transpose()?;
     cfg.import_dir = m.get_one::<PathBuf>("import-dir").cloned();
     cfg.import_devices = m.get_flag("import-devices");
     if cfg.import_devices && cfg.import_dir.is_none() {
@@ -232,6 +236,18 @@ fn config(m: &ArgMatches) -> Result<DaemonConfig, String> {
         }
     }
     Ok(cfg)
+}
+
+/// The id of group `name`, for a flag's error message.
+fn group_id(flag: &str, name: &str) -> Result<u32, String> {
+    let c = std::ffi::CString::new(name).map_err(|_| format!("{flag} {name:?}: not a group name"))?;
+    // SAFETY: getgrnam(3) with a NUL-terminated name; the result is read at once.
+    let gr = unsafe { libc::getgrnam(c.as_ptr()) };
+    if gr.is_null() {
+        return Err(format!("{flag} {name}: no such group"));
+    }
+    // SAFETY: a non-null result points at a valid group entry.
+    Ok(unsafe { (*gr).gr_gid })
 }
 
 pub fn serve(m: &ArgMatches) -> ExitCode {
