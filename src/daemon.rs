@@ -54,6 +54,11 @@ pub struct DaemonConfig {
     pub vmm_gid: Option<u32>,
     /// Group that may use the control socket (`serve --rpc-group`; None: owner only).
     pub rpc_gid: Option<u32>,
+    /// TLS for NBD over TCP (`serve --tls-dir`): server-cert.pem, server-key.pem and
+    /// optionally ca-cert.pem (client certificates required).
+    pub tls_dir: Option<PathBuf>,
+    /// Plain NBD over TCP, loopback only (`serve --nbd-tcp-insecure`).
+    pub nbd_tcp_insecure: bool,
 }
 
 impl DaemonConfig {
@@ -74,6 +79,8 @@ impl DaemonConfig {
             import_devices: false,
             vmm_gid: None,
             rpc_gid: None,
+            tls_dir: None,
+            nbd_tcp_insecure: false,
         }
     }
 
@@ -218,12 +225,31 @@ impl Daemon {
         }
 
         let nbd_sock = cfg.nbd_socket_path();
+        // NBD over TCP: TLS, or plain on loopback only when asked for in so many words.
+        let tls = match (cfg.nbd_tcp, &cfg.tls_dir) {
+            (Some(_), Some(d)) => Some(crate::frontend::nbd::tls::server_config(d)?),
+            (Some(a), None) if cfg.nbd_tcp_insecure && a.ip().is_loopback() => {
+                log(&format!(
+                    "NBD over TCP on {a} WITHOUT TLS (--nbd-tcp-insecure): loopback clients only"
+                ));
+                None
+            }
+            (Some(a), None) => {
+                return Err(format!(
+                    "--nbd-tcp {a}: NBD over TCP needs TLS (--tls-dir DIR); plain TCP only on a loopback address \
+                     with --nbd-tcp-insecure"
+                ))
+            }
+            (None, Some(_)) => return Err("--tls-dir is for NBD over TCP: give --nbd-tcp ADDR too".into()),
+            (None, None) => None,
+        };
         let nbd = NbdServer::start(
             NbdConfig {
                 unix_path: Some(nbd_sock.clone()),
                 tcp: cfg.nbd_tcp,
                 instances_dir: Some(dir.join(crate::export::INSTANCES_DIR)),
                 instance_gid: cfg.vmm_gid,
+                tls,
             },
             reactors.clone(),
             exports.clone(),

@@ -111,7 +111,20 @@ pub fn serve_command() -> Command {
                 .long("nbd-tcp")
                 .value_name("ADDR:PORT")
                 .value_parser(clap::value_parser!(std::net::SocketAddr))
-                .help("also serve NBD over TCP (e.g. 127.0.0.1:10809; NBD has no authentication)"),
+                .help("also serve NBD over TCP (e.g. 0.0.0.0:10809); needs --tls-dir, or --nbd-tcp-insecure on loopback"),
+        )
+        .arg(
+            Arg::new("tls-dir")
+                .long("tls-dir")
+                .value_name("DIR")
+                .value_parser(clap::value_parser!(PathBuf))
+                .help("TLS for NBD over TCP: DIR/server-cert.pem, server-key.pem, [ca-cert.pem: client certificates required]"),
+        )
+        .arg(
+            Arg::new("nbd-tcp-insecure")
+                .long("nbd-tcp-insecure")
+                .action(ArgAction::SetTrue)
+                .help("allow --nbd-tcp without TLS, on a loopback address only"),
         )
         .arg(
             Arg::new("vmm-group")
@@ -211,6 +224,8 @@ fn config(m: &ArgMatches) -> Result<DaemonConfig, String> {
     }
     cfg.nbd_socket = m.get_one::<PathBuf>("nbd-socket").cloned();
     cfg.nbd_tcp = m.get_one::<std::net::SocketAddr>("nbd-tcp").copied();
+    cfg.tls_dir = m.get_one::<PathBuf>("tls-dir").cloned();
+    cfg.nbd_tcp_insecure = m.get_flag("nbd-tcp-insecure");
     if m.get_flag("no-qos") {
         cfg.qos = QosConfig::off();
     }

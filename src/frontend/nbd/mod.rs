@@ -17,6 +17,7 @@
 
 mod conn;
 pub mod proto;
+pub mod tls;
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -61,6 +62,9 @@ pub struct NbdConfig {
     /// Group of the per-instance sockets and their directories (mode 0660 / 0710, so
     /// the VMM's user reaches its VMs' disks and nothing else); `None`: root's group.
     pub instance_gid: Option<u32>,
+    /// TLS for the TCP listener: clients must `NBD_OPT_STARTTLS` first
+    /// ([`tls::server_config`]).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// State shared by the acceptor, handshake threads and connections.
@@ -74,6 +78,7 @@ pub(crate) struct Shared {
     next_reactor: AtomicUsize,
     reactors: Arc<Reactors>,
     exports: Arc<Exports>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     /// Largest payload we accept (≤ [`MAX_PAYLOAD`], bounded by the
     /// reactors' buffer arenas so one request always fits).
     pub(crate) max_payload: u32,
@@ -141,6 +146,7 @@ impl NbdServer {
             next_reactor: AtomicUsize::new(0),
             reactors,
             exports,
+            tls: cfg.tls.clone(),
             max_payload,
         });
         let sh = shared.clone();
@@ -471,13 +477,60 @@ struct Handoff {
 
 fn handshake_and_hand_off(sh: &Arc<Shared>, exports: &Exports, mut stream: Stream) -> io::Result<()> {
     stream.set_timeouts(Some(HANDSHAKE_TIMEOUT))?;
-    let Some(h) = negotiate(sh, exports, stream.io())? else {
+    let Some(no_zeroes) = greet(stream.io())? else {
         return Ok(());
     };
-    stream.set_timeouts(None)?;
-    // The reactor gets its own descriptor of the socket; ours is closed when
-    // `stream` drops. If the hand-off fails we still hold the socket to say so.
-    let fd = stream.dup()?;
+    let tls = match (&stream, &sh.tls) {
+        (Stream::Tcp(_), Some(cfg)) => Some(cfg.clone()),
+        _ => None,
+    };
+    let Some(cfg) = tls else {
+        let Some(Negotiated::Handoff(h)) = negotiate(sh, exports, stream.io(), no_zeroes, Tls::Off)? else {
+            return Ok(());
+        };
+        stream.set_timeouts(None)?;
+        // The reactor gets its own descriptor of the socket; ours is closed when
+        // `stream` drops. If the hand-off fails we still hold the socket to say so.
+        let fd = stream.dup()?;
+        return hand_off(sh, h, fd, stream.io());
+    };
+    // TLS first, then the rest of the haggling inside it.
+    let Some(Negotiated::StartTls) = negotiate(sh, exports, stream.io(), no_zeroes, Tls::Required)? else {
+        return Ok(());
+    };
+    let Stream::Tcp(tcp) = stream else {
+        unreachable!("TLS is offered on TCP only")
+    };
+    let mut tls = match tls::accept(&cfg, tcp) {
+        Ok(t) => t,
+        Err(e) => {
+            crate::daemon::log(&format!("NBD: TLS handshake failed: {e}"));
+            return Ok(());
+        }
+    };
+    let Some(Negotiated::Handoff(h)) = negotiate(sh, exports, &mut tls, no_zeroes, Tls::Done)? else {
+        return Ok(());
+    };
+    // The reactor serves plain NBD on one end of a socket pair; the pump carries the
+    // other end through TLS.
+    let (reactor_end, pump_end) = UnixStream::pair()?;
+    let fd: OwnedFd = reactor_end.into();
+    let refuse = h.refuse.clone();
+    if let Err(e) = hand_off(sh, h, fd, &mut std::io::sink()) {
+        if let Some(b) = refuse {
+            let _ = tls.write_all(&b);
+        }
+        return Err(e);
+    }
+    std::thread::Builder::new()
+        .name("nbd-tls".into())
+        .spawn(move || tls::pump(tls, pump_end))?;
+    Ok(())
+}
+
+/// Sends a negotiated connection `fd` to a reactor; if every queue stays full, writes
+/// the refusal to `reply` (the client).
+fn hand_off(sh: &Arc<Shared>, h: Handoff, fd: OwnedFd, reply: &mut dyn Write) -> io::Result<()> {
     let sh2 = sh.clone();
     let Handoff {
         export,
@@ -500,7 +553,7 @@ fn handshake_and_hand_off(sh: &Arc<Shared>, exports: &Exports, mut stream: Strea
             }
             Err(_) => {
                 if let Some(b) = refuse {
-                    let _ = stream.io().write_all(&b);
+                    let _ = reply.write_all(&b);
                 }
                 return Err(io::Error::other("every reactor queue is full; connection refused"));
             }
@@ -510,7 +563,27 @@ fn handshake_and_hand_off(sh: &Arc<Shared>, exports: &Exports, mut stream: Strea
 
 /// Run the option haggling. `Ok(None)`: the client is gone or aborted, or
 /// asked for an export by `NBD_OPT_EXPORT_NAME` that does not exist.
-fn negotiate(sh: &Shared, exports: &Exports, s: &mut dyn ReadWrite) -> io::Result<Option<Handoff>> {
+/// Where a connection stands with TLS.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Tls {
+    /// Not offered (unix sockets, or no TLS configured).
+    Off,
+    /// Required before anything else.
+    Required,
+    /// In place.
+    Done,
+}
+
+/// How the haggling ended.
+enum Negotiated {
+    Handoff(Handoff),
+    /// `NBD_OPT_STARTTLS` was acknowledged: the TLS handshake comes next.
+    StartTls,
+}
+
+/// The server's greeting and the client's flags; `Some(no_zeroes)`, or `None` for a
+/// client with flags we do not know (the spec says close).
+fn greet(s: &mut dyn ReadWrite) -> io::Result<Option<bool>> {
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&NBD_MAGIC.to_be_bytes());
     hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -518,9 +591,18 @@ fn negotiate(sh: &Shared, exports: &Exports, s: &mut dyn ReadWrite) -> io::Resul
     s.write_all(&hello)?;
     let cflags = read_u32(s)?;
     if cflags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
-        return Ok(None); // unknown client flags: the spec says close
+        return Ok(None);
     }
-    let no_zeroes = cflags & FLAG_C_NO_ZEROES != 0;
+    Ok(Some(cflags & FLAG_C_NO_ZEROES != 0))
+}
+
+fn negotiate(
+    sh: &Shared,
+    exports: &Exports,
+    s: &mut dyn ReadWrite,
+    no_zeroes: bool,
+    tls: Tls,
+) -> io::Result<Option<Negotiated>> {
     loop {
         if sh.stop.load(Ordering::SeqCst) {
             return Ok(None);
@@ -532,7 +614,45 @@ fn negotiate(sh: &Shared, exports: &Exports, s: &mut dyn ReadWrite) -> io::Resul
         };
         let mut data = vec![0u8; len as usize];
         s.read_exact(&mut data)?;
+        if tls == Tls::Required {
+            match opt {
+                OPT_STARTTLS if len == 0 => {
+                    s.write_all(&option_reply(opt, REP_ACK, &[]))?;
+                    return Ok(Some(Negotiated::StartTls));
+                }
+                OPT_ABORT => {
+                    let _ = s.write_all(&option_reply(opt, REP_ACK, &[]));
+                    return Ok(None);
+                }
+                // NBD_OPT_EXPORT_NAME has no error reply: close.
+                OPT_EXPORT_NAME => return Ok(None),
+                _ => {
+                    s.write_all(&option_reply(
+                        opt,
+                        REP_ERR_TLS_REQD,
+                        b"this server requires TLS: send NBD_OPT_STARTTLS first",
+                    ))?;
+                    continue;
+                }
+            }
+        }
         match opt {
+            OPT_STARTTLS => {
+                let why: &[u8] = if tls == Tls::Done {
+                    b"TLS is already in place"
+                } else {
+                    b"TLS is not offered on this socket"
+                };
+                s.write_all(&option_reply(
+                    opt,
+                    if tls == Tls::Done {
+                        REP_ERR_INVALID
+                    } else {
+                        REP_ERR_UNSUP
+                    },
+                    why,
+                ))?;
+            }
             OPT_EXPORT_NAME => {
                 let Some(e) = lookup(exports, &data) else {
                     return Ok(None); // no way to say "unknown" here but closing
@@ -543,12 +663,12 @@ fn negotiate(sh: &Shared, exports: &Exports, s: &mut dyn ReadWrite) -> io::Resul
                 if !no_zeroes {
                     tail.extend_from_slice(&[0u8; 124]);
                 }
-                return Ok(Some(Handoff {
+                return Ok(Some(Negotiated::Handoff(Handoff {
                     export: e,
                     tail,
                     refuse: None,
                     go: None,
-                }));
+                })));
             }
             OPT_ABORT => {
                 let _ = s.write_all(&option_reply(opt, REP_ACK, &[]));
@@ -607,7 +727,7 @@ fn negotiate(sh: &Shared, exports: &Exports, s: &mut dyn ReadWrite) -> io::Resul
                     continue;
                 }
                 s.write_all(&out)?;
-                return Ok(Some(Handoff {
+                return Ok(Some(Negotiated::Handoff(Handoff {
                     export: e,
                     tail: option_reply(opt, REP_ACK, &[]),
                     refuse: Some(option_reply(
@@ -616,7 +736,7 @@ fn negotiate(sh: &Shared, exports: &Exports, s: &mut dyn ReadWrite) -> io::Resul
                         b"server busy: every reactor queue is full",
                     )),
                     go: Some(opt),
-                }));
+                })));
             }
             _ => {
                 // STARTTLS, STRUCTURED_REPLY, META_CONTEXT, EXTENDED_HEADERS
