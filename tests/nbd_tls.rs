@@ -126,9 +126,9 @@ fn nbd_over_tls_with_nbdinfo_and_qemu_io_and_plaintext_refused() {
             "--image-opts",
             &img,
             "-c",
-            "write -P 0x5a 1M 256k",
+            "write -P 0x5a 1M 4M",
             "-c",
-            "read -P 0x5a 1M 256k",
+            "read -P 0x5a 1M 4M",
         ],
     );
     let o = String::from_utf8_lossy(&out.stdout);

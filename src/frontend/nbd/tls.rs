@@ -60,7 +60,9 @@ pub fn server_config(dir: &Path) -> Result<Arc<ServerConfig>, String> {
 
 /// The server side of a TLS session over `tcp`, handshake done.
 pub(super) fn accept(cfg: &Arc<ServerConfig>, tcp: TcpStream) -> io::Result<StreamOwned<ServerConnection, TcpStream>> {
-    let conn = ServerConnection::new(cfg.clone()).map_err(io::Error::other)?;
+    let mut conn = ServerConnection::new(cfg.clone()).map_err(io::Error::other)?;
+    // The pump writes whole 64 KiB chunks and flushes after each: no partial writes.
+    conn.set_buffer_limit(None);
     let mut s = StreamOwned::new(conn, tcp);
     while s.conn.is_handshaking() {
         s.conn.complete_io(&mut s.sock)?;
