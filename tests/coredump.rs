@@ -11,9 +11,10 @@
 //! unwrapping it in process after the daemon stopped, the round keys with its own AES
 //! key expansion (FIPS-197).
 
+mod common;
+
 use std::collections::HashSet;
 use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -56,31 +57,7 @@ fn rpc(d: &Path, m: &str, mut p: Value) -> Value {
 
 /// NBD handshake (fixed newstyle, GO), then writes of several sizes, read back.
 fn io(sock: &Path, export: &str) {
-    let mut s = UnixStream::connect(sock).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut h = [0u8; 18];
-    s.read_exact(&mut h).unwrap();
-    s.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes())
-        .unwrap();
-    let mut d = (export.len() as u32).to_be_bytes().to_vec();
-    d.extend_from_slice(export.as_bytes());
-    d.extend_from_slice(&0u16.to_be_bytes());
-    let mut m = IHAVEOPT.to_be_bytes().to_vec();
-    m.extend_from_slice(&OPT_GO.to_be_bytes());
-    m.extend_from_slice(&(d.len() as u32).to_be_bytes());
-    m.extend_from_slice(&d);
-    s.write_all(&m).unwrap();
-    loop {
-        let mut r = [0u8; 20];
-        s.read_exact(&mut r).unwrap();
-        let t = u32::from_be_bytes(r[12..16].try_into().unwrap());
-        let mut body = vec![0u8; u32::from_be_bytes(r[16..20].try_into().unwrap()) as usize];
-        s.read_exact(&mut body).unwrap();
-        if t == REP_ACK {
-            break;
-        }
-        assert_eq!(t, REP_INFO, "GO {export}");
-    }
+    let mut s = common::nbd_go(sock, export).unwrap_or_else(|t| panic!("GO {export}: {t:#x}"));
     // Writes of several sizes (the crypto layer's one-piece and split paths), then reads
     // of the same.
     let data: Vec<u8> = (0..256 * 1024).map(|i| (i * 7 % 251) as u8).collect();

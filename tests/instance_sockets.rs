@@ -5,6 +5,8 @@
 //! mode 0660 with the `--vmm-group` group; the administrator's `DATA_DIR/nbd.sock` stays
 //! 0600 and serves every attached disk.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
@@ -63,39 +65,13 @@ fn rpc(data: &Path, m: &str, mut p: Value) -> Value {
     c.call(m, p).unwrap_or_else(|e| panic!("{m}: {e}"))
 }
 
-fn hello(sock: &Path) -> UnixStream {
-    let mut s = UnixStream::connect(sock).unwrap_or_else(|e| panic!("{}: {e}", sock.display()));
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut h = [0u8; 18];
-    s.read_exact(&mut h).unwrap();
-    s.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes())
-        .unwrap();
-    s
-}
-
-fn option(s: &mut UnixStream, opt: u32, data: &[u8]) {
-    let mut m = IHAVEOPT.to_be_bytes().to_vec();
-    m.extend_from_slice(&opt.to_be_bytes());
-    m.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    m.extend_from_slice(data);
-    s.write_all(&m).unwrap();
-}
-
-fn reply(s: &mut UnixStream) -> (u32, Vec<u8>) {
-    let mut r = [0u8; 20];
-    s.read_exact(&mut r).unwrap();
-    let mut d = vec![0u8; u32::from_be_bytes(r[16..20].try_into().unwrap()) as usize];
-    s.read_exact(&mut d).unwrap();
-    (u32::from_be_bytes(r[12..16].try_into().unwrap()), d)
-}
-
 /// NBD_OPT_LIST on `sock`: the export names.
 fn list(sock: &Path) -> Vec<String> {
-    let mut s = hello(sock);
-    option(&mut s, OPT_LIST, &[]);
+    let mut s = common::nbd_hello(sock);
+    common::nbd_option(&mut s, OPT_LIST, &[]);
     let mut names = Vec::new();
     loop {
-        match reply(&mut s) {
+        match common::nbd_reply(&mut s) {
             (REP_SERVER, d) => names.push(String::from_utf8(d[4..].to_vec()).unwrap()),
             (REP_ACK, _) => break,
             (t, _) => panic!("LIST reply {t:#x}"),
@@ -103,22 +79,6 @@ fn list(sock: &Path) -> Vec<String> {
     }
     names.sort();
     names
-}
-
-/// NBD_OPT_GO: the connection, or the error reply type.
-fn go(sock: &Path, export: &str) -> Result<UnixStream, u32> {
-    let mut s = hello(sock);
-    let mut d = (export.len() as u32).to_be_bytes().to_vec();
-    d.extend_from_slice(export.as_bytes());
-    d.extend_from_slice(&0u16.to_be_bytes());
-    option(&mut s, OPT_GO, &d);
-    loop {
-        match reply(&mut s) {
-            (REP_INFO, _) => continue,
-            (REP_ACK, _) => return Ok(s),
-            (t, _) => return Err(t),
-        }
-    }
 }
 
 /// One 4 KiB read; false if the connection failed or the read was refused.
@@ -186,13 +146,13 @@ fn each_instance_socket_serves_exactly_its_own_disks() {
         .unwrap()
         .to_owned();
     for name in [d2[1].as_str(), loose.as_str(), "d-nosuch"] {
-        let e = go(&s1, name)
+        let e = common::nbd_go(&s1, name)
             .err()
             .unwrap_or_else(|| panic!("{name} opened on another instance's socket"));
         assert!(e == REP_ERR_UNKNOWN || e == REP_ERR_POLICY, "{name}: {e:#x}");
     }
     // Its own disk: served.
-    let mut c = go(&s1, &d1[1]).unwrap();
+    let mut c = common::nbd_go(&s1, &d1[1]).unwrap();
     assert!(read_ok(&mut c));
     // Attach the loose disk to instance 1: it appears there (and only there); AttachDisk
     // names the socket.
@@ -211,9 +171,9 @@ fn each_instance_socket_serves_exactly_its_own_disks() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(go(&s1, &d1[1]).is_err(), "a detached disk opened");
+    assert!(common::nbd_go(&s1, &d1[1]).is_err(), "a detached disk opened");
     // The other instance is unaffected.
-    let mut c2 = go(&s2, &d2[1]).unwrap();
+    let mut c2 = common::nbd_go(&s2, &d2[1]).unwrap();
     assert!(read_ok(&mut c2));
     // Deleting an instance removes its socket.
     rpc(&data, "DeleteInstance", json!({"InstanceId": i1}));
@@ -248,7 +208,7 @@ fn instance_sockets_come_back_after_a_restart() {
         "after a restart the instance's socket serves its disks"
     );
     assert_eq!(std::fs::metadata(&sock).unwrap().gid(), 0);
-    let mut c = go(&sock, &disk).unwrap();
+    let mut c = common::nbd_go(&sock, &disk).unwrap();
     assert!(read_ok(&mut c));
 }
 

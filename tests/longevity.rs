@@ -3,6 +3,8 @@
 //! table held, and a panicking reactor that takes the daemon down loudly
 //! instead of leaving it half alive.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -94,34 +96,7 @@ fn disk(d: &Path) -> String {
 
 /// Handshake (fixed newstyle, NBD_OPT_GO) on the daemon's NBD socket.
 fn connect(sock: &Path, export: &str) -> UnixStream {
-    let mut s = UnixStream::connect(sock).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut h = [0u8; 18];
-    s.read_exact(&mut h).unwrap();
-    assert_eq!(u64::from_be_bytes(h[..8].try_into().unwrap()), NBD_MAGIC);
-    s.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes())
-        .unwrap();
-    let mut d = (export.len() as u32).to_be_bytes().to_vec();
-    d.extend_from_slice(export.as_bytes());
-    d.extend_from_slice(&0u16.to_be_bytes());
-    let mut m = IHAVEOPT.to_be_bytes().to_vec();
-    m.extend_from_slice(&OPT_GO.to_be_bytes());
-    m.extend_from_slice(&(d.len() as u32).to_be_bytes());
-    m.extend_from_slice(&d);
-    s.write_all(&m).unwrap();
-    loop {
-        let mut r = [0u8; 20];
-        s.read_exact(&mut r).unwrap();
-        let t = u32::from_be_bytes(r[12..16].try_into().unwrap());
-        let n = u32::from_be_bytes(r[16..20].try_into().unwrap()) as usize;
-        let mut body = vec![0u8; n];
-        s.read_exact(&mut body).unwrap();
-        match t {
-            REP_INFO => continue,
-            REP_ACK => return s,
-            other => panic!("GO {export}: reply {other:#x}"),
-        }
-    }
+    common::nbd_go(sock, export).unwrap_or_else(|t| panic!("GO {export}: reply {t:#x}"))
 }
 
 fn send_read(s: &mut UnixStream, cookie: u64) {

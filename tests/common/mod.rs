@@ -150,3 +150,56 @@ pub fn wait_task(
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// A minimal NBD client over a unix socket: fixed-newstyle greeting, no zeroes.
+pub fn nbd_hello(sock: &std::path::Path) -> std::os::unix::net::UnixStream {
+    use sealdisk::frontend::nbd::proto::*;
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap_or_else(|e| panic!("{}: {e}", sock.display()));
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut h = [0u8; 18];
+    s.read_exact(&mut h).unwrap();
+    assert_eq!(u64::from_be_bytes(h[..8].try_into().unwrap()), NBD_MAGIC);
+    s.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes())
+        .unwrap();
+    s
+}
+
+/// Sends option `opt` with `data`.
+pub fn nbd_option(s: &mut std::os::unix::net::UnixStream, opt: u32, data: &[u8]) {
+    use sealdisk::frontend::nbd::proto::IHAVEOPT;
+    use std::io::Write;
+    let mut m = IHAVEOPT.to_be_bytes().to_vec();
+    m.extend_from_slice(&opt.to_be_bytes());
+    m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    m.extend_from_slice(data);
+    s.write_all(&m).unwrap();
+}
+
+/// One option reply: (type, data).
+pub fn nbd_reply(s: &mut std::os::unix::net::UnixStream) -> (u32, Vec<u8>) {
+    use std::io::Read;
+    let mut r = [0u8; 20];
+    s.read_exact(&mut r).unwrap();
+    let mut d = vec![0u8; u32::from_be_bytes(r[16..20].try_into().unwrap()) as usize];
+    s.read_exact(&mut d).unwrap();
+    (u32::from_be_bytes(r[12..16].try_into().unwrap()), d)
+}
+
+/// Greeting and `NBD_OPT_GO` for `export`: the connection in transmission, or the
+/// error reply type.
+pub fn nbd_go(sock: &std::path::Path, export: &str) -> Result<std::os::unix::net::UnixStream, u32> {
+    use sealdisk::frontend::nbd::proto::*;
+    let mut s = nbd_hello(sock);
+    let mut d = (export.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(export.as_bytes());
+    d.extend_from_slice(&0u16.to_be_bytes());
+    nbd_option(&mut s, OPT_GO, &d);
+    loop {
+        match nbd_reply(&mut s) {
+            (REP_INFO, _) => continue,
+            (REP_ACK, _) => return Ok(s),
+            (t, _) => return Err(t),
+        }
+    }
+}
