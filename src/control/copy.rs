@@ -246,9 +246,15 @@ impl Control {
             reactors,
         };
         let cleanup_tmp = job.tmp.clone();
+        let cleanup_ctx = job.ctx.clone();
+        // The copy never starts: remove what step 3 made and drop the key (audited).
+        let abandon = |e: ControlError| {
+            self.discard_copy(&disk_id, cleanup_tmp.as_deref());
+            let _ = self.kms.audit_crypto_shred(&cleanup_ctx, Some(&disk_id));
+            Err(e)
+        };
         let Some(ctl) = self.me.upgrade() else {
-            self.discard_copy(&job.disk_id, job.tmp.as_deref());
-            return Err(ControlError::DataPath("the control plane is shutting down".into()));
+            return abandon(ControlError::DataPath("the control plane is shutting down".into()));
         };
         let task = match self
             .tasks
@@ -256,10 +262,7 @@ impl Control {
                 ctl.run_copy(task, job, &source_id, mode)
             }) {
             Ok(t) => t,
-            Err(e) => {
-                self.discard_copy(&disk_id, cleanup_tmp.as_deref());
-                return Err(e);
-            }
+            Err(e) => return abandon(e),
         };
         Ok(json!({
             "TaskId": task.id,

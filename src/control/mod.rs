@@ -244,8 +244,8 @@ impl Control {
                 .collect();
             self.objects.lock(ids)
         });
-        let _not_starting = self.serial.lock().unwrap_or_else(|p| p.into_inner());
-        drop(_not_starting);
+        // Wait out start-up and shutdown work (restoring or dropping every export).
+        drop(self.serial.lock().unwrap_or_else(|p| p.into_inner()));
         let p = Params::new(params)?;
         let mut v = match method {
             "ActivateKms" => self.activate_kms(p),
@@ -292,8 +292,9 @@ impl Control {
 
     /// Runs the checks `f` in a write transaction that is dropped (aborted) when it
     /// returns, so slow work that depends on them (KMS calls, audit fsyncs) runs after,
-    /// with the catalog writer free for the data path. Operations are serialised, so the
-    /// second transaction that writes finds the same state; it checks again all the same.
+    /// with the catalog writer free for the data path. Operations on the same objects run
+    /// one after the other (object locks), but others may commit in between, so the
+    /// transaction that writes runs the same checks again.
     fn peek<T>(&self, f: impl FnOnce(&WriteTransaction) -> Result<T, ControlError>) -> Result<T, ControlError> {
         let txn = self.begin()?;
         f(&txn)
