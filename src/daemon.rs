@@ -207,6 +207,7 @@ impl Daemon {
                 qos: cfg.qos,
                 import_dir: cfg.import_dir.clone(),
                 import_devices: cfg.import_devices,
+                vmm_gid: cfg.vmm_gid,
             },
         );
         let (restored, failed) = control.restore_attachments().map_err(|e| e.to_string())?;

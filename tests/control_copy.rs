@@ -73,6 +73,7 @@ impl Env {
                 qos: QosConfig::default(),
                 import_dir: Some(std::env::temp_dir()),
                 import_devices: false,
+                vmm_gid: None,
             },
         );
         Env { ctl, reactors, dir }

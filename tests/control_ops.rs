@@ -73,6 +73,7 @@ impl Env {
                 qos: QosConfig::default(),
                 import_dir: None,
                 import_devices: false,
+                vmm_gid: None,
             },
         );
         Env {

@@ -113,6 +113,7 @@ fn open_in_process(dir: &Path, reactors: &Arc<sealdisk::reactor::Reactors>) -> A
             qos: QosConfig::default(),
             import_dir: None,
             import_devices: false,
+            vmm_gid: None,
         },
     )
 }

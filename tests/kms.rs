@@ -1603,6 +1603,7 @@ fn a_slow_kms_does_not_delay_first_writes_to_another_disk() {
             qos: QosConfig::default(),
             import_dir: None,
             import_devices: false,
+            vmm_gid: None,
         },
     );
     let call = |m: &str, p: serde_json::Value| {

@@ -167,14 +167,18 @@ impl Control {
             }
             return Err(e.into());
         }
-        self.instance_add(&instance_id, &disk_id);
+        let vhost = self.instance_add(&instance_id, &disk_id);
         self.exports.instances().wait_bound(std::time::Duration::from_secs(1));
-        Ok(json!({
+        let mut reply = json!({
             "DiskId": disk_id,
             "InstanceId": instance_id,
             "Export": disk_id,
             "Socket": crate::export::instance_socket(&self.cfg.data_dir, &instance_id).display().to_string(),
-        }))
+        });
+        if let Some(p) = vhost {
+            reply["VhostSocket"] = json!(p.display().to_string());
+        }
+        Ok(reply)
     }
 
     pub(super) fn detach_disk(&self, mut p: Params) -> Result<Value, ControlError> {
@@ -202,20 +206,34 @@ impl Control {
         Ok(json!({ "DiskId": disk_id, "InstanceId": instance_id, "Detached": true }))
     }
 
-    /// Puts an attached disk on its instance's socket (an export of its own there, so
-    /// detaching it from this instance ends only this instance's connections).
-    pub(super) fn instance_add(&self, instance_id: &str, disk_id: &str) {
-        if let Some(e) = self.exports.get(disk_id) {
-            let _ = self.exports.instances().get_or_create(instance_id).add(Export::new(
-                disk_id,
-                e.bdev.clone(),
-                e.read_only,
-            ));
+    /// Puts an attached disk on its instance's sockets: the instance's NBD socket (an
+    /// export of its own there, so detaching it from this instance ends only this
+    /// instance's connections) and its own vhost-user-blk socket, whose path is returned.
+    pub(super) fn instance_add(&self, instance_id: &str, disk_id: &str) -> Option<std::path::PathBuf> {
+        let e = self.exports.get(disk_id)?;
+        let _ = self.exports.instances().get_or_create(instance_id).add(Export::new(
+            disk_id,
+            e.bdev.clone(),
+            e.read_only,
+        ));
+        let v = self.vhost.as_ref()?;
+        match v.add(instance_id, Export::new(disk_id, e.bdev.clone(), e.read_only)) {
+            Ok(p) => Some(p),
+            Err(err) => {
+                crate::daemon::log(&format!(
+                    "vhost-user: cannot serve disk {disk_id} to instance {instance_id}: {err}"
+                ));
+                None
+            }
         }
     }
 
-    /// Takes a disk off its instance's socket (its connections there end).
+    /// Takes a disk off its instance's sockets: its NBD connections there end, and its
+    /// vhost-user device drains its requests and stops.
     pub(super) fn instance_drop(&self, instance_id: &str, disk_id: &str) {
+        if let Some(v) = &self.vhost {
+            v.remove(instance_id, disk_id);
+        }
         if let Some(r) = self.exports.instances().get(instance_id) {
             r.remove(disk_id);
         }
@@ -301,6 +319,9 @@ impl Control {
     /// so a restart restores them). Keys are wiped as the exports drop.
     pub fn detach_all_exports(&self) -> Vec<String> {
         let _g = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = &self.vhost {
+            v.remove_all();
+        }
         self.exports.instances().clear();
         let names = self.exports.names();
         for n in &names {

@@ -128,7 +128,9 @@ impl Control {
                 .build_export(&d, keys.key, None)
                 .and_then(|e| self.exports.add(e).map_err(ControlError::DataPath))
             {
-                Ok(()) => self.instance_add(&instance_id, &d.id),
+                Ok(()) => {
+                    self.instance_add(&instance_id, &d.id);
+                }
                 Err(e) => failed.push(json!({ "DiskId": d.id, "Code": e.code(), "Message": e.to_string() })),
             }
         }
@@ -223,6 +225,9 @@ impl Control {
         // if anything fails before the commit.
         // The instance's socket goes first (its exports hold the disks' volumes open).
         let on_socket = self.exports.instances().get(&id).map(|r| r.names()).unwrap_or_default();
+        for d in &on_socket {
+            self.instance_drop(&id, d);
+        }
         self.exports.instances().remove(&id);
         let sys_export = self.exports.remove(&sys.id).is_some();
         let restore = || {
@@ -232,7 +237,7 @@ impl Control {
                 }
             }
             for d in &on_socket {
-                self.instance_add(&id, d);
+                let _ = self.instance_add(&id, d);
             }
         };
         let deleted = (|| {

@@ -53,6 +53,7 @@ use crate::reactor::Reactors;
 use crate::volume::Pool;
 
 pub use error::ControlError;
+use crate::frontend::vhost::{VhostConfig, VhostServer};
 pub use params::Params;
 pub use qos::{CategoryQos, QosConfig};
 
@@ -123,6 +124,8 @@ pub struct ControlConfig {
     pub import_dir: Option<PathBuf>,
     /// Block devices under `import_dir` may be imported too (`serve --import-devices`).
     pub import_devices: bool,
+    /// Group of the per-instance sockets (NBD and vhost-user; `serve --vmm-group`).
+    pub vmm_gid: Option<u32>,
 }
 
 impl ControlConfig {
@@ -133,6 +136,7 @@ impl ControlConfig {
             qos: QosConfig::default(),
             import_dir: None,
             import_devices: false,
+            vmm_gid: None,
         }
     }
 }
@@ -184,6 +188,8 @@ pub struct Control {
     kms: Arc<Kms>,
     exports: Arc<Exports>,
     reactors: Option<Arc<Reactors>>,
+    /// The vhost-user-blk sockets of attached disks (with reactors only).
+    vhost: Option<Arc<VhostServer>>,
     cfg: ControlConfig,
     /// Held by start-up work that must see no operation at all (restoring attachments).
     serial: Mutex<()>,
@@ -204,12 +210,23 @@ impl Control {
         reactors: Option<Arc<Reactors>>,
         cfg: ControlConfig,
     ) -> Arc<Control> {
+        let vhost = reactors.as_ref().map(|r| {
+            VhostServer::new(
+                VhostConfig {
+                    instances_dir: cfg.data_dir.join(crate::export::INSTANCES_DIR),
+                    gid: cfg.vmm_gid,
+                    num_queues: None,
+                },
+                r.clone(),
+            )
+        });
         Arc::new_cyclic(|me| Control {
             db,
             pool,
             kms,
             exports,
             reactors,
+            vhost,
             cfg,
             serial: Mutex::new(()),
             objects: ObjectLocks::default(),

@@ -7,3 +7,4 @@
 //! The fio external engine lives in its own cdylib crate (`fio-engine/`).
 
 pub mod nbd;
+pub mod vhost;

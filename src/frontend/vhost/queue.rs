@@ -1,0 +1,591 @@
+//! One virtqueue, served by one reactor.
+//!
+//! The poller pops descriptor chains, turns them into bdev requests on the
+//! reactor's channel of the disk, and puts finished requests in the used
+//! ring. Notifications follow the data path's hybrid polling:
+//! * while there is work the guest's kicks are suppressed (EVENT_IDX: the
+//!   avail event is left behind; without it, `VRING_USED_F_NO_NOTIFY`) and
+//!   the avail ring is polled on every reactor loop;
+//! * a poll that finds nothing re-enables kicks, checks the ring once more
+//!   and arms an `IORING_OP_POLL_ADD` on the kick eventfd, so an idle queue
+//!   costs nothing and a kick wakes the parked reactor;
+//! * the guest is interrupted (call eventfd) once per poll that used
+//!   buffers, and only when its `used_event` asks for it.
+//!
+//! The control thread reaches a running queue only through [`QueueShared`]:
+//! a stop flag, the call eventfd's descriptor, and a new memory table. A
+//! stop drains: no new chains are taken, every request in flight completes
+//! into the used ring, then the ring position is reported and the poller
+//! ends.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use io_uring::{opcode, types};
+use smallvec::SmallVec;
+use virtio_bindings::virtio_blk::*;
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use super::request::{self, BlkRequest, Kind, Segs, SECTOR};
+use super::DiskInfo;
+use crate::bdev::{IoCompletion, IoOp, IoRequest, Lower, MAX_IO_BYTES};
+use crate::iobuf::{BufPool, IoBuf};
+use crate::reactor::{Poll, Poller, ReactorCtx};
+use crate::uring::{Ring, Route};
+
+/// Bits of a bdev tag that number a request's part.
+const PART_BITS: u32 = 16;
+/// Largest request taken (larger ones are answered IOERR): bounded so one
+/// request can always get its buffers from the reactor's pool.
+pub const MAX_REQUEST_BYTES: u64 = 32 << 20;
+/// Ranges per discard / write-zeroes request.
+pub const MAX_RANGES: usize = 16;
+/// Longest range of a discard / write-zeroes, in sectors (the bdev's
+/// request size for trims).
+pub const MAX_RANGE_SECTORS: u32 = (32 << 20) / SECTOR as u32;
+
+/// Where a stopped queue left off (GET_VRING_BASE answers `next_avail`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stopped {
+    pub next_avail: u16,
+    pub next_used: u16,
+}
+
+/// What the control thread shares with a running queue.
+pub struct QueueShared {
+    stop: AtomicBool,
+    /// The call eventfd (raw; owned by the control side, which closes an old
+    /// one only after a reactor round trip).
+    pub(super) call: AtomicI32,
+    /// A new memory table for the poller to take.
+    new_mem: Mutex<Option<Arc<GuestMemoryMmap>>>,
+    mem_changed: AtomicBool,
+    /// Set by the poller when it has drained.
+    stopped: Mutex<Option<Stopped>>,
+    stopped_cv: Condvar,
+}
+
+impl QueueShared {
+    pub(super) fn new(call: i32) -> Arc<QueueShared> {
+        Arc::new(QueueShared {
+            stop: AtomicBool::new(false),
+            call: AtomicI32::new(call),
+            new_mem: Mutex::new(None),
+            mem_changed: AtomicBool::new(false),
+            stopped: Mutex::new(None),
+            stopped_cv: Condvar::new(),
+        })
+    }
+
+    /// Hand the poller a new memory table (requests in flight keep the old one).
+    pub(super) fn set_mem(&self, mem: Arc<GuestMemoryMmap>) {
+        *self.new_mem.lock().expect("queue mem") = Some(mem);
+        self.mem_changed.store(true, Ordering::Release);
+    }
+
+    /// Ask the poller to drain and stop.
+    pub(super) fn request_stop(&self) {
+        self.stop.store(true, Ordering::Release);
+    }
+
+    /// Wait until the poller has drained (`None` after `timeout`).
+    pub(super) fn wait_stopped(&self, timeout: std::time::Duration) -> Option<Stopped> {
+        let g = self.stopped.lock().expect("queue stopped");
+        let (g, _) = self
+            .stopped_cv
+            .wait_timeout_while(g, timeout, |s| s.is_none())
+            .expect("queue stopped");
+        *g
+    }
+
+    fn report(&self, s: Stopped) {
+        *self.stopped.lock().expect("queue stopped") = Some(s);
+        self.stopped_cv.notify_all();
+    }
+}
+
+/// Everything a queue needs to start on its reactor.
+pub(super) struct QueueStart {
+    pub index: u16,
+    pub queue: Queue,
+    pub mem: Arc<GuestMemoryMmap>,
+    pub kick: File,
+    pub shared: Arc<QueueShared>,
+    pub disk: Arc<DiskInfo>,
+}
+
+/// Start the queue's poller on this reactor (run from a reactor message).
+pub(super) fn start(ctx: &mut ReactorCtx, s: QueueStart) -> Result<(), String> {
+    let chan = s
+        .disk
+        .export
+        .bdev
+        .open_channel(&ctx.chan)
+        .map_err(|e| format!("opening the disk's I/O channel on reactor {}: {e}", ctx.id))?;
+    let ring = ctx.chan.ring.clone();
+    let kick_route = ring
+        .route()
+        .ok_or_else(|| format!("reactor {} has no free completion route", ctx.id))?;
+    ctx.add_poller(Box::new(QueuePoller {
+        index: s.index,
+        queue: s.queue,
+        mem: s.mem,
+        kick: s.kick,
+        kick_route,
+        kick_armed: false,
+        ring,
+        pool: ctx.chan.pool.clone(),
+        chan: Lower::new(chan),
+        disk: s.disk,
+        sh: s.shared,
+        slots: Vec::new(),
+        free: Vec::new(),
+        live: 0,
+        waiting: VecDeque::new(),
+        kicks_on: true,
+        signal: false,
+        stopping: false,
+        descs: Vec::new(),
+    }));
+    Ok(())
+}
+
+/// A request in flight.
+struct Slot {
+    head: u16,
+    status: *mut u8,
+    data: Segs,
+    parts: u32,
+    failed: bool,
+    /// Bytes the device wrote into the chain, status byte excluded.
+    written: u32,
+    /// The memory table the request's pointers point into.
+    _mem: Arc<GuestMemoryMmap>,
+}
+
+/// A popped chain that waits for pool buffers.
+struct Waiting {
+    head: u16,
+    req: BlkRequest,
+}
+
+struct QueuePoller {
+    index: u16,
+    queue: Queue,
+    mem: Arc<GuestMemoryMmap>,
+    kick: File,
+    kick_route: Route,
+    kick_armed: bool,
+    ring: Rc<Ring>,
+    pool: BufPool,
+    chan: Lower,
+    disk: Arc<DiskInfo>,
+    sh: Arc<QueueShared>,
+    slots: Vec<Option<Slot>>,
+    free: Vec<u32>,
+    live: usize,
+    waiting: VecDeque<Waiting>,
+    /// Whether guest kicks are enabled (we are about to go idle).
+    kicks_on: bool,
+    /// Used buffers were added since the last interrupt.
+    signal: bool,
+    stopping: bool,
+    descs: Vec<Descriptor>,
+}
+
+/// Write the status byte.
+fn set_status(p: *mut u8, s: u32) {
+    // SAFETY: `p` points at the chain's status byte inside the mapped memory
+    // table, which the request (or the poller) holds; a volatile store
+    // because the guest shares the page.
+    unsafe { std::ptr::write_volatile(p, s as u8) };
+}
+
+impl QueuePoller {
+    fn alloc_slot(&mut self, s: Slot) -> u64 {
+        self.live += 1;
+        match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize] = Some(s);
+                i as u64
+            }
+            None => {
+                self.slots.push(Some(s));
+                (self.slots.len() - 1) as u64
+            }
+        }
+    }
+
+    /// Put a finished chain in the used ring.
+    fn used(&mut self, head: u16, len: u32) {
+        if let Err(e) = self.queue.add_used(&*self.mem, head, len) {
+            crate::daemon::log(&format!(
+                "vhost-user {}: queue {}: cannot write the used ring: {e}",
+                self.disk.export.name, self.index
+            ));
+        }
+        self.signal = true;
+    }
+
+    /// Answer a chain at once.
+    fn answer(&mut self, head: u16, status: *mut u8, s: u32, written: u32) {
+        set_status(status, s);
+        self.used(head, written + 1);
+    }
+
+    /// Take chains from the avail ring; returns how many.
+    fn take_avail(&mut self) -> usize {
+        let mut n = 0;
+        while let Some(w) = self.waiting.pop_front() {
+            if let Err(w) = self.submit(w) {
+                self.waiting.push_front(w);
+                return n;
+            }
+            n += 1;
+        }
+        let mem = self.mem.clone();
+        loop {
+            let Some(chain) = self.queue.pop_descriptor_chain(&*mem) else {
+                break;
+            };
+            n += 1;
+            let head = chain.head_index();
+            self.descs.clear();
+            self.descs.extend(chain);
+            let ended = self.descs.last().is_some_and(|d| !d.has_next());
+            match request::parse(&mem, &self.descs, ended) {
+                Ok(req) => {
+                    if let Err(w) = self.submit(Waiting { head, req }) {
+                        self.waiting.push_back(w);
+                        break;
+                    }
+                }
+                Err(r) => {
+                    self.disk.note_malformed(self.index, head, r.why);
+                    match r.status {
+                        Some(st) => self.answer(head, st, VIRTIO_BLK_S_IOERR, 0),
+                        // No status byte to write; the head still goes back to
+                        // the guest (if it is a valid index) so the ring moves on.
+                        None => self.used(head, 0),
+                    }
+                }
+            }
+        }
+        n
+    }
+
+    /// Check a read/write/trim range against the disk.
+    fn in_range(&self, sector: u64, bytes: u64) -> bool {
+        let bs = self.disk.block_size as u64;
+        let Some(off) = sector.checked_mul(SECTOR) else {
+            return false;
+        };
+        off % bs == 0
+            && bytes % bs == 0
+            && off.checked_add(bytes).is_some_and(|end| end <= self.disk.capacity)
+    }
+
+    /// Turn a request into bdev requests; `Err` hands it back when the pool
+    /// has no buffers now.
+    fn submit(&mut self, w: Waiting) -> Result<(), Waiting> {
+        let Waiting { head, req } = w;
+        let ro = self.disk.read_only;
+        let bad = |me: &mut Self, s| {
+            me.answer(head, req.status, s, 0);
+            Ok(())
+        };
+        match req.kind {
+            Kind::Unsupported(_) => bad(self, VIRTIO_BLK_S_UNSUPP),
+            Kind::GetId => {
+                let id = self.disk.id_bytes();
+                let n = (req.data_len as usize).min(id.len());
+                // SAFETY: the segments were checked against the memory table
+                // this poller holds.
+                unsafe { request::scatter(&req.data, 0, &id[..n]) };
+                self.answer(head, req.status, VIRTIO_BLK_S_OK, n as u32);
+                Ok(())
+            }
+            Kind::Write | Kind::Discard | Kind::WriteZeroes if ro => bad(self, VIRTIO_BLK_S_IOERR),
+            Kind::Flush => {
+                let idx = self.alloc_slot(Slot {
+                    head,
+                    status: req.status,
+                    data: Segs::new(),
+                    parts: 1,
+                    failed: false,
+                    written: 0,
+                    _mem: self.mem.clone(),
+                });
+                self.chan.submit(IoRequest::flush(idx << PART_BITS));
+                Ok(())
+            }
+            Kind::Read | Kind::Write => {
+                if req.data_len > MAX_REQUEST_BYTES || !self.in_range(req.sector, req.data_len) {
+                    return bad(self, VIRTIO_BLK_S_IOERR);
+                }
+                let len = req.data_len as usize;
+                let parts = len.div_ceil(MAX_IO_BYTES as usize);
+                let mut bufs: SmallVec<[IoBuf; 4]> = SmallVec::new();
+                for p in 0..parts {
+                    let plen = (MAX_IO_BYTES as usize).min(len - p * MAX_IO_BYTES as usize);
+                    match self.pool.alloc(plen) {
+                        Some(b) => bufs.push(b),
+                        None => return Err(Waiting { head, req }),
+                    }
+                }
+                let write = req.kind == Kind::Write;
+                if write {
+                    for (p, b) in bufs.iter_mut().enumerate() {
+                        // SAFETY: the segments were checked against the memory
+                        // table this poller holds.
+                        unsafe { request::gather(&req.data, p * MAX_IO_BYTES as usize, b) };
+                    }
+                }
+                let fua = write && !self.disk.writeback.load(Ordering::Relaxed);
+                let off = req.sector * SECTOR;
+                let idx = self.alloc_slot(Slot {
+                    head,
+                    status: req.status,
+                    data: req.data,
+                    parts: parts as u32,
+                    failed: false,
+                    written: if write { 0 } else { len as u32 },
+                    _mem: self.mem.clone(),
+                });
+                for (p, b) in bufs.into_iter().enumerate() {
+                    let at = off + (p as u64) * MAX_IO_BYTES;
+                    let tag = (idx << PART_BITS) | p as u64;
+                    let mut r = if write {
+                        IoRequest::write(at, b, tag)
+                    } else {
+                        IoRequest::read(at, b, tag)
+                    };
+                    r.fua = fua;
+                    self.chan.submit(r);
+                }
+                Ok(())
+            }
+            Kind::Discard | Kind::WriteZeroes => {
+                // SAFETY: the segments were checked against the memory table
+                // this poller holds.
+                let Some(ranges) = (unsafe { request::ranges(&req, MAX_RANGES) }) else {
+                    return bad(self, VIRTIO_BLK_S_IOERR);
+                };
+                let zeroes = req.kind == Kind::WriteZeroes;
+                for r in &ranges {
+                    let flags_ok = if zeroes {
+                        r.flags & !VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP == 0
+                    } else {
+                        r.flags == 0
+                    };
+                    if !flags_ok {
+                        return bad(self, VIRTIO_BLK_S_UNSUPP);
+                    }
+                    if r.sectors == 0
+                        || r.sectors > MAX_RANGE_SECTORS
+                        || !self.in_range(r.sector, r.sectors as u64 * SECTOR)
+                    {
+                        return bad(self, VIRTIO_BLK_S_IOERR);
+                    }
+                }
+                let idx = self.alloc_slot(Slot {
+                    head,
+                    status: req.status,
+                    data: Segs::new(),
+                    parts: ranges.len() as u32,
+                    failed: false,
+                    written: 0,
+                    _mem: self.mem.clone(),
+                });
+                for (p, r) in ranges.iter().enumerate() {
+                    let tag = (idx << PART_BITS) | p as u64;
+                    let (at, n) = (r.sector * SECTOR, r.sectors as u64 * SECTOR);
+                    self.chan.submit(if zeroes {
+                        IoRequest::write_zeroes(at, n, tag)
+                    } else {
+                        IoRequest::unmap(at, n, tag)
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn complete(&mut self, c: IoCompletion) {
+        let idx = (c.tag >> PART_BITS) as usize;
+        let part = (c.tag & ((1 << PART_BITS) - 1)) as usize;
+        let Some(Some(s)) = self.slots.get_mut(idx) else {
+            return;
+        };
+        match c.result {
+            Err(e) => {
+                if !s.failed {
+                    self.disk.note_io_error(self.index, c.op, &e);
+                }
+                s.failed = true;
+            }
+            Ok(()) => {
+                if c.op == IoOp::Read {
+                    if let Some(b) = &c.buf {
+                        // SAFETY: the segments point into the memory table the
+                        // slot holds (`_mem`).
+                        unsafe { request::scatter(&s.data, part * MAX_IO_BYTES as usize, b) };
+                    }
+                }
+            }
+        }
+        drop(c.buf);
+        s.parts -= 1;
+        if s.parts > 0 {
+            return;
+        }
+        let s = self.slots[idx].take().expect("live slot");
+        self.free.push(idx as u32);
+        self.live -= 1;
+        let (st, written) = if s.failed {
+            (VIRTIO_BLK_S_IOERR, 0)
+        } else {
+            (VIRTIO_BLK_S_OK, s.written)
+        };
+        self.answer(s.head, s.status, st, written);
+    }
+
+    fn interrupt(&mut self) {
+        if !self.signal {
+            return;
+        }
+        self.signal = false;
+        match self.queue.needs_notification(&*self.mem) {
+            Ok(false) => {}
+            _ => {
+                let fd = self.sh.call.load(Ordering::Acquire);
+                if fd >= 0 {
+                    let one = 1u64;
+                    // SAFETY: an 8-byte write from a live u64 to the call
+                    // eventfd; the control side closes a replaced descriptor
+                    // only after a round trip through this reactor.
+                    unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+                }
+            }
+        }
+    }
+
+    fn arm_kick(&mut self) {
+        if self.kick_armed {
+            return;
+        }
+        let e = opcode::PollAdd::new(types::Fd(self.kick.as_raw_fd()), libc::POLLIN as u32).build();
+        // SAFETY: a poll has no buffer; the descriptor is a dup we own and
+        // the kernel holds its own reference while the poll is in flight.
+        self.kick_armed = unsafe { self.ring.push(&self.kick_route, 0, e) };
+    }
+
+    fn drain_kick(&mut self) -> bool {
+        let mut kicked = false;
+        while self.kick_route.pop().is_some() {
+            self.kick_armed = false;
+            kicked = true;
+        }
+        if kicked {
+            let mut v = 0u64;
+            // SAFETY: an 8-byte read into a live u64 from the kick eventfd,
+            // which POLLIN said is readable (a plain read of an eventfd that
+            // is not readable would block, so only after the poll fired).
+            unsafe { libc::read(self.kick.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        }
+        kicked
+    }
+}
+
+impl Poller for QueuePoller {
+    fn poll(&mut self, _ctx: &ReactorCtx) -> Poll {
+        let mut work = 0usize;
+        if self.drain_kick() {
+            work += 1;
+        }
+        if self.sh.mem_changed.swap(false, Ordering::AcqRel) {
+            if let Some(m) = self.sh.new_mem.lock().expect("queue mem").take() {
+                self.mem = m;
+            }
+        }
+        let mut comps = self.chan.poll();
+        for c in comps.drain(..) {
+            self.complete(c);
+            work += 1;
+        }
+        self.chan.recycle(comps);
+        if !self.stopping && self.sh.stop.load(Ordering::Acquire) {
+            self.stopping = true;
+        }
+        if self.stopping {
+            // Drain: chains already taken still run; no new ones.
+            while let Some(w) = self.waiting.pop_front() {
+                if let Err(w) = self.submit(w) {
+                    self.waiting.push_front(w);
+                    break;
+                }
+            }
+            self.interrupt();
+            if self.live > 0 || !self.waiting.is_empty() {
+                return Poll::Busy(work.max(1));
+            }
+            if self.kick_armed {
+                // End our poll of the kick eventfd by making it readable.
+                let one = 1u64;
+                // SAFETY: an 8-byte write from a live u64 to our own dup of the
+                // kick eventfd.
+                unsafe { libc::write(self.kick.as_raw_fd(), (&one as *const u64).cast(), 8) };
+                let _ = self.ring.flush();
+                self.ring.reap();
+                self.drain_kick();
+                if self.kick_armed {
+                    return Poll::Busy(1);
+                }
+            }
+            self.sh.report(Stopped {
+                next_avail: self.queue.next_avail(),
+                next_used: self.queue.next_used(),
+            });
+            return Poll::Done;
+        }
+        work += self.take_avail();
+        self.interrupt();
+        if work > 0 {
+            if self.kicks_on {
+                let _ = self.queue.disable_notification(&*self.mem);
+                self.kicks_on = false;
+            }
+            return Poll::Busy(work);
+        }
+        if !self.kicks_on {
+            self.kicks_on = true;
+            // A chain published just before kicks came back on is seen here.
+            if self.queue.enable_notification(&*self.mem).unwrap_or(true) {
+                return Poll::Busy(1);
+            }
+        }
+        self.arm_kick();
+        Poll::Idle
+    }
+
+    fn pending(&self) -> bool {
+        !self.waiting.is_empty()
+    }
+}
+
+impl Drop for QueuePoller {
+    fn drop(&mut self) {
+        // A reactor shutting down drops pollers without draining: say where
+        // the ring is so the control thread does not wait for nothing.
+        self.sh.report(Stopped {
+            next_avail: self.queue.next_avail(),
+            next_used: self.queue.next_used(),
+        });
+    }
+}
