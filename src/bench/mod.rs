@@ -6,3 +6,4 @@ pub mod fio;
 pub mod io;
 pub mod job;
 pub mod report;
+pub mod vhost;
