@@ -24,7 +24,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use super::slab::Slab;
-use super::{validate, Bdev, BdevRef, Channel, ChannelCtx, IoCompletion, IoError, IoOp, IoRequest, Lower};
+use super::{validate, Bdev, BdevRef, Channel, ChannelCtx, IoCompletion, IoError, IoOp, IoRequest, Lent, Lower};
 use crate::crypto::Xts;
 use crate::iobuf::{BufPool, IoBuf};
 
@@ -97,6 +97,9 @@ impl Bdev for CryptoBdev {
     fn volatile_cache(&self) -> bool {
         self.inner.volatile_cache()
     }
+    fn takes_lent(&self) -> bool {
+        true
+    }
     fn dma_writes(&self) -> bool {
         self.inner.dma_writes()
     }
@@ -122,12 +125,14 @@ struct Pending {
     tag: u64,
     offset: u64,
     buf: Option<IoBuf>,
+    /// A read into frontend memory: decrypted into it on completion.
+    lent: Option<Lent>,
     error: Option<Box<IoError>>,
     parts: u32,
     op: IoOp,
 }
 
-const _: () = assert!(std::mem::size_of::<Pending>() == 56);
+const _: () = assert!(std::mem::size_of::<Pending>() == 80);
 
 impl Pending {
     fn new(tag: u64, op: IoOp, offset: u64, parts: usize, buf: Option<IoBuf>) -> Pending {
@@ -135,6 +140,7 @@ impl Pending {
             tag,
             offset,
             buf,
+            lent: None,
             error: None,
             parts: parts as u32,
             op,
@@ -176,6 +182,38 @@ impl CryptoChannel {
         .expect("validated whole sectors");
     }
 
+    /// Encrypt `dst.len()` bytes of lent memory, from byte `from` of it, into
+    /// the bounce buffer `dst` (device offset `offset`). Pieces that are whole
+    /// sectors go from the frontend's memory straight through the cipher;
+    /// a chunk with a piece that is not is gathered first.
+    fn encrypt_lent(&self, lent: &Lent, from: usize, dst: &mut [u8], offset: u64) {
+        let ss = self.sector_size;
+        let mut pieces: smallvec::SmallVec<[(*const u8, usize, usize); 8]> = smallvec::SmallVec::new();
+        let mut aligned = true;
+        for_pieces(lent, from, dst.len(), |ptr, at, n| {
+            aligned &= at % ss == 0 && n % ss == 0;
+            pieces.push((ptr as *const u8, at, n));
+        });
+        if aligned {
+            for (ptr, at, n) in pieces {
+                // SAFETY: `Lent::new`'s contract: the segment is mapped for the
+                // request's life. The frontend's memory (a guest's) may change
+                // under us; the cipher reads each byte once and nothing relies
+                // on the values.
+                let src = unsafe { std::slice::from_raw_parts(ptr, n) };
+                self.encrypt_into(src, &mut dst[at..at + n], offset + at as u64);
+            }
+        } else {
+            for (ptr, at, n) in pieces {
+                // SAFETY: as above.
+                unsafe { std::ptr::copy_nonoverlapping(ptr, dst[at..].as_mut_ptr(), n) };
+            }
+            self.xts
+                .encrypt_sectors(dst, offset / ss as u64, ss)
+                .expect("validated whole sectors");
+        }
+    }
+
     fn send_down(&mut self, req: IoRequest) {
         self.lower.submit(req);
     }
@@ -189,6 +227,20 @@ impl CryptoChannel {
             }
         }
         match p.op {
+            IoOp::Read if p.lent.is_some() => {
+                let buf = c.buf.expect("read completes with its buffer");
+                if p.error.is_none() {
+                    let lent = p.lent.take().expect("checked");
+                    decrypt_to_lent(
+                        &self.xts,
+                        &buf,
+                        &lent,
+                        p.offset / self.sector_size as u64,
+                        self.sector_size,
+                    );
+                }
+                // The pool buffer goes back here; the frontend's memory holds the data.
+            }
             IoOp::Read => {
                 let mut buf = c.buf.expect("read completes with its buffer");
                 if p.error.is_none() {
@@ -258,6 +310,73 @@ fn decrypt_in_place(xts: &Xts, buf: &mut [u8], first_sector: u64, ss: usize) {
     }
 }
 
+/// Call `f(ptr, at, n)` for each piece of lent memory covering `len` bytes
+/// from byte `from`: `ptr` is the piece's start, `at` its position relative
+/// to `from`, `n` its length.
+fn for_pieces(lent: &Lent, mut from: usize, len: usize, mut f: impl FnMut(*mut u8, usize, usize)) {
+    let mut at = 0;
+    for &(ptr, slen) in lent.segments() {
+        if at == len {
+            break;
+        }
+        if from >= slen {
+            from -= slen;
+            continue;
+        }
+        let n = (slen - from).min(len - at);
+        // The pointer arithmetic stays inside the segment (`from < slen`).
+        f(ptr.wrapping_add(from), at, n);
+        at += n;
+        from = 0;
+    }
+}
+
+/// Decrypt a read's ciphertext `src` into lent memory (all-zero sectors, never
+/// written, stay zeros). Whole-sector pieces are decrypted straight into the
+/// frontend's memory; otherwise the data is decrypted here and copied.
+fn decrypt_to_lent(xts: &Xts, src: &IoBuf, lent: &Lent, first_sector: u64, ss: usize) {
+    let mut pieces: smallvec::SmallVec<[(*mut u8, usize, usize); 8]> = smallvec::SmallVec::new();
+    let mut aligned = true;
+    for_pieces(lent, 0, src.len(), |ptr, at, n| {
+        aligned &= at % ss == 0 && n % ss == 0;
+        pieces.push((ptr, at, n));
+    });
+    if !aligned {
+        let mut tmp = src.to_vec();
+        decrypt_in_place(xts, &mut tmp, first_sector, ss);
+        for (ptr, at, n) in pieces {
+            // SAFETY: `Lent::new`'s contract: the segment is mapped and ours to
+            // write until the request completes.
+            unsafe { std::ptr::copy_nonoverlapping(tmp[at..].as_ptr(), ptr, n) };
+        }
+        return;
+    }
+    for (ptr, at, n) in pieces {
+        // SAFETY: as above; the guest reads the data once the request completes.
+        let dst = unsafe { std::slice::from_raw_parts_mut(ptr, n) };
+        let mut i = 0;
+        while i < n {
+            let sec = &src[at + i..at + i + ss];
+            if is_zero(sec) {
+                dst[i..i + ss].fill(0);
+                i += ss;
+                continue;
+            }
+            let start = i;
+            while i < n && !is_zero(&src[at + i..at + i + ss]) {
+                i += ss;
+            }
+            xts.decrypt_sectors_to(
+                &src[at + start..at + i],
+                &mut dst[start..i],
+                first_sector + ((at + start) / ss) as u64,
+                ss,
+            )
+            .expect("whole sectors of a supported size");
+        }
+    }
+}
+
 fn is_zero(s: &[u8]) -> bool {
     // Sector sizes are multiples of 8; ciphertext almost always fails on the
     // first word, so this costs one load per encrypted sector.
@@ -277,6 +396,39 @@ impl Channel for CryptoChannel {
             return Ok(());
         }
         match req.op {
+            IoOp::Write if req.lent.is_some() => {
+                let lent = req.lent.as_ref().expect("checked");
+                let len = lent.len();
+                let chunks = len.div_ceil(BOUNCE_CHUNK);
+                let mut bounces: smallvec::SmallVec<[IoBuf; 4]> = smallvec::SmallVec::new();
+                for c in 0..chunks {
+                    match self.pool.alloc(BOUNCE_CHUNK.min(len - c * BOUNCE_CHUNK)) {
+                        Some(b) => bounces.push(b),
+                        None => return Err(req), // back-pressure; nothing done
+                    }
+                }
+                for (c, b) in bounces.iter_mut().enumerate() {
+                    let from = c * BOUNCE_CHUNK;
+                    self.encrypt_lent(lent, from, b, req.offset + from as u64);
+                }
+                let (offset, fua) = (req.offset, req.fua);
+                let idx = self.slot(Pending::new(req.tag, IoOp::Write, offset, chunks, None));
+                for (c, b) in bounces.into_iter().enumerate() {
+                    let mut w = IoRequest::write(offset + (c * BOUNCE_CHUNK) as u64, b, idx);
+                    w.fua = fua;
+                    self.send_down(w);
+                }
+            }
+            IoOp::Read if req.lent.is_some() => {
+                let Some(mut b) = self.pool.alloc(req.bytes() as usize) else {
+                    return Err(req); // back-pressure; nothing done
+                };
+                b.set_len(req.bytes() as usize);
+                let mut p = Pending::new(req.tag, IoOp::Read, req.offset, 1, None);
+                p.lent = req.lent;
+                let idx = self.slot(p);
+                self.send_down(IoRequest::read(req.offset, b, idx));
+            }
             IoOp::Write if req.bytes() as usize <= BOUNCE_CHUNK => {
                 // One piece (every write up to 128 KiB): no chunk loop.
                 let src = req.buf.as_ref().expect("validated");
@@ -332,6 +484,7 @@ impl Channel for CryptoChannel {
                     offset: req.offset,
                     len: req.len,
                     buf: None,
+                    lent: None,
                     fua: req.fua,
                     tag: idx,
                 });

@@ -43,15 +43,53 @@ pub enum IoOp {
     WriteZeroes,
 }
 
-/// One I/O request. `buf` is required for reads and writes (its length is
-/// the I/O length) and ignored otherwise; `len` is used for unmap and
-/// write-zeroes.
+/// Memory a frontend lends a read or write instead of a pool buffer: the
+/// guest's own buffers (vhost-user). A write's payload is read from it, a
+/// read's data lands in it; the bdev never keeps it past the completion.
+/// Only a bdev whose [`Bdev::takes_lent`] says so gets such a request (the
+/// crypto layer: it encrypts from the segments straight into its bounce
+/// buffers and decrypts into them), so no device below ever sees one.
+#[derive(Debug)]
+pub struct Lent {
+    segs: Box<[(*mut u8, usize)]>,
+    len: usize,
+}
+
+impl Lent {
+    /// # Safety
+    /// Every segment must stay mapped, and be used by nobody but the request's
+    /// bdev for writing, until the request completes. (Guest memory: the
+    /// guest may still change the bytes; they are read once, never trusted.)
+    pub unsafe fn new(segs: Box<[(*mut u8, usize)]>) -> Lent {
+        let len = segs.iter().map(|s| s.1).sum();
+        Lent { segs, len }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The segments, in order.
+    pub fn segments(&self) -> &[(*mut u8, usize)] {
+        &self.segs
+    }
+}
+
+/// One I/O request. Reads and writes carry `buf` (its length is the I/O
+/// length), or, on a bdev that takes them, `lent` memory instead; other
+/// requests carry neither. `len` is used for unmap and write-zeroes.
 #[derive(Debug)]
 pub struct IoRequest {
     pub op: IoOp,
     pub offset: u64,
     pub len: u64,
     pub buf: Option<IoBuf>,
+    /// Frontend memory instead of `buf` ([`Lent`]).
+    pub lent: Option<Lent>,
     /// Force unit access: the write is durable when it completes.
     pub fua: bool,
     /// Caller's cookie, returned in the completion.
@@ -65,6 +103,7 @@ impl IoRequest {
             offset,
             len: buf.len() as u64,
             buf: Some(buf),
+            lent: None,
             fua: false,
             tag,
         }
@@ -76,6 +115,7 @@ impl IoRequest {
             offset,
             len: buf.len() as u64,
             buf: Some(buf),
+            lent: None,
             fua: false,
             tag,
         }
@@ -87,6 +127,7 @@ impl IoRequest {
             offset: 0,
             len: 0,
             buf: None,
+            lent: None,
             fua: false,
             tag,
         }
@@ -98,6 +139,7 @@ impl IoRequest {
             offset,
             len,
             buf: None,
+            lent: None,
             fua: false,
             tag,
         }
@@ -109,6 +151,20 @@ impl IoRequest {
             offset,
             len,
             buf: None,
+            lent: None,
+            fua: false,
+            tag,
+        }
+    }
+
+    /// A read or write of frontend memory ([`Lent`]).
+    pub fn lent(op: IoOp, offset: u64, lent: Lent, tag: u64) -> IoRequest {
+        IoRequest {
+            op,
+            offset,
+            len: lent.len() as u64,
+            buf: None,
+            lent: Some(lent),
             fua: false,
             tag,
         }
@@ -117,7 +173,11 @@ impl IoRequest {
     /// Bytes the request covers.
     pub fn bytes(&self) -> u64 {
         match self.op {
-            IoOp::Read | IoOp::Write => self.buf.as_ref().map_or(0, |b| b.len() as u64),
+            IoOp::Read | IoOp::Write => match (&self.buf, &self.lent) {
+                (Some(b), _) => b.len() as u64,
+                (None, Some(l)) => l.len() as u64,
+                (None, None) => 0,
+            },
             IoOp::Unmap | IoOp::WriteZeroes => self.len,
             IoOp::Flush => 0,
         }
@@ -236,6 +296,10 @@ pub trait Bdev: Send + Sync {
     fn dma_writes(&self) -> bool {
         false
     }
+    /// Whether reads and writes may carry [`Lent`] memory instead of a buffer.
+    fn takes_lent(&self) -> bool {
+        false
+    }
     /// Open an I/O channel for the calling reactor.
     fn open_channel(&self, ctx: &ChannelCtx) -> std::io::Result<Box<dyn Channel>>;
 }
@@ -305,9 +369,10 @@ impl Lower {
 pub fn validate(req: &IoRequest, block_size: u32, capacity: u64, max_io: u64) -> Result<(), IoError> {
     let len = match req.op {
         IoOp::Flush => return Ok(()),
-        IoOp::Read | IoOp::Write => match &req.buf {
-            Some(b) => b.len() as u64,
-            None => return Err(IoError::MissingBuffer),
+        IoOp::Read | IoOp::Write => match (&req.buf, &req.lent) {
+            (Some(b), _) => b.len() as u64,
+            (None, Some(l)) => l.len() as u64,
+            (None, None) => return Err(IoError::MissingBuffer),
         },
         IoOp::Unmap | IoOp::WriteZeroes => req.len,
     };

@@ -153,6 +153,9 @@ impl Bdev for QosBdev {
     fn dma_writes(&self) -> bool {
         self.inner.dma_writes()
     }
+    fn takes_lent(&self) -> bool {
+        self.inner.takes_lent()
+    }
     fn open_channel(&self, ctx: &ChannelCtx) -> std::io::Result<Box<dyn Channel>> {
         Ok(Box::new(QosChannel {
             inner: self.inner.open_channel(ctx)?,

@@ -358,6 +358,7 @@ impl Channel for UringChannel {
                 len: f.len,
                 fua: f.fua,
                 buf: f.buf,
+                lent: None,
             });
         }
         self.slab[idx] = Some(f);

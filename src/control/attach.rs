@@ -211,11 +211,11 @@ impl Control {
     /// instance's connections) and its own vhost-user-blk socket, whose path is returned.
     pub(super) fn instance_add(&self, instance_id: &str, disk_id: &str) -> Option<std::path::PathBuf> {
         let e = self.exports.get(disk_id)?;
-        let _ = self.exports.instances().get_or_create(instance_id).add(Export::new(
-            disk_id,
-            e.bdev.clone(),
-            e.read_only,
-        ));
+        let _ =
+            self.exports
+                .instances()
+                .get_or_create(instance_id)
+                .add(Export::new(disk_id, e.bdev.clone(), e.read_only));
         let v = self.vhost.as_ref()?;
         match v.add(instance_id, Export::new(disk_id, e.bdev.clone(), e.read_only)) {
             Ok(p) => Some(p),

@@ -52,8 +52,8 @@ use crate::kms::{CallOpts, KeyContext, Kms, KmsError, Reservation};
 use crate::reactor::Reactors;
 use crate::volume::Pool;
 
-pub use error::ControlError;
 use crate::frontend::vhost::{VhostConfig, VhostServer};
+pub use error::ControlError;
 pub use params::Params;
 pub use qos::{CategoryQos, QosConfig};
 

@@ -21,7 +21,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
-use super::queue::{self, QueueShared, QueueStart, MAX_RANGE_SECTORS, MAX_RANGES};
+use super::queue::{self, QueueShared, QueueStart, MAX_RANGES, MAX_RANGE_SECTORS};
 use super::request::SECTOR;
 use super::DiskInfo;
 use crate::reactor::Reactors;

@@ -58,6 +58,9 @@ pub struct DiskInfo {
     pub num_queues: u16,
     /// Write-back cache mode (CONFIG_WCE); off: every write is FUA.
     pub writeback: AtomicBool,
+    /// The disk's stack takes guest memory directly ([`crate::bdev::Lent`]:
+    /// an encrypted disk encrypts from it and decrypts into it).
+    pub lent: bool,
     /// Rate limit of the data-path error log (one line per second).
     last_log: AtomicU64,
     suppressed: AtomicU64,
@@ -72,6 +75,7 @@ impl DiskInfo {
             read_only: export.read_only,
             num_queues,
             writeback: AtomicBool::new(true),
+            lent: export.bdev.takes_lent(),
             last_log: AtomicU64::new(0),
             suppressed: AtomicU64::new(0),
             epoch: Instant::now(),

@@ -34,7 +34,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::request::{self, BlkRequest, Kind, Segs, SECTOR};
 use super::DiskInfo;
-use crate::bdev::{IoCompletion, IoOp, IoRequest, Lower, MAX_IO_BYTES};
+use crate::bdev::{IoCompletion, IoOp, IoRequest, Lent, Lower, MAX_IO_BYTES};
 use crate::iobuf::{BufPool, IoBuf};
 use crate::reactor::{Poll, Poller, ReactorCtx};
 use crate::uring::{Ring, Route};
@@ -286,9 +286,7 @@ impl QueuePoller {
         let Some(off) = sector.checked_mul(SECTOR) else {
             return false;
         };
-        off % bs == 0
-            && bytes % bs == 0
-            && off.checked_add(bytes).is_some_and(|end| end <= self.disk.capacity)
+        off % bs == 0 && bytes % bs == 0 && off.checked_add(bytes).is_some_and(|end| end <= self.disk.capacity)
     }
 
     /// Turn a request into bdev requests; `Err` hands it back when the pool
@@ -331,15 +329,46 @@ impl QueuePoller {
                 }
                 let len = req.data_len as usize;
                 let parts = len.div_ceil(MAX_IO_BYTES as usize);
+                let write = req.kind == Kind::Write;
+                let fua = write && !self.disk.writeback.load(Ordering::Relaxed);
+                let off = req.sector * SECTOR;
+                let part_len = |p: usize| (MAX_IO_BYTES as usize).min(len - p * MAX_IO_BYTES as usize);
+                if self.disk.lent {
+                    // The crypto layer encrypts from / decrypts into guest memory
+                    // itself: no pool buffer here, no copy.
+                    let op = if write { IoOp::Write } else { IoOp::Read };
+                    let reqs: SmallVec<[IoRequest; 4]> = (0..parts)
+                        .map(|p| {
+                            let segs = request::slice(&req.data, p * MAX_IO_BYTES as usize, part_len(p));
+                            // SAFETY: the segments were checked against the memory
+                            // table, which the slot holds until the request completes.
+                            let lent = unsafe { Lent::new(segs) };
+                            IoRequest::lent(op, off + (p as u64) * MAX_IO_BYTES, lent, 0)
+                        })
+                        .collect();
+                    let idx = self.alloc_slot(Slot {
+                        head,
+                        status: req.status,
+                        data: Segs::new(),
+                        parts: parts as u32,
+                        failed: false,
+                        written: if write { 0 } else { len as u32 },
+                        _mem: self.mem.clone(),
+                    });
+                    for (p, mut r) in reqs.into_iter().enumerate() {
+                        r.tag = (idx << PART_BITS) | p as u64;
+                        r.fua = fua;
+                        self.chan.submit(r);
+                    }
+                    return Ok(());
+                }
                 let mut bufs: SmallVec<[IoBuf; 4]> = SmallVec::new();
                 for p in 0..parts {
-                    let plen = (MAX_IO_BYTES as usize).min(len - p * MAX_IO_BYTES as usize);
-                    match self.pool.alloc(plen) {
+                    match self.pool.alloc(part_len(p)) {
                         Some(b) => bufs.push(b),
                         None => return Err(Waiting { head, req }),
                     }
                 }
-                let write = req.kind == Kind::Write;
                 if write {
                     for (p, b) in bufs.iter_mut().enumerate() {
                         // SAFETY: the segments were checked against the memory
@@ -347,8 +376,6 @@ impl QueuePoller {
                         unsafe { request::gather(&req.data, p * MAX_IO_BYTES as usize, b) };
                     }
                 }
-                let fua = write && !self.disk.writeback.load(Ordering::Relaxed);
-                let off = req.sector * SECTOR;
                 let idx = self.alloc_slot(Slot {
                     head,
                     status: req.status,

@@ -198,6 +198,29 @@ pub struct Range {
     pub flags: u32,
 }
 
+/// The pieces of `segs` covering `len` bytes from byte `from`, as
+/// (pointer, length) pairs.
+pub fn slice(segs: &[Seg], mut from: usize, len: usize) -> Box<[(*mut u8, usize)]> {
+    let mut out = Vec::with_capacity(segs.len());
+    let mut left = len;
+    for s in segs {
+        if left == 0 {
+            break;
+        }
+        let slen = s.len as usize;
+        if from >= slen {
+            from -= slen;
+            continue;
+        }
+        let n = (slen - from).min(left);
+        // Stays inside the segment: `from < slen`.
+        out.push((s.ptr.wrapping_add(from), n));
+        left -= n;
+        from = 0;
+    }
+    out.into_boxed_slice()
+}
+
 /// Copy `len` bytes of the request's guest segments, starting `from` bytes
 /// into them, into `dst`.
 ///
