@@ -49,6 +49,8 @@ enum BenchCmd {
     },
     /// fio-compatible I/O load on the reactor/bdev stack (like SPDK's bdevperf).
     Io(Box<IoArgs>),
+    /// fio-style load through any vhost-user-blk backend's socket (this process is the VMM).
+    Vhost(Box<sealdisk::bench::vhost::VhostArgs>),
 }
 
 /// fio's options keep fio's spelling (`--rw=randread --bs=4k --iodepth=32`).
@@ -182,6 +184,16 @@ fn main() -> ExitCode {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("sealdisk bench io: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Cmd::Bench {
+            what: BenchCmd::Vhost(args),
+        } => match sealdisk::bench::vhost::main(&args) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::from(1),
+            Err(e) => {
+                eprintln!("sealdisk bench vhost: {e}");
                 ExitCode::from(2)
             }
         },

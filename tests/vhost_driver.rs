@@ -338,3 +338,57 @@ fn disconnect_reconnect_and_resume() {
     }
     assert!(d.queue(0).errors().is_empty() && d.queue(1).errors().is_empty());
 }
+
+#[test]
+fn bench_vhost_drives_qsd_and_reads_its_cpu() {
+    use sealdisk::bench::fio::{FileJob, JobSpec, Rw, TargetSpec};
+    use sealdisk::bench::vhost::bench::{run, to_json, to_text, VhostBenchOpts};
+    let q = Qsd::start("bench", 2);
+    let job = |rw, bs, iodepth| FileJob {
+        job: JobSpec {
+            name: format!("{rw:?}"),
+            rw,
+            bs,
+            iodepth,
+            numjobs: 2,
+            runtime: Some(Duration::from_millis(400)),
+            ramp_time: Duration::from_millis(100),
+            time_based: true,
+            ..JobSpec::default()
+        },
+        target: TargetSpec::default(),
+    };
+    let opts = VhostBenchOpts {
+        socket: q.sock.clone(),
+        jobs: vec![job(Rw::RandWrite, 4096, 16), job(Rw::Read, 128 << 10, 4)],
+        pid: Some(q.child.id()),
+        queue_size: None,
+        event_idx: true,
+        progress: false,
+    };
+    let rep = run(&opts).unwrap();
+    assert_eq!(rep.groups.len(), 2);
+    for g in &rep.groups {
+        assert!(g.group.error.is_none(), "{:?}", g.group.error);
+        assert!(g.ios() > 100, "{} I/Os", g.ios());
+        let d = g.daemon.as_ref().expect("--pid gives the daemon's CPU");
+        assert!(d.cpu_ns > 0 && g.daemon_ns_per_io().unwrap() > 0.0, "{d:?}");
+        assert_eq!(g.queues.len(), 2);
+    }
+    assert!(rep.groups[0].group.write.ios > 0 && rep.groups[0].group.read.ios == 0);
+    assert!(rep.groups[1].group.read.ios > 0 && rep.groups[1].group.write.ios == 0);
+    let v = to_json(&rep);
+    assert!(v["jobs"][0]["write"]["iops"].as_f64().unwrap() > 0.0);
+    assert!(v["jobs"][0]["sealdisk"]["cpu_ns_per_io"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["sealdisk"]["vhost"]["queues"], 2);
+    let t = to_text(&rep);
+    assert!(t.contains("daemon cpu (pid") && !t.contains("reactor busy"), "{t}");
+    // The data written is not zeros (nothing can be skipped as zero data).
+    let back = q.file_bytes(0, 1 << 20);
+    assert!(back.iter().filter(|&&b| b == 0).count() < back.len() / 2);
+    // Refusals name the problem.
+    let mut bad = opts.clone();
+    bad.jobs = vec![job(Rw::RandRead, 4096, 1)];
+    bad.jobs[0].job.numjobs = 3;
+    assert!(run(&bad).unwrap_err().contains("numjobs=3"));
+}

@@ -162,7 +162,6 @@ impl GuestMem {
             userspace_addr: self.hva(start),
             mmap_offset: start,
             mmap_handle: self.fd.as_raw_fd(),
-            ..Default::default()
         };
         match &self.hole {
             None => vec![region(0, self.size)],

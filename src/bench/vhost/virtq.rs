@@ -179,6 +179,7 @@ pub struct Virtq {
     published: u16,
     last_used: u16,
     next_id: u64,
+    last_head: u16,
     stash: VecDeque<Completion>,
     stats: QueueStats,
     errors: Vec<String>,
@@ -242,6 +243,7 @@ impl Virtq {
             published: 0,
             last_used: 0,
             next_id: 1,
+            last_head: 0,
             stash: VecDeque::new(),
             stats: QueueStats::default(),
             errors: Vec::new(),
@@ -323,7 +325,10 @@ impl Virtq {
             .mem
             .ptr(gpa, 2)
             .expect("ring fields are inside our ring allocations");
-        assert!((p as usize) % 2 == 0, "ring field at {gpa:#x} is not 2-byte aligned");
+        assert!(
+            (p as usize).is_multiple_of(2),
+            "ring field at {gpa:#x} is not 2-byte aligned"
+        );
         // SAFETY: p is a 2-aligned address inside the mapping, which lives as
         // long as `self` (we hold an Arc). AtomicU16 has the layout of u16 and
         // interior mutability, so the device writing the same word from its
@@ -447,8 +452,15 @@ impl Virtq {
             status_gpa: slot + SLOT_STATUS,
         });
         self.avail_entry(head);
+        self.last_head = head;
         self.stats.submitted += 1;
         Ok(id)
+    }
+
+    /// The head descriptor of the last request `push` put on the queue
+    /// (what its [`Completion::head`] will be).
+    pub fn last_pushed_head(&self) -> u16 {
+        self.last_head
     }
 
     /// Push and publish (kicking if the device wants it).
