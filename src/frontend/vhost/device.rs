@@ -21,6 +21,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
+use super::inflight::{queue_region_size, InflightMap};
 use super::queue::{self, QueueShared, QueueStart, MAX_RANGES, MAX_RANGE_SECTORS};
 use super::request::SECTOR;
 use super::DiskInfo;
@@ -68,6 +69,8 @@ pub(super) struct BlkDevice {
     acked: u64,
     acked_protocol: u64,
     mem: Option<Arc<GuestMemoryMmap>>,
+    /// The VMM's inflight area (INFLIGHT_SHMFD).
+    inflight: Option<Arc<InflightMap>>,
     regions: Vec<(Arc<GuestRegionMmap>, Mapping)>,
     vrings: Vec<Vring>,
 }
@@ -90,6 +93,7 @@ impl BlkDevice {
             acked: 0,
             acked_protocol: 0,
             mem: None,
+            inflight: None,
             regions: Vec::new(),
             vrings: (0..n).map(|_| Vring::default()).collect(),
         }
@@ -195,6 +199,24 @@ impl BlkDevice {
         // stop and start, leaves it where the last run put it).
         let used = q.used_idx(&*mem, Ordering::Acquire).map_err(internal)?.0;
         q.set_next_used(used);
+        let size = q.size();
+        let mut inflight = self.inflight.as_ref().and_then(|m| m.queue(i as u16, size));
+        let resubmit = match &mut inflight {
+            Some(f) => {
+                let heads = f.recover(used);
+                // Every chain taken is answered (in the used ring) or in flight.
+                q.set_next_avail(used.wrapping_add(heads.len() as u16));
+                heads
+            }
+            None => Vec::new(),
+        };
+        if !resubmit.is_empty() {
+            crate::daemon::log(&format!(
+                "vhost-user {}: queue {i}: taking again {} request(s) left in flight by the last run",
+                self.disk.export.name,
+                resubmit.len()
+            ));
+        }
         q.set_ready(true);
         if !q.is_valid(&*mem) {
             return Err(VuError::InvalidParam);
@@ -209,6 +231,8 @@ impl BlkDevice {
         let shared = QueueShared::new(call);
         let start = QueueStart {
             index: i as u16,
+            inflight,
+            resubmit,
             queue: q,
             mem,
             kick,
@@ -404,7 +428,8 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         Ok(VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD)
     }
 
     fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
@@ -459,12 +484,38 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         Err(VuError::InvalidOperation("no shared objects"))
     }
 
-    fn get_inflight_fd(&mut self, _inflight: &VhostUserInflight) -> VuResult<(VhostUserInflight, File)> {
-        Err(VuError::InvalidOperation("inflight tracking is not offered"))
+    fn get_inflight_fd(&mut self, inflight: &VhostUserInflight) -> VuResult<(VhostUserInflight, File)> {
+        if inflight.num_queues == 0 || inflight.queue_size == 0 || inflight.queue_size > MAX_QUEUE_SIZE {
+            return Err(VuError::InvalidParam);
+        }
+        let (map, file) =
+            InflightMap::create(inflight.num_queues, inflight.queue_size).map_err(VuError::ReqHandlerError)?;
+        let size = (queue_region_size(inflight.queue_size) * inflight.num_queues as usize) as u64;
+        self.inflight = Some(map);
+        Ok((
+            VhostUserInflight::new(size, 0, inflight.num_queues, inflight.queue_size),
+            file,
+        ))
     }
 
-    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> VuResult<()> {
-        Err(VuError::InvalidOperation("inflight tracking is not offered"))
+    fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VuResult<()> {
+        if inflight.queue_size > MAX_QUEUE_SIZE {
+            return Err(VuError::InvalidParam);
+        }
+        let map = InflightMap::map(
+            &file,
+            inflight.mmap_offset,
+            inflight.mmap_size as usize,
+            inflight.num_queues,
+            inflight.queue_size,
+        )
+        .map_err(VuError::ReqHandlerError)?;
+        crate::daemon::log(&format!(
+            "vhost-user {}: the VMM handed back its inflight area ({} queues of {})",
+            self.disk.export.name, inflight.num_queues, inflight.queue_size
+        ));
+        self.inflight = Some(map);
+        Ok(())
     }
 
     fn get_max_mem_slots(&mut self) -> VuResult<u64> {

@@ -16,6 +16,7 @@
 //! the socket, so the key goes once the last channel closes.
 
 pub mod device;
+pub mod inflight;
 pub mod queue;
 pub mod request;
 

@@ -32,6 +32,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
+use super::inflight::QueueInflight;
 use super::request::{self, BlkRequest, Kind, Segs, SECTOR};
 use super::DiskInfo;
 use crate::bdev::{IoCompletion, IoOp, IoRequest, Lent, Lower, MAX_IO_BYTES};
@@ -113,6 +114,10 @@ impl QueueShared {
 /// Everything a queue needs to start on its reactor.
 pub(super) struct QueueStart {
     pub index: u16,
+    /// The queue's inflight record, when the VMM keeps one.
+    pub inflight: Option<QueueInflight>,
+    /// Chains the last backend took and never answered, oldest first.
+    pub resubmit: Vec<u16>,
     pub queue: Queue,
     pub mem: Arc<GuestMemoryMmap>,
     pub kick: File,
@@ -134,6 +139,8 @@ pub(super) fn start(ctx: &mut ReactorCtx, s: QueueStart) -> Result<(), String> {
         .ok_or_else(|| format!("reactor {} has no free completion route", ctx.id))?;
     ctx.add_poller(Box::new(QueuePoller {
         index: s.index,
+        inflight: s.inflight,
+        resubmit: s.resubmit,
         queue: s.queue,
         mem: s.mem,
         kick: s.kick,
@@ -177,6 +184,8 @@ struct Waiting {
 
 struct QueuePoller {
     index: u16,
+    inflight: Option<QueueInflight>,
+    resubmit: Vec<u16>,
     queue: Queue,
     mem: Arc<GuestMemoryMmap>,
     kick: File,
@@ -224,7 +233,14 @@ impl QueuePoller {
 
     /// Put a finished chain in the used ring.
     fn used(&mut self, head: u16, len: u32) {
-        if let Err(e) = self.queue.add_used(&*self.mem, head, len) {
+        if let Some(f) = &mut self.inflight {
+            f.answering(head);
+        }
+        let r = self.queue.add_used(&*self.mem, head, len);
+        if let Some(f) = &mut self.inflight {
+            f.answered(head, self.queue.next_used());
+        }
+        if let Err(e) = r {
             crate::daemon::log(&format!(
                 "vhost-user {}: queue {}: cannot write the used ring: {e}",
                 self.disk.export.name, self.index
@@ -250,34 +266,58 @@ impl QueuePoller {
             n += 1;
         }
         let mem = self.mem.clone();
-        loop {
+        if !self.resubmit.is_empty() {
+            // Chains a crashed backend took and never answered go first, in
+            // the order it took them.
+            for head in std::mem::take(&mut self.resubmit) {
+                let (descs, ended) = request::walk(&mem, self.queue.desc_table(), self.queue.size(), head);
+                self.descs = descs;
+                n += 1;
+                if !self.handle_chain(&mem, head, ended) {
+                    break;
+                }
+            }
+        }
+        while self.waiting.is_empty() {
             let Some(chain) = self.queue.pop_descriptor_chain(&*mem) else {
                 break;
             };
             n += 1;
             let head = chain.head_index();
+            if let Some(f) = &mut self.inflight {
+                f.taken(head);
+            }
             self.descs.clear();
             self.descs.extend(chain);
             let ended = self.descs.last().is_some_and(|d| !d.has_next());
-            match request::parse(&mem, &self.descs, ended) {
-                Ok(req) => {
-                    if let Err(w) = self.submit(Waiting { head, req }) {
-                        self.waiting.push_back(w);
-                        break;
-                    }
-                }
-                Err(r) => {
-                    self.disk.note_malformed(self.index, head, r.why);
-                    match r.status {
-                        Some(st) => self.answer(head, st, VIRTIO_BLK_S_IOERR, 0),
-                        // No status byte to write; the head still goes back to
-                        // the guest (if it is a valid index) so the ring moves on.
-                        None => self.used(head, 0),
-                    }
-                }
+            if !self.handle_chain(&mem, head, ended) {
+                break;
             }
         }
         n
+    }
+
+    /// Parse and submit the chain in `self.descs`; false if it had to wait
+    /// for buffers (take no more chains now).
+    fn handle_chain(&mut self, mem: &GuestMemoryMmap, head: u16, ended: bool) -> bool {
+        match request::parse(mem, &self.descs, ended) {
+            Ok(req) => {
+                if let Err(w) = self.submit(Waiting { head, req }) {
+                    self.waiting.push_back(w);
+                    return false;
+                }
+            }
+            Err(r) => {
+                self.disk.note_malformed(self.index, head, r.why);
+                match r.status {
+                    Some(st) => self.answer(head, st, VIRTIO_BLK_S_IOERR, 0),
+                    // No status byte to write; the head still goes back to the
+                    // guest (if it is a valid index) so the ring moves on.
+                    None => self.used(head, 0),
+                }
+            }
+        }
+        true
     }
 
     /// Check a read/write/trim range against the disk.

@@ -190,6 +190,53 @@ pub fn parse(mem: &GuestMemoryMmap, descs: &[Descriptor], ended: bool) -> Result
     })
 }
 
+/// The descriptors of the chain starting at `head` in the table at
+/// `desc_table` (of `queue_size` entries), for chains not taken through the
+/// avail ring (replayed from the inflight area). Same rules as the queue's
+/// own iterator: at most `queue_size` descriptors, one level of indirect
+/// table; `ended` is false if the chain was cut off.
+pub fn walk(mem: &GuestMemoryMmap, desc_table: u64, queue_size: u16, head: u16) -> (Vec<Descriptor>, bool) {
+    const F_NEXT: u16 = 1;
+    const F_INDIRECT: u16 = 4;
+    let read = |table: u64, i: u16| -> Option<Descriptor> {
+        let mut b = [0u8; 16];
+        mem.read_slice(&mut b, GuestAddress(table.checked_add(16 * i as u64)?))
+            .ok()?;
+        Some(Descriptor::new(
+            u64::from_le_bytes(b[0..8].try_into().unwrap()),
+            u32::from_le_bytes(b[8..12].try_into().unwrap()),
+            u16::from_le_bytes(b[12..14].try_into().unwrap()),
+            u16::from_le_bytes(b[14..16].try_into().unwrap()),
+        ))
+    };
+    let mut out = Vec::new();
+    let (mut table, mut size, mut i, mut ttl, mut indirect) = (desc_table, queue_size, head, queue_size, false);
+    loop {
+        if ttl == 0 || i >= size {
+            return (out, false);
+        }
+        ttl -= 1;
+        let Some(d) = read(table, i) else {
+            return (out, false);
+        };
+        if d.flags() & F_INDIRECT != 0 {
+            if indirect || d.len() % 16 != 0 || d.len() / 16 == 0 || d.len() / 16 > u16::MAX as u32 {
+                return (out, false);
+            }
+            (table, size, i, indirect) = (d.addr().0, (d.len() / 16) as u16, 0, true);
+            ttl = size;
+            continue;
+        }
+        let next = d.flags() & F_NEXT != 0;
+        let n = d.next();
+        out.push(d);
+        if !next {
+            return (out, true);
+        }
+        i = n;
+    }
+}
+
 /// One range of a discard or write-zeroes request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Range {
