@@ -9,7 +9,7 @@ pub mod virtq;
 
 pub use driver::{BlkConfig, Driver, DriverOptions, Negotiated};
 pub use mem::{GuestBuf, GuestMem, Seg};
-pub use virtq::{BlkOp, BlkRange, Completion, QueueStats, RawDesc, Virtq};
+pub use virtq::{blk_header, BlkOp, BlkRange, Completion, QueueStats, RawDesc, Virtq};
 
 /// Errors of the driver.
 #[derive(Debug)]

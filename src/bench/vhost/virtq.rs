@@ -87,6 +87,14 @@ pub enum BlkOp<'a> {
     },
 }
 
+/// A virtio-blk request header (`struct virtio_blk_outhdr`): type, ioprio 0, sector.
+pub fn blk_header(type_: u32, sector: u64) -> [u8; 16] {
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&type_.to_le_bytes());
+    h[8..16].copy_from_slice(&sector.to_le_bytes());
+    h
+}
+
 /// A descriptor written verbatim by [`Virtq::push_raw`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RawDesc {
@@ -405,10 +413,9 @@ impl Virtq {
         let descs = self.take_descs(ndata + 2)?;
         let head = descs[0];
         let slot = self.slot_gpa(head);
-        let mut hdr = [0u8; 16];
-        hdr[0..4].copy_from_slice(&type_.to_le_bytes());
-        hdr[8..16].copy_from_slice(&sector.to_le_bytes());
-        self.mem.write_at(slot, &hdr).expect("slot inside its allocation");
+        self.mem
+            .write_at(slot, &blk_header(type_, sector))
+            .expect("slot inside its allocation");
         self.mem
             .write_at(slot + SLOT_STATUS, &[STATUS_UNWRITTEN])
             .expect("slot inside its allocation");
