@@ -12,8 +12,9 @@
 //!   the iterator with its NEXT flag still set: refused).
 //!
 //! A refused chain whose status byte could be located is answered with
-//! `VIRTIO_BLK_S_IOERR`; one without a usable status descriptor is only
-//! returned to the guest as used (length 0). Range and alignment against the
+//! `VIRTIO_BLK_S_IOERR`; one without a usable status descriptor (or that
+//! never ended) is only returned to the guest as used (length 0), nothing
+//! written. Range and alignment against the
 //! disk are checked by the caller, which knows the disk.
 
 use smallvec::SmallVec;
@@ -124,15 +125,17 @@ pub fn parse(mem: &GuestMemoryMmap, descs: &[Descriptor], ended: bool) -> Result
     let (Some(first), Some(last)) = (descs.first(), descs.last()) else {
         return refuse(Malformed::BadChain, None);
     };
+    // A chain that never ended has no last descriptor to trust as its status:
+    // nothing is written.
+    if !ended {
+        return refuse(Malformed::BadChain, None);
+    }
     // The status byte first: with it, every other refusal can be answered.
     let status = if descs.len() >= 2 && writable(last) && last.len() >= 1 {
         mem.get_slice(last.addr(), 1).ok().map(|s| s.ptr_guard_mut().as_ptr())
     } else {
         None
     };
-    if !ended {
-        return refuse(Malformed::BadChain, status);
-    }
     let Some(status) = status else {
         return refuse(Malformed::BadStatus, None);
     };
