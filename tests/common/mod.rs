@@ -1,6 +1,8 @@
 //! Helpers shared by the data-path tests: run requests on a reactor and wait.
 #![allow(dead_code)]
 
+pub mod guest;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
