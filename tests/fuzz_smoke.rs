@@ -193,6 +193,42 @@ fn jsonrpc_line_survives_random_and_mutated_lines() {
     drive("jsonrpc_line", 0x5eed_0003, 100_000, &seeds, targets::jsonrpc_line);
 }
 
+/// A descriptor, little-endian, as it sits in a table.
+fn vq_desc(addr: u64, len: u32, flags: u16, next: u16) -> Vec<u8> {
+    let mut v = addr.to_le_bytes().to_vec();
+    v.extend_from_slice(&len.to_le_bytes());
+    v.extend_from_slice(&flags.to_le_bytes());
+    v.extend_from_slice(&next.to_le_bytes());
+    v
+}
+
+/// A vhost_chain input: head 0, a valid read chain (header at 4096, data in the second
+/// region, status at 4200), the rest of the table zero, then the header bytes.
+fn vq_seed(ty: u32, data_flags: u16) -> Vec<u8> {
+    let mut v = vec![0u8, 0];
+    v.extend(vq_desc(4096, 16, 1, 1));
+    v.extend(vq_desc(128 << 10, 4096, 1 | data_flags, 2));
+    v.extend(vq_desc(4200, 1, 2, 0));
+    v.resize(2 + 16 * 16, 0);
+    v.extend_from_slice(&ty.to_le_bytes());
+    v.extend_from_slice(&[0; 4]);
+    v.extend_from_slice(&8u64.to_le_bytes());
+    v
+}
+
+#[test]
+fn vhost_chain_survives_random_and_mutated_tables() {
+    let seeds = vec![
+        vq_seed(0, 2),
+        vq_seed(1, 0),
+        vq_seed(4, 0),
+        vq_seed(8, 2),
+        vq_seed(11, 0),
+        vq_seed(99, 0),
+    ];
+    drive("vhost_chain", 0x7607, 60_000, &seeds, targets::vhost_chain);
+}
+
 #[test]
 fn targets_accept_their_own_seeds_as_valid() {
     // The invariants are not vacuous: valid inputs take the "accepted" branches.
@@ -210,4 +246,18 @@ fn targets_accept_their_own_seeds_as_valid() {
     )
     .unwrap();
     assert!(out.contains(r#""DataDisks":1"#), "{out}");
+    // A valid read chain parses as a read of 4096 bytes at sector 8; the same chain
+    // with a device-readable data buffer (a write) is a write; a read-only data buffer
+    // under a read header is refused.
+    use sealdisk::frontend::vhost::request::Kind;
+    assert_eq!(targets::vhost_chain_parsed(&vq_seed(0, 2)), Some((Kind::Read, 8, 4096)));
+    assert_eq!(
+        targets::vhost_chain_parsed(&vq_seed(1, 0)),
+        Some((Kind::Write, 8, 4096))
+    );
+    assert_eq!(targets::vhost_chain_parsed(&vq_seed(0, 0)), None);
+    assert_eq!(
+        targets::vhost_chain_parsed(&vq_seed(99, 0)),
+        Some((Kind::Unsupported(99), 8, 0))
+    );
 }

@@ -11,6 +11,9 @@
 //! * [`nbd_option`] checks the handshake's option frames (`proto::parse_option_header` /
 //!   `parse_option`, as `negotiate` reads them) and `NBD_OPT_INFO`/`GO` data
 //!   (`proto::parse_info_request`).
+//! * [`vhost_chain`] checks the vhost-user-blk chain walker and parser
+//!   (`frontend::vhost::request::{walk, parse}`) over a descriptor table the input
+//!   writes into a guest memory with a hole in it.
 //! * [`jsonrpc_line`] checks `control::rpc::handle_line` (JSON-RPC 2.0 framing of one line)
 //!   with a handler that runs the ECS parameter readers (`control::Params`) the way the
 //!   operations do, without a catalog, pool or KMS behind them.
@@ -212,5 +215,95 @@ fn check_reply(v: &Value) {
             assert!(e["data"]["code"].as_str().is_some_and(|c| !c.is_empty()), "{v}");
         }
         _ => panic!("a reply has exactly one of result and error: {v}"),
+    }
+}
+
+/// Guest memory for [`vhost_chain`]: two regions with a hole between them.
+const VQ_REGIONS: [(u64, usize); 2] = [(0, 64 << 10), (128 << 10, 64 << 10)];
+/// Entries of the fuzzed descriptor table (at GPA 0).
+const VQ_SIZE: u16 = 16;
+
+fn vq_mem() -> vm_memory::GuestMemoryMmap {
+    let ranges: Vec<_> = VQ_REGIONS
+        .iter()
+        .map(|&(a, l)| (vm_memory::GuestAddress(a), l))
+        .collect();
+    vm_memory::GuestMemoryMmap::from_ranges(&ranges).expect("anonymous guest memory")
+}
+
+/// One descriptor table: input bytes 0..2 are the head index, the next
+/// `16 * VQ_SIZE` the table at GPA 0, the rest guest memory from GPA 4096 on
+/// (headers the descriptors may point at). The chain is walked as a replayed
+/// chain would be, then parsed.
+pub fn vhost_chain(data: &[u8]) {
+    let _ = vhost_chain_parsed(data);
+}
+
+/// [`vhost_chain`], returning what an accepted chain asks for: (kind, sector, data bytes).
+pub fn vhost_chain_parsed(data: &[u8]) -> Option<(sealdisk::frontend::vhost::request::Kind, u64, u64)> {
+    use sealdisk::frontend::vhost::request::{parse, walk, Kind};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+    if data.len() < 2 {
+        return None;
+    }
+    let mem = vq_mem();
+    let head = u16::from_le_bytes([data[0], data[1]]);
+    let table = &data[2..data.len().min(2 + 16 * VQ_SIZE as usize)];
+    mem.write_slice(table, GuestAddress(0)).unwrap();
+    if data.len() > 2 + table.len() {
+        let rest = &data[2 + table.len()..];
+        let n = rest.len().min(60 << 10);
+        mem.write_slice(&rest[..n], GuestAddress(4096)).unwrap();
+    }
+    let (descs, ended) = walk(&mem, 0, VQ_SIZE, head);
+    assert!(
+        descs.len() <= 2 * VQ_SIZE as usize,
+        "a walk is bounded by the table sizes"
+    );
+    if head >= VQ_SIZE {
+        assert!(descs.is_empty() && !ended, "a head past the queue yields nothing");
+    }
+    // Host ranges of the mapped regions: every pointer the parser returns lies in one.
+    let host: Vec<(usize, usize)> = mem
+        .iter()
+        .map(|r| {
+            let p = r.get_host_address(vm_memory::MemoryRegionAddress(0)).unwrap() as usize;
+            (p, p + r.len() as usize)
+        })
+        .collect();
+    let inside = |p: *mut u8, len: usize| host.iter().any(|&(a, b)| (p as usize) >= a && (p as usize) + len <= b);
+    match parse(&mem, &descs, ended) {
+        Ok(req) => {
+            assert!(ended, "only a chain that ended is accepted");
+            assert!(descs.len() >= 2);
+            assert!(inside(req.status, 1), "the status byte lies in guest memory");
+            let sum: u64 = req.data.iter().map(|s| s.len as u64).sum();
+            assert_eq!(sum, req.data_len);
+            for s in &req.data {
+                assert!(
+                    s.len > 0 && inside(s.ptr, s.len as usize),
+                    "a data segment outside guest memory"
+                );
+            }
+            let mut hdr = [0u8; 16];
+            mem.read_slice(&mut hdr, descs[0].addr()).unwrap();
+            let ty = u32::from_le_bytes(hdr[0..4].try_into().unwrap());
+            assert_eq!(req.sector, u64::from_le_bytes(hdr[8..16].try_into().unwrap()));
+            match req.kind {
+                Kind::Read | Kind::Write => assert!(req.data_len > 0 && req.data_len % 512 == 0),
+                Kind::Unsupported(t) => assert_eq!(t, ty),
+                _ => {}
+            }
+            assert!(!descs[0].is_write_only(), "the header is device-readable");
+            assert!(descs.last().unwrap().is_write_only(), "the status is device-writable");
+            Some((req.kind, req.sector, req.data_len))
+        }
+        Err(r) => {
+            if let Some(p) = r.status {
+                assert!(ended, "a chain that never ended gets no status byte");
+                assert!(inside(p, 1));
+            }
+            None
+        }
     }
 }
