@@ -332,7 +332,9 @@ fn malformed_chains_never_hurt_the_daemon() {
     let (i0, i1, i2) = (q - 3, q - 2, q - 1);
     let write_ro = |addr, len, next| RawDesc::read(addr, len, next);
     let write_w = |addr, len, next| RawDesc::write(addr, len, next);
-    let cases: Vec<(&str, Vec<(u16, RawDesc)>, u16, u8)> = vec![
+    // (what, descriptors, head, the status byte the test must find afterwards)
+    type Case = (&'static str, Vec<(u16, RawDesc)>, u16, u8);
+    let cases: Vec<Case> = vec![
         (
             "data outside the memory table",
             vec![

@@ -59,7 +59,7 @@ pub fn nbd_request(data: &[u8]) {
 fn check_request(r: &Request) {
     let len = r.len as u64;
     for (bs, cap) in GEOMETRIES {
-        let aligned = r.offset % bs == 0 && len % bs == 0;
+        let aligned = r.offset.is_multiple_of(bs) && len.is_multiple_of(bs);
         let inside = r.offset.checked_add(len).is_some_and(|end| end <= cap);
         match check_range(r, bs, cap, ENOSPC) {
             Ok(()) => assert!(aligned && inside, "{r:?} accepted on ({bs}, {cap})"),

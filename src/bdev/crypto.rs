@@ -63,7 +63,7 @@ impl CryptoBdev {
                 "encryption sector size {sector_size} not supported; use 512, 1024, 2048 or 4096"
             ));
         }
-        if sector_size % inner.block_size() != 0 {
+        if !sector_size.is_multiple_of(inner.block_size()) {
             return Err(format!(
                 "encryption sector size {sector_size} is not a multiple of {}'s block size {}",
                 inner.name(),

@@ -377,7 +377,7 @@ pub fn validate(req: &IoRequest, block_size: u32, capacity: u64, max_io: u64) ->
         IoOp::Unmap | IoOp::WriteZeroes => req.len,
     };
     let bs = block_size as u64;
-    if req.offset % bs != 0 || len % bs != 0 || len == 0 {
+    if !req.offset.is_multiple_of(bs) || len % bs != 0 || len == 0 {
         return Err(IoError::Misaligned {
             offset: req.offset,
             len,

@@ -203,7 +203,7 @@ impl Job {
         done: Sender<JobResult>,
     ) -> Result<Job, String> {
         let bs = spec.bs;
-        if spec.offset % bs != 0 {
+        if !spec.offset.is_multiple_of(bs) {
             return Err(format!("offset={} is not a multiple of bs={bs}", spec.offset));
         }
         if spec.offset >= capacity {

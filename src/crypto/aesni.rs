@@ -372,7 +372,7 @@ unsafe fn xts8<const DEC: bool>(
     cur: *mut u8,
     next: *mut u8,
 ) -> *mut u8 {
-    debug_assert!(groups > 0 && (rk.as_ptr() as usize) % 16 == 0);
+    debug_assert!(groups > 0 && (rk.as_ptr() as usize).is_multiple_of(16));
     let mut cur = cur;
     // SAFETY: the caller guarantees buffers, alignment and CPU features; the
     // assembly reads 240 bytes at rk, 128 bytes per group at src, writes 128

@@ -20,7 +20,7 @@ pub(crate) fn encrypt_tweak(keys: &SoftKeys, value: &[u8; 16]) -> [u8; 16] {
 /// XTS over the whole blocks of `buf` in place, starting at encrypted tweak
 /// `tweak`; returns the tweak after the last block.
 pub(crate) fn xts_blocks<const DEC: bool>(keys: &SoftKeys, buf: &mut [u8], tweak: [u8; 16]) -> [u8; 16] {
-    debug_assert!(buf.len() % 16 == 0);
+    debug_assert!(buf.len().is_multiple_of(16));
     let mut t = u128::from_le_bytes(tweak);
     let mut blocks = [Block::default(); 8];
     let mut tw = [0u128; 8];

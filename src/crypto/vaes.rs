@@ -210,7 +210,7 @@ unsafe fn xts16(
     next: *mut u8,
 ) -> *mut u8 {
     debug_assert!(groups > 0);
-    debug_assert!(mode != Mode::EncryptStream || dst as usize % 32 == 0);
+    debug_assert!(mode != Mode::EncryptStream || (dst as usize).is_multiple_of(32));
     let mut cur = cur;
     macro_rules! run {
         ($code:expr) => {
@@ -342,7 +342,7 @@ pub(crate) unsafe fn sectors(
     first_sector: u64,
     sector_size: usize,
 ) {
-    debug_assert!(sector_size % 256 == 0 && len % sector_size == 0);
+    debug_assert!(sector_size.is_multiple_of(256) && len.is_multiple_of(sector_size));
     let count = len / sector_size;
     let groups = sector_size / 256;
     let rk = if mode == Mode::Decrypt {

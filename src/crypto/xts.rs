@@ -259,7 +259,7 @@ impl Xts {
             }
         }
         let len = dst.len();
-        if len % sector_size != 0 {
+        if !len.is_multiple_of(sector_size) {
             return Err(XtsError::BadLength { len, sector_size });
         }
         let count = (len / sector_size) as u64;
@@ -273,7 +273,7 @@ impl Xts {
             #[cfg(target_arch = "x86_64")]
             Kernel::VaesAvx2 => {
                 let sp = src.map_or(dst.as_ptr(), |s| s.as_ptr());
-                let mode = match (DEC, stream && dst.as_ptr() as usize % 32 == 0) {
+                let mode = match (DEC, stream && (dst.as_ptr() as usize).is_multiple_of(32)) {
                     (true, _) => vaes::Mode::Decrypt,
                     (false, true) => vaes::Mode::EncryptStream,
                     (false, false) => vaes::Mode::Encrypt,
@@ -383,7 +383,7 @@ impl Xts {
     /// XTS over the whole blocks of `buf` in place from encrypted tweak `t`;
     /// returns the next tweak.
     fn blocks<const DEC: bool>(&self, buf: &mut [u8], t: [u8; 16]) -> [u8; 16] {
-        debug_assert!(buf.len() % 16 == 0);
+        debug_assert!(buf.len().is_multiple_of(16));
         let n = buf.len() / 16;
         match self.kernel {
             #[cfg(target_arch = "x86_64")]

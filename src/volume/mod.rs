@@ -318,7 +318,7 @@ impl Pool {
     }
 
     fn check_size(size: u64) -> Result<(), VolumeError> {
-        if size == 0 || size % 4096 != 0 {
+        if size == 0 || !size.is_multiple_of(4096) {
             return Err(VolumeError::BadSize {
                 size,
                 why: "must be a non-zero multiple of 4096 bytes".into(),

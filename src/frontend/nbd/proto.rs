@@ -147,7 +147,7 @@ pub fn encode_request(r: &Request) -> [u8; REQUEST_LEN] {
 /// trims, `ENOSPC` for writes).
 pub fn check_range(r: &Request, block_size: u64, capacity: u64, past_end: u32) -> Result<(), u32> {
     let len = r.len as u64;
-    if block_size == 0 || r.offset % block_size != 0 || len % block_size != 0 {
+    if block_size == 0 || !r.offset.is_multiple_of(block_size) || !len.is_multiple_of(block_size) {
         return Err(EINVAL);
     }
     match r.offset.checked_add(len) {

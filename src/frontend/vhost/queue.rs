@@ -326,7 +326,7 @@ impl QueuePoller {
         let Some(off) = sector.checked_mul(SECTOR) else {
             return false;
         };
-        off % bs == 0 && bytes % bs == 0 && off.checked_add(bytes).is_some_and(|end| end <= self.disk.capacity)
+        off % bs == 0 && bytes.is_multiple_of(bs) && off.checked_add(bytes).is_some_and(|end| end <= self.disk.capacity)
     }
 
     /// Turn a request into bdev requests; `Err` hands it back when the pool

@@ -175,10 +175,10 @@ pub fn parse(mem: &GuestMemoryMmap, descs: &[Descriptor], ended: bool) -> Result
         data_len += d.len() as u64;
     }
     let ok_len = match kind {
-        Kind::Read | Kind::Write => data_len > 0 && data_len % SECTOR == 0,
+        Kind::Read | Kind::Write => data_len > 0 && data_len.is_multiple_of(SECTOR),
         Kind::Flush => true,
         Kind::GetId => data_len > 0,
-        Kind::Discard | Kind::WriteZeroes => data_len > 0 && data_len % RANGE_LEN as u64 == 0,
+        Kind::Discard | Kind::WriteZeroes => data_len > 0 && data_len.is_multiple_of(RANGE_LEN as u64),
         Kind::Unsupported(_) => true,
     };
     if !ok_len {
