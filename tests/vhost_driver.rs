@@ -373,6 +373,7 @@ fn bench_vhost_drives_qsd_and_reads_its_cpu() {
         pid: Some(q.child.id()),
         queue_size: None,
         event_idx: true,
+        spin: false,
         progress: false,
     };
     let rep = run(&opts).unwrap();

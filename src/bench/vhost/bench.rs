@@ -36,6 +36,9 @@ pub struct VhostBenchOpts {
     pub queue_size: Option<u16>,
     /// Ack VIRTIO_RING_F_EVENT_IDX when offered.
     pub event_idx: bool,
+    /// Busy-poll the used rings instead of sleeping on the call eventfds
+    /// (a core per job; isolates the backend's latency from notifications).
+    pub spin: bool,
     pub progress: bool,
 }
 
@@ -190,6 +193,7 @@ fn job_loop(
     region_start: u64,
     region_blocks: u64,
     piece: u64,
+    spin: bool,
     start: &Barrier,
     abort: &AtomicBool,
     prog: &Progress,
@@ -333,7 +337,9 @@ fn job_loop(
             q.publish();
         }
         done.clear();
-        if q.poll_into(&mut done) == 0 {
+        if q.poll_into(&mut done) == 0 && spin {
+            std::hint::spin_loop();
+        } else if done.is_empty() {
             let mut wait = Duration::from_millis(100);
             if let Some(d) = deadline {
                 wait = wait.min(
@@ -452,7 +458,7 @@ fn run_job(d: &mut Driver, spec: &JobSpec, opts: &VhostBenchOpts) -> Result<Vhos
                 std::thread::Builder::new()
                     .name(format!("vhost-job{j}"))
                     .spawn_scoped(sc, move || {
-                        job_loop(q, spec, j as u32, off, blocks, piece, start, abort, prog)
+                        job_loop(q, spec, j as u32, off, blocks, piece, opts.spin, start, abort, prog)
                     })
                     .map_err(|e| format!("spawning a job thread: {e}"))?,
             );

@@ -80,6 +80,10 @@ pub struct VhostArgs {
     /// Do not ack VIRTIO_RING_F_EVENT_IDX (kick and get called on every request).
     #[arg(long = "no-event-idx")]
     pub no_event_idx: bool,
+    /// Busy-poll the used rings instead of sleeping on the call eventfds
+    /// (costs a core per job).
+    #[arg(long)]
+    pub spin: bool,
     #[arg(long)]
     pub name: Option<String>,
     #[arg(long)]
@@ -169,6 +173,7 @@ pub fn main(a: &VhostArgs) -> Result<bool, String> {
         pid: a.pid,
         queue_size: a.queue_size,
         event_idx: !a.no_event_idx,
+        spin: a.spin,
         progress: !a.quiet,
     };
     let rep = bench::run(&opts)?;
