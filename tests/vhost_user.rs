@@ -542,3 +542,34 @@ fn detach_drains_and_drops_the_key() {
     );
     assert!(std::os::unix::net::UnixStream::connect(&r.sock).is_err());
 }
+
+/// An idle VM costs nothing: with the device set up and no requests, the reactors park
+/// (the queues wait on their kick eventfds in the rings) instead of polling; the next
+/// request wakes them and is answered. The reactors count the requests served.
+#[test]
+fn idle_queues_park_and_a_kick_wakes_them() {
+    let r = rig("idle", false);
+    let mut d = connect(&r);
+    let data = common::random_bytes(4096, 41);
+    assert_eq!(d.write(0, 0, &data).unwrap(), OK);
+    assert_eq!(d.write(1, 8, &data).unwrap(), OK);
+    std::thread::sleep(Duration::from_millis(200));
+    let before = r.reactors.stats();
+    let t = std::time::Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    let after = r.reactors.stats();
+    let wall = t.elapsed().as_nanos() as u64;
+    for (a, b) in after.iter().zip(&before) {
+        let busy = a.since(b).busy_ns;
+        assert!(
+            busy < wall / 20,
+            "an idle reactor was busy {busy} ns of {wall} ns (it should park on the kick eventfd)"
+        );
+    }
+    // The kick after the idle second wakes the parked reactors.
+    for q in 0..2 {
+        assert_eq!(d.read(q, 8 * q as u64, 4096).unwrap(), (OK, data.clone()), "queue {q}");
+    }
+    let ios: u64 = r.reactors.stats().iter().map(|s| s.ios).sum();
+    assert!(ios >= 4, "the reactors count vhost-user requests ({ios})");
+}

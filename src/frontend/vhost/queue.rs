@@ -159,6 +159,7 @@ pub(super) fn start(ctx: &mut ReactorCtx, s: QueueStart) -> Result<(), String> {
         signal: false,
         stopping: false,
         descs: Vec::new(),
+        done: (0, 0),
     }));
     Ok(())
 }
@@ -166,6 +167,8 @@ pub(super) fn start(ctx: &mut ReactorCtx, s: QueueStart) -> Result<(), String> {
 /// A request in flight.
 struct Slot {
     head: u16,
+    /// Data bytes the request moves (for the reactor's counters).
+    bytes: u64,
     status: *mut u8,
     data: Segs,
     parts: u32,
@@ -206,6 +209,9 @@ struct QueuePoller {
     signal: bool,
     stopping: bool,
     descs: Vec<Descriptor>,
+    /// Requests answered and their data bytes since the last poll (for the
+    /// reactor's counters).
+    done: (u64, u64),
 }
 
 /// Write the status byte.
@@ -353,6 +359,7 @@ impl QueuePoller {
             Kind::Flush => {
                 let idx = self.alloc_slot(Slot {
                     head,
+                    bytes: 0,
                     status: req.status,
                     data: Segs::new(),
                     parts: 1,
@@ -388,6 +395,7 @@ impl QueuePoller {
                         .collect();
                     let idx = self.alloc_slot(Slot {
                         head,
+                        bytes: len as u64,
                         status: req.status,
                         data: Segs::new(),
                         parts: parts as u32,
@@ -418,6 +426,7 @@ impl QueuePoller {
                 }
                 let idx = self.alloc_slot(Slot {
                     head,
+                    bytes: len as u64,
                     status: req.status,
                     data: req.data,
                     parts: parts as u32,
@@ -463,6 +472,7 @@ impl QueuePoller {
                 }
                 let idx = self.alloc_slot(Slot {
                     head,
+                    bytes: 0,
                     status: req.status,
                     data: Segs::new(),
                     parts: ranges.len() as u32,
@@ -520,6 +530,8 @@ impl QueuePoller {
         } else {
             (VIRTIO_BLK_S_OK, s.written)
         };
+        self.done.0 += 1;
+        self.done.1 += s.bytes;
         self.answer(s.head, s.status, st, written);
     }
 
@@ -571,7 +583,22 @@ impl QueuePoller {
 }
 
 impl Poller for QueuePoller {
-    fn poll(&mut self, _ctx: &ReactorCtx) -> Poll {
+    fn poll(&mut self, ctx: &ReactorCtx) -> Poll {
+        let p = self.poll_queue();
+        if self.done.0 > 0 {
+            ctx.stats.add_ios(self.done.0, self.done.1);
+            self.done = (0, 0);
+        }
+        p
+    }
+
+    fn pending(&self) -> bool {
+        !self.waiting.is_empty()
+    }
+}
+
+impl QueuePoller {
+    fn poll_queue(&mut self) -> Poll {
         let mut work = 0usize;
         if self.drain_kick() {
             work += 1;
@@ -639,10 +666,6 @@ impl Poller for QueuePoller {
         }
         self.arm_kick();
         Poll::Idle
-    }
-
-    fn pending(&self) -> bool {
-        !self.waiting.is_empty()
     }
 }
 
