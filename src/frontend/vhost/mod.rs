@@ -95,7 +95,7 @@ impl DiskInfo {
 
     /// A data-path event worth a log line, at most one per second per disk
     /// (a guest can produce them at any rate).
-    fn log_limited(&self, msg: impl FnOnce() -> String) {
+    pub(crate) fn log_limited(&self, msg: impl FnOnce() -> String) {
         let now = self.epoch.elapsed().as_millis() as u64 + 1000;
         let last = self.last_log.load(Ordering::Relaxed);
         if now.saturating_sub(last) < 1000

@@ -155,7 +155,9 @@ pub(super) fn start(ctx: &mut ReactorCtx, s: QueueStart) -> Result<(), String> {
         free: Vec::new(),
         live: 0,
         waiting: VecDeque::new(),
-        kicks_on: true,
+        // Off until the first idle poll writes the avail event itself: what the
+        // ring holds may be a previous connection's.
+        kicks_on: false,
         signal: false,
         stopping: false,
         descs: Vec::new(),
@@ -247,10 +249,9 @@ impl QueuePoller {
             f.answered(head, self.queue.next_used());
         }
         if let Err(e) = r {
-            crate::daemon::log(&format!(
-                "vhost-user {}: queue {}: cannot write the used ring: {e}",
-                self.disk.export.name, self.index
-            ));
+            let q = self.index;
+            self.disk
+                .log_limited(|| format!("queue {q}: chain {head} not returned to the used ring: {e}"));
         }
         self.signal = true;
     }
