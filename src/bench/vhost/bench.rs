@@ -163,6 +163,9 @@ pub fn run(opts: &VhostBenchOpts) -> Result<VhostBenchReport, String> {
     })
 }
 
+/// A job gives up when nothing completes for this long.
+const STALL: Duration = Duration::from_secs(30);
+
 struct JobOut {
     read: DirStats,
     write: DirStats,
@@ -262,8 +265,18 @@ fn job_loop(
     };
     let mut run_start = t0;
     let mut run_end = None;
+    let mut last_done = t0;
     loop {
         let now = Instant::now();
+        if free.len() < slots.len() && now.duration_since(last_done) > STALL {
+            error.get_or_insert(format!(
+                "no completion for {}s with {} requests in flight",
+                STALL.as_secs(),
+                slots.len() - free.len()
+            ));
+            abort.store(true, Ordering::Relaxed);
+            break;
+        }
         if phase == Phase::Ramp && now >= ramp_end {
             phase = Phase::Run;
             run_start = now;
@@ -361,6 +374,9 @@ fn job_loop(
             }
         }
         let now = Instant::now();
+        if !done.is_empty() {
+            last_done = now;
+        }
         for c in &done {
             let s = head_slot[c.head as usize] as usize;
             let slot = &slots[s];
