@@ -7,7 +7,7 @@
 //! (parsed by the `vhost` crate) run on the disk's control thread
 //! ([`device::BlkDevice`]). The data path is the reactors': every virtqueue
 //! that becomes ready is handed to a reactor (queue `i` on reactor
-//! `first + i`), which polls it while busy and waits on its kick eventfd in
+//! `(first + i) % reactors`), which polls it while busy and waits on its kick eventfd in
 //! its own io_uring when idle ([`queue`]). No thread sits between a queue
 //! and its reactor.
 //!
@@ -37,6 +37,11 @@ use crate::bdev::{IoError, IoOp};
 use crate::export::{Export, INSTANCES_DIR};
 use crate::reactor::Reactors;
 use request::Malformed;
+
+/// Virtqueues a disk offers by default: QEMU asks for one per vCPU unless told
+/// otherwise and refuses a device that offers fewer, so this is not capped at
+/// the reactor count (several queues then share a reactor).
+pub const DEFAULT_QUEUES: u16 = 16;
 
 /// Directory of an instance's vhost-user sockets, inside its instance directory.
 pub const VHOST_DIR: &str = "vhost";
@@ -132,7 +137,9 @@ pub struct VhostConfig {
     pub instances_dir: PathBuf,
     /// Group of the sockets (the VMM's); None: root's.
     pub gid: Option<u32>,
-    /// Virtqueues offered per disk (default: one per reactor).
+    /// Virtqueues offered per disk (default: [`DEFAULT_QUEUES`], or one per
+    /// reactor if there are more reactors). Queues map onto the reactors
+    /// round-robin.
     pub num_queues: Option<u16>,
 }
 
@@ -173,7 +180,7 @@ impl VhostServer {
         let path = dir.join(format!("{}.sock", export.name));
         let listener = self.bind(&dir, &path)?;
         let n = self.reactors.len();
-        let nq = self.cfg.num_queues.unwrap_or(n as u16).max(1);
+        let nq = self.cfg.num_queues.unwrap_or((n as u16).max(DEFAULT_QUEUES)).max(1);
         let disk = Arc::new(DiskInfo::new(export, nq));
         let first = self.next_reactor.fetch_add(1, Ordering::Relaxed) % n;
         let stop = Arc::new(AtomicBool::new(false));
