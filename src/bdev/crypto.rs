@@ -132,7 +132,7 @@ struct Pending {
     op: IoOp,
 }
 
-const _: () = assert!(std::mem::size_of::<Pending>() == 80);
+const _: () = assert!(std::mem::size_of::<Pending>() <= 96);
 
 impl Pending {
     fn new(tag: u64, op: IoOp, offset: u64, parts: usize, buf: Option<IoBuf>) -> Pending {

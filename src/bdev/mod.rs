@@ -51,16 +51,20 @@ pub enum IoOp {
 /// buffers and decrypts into them), so no device below ever sees one.
 #[derive(Debug)]
 pub struct Lent {
-    segs: Box<[(*mut u8, usize)]>,
+    segs: LentSegs,
     len: usize,
 }
+
+/// The (pointer, length) pieces of a [`Lent`]; one is kept inline (a 4 KiB
+/// guest request is one page), more go to the heap.
+pub type LentSegs = smallvec::SmallVec<[(*mut u8, usize); 1]>;
 
 impl Lent {
     /// # Safety
     /// Every segment must stay mapped, and be used by nobody but the request's
     /// bdev for writing, until the request completes. (Guest memory: the
     /// guest may still change the bytes; they are read once, never trusted.)
-    pub unsafe fn new(segs: Box<[(*mut u8, usize)]>) -> Lent {
+    pub unsafe fn new(segs: LentSegs) -> Lent {
         let len = segs.iter().map(|s| s.1).sum();
         Lent { segs, len }
     }

@@ -143,6 +143,7 @@ impl Xts {
                         },
                     )
                 };
+                super::wipe::clear_vector_registers();
                 Ok(Xts { mem, kernel })
             }
             #[cfg(target_arch = "x86_64")]
@@ -159,6 +160,8 @@ impl Xts {
                 }
                 zeroize::Zeroize::zeroize(&mut scratch);
                 rk.fill_x2();
+                // The expansion ran in XMM registers.
+                super::wipe::clear_vector_registers();
                 Ok(Xts { mem, kernel })
             }
             #[cfg(not(target_arch = "x86_64"))]

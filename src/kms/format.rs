@@ -239,11 +239,17 @@ pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 /// HMAC ones do not. The helpers above therefore do that work in `#[inline(never)]`
 /// worker functions and call this from their caller once the worker has returned: its
 /// 16 KiB array then lies over the stack area the worker's frame used.
+///
+/// It also clears the vector registers ([`crate::crypto::clear_vector_registers`]): the AES and GHASH
+/// code leaves round keys and the hash key in them, and a thread spawned afterwards
+/// (clone copies the parent's register file) or a core dump (each thread's saved XSAVE
+/// state) would carry them.
 #[inline(never)]
 pub fn scrub_stack() {
     let mut area = [0u8; 16 * 1024];
     area.zeroize();
     std::hint::black_box(&area);
+    crate::crypto::clear_vector_registers();
 }
 
 /// Lower-case hex.

@@ -156,19 +156,29 @@ mod tests {
         assert_eq!(parse_stat(line), Some((250, 75)));
     }
 
+    /// This thread's CPU time (the kernel's per-thread clock: an independent reference).
+    fn thread_cpu_ns() -> u64 {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_gettime writes into the timespec we pass.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    }
+
     #[test]
     fn own_cpu_grows_while_spinning() {
         let me = std::process::id();
         let a = sample(me).unwrap();
-        let t = Instant::now();
+        // Spin until this thread has had 30 ms of CPU (however busy the machine is).
+        let (c0, t) = (thread_cpu_ns(), Instant::now());
         let mut x = 0u64;
-        while t.elapsed().as_millis() < 50 {
+        while thread_cpu_ns() - c0 < 30_000_000 && t.elapsed().as_secs() < 10 {
             x = x.wrapping_add(std::hint::black_box(1));
         }
+        let spun = thread_cpu_ns() - c0;
         let b = sample(me).unwrap();
         let d = delta(&a, &b);
         assert!(x > 0);
-        assert!(d.cpu_ns >= 40_000_000, "{d:?}");
+        assert!(d.cpu_ns >= spun, "process CPU {d:?} below this thread's {spun} ns");
         assert_eq!(d.source, "cpuclock");
         assert!(d.pct() <= 100.0 * 64.0);
     }

@@ -250,8 +250,8 @@ pub struct Range {
 
 /// The pieces of `segs` covering `len` bytes from byte `from`, as
 /// (pointer, length) pairs.
-pub fn slice(segs: &[Seg], mut from: usize, len: usize) -> Box<[(*mut u8, usize)]> {
-    let mut out = Vec::with_capacity(segs.len());
+pub fn slice(segs: &[Seg], mut from: usize, len: usize) -> crate::bdev::LentSegs {
+    let mut out = crate::bdev::LentSegs::new();
     let mut left = len;
     for s in segs {
         if left == 0 {
@@ -268,7 +268,7 @@ pub fn slice(segs: &[Seg], mut from: usize, len: usize) -> Box<[(*mut u8, usize)
         left -= n;
         from = 0;
     }
-    out.into_boxed_slice()
+    out
 }
 
 /// Copy `len` bytes of the request's guest segments, starting `from` bytes
