@@ -149,7 +149,7 @@ fn nbdinfo_shows_sizes_flags_and_block_sizes() {
         ("can_fast_zero", true),
         ("can_multi_conn", true),
         ("can_cache", false),
-        ("can_df", false),
+        ("can_df", true),
     ] {
         assert_eq!(e[k], want, "{k} in {out}");
     }
@@ -457,16 +457,15 @@ fn still_serving(f: &Fixture) {
 fn handshake_unknown_options_and_exports_keep_negotiating() {
     let f = Fixture::new("handshake");
     let mut c = Client::hello(&f.sock);
-    for opt in [
-        OPT_STARTTLS,
-        OPT_STRUCTURED_REPLY,
-        OPT_LIST_META_CONTEXT,
-        OPT_EXTENDED_HEADERS,
-        77,
-    ] {
+    for opt in [OPT_STARTTLS, OPT_EXTENDED_HEADERS, 77] {
         c.option(opt, &[]);
         assert_eq!(c.opt_reply().0, REP_ERR_UNSUP, "option {opt}");
     }
+    // Known options with bad data are refused the same way: negotiation goes on.
+    c.option(OPT_LIST_META_CONTEXT, &[]);
+    assert_eq!(c.opt_reply().0, REP_ERR_INVALID, "LIST_META_CONTEXT without data");
+    c.option(OPT_STRUCTURED_REPLY, &[1]);
+    assert_eq!(c.opt_reply().0, REP_ERR_INVALID, "STRUCTURED_REPLY with data");
     assert_eq!(c.go("no-such-disk"), REP_ERR_UNKNOWN);
     c.option(OPT_LIST, &[]);
     let mut names = Vec::new();

@@ -97,6 +97,10 @@ impl Bdev for CryptoBdev {
     fn volatile_cache(&self) -> bool {
         self.inner.volatile_cache()
     }
+    fn allocation(&self, offset: u64, len: u64) -> Option<Vec<(u64, bool)>> {
+        // An unallocated range reads as zeros through this layer too.
+        self.inner.allocation(offset, len)
+    }
     fn takes_lent(&self) -> bool {
         true
     }

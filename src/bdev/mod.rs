@@ -304,6 +304,14 @@ pub trait Bdev: Send + Sync {
     fn takes_lent(&self) -> bool {
         false
     }
+    /// Which parts of `offset..offset + len` hold data: runs of (length,
+    /// allocated), in order, covering the range; an unallocated run reads as
+    /// zeros. `None`: the device does not know (every byte is data). Served
+    /// from in-memory state without I/O, so a frontend may ask on the data
+    /// path (NBD block status).
+    fn allocation(&self, _offset: u64, _len: u64) -> Option<Vec<(u64, bool)>> {
+        None
+    }
     /// Open an I/O channel for the calling reactor.
     fn open_channel(&self, ctx: &ChannelCtx) -> std::io::Result<Box<dyn Channel>>;
 }

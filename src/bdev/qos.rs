@@ -153,6 +153,10 @@ impl Bdev for QosBdev {
     fn dma_writes(&self) -> bool {
         self.inner.dma_writes()
     }
+    fn allocation(&self, offset: u64, len: u64) -> Option<Vec<(u64, bool)>> {
+        // An unallocated range reads as zeros through this layer too.
+        self.inner.allocation(offset, len)
+    }
     fn takes_lent(&self) -> bool {
         self.inner.takes_lent()
     }

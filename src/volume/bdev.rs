@@ -151,6 +151,22 @@ impl Bdev for VolumeBdev {
     fn dma_writes(&self) -> bool {
         self.pool.base.dma_writes()
     }
+    fn allocation(&self, offset: u64, len: u64) -> Option<Vec<(u64, bool)>> {
+        let end = offset.checked_add(len)?.min(self.state.size);
+        let mut out: Vec<(u64, bool)> = Vec::new();
+        let mut at = offset;
+        while at < end {
+            let c = at / self.pool.cluster;
+            let stop = ((c + 1) * self.pool.cluster).min(end);
+            let mapped = self.state.entry(c) != 0;
+            match out.last_mut() {
+                Some((n, m)) if *m == mapped => *n += stop - at,
+                _ => out.push((stop - at, mapped)),
+            }
+            at = stop;
+        }
+        Some(out)
+    }
     fn open_channel(&self, ctx: &ChannelCtx) -> std::io::Result<Box<dyn Channel>> {
         let meta = self
             .pool

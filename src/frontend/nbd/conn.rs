@@ -65,6 +65,7 @@ pub(super) fn start(
     export: Export,
     tail: Vec<u8>,
     go: Option<u32>,
+    modes: Modes,
 ) {
     if sh.stop.load(Ordering::SeqCst) || export.is_revoked() {
         return; // fd dropped: the client sees the connection close
@@ -127,6 +128,7 @@ pub(super) fn start(
         tx_armed: false,
         phase: Phase::Running,
         done: (0, 0),
+        modes,
     };
     ctx.add_poller(Box::new(c));
 }
@@ -184,8 +186,28 @@ struct Req {
 type Inline<T> = smallvec::SmallVec<[T; 2]>;
 
 struct Reply {
-    hdr: [u8; REPLY_LEN],
+    /// A simple reply header, or a structured chunk's header and payload up to
+    /// the data (inline up to 32 bytes: every reply but block status).
+    hdr: smallvec::SmallVec<[u8; 32]>,
     data: Inline<IoBuf>,
+}
+
+/// What the transmission phase speaks, as negotiated in the handshake.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Modes {
+    /// `NBD_OPT_STRUCTURED_REPLY`: reads are answered in structured chunks.
+    pub structured: bool,
+    /// `base:allocation` was selected: `NBD_CMD_BLOCK_STATUS` is served.
+    pub block_status: bool,
+}
+
+/// A structured error chunk (the last of its reply).
+fn error_chunk(err: u32, cookie: u64) -> smallvec::SmallVec<[u8; 32]> {
+    let mut h = smallvec::SmallVec::new();
+    h.extend_from_slice(&chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie, 6));
+    h.extend_from_slice(&err.to_be_bytes());
+    h.extend_from_slice(&0u16.to_be_bytes());
+    h
 }
 
 /// One `sendmsg` in flight: everything it points at lives here, boxed so
@@ -237,6 +259,7 @@ pub(super) struct Conn {
     phase: Phase,
     /// Requests (and their payload bytes) finished since the last poll.
     done: (u64, u64),
+    modes: Modes,
 }
 
 fn nbd_errno(e: &IoError, op: IoOp) -> u32 {
@@ -321,7 +344,75 @@ impl Conn {
 
     fn reply(&mut self, err: u32, cookie: u64) {
         self.replies.push_back(Reply {
-            hdr: simple_reply(err, cookie),
+            hdr: smallvec::SmallVec::from_slice(&simple_reply(err, cookie)),
+            data: Inline::new(),
+        });
+    }
+
+    /// The answer to a read that moves no data: an error, or an empty read.
+    /// With structured replies a read never gets a simple reply.
+    fn reply_read(&mut self, err: u32, cookie: u64) {
+        if !self.modes.structured {
+            return self.reply(err, cookie);
+        }
+        let hdr = if err != 0 {
+            error_chunk(err, cookie)
+        } else {
+            smallvec::SmallVec::from_slice(&chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0))
+        };
+        self.replies.push_back(Reply {
+            hdr,
+            data: Inline::new(),
+        });
+    }
+
+    /// `NBD_CMD_BLOCK_STATUS` for `base:allocation`, from the volume map.
+    fn block_status(&mut self, r: &Request) {
+        if !self.modes.block_status {
+            let e = EINVAL;
+            return if self.modes.structured {
+                self.replies.push_back(Reply {
+                    hdr: error_chunk(e, r.cookie),
+                    data: Inline::new(),
+                })
+            } else {
+                self.reply(e, r.cookie)
+            };
+        }
+        let range = if r.len == 0 {
+            Err(EINVAL)
+        } else {
+            self.check_range(r, EINVAL)
+        };
+        if let Err(e) = range {
+            self.replies.push_back(Reply {
+                hdr: error_chunk(e, r.cookie),
+                data: Inline::new(),
+            });
+            return;
+        }
+        let runs = self
+            .export
+            .bdev
+            .allocation(r.offset, r.len as u64)
+            .unwrap_or_else(|| vec![(r.len as u64, true)]);
+        let take = if r.flags & CMD_FLAG_REQ_ONE != 0 { 1 } else { runs.len() };
+        let mut hdr: smallvec::SmallVec<[u8; 32]> = smallvec::SmallVec::new();
+        let n = take.min(runs.len());
+        hdr.extend_from_slice(&chunk_header(
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_BLOCK_STATUS,
+            r.cookie,
+            4 + 8 * n as u32,
+        ));
+        hdr.extend_from_slice(&META_ID_BASE_ALLOCATION.to_be_bytes());
+        for &(len, allocated) in &runs[..n] {
+            let flags = if allocated { 0 } else { STATE_HOLE | STATE_ZERO };
+            hdr.extend_from_slice(&(len as u32).to_be_bytes());
+            hdr.extend_from_slice(&flags.to_be_bytes());
+        }
+        self.replies.push_back(Reply {
+            hdr,
             data: Inline::new(),
         });
     }
@@ -354,13 +445,14 @@ impl Conn {
             CMD_DISC => {
                 self.phase = Phase::Disconnecting;
             }
+            CMD_BLOCK_STATUS => self.block_status(&r),
             CMD_READ => {
                 if r.len > self.max_payload {
-                    self.reply(EINVAL, r.cookie);
+                    self.reply_read(EINVAL, r.cookie);
                 } else if let Err(e) = self.check_range(&r, EINVAL) {
-                    self.reply(e, r.cookie);
+                    self.reply_read(e, r.cookie);
                 } else if r.len == 0 {
-                    self.reply(0, r.cookie);
+                    self.reply_read(0, r.cookie);
                 } else {
                     if self.live >= MAX_REQS {
                         return false;
@@ -685,15 +777,28 @@ impl Conn {
             self.live -= 1;
             self.done.0 += 1;
             self.done.1 += req.bytes;
-            let data = if req.op == IoOp::Read && req.err == 0 {
+            let data: Inline<IoBuf> = if req.op == IoOp::Read && req.err == 0 {
                 req.bufs.into_iter().map(|b| b.expect("every part returned")).collect()
             } else {
                 Inline::new()
             };
-            self.replies.push_back(Reply {
-                hdr: simple_reply(req.err, req.cookie),
-                data,
-            });
+            let hdr = match (req.op, self.modes.structured) {
+                // One data chunk for the whole read (so NBD_CMD_FLAG_DF holds).
+                (IoOp::Read, true) if req.err == 0 => {
+                    let mut h = smallvec::SmallVec::new();
+                    h.extend_from_slice(&chunk_header(
+                        REPLY_FLAG_DONE,
+                        REPLY_TYPE_OFFSET_DATA,
+                        req.cookie,
+                        8 + req.bytes as u32,
+                    ));
+                    h.extend_from_slice(&req.offset.to_be_bytes());
+                    h
+                }
+                (IoOp::Read, true) => error_chunk(req.err, req.cookie),
+                _ => smallvec::SmallVec::from_slice(&simple_reply(req.err, req.cookie)),
+            };
+            self.replies.push_back(Reply { hdr, data });
         }
         self.comps = comps;
         n
@@ -733,7 +838,7 @@ impl Conn {
         }
         let mut hdrs = std::mem::take(&mut self.head);
         let head_len = hdrs.len();
-        hdrs.reserve_exact(take.len() * REPLY_LEN);
+        hdrs.reserve_exact(take.iter().map(|r| r.hdr.len()).sum());
         for r in &take {
             hdrs.extend_from_slice(&r.hdr);
         }
@@ -745,7 +850,7 @@ impl Conn {
         let mut pos = head_len;
         let mut bufs = Vec::new();
         for r in take {
-            pos += REPLY_LEN;
+            pos += r.hdr.len();
             if !r.data.is_empty() {
                 iov.push(libc::iovec {
                     // SAFETY: run_start < pos <= hdrs.len().

@@ -442,8 +442,12 @@ fn accept_loop(
 }
 
 /// Transmission flags for an export.
-pub fn transmission_flags(e: &Export) -> u16 {
+pub fn transmission_flags(e: &Export, structured: bool) -> u16 {
     let mut f = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_CAN_MULTI_CONN;
+    if structured {
+        // Reads are always answered in one chunk, so "don't fragment" holds.
+        f |= TF_SEND_DF;
+    }
     if e.read_only {
         f |= TF_READ_ONLY;
     } else {
@@ -473,6 +477,8 @@ struct Handoff {
     /// The option (GO) whose final reply `tail` is: the reactor answers it with an
     /// error instead if it cannot take the connection.
     go: Option<u32>,
+    /// What the transmission phase speaks.
+    modes: conn::Modes,
 }
 
 fn handshake_and_hand_off(sh: &Arc<Shared>, exports: &Exports, mut stream: Stream) -> io::Result<()> {
@@ -537,8 +543,9 @@ fn hand_off(sh: &Arc<Shared>, h: Handoff, fd: OwnedFd, reply: &mut dyn Write) ->
         tail,
         refuse,
         go,
+        modes,
     } = h;
-    let mut msg: crate::reactor::Msg = Box::new(move |ctx| conn::start(ctx, sh2, fd, export, tail, go));
+    let mut msg: crate::reactor::Msg = Box::new(move |ctx| conn::start(ctx, sh2, fd, export, tail, go, modes));
     let deadline = Instant::now() + HANDOFF_RETRY;
     let n = sh.reactors.len();
     let mut r = sh.next_reactor.fetch_add(1, Ordering::Relaxed) % n;
@@ -603,6 +610,9 @@ fn negotiate(
     no_zeroes: bool,
     tls: Tls,
 ) -> io::Result<Option<Negotiated>> {
+    let mut structured = false;
+    // The export `base:allocation` was selected for (NBD_OPT_SET_META_CONTEXT).
+    let mut meta: Option<Vec<u8>> = None;
     loop {
         if sh.stop.load(Ordering::SeqCst) {
             return Ok(None);
@@ -659,15 +669,20 @@ fn negotiate(
                 };
                 let mut tail = Vec::with_capacity(134);
                 tail.extend_from_slice(&e.bdev.capacity().to_be_bytes());
-                tail.extend_from_slice(&transmission_flags(&e).to_be_bytes());
+                tail.extend_from_slice(&transmission_flags(&e, structured).to_be_bytes());
                 if !no_zeroes {
                     tail.extend_from_slice(&[0u8; 124]);
                 }
+                let block_status = meta.as_deref() == Some(e.name.as_bytes());
                 return Ok(Some(Negotiated::Handoff(Handoff {
                     export: e,
                     tail,
                     refuse: None,
                     go: None,
+                    modes: conn::Modes {
+                        structured,
+                        block_status,
+                    },
                 })));
             }
             OPT_ABORT => {
@@ -701,7 +716,7 @@ fn negotiate(
                 let mut out = Vec::new();
                 let mut d = INFO_EXPORT.to_be_bytes().to_vec();
                 d.extend_from_slice(&e.bdev.capacity().to_be_bytes());
-                d.extend_from_slice(&transmission_flags(&e).to_be_bytes());
+                d.extend_from_slice(&transmission_flags(&e, structured).to_be_bytes());
                 out.extend_from_slice(&option_reply(opt, REP_INFO, &d));
                 if req.infos.contains(&INFO_NAME) {
                     let mut d = INFO_NAME.to_be_bytes().to_vec();
@@ -727,6 +742,7 @@ fn negotiate(
                     continue;
                 }
                 s.write_all(&out)?;
+                let block_status = meta.as_deref() == Some(e.name.as_bytes());
                 return Ok(Some(Negotiated::Handoff(Handoff {
                     export: e,
                     tail: option_reply(opt, REP_ACK, &[]),
@@ -736,11 +752,65 @@ fn negotiate(
                         b"server busy: every reactor queue is full",
                     )),
                     go: Some(opt),
+                    modes: conn::Modes {
+                        structured,
+                        block_status,
+                    },
                 })));
             }
+            OPT_STRUCTURED_REPLY => {
+                if len != 0 {
+                    s.write_all(&option_reply(
+                        opt,
+                        REP_ERR_INVALID,
+                        b"NBD_OPT_STRUCTURED_REPLY takes no data",
+                    ))?;
+                } else {
+                    structured = true;
+                    s.write_all(&option_reply(opt, REP_ACK, &[]))?;
+                }
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                let set = opt == OPT_SET_META_CONTEXT;
+                let Some(req) = parse_meta_request(&data) else {
+                    s.write_all(&option_reply(opt, REP_ERR_INVALID, b"malformed meta context data"))?;
+                    continue;
+                };
+                if !structured {
+                    s.write_all(&option_reply(
+                        opt,
+                        REP_ERR_INVALID,
+                        b"negotiate NBD_OPT_STRUCTURED_REPLY first",
+                    ))?;
+                    continue;
+                }
+                if lookup(exports, &req.name).is_none() {
+                    let msg = format!("no export named {:?}", String::from_utf8_lossy(&req.name));
+                    s.write_all(&option_reply(opt, REP_ERR_UNKNOWN, msg.as_bytes()))?;
+                    continue;
+                }
+                // `base:allocation` is the one context: asked for by name, by its
+                // namespace (`base:`, LIST only), or by an empty LIST.
+                let wanted = req
+                    .queries
+                    .iter()
+                    .any(|q| q.as_slice() == META_BASE_ALLOCATION || (!set && q.as_slice() == b"base:"))
+                    || (!set && req.queries.is_empty());
+                let mut out = Vec::new();
+                if wanted {
+                    let mut d = META_ID_BASE_ALLOCATION.to_be_bytes().to_vec();
+                    d.extend_from_slice(META_BASE_ALLOCATION);
+                    out.extend_from_slice(&option_reply(opt, REP_META_CONTEXT, &d));
+                }
+                if set {
+                    meta = wanted.then(|| req.name.clone());
+                }
+                out.extend_from_slice(&option_reply(opt, REP_ACK, &[]));
+                s.write_all(&out)?;
+            }
             _ => {
-                // STARTTLS, STRUCTURED_REPLY, META_CONTEXT, EXTENDED_HEADERS
-                // and anything newer: not supported, keep negotiating.
+                // EXTENDED_HEADERS and anything newer: not supported, keep
+                // negotiating.
                 s.write_all(&option_reply(opt, REP_ERR_UNSUP, &[]))?;
             }
         }

@@ -12,6 +12,24 @@ pub const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 /// Magic of a simple reply.
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+/// Magic of a structured reply chunk (`NBD_OPT_STRUCTURED_REPLY`).
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+/// Bytes of a structured reply chunk header.
+pub const CHUNK_HEADER_LEN: usize = 20;
+/// The last chunk of a reply.
+pub const REPLY_FLAG_DONE: u16 = 1;
+pub const REPLY_TYPE_NONE: u16 = 0;
+pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
+pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
+/// Block status flags of `base:allocation`.
+pub const STATE_HOLE: u32 = 1;
+pub const STATE_ZERO: u32 = 2;
+/// The one metadata context served.
+pub const META_BASE_ALLOCATION: &[u8] = b"base:allocation";
+/// Its id in this server's replies.
+pub const META_ID_BASE_ALLOCATION: u32 = 1;
 
 // Handshake flags (server) and client flags.
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
@@ -49,6 +67,7 @@ pub const OPT_EXTENDED_HEADERS: u32 = 11;
 pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;
 pub const REP_INFO: u32 = 3;
+pub const REP_META_CONTEXT: u32 = 4;
 pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
 pub const REP_ERR_POLICY: u32 = (1 << 31) + 2;
 pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
@@ -222,6 +241,44 @@ pub fn option_reply(opt: u32, rep: u32, data: &[u8]) -> Vec<u8> {
     v.extend_from_slice(&(data.len() as u32).to_be_bytes());
     v.extend_from_slice(data);
     v
+}
+
+/// Encode a structured reply chunk header (the payload follows).
+pub fn chunk_header(flags: u16, ty: u16, cookie: u64, length: u32) -> [u8; CHUNK_HEADER_LEN] {
+    let mut h = [0u8; CHUNK_HEADER_LEN];
+    h[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    h[4..6].copy_from_slice(&flags.to_be_bytes());
+    h[6..8].copy_from_slice(&ty.to_be_bytes());
+    h[8..16].copy_from_slice(&cookie.to_be_bytes());
+    h[16..20].copy_from_slice(&length.to_be_bytes());
+    h
+}
+
+/// The data of `NBD_OPT_LIST_META_CONTEXT` / `NBD_OPT_SET_META_CONTEXT`: export
+/// name and queries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetaRequest {
+    pub name: Vec<u8>,
+    pub queries: Vec<Vec<u8>>,
+}
+
+/// Parse meta context option data; `None` if the lengths inside do not add up.
+pub fn parse_meta_request(d: &[u8]) -> Option<MetaRequest> {
+    let nlen = u32::from_be_bytes(d.get(0..4)?.try_into().ok()?) as usize;
+    let name = d.get(4..4usize.checked_add(nlen)?)?.to_vec();
+    let mut rest = &d[4 + nlen..];
+    let n = u32::from_be_bytes(rest.get(0..4)?.try_into().ok()?) as usize;
+    rest = &rest[4..];
+    let mut queries = Vec::new();
+    for _ in 0..n {
+        let l = u32::from_be_bytes(rest.get(0..4)?.try_into().ok()?) as usize;
+        queries.push(rest.get(4..4usize.checked_add(l)?)?.to_vec());
+        rest = &rest[4 + l..];
+    }
+    if !rest.is_empty() {
+        return None;
+    }
+    Some(MetaRequest { name, queries })
 }
 
 /// The data of `NBD_OPT_INFO` / `NBD_OPT_GO`: export name and the info
