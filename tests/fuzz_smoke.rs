@@ -150,6 +150,18 @@ fn nbd_request_survives_random_and_mutated_headers() {
     drive("nbd_request", 0x5eed_0001, 300_000, &seeds, targets::nbd_request);
 }
 
+/// Meta context option data: export name and queries.
+fn meta(name: &[u8], queries: &[&[u8]]) -> Vec<u8> {
+    let mut d = (name.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(name);
+    d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for q in queries {
+        d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        d.extend_from_slice(q);
+    }
+    d
+}
+
 #[test]
 fn nbd_option_survives_random_and_mutated_frames() {
     let go = info(b"d-0123456789abcdef", &[INFO_BLOCK_SIZE, INFO_NAME]);
@@ -168,6 +180,8 @@ fn nbd_option_survives_random_and_mutated_frames() {
         go.clone(),
         info(b"x", &[0, 1, 2, 3]),
         (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes().to_vec(),
+        option(OPT_SET_META_CONTEXT, &meta(b"d-0123456789abcdef", &[META_BASE_ALLOCATION])),
+        option(OPT_LIST_META_CONTEXT, &meta(b"d", &[b"base:", b"qemu:dirty-bitmap:b"])),
     ];
     drive("nbd_option", 0x5eed_0002, 200_000, &seeds, targets::nbd_option);
 }
@@ -237,6 +251,8 @@ fn targets_accept_their_own_seeds_as_valid() {
     let fr = parse_option(&f, 1024).unwrap().unwrap();
     assert_eq!((fr.opt, fr.used), (OPT_GO, f.len()));
     assert!(parse_info_request(fr.data).is_some());
+    let m = parse_meta_request(&meta(b"d", &[META_BASE_ALLOCATION])).unwrap();
+    assert_eq!((m.name, m.queries), (b"d".to_vec(), vec![META_BASE_ALLOCATION.to_vec()]));
     assert_eq!(parse_option(&f[..f.len() - 1], 1024), None);
     assert!(matches!(parse_option(&f, 2), Some(Err(BadOption::TooLong(_)))));
     let out = sealdisk::control::rpc::handle_line(

@@ -10,7 +10,7 @@
 //!   range check every request goes through (`proto::check_range`).
 //! * [`nbd_option`] checks the handshake's option frames (`proto::parse_option_header` /
 //!   `parse_option`, as `negotiate` reads them) and `NBD_OPT_INFO`/`GO` data
-//!   (`proto::parse_info_request`).
+//!   (`proto::parse_info_request`) and meta context data (`proto::parse_meta_request`).
 //! * [`vhost_chain`] checks the vhost-user-blk chain walker and parser
 //!   (`frontend::vhost::request::{walk, parse}`) over a descriptor table the input
 //!   writes into a guest memory with a hole in it.
@@ -24,8 +24,8 @@ use sealdisk::control::rpc::{handle_line, Handler, LogLine};
 use sealdisk::control::{ControlError, Params};
 use sealdisk::frontend::nbd::proto::{
     check_range, encode_request, parse_info_request, parse_option, parse_option_header, parse_request, BadMagic,
-    BadOption, OptionFrame, Request, EINVAL, ENOSPC, IHAVEOPT, OPTION_HEADER_LEN, OPT_GO, OPT_INFO, REQUEST_LEN,
-    REQUEST_MAGIC,
+    BadOption, OptionFrame, Request, EINVAL, ENOSPC, IHAVEOPT, OPTION_HEADER_LEN, OPT_GO, OPT_INFO,
+    OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT, REQUEST_LEN, REQUEST_MAGIC,
 };
 use sealdisk::frontend::nbd::MAX_OPTION_DATA;
 
@@ -111,12 +111,32 @@ pub fn nbd_option(data: &[u8]) {
                     if opt == OPT_INFO || opt == OPT_GO {
                         info_request(d);
                     }
+                    if opt == OPT_LIST_META_CONTEXT || opt == OPT_SET_META_CONTEXT {
+                        meta_request(d);
+                    }
                     rest = &rest[used..];
                 }
             }
         }
     }
     info_request(data);
+    meta_request(data);
+}
+
+/// `NBD_OPT_LIST/SET_META_CONTEXT` data: accepted data re-encodes to exactly the input.
+fn meta_request(d: &[u8]) {
+    let Some(r) = sealdisk::frontend::nbd::proto::parse_meta_request(d) else {
+        return;
+    };
+    let mut enc = Vec::with_capacity(d.len());
+    enc.extend_from_slice(&(r.name.len() as u32).to_be_bytes());
+    enc.extend_from_slice(&r.name);
+    enc.extend_from_slice(&(r.queries.len() as u32).to_be_bytes());
+    for q in &r.queries {
+        enc.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        enc.extend_from_slice(q);
+    }
+    assert_eq!(enc, d, "accepted meta context data must account for every byte");
 }
 
 /// `NBD_OPT_INFO`/`GO` data: accepted data re-encodes to exactly the input.
