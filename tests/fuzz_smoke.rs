@@ -180,7 +180,10 @@ fn nbd_option_survives_random_and_mutated_frames() {
         go.clone(),
         info(b"x", &[0, 1, 2, 3]),
         (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes().to_vec(),
-        option(OPT_SET_META_CONTEXT, &meta(b"d-0123456789abcdef", &[META_BASE_ALLOCATION])),
+        option(
+            OPT_SET_META_CONTEXT,
+            &meta(b"d-0123456789abcdef", &[META_BASE_ALLOCATION]),
+        ),
         option(OPT_LIST_META_CONTEXT, &meta(b"d", &[b"base:", b"qemu:dirty-bitmap:b"])),
     ];
     drive("nbd_option", 0x5eed_0002, 200_000, &seeds, targets::nbd_option);
@@ -252,7 +255,10 @@ fn targets_accept_their_own_seeds_as_valid() {
     assert_eq!((fr.opt, fr.used), (OPT_GO, f.len()));
     assert!(parse_info_request(fr.data).is_some());
     let m = parse_meta_request(&meta(b"d", &[META_BASE_ALLOCATION])).unwrap();
-    assert_eq!((m.name, m.queries), (b"d".to_vec(), vec![META_BASE_ALLOCATION.to_vec()]));
+    assert_eq!(
+        (m.name, m.queries),
+        (b"d".to_vec(), vec![META_BASE_ALLOCATION.to_vec()])
+    );
     assert_eq!(parse_option(&f[..f.len() - 1], 1024), None);
     assert!(matches!(parse_option(&f, 2), Some(Err(BadOption::TooLong(_)))));
     let out = sealdisk::control::rpc::handle_line(
