@@ -423,6 +423,22 @@ impl Channel for CryptoChannel {
                     self.send_down(w);
                 }
             }
+            IoOp::Write if req.scratch => {
+                // The caller's buffer is ours to overwrite: encrypt it in place
+                // (its lines are still in cache from being filled) and send it
+                // down as it is; no bounce buffer.
+                let (tag, offset, fua) = (req.tag, req.offset, req.fua);
+                let mut b = req.buf.expect("validated");
+                self.xts
+                    .encrypt_sectors(&mut b, offset / self.sector_size as u64, self.sector_size)
+                    .expect("validated whole sectors");
+                let idx = self
+                    .pending
+                    .insert_with(|| Pending::new(tag, IoOp::Write, offset, 1, None)) as u64;
+                let mut w = IoRequest::write(offset, b, idx);
+                w.fua = fua;
+                self.send_down(w);
+            }
             IoOp::Read if req.lent.is_some() => {
                 let Some(mut b) = self.pool.alloc(req.bytes() as usize) else {
                     return Err(req); // back-pressure; nothing done
@@ -489,6 +505,7 @@ impl Channel for CryptoChannel {
                     len: req.len,
                     buf: None,
                     lent: None,
+                    scratch: false,
                     fua: req.fua,
                     tag: idx,
                 });

@@ -94,6 +94,10 @@ pub struct IoRequest {
     pub buf: Option<IoBuf>,
     /// Frontend memory instead of `buf` ([`Lent`]).
     pub lent: Option<Lent>,
+    /// A write whose `buf` the caller never reads again: a layer may overwrite
+    /// it (the crypto layer encrypts in place instead of into a bounce
+    /// buffer) and need not hand it back.
+    pub scratch: bool,
     /// Force unit access: the write is durable when it completes.
     pub fua: bool,
     /// Caller's cookie, returned in the completion.
@@ -108,6 +112,7 @@ impl IoRequest {
             len: buf.len() as u64,
             buf: Some(buf),
             lent: None,
+            scratch: false,
             fua: false,
             tag,
         }
@@ -120,6 +125,7 @@ impl IoRequest {
             len: buf.len() as u64,
             buf: Some(buf),
             lent: None,
+            scratch: false,
             fua: false,
             tag,
         }
@@ -132,6 +138,7 @@ impl IoRequest {
             len: 0,
             buf: None,
             lent: None,
+            scratch: false,
             fua: false,
             tag,
         }
@@ -144,6 +151,7 @@ impl IoRequest {
             len,
             buf: None,
             lent: None,
+            scratch: false,
             fua: false,
             tag,
         }
@@ -156,6 +164,7 @@ impl IoRequest {
             len,
             buf: None,
             lent: None,
+            scratch: false,
             fua: false,
             tag,
         }
@@ -169,6 +178,7 @@ impl IoRequest {
             len: lent.len() as u64,
             buf: None,
             lent: Some(lent),
+            scratch: false,
             fua: false,
             tag,
         }

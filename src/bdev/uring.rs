@@ -359,6 +359,7 @@ impl Channel for UringChannel {
                 fua: f.fua,
                 buf: f.buf,
                 lent: None,
+                scratch: false,
             });
         }
         self.slab[idx] = Some(f);

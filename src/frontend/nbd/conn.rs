@@ -661,6 +661,9 @@ impl Conn {
         let b = req.bufs[chunk].take().expect("chunk");
         let mut w = IoRequest::write(req.offset + chunk as u64 * MAX_IO_BYTES, b, tag(slot, chunk));
         w.fua = req.fua;
+        // The connection never reads a write's buffer again: an encrypted disk
+        // encrypts it in place.
+        w.scratch = true;
         self.rx_state = if chunk + 1 < req.bufs.len() {
             RxState::Payload {
                 slot,
