@@ -270,6 +270,45 @@ fn fill16(buf: &mut [u8; 256], t: u128) {
     }
 }
 
+/// [`fill16`] with AVX2: the sixteen `t·x^k` four at a time, as 64-bit halves
+/// in vector lanes (`t·x^k = (t ≪ k) ⊕ reduce(t ≫ (128 − k))`, and for
+/// `k < 16` the reduction of the top `k` bits stays in the low half). A
+/// 512-byte sector is only two groups, so the scalar version's ~200
+/// instructions per sector were a third of its cost.
+///
+/// # Safety
+/// The CPU supports AVX2.
+#[target_feature(enable = "avx2")]
+unsafe fn fill16_avx2(buf: &mut [u8; 256], t: u128) {
+    use core::arch::x86_64::*;
+    let (lo, hi) = (t as u64 as i64, (t >> 64) as u64 as i64);
+    let vlo = _mm256_set1_epi64x(lo);
+    let vhi = _mm256_set1_epi64x(hi);
+    for q in 0..4 {
+        let k0 = 4 * q as i64;
+        let k = _mm256_setr_epi64x(k0, k0 + 1, k0 + 2, k0 + 3);
+        let inv = _mm256_sub_epi64(_mm256_set1_epi64x(64), k);
+        // Shifts by 64 give 0 (k = 0): no carry and no reduction.
+        let new_hi = _mm256_or_si256(_mm256_sllv_epi64(vhi, k), _mm256_srlv_epi64(vlo, inv));
+        let h = _mm256_srlv_epi64(vhi, inv);
+        let red = _mm256_xor_si256(
+            _mm256_xor_si256(h, _mm256_slli_epi64(h, 1)),
+            _mm256_xor_si256(_mm256_slli_epi64(h, 2), _mm256_slli_epi64(h, 7)),
+        );
+        let new_lo = _mm256_xor_si256(_mm256_sllv_epi64(vlo, k), red);
+        // Interleave into (lo, hi) pairs: tweaks k0, k0+1 | k0+2, k0+3.
+        let a = _mm256_unpacklo_epi64(new_lo, new_hi); // k0, k0+2
+        let b = _mm256_unpackhi_epi64(new_lo, new_hi); // k0+1, k0+3
+        let first = _mm256_permute2x128_si256(a, b, 0x20); // k0, k0+1
+        let second = _mm256_permute2x128_si256(a, b, 0x31); // k0+2, k0+3
+                                                            // SAFETY: 64 bytes at 64 * q lie within the 256-byte buffer; unaligned stores.
+        unsafe {
+            _mm256_storeu_si256(buf.as_mut_ptr().add(64 * q).cast(), first);
+            _mm256_storeu_si256(buf.as_mut_ptr().add(64 * q + 32).cast(), second);
+        }
+    }
+}
+
 /// XTS over `nblocks` whole blocks starting at encrypted tweak `tweak`;
 /// returns the tweak after the last block. Groups of 16 go through the
 /// assembly loop, the rest through the AES-NI kernel.
@@ -363,7 +402,8 @@ pub(crate) unsafe fn sectors(
         unsafe { aesni::encrypt_tweaks(&keys.enc2, &mut tweaks) };
         for (j, t) in tweaks[..batch].iter().enumerate() {
             let off = (i + j) * sector_size;
-            fill16(&mut s.0[0], u128::from_le_bytes(*t));
+            // SAFETY: this kernel's CPU has AVX2.
+            unsafe { fill16_avx2(&mut s.0[0], u128::from_le_bytes(*t)) };
             let (a, b) = s.0.split_at_mut(1);
             // SAFETY: sector `i + j` lies within the caller's buffers; the
             // scratch buffers are distinct and 256 bytes each.
@@ -387,4 +427,28 @@ pub(crate) unsafe fn sectors(
         core::arch::x86_64::_mm_sfence();
     }
     super::wipe::wipe(tweaks.as_flattened_mut());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fill16_avx2_matches_the_scalar_tweaks() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            return; // nothing to compare on this CPU; the scalar version is the reference
+        }
+        let mut t = 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210u128;
+        for i in 0..2000 {
+            let (mut a, mut b) = ([0u8; 256], [0u8; 256]);
+            fill16(&mut a, t);
+            // SAFETY: AVX2 checked above.
+            unsafe { fill16_avx2(&mut b, t) };
+            assert_eq!(a, b, "tweak {t:#x} (iteration {i})");
+            t = t.rotate_left(29) ^ (t >> 3) ^ 0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c834;
+            if i % 7 == 0 {
+                t |= 1 << 127; // top bits set: every reduction path
+            }
+        }
+    }
 }
