@@ -56,51 +56,14 @@ enum BenchCmd {
 /// fio's options keep fio's spelling (`--rw=randread --bs=4k --iodepth=32`).
 #[derive(clap::Args)]
 struct IoArgs {
-    /// A fio job file ([global] + job sections); command-line options apply first.
-    job_file: Option<std::path::PathBuf>,
-    #[arg(long)]
-    name: Option<String>,
-    #[arg(long)]
-    rw: Option<String>,
-    #[arg(long)]
-    rwmixread: Option<String>,
-    #[arg(long)]
-    bs: Option<String>,
-    #[arg(long)]
-    iodepth: Option<String>,
-    #[arg(long)]
-    numjobs: Option<String>,
-    #[arg(long)]
-    size: Option<String>,
-    #[arg(long)]
-    offset: Option<String>,
-    /// Job n starts at offset + n * offset_increment.
-    #[arg(long = "offset_increment")]
-    offset_increment: Option<String>,
-    #[arg(long)]
-    runtime: Option<String>,
-    /// Run for --runtime regardless of --size (fio: time_based).
-    #[arg(long = "time_based", num_args = 0..=1, default_missing_value = "1")]
-    time_based: Option<String>,
-    #[arg(long = "ramp_time")]
-    ramp_time: Option<String>,
+    #[command(flatten)]
+    fio: sealdisk::bench::fio::FioArgs,
     /// crc32c: check every written block on read-back.
     #[arg(long)]
     verify: Option<String>,
     /// Only read back and check blocks written by an earlier verify run.
     #[arg(long = "verify_only", num_args = 0..=1, default_missing_value = "1")]
     verify_only: Option<String>,
-    /// Stamp each 512-byte piece of a write buffer with its offset and a
-    /// counter before every write (fio's default: 1).
-    #[arg(long = "scramble_buffers", num_args = 0..=1, default_missing_value = "1")]
-    scramble_buffers: Option<String>,
-    /// Fill each write buffer with fresh pseudo-random bytes before every
-    /// write (fio's refill_buffers; default off).
-    #[arg(long = "refill_buffers", num_args = 0..=1, default_missing_value = "1")]
-    refill_buffers: Option<String>,
-    /// Accepted for fio compatibility (sealdisk always does direct I/O).
-    #[arg(long, num_args = 0..=1, default_missing_value = "1")]
-    direct: Option<String>,
     /// file:PATH, volume:POOL_PATH (a thin volume in a new pool there, written once first), malloc or null.
     #[arg(long)]
     backend: Option<String>,
@@ -201,46 +164,15 @@ fn main() -> ExitCode {
 }
 
 fn bench_io(a: IoArgs) -> Result<ExitCode, String> {
-    use sealdisk::bench::fio::{apply, parse_job_file, FileJob, JobSpec, TargetSpec};
     use sealdisk::bench::{io, report};
-    let mut job = JobSpec::default();
-    let mut target = TargetSpec::default();
-    let given: [(&str, &Option<String>); 19] = [
-        ("name", &a.name),
-        ("rw", &a.rw),
-        ("rwmixread", &a.rwmixread),
-        ("bs", &a.bs),
-        ("iodepth", &a.iodepth),
-        ("numjobs", &a.numjobs),
-        ("size", &a.size),
-        ("offset", &a.offset),
-        ("offset_increment", &a.offset_increment),
-        ("runtime", &a.runtime),
-        ("time_based", &a.time_based),
-        ("ramp_time", &a.ramp_time),
+    let extra: [(&str, &Option<String>); 4] = [
         ("verify", &a.verify),
         ("verify_only", &a.verify_only),
-        ("scramble_buffers", &a.scramble_buffers),
-        ("refill_buffers", &a.refill_buffers),
-        ("direct", &a.direct),
         ("backend", &a.backend),
         ("sector_size", &a.sector_size),
     ];
-    for (k, v) in given {
-        if let Some(v) = v {
-            apply(&mut job, &mut target, k, Some(v))?;
-        }
-    }
-    if a.encrypt {
-        target.encrypt = true;
-    }
-    let jobs = match &a.job_file {
-        Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
-            parse_job_file(&text, &job, &target)?
-        }
-        None => vec![FileJob { job, target }],
-    };
+    let encrypt = a.encrypt;
+    let jobs = a.fio.jobs(&extra, |t| t.encrypt |= encrypt)?;
     if a.output_format != "normal" && a.output_format != "json" {
         return Err(format!("--output-format={}: use normal or json", a.output_format));
     }

@@ -379,3 +379,95 @@ mod tests {
         assert!(parse_job_file("[a\n", &d, &t).unwrap_err().contains("unterminated"));
     }
 }
+
+/// The fio job options `bench io` and `bench vhost` both take on the command line,
+/// in fio's spelling (`--rw=randread --bs=4k --iodepth=32`), and the job file they
+/// apply to.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct FioArgs {
+    /// A fio job file ([global] + job sections); command-line options apply first.
+    pub job_file: Option<std::path::PathBuf>,
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long)]
+    pub rw: Option<String>,
+    #[arg(long)]
+    pub rwmixread: Option<String>,
+    #[arg(long)]
+    pub bs: Option<String>,
+    #[arg(long)]
+    pub iodepth: Option<String>,
+    /// Jobs (bench vhost: one per virtqueue, at most the device's num_queues).
+    #[arg(long)]
+    pub numjobs: Option<String>,
+    /// Bytes per job (default: the whole device from offset).
+    #[arg(long)]
+    pub size: Option<String>,
+    #[arg(long)]
+    pub offset: Option<String>,
+    /// Job n starts at offset + n * offset_increment.
+    #[arg(long = "offset_increment")]
+    pub offset_increment: Option<String>,
+    #[arg(long)]
+    pub runtime: Option<String>,
+    /// Run for --runtime regardless of --size (fio: time_based).
+    #[arg(long = "time_based", num_args = 0..=1, default_missing_value = "1")]
+    pub time_based: Option<String>,
+    #[arg(long = "ramp_time")]
+    pub ramp_time: Option<String>,
+    /// Stamp each 512-byte piece of a write buffer with its offset and a
+    /// counter before every write (fio's default: 1).
+    #[arg(long = "scramble_buffers", num_args = 0..=1, default_missing_value = "1")]
+    pub scramble_buffers: Option<String>,
+    /// Fill each write buffer with fresh pseudo-random bytes before every
+    /// write (fio's refill_buffers; default off).
+    #[arg(long = "refill_buffers", num_args = 0..=1, default_missing_value = "1")]
+    pub refill_buffers: Option<String>,
+    /// Accepted for fio compatibility (requests always go straight to the device).
+    #[arg(long, num_args = 0..=1, default_missing_value = "1")]
+    pub direct: Option<String>,
+}
+
+impl FioArgs {
+    /// The jobs: these options and a bench's own `extra` ones (key, value), applied
+    /// to the defaults, then `target` adjusted by the caller, then the job file
+    /// (if any) on top.
+    pub fn jobs(
+        &self,
+        extra: &[(&str, &Option<String>)],
+        adjust: impl FnOnce(&mut TargetSpec),
+    ) -> Result<Vec<FileJob>, String> {
+        let mut job = JobSpec::default();
+        let mut target = TargetSpec::default();
+        let own: [(&str, &Option<String>); 15] = [
+            ("name", &self.name),
+            ("rw", &self.rw),
+            ("rwmixread", &self.rwmixread),
+            ("bs", &self.bs),
+            ("iodepth", &self.iodepth),
+            ("numjobs", &self.numjobs),
+            ("size", &self.size),
+            ("offset", &self.offset),
+            ("offset_increment", &self.offset_increment),
+            ("runtime", &self.runtime),
+            ("time_based", &self.time_based),
+            ("ramp_time", &self.ramp_time),
+            ("scramble_buffers", &self.scramble_buffers),
+            ("refill_buffers", &self.refill_buffers),
+            ("direct", &self.direct),
+        ];
+        for (k, v) in own.iter().chain(extra) {
+            if let Some(v) = v {
+                apply(&mut job, &mut target, k, Some(v))?;
+            }
+        }
+        adjust(&mut target);
+        match &self.job_file {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+                parse_job_file(&text, &job, &target)
+            }
+            None => Ok(vec![FileJob { job, target }]),
+        }
+    }
+}

@@ -66,8 +66,8 @@ impl std::error::Error for Error {
 /// (`--rw=randread --bs=4k --iodepth=32`), as in `bench io`.
 #[derive(Debug, clap::Args)]
 pub struct VhostArgs {
-    /// A fio job file ([global] + job sections); command-line options apply first.
-    pub job_file: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub fio: crate::bench::fio::FioArgs,
     /// The backend's vhost-user-blk socket.
     #[arg(long)]
     pub socket: std::path::PathBuf,
@@ -84,43 +84,6 @@ pub struct VhostArgs {
     /// (costs a core per job).
     #[arg(long)]
     pub spin: bool,
-    #[arg(long)]
-    pub name: Option<String>,
-    #[arg(long)]
-    pub rw: Option<String>,
-    #[arg(long)]
-    pub rwmixread: Option<String>,
-    #[arg(long)]
-    pub bs: Option<String>,
-    #[arg(long)]
-    pub iodepth: Option<String>,
-    /// Jobs, one per virtqueue (at most the device's num_queues).
-    #[arg(long)]
-    pub numjobs: Option<String>,
-    /// Bytes per job (default: the whole disk from offset).
-    #[arg(long)]
-    pub size: Option<String>,
-    #[arg(long)]
-    pub offset: Option<String>,
-    /// Job n starts at offset + n * offset_increment.
-    #[arg(long = "offset_increment")]
-    pub offset_increment: Option<String>,
-    #[arg(long)]
-    pub runtime: Option<String>,
-    /// Run for --runtime regardless of --size (fio: time_based).
-    #[arg(long = "time_based", num_args = 0..=1, default_missing_value = "1")]
-    pub time_based: Option<String>,
-    #[arg(long = "ramp_time")]
-    pub ramp_time: Option<String>,
-    /// Stamp each 512-byte piece of a write buffer before every write (default 1).
-    #[arg(long = "scramble_buffers", num_args = 0..=1, default_missing_value = "1")]
-    pub scramble_buffers: Option<String>,
-    /// Fresh pseudo-random bytes in each write buffer before every write.
-    #[arg(long = "refill_buffers", num_args = 0..=1, default_missing_value = "1")]
-    pub refill_buffers: Option<String>,
-    /// Accepted for fio compatibility (requests go straight to the device).
-    #[arg(long, num_args = 0..=1, default_missing_value = "1")]
-    pub direct: Option<String>,
     /// normal or json (fio's field names).
     #[arg(long = "output-format", default_value = "normal")]
     pub output_format: String,
@@ -132,38 +95,7 @@ pub struct VhostArgs {
 /// Run `sealdisk bench vhost`: the report on stdout; Ok(false) when a job
 /// failed.
 pub fn main(a: &VhostArgs) -> Result<bool, String> {
-    use crate::bench::fio::{apply, parse_job_file, FileJob, JobSpec, TargetSpec};
-    let mut job = JobSpec::default();
-    let mut target = TargetSpec::default();
-    let given: [(&str, &Option<String>); 15] = [
-        ("name", &a.name),
-        ("rw", &a.rw),
-        ("rwmixread", &a.rwmixread),
-        ("bs", &a.bs),
-        ("iodepth", &a.iodepth),
-        ("numjobs", &a.numjobs),
-        ("size", &a.size),
-        ("offset", &a.offset),
-        ("offset_increment", &a.offset_increment),
-        ("runtime", &a.runtime),
-        ("time_based", &a.time_based),
-        ("ramp_time", &a.ramp_time),
-        ("scramble_buffers", &a.scramble_buffers),
-        ("refill_buffers", &a.refill_buffers),
-        ("direct", &a.direct),
-    ];
-    for (k, v) in given {
-        if let Some(v) = v {
-            apply(&mut job, &mut target, k, Some(v))?;
-        }
-    }
-    let jobs = match &a.job_file {
-        Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
-            parse_job_file(&text, &job, &target)?
-        }
-        None => vec![FileJob { job, target }],
-    };
+    let jobs = a.fio.jobs(&[], |_| {})?;
     if a.output_format != "normal" && a.output_format != "json" {
         return Err(format!("--output-format={}: use normal or json", a.output_format));
     }
