@@ -10,72 +10,24 @@ mod common;
 use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
 
 use serde_json::{json, Value};
 
-use sealdisk::control::client::Client;
+use common::{Daemon, TempDir};
 use sealdisk::frontend::nbd::proto::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sealdisk");
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 64 * MIB;
 
-struct Dir(PathBuf);
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-struct Daemon(Child);
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn rpc(data: &Path, m: &str, mut p: Value) -> Value {
-    let mut c = Client::connect(&data.join("sealdisk.sock")).unwrap();
-    p["AccountId"] = "acct1".into();
-    p["RegionId"] = "cn-hangzhou".into();
-    c.call(m, p).unwrap_or_else(|e| panic!("{m}: {e}"))
-}
-
 /// A daemon with one attached encrypted disk of 64 MiB holding 1 MiB of 0xab at 1 MiB and
 /// 64 KiB of 0xcd at 8 MiB; the rest never written.
-fn setup(name: &str) -> (Dir, Daemon, String) {
-    let dir = Dir(std::env::temp_dir().join(format!("sealdisk-sparse-{name}-{}", std::process::id())));
-    let _ = std::fs::remove_dir_all(&dir.0);
-    std::fs::create_dir_all(&dir.0).unwrap();
-    let child = Command::new(BIN)
-        .args(["serve", "--data-dir"])
-        .arg(&dir.0)
-        .args(["--cores", "0", "--pool-size", "256M", "--no-qos"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let t = Instant::now();
-    while Client::connect(&dir.0.join("sealdisk.sock")).is_err() {
-        assert!(t.elapsed() < Duration::from_secs(30), "daemon did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let d = Daemon(child);
-    rpc(&dir.0, "ActivateKms", json!({}));
-    let inst = rpc(&dir.0, "CreateInstance", json!({"SystemDisk.SizeBytes": 4 * MIB}))["InstanceId"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let disk = rpc(&dir.0, "CreateDisk", json!({"SizeBytes": SIZE, "Encrypted": true}))["DiskId"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    rpc(&dir.0, "AttachDisk", json!({"DiskId": disk, "InstanceId": inst}));
+fn setup(name: &str) -> (TempDir, Daemon, String) {
+    let dir = TempDir::new(&format!("sparse-{name}"));
+    let d = common::start_daemon(BIN, &dir.0, &["--cores", "0", "--pool-size", "256M", "--no-qos"], &[]);
+    let (_inst, disk, _) = common::instance_with_disk(&dir.0, SIZE, true);
     let out = Command::new("qemu-io")
         .args(["-f", "raw", "-c", "write -P 0xab 1M 1M", "-c", "write -P 0xcd 8M 64k"])
         .arg(uri(&dir.0, &disk))

@@ -10,65 +10,22 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::json;
 
-use common::guest;
-use sealdisk::control::client::Client;
+use common::{guest, rpc, Daemon, TempDir};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sealdisk");
 const MIB: u64 = 1 << 20;
-
-struct Dir(PathBuf);
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-struct Daemon(Child);
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn start(data: &Path) -> Daemon {
     start_with(data, &[])
 }
 
 fn start_with(data: &Path, env: &[(&str, &str)]) -> Daemon {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(data.with_extension("log"))
-        .unwrap();
-    let child = Command::new(BIN)
-        .args(["serve", "--data-dir"])
-        .arg(data)
-        .args(["--cores", "0-1", "--pool-size", "256M", "--no-qos"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .envs(env.iter().copied())
-        .spawn()
-        .unwrap();
-    let t = Instant::now();
-    while Client::connect(&data.join("sealdisk.sock")).is_err() {
-        assert!(t.elapsed() < Duration::from_secs(30), "daemon did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Daemon(child)
-}
-
-fn rpc(data: &Path, m: &str, mut p: Value) -> Value {
-    let mut c = Client::connect(&data.join("sealdisk.sock")).unwrap();
-    p["AccountId"] = "acct1".into();
-    p["RegionId"] = "cn-hangzhou".into();
-    c.call(m, p).unwrap_or_else(|e| panic!("{m}: {e}"))
+    common::start_daemon(BIN, data, &["--cores", "0-1", "--pool-size", "256M", "--no-qos"], env)
 }
 
 /// `len` bytes at `off` of export `disk` on the admin NBD socket, through qemu-img.
@@ -102,20 +59,9 @@ fn guest_writes_and_reads_an_encrypted_disk_over_vhost_user() {
     if !guest::require_guest() {
         return;
     }
-    let data = Dir(std::env::temp_dir().join(format!("sealdisk-vhost-guest-{}", std::process::id())));
-    let _ = std::fs::remove_dir_all(&data.0);
-    std::fs::create_dir_all(&data.0).unwrap();
+    let data = TempDir::new("vhost-guest");
     let _d = start(&data.0);
-    rpc(&data.0, "ActivateKms", json!({}));
-    let inst = rpc(&data.0, "CreateInstance", json!({"SystemDisk.SizeBytes": 4 * MIB}))["InstanceId"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let disk = rpc(&data.0, "CreateDisk", json!({"SizeBytes": 64 * MIB, "Encrypted": true}))["DiskId"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let att = rpc(&data.0, "AttachDisk", json!({"DiskId": disk, "InstanceId": inst}));
+    let (inst, disk, att) = common::instance_with_disk(&data.0, 64 * MIB, true);
     let sock = PathBuf::from(att["VhostSocket"].as_str().expect("AttachDisk names the vhost socket"));
     assert_eq!(
         sock,
@@ -163,21 +109,10 @@ fn guest_disk_survives_a_daemon_restart() {
     if !guest::require_guest() {
         return;
     }
-    let data = Dir(std::env::temp_dir().join(format!("sealdisk-vhost-restart-{}", std::process::id())));
-    let _ = std::fs::remove_dir_all(&data.0);
-    std::fs::create_dir_all(&data.0).unwrap();
+    let data = TempDir::new("vhost-restart");
     const FAULTS: [(&str, &str); 1] = [("SEALDISK_FAULTS", "commit:delay=100ms")];
     let mut d = start_with(&data.0, &FAULTS);
-    rpc(&data.0, "ActivateKms", json!({}));
-    let inst = rpc(&data.0, "CreateInstance", json!({"SystemDisk.SizeBytes": 4 * MIB}))["InstanceId"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let disk = rpc(&data.0, "CreateDisk", json!({"SizeBytes": 64 * MIB, "Encrypted": true}))["DiskId"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let att = rpc(&data.0, "AttachDisk", json!({"DiskId": disk, "InstanceId": inst}));
+    let (_inst, _disk, att) = common::instance_with_disk(&data.0, 64 * MIB, true);
     let sock = PathBuf::from(att["VhostSocket"].as_str().unwrap());
 
     // Round i: two writers on the two halves of 4 MiB at 4i MiB (64 KiB direct

@@ -205,3 +205,86 @@ pub fn nbd_go(sock: &std::path::Path, export: &str) -> Result<std::os::unix::net
         }
     }
 }
+
+/// A temporary directory, removed on drop.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    /// A fresh `$TMPDIR/sealdisk-<name>-<pid>`.
+    pub fn new(name: &str) -> TempDir {
+        let d = std::env::temp_dir().join(format!("sealdisk-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        TempDir(d)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+        // A daemon's log next to it (`start_daemon`).
+        let _ = std::fs::remove_file(self.0.with_extension("log"));
+    }
+}
+
+/// A `sealdisk serve` child, killed on drop.
+pub struct Daemon(pub std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Start `sealdisk serve --data-dir data` with `args` and `env`, stderr appended to
+/// `data.log` (next to the directory); returns once the control socket answers.
+pub fn start_daemon(bin: &str, data: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+    use std::process::{Command, Stdio};
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(data.with_extension("log"))
+        .unwrap();
+    let child = Command::new(bin)
+        .args(["serve", "--data-dir"])
+        .arg(data)
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while sealdisk::control::client::Client::connect(&data.join("sealdisk.sock")).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(30), "daemon did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Daemon(child)
+}
+
+/// One RPC as account `acct1` in `cn-hangzhou`; panics on an error reply.
+pub fn rpc(data: &std::path::Path, method: &str, mut params: serde_json::Value) -> serde_json::Value {
+    let mut c = sealdisk::control::client::Client::connect(&data.join("sealdisk.sock")).unwrap();
+    params["AccountId"] = "acct1".into();
+    params["RegionId"] = "cn-hangzhou".into();
+    c.call(method, params).unwrap_or_else(|e| panic!("{method}: {e}"))
+}
+
+/// ActivateKms, an instance with a 4 MiB system disk, and a data disk of `size` bytes
+/// (encrypted if asked) attached to it: (instance id, disk id, AttachDisk's reply).
+pub fn instance_with_disk(data: &std::path::Path, size: u64, encrypted: bool) -> (String, String, serde_json::Value) {
+    use serde_json::json;
+    rpc(data, "ActivateKms", json!({}));
+    let inst = rpc(data, "CreateInstance", json!({"SystemDisk.SizeBytes": 4 << 20}))["InstanceId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let disk = rpc(data, "CreateDisk", json!({"SizeBytes": size, "Encrypted": encrypted}))["DiskId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let att = rpc(data, "AttachDisk", json!({"DiskId": disk, "InstanceId": inst}));
+    (inst, disk, att)
+}
