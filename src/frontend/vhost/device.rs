@@ -240,12 +240,23 @@ impl BlkDevice {
             disk: self.disk.clone(),
         };
         let r = (self.first_reactor + i) % self.reactors.len();
-        self.reactors
+        match self
+            .reactors
             .call(r, Duration::from_secs(5), move |ctx| queue::start(ctx, start))
-            .map_err(internal)?
-            .map_err(internal)?;
-        v.running = Some(shared);
-        Ok(())
+        {
+            Ok(Ok(())) => {
+                v.running = Some(shared);
+                Ok(())
+            }
+            Ok(Err(e)) => Err(internal(e)),
+            Err(e) => {
+                // The reactor did not answer in time, but the message may still
+                // run later: a poller that starts then sees the stop flag on its
+                // first poll and ends without taking a chain.
+                shared.request_stop();
+                Err(internal(e))
+            }
+        }
     }
 
     /// Stop queue `i` (drain) and return where it stopped.
