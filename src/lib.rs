@@ -6,6 +6,8 @@
 //! * [`secmem`]: locked, non-dumpable, zeroized memory for key material;
 //! * [`bench`]: the benchmarks shipped in the `sealdisk` binary.
 
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 pub mod bdev;
 pub mod bench;
 pub mod catalog;
@@ -19,5 +21,6 @@ pub mod iobuf;
 pub mod kms;
 pub mod reactor;
 pub mod secmem;
+mod sys;
 pub mod uring;
 pub mod volume;

@@ -24,6 +24,8 @@
 //! x86-64 (checked against fio's headers; see `docs/nbd.md`), never through
 //! `thread_data`, whose layout depends on fio's build configuration.
 
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr};

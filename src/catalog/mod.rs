@@ -6,6 +6,8 @@
 //! document (see `docs/format.md`, "Catalog schema"). No row ever holds plaintext key
 //! material: data keys are stored only in their wrapped form.
 
+#![forbid(unsafe_code)]
+
 mod check;
 mod records;
 

@@ -7,6 +7,8 @@
 //! `--account` and `--region` (or `SEALDISK_ACCOUNT` / `SEALDISK_REGION`) fill
 //! `AccountId` and `RegionId`. Output is human-readable unless `--json`.
 
+#![forbid(unsafe_code)]
+
 mod output;
 mod serve;
 

@@ -255,14 +255,11 @@ fn config(m: &ArgMatches) -> Result<DaemonConfig, String> {
 
 /// The id of group `name`, for a flag's error message.
 fn group_id(flag: &str, name: &str) -> Result<u32, String> {
-    let c = std::ffi::CString::new(name).map_err(|_| format!("{flag} {name:?}: not a group name"))?;
-    // SAFETY: getgrnam(3) with a NUL-terminated name; the result is read at once.
-    let gr = unsafe { libc::getgrnam(c.as_ptr()) };
-    if gr.is_null() {
-        return Err(format!("{flag} {name}: no such group"));
+    match crate::sys::group_id(name) {
+        Ok(Some(gid)) => Ok(gid),
+        Ok(None) => Err(format!("{flag} {name}: no such group")),
+        Err(e) => Err(format!("{flag} {name:?}: cannot look the group up: {e}")),
     }
-    // SAFETY: a non-null result points at a valid group entry.
-    Ok(unsafe { (*gr).gr_gid })
 }
 
 pub fn serve(m: &ArgMatches) -> ExitCode {

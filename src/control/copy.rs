@@ -421,7 +421,7 @@ impl Control {
         if rel.as_os_str().is_empty() {
             return Err(bad("names the import directory itself, not a file".into()));
         }
-        let file = openat2_beneath(dir, rel).map_err(|e| {
+        let file = crate::sys::open_beneath(dir, rel).map_err(|e| {
             bad(match e.raw_os_error() {
                 Some(libc::EXDEV) => format!("leaves the import directory {}", dir.display()),
                 Some(libc::ELOOP) => "goes through a symlink (not followed)".into(),
@@ -586,36 +586,6 @@ fn read_file(f: &File, off: u64, len: u64) -> std::io::Result<Vec<u8>> {
         }
     }
     Ok(buf)
-}
-
-/// Opens `rel` read-only beneath `dir`, as the kernel resolves it: no `..` or absolute
-/// component leaving `dir` (EXDEV), no symlink anywhere on the way (ELOOP).
-fn openat2_beneath(dir: &Path, rel: &Path) -> std::io::Result<File> {
-    use std::ffi::CString;
-    use std::os::fd::{FromRawFd, OwnedFd};
-    use std::os::unix::ffi::OsStrExt;
-    let d = File::open(dir)?;
-    let c = CString::new(rel.as_os_str().as_bytes()).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: zero is a valid `open_how` (no flags); the fields are set below.
-    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY) as u64;
-    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
-    // SAFETY: openat2(2) with a live directory descriptor, a NUL-terminated path and a
-    // live `open_how` of the size passed; the result is checked.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            std::os::fd::AsRawFd::as_raw_fd(&d),
-            c.as_ptr(),
-            &how as *const libc::open_how,
-            std::mem::size_of::<libc::open_how>(),
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor that we own.
-    Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd as i32) }))
 }
 
 #[cfg(test)]

@@ -20,6 +20,8 @@
 //! `instances`, `kms_ops`, `attach` (the data path), `copy` (CreateEncryptedCopy), `view` (ECS-shaped replies),
 //! `check` (pool vs catalog), `rpc` (JSON-RPC framing), `server`/`client` (unix socket).
 
+#![forbid(unsafe_code)]
+
 mod attach;
 pub mod check;
 pub mod client;

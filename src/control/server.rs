@@ -131,23 +131,7 @@ fn accept_loop(
 
 /// The peer of a unix socket connection (SO_PEERCRED).
 fn peer(s: &UnixStream) -> Option<crate::kms::Caller> {
-    use std::os::fd::AsRawFd;
-    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: getsockopt(2) writes at most `len` bytes into the live `cred`.
-    let rc = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    (rc == 0).then_some(crate::kms::Caller {
-        uid: cred.uid,
-        pid: cred.pid,
-    })
+    crate::sys::peer_cred(s).map(|(uid, pid)| crate::kms::Caller { uid, pid })
 }
 
 fn serve_conn(s: UnixStream, h: &dyn Handler, log: &dyn Fn(LogLine), stop: &AtomicBool) {

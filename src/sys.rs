@@ -1,0 +1,112 @@
+//! The few operating-system calls the control plane and the CLI need that std does
+//! not offer, behind safe functions, so those modules stay free of `unsafe`.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+/// Opens `rel` read-only beneath `dir`, as the kernel resolves it (openat2 with
+/// `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS`): no `..` or
+/// absolute component leaving `dir` (EXDEV), no symlink anywhere on the way (ELOOP).
+pub(crate) fn open_beneath(dir: &Path, rel: &Path) -> io::Result<File> {
+    let d = File::open(dir)?;
+    let c = CString::new(rel.as_os_str().as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: zero is a valid `open_how` (no flags); the fields are set below.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY) as u64;
+    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: openat2(2) with a live directory descriptor, a NUL-terminated path and a
+    // live `open_how` of the size passed; the result is checked.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            d.as_raw_fd(),
+            c.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor that nothing else owns.
+    Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd as i32) }))
+}
+
+/// The process at the other end of a unix socket connection (SO_PEERCRED):
+/// `(uid, pid)`.
+pub(crate) fn peer_cred(s: &UnixStream) -> Option<(u32, i32)> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt(2) writes at most `len` bytes into the live `cred`.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some((cred.uid, cred.pid))
+}
+
+/// The id of the group called `name` (getgrnam_r(3)); `Ok(None)`: no such group.
+pub(crate) fn group_id(name: &str) -> io::Result<Option<u32>> {
+    let c = CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let mut buf = vec![0 as libc::c_char; 4096];
+    loop {
+        // SAFETY: zero is a valid `group` (null pointers, gid 0); getgrnam_r fills it.
+        let mut gr: libc::group = unsafe { std::mem::zeroed() };
+        let mut out: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: getgrnam_r(3) with a NUL-terminated name, a live `group`, a live
+        // buffer of the length passed and a live result pointer; it writes only there.
+        let rc = unsafe { libc::getgrnam_r(c.as_ptr(), &mut gr, buf.as_mut_ptr(), buf.len(), &mut out) };
+        match rc {
+            0 if out.is_null() => return Ok(None),
+            0 => return Ok(Some(gr.gr_gid)),
+            libc::ERANGE if buf.len() < 1 << 20 => buf.resize(buf.len() * 2, 0),
+            e => return Err(io::Error::from_raw_os_error(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_ids_of_root_and_of_no_group() {
+        assert_eq!(group_id("root").unwrap(), Some(0));
+        assert_eq!(group_id("no-such-group-sealdisk").unwrap(), None);
+        assert!(group_id("bad\0name").is_err());
+    }
+
+    #[test]
+    fn peer_cred_names_this_process() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let (uid, pid) = peer_cred(&a).unwrap();
+        assert_eq!(pid as u32, std::process::id());
+        // SAFETY: getuid(2) has no preconditions.
+        assert_eq!(uid, unsafe { libc::getuid() });
+    }
+
+    #[test]
+    fn open_beneath_refuses_escapes_and_symlinks() {
+        let d = std::env::temp_dir().join(format!("sealdisk-sys-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(d.join("sub")).unwrap();
+        std::fs::write(d.join("sub/f"), b"x").unwrap();
+        std::os::unix::fs::symlink(d.join("sub/f"), d.join("link")).unwrap();
+        assert!(open_beneath(&d, Path::new("sub/f")).is_ok());
+        let code = |r: io::Result<File>| r.unwrap_err().raw_os_error();
+        assert_eq!(code(open_beneath(&d, Path::new("../x"))), Some(libc::EXDEV));
+        assert_eq!(code(open_beneath(&d, Path::new("/etc/passwd"))), Some(libc::EXDEV));
+        assert_eq!(code(open_beneath(&d, Path::new("link"))), Some(libc::ELOOP));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
