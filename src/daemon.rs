@@ -19,12 +19,7 @@ use crate::kms::{Kms, KmsConfig};
 use crate::reactor::{ReactorConfig, Reactors};
 use crate::volume::{Faults, Pool};
 
-/// Default pool file name inside the data directory.
-pub const POOL_FILE: &str = "pool.img";
-/// RPC socket name inside the data directory.
-pub const SOCKET_FILE: &str = "sealdisk.sock";
-/// The NBD socket in the data directory.
-pub const NBD_SOCKET_FILE: &str = "nbd.sock";
+pub use crate::layout::{NBD_SOCKET_FILE, POOL_FILE, SOCKET_FILE};
 /// Default size of a new pool file (sparse).
 pub const DEFAULT_POOL_SIZE: u64 = 64 << 30;
 

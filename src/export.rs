@@ -73,15 +73,7 @@ impl Exports {
     }
 }
 
-/// Directory of the per-instance sockets in the data directory.
-pub const INSTANCES_DIR: &str = "instances";
-/// File name of an instance's NBD socket in its directory.
-pub const INSTANCE_SOCKET: &str = "nbd.sock";
-
-/// The NBD socket of `instance`: `DATA_DIR/instances/<InstanceId>/nbd.sock`.
-pub fn instance_socket(data_dir: &std::path::Path, instance: &str) -> std::path::PathBuf {
-    data_dir.join(INSTANCES_DIR).join(instance).join(INSTANCE_SOCKET)
-}
+pub use crate::layout::{instance_socket, INSTANCES_DIR, INSTANCE_SOCKET};
 
 /// Per-instance export registries: an instance's NBD socket
 /// (`DATA_DIR/instances/<InstanceId>/nbd.sock`) serves exactly the disks attached to

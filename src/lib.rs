@@ -19,6 +19,7 @@ pub mod export;
 pub mod frontend;
 pub mod iobuf;
 pub mod kms;
+pub mod layout;
 pub mod reactor;
 pub mod secmem;
 mod sys;

@@ -28,7 +28,7 @@ pub use records::{
 /// is refused; older versions are migrated (none exist yet).
 pub const SCHEMA_VERSION: u64 = 1;
 /// File name of the database inside the data directory.
-pub const CATALOG_FILE: &str = "catalog.redb";
+pub use crate::layout::CATALOG_FILE;
 
 type Tbl = TableDefinition<'static, &'static str, &'static str>;
 

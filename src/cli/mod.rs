@@ -160,7 +160,7 @@ fn socket_path(m: &ArgMatches) -> PathBuf {
     if let Some(s) = m.get_one::<PathBuf>("socket") {
         return s.clone();
     }
-    data_dir(m).join(crate::daemon::SOCKET_FILE)
+    data_dir(m).join(crate::layout::SOCKET_FILE)
 }
 
 pub(crate) fn data_dir(m: &ArgMatches) -> PathBuf {

@@ -141,7 +141,7 @@ pub fn check_data_dir(data_dir: &Path, pool_path: Option<&Path>) -> Result<Repor
     let db = catalog::open(&cat).map_err(|e| e.to_string())?;
     let pool_path = pool_path
         .map(Path::to_path_buf)
-        .unwrap_or_else(|| data_dir.join(crate::daemon::POOL_FILE));
+        .unwrap_or_else(|| data_dir.join(crate::layout::POOL_FILE));
     if !pool_path.exists() {
         return Err(format!(
             "pool {} does not exist (pass --pool PATH)",

@@ -53,7 +53,7 @@ use format::validate_id;
 use quota::QuotaTable;
 
 /// Sub-directory of the data directory that holds all KMS state.
-pub const KMS_DIR: &str = "kms";
+pub use crate::layout::KMS_DIR;
 /// Audit log file name inside `DATA_DIR/kms/`.
 pub const AUDIT_FILE: &str = "audit.log";
 /// Activation state file name inside `DATA_DIR/kms/`.

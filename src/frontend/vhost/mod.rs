@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use vhost::vhost_user::{BackendReqHandler, Error as VuError};
 
 use crate::bdev::{IoError, IoOp};
-use crate::export::{Export, INSTANCES_DIR};
+use crate::export::Export;
 use crate::reactor::Reactors;
 use request::Malformed;
 
@@ -43,17 +43,7 @@ use request::Malformed;
 /// the reactor count (several queues then share a reactor).
 pub const DEFAULT_QUEUES: u16 = 16;
 
-/// Directory of an instance's vhost-user sockets, inside its instance directory.
-pub const VHOST_DIR: &str = "vhost";
-
-/// `DATA_DIR/instances/<InstanceId>/vhost/<DiskId>.sock`.
-pub fn socket_path(data_dir: &Path, instance: &str, disk: &str) -> PathBuf {
-    data_dir
-        .join(INSTANCES_DIR)
-        .join(instance)
-        .join(VHOST_DIR)
-        .join(format!("{disk}.sock"))
-}
+pub use crate::layout::{vhost_socket as socket_path, VHOST_DIR};
 
 /// What the queues of one disk share: the disk and its settings.
 pub struct DiskInfo {
