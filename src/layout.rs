@@ -8,6 +8,7 @@
 //!   sealdisk.sock                     the JSON-RPC control socket
 //!   nbd.sock                          the admin NBD socket (every attached disk)
 //!   kms/                              embedded KMS state, audit log
+//!   exports/<bucket>/                 ExportImage's image files
 //!   instances/<InstanceId>/nbd.sock   the NBD socket of one instance's disks
 //!   instances/<InstanceId>/vhost/<DiskId>.sock   one disk's vhost-user-blk socket
 //! ```
@@ -24,6 +25,8 @@ pub const SOCKET_FILE: &str = "sealdisk.sock";
 pub const NBD_SOCKET_FILE: &str = "nbd.sock";
 /// All KMS state.
 pub const KMS_DIR: &str = "kms";
+/// ExportImage's output, one directory per bucket.
+pub const EXPORTS_DIR: &str = "exports";
 /// The per-instance directories.
 pub const INSTANCES_DIR: &str = "instances";
 /// An instance's NBD socket, in its directory.

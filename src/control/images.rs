@@ -173,7 +173,7 @@ impl Control {
         let reactors = self.reactors.clone().ok_or_else(|| {
             ControlError::DataPath("ExportImage needs the reactors (run it through the daemon)".into())
         })?;
-        let dir = self.cfg.data_dir.join("exports").join(&bucket);
+        let dir = self.cfg.data_dir.join(crate::layout::EXPORTS_DIR).join(&bucket);
         std::fs::create_dir_all(&dir).map_err(|e| ControlError::DataPath(format!("{}: {e}", dir.display())))?;
         let path = dir.join(format!("{prefix}{id}.raw"));
         if path.exists() {
