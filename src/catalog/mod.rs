@@ -52,23 +52,43 @@ const ALL_TABLES: [Tbl; 8] = [
     ACTIVATIONS,
 ];
 
-/// Why the catalog failed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Why the catalog failed. Database failures keep their cause
+/// (`std::error::Error::source`).
+#[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
     /// `Catalog.Error`: the database failed (I/O, lock, ...).
-    Db(String),
+    #[error("catalog database error: {source}")]
+    Db {
+        #[source]
+        source: Box<redb::Error>,
+    },
+    /// `Catalog.Error`: the database file could not be opened.
+    #[error("catalog database {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: Box<redb::DatabaseError>,
+    },
     /// `Catalog.SchemaTooNew`: written by a newer sealdisk.
+    #[error(
+        "catalog schema version {found} is newer than this sealdisk supports ({supported}); \
+         run the sealdisk version that wrote it, or a newer one"
+    )]
     SchemaTooNew { found: u64, supported: u64 },
     /// `Catalog.Corrupt`: a row does not parse.
+    #[error("catalog row unreadable: {0}; run `sealdisk check` and restore the data directory from backup")]
     Corrupt(String),
     /// `Catalog.Locked`: another process has the catalog open.
+    #[error(
+        "catalog {0} is in use by another sealdisk process; stop the daemon first (or talk to it over its socket)"
+    )]
     Locked(String),
 }
 
 impl CatalogError {
     pub fn code(&self) -> &'static str {
         match self {
-            CatalogError::Db(_) => "Catalog.Error",
+            CatalogError::Db { .. } | CatalogError::Open { .. } => "Catalog.Error",
             CatalogError::SchemaTooNew { .. } => "Catalog.SchemaTooNew",
             CatalogError::Corrupt(_) => "Catalog.Corrupt",
             CatalogError::Locked(_) => "Catalog.Locked",
@@ -76,31 +96,10 @@ impl CatalogError {
     }
 }
 
-impl std::fmt::Display for CatalogError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            CatalogError::Db(e) => write!(f, "catalog database error: {e}"),
-            CatalogError::SchemaTooNew { found, supported } => write!(
-                f,
-                "catalog schema version {found} is newer than this sealdisk supports ({supported}); \
-                 run the sealdisk version that wrote it, or a newer one"
-            ),
-            CatalogError::Corrupt(e) => write!(
-                f,
-                "catalog row unreadable: {e}; run `sealdisk check` and restore the data directory from backup"
-            ),
-            CatalogError::Locked(p) => write!(
-                f,
-                "catalog {p} is in use by another sealdisk process; stop the daemon first (or talk to it over its socket)"
-            ),
-        }
-    }
-}
-
-impl std::error::Error for CatalogError {}
-
 pub(crate) fn db_err(e: impl Into<redb::Error>) -> CatalogError {
-    CatalogError::Db(e.into().to_string())
+    CatalogError::Db {
+        source: Box::new(e.into()),
+    }
 }
 
 /// Opens (creating on first use) the database at `path` and makes sure the catalog
@@ -109,7 +108,12 @@ pub fn open(path: &Path) -> Result<Arc<Database>, CatalogError> {
     let db = match Database::create(path) {
         Ok(db) => db,
         Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(CatalogError::Locked(path.display().to_string())),
-        Err(e) => return Err(CatalogError::Db(format!("{}: {e}", path.display()))),
+        Err(e) => {
+            return Err(CatalogError::Open {
+                path: path.display().to_string(),
+                source: Box::new(e),
+            })
+        }
     };
     init(&db)?;
     Ok(Arc::new(db))

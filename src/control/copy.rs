@@ -568,7 +568,10 @@ fn io_error(e: JobError, what: &str) -> ControlError {
         JobError::Io(IoError::Device { errno }) if errno == libc::ENOSPC => {
             ControlError::Volume(VolumeError::PoolFull { needed: BLOCK, free: 0 })
         }
-        JobError::Io(e) => ControlError::Volume(VolumeError::Io(format!("{what}: {e}"))),
+        JobError::Io(IoError::Device { errno }) => {
+            ControlError::Volume(VolumeError::io(what, std::io::Error::from_raw_os_error(errno)))
+        }
+        JobError::Io(e) => ControlError::Volume(VolumeError::io(what, std::io::Error::other(e.to_string()))),
         JobError::Other(e) => ControlError::DataPath(format!("{what}: {e}")),
     }
 }

@@ -85,9 +85,8 @@ impl ControlError {
         match self {
             ControlError::Param { .. } => rpc_code::INVALID_PARAMS,
             ControlError::MethodNotFound(_) => rpc_code::METHOD_NOT_FOUND,
-            ControlError::Kms(e) if e.code().starts_with("Invalid") && e.code().ends_with(".Malformed") => {
-                rpc_code::INVALID_PARAMS
-            }
+            // A malformed id is a bad parameter, whichever layer noticed it.
+            ControlError::Kms(KmsError::InvalidId { .. }) => rpc_code::INVALID_PARAMS,
             _ => rpc_code::OPERATION_FAILED,
         }
     }
@@ -137,7 +136,16 @@ impl fmt::Display for ControlError {
     }
 }
 
-impl std::error::Error for ControlError {}
+impl std::error::Error for ControlError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ControlError::Kms(e) => Some(e),
+            ControlError::Volume(e) => Some(e),
+            ControlError::Catalog(e) => Some(e),
+            _ => None,
+        }
+    }
+}
 
 impl From<KmsError> for ControlError {
     fn from(e: KmsError) -> Self {
@@ -162,5 +170,57 @@ impl From<redb::TransactionError> for ControlError {
 impl From<redb::CommitError> for ControlError {
     fn from(e: redb::CommitError) -> Self {
         ControlError::Catalog(crate::catalog::db_err(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error;
+
+    #[test]
+    fn io_and_database_failures_keep_their_cause_through_the_control_error() {
+        let e = ControlError::Volume(VolumeError::io(
+            "fdatasync of the pool",
+            std::io::Error::from_raw_os_error(libc::EIO),
+        ));
+        assert_eq!(e.code(), "Pool.IoError");
+        assert_eq!(e.rpc_code(), rpc_code::OPERATION_FAILED);
+        let vol = e.source().expect("the volume error");
+        let io = vol
+            .source()
+            .expect("the I/O error")
+            .downcast_ref::<std::io::Error>()
+            .unwrap();
+        assert_eq!(io.raw_os_error(), Some(libc::EIO));
+        assert!(e.to_string().contains("fdatasync of the pool"), "{e}");
+
+        let db = crate::catalog::db_err(redb::StorageError::Corrupted("page 7".into()));
+        let e = ControlError::Catalog(db);
+        assert_eq!(e.code(), "Catalog.Error");
+        let redb_err = e
+            .source()
+            .unwrap()
+            .source()
+            .unwrap()
+            .downcast_ref::<Box<redb::Error>>()
+            .unwrap();
+        assert!(redb_err.to_string().contains("page 7"));
+    }
+
+    #[test]
+    fn a_malformed_id_from_any_layer_is_invalid_params() {
+        let e = ControlError::Kms(KmsError::InvalidId {
+            field: crate::kms::IdField::DiskId,
+            value: "d-\u{1}".into(),
+            reason: "a control character",
+        });
+        assert_eq!(e.code(), "InvalidDiskId.Malformed");
+        assert_eq!(e.rpc_code(), rpc_code::INVALID_PARAMS);
+        let e = ControlError::Kms(KmsError::NotActivated {
+            account: "a".into(),
+            region: "r".into(),
+        });
+        assert_eq!(e.rpc_code(), rpc_code::OPERATION_FAILED);
     }
 }

@@ -88,7 +88,7 @@ impl MetaHandle {
             .write(true)
             .custom_flags(libc::O_DIRECT)
             .open(path)
-            .map_err(|e| VolumeError::Io(format!("{}: {e}", path.display())))?;
+            .map_err(|e| VolumeError::io(path.display().to_string(), e))?;
         let (tx, rx) = mpsc::channel();
         let mut worker = Worker {
             db,
@@ -101,7 +101,7 @@ impl MetaHandle {
         let thread = std::thread::Builder::new()
             .name("pool-meta".into())
             .spawn(move || worker.run(rx))
-            .map_err(|e| VolumeError::Io(e.to_string()))?;
+            .map_err(|e| VolumeError::io("starting the pool metadata thread", e))?;
         Ok(MetaHandle {
             tx: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
@@ -195,7 +195,7 @@ enum Failure {
 }
 
 fn io(e: std::io::Error) -> VolumeError {
-    VolumeError::Io(e.to_string())
+    VolumeError::io("pool metadata I/O", e)
 }
 
 fn to_io_error(e: &VolumeError) -> IoError {
@@ -286,13 +286,13 @@ impl Worker {
                     .faults
                     .at(FaultPoint::PoolSync)
                     .and_then(|()| self.file.sync_data())
-                    .map_err(|e| Failure::Durability(VolumeError::Io(format!("fdatasync of the pool: {e}"))))
+                    .map_err(|e| Failure::Durability(VolumeError::io("fdatasync of the pool", e)))
             })
             .and_then(|()| {
                 self.shared
                     .faults
                     .at(FaultPoint::Commit)
-                    .map_err(|e| Failure::Durability(VolumeError::Db(format!("commit: {e}"))))
+                    .map_err(|e| Failure::Durability(crate::volume::db_err_in("commit of the volume maps")(e)))
             });
         let res = match res {
             // Dropping the transaction aborts it.

@@ -54,23 +54,39 @@ pub const DEFAULT_CLUSTER: u64 = 256 << 10;
 /// writes to land before it gives up (the device stalls).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Why a volume operation failed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Why a volume operation failed. I/O and database failures keep their cause
+/// (`std::error::Error::source`).
+#[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
+    #[error("volume {0} does not exist")]
     NotFound(String),
+    #[error("volume {0} already exists")]
     Exists(String),
-    BadSize {
-        size: u64,
-        why: String,
-    },
+    #[error("size {size}: {why}")]
+    BadSize { size: u64, why: String },
     /// The volume is on the data path (attached); detach it first.
+    #[error("volume {0} is attached; detach it first")]
     InUse(String),
-    PoolFull {
-        needed: u64,
-        free: u64,
+    #[error("pool is full: {needed} bytes needed, {free} free; grow the pool or delete snapshots")]
+    PoolFull { needed: u64, free: u64 },
+    /// The pool device or file failed; `context` says what was being done.
+    #[error("pool I/O error: {context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
     },
-    Io(String),
-    Db(String),
+    /// The database holding the volume maps failed.
+    #[error("catalog error: {context}: {source}")]
+    Db {
+        context: &'static str,
+        #[source]
+        source: Box<redb::Error>,
+    },
+    /// Fast-path writes did not drain in time (a snapshot or clone waits for them).
+    #[error("writes in flight on {volume} did not complete within {secs} s; nothing was copied, try again")]
+    Busy { volume: String, secs: u64 },
+    #[error("pool metadata is inconsistent: {0}")]
     Corrupt(String),
 }
 
@@ -83,34 +99,20 @@ impl VolumeError {
             VolumeError::BadSize { .. } => "InvalidParameter.Size",
             VolumeError::InUse(_) => "IncorrectDiskStatus.InUse",
             VolumeError::PoolFull { .. } => "Pool.Full",
-            VolumeError::Io(_) => "Pool.IoError",
-            VolumeError::Db(_) => "Catalog.Error",
+            VolumeError::Io { .. } | VolumeError::Busy { .. } => "Pool.IoError",
+            VolumeError::Db { .. } => "Catalog.Error",
             VolumeError::Corrupt(_) => "Pool.Corrupt",
         }
     }
-}
 
-impl std::fmt::Display for VolumeError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            VolumeError::NotFound(id) => write!(f, "volume {id} does not exist"),
-            VolumeError::Exists(id) => write!(f, "volume {id} already exists"),
-            VolumeError::BadSize { size, why } => write!(f, "size {size}: {why}"),
-            VolumeError::InUse(id) => write!(f, "volume {id} is attached; detach it first"),
-            VolumeError::PoolFull { needed, free } => {
-                write!(
-                    f,
-                    "pool is full: {needed} bytes needed, {free} free; grow the pool or delete snapshots"
-                )
-            }
-            VolumeError::Io(e) => write!(f, "pool I/O error: {e}"),
-            VolumeError::Db(e) => write!(f, "catalog error: {e}"),
-            VolumeError::Corrupt(e) => write!(f, "pool metadata is inconsistent: {e}"),
+    /// A pool I/O failure while doing `context`.
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> VolumeError {
+        VolumeError::Io {
+            context: context.into(),
+            source,
         }
     }
 }
-
-impl std::error::Error for VolumeError {}
 
 /// Result of [`Pool::check`].
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -125,8 +127,16 @@ pub struct CheckReport {
 pub const POOL_VERSION: u64 = 1;
 const MAGIC: &[u8; 8] = b"SEALPOOL";
 
-pub(crate) fn db_err<E: std::fmt::Display>(e: E) -> VolumeError {
-    VolumeError::Db(e.to_string())
+pub(crate) fn db_err(e: impl Into<redb::Error>) -> VolumeError {
+    db_err_in("volume tables")(e)
+}
+
+/// A database failure while doing `context`.
+pub(crate) fn db_err_in<E: Into<redb::Error>>(context: &'static str) -> impl Fn(E) -> VolumeError {
+    move |e| VolumeError::Db {
+        context,
+        source: Box::new(e.into()),
+    }
 }
 
 fn check_id(id: &str) -> Result<(), VolumeError> {
@@ -208,7 +218,7 @@ impl Pool {
                 ..UringOpts::default()
             },
         )
-        .map_err(|e| VolumeError::Io(format!("{}: {e}", path.display())))?;
+        .map_err(|e| VolumeError::io(path.display().to_string(), e))?;
         let capacity_clusters = base.capacity() / cluster;
         if capacity_clusters < 2 {
             return Err(VolumeError::BadSize {
@@ -220,14 +230,18 @@ impl Pool {
             .read(true)
             .write(true)
             .open(path)
-            .map_err(|e| VolumeError::Io(format!("{}: {e}", path.display())))?;
+            .map_err(|e| VolumeError::io(path.display().to_string(), e))?;
         if new {
             let mut h = vec![0u8; 4096];
             h[..8].copy_from_slice(MAGIC);
             h[8..16].copy_from_slice(&POOL_VERSION.to_le_bytes());
             h[16..24].copy_from_slice(&cluster.to_le_bytes());
-            header.write_all_at(&h, 0).map_err(|e| VolumeError::Io(e.to_string()))?;
-            header.sync_data().map_err(|e| VolumeError::Io(e.to_string()))?;
+            header
+                .write_all_at(&h, 0)
+                .map_err(|e| VolumeError::io("writing the pool header", e))?;
+            header
+                .sync_data()
+                .map_err(|e| VolumeError::io("syncing the pool header", e))?;
             let w = db.begin_write().map_err(db_err)?;
             {
                 let mut m = w.open_table(POOL_META).map_err(db_err)?;
@@ -244,7 +258,7 @@ impl Pool {
             let mut h = [0u8; 24];
             header
                 .read_exact_at(&mut h, 0)
-                .map_err(|e| VolumeError::Io(e.to_string()))?;
+                .map_err(|e| VolumeError::io("reading the pool header", e))?;
             if &h[..8] != MAGIC {
                 return Err(VolumeError::Corrupt(format!(
                     "{} is not a sealdisk pool (bad magic)",
@@ -384,10 +398,10 @@ impl Pool {
             // drain the fast-path writes that saw an OWNED bit.
             live.share_all();
             if !self.epochs.synchronize(DRAIN_TIMEOUT) {
-                return Err(VolumeError::Io(format!(
-                    "writes in flight on {src} did not complete within {} s; nothing was copied, try again",
-                    DRAIN_TIMEOUT.as_secs()
-                )));
+                return Err(VolumeError::Busy {
+                    volume: src.to_string(),
+                    secs: DRAIN_TIMEOUT.as_secs(),
+                });
             }
         }
         sizes.insert(dst, size).map_err(db_err)?;
