@@ -163,6 +163,9 @@ impl BlkDevice {
 
     /// Rebuild the memory table from `regions` and give it to running queues.
     fn publish_mem(&mut self) -> VuResult<()> {
+        // vm-memory wants its regions in address order; VMMs send them in any
+        // order, and a hot-plugged one can land anywhere (overlaps stay errors).
+        self.regions.sort_by_key(|(_, m)| m.gpa);
         let regions: Vec<Arc<GuestRegionMmap>> = self.regions.iter().map(|(r, _)| r.clone()).collect();
         let mem = if regions.is_empty() {
             None
@@ -547,8 +550,9 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         }
         let g = GuestRegionMmap::new(region.mmap_region(fd)?, GuestAddress(region.guest_phys_addr))
             .ok_or(VuError::InvalidParam)?;
+        let g = Arc::new(g);
         self.regions.push((
-            Arc::new(g),
+            g.clone(),
             Mapping {
                 vmm_addr: region.user_addr,
                 size: region.memory_size,
@@ -556,7 +560,8 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
             },
         ));
         if let Err(e) = self.publish_mem() {
-            self.regions.pop();
+            // The table is sorted now: take out the region just added, by identity.
+            self.regions.retain(|(r, _)| !Arc::ptr_eq(r, &g));
             return Err(e);
         }
         Ok(None)
