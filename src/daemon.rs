@@ -100,7 +100,7 @@ pub fn log(msg: &str) {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    eprintln!("{} sealdisk: {msg}", crate::control::util::rfc3339(secs));
+    eprintln!("{} sealdisk: {msg}", crate::units::rfc3339(secs, None));
 }
 
 /// A running daemon.

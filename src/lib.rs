@@ -23,5 +23,6 @@ pub mod layout;
 pub mod reactor;
 pub mod secmem;
 mod sys;
+pub mod units;
 pub mod uring;
 pub mod volume;

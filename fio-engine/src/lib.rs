@@ -241,23 +241,7 @@ pub enum Backend {
     File(String),
 }
 
-fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        Some((i, _)) => (&s[..i], &s[i..]),
-        None => (s, ""),
-    };
-    let n: u64 = num.parse().map_err(|_| format!("bad size {s:?}"))?;
-    let m: u64 = match mult.to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        "t" | "tb" | "tib" => 1 << 40,
-        _ => return Err(format!("bad size suffix in {s:?}")),
-    };
-    n.checked_mul(m).ok_or_else(|| format!("size {s:?} overflows"))
-}
+use sealdisk::units::parse_size;
 
 /// Parse a target spec (see the module docs).
 pub fn parse_target(spec: &str) -> Result<Target, String> {

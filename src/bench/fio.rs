@@ -121,24 +121,7 @@ pub struct TargetSpec {
     pub sector_size: Option<u32>,
 }
 
-/// fio size: bytes with optional k/m/g/t suffix (powers of 1024, like fio's
-/// default `kb_base=1024`), optional trailing `b`/`ib`.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim().to_ascii_lowercase();
-    let t = t.strip_suffix("ib").or_else(|| t.strip_suffix('b')).unwrap_or(&t);
-    let (num, mult) = match t.chars().last() {
-        Some('k') => (&t[..t.len() - 1], 1u64 << 10),
-        Some('m') => (&t[..t.len() - 1], 1 << 20),
-        Some('g') => (&t[..t.len() - 1], 1 << 30),
-        Some('t') => (&t[..t.len() - 1], 1 << 40),
-        _ => (t, 1),
-    };
-    num.trim()
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("bad size {s:?}: use e.g. 4096, 4k, 128k, 1g"))
-}
+pub use crate::units::parse_size;
 
 /// fio time: seconds by default, or with a us/ms/s/m/h suffix.
 pub fn parse_time(s: &str) -> Result<Duration, String> {

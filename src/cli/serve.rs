@@ -9,30 +9,7 @@ use crate::control::QosConfig;
 use crate::daemon::{self, DaemonConfig};
 use crate::kms::{KmsConfig, QuotaConfig, TransitConfig};
 
-/// `4096`, `64M`, `10G`, `1T` (binary units).
-pub fn parse_bytes(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mul) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
-        None => (s, 1u64),
-        Some((i, _)) => {
-            let unit = s[i..].to_ascii_uppercase();
-            let mul = match unit.trim_end_matches("IB").trim_end_matches('B') {
-                "" => 1,
-                "K" => 1 << 10,
-                "M" => 1 << 20,
-                "G" => 1 << 30,
-                "T" => 1 << 40,
-                _ => return Err(format!("{s:?}: unknown unit (use K, M, G or T)")),
-            };
-            (&s[..i], mul)
-        }
-    };
-    num.trim()
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mul))
-        .ok_or_else(|| format!("{s:?} is not a size (e.g. 64G)"))
-}
+use crate::units::parse_size;
 
 pub fn serve_command() -> Command {
     Command::new("serve")
@@ -190,7 +167,7 @@ fn config(m: &ArgMatches) -> Result<DaemonConfig, String> {
     let mut cfg = DaemonConfig::new(&dir);
     cfg.pool_path = m.get_one::<PathBuf>("pool").cloned();
     if let Some(s) = m.get_one::<String>("pool-size") {
-        cfg.pool_size = parse_bytes(s)?;
+        cfg.pool_size = parse_size(s)?;
     }
     if let Some(c) = m.get_one::<String>("cores") {
         cfg.reactors.cores = crate::reactor::parse_cores(c)?;
@@ -306,16 +283,5 @@ pub fn check(m: &ArgMatches) -> ExitCode {
                 ExitCode::from(1)
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn sizes() {
-        assert_eq!(super::parse_bytes("4096").unwrap(), 4096);
-        assert_eq!(super::parse_bytes("64M").unwrap(), 64 << 20);
-        assert_eq!(super::parse_bytes("10GiB").unwrap(), 10 << 30);
-        assert!(super::parse_bytes("x").is_err());
     }
 }

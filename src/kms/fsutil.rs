@@ -6,7 +6,6 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::error::KmsError;
 
@@ -85,55 +84,4 @@ impl DirLock {
     }
 }
 
-/// Seconds and nanoseconds since the Unix epoch, now.
-pub fn now_unix() -> (u64, u32) {
-    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    (d.as_secs(), d.subsec_nanos())
-}
-
-/// RFC 3339 UTC time stamp, e.g. `2026-11-28T02:42:45.123Z` (milliseconds) or without
-/// fraction when `millis` is `None`.
-pub fn rfc3339(secs: u64, millis: Option<u32>) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let (y, m, d) = civil_from_days(days);
-    let (hh, mm, ss) = (rem / 3600, (rem / 60) % 60, rem % 60);
-    match millis {
-        Some(ms) => format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}.{ms:03}Z"),
-        None => format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}Z"),
-    }
-}
-
-/// The current time as RFC 3339 with milliseconds.
-pub fn rfc3339_now() -> String {
-    let (s, ns) = now_unix();
-    rfc3339(s, Some(ns / 1_000_000))
-}
-
-/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's
-/// `civil_from_days`).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn timestamps() {
-        assert_eq!(rfc3339(0, None), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(951_782_400, Some(5)), "2000-02-29T00:00:00.005Z");
-        assert_eq!(rfc3339(1_795_833_765, None), "2026-11-28T02:42:45Z");
-        assert_eq!(rfc3339(4_102_444_799, None), "2099-12-31T23:59:59Z");
-    }
-}
+pub use crate::units::{now_rfc3339_millis as rfc3339_now, now_unix, rfc3339};

@@ -1,0 +1,126 @@
+//! Sizes and times as people write and read them: `64G` / `4k` / `128KiB`, and RFC 3339
+//! UTC time stamps. One parser and one formatter for the CLI, the fio-style benchmarks,
+//! the fio engine, the control plane and the KMS audit log.
+
+/// A size in bytes: a number with an optional binary unit `k`, `m`, `g` or `t` (powers
+/// of 1024, as fio's default `kb_base=1024`), optionally followed by `b` or `ib`, any
+/// case, spaces allowed around the unit: `4096`, `4k`, `128KiB`, `64M`, `10 G`, `1T`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let bad = || format!("{s:?} is not a size: use e.g. 4096, 4k, 128KiB, 64M or 10G");
+    let t = s.trim().to_ascii_lowercase();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits);
+    let unit = unit.trim();
+    let unit = unit
+        .strip_suffix("ib")
+        .or_else(|| unit.strip_suffix('b'))
+        .unwrap_or(unit);
+    let mult: u64 = match unit {
+        "" => 1,
+        "k" => 1 << 10,
+        "m" => 1 << 20,
+        "g" => 1 << 30,
+        "t" => 1 << 40,
+        _ => return Err(bad()),
+    };
+    if num.is_empty() || (unit.is_empty() && t.ends_with("ib")) {
+        return Err(bad());
+    }
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(bad)
+}
+
+/// Seconds and nanoseconds since the Unix epoch, now.
+pub fn now_unix() -> (u64, u32) {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    (d.as_secs(), d.subsec_nanos())
+}
+
+/// RFC 3339 UTC time stamp, e.g. `2026-11-28T02:42:45.123Z` (milliseconds) or without
+/// fraction when `millis` is `None`.
+pub fn rfc3339(secs: u64, millis: Option<u32>) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(days);
+    let (hh, mm, ss) = (rem / 3600, (rem / 60) % 60, rem % 60);
+    match millis {
+        Some(ms) => format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}.{ms:03}Z"),
+        None => format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}Z"),
+    }
+}
+
+/// Now, RFC 3339 UTC with seconds (`2026-11-28T02:42:45Z`).
+pub fn now_rfc3339() -> String {
+    rfc3339(now_unix().0, None)
+}
+
+/// Now, RFC 3339 UTC with milliseconds.
+pub fn now_rfc3339_millis() -> String {
+    let (s, ns) = now_unix();
+    rfc3339(s, Some(ns / 1_000_000))
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's
+/// `civil_from_days`).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_in_every_spelling_and_the_bad_ones() {
+        for (s, v) in [
+            ("4096", 4096),
+            ("4k", 4096),
+            ("4K", 4096),
+            ("4kb", 4096),
+            ("128KiB", 128 << 10),
+            ("64M", 64 << 20),
+            ("10 G", 10 << 30),
+            (" 1t ", 1 << 40),
+            ("0", 0),
+            ("512b", 512),
+        ] {
+            assert_eq!(parse_size(s), Ok(v), "{s}");
+        }
+        for s in [
+            "",
+            "k",
+            "4x",
+            "-4k",
+            "4.5k",
+            "4kk",
+            "ib",
+            "4ib",
+            "99999999999999999999",
+            "16777216T",
+        ] {
+            let e = parse_size(s).unwrap_err();
+            assert!(e.contains("is not a size"), "{s}: {e}");
+        }
+    }
+
+    #[test]
+    fn rfc3339_known_dates() {
+        assert_eq!(rfc3339(0, None), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400, None), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000, Some(7)), "2023-11-14T22:13:20.007Z");
+        assert_eq!(rfc3339(4_102_444_800, None), "2100-01-01T00:00:00Z");
+    }
+}
