@@ -385,6 +385,22 @@ impl Lower {
         debug_assert!(v.is_empty());
         self.scratch = v;
     }
+
+    /// Requests refused by the lower channel, waiting to be resent.
+    pub fn has_deferred(&self) -> bool {
+        !self.deferred.is_empty()
+    }
+
+    /// Drop the requests not yet accepted below (their buffers go back to
+    /// the pool): for a caller that will answer nothing more.
+    pub fn drop_deferred(&mut self) {
+        self.deferred.clear();
+    }
+
+    /// Requests the lower channel holds.
+    pub fn in_flight(&self) -> usize {
+        self.chan.in_flight()
+    }
 }
 
 /// Check a request against a device's geometry.

@@ -80,6 +80,13 @@ impl<T> Slab<T> {
     pub fn iter(&self) -> impl Iterator<Item = &T> {
         self.items.iter().flatten()
     }
+
+    /// Remove every live entry, handing them out.
+    pub fn drain(&mut self) -> impl Iterator<Item = T> + '_ {
+        self.free.clear();
+        self.live = 0;
+        self.items.drain(..).flatten()
+    }
 }
 
 #[cfg(test)]
@@ -104,5 +111,8 @@ mod tests {
         assert_eq!(s.len(), 1, "freeing a dead index changes nothing");
         assert_eq!(s.insert("d"), b, "the index freed in place is reused");
         assert_eq!(s.iter().copied().collect::<Vec<_>>(), ["c", "d"]);
+        assert_eq!(s.drain().collect::<Vec<_>>(), ["c", "d"]);
+        assert!(s.is_empty());
+        assert_eq!(s.insert("e"), 0, "a drained slab starts over");
     }
 }

@@ -24,6 +24,7 @@ use std::sync::Arc;
 
 use io_uring::{opcode, types};
 
+use super::slab::Slab;
 use super::{validate, Bdev, Channel, ChannelCtx, IoCompletion, IoError, IoOp, IoRequest};
 use crate::iobuf::IoBuf;
 use crate::uring::{Ring, Route};
@@ -223,9 +224,7 @@ impl Bdev for UringBdev {
             block_size: self.block_size,
             capacity: self.capacity,
             max_io: self.max_io_bytes(),
-            slab: Vec::new(),
-            free: Vec::new(),
-            live: 0,
+            slab: Slab::default(),
             ready: VecDeque::new(),
         }))
     }
@@ -264,9 +263,7 @@ struct UringChannel {
     block_size: u32,
     capacity: u64,
     max_io: u64,
-    slab: Vec<Option<InFlight>>,
-    free: Vec<usize>,
-    live: usize,
+    slab: Slab<InFlight>,
     ready: VecDeque<IoCompletion>,
 }
 
@@ -308,22 +305,17 @@ impl Channel for UringChannel {
             self.complete_now(req, r);
             return Ok(());
         }
-        let idx = match self.free.pop() {
-            Some(i) => i,
-            None => {
-                self.slab.push(None);
-                self.slab.len() - 1
-            }
-        };
-        let mut f = InFlight {
+        let want = req.bytes();
+        let idx = self.slab.insert_with(|| InFlight {
             tag: req.tag,
             op: req.op,
             offset: req.offset,
             len: req.len,
             fua: req.fua,
-            want: req.bytes(),
+            want,
             buf: req.buf,
-        };
+        });
+        let f = self.slab.get_mut(idx).expect("just inserted");
         let polled = self
             .polled
             .as_ref()
@@ -331,26 +323,23 @@ impl Channel for UringChannel {
         let pushed = match polled {
             // SAFETY: see `entry`; the slab keeps the buffer until reaped.
             Some(p) => unsafe {
-                p.ring.push(
-                    &p.route,
-                    idx as u64,
-                    entry(&mut f, &p.ring, p.slot, self.file.as_raw_fd()),
-                )
+                p.ring
+                    .push(&p.route, idx as u64, entry(f, &p.ring, p.slot, self.file.as_raw_fd()))
             },
             // SAFETY: as above.
             None => unsafe {
                 self.ring.push(
                     &self.route,
                     idx as u64,
-                    entry(&mut f, &self.ring, self.slot, self.file.as_raw_fd()),
+                    entry(f, &self.ring, self.slot, self.file.as_raw_fd()),
                 )
             },
         };
         if pushed && polled.is_none() {
-            self.ring.note_payload(f.want as usize);
+            self.ring.note_payload(want as usize);
         }
         if !pushed {
-            self.free.push(idx);
+            let f = self.slab.remove(idx).expect("just inserted");
             return Err(IoRequest {
                 tag: f.tag,
                 op: f.op,
@@ -362,12 +351,10 @@ impl Channel for UringChannel {
                 scratch: false,
             });
         }
-        self.slab[idx] = Some(f);
-        self.live += 1;
         Ok(())
     }
     fn poll(&mut self, out: &mut Vec<IoCompletion>) -> usize {
-        if self.live > 0 {
+        if !self.slab.is_empty() {
             // Requests queued since the reactor's last flush go to the kernel
             // now (one syscall for the batch), so a caller polling in a loop
             // always makes progress. On the IOPOLL ring this is also the poll.
@@ -398,9 +385,7 @@ impl Channel for UringChannel {
                     None => break,
                 },
             };
-            let f = self.slab[idx as usize].take().expect("completion for a live slot");
-            self.free.push(idx as usize);
-            self.live -= 1;
+            let f = self.slab.remove(idx as usize).expect("completion for a live slot");
             let result = if res < 0 {
                 Err(IoError::Device { errno: -res })
             } else if matches!(f.op, IoOp::Read | IoOp::Write) && (res as u64) < f.want {
@@ -420,7 +405,7 @@ impl Channel for UringChannel {
             n += 1;
         }
         while let Some(&idx) = self.retry.front() {
-            let f = self.slab[idx].as_mut().expect("retry of a live slot");
+            let f = self.slab.get_mut(idx).expect("retry of a live slot");
             // SAFETY: the slab entry keeps the buffer until this new entry's
             // completion is reaped (the polled one has completed).
             if !unsafe {
@@ -438,7 +423,7 @@ impl Channel for UringChannel {
     }
 
     fn in_flight(&self) -> usize {
-        self.live + self.ready.len()
+        self.slab.len() + self.ready.len()
     }
 }
 
@@ -448,19 +433,15 @@ impl Drop for UringChannel {
         // the pool while the kernel may write them: wait for them. Requests
         // waiting for a resubmission are not in the kernel.
         for idx in self.retry.drain(..) {
-            if self.slab[idx].take().is_some() {
-                self.live -= 1;
-            }
+            self.slab.free(idx);
         }
         let mut spins = 0;
-        while self.live > 0 && spins < 10_000 {
+        while !self.slab.is_empty() && spins < 10_000 {
             if let Some(p) = &self.polled {
                 let _ = p.ring.flush();
                 p.ring.reap();
                 while let Some((idx, _)) = p.route.pop() {
-                    if self.slab[idx as usize].take().is_some() {
-                        self.live -= 1;
-                    }
+                    self.slab.free(idx as usize);
                 }
             }
             let _ = self.ring.flush();
@@ -469,15 +450,13 @@ impl Drop for UringChannel {
             }
             self.ring.reap();
             while let Some((idx, _)) = self.route.pop() {
-                if self.slab[idx as usize].take().is_some() {
-                    self.live -= 1;
-                }
+                self.slab.free(idx as usize);
             }
             spins += 1;
         }
-        if self.live > 0 {
+        if !self.slab.is_empty() {
             // Leak rather than recycle memory the kernel may still write.
-            for f in self.slab.drain(..).flatten() {
+            for f in self.slab.drain() {
                 std::mem::forget(f.buf);
             }
         }

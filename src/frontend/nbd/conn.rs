@@ -29,7 +29,8 @@ use io_uring::{opcode, squeue, types};
 
 use super::proto::*;
 use super::Shared;
-use crate::bdev::{Channel, IoCompletion, IoError, IoOp, IoRequest, MAX_IO_BYTES};
+use crate::bdev::slab::Slab;
+use crate::bdev::{IoError, IoOp, IoRequest, Lower, MAX_IO_BYTES};
 use crate::export::Export;
 use crate::iobuf::{BufPool, IoBuf};
 use crate::reactor::{Poll, Poller, ReactorCtx};
@@ -104,7 +105,7 @@ pub(super) fn start(
         pool: ctx.chan.pool.clone(),
         sock: fd,
         fixed,
-        chan,
+        chan: Lower::new(chan),
         export,
         sh,
         block_size: bs as u64,
@@ -117,11 +118,7 @@ pub(super) fn start(
         rx_state: RxState::Header,
         stalled: false,
         big_writes: false,
-        slots: Vec::new(),
-        free: Vec::new(),
-        live: 0,
-        deferred: VecDeque::new(),
-        comps: Vec::new(),
+        slots: Slab::default(),
         replies: VecDeque::new(),
         head: tail,
         tx: None,
@@ -226,7 +223,7 @@ pub(super) struct Conn {
     pool: BufPool,
     sock: OwnedFd,
     fixed: Option<u32>,
-    chan: Box<dyn Channel>,
+    chan: Lower,
     export: Export,
     sh: Arc<Shared>,
     block_size: u64,
@@ -245,11 +242,7 @@ pub(super) struct Conn {
     /// next header into `rbuf`, so that a following large payload lands
     /// straight in its chunk buffer instead of being copied out of `rbuf`.
     big_writes: bool,
-    slots: Vec<Option<Req>>,
-    free: Vec<usize>,
-    live: usize,
-    deferred: VecDeque<IoRequest>,
-    comps: Vec<IoCompletion>,
+    slots: Slab<Req>,
     replies: VecDeque<Reply>,
     /// Bytes to send before any reply (the end of the handshake).
     head: Vec<u8>,
@@ -321,25 +314,11 @@ impl Conn {
     }
 
     fn new_slot(&mut self, r: Req) -> usize {
-        self.live += 1;
-        match self.free.pop() {
-            Some(i) => {
-                self.slots[i] = Some(r);
-                i
-            }
-            None => {
-                self.slots.push(Some(r));
-                self.slots.len() - 1
-            }
-        }
+        self.slots.insert(r)
     }
 
     fn submit(&mut self, req: IoRequest) {
-        if !self.deferred.is_empty() {
-            self.deferred.push_back(req);
-        } else if let Err(req) = self.chan.submit(req) {
-            self.deferred.push_back(req);
-        }
+        self.chan.submit(req);
     }
 
     fn reply(&mut self, err: u32, cookie: u64) {
@@ -454,7 +433,7 @@ impl Conn {
                 } else if r.len == 0 {
                     self.reply_read(0, r.cookie);
                 } else {
-                    if self.live >= MAX_REQS {
+                    if self.slots.len() >= MAX_REQS {
                         return false;
                     }
                     let Some(bufs) = self.alloc_chunks(r.len as u64) else {
@@ -494,7 +473,7 @@ impl Conn {
                 } else if r.len == 0 {
                     self.reply(0, r.cookie);
                 } else {
-                    if self.live >= MAX_REQS {
+                    if self.slots.len() >= MAX_REQS {
                         return false;
                     }
                     let Some(bufs) = self.alloc_chunks(r.len as u64) else {
@@ -519,7 +498,7 @@ impl Conn {
                 }
             }
             CMD_FLUSH => {
-                if self.live >= MAX_REQS {
+                if self.slots.len() >= MAX_REQS {
                     return false;
                 }
                 let slot = self.new_slot(Req {
@@ -553,7 +532,7 @@ impl Conn {
                 } else if r.len == 0 {
                     self.reply(0, r.cookie);
                 } else {
-                    if self.live >= MAX_REQS {
+                    if self.slots.len() >= MAX_REQS {
                         return false;
                     }
                     let len = r.len as u64;
@@ -619,7 +598,7 @@ impl Conn {
                     if avail == 0 {
                         break;
                     }
-                    let req = self.slots[slot].as_mut().expect("live write");
+                    let req = self.slots.get_mut(slot).expect("live write");
                     let b = req.bufs[chunk].as_mut().expect("unfilled chunk");
                     let n = avail.min(b.len() - filled);
                     // SAFETY: rpos..rpos+n is received data in the receive
@@ -652,7 +631,7 @@ impl Conn {
     /// Chunk `chunk` of write `slot` now holds `filled` bytes: submit it when
     /// full and move on.
     fn payload_progress(&mut self, slot: usize, chunk: usize, filled: usize) {
-        let req = self.slots[slot].as_mut().expect("live write");
+        let req = self.slots.get_mut(slot).expect("live write");
         let full = req.bufs[chunk].as_ref().expect("chunk").len();
         if filled < full {
             self.rx_state = RxState::Payload { slot, chunk, filled };
@@ -684,7 +663,7 @@ impl Conn {
         if let RxState::Payload { slot, chunk, filled } = self.rx_state {
             if self.rpos == self.rlen {
                 // Receive the rest of this chunk straight into it.
-                let req = self.slots[slot].as_mut().expect("live write");
+                let req = self.slots.get_mut(slot).expect("live write");
                 let b = req.bufs[chunk].as_mut().expect("unfilled chunk");
                 // SAFETY: filled < len, so the pointer stays in the buffer.
                 let ptr = unsafe { b.as_mut_ptr().add(filled) };
@@ -751,12 +730,12 @@ impl Conn {
 
     /// Handle bdev completions.
     fn on_completions(&mut self) -> usize {
-        let mut comps = std::mem::take(&mut self.comps);
-        let n = self.chan.poll(&mut comps);
+        let mut comps = self.chan.poll();
+        let n = comps.len();
         for c in comps.drain(..) {
             let slot = (c.tag >> PART_BITS) as usize;
             let part = (c.tag & ((1 << PART_BITS) - 1)) as usize;
-            let req = self.slots[slot].as_mut().expect("completion for a live request");
+            let req = self.slots.get_mut(slot).expect("completion for a live request");
             if let Err(e) = &c.result {
                 if req.err == 0 {
                     req.err = nbd_errno(e, c.op);
@@ -775,9 +754,7 @@ impl Conn {
                 self.submit(IoRequest::flush(tag(slot, 0)));
                 continue;
             }
-            let req = self.slots[slot].take().expect("live");
-            self.free.push(slot);
-            self.live -= 1;
+            let req = self.slots.remove(slot).expect("live");
             self.done.0 += 1;
             self.done.1 += req.bytes;
             let data: Inline<IoBuf> = if req.op == IoOp::Read && req.err == 0 {
@@ -803,7 +780,7 @@ impl Conn {
             };
             self.replies.push_back(Reply { hdr, data });
         }
-        self.comps = comps;
+        self.chan.recycle(comps);
         n
     }
 
@@ -935,7 +912,7 @@ impl Poller for Conn {
     /// need a poll without any wake-up. An idle connection has none (its
     /// armed receive wakes the reactor).
     fn pending(&self) -> bool {
-        self.live > 0 || !self.deferred.is_empty() || self.stalled
+        !self.slots.is_empty() || self.chan.has_deferred() || self.stalled
     }
 
     fn poll(&mut self, ctx: &ReactorCtx) -> Poll {
@@ -960,13 +937,7 @@ impl Poller for Conn {
         if self.phase == Phase::Dead {
             // Nothing more will be answered: requests not yet handed to the
             // bdev are dropped (their buffers go back to the pool).
-            self.deferred.clear();
-        }
-        while let Some(r) = self.deferred.pop_front() {
-            if let Err(r) = self.chan.submit(r) {
-                self.deferred.push_front(r);
-                break;
-            }
+            self.chan.drop_deferred();
         }
         work += self.on_completions();
         if self.done.0 > 0 {
@@ -977,8 +948,8 @@ impl Poller for Conn {
             work += self.parse();
         }
         if self.phase == Phase::Disconnecting
-            && self.live == 0
-            && self.deferred.is_empty()
+            && self.slots.is_empty()
+            && !self.chan.has_deferred()
             && self.tx.is_none()
             && self.replies.is_empty()
             && self.head.is_empty()
@@ -1020,7 +991,7 @@ impl Drop for Conn {
         if self.rx.is_some() || self.tx_armed {
             // Leak rather than recycle memory the kernel may still write.
             std::mem::forget(self.tx.take());
-            for s in self.slots.drain(..).flatten() {
+            for s in self.slots.drain() {
                 std::mem::forget(s.bufs);
             }
         } else {

@@ -35,6 +35,7 @@ use vm_memory::GuestMemoryMmap;
 use super::inflight::QueueInflight;
 use super::request::{self, BlkRequest, Kind, Segs, SECTOR};
 use super::DiskInfo;
+use crate::bdev::slab::Slab;
 use crate::bdev::{IoCompletion, IoOp, IoRequest, Lent, Lower, MAX_IO_BYTES};
 use crate::iobuf::{BufPool, IoBuf};
 use crate::reactor::{Poll, Poller, ReactorCtx};
@@ -151,9 +152,7 @@ pub(super) fn start(ctx: &mut ReactorCtx, s: QueueStart) -> Result<(), String> {
         chan: Lower::new(chan),
         disk: s.disk,
         sh: s.shared,
-        slots: Vec::new(),
-        free: Vec::new(),
-        live: 0,
+        slots: Slab::default(),
         waiting: VecDeque::new(),
         // Off until the first idle poll writes the avail event itself: what the
         // ring holds may be a previous connection's.
@@ -201,9 +200,7 @@ struct QueuePoller {
     chan: Lower,
     disk: Arc<DiskInfo>,
     sh: Arc<QueueShared>,
-    slots: Vec<Option<Slot>>,
-    free: Vec<u32>,
-    live: usize,
+    slots: Slab<Slot>,
     waiting: VecDeque<Waiting>,
     /// Whether guest kicks are enabled (we are about to go idle).
     kicks_on: bool,
@@ -226,17 +223,7 @@ fn set_status(p: *mut u8, s: u32) {
 
 impl QueuePoller {
     fn alloc_slot(&mut self, s: Slot) -> u64 {
-        self.live += 1;
-        match self.free.pop() {
-            Some(i) => {
-                self.slots[i as usize] = Some(s);
-                i as u64
-            }
-            None => {
-                self.slots.push(Some(s));
-                (self.slots.len() - 1) as u64
-            }
-        }
+        self.slots.insert(s) as u64
     }
 
     /// Put a finished chain in the used ring.
@@ -498,7 +485,7 @@ impl QueuePoller {
     fn complete(&mut self, c: IoCompletion) {
         let idx = (c.tag >> PART_BITS) as usize;
         let part = (c.tag & ((1 << PART_BITS) - 1)) as usize;
-        let Some(Some(s)) = self.slots.get_mut(idx) else {
+        let Some(s) = self.slots.get_mut(idx) else {
             return;
         };
         match c.result {
@@ -523,9 +510,7 @@ impl QueuePoller {
         if s.parts > 0 {
             return;
         }
-        let s = self.slots[idx].take().expect("live slot");
-        self.free.push(idx as u32);
-        self.live -= 1;
+        let s = self.slots.remove(idx).expect("live slot");
         let (st, written) = if s.failed {
             (VIRTIO_BLK_S_IOERR, 0)
         } else {
@@ -627,7 +612,7 @@ impl QueuePoller {
                 }
             }
             self.interrupt();
-            if self.live > 0 || !self.waiting.is_empty() {
+            if !self.slots.is_empty() || !self.waiting.is_empty() {
                 return Poll::Busy(work.max(1));
             }
             if self.kick_armed {
