@@ -75,7 +75,11 @@ fn job(so: &std::path::Path, filename: &str, extra: &[&str]) -> Vec<String> {
 fn fio_external_engine_randrw_verify_plain_and_encrypted() {
     let so = engine();
     // Threads sharing one RAM disk, plain and encrypted.
-    for spec in ["backend=malloc,size=32M", "backend=malloc,size=32M,encrypt=4096"] {
+    for spec in [
+        "backend=malloc,size=32M",
+        "backend=malloc,size=32M,encrypt=4096",
+        "backend=malloc,size=32M,encrypt=4096,inplace=1",
+    ] {
         check(&fio(&job(&so, spec, &["--thread=1"])), 2, spec);
     }
     // Processes (fio's default) on a file, encrypted with 512-byte sectors,

@@ -17,7 +17,10 @@
 //! `path=/x` (file; escape `:` as `\:` for fio), `bs=512|4096` (backend
 //! block size, malloc/null), `encrypt=512|4096` (stack the crypto layer with
 //! that sector size and a fresh random key), `buffered=1` (file without
-//! O_DIRECT). Example: `filename=backend=malloc,size=256M,encrypt=4096`.
+//! O_DIRECT), `inplace=1` (the crypto layer encrypts each write in the engine's
+//! own copy of fio's buffer, which nothing reads again, instead of into a bounce
+//! buffer: what an NBD server does with its receive buffers).
+//! Example: `filename=backend=malloc,size=256M,encrypt=4096`.
 //! See `docs/nbd.md`.
 //!
 //! fio's structs are used through a handful of field offsets of fio 3.33 on
@@ -232,6 +235,8 @@ pub struct Target {
     pub block_size: u32,
     pub encrypt: Option<u32>,
     pub buffered: bool,
+    /// Writes are `scratch`: encrypted in place (see the module docs).
+    pub inplace: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -253,6 +258,7 @@ pub fn parse_target(spec: &str) -> Result<Target, String> {
         block_size: 512,
         encrypt: None,
         buffered: false,
+        inplace: false,
     };
     for kv in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let (k, v) = kv
@@ -268,6 +274,7 @@ pub fn parse_target(spec: &str) -> Result<Target, String> {
                 t.encrypt = (ss != 0).then_some(ss);
             }
             "buffered" => t.buffered = v == "1" || v == "true",
+            "inplace" => t.inplace = v == "1" || v == "true",
             _ => return Err(format!("sealdisk target {spec:?}: unknown key {k:?}")),
         }
     }
@@ -354,6 +361,8 @@ fn bdev_for(spec: &str) -> Result<BdevRef, String> {
 struct Engine {
     ctx: ChannelCtx,
     chans: Vec<Option<Box<dyn Channel>>>,
+    /// Per channel: its writes may be encrypted in place (`inplace=1`).
+    inplace: Vec<bool>,
     /// io_u of each tag in flight.
     slots: Vec<*mut IoU>,
     free: Vec<usize>,
@@ -396,6 +405,7 @@ fn new_engine() -> Result<Engine, String> {
             waker: std::sync::Arc::new(|| {}),
         },
         chans: Vec::new(),
+        inplace: Vec::new(),
         slots: Vec::new(),
         free: Vec::new(),
         live: 0,
@@ -528,10 +538,12 @@ unsafe extern "C" fn sd_open_file(td: *mut ThreadData, f: *mut FioFile) -> c_int
     guard(1, || {
         // SAFETY: fio passes a live fio_file.
         let spec = unsafe { file_spec(f) };
+        let inplace = parse_target(&spec).is_ok_and(|t| t.inplace);
         let r = bdev_for(&spec).and_then(|bdev| {
             with_engine(td, |e| -> Result<usize, String> {
                 let ch = bdev.open_channel(&e.ctx).map_err(|x| x.to_string())?;
                 e.chans.push(Some(ch));
+                e.inplace.push(inplace);
                 Ok(e.chans.len() - 1)
             })?
         });
@@ -622,7 +634,10 @@ unsafe extern "C" fn sd_queue(td: *mut ThreadData, io_u: *mut IoU) -> c_int {
                     if ddir == DDIR_WRITE {
                         // SAFETY: xfer_buf holds xfer_buflen bytes of data.
                         b.copy_from_slice(unsafe { std::slice::from_raw_parts(xbuf, xlen as usize) });
-                        IoRequest::write(offset, b, tag)
+                        let mut w = IoRequest::write(offset, b, tag);
+                        // The copy is ours and never read again.
+                        w.scratch = e.inplace[chan_idx];
+                        w
                     } else {
                         IoRequest::read(offset, b, tag)
                     }
@@ -715,9 +730,11 @@ mod tests {
         assert_eq!(t.size, Some(64 << 20));
         assert_eq!(t.encrypt, Some(4096));
         assert_eq!(target_size(&t).unwrap(), 64 << 20);
-        let t = parse_target("backend=file,path=/tmp/x,size=1g,buffered=1").unwrap();
+        assert!(!t.inplace);
+        let t = parse_target("backend=file,path=/tmp/x,size=1g,buffered=1,inplace=1").unwrap();
         assert_eq!(t.backend, Backend::File("/tmp/x".into()));
         assert!(t.buffered);
+        assert!(t.inplace);
         assert!(parse_target("backend=malloc").is_err());
         assert!(parse_target("backend=tape,size=1M").is_err());
         assert!(parse_target("size=1M,colour=blue").is_err());
