@@ -133,6 +133,12 @@ fn nbd_write_read(sock: &std::path::Path, export: &str, base: u64, n: u64) {
     }
 }
 
+/// DescribeReactors (host-level: no account).
+fn describe(data: &std::path::Path) -> Value {
+    let mut c = sealdisk::control::client::Client::connect(&data.join("sealdisk.sock")).unwrap();
+    c.call("DescribeReactors", json!({})).unwrap()
+}
+
 fn reactors_sum(v: &Value, f: impl Fn(&Value) -> u64) -> u64 {
     v["Reactors"].as_array().unwrap().iter().map(f).sum()
 }
@@ -142,7 +148,7 @@ fn describe_reactors_counts_every_source_and_the_slow_path() {
     let d = TempDir::new("counters");
     let data = d.0.join("data");
     let _dm = start_daemon(BIN, &data, &["--cores", "0,1", "--pool-size", "256M", "--no-qos"], &[]);
-    let before = rpc(&data, "DescribeReactors", json!({}));
+    let before = describe(&data);
     let m0 = before["MetadataThread"].clone();
     assert_eq!(m0["Requests"], 0, "{before}");
     assert_eq!(m0["QueueDepth"], 0, "{before}");
@@ -152,7 +158,7 @@ fn describe_reactors_counts_every_source_and_the_slow_path() {
     let (_inst, disk, _) = instance_with_disk(&data, 16 << 20, true);
     let n = 8;
     nbd_write_read(&data.join("nbd.sock"), &disk, 0, n);
-    let v = rpc(&data, "DescribeReactors", json!({}));
+    let v = describe(&data);
     // NBD: n writes and n reads of 64 KiB, on some reactor.
     let nbd = reactors_sum(&v, |r| r["IosBySource"]["Nbd"]["Ios"].as_u64().unwrap());
     let nbd_bytes = reactors_sum(&v, |r| r["IosBySource"]["Nbd"]["Bytes"].as_u64().unwrap());
@@ -206,7 +212,7 @@ fn describe_reactors_counts_every_source_and_the_slow_path() {
     nbd_write_read(&data.join("nbd.sock"), &plain, 0, 4);
     let reply = rpc(&data, "CreateEncryptedCopy", json!({"SourceDiskId": plain}));
     wait_task(reply, |q| rpc(&data, "DescribeTasks", q)).expect("the copy finishes");
-    let w = rpc(&data, "DescribeReactors", json!({}));
+    let w = describe(&data);
     let job = reactors_sum(&w, |r| r["IosBySource"]["Job"]["Ios"].as_u64().unwrap());
     let job_bytes = reactors_sum(&w, |r| r["IosBySource"]["Job"]["Bytes"].as_u64().unwrap());
     assert!(
