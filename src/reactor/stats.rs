@@ -9,6 +9,13 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+/// Adds `v` to a counter that only the reactor's own thread writes: a plain
+/// load and store (no locked read-modify-write on the loop's path).
+#[inline]
+fn bump(c: &AtomicU64, v: u64) {
+    c.store(c.load(Relaxed).wrapping_add(v), Relaxed);
+}
+
 /// Where an I/O came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IoSource {
@@ -28,7 +35,7 @@ const SOURCES: usize = 4;
 pub struct ReactorStats {
     busy_ns: AtomicU64,
     idle_ns: AtomicU64,
-    polls: AtomicU64,
+    busy_polls: AtomicU64,
     idle_polls: AtomicU64,
     ios: [AtomicU64; SOURCES],
     bytes: [AtomicU64; SOURCES],
@@ -86,35 +93,40 @@ pub struct StatsSnapshot {
 }
 
 impl ReactorStats {
-    /// One loop iteration of `d` that found work.
+    // Everything but `queue_full` is written by the reactor's own thread only
+    // (`bump`); `queue_full` by the senders.
+
+    /// One loop iteration of `d` that found work (reactor thread only).
     pub fn add_busy(&self, d: Duration) {
-        self.busy_ns.fetch_add(d.as_nanos() as u64, Relaxed);
-        self.polls.fetch_add(1, Relaxed);
+        bump(&self.busy_ns, d.as_nanos() as u64);
+        bump(&self.busy_polls, 1);
     }
-    /// One loop iteration of `d` that found no work.
+    /// One loop iteration of `d` that found no work (reactor thread only).
     pub fn add_idle_poll(&self, d: Duration) {
-        self.idle_ns.fetch_add(d.as_nanos() as u64, Relaxed);
-        self.polls.fetch_add(1, Relaxed);
-        self.idle_polls.fetch_add(1, Relaxed);
+        bump(&self.idle_ns, d.as_nanos() as u64);
+        bump(&self.idle_polls, 1);
     }
-    /// A park of `d`.
+    /// A park of `d` (reactor thread only).
     pub fn add_idle(&self, d: Duration) {
-        self.idle_ns.fetch_add(d.as_nanos() as u64, Relaxed);
-        self.parks.fetch_add(1, Relaxed);
+        bump(&self.idle_ns, d.as_nanos() as u64);
+        bump(&self.parks, 1);
     }
+    /// One I/O from `src` (reactor thread only).
     pub fn add_io(&self, src: IoSource, bytes: u64) {
         self.add_ios(src, 1, bytes);
     }
-    /// `n` I/Os from `src` moving `bytes` in all.
+    /// `n` I/Os from `src` moving `bytes` in all (reactor thread only).
     pub fn add_ios(&self, src: IoSource, n: u64, bytes: u64) {
-        self.ios[src as usize].fetch_add(n, Relaxed);
-        self.bytes[src as usize].fetch_add(bytes, Relaxed);
+        bump(&self.ios[src as usize], n);
+        bump(&self.bytes[src as usize], bytes);
     }
+    /// A message refused by the full queue (any sender).
     pub fn add_queue_full(&self) {
         self.queue_full.fetch_add(1, Relaxed);
     }
+    /// (Reactor thread only.)
     pub fn add_slow_park(&self) {
-        self.slow_parks.fetch_add(1, Relaxed);
+        bump(&self.slow_parks, 1);
     }
     pub fn snapshot(&self) -> StatsSnapshot {
         let c = |i: usize| IoCount {
@@ -131,7 +143,7 @@ impl ReactorStats {
         StatsSnapshot {
             busy_ns: self.busy_ns.load(Relaxed),
             idle_ns: self.idle_ns.load(Relaxed),
-            polls: self.polls.load(Relaxed),
+            polls: self.busy_polls.load(Relaxed) + self.idle_polls.load(Relaxed),
             idle_polls: self.idle_polls.load(Relaxed),
             ios: all.iter().map(|c| c.ios).sum(),
             bytes: all.iter().map(|c| c.bytes).sum(),
