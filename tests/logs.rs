@@ -307,3 +307,67 @@ fn a_flood_of_bad_nbd_handshakes_is_rate_limited_and_counted() {
     assert!(last["suppressed"].as_u64().unwrap() > 0, "{last}");
     assert_eq!(all.len(), during.len() + 1, "one more line, not one per failure");
 }
+
+#[test]
+fn a_flood_of_malformed_vhost_chains_is_rate_limited() {
+    use sealdisk::bench::vhost::driver::{Driver, DriverOptions};
+    use sealdisk::bench::vhost::virtq::{blk_header, RawDesc};
+    const N: usize = 200;
+    let d = TempDir::new("logs-vhost");
+    let data = d.0.join("data");
+    let _dm = start_daemon(BIN, &data, &args(&["--log-format", "json"]), &[]);
+    let (inst, disk, att) = instance_with_disk(&data, 4 << 20, true);
+    let sock = att["VhostSocket"].as_str().expect("a vhost-user socket").to_owned();
+    let opts = DriverOptions::default();
+    let mut drv = Driver::connect(Path::new(&sock), &opts).expect("connect as the VMM");
+    let hdr = drv.alloc(16).unwrap();
+    let st = drv.alloc(1).unwrap();
+    drv.mem().write_at(hdr.gpa(), &blk_header(0, 0)).unwrap();
+    let q = drv.queue(0).size();
+    // A read whose data buffer lies outside the memory table: answered IOERR, and
+    // logged (a guest could send these at any rate).
+    let chain = [
+        (q - 3, RawDesc::read(hdr.gpa(), 16, Some(q - 2))),
+        (q - 2, RawDesc::write(opts.mem_size + (1 << 30), 4096, Some(q - 1))),
+        (q - 1, RawDesc::write(st.gpa(), 1, None)),
+    ];
+    let t0 = Instant::now();
+    for i in 0..N {
+        let id = drv.queue(0).push_raw(&chain, q - 3, Some(st.gpa())).unwrap();
+        let c = drv
+            .queue(0)
+            .wait_for(id, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("chain {i}: no answer: {e}"));
+        assert_eq!(c.status, 1, "VIRTIO_BLK_S_IOERR");
+    }
+    let flood = t0.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    let refused: Vec<Value> = json_lines(&data)
+        .into_iter()
+        .filter(|v| v["message"] == "vhost-user: refused a malformed descriptor chain")
+        .collect();
+    assert!(!refused.is_empty());
+    assert!(
+        refused.len() as u64 <= 10 * (flood.as_secs() / 10 + 1),
+        "{} lines for {N} malformed chains in {flood:?}",
+        refused.len()
+    );
+    for v in &refused {
+        assert_eq!(v["level"], "WARN", "{v}");
+        assert_eq!(
+            (v["disk"].as_str(), v["instance"].as_str()),
+            (Some(&*disk), Some(&*inst)),
+            "{v}"
+        );
+        assert_eq!(v["queue"], 0, "{v}");
+        assert_eq!(v["head"], q - 3, "{v}");
+        assert!(v["why"].is_string() && v["suppressed"].is_u64(), "{v}");
+    }
+    // The VMM's connect is logged with the disk and instance too.
+    let connected = json_lines(&data)
+        .into_iter()
+        .find(|v| v["message"] == "vhost-user: VMM connected")
+        .expect("VMM connected line");
+    assert_eq!(connected["disk"], disk.as_str(), "{connected}");
+    assert_eq!(connected["vmm_pid"], std::process::id(), "{connected}");
+}
