@@ -336,8 +336,13 @@ pub const EXIT_DATA_PATH_PANIC: i32 = 70;
 pub fn exit_on_data_path_panic() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        default(info);
         let name = std::thread::current().name().unwrap_or("").to_string();
+        if crate::logging::is_json() {
+            // The log is JSON lines: the panic is one of them.
+            error!(thread = %name, "thread panicked: {info}");
+        } else {
+            default(info);
+        }
         if name.starts_with("reactor-") || name == "pool-meta" {
             error!(
                 thread = %name,

@@ -371,3 +371,42 @@ fn a_flood_of_malformed_vhost_chains_is_rate_limited() {
     assert_eq!(connected["disk"], disk.as_str(), "{connected}");
     assert_eq!(connected["vmm_pid"], std::process::id(), "{connected}");
 }
+
+#[test]
+fn a_data_path_panic_is_a_json_line_too() {
+    let d = TempDir::new("logs-panic");
+    let data = d.0.join("data");
+    let mut dm = start_daemon(
+        BIN,
+        &data,
+        &args(&["--log-format", "json"]),
+        &[("SEALDISK_FAULTS", "reactor:panic=1500ms")],
+    );
+    let t = Instant::now();
+    let st = loop {
+        if let Some(st) = dm.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the daemon lives on after a reactor panic"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(st.code(), Some(sealdisk::daemon::EXIT_DATA_PATH_PANIC));
+    // Every line is JSON (json_lines panics otherwise), the panic among them.
+    let lines = json_lines(&data);
+    let p = lines
+        .iter()
+        .find(|v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("reactor-0 panicked"))
+        })
+        .expect("the panic's line");
+    assert_eq!(p["level"], "ERROR", "{p}");
+    assert!(
+        p["message"].as_str().unwrap().contains("injected by SEALDISK_FAULTS"),
+        "{p}"
+    );
+}

@@ -112,6 +112,14 @@ pub fn filter(flag: Option<&str>, env: Option<&str>) -> Result<Targets, LogError
     }
 }
 
+static JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the installed logger writes JSON lines (then nothing else may write a
+/// line to stderr: the panic hook logs panics as events instead).
+pub fn is_json() -> bool {
+    JSON.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Installs the process's logger: `format` lines on stderr, filtered by
 /// [`filter`]`(level, RUST_LOG)`.
 pub fn init(format: LogFormat, level: Option<&str>) -> Result<(), LogError> {
@@ -134,7 +142,9 @@ pub fn init(format: LogFormat, level: Option<&str>) -> Result<(), LogError> {
             )
             .try_init(),
     };
-    r.map_err(|e| LogError::AlreadySet(e.to_string()))
+    r.map_err(|e| LogError::AlreadySet(e.to_string()))?;
+    JSON.store(format == LogFormat::Json, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
 }
 
 /// `uid:U,pid:P` of a control socket peer, or `-`.
