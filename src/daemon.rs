@@ -18,6 +18,7 @@ use crate::frontend::nbd::{NbdConfig, NbdServer};
 use crate::kms::{Kms, KmsConfig};
 use crate::reactor::{ReactorConfig, Reactors};
 use crate::volume::{Faults, Pool};
+use tracing::{error, info, warn};
 
 pub use crate::layout::{NBD_SOCKET_FILE, POOL_FILE, SOCKET_FILE};
 /// Default size of a new pool file (sparse).
@@ -94,15 +95,6 @@ impl DaemonConfig {
     }
 }
 
-/// One line on stderr, with a UTC timestamp.
-pub fn log(msg: &str) {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    eprintln!("{} sealdisk: {msg}", crate::units::rfc3339(secs, None));
-}
-
 /// A running daemon.
 pub struct Daemon {
     control: Arc<Control>,
@@ -157,7 +149,7 @@ impl Daemon {
         };
         let faults = Faults::parse(&pool_faults.join(",")).map_err(|e| format!("SEALDISK_FAULTS: {e}"))?;
         if !spec.is_empty() {
-            log(&format!("SEALDISK_FAULTS={spec}: injecting faults"));
+            warn!(faults = %spec, "SEALDISK_FAULTS is set: injecting faults");
         }
         let pool = Pool::open_with_faults(
             db.clone(),
@@ -176,11 +168,11 @@ impl Daemon {
         // Volumes of a copy the last run did not finish (killed mid-copy).
         let swept = crate::control::check::sweep_unreferenced(&db, &pool).map_err(|e| e.to_string())?;
         if !swept.is_empty() {
-            log(&format!(
-                "removed {} volume(s) no disk, snapshot or image refers to (an interrupted copy): {}",
-                swept.len(),
-                swept.join(", ")
-            ));
+            warn!(
+                volumes = %swept.join(","),
+                "removed {} volume(s) no disk, snapshot or image refers to (an interrupted copy)",
+                swept.len()
+            );
         }
         let reactors = Arc::new(Reactors::start(&cfg.reactors).map_err(|e| format!("reactors: {e}"))?);
         if let Some(after) = panic_after {
@@ -207,17 +199,10 @@ impl Daemon {
         );
         let (restored, failed) = control.restore_attachments().map_err(|e| e.to_string())?;
         if !restored.is_empty() {
-            log(&format!(
-                "restored {} attached disk(s): {}",
-                restored.len(),
-                restored.join(", ")
-            ));
+            info!(disks = %restored.join(","), "restored {} attached disk(s)", restored.len());
         }
         for (id, e) in &failed {
-            log(&format!(
-                "could not restore disk {id} to the data path: {} ({e})",
-                e.code()
-            ));
+            error!(disk = %id, code = e.code(), error = %e, "could not restore the disk to the data path");
         }
 
         let nbd_sock = cfg.nbd_socket_path();
@@ -225,9 +210,7 @@ impl Daemon {
         let tls = match (cfg.nbd_tcp, &cfg.tls_dir) {
             (Some(_), Some(d)) => Some(crate::frontend::nbd::tls::server_config(d)?),
             (Some(a), None) if cfg.nbd_tcp_insecure && a.ip().is_loopback() => {
-                log(&format!(
-                    "NBD over TCP on {a} WITHOUT TLS (--nbd-tcp-insecure): loopback clients only"
-                ));
+                warn!(addr = %a, "NBD over TCP WITHOUT TLS (--nbd-tcp-insecure): loopback clients only");
                 None
             }
             (Some(a), None) => {
@@ -252,23 +235,13 @@ impl Daemon {
         )
         .map_err(|e| format!("NBD server on {}: {e}", nbd_sock.display()))?;
         let _ = std::fs::set_permissions(&nbd_sock, std::fs::Permissions::from_mode(0o600));
-        log(&format!(
-            "NBD exports (attached disks, by disk id) on {}{}",
-            nbd_sock.display(),
-            nbd.tcp_addr().map(|a| format!(" and tcp://{a}")).unwrap_or_default()
-        ));
+        info!(
+            socket = %nbd_sock.display(),
+            tcp = nbd.tcp_addr().map(|a| a.to_string()),
+            "NBD exports (attached disks, by disk id)"
+        );
 
-        let logf: Arc<dyn Fn(LogLine) + Send + Sync> = Arc::new(|l: LogLine| {
-            log(&format!(
-                "rpc {} account={} caller={} -> {}",
-                l.method,
-                l.account.as_deref().unwrap_or("-"),
-                l.caller
-                    .map(|c| format!("uid:{},pid:{}", c.uid, c.pid))
-                    .unwrap_or_else(|| "-".into()),
-                l.code
-            ))
-        });
+        let logf: Arc<dyn Fn(LogLine) + Send + Sync> = Arc::new(|l: LogLine| crate::control::rpc::log_line(&l));
         let sock = cfg.socket_path();
         let server = RpcServer::start(&sock, control.clone(), logf).map_err(|e| format!("{}: {e}", sock.display()))?;
         if let Some(g) = cfg.rpc_gid {
@@ -278,14 +251,14 @@ impl Daemon {
             std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o660))
                 .map_err(|e| format!("{}: {e}", sock.display()))?;
         }
-        log(&format!(
-            "serving {} (data dir {}, pool {}, {} reactor(s), KMS {})",
-            sock.display(),
-            dir.display(),
-            pool_path.display(),
-            reactors.len(),
-            control.kms().backend_kind()
-        ));
+        info!(
+            socket = %sock.display(),
+            data_dir = %dir.display(),
+            pool = %pool_path.display(),
+            reactors = reactors.len(),
+            kms = %control.kms().backend_kind(),
+            "serving"
+        );
         Ok(Daemon {
             control,
             server: Some(server),
@@ -303,9 +276,7 @@ impl Daemon {
         // Background tasks first (a copy stops between batches and cleans up).
         let left = self.control.cancel_tasks(std::time::Duration::from_secs(3));
         if left > 0 {
-            log(&format!(
-                "{left} background task(s) did not stop in 3 s; the next start removes what they made"
-            ));
+            warn!("{left} background task(s) did not stop in 3 s; the next start removes what they made");
         }
         if let Some(n) = self.nbd.take() {
             n.shutdown();
@@ -314,7 +285,7 @@ impl Daemon {
             s.stop();
         }
         let off = self.control.detach_all_exports();
-        log(&format!("took {} disk(s) off the data path; keys wiped", off.len()));
+        info!(disks = off.len(), "took the disks off the data path; keys wiped");
         self.reactors.take();
     }
 }
@@ -360,12 +331,18 @@ pub const EXIT_DATA_PATH_PANIC: i32 = 70;
 pub fn exit_on_data_path_panic() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        default(info);
         let name = std::thread::current().name().unwrap_or("").to_string();
+        if crate::logging::is_json() {
+            // The log is JSON lines: the panic is one of them.
+            error!(thread = %name, "thread panicked: {info}");
+        } else {
+            default(info);
+        }
         if name.starts_with("reactor-") || name == "pool-meta" {
-            log(&format!(
+            error!(
+                thread = %name,
                 "{name} panicked ({info}); exiting with status {EXIT_DATA_PATH_PANIC} so a supervisor restarts sealdisk"
-            ));
+            );
             // SAFETY: _exit(2) ends the process at once; nothing runs after it.
             unsafe { libc::_exit(EXIT_DATA_PATH_PANIC) };
         }
@@ -402,15 +379,13 @@ pub fn run(cfg: DaemonConfig) -> Result<(), String> {
     block_signals();
     exit_on_data_path_panic();
     let nofile = raise_nofile_limit();
-    log(&format!("open-files limit {nofile}"));
+    info!(nofile, "open-files limit");
     let d = Daemon::start(cfg)?;
     let sig = wait_for_signal();
-    log(&format!(
-        "signal {} received; shutting down",
-        if sig == libc::SIGTERM { "SIGTERM" } else { "SIGINT" }
-    ));
+    let signal = if sig == libc::SIGTERM { "SIGTERM" } else { "SIGINT" };
+    info!(signal, "signal received; shutting down");
     d.shutdown();
-    log("stopped");
+    info!("stopped");
     Ok(())
 }
 

@@ -311,8 +311,19 @@ fn the_tests_own_key_expansion_matches_fips_197() {
     assert_eq!(hex::encode(&rk[14][12..]), "706c631e");
 }
 
-fn run(kernel: &str) {
-    let base = std::env::temp_dir().join(format!("sealdisk-core-{kernel}-{}", std::process::id()));
+/// The guest data `io` writes (a pattern of period 251): every 16-byte window of it.
+fn guest_data() -> Vec<(String, Vec<u8>)> {
+    vec![(
+        "guest data".to_string(),
+        (0..251 + 16).map(|i| (i * 7 % 251) as u8).collect(),
+    )]
+}
+
+/// `log_args`: how the daemon logs (the log is scanned like every other file, and
+/// for the guest's data as well).
+fn run(kernel: &str, log_args: &[&str]) {
+    let tag = if log_args.is_empty() { "human" } else { "json" };
+    let base = std::env::temp_dir().join(format!("sealdisk-core-{kernel}-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&base);
     std::fs::create_dir_all(&base).unwrap();
     let dir = Dir(base.clone());
@@ -322,6 +333,7 @@ fn run(kernel: &str) {
         .args(["serve", "--data-dir"])
         .arg(&data)
         .args(["--cores", "0", "--pool-size", "64M", "--no-qos"])
+        .args(log_args)
         .env("SEALDISK_XTS_KERNEL", kernel)
         .env_remove("SEALDISK_KMS_ROOT_KEY")
         .stdin(Stdio::null())
@@ -369,6 +381,22 @@ fn run(kernel: &str) {
         }
     }
     walk(&data, &mut files);
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log_text.contains("disk attached") && log_text.contains("NBD: connection closed"),
+        "the log has the run's lines: {log_text}"
+    );
+    if tag == "json" {
+        for l in log_text.lines().filter(|l| !l.is_empty()) {
+            let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}"));
+            assert!(v["level"].is_string(), "{l}");
+        }
+    }
+    scan(
+        &format!("{kernel}: the daemon's log"),
+        log_text.as_bytes(),
+        &guest_data(),
+    );
     files.push(log);
     let others: Vec<(String, Vec<u8>)> = s.iter().filter(|(n, _)| n != "root key").cloned().collect();
     for f in files {
@@ -395,10 +423,17 @@ fn run(kernel: &str) {
 
 #[test]
 fn no_key_bytes_in_core_dumps_files_or_logs_with_the_aesni_kernel() {
-    run("aesni");
+    run("aesni", &[]);
 }
 
 #[test]
 fn no_key_bytes_in_core_dumps_files_or_logs_with_the_vaes_kernel() {
-    run("vaes-avx2");
+    run("vaes-avx2", &[]);
+}
+
+/// The JSON log at the most verbose level: every line the daemon can write for this
+/// run, scanned for key bytes (raw and hex) and guest data.
+#[test]
+fn no_key_bytes_in_core_dumps_files_or_json_trace_logs() {
+    run("aesni", &["--log-format", "json", "--log-level", "trace"]);
 }

@@ -531,7 +531,10 @@ fn sigkill_during_create_encrypted_copy_leaves_nothing_half_made() {
     // SAFETY: getuid(2) has no preconditions.
     let me = format!("uid:{},pid:{}", unsafe { libc::getuid() }, std::process::id());
     assert!(
-        log2.contains(&format!("rpc CreateEncryptedCopy account={A} caller={me} -> ok")),
+        log2.lines().any(|l| l.contains(" rpc method=CreateEncryptedCopy ")
+            && l.contains(&format!("account=\"{A}\""))
+            && l.contains(&format!("caller={me} "))
+            && l.contains("code=ok")),
         "{log2}"
     );
     let audit = std::fs::read_to_string(d.join("kms/audit.log")).unwrap();

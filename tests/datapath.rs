@@ -441,6 +441,8 @@ fn idle_reactors_park() {
             "an idle reactor spent {:.1}% of its time busy",
             busy * 100.0
         );
+        // Parked, not spinning (spinning would count as idle time too).
+        assert!(d.parks > 0 && d.polls < 1000, "{d:?}");
     }
     // And it still answers promptly after parking.
     let t = std::time::Instant::now();

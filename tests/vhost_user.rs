@@ -560,10 +560,18 @@ fn idle_queues_park_and_a_kick_wakes_them() {
     let after = r.reactors.stats();
     let wall = t.elapsed().as_nanos() as u64;
     for (a, b) in after.iter().zip(&before) {
-        let busy = a.since(b).busy_ns;
+        let d = a.since(b);
+        let busy = d.busy_ns;
         assert!(
             busy < wall / 20,
             "an idle reactor was busy {busy} ns of {wall} ns (it should park on the kick eventfd)"
+        );
+        // Idle spinning counts as idle time, so parking shows in the loop count: a
+        // parked reactor iterates a few times a second, a spinning one millions.
+        assert!(
+            d.polls < 1000,
+            "an idle reactor looped {} times in {wall} ns (it should park on the kick eventfd): {d:?}",
+            d.polls
         );
     }
     // The kick after the idle second wakes the parked reactors.

@@ -256,14 +256,7 @@ struct RunOut {
 }
 
 fn sum_stats(v: &[StatsSnapshot]) -> StatsSnapshot {
-    v.iter().fold(StatsSnapshot::default(), |a, s| StatsSnapshot {
-        busy_ns: a.busy_ns + s.busy_ns,
-        idle_ns: a.idle_ns + s.idle_ns,
-        ios: a.ios + s.ios,
-        bytes: a.bytes + s.bytes,
-        queue_full: a.queue_full + s.queue_full,
-        slow_parks: a.slow_parks + s.slow_parks,
-    })
+    v.iter().fold(StatsSnapshot::default(), |a, s| a.plus(s))
 }
 
 /// Run `spec.numjobs` jobs on `bdev`, spread round-robin over the reactors.

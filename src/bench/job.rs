@@ -468,7 +468,7 @@ impl Poller for Job {
             let now = Instant::now();
             for c in comps.drain(..) {
                 let bytes = c.buf.as_ref().map_or(0, |b| b.len() as u64);
-                ctx.stats.add_io(bytes);
+                ctx.stats.add_io(crate::reactor::IoSource::Bench, bytes);
                 self.handle(c, now);
                 work += 1;
             }

@@ -135,6 +135,19 @@ pub fn serve_command() -> Command {
                 .help("record no QoS caps on new disks (benchmarks)"),
         )
         .arg(
+            Arg::new("log-format")
+                .long("log-format")
+                .value_name("FORMAT")
+                .default_value("human")
+                .help("log lines on stderr: human (default) or json (one JSON object per line)"),
+        )
+        .arg(
+            Arg::new("log-level")
+                .long("log-level")
+                .value_name("LEVEL")
+                .help("error, warn, info, debug, trace or off; wins over RUST_LOG (default: RUST_LOG, else info)"),
+        )
+        .arg(
             Arg::new("qos-file")
                 .long("qos-file")
                 .value_name("FILE")
@@ -239,12 +252,24 @@ fn group_id(flag: &str, name: &str) -> Result<u32, String> {
     }
 }
 
+/// Sets up the daemon's log from `--log-format`, `--log-level` and `RUST_LOG`.
+fn logging(m: &ArgMatches) -> Result<(), crate::logging::LogError> {
+    let format: crate::logging::LogFormat = m
+        .get_one::<String>("log-format")
+        .map_or(Ok(Default::default()), |f| f.parse())?;
+    crate::logging::init(format, m.get_one::<String>("log-level").map(String::as_str))
+}
+
 pub fn serve(m: &ArgMatches) -> ExitCode {
+    if let Err(e) = logging(m) {
+        eprintln!("sealdisk serve: {e}");
+        return ExitCode::from(2);
+    }
     let r = config(m).and_then(daemon::run);
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            daemon::log(&format!("cannot serve: {e}"));
+            tracing::error!(error = %e, "cannot serve: {e}");
             ExitCode::from(2)
         }
     }

@@ -178,6 +178,14 @@ impl Control {
         if let Some(p) = vhost {
             reply["VhostSocket"] = json!(p.display().to_string());
         }
+        tracing::info!(
+            disk = %disk_id,
+            instance = %instance_id,
+            account = %account,
+            encrypted = d.encryption.is_some(),
+            new_export = first,
+            "disk attached"
+        );
         Ok(reply)
     }
 
@@ -203,6 +211,13 @@ impl Control {
         if last {
             self.exports.remove(&disk_id);
         }
+        tracing::info!(
+            disk = %disk_id,
+            instance = %instance_id,
+            account = %account,
+            export_removed = last,
+            "disk detached"
+        );
         Ok(json!({ "DiskId": disk_id, "InstanceId": instance_id, "Detached": true }))
     }
 
@@ -220,9 +235,7 @@ impl Control {
         match v.add(instance_id, Export::new(disk_id, e.bdev.clone(), e.read_only)) {
             Ok(p) => Some(p),
             Err(err) => {
-                crate::daemon::log(&format!(
-                    "vhost-user: cannot serve disk {disk_id} to instance {instance_id}: {err}"
-                ));
+                tracing::error!(disk = disk_id, instance = instance_id, error = %err, "vhost-user: cannot serve the disk to its instance");
                 None
             }
         }

@@ -503,9 +503,10 @@ impl Control {
             Ok::<(), ControlError>(())
         })();
         if let Err(e) = r {
-            eprintln!(
-                "sealdisk: CreateEncryptedCopy could not remove the half-made volume {disk_id}: {e}; \
-                 `sealdisk check` lists it"
+            tracing::error!(
+                disk = disk_id,
+                error = %e,
+                "CreateEncryptedCopy could not remove the half-made volume; `sealdisk check` lists it"
             );
         }
     }

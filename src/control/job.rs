@@ -128,10 +128,16 @@ impl Poller for Job {
             },
         };
         let mut work = 0;
+        let (mut ios, mut bytes) = (0u64, 0u64);
         ch.poll(&mut self.done);
         for c in std::mem::take(&mut self.done) {
             work += 1;
             self.inflight -= 1;
+            ios += 1;
+            bytes += match self.ops.get(c.tag as usize) {
+                Some(&Op::Read { len, .. } | &Op::Write { len, .. }) => len as u64,
+                _ => 0,
+            };
             match (c.result, self.ops.get(c.tag as usize)) {
                 (Err(e), _) => {
                     self.err.get_or_insert(JobError::Io(e));
@@ -145,6 +151,9 @@ impl Poller for Job {
                 },
                 (Ok(()), _) => {}
             }
+        }
+        if ios > 0 {
+            ctx.stats.add_ios(crate::reactor::IoSource::Job, ios, bytes);
         }
         if self.cancel.load(Ordering::Acquire) && self.err.is_none() {
             self.err = Some(JobError::Other("cancelled".into()));

@@ -58,6 +58,7 @@ use crate::frontend::vhost::{VhostConfig, VhostServer};
 pub use error::ControlError;
 pub use params::Params;
 pub use qos::{CategoryQos, QosConfig};
+pub use reactors::SlowPathSnapshot;
 
 /// Encryption sector of encrypted disks (plain64 tweak = byte offset / 4096).
 pub const ENCRYPTION_SECTOR: u32 = 4096;
@@ -252,6 +253,11 @@ impl Control {
 
     /// Runs one method. Errors carry a stable code ([`ControlError::code`]).
     pub fn call(&self, method: &str, params: Value) -> Result<Value, ControlError> {
+        self.call_with_id(method, params, &util::new_id("req"))
+    }
+
+    /// [`Control::call`] as request `request_id` (the reply's `RequestId`).
+    pub fn call_with_id(&self, method: &str, params: Value, request_id: &str) -> Result<Value, ControlError> {
         if !METHODS.contains(&method) {
             return Err(ControlError::MethodNotFound(method.to_owned()));
         }
@@ -300,7 +306,7 @@ impl Control {
             _ => Err(ControlError::MethodNotFound(method.to_owned())),
         }?;
         if let Value::Object(m) = &mut v {
-            m.insert("RequestId".into(), Value::String(util::new_id("req")));
+            m.insert("RequestId".into(), Value::String(request_id.to_owned()));
         }
         Ok(v)
     }

@@ -13,16 +13,26 @@ use super::error::{rpc_code, ControlError};
 /// Something that runs methods (the [`super::Control`], or a test double).
 pub trait Handler {
     fn call(&self, method: &str, params: Value) -> Result<Value, ControlError>;
+    /// [`Handler::call`] as request `request_id` (the id the log line and the
+    /// reply's `RequestId` carry).
+    fn call_with_id(&self, method: &str, params: Value, request_id: &str) -> Result<Value, ControlError> {
+        let _ = request_id;
+        self.call(method, params)
+    }
 }
 
 impl Handler for super::Control {
     fn call(&self, method: &str, params: Value) -> Result<Value, ControlError> {
         super::Control::call(self, method, params)
     }
+    fn call_with_id(&self, method: &str, params: Value, request_id: &str) -> Result<Value, ControlError> {
+        super::Control::call_with_id(self, method, params, request_id)
+    }
 }
 
-/// One line of outcome for the log: method, account, result code. Never parameters
-/// beyond the account, never results.
+/// One line of outcome for the log: method, account, request id, result code,
+/// duration and the error message. Never parameters beyond the account, never
+/// results.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogLine {
     pub method: String,
@@ -30,6 +40,44 @@ pub struct LogLine {
     pub code: String,
     /// The control socket's peer, when known.
     pub caller: Option<crate::kms::Caller>,
+    /// The request's id (`RequestId` of the reply; `data.request_id` of an error).
+    pub request_id: String,
+    /// Time from parsing the request to its result.
+    pub duration: std::time::Duration,
+    /// The error message, on failure.
+    pub error: Option<String>,
+}
+
+/// Writes `l` to the daemon's log: one line per RPC, `info` when it succeeded,
+/// `warn` when it failed (with the error message).
+pub fn log_line(l: &LogLine) {
+    let caller = crate::logging::caller_field(l.caller);
+    // The method is the client's string: at most 64 characters of it (a known
+    // method is shorter).
+    let method: String = l.method.chars().take(64).collect();
+    let account: Option<String> = l.account.as_ref().map(|a| a.chars().take(64).collect());
+    let duration_us = l.duration.as_micros() as u64;
+    match &l.error {
+        None => tracing::info!(
+            method = %method,
+            account = account.as_deref(),
+            request_id = %l.request_id,
+            caller = %caller,
+            code = %l.code,
+            duration_us,
+            "rpc"
+        ),
+        Some(e) => tracing::warn!(
+            method = %method,
+            account = account.as_deref(),
+            request_id = %l.request_id,
+            caller = %caller,
+            code = %l.code,
+            duration_us,
+            error = %e,
+            "rpc failed"
+        ),
+    }
 }
 
 fn error_obj(rpc: i64, message: &str, code: &str, retry_after_ms: Option<u64>) -> Value {
@@ -61,6 +109,7 @@ fn invalid_request(why: &str) -> Value {
 
 /// Handles one request object; `None` for a notification.
 fn handle_one(h: &dyn Handler, req: Value, log: &mut dyn FnMut(LogLine)) -> Option<Value> {
+    let started = std::time::Instant::now();
     let Value::Object(mut m) = req else {
         return Some(response_err(
             Value::Null,
@@ -93,17 +142,31 @@ fn handle_one(h: &dyn Handler, req: Value, log: &mut dyn FnMut(LogLine)) -> Opti
                 "InvalidParameter.Params",
                 "params must be an object of named ECS parameters (by-position arrays are not supported)",
             );
+            let request_id = super::util::new_id("req");
             log(LogLine {
                 method,
                 account: None,
                 code: e.code().to_owned(),
                 caller: crate::kms::audit::caller(),
+                request_id: request_id.clone(),
+                duration: started.elapsed(),
+                error: Some(e.to_string()),
             });
-            return id.map(|_| response_err(reply_id, control_error(&e)));
+            return id.map(|_| response_err(reply_id, with_request_id(control_error(&e), &request_id)));
         }
     };
     let account = params.get("AccountId").and_then(Value::as_str).map(str::to_owned);
-    let result = h.call(&method, params);
+    let request_id = super::util::new_id("req");
+    let caller = crate::kms::audit::caller();
+    // Every line logged while the method runs carries the request's id.
+    let span = tracing::info_span!(
+        "rpc",
+        method = %method.chars().take(64).collect::<String>(),
+        request_id = %request_id,
+        account = account.as_ref().map(|a| a.chars().take(64).collect::<String>()),
+        caller = %crate::logging::caller_field(caller),
+    );
+    let result = span.in_scope(|| h.call_with_id(&method, params, &request_id));
     log(LogLine {
         method,
         account,
@@ -111,13 +174,24 @@ fn handle_one(h: &dyn Handler, req: Value, log: &mut dyn FnMut(LogLine)) -> Opti
             Ok(_) => "ok".into(),
             Err(e) => e.code().to_owned(),
         },
-        caller: crate::kms::audit::caller(),
+        caller,
+        request_id: request_id.clone(),
+        duration: started.elapsed(),
+        error: result.as_ref().err().map(ToString::to_string),
     });
     let id = id?;
     Some(match result {
         Ok(v) => json!({ "jsonrpc": "2.0", "id": id, "result": v }),
-        Err(e) => response_err(id, control_error(&e)),
+        Err(e) => response_err(id, with_request_id(control_error(&e), &request_id)),
     })
+}
+
+/// An error object with the request's id in `data.request_id` (to find its log line).
+fn with_request_id(mut err: Value, request_id: &str) -> Value {
+    if let Some(d) = err.get_mut("data").and_then(Value::as_object_mut) {
+        d.insert("request_id".into(), json!(request_id));
+    }
+    err
 }
 
 /// Handles one line of input (a request or a batch); returns the line to send back
@@ -147,4 +221,55 @@ pub fn handle_line(h: &dyn Handler, line: &[u8], log: &mut dyn FnMut(LogLine)) -
         other => handle_one(h, other, log),
     };
     out.map(|v| v.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Echoes the request id it was given; `Fail` fails.
+    struct Echo;
+    impl Handler for Echo {
+        fn call(&self, _: &str, _: Value) -> Result<Value, ControlError> {
+            unreachable!("handle_line calls call_with_id")
+        }
+        fn call_with_id(&self, method: &str, _: Value, request_id: &str) -> Result<Value, ControlError> {
+            if method == "Fail" {
+                return Err(ControlError::param("InvalidParameter.Test", "it failed as asked"));
+            }
+            Ok(json!({ "RequestId": request_id }))
+        }
+    }
+
+    fn one(line: &str) -> (Value, Vec<LogLine>) {
+        let mut lines = Vec::new();
+        let out = handle_line(&Echo, line.as_bytes(), &mut |l| lines.push(l)).unwrap();
+        (serde_json::from_str(&out).unwrap(), lines)
+    }
+
+    #[test]
+    fn the_log_line_and_the_reply_share_the_request_id() {
+        let (v, l) = one(r#"{"jsonrpc":"2.0","id":1,"method":"Ok","params":{"AccountId":"a1"}}"#);
+        assert_eq!(l.len(), 1);
+        let id = v["result"]["RequestId"].as_str().unwrap();
+        assert!(id.starts_with("req-"), "{v}");
+        assert_eq!(l[0].request_id, id);
+        assert_eq!((l[0].method.as_str(), l[0].code.as_str()), ("Ok", "ok"));
+        assert_eq!(l[0].account.as_deref(), Some("a1"));
+        assert_eq!(l[0].error, None);
+    }
+
+    #[test]
+    fn a_failed_call_logs_its_message_and_the_error_names_the_request() {
+        let (v, l) = one(r#"{"jsonrpc":"2.0","id":2,"method":"Fail","params":{}}"#);
+        assert_eq!(l[0].code, "InvalidParameter.Test");
+        assert_eq!(l[0].error.as_deref(), Some(v["error"]["message"].as_str().unwrap()));
+        assert!(l[0].error.as_deref().unwrap().contains("it failed as asked"));
+        assert_eq!(v["error"]["data"]["request_id"], l[0].request_id.as_str());
+        assert_eq!(v["error"]["data"]["code"], "InvalidParameter.Test");
+        // Positional params: refused, logged, and named too.
+        let (v, l) = one(r#"{"jsonrpc":"2.0","id":3,"method":"Ok","params":[1]}"#);
+        assert_eq!(l[0].code, "InvalidParameter.Params");
+        assert_eq!(v["error"]["data"]["request_id"], l[0].request_id.as_str());
+    }
 }

@@ -150,7 +150,7 @@ impl Tasks {
                     },
                 };
                 if let State::Failed { code, message } = &state {
-                    crate::daemon::log(&format!("task {} ({}) failed: {code}: {message}", task.id, task.action));
+                    tracing::warn!(task = %task.id, action = %task.action, code = %code, error = %message, "background task failed");
                 }
                 *task.state.lock().expect("task state") = (state, Some((super::util::now_rfc3339(), Instant::now())));
             })

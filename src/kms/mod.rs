@@ -25,6 +25,7 @@ mod format;
 mod fsutil;
 mod local;
 mod quota;
+mod stats;
 mod transit;
 
 use std::collections::BTreeMap;
@@ -47,6 +48,7 @@ pub use local::{
     LocalConfig, LocalKms, RootKeySource, KEYSTORE_FILE, ROOT_KEY_CREDENTIAL, ROOT_KEY_ENV, ROOT_KEY_FILE,
 };
 pub use quota::{Clock, ManualClock, QuotaConfig, RegionUsage, Reservation, SystemClock};
+pub use stats::{KmsBackendSnapshot, KmsStats, KmsStatsSnapshot};
 pub use transit::{TransitConfig, TransitKms};
 
 use format::validate_id;
@@ -269,6 +271,7 @@ pub struct Kms {
     activations: Mutex<BTreeMap<(String, String), Activation>>,
     quota: Arc<QuotaTable>,
     audit: Mutex<audit::AuditLog>,
+    stats: KmsStats,
 }
 
 impl fmt::Debug for Kms {
@@ -326,6 +329,7 @@ impl Kms {
             activations: Mutex::new(activations),
             quota: Arc::new(QuotaTable::new(config.quota, config.clock)),
             audit: Mutex::new(audit),
+            stats: KmsStats::default(),
         })
     }
 
@@ -335,6 +339,11 @@ impl Kms {
             Backend::Local(_) => BackendKind::Local,
             Backend::Transit(_) => BackendKind::Transit,
         }
+    }
+
+    /// Call counters per backend.
+    pub fn stats(&self) -> KmsStatsSnapshot {
+        self.stats.snapshot()
     }
 
     /// The backend itself.
@@ -417,7 +426,32 @@ impl Kms {
                 region: call.region.to_owned(),
             })
         } else {
-            self.meter(&call).and_then(|()| f())
+            match self.meter(&call) {
+                Err(e) => {
+                    if matches!(e, KmsError::Throttled { .. }) {
+                        self.stats.throttled(self.backend_kind());
+                    }
+                    Err(e)
+                }
+                Ok(()) => {
+                    let t = std::time::Instant::now();
+                    let r = f();
+                    self.stats.call(self.backend_kind(), t.elapsed(), r.is_ok());
+                    if let Err(e) = &r {
+                        tracing::warn!(
+                            backend = %self.backend_kind(),
+                            operation = call.op,
+                            account = call.account,
+                            region = call.region,
+                            disk = call.opts.disk_id,
+                            code = e.code(),
+                            error = %e,
+                            "KMS call failed"
+                        );
+                    }
+                    r
+                }
+            }
         };
         match res {
             Ok((v, cmk_id)) => {

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use crossbeam_queue::ArrayQueue;
 use io_uring::{opcode, types};
 
-pub use stats::{ReactorStats, StatsSnapshot};
+pub use stats::{IoCount, IoSource, IoSources, ReactorStats, StatsSnapshot};
 
 use crate::bdev::ChannelCtx;
 use crate::iobuf::BufPool;
@@ -427,16 +427,20 @@ fn run(
         });
         // Completions already reaped into a route queue (by a channel polled
         // after their owner) are work too: parking now would sleep on them.
+        // Busy vs idle as SPDK counts them: an iteration that did work is
+        // busy time, one that found none is idle time, spinning or not.
+        if work > 0 {
+            shared.stats.add_busy(dt);
+        } else {
+            shared.stats.add_idle_poll(dt);
+        }
         if work > 0 || ring.queued() > 0 || polling {
             last_work = now;
-            shared.stats.add_busy(dt);
             continue;
         }
         if now.duration_since(last_work) < cfg.spin {
-            shared.stats.add_busy(dt);
             continue;
         }
-        shared.stats.add_busy(dt);
         // Park.
         shared.parked.store(true, Ordering::SeqCst);
         fence(Ordering::SeqCst);

@@ -175,6 +175,7 @@ impl Bdev for VolumeBdev {
             .ok_or_else(|| std::io::Error::other("pool is shutting down"))?;
         let (reply_tx, replies) = mpsc::channel();
         Ok(Box::new(VolumeChannel {
+            meta_stats: self.pool.meta.stats().clone(),
             lower: Lower::new(self.pool.base.open_channel(ctx)?),
             epochs: self.pool.epochs.clone(),
             slots: self.pool.epochs.register(),
@@ -225,6 +226,7 @@ struct VolumeChannel {
     cluster: u64,
     bufs: BufPool,
     meta: Sender<MetaReq>,
+    meta_stats: Arc<super::MetaStats>,
     reply_tx: Sender<(u64, Result<(), IoError>)>,
     replies: Receiver<(u64, Result<(), IoError>)>,
     waker: crate::bdev::Waker,
@@ -318,6 +320,8 @@ impl VolumeChannel {
         };
         if self.meta.send(req).is_err() {
             self.finish(idx, Err(IoError::Device { errno: libc::ESHUTDOWN }), None);
+        } else {
+            self.meta_stats.enqueued();
         }
     }
 }

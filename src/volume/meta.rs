@@ -26,18 +26,21 @@ use std::path::Path;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redb::{ReadableTable, ReadableTableMetadata};
 
 use super::bdev::VolState;
 use super::epochs::{Epochs, Limbo};
 use super::faults::{FaultPoint, Faults};
+use super::meta_stats::MetaStats;
 use super::tables::*;
 use super::{db_err, VolumeError};
 use crate::bdev::IoError;
 
 const MAX_BATCH: usize = 64;
+/// Failed volume writes (a guest can cause them at any rate, e.g. by filling the pool).
+static PREPARE_ERRORS: crate::logging::RateLimit = crate::logging::RateLimit::standard();
 /// How often an idle metadata thread advances grace periods while freed
 /// clusters wait for one.
 const RECLAIM_TICK: Duration = Duration::from_millis(1);
@@ -68,10 +71,12 @@ pub(crate) struct Shared {
     pub epochs: Arc<Epochs>,
     pub limbo: Arc<Limbo>,
     pub faults: Arc<Faults>,
+    pub stats: Arc<MetaStats>,
 }
 
 pub(crate) struct MetaHandle {
     tx: Mutex<Option<Sender<MetaReq>>>,
+    stats: Arc<MetaStats>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -90,6 +95,7 @@ impl MetaHandle {
             .open(path)
             .map_err(|e| VolumeError::io(path.display().to_string(), e))?;
         let (tx, rx) = mpsc::channel();
+        let stats = shared.stats.clone();
         let mut worker = Worker {
             db,
             file,
@@ -104,6 +110,7 @@ impl MetaHandle {
             .map_err(|e| VolumeError::io("starting the pool metadata thread", e))?;
         Ok(MetaHandle {
             tx: Mutex::new(Some(tx)),
+            stats,
             thread: Mutex::new(Some(thread)),
         })
     }
@@ -111,6 +118,11 @@ impl MetaHandle {
     /// A sender for a channel to keep (cheap to clone, lock-free to use).
     pub fn sender(&self) -> Option<Sender<MetaReq>> {
         self.tx.lock().expect("meta sender").clone()
+    }
+
+    /// The thread's counters (senders count what they hand over).
+    pub fn stats(&self) -> &Arc<MetaStats> {
+        &self.stats
     }
 }
 
@@ -205,6 +217,19 @@ fn to_io_error(e: &VolumeError) -> IoError {
     }
 }
 
+/// A request the metadata thread answers with an error (rate-limited: a guest can
+/// cause them at any rate, e.g. by filling the pool).
+fn note_failed_write(volume: &str, e: &VolumeError) {
+    crate::log_limited!(
+        PREPARE_ERRORS,
+        warn,
+        volume,
+        error = %e,
+        errno = %to_io_error(e),
+        "pool metadata: a volume write failed"
+    );
+}
+
 impl Worker {
     fn run(&mut self, rx: Receiver<MetaReq>) {
         loop {
@@ -223,6 +248,7 @@ impl Worker {
                     Err(RecvTimeoutError::Disconnected) => break,
                 }
             };
+            let t0 = Instant::now();
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
@@ -230,6 +256,7 @@ impl Worker {
                     Err(_) => break,
                 }
             }
+            self.shared.stats.dequeued(batch.len());
             self.reclaim();
             match self.commit(&batch) {
                 Ok(()) => {
@@ -237,23 +264,29 @@ impl Worker {
                         let _ = r.reply.send((r.tag, Ok(())));
                     }
                 }
-                Err(Failure::Prepare(_)) if batch.len() > 1 => {
+                Err(Failure::Prepare(e)) if batch.len() > 1 => {
+                    tracing::debug!(requests = batch.len(), error = %e, "pool metadata: batch failed; retrying request by request");
                     // Find out which request fails: one transaction each.
                     for r in &batch {
                         let res = self.commit(std::slice::from_ref(r)).map_err(|f| match f {
-                            Failure::Prepare(e) | Failure::Durability(e) => to_io_error(&e),
+                            Failure::Prepare(e) | Failure::Durability(e) => {
+                                note_failed_write(&r.vol.id, &e);
+                                to_io_error(&e)
+                            }
                         });
                         let _ = r.reply.send((r.tag, res));
                     }
                 }
                 Err(Failure::Prepare(e)) => {
+                    note_failed_write(&batch[0].vol.id, &e);
                     let _ = batch[0].reply.send((batch[0].tag, Err(to_io_error(&e))));
                 }
                 Err(Failure::Durability(e)) => {
-                    crate::daemon::log(&format!(
-                        "pool metadata: {e}; the {} request(s) of this batch failed with EIO, nothing else changed",
-                        batch.len()
-                    ));
+                    tracing::error!(
+                        requests = batch.len(),
+                        error = %e,
+                        "pool metadata: fdatasync or commit failed; the batch's requests failed with EIO, nothing else changed"
+                    );
                     for r in &batch {
                         let _ = r.reply.send((r.tag, Err(IoError::Device { errno: libc::EIO })));
                     }
@@ -262,6 +295,7 @@ impl Worker {
             for r in &batch {
                 (r.waker)();
             }
+            self.shared.stats.batch().record_duration(t0.elapsed());
         }
     }
 
@@ -275,18 +309,34 @@ impl Worker {
     }
 
     fn commit(&mut self, batch: &[MetaReq]) -> Result<(), Failure> {
+        let res = self.commit_inner(batch);
+        match &res {
+            Err(Failure::Prepare(_)) => self.shared.stats.prepare_failed(),
+            Err(Failure::Durability(_)) => self.shared.stats.durability_failed(),
+            Ok(()) => {}
+        }
+        res
+    }
+
+    fn commit_inner(&mut self, batch: &[MetaReq]) -> Result<(), Failure> {
+        let stats = self.shared.stats.clone();
+        let t = Instant::now();
         let txn = self.db.begin_write().map_err(|e| Failure::Prepare(db_err(e)))?;
+        stats.writer_wait().record_duration(t.elapsed());
         let mut fx = Effects::default();
         let res = batch
             .iter()
             .try_for_each(|r| self.apply(&txn, r, &mut fx))
             .map_err(Failure::Prepare)
             .and_then(|()| {
-                self.shared
+                let t = Instant::now();
+                let r = self
+                    .shared
                     .faults
                     .at(FaultPoint::PoolSync)
-                    .and_then(|()| self.file.sync_data())
-                    .map_err(|e| Failure::Durability(VolumeError::io("fdatasync of the pool", e)))
+                    .and_then(|()| self.file.sync_data());
+                stats.fdatasync().record_duration(t.elapsed());
+                r.map_err(|e| Failure::Durability(VolumeError::io("fdatasync of the pool", e)))
             })
             .and_then(|()| {
                 self.shared
@@ -296,7 +346,12 @@ impl Worker {
             });
         let res = match res {
             // Dropping the transaction aborts it.
-            Ok(()) => txn.commit().map_err(|e| Failure::Durability(db_err(e))),
+            Ok(()) => {
+                let t = Instant::now();
+                let r = txn.commit().map_err(|e| Failure::Durability(db_err(e)));
+                stats.commit().record_duration(t.elapsed());
+                r
+            }
             Err(f) => Err(f),
         };
         if res.is_err() {

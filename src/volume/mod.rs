@@ -29,10 +29,12 @@ mod bdev;
 mod epochs;
 mod faults;
 mod meta;
+mod meta_stats;
 mod tables;
 
 pub use bdev::VolumeBdev;
 pub use faults::{FaultPoint, Faults};
+pub use meta_stats::{MetaStats, MetaStatsSnapshot};
 
 use std::collections::HashMap;
 use std::fs::OpenOptions;
@@ -288,6 +290,7 @@ impl Pool {
                 epochs: epochs.clone(),
                 limbo: limbo.clone(),
                 faults: faults.clone(),
+                stats: Arc::new(MetaStats::default()),
             },
         )?;
         Ok(Arc::new(Pool {
@@ -567,6 +570,12 @@ impl Pool {
         let state = Arc::new(bdev::VolState::load(self, id)?);
         open.insert(id.to_string(), Arc::downgrade(&state));
         Ok(Arc::new(VolumeBdev::new(self.clone(), state)))
+    }
+
+    /// The metadata thread's counters (queue depth, batches, fdatasync and commit
+    /// latency, time waiting for the catalog writer).
+    pub fn meta_stats(&self) -> MetaStatsSnapshot {
+        self.meta.stats().snapshot()
     }
 
     /// Verify the pool against the maps: every map entry inside the pool and

@@ -59,6 +59,7 @@ const TAG_RECV: u64 = 1;
 const TAG_SEND: u64 = 2;
 
 /// Start a connection on this reactor (called from a message).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn start(
     ctx: &mut ReactorCtx,
     sh: Arc<Shared>,
@@ -67,6 +68,7 @@ pub(super) fn start(
     tail: Vec<u8>,
     go: Option<u32>,
     modes: Modes,
+    peer: String,
 ) {
     if sh.stop.load(Ordering::SeqCst) || export.is_revoked() {
         return; // fd dropped: the client sees the connection close
@@ -75,10 +77,16 @@ pub(super) fn start(
     // why with an error reply to its GO instead of a silent close.
     let refuse = |why: String| {
         let n = sh.refused.fetch_add(1, Ordering::SeqCst) + 1;
-        crate::daemon::log(&format!(
-            "NBD: connection to export {} refused on reactor {} ({n} refused so far): {why}",
-            export.name, ctx.id
-        ));
+        crate::log_limited!(
+            sh.log_conns,
+            warn,
+            disk = %export.name,
+            reactor = ctx.id,
+            peer = %peer,
+            refused_so_far = n,
+            why = %why,
+            "NBD: connection refused"
+        );
         if let Some(opt) = go {
             let reply = super::proto::option_reply(opt, super::proto::REP_ERR_SHUTDOWN, why.as_bytes());
             // SAFETY: write(2) of a live buffer to the connection's own descriptor.
@@ -96,6 +104,14 @@ pub(super) fn start(
     };
     let fixed = ring.register_file(fd.as_raw_fd()).ok();
     sh.conns.fetch_add(1, Ordering::SeqCst);
+    crate::log_limited!(
+        sh.log_conns,
+        info,
+        disk = %export.name,
+        reactor = ctx.id,
+        peer = %peer,
+        "NBD: connection started"
+    );
     let bs = export.bdev.block_size();
     let cap = export.bdev.capacity();
     let max_payload = sh.max_payload;
@@ -126,8 +142,52 @@ pub(super) fn start(
         phase: Phase::Running,
         done: (0, 0),
         modes,
+        closed: None,
+        peer,
+        reactor: ctx.id,
+        served: 0,
     };
     ctx.add_poller(Box::new(c));
+}
+
+/// Why a connection closed, for its last log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Close {
+    /// The client sent NBD_CMD_DISC and every reply went out.
+    Disconnect,
+    /// The client closed its end.
+    ClientClosed,
+    /// A request header without the NBD magic: the connection is killed.
+    BadMagic,
+    /// Receiving failed (errno).
+    RecvFailed(i32),
+    /// Sending failed (errno).
+    SendFailed(i32),
+    /// The export was revoked (DetachDisk, DeleteInstance).
+    Revoked,
+    /// The server is shutting down.
+    ServerStopping,
+}
+
+impl Close {
+    /// A close the operator should hear about (the connection was killed).
+    fn is_error(self) -> bool {
+        matches!(self, Close::BadMagic | Close::RecvFailed(_) | Close::SendFailed(_))
+    }
+}
+
+impl std::fmt::Display for Close {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Close::Disconnect => f.write_str("client disconnected (NBD_CMD_DISC)"),
+            Close::ClientClosed => f.write_str("client closed the connection"),
+            Close::BadMagic => f.write_str("killed: a request header without the NBD request magic"),
+            Close::RecvFailed(e) => write!(f, "killed: receive failed: {}", std::io::Error::from_raw_os_error(*e)),
+            Close::SendFailed(e) => write!(f, "killed: send failed: {}", std::io::Error::from_raw_os_error(*e)),
+            Close::Revoked => f.write_str("export revoked (disk detached)"),
+            Close::ServerStopping => f.write_str("server stopping"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -253,6 +313,44 @@ pub(super) struct Conn {
     /// Requests (and their payload bytes) finished since the last poll.
     done: (u64, u64),
     modes: Modes,
+    /// Why it was shut down (the first reason wins).
+    closed: Option<Close>,
+    /// The client: `pid:N` on a unix socket, the address on TCP.
+    peer: String,
+    reactor: usize,
+    /// Requests answered.
+    served: u64,
+}
+
+impl Conn {
+    /// The connection's last log line (rate-limited: a client can connect and
+    /// close at any rate).
+    fn log_closed(&self) {
+        let why = self.closed.unwrap_or(Close::ServerStopping);
+        if why.is_error() {
+            crate::log_limited!(
+                self.sh.log_conns,
+                warn,
+                disk = %self.export.name,
+                reactor = self.reactor,
+                peer = %self.peer,
+                requests = self.served,
+                why = %why,
+                "NBD: connection closed"
+            );
+        } else {
+            crate::log_limited!(
+                self.sh.log_conns,
+                info,
+                disk = %self.export.name,
+                reactor = self.reactor,
+                peer = %self.peer,
+                requests = self.served,
+                why = %why,
+                "NBD: connection closed"
+            );
+        }
+    }
 }
 
 fn nbd_errno(e: &IoError, op: IoOp) -> u32 {
@@ -304,9 +402,11 @@ impl Conn {
         unsafe { std::slice::from_raw_parts(self.rbuf.as_ptr().add(self.rpos), self.rlen - self.rpos) }
     }
 
-    fn kill(&mut self) {
+    /// Shuts the connection down; `why` is what its last log line says.
+    fn kill(&mut self, why: Close) {
         if self.phase != Phase::Dead {
             self.phase = Phase::Dead;
+            self.closed.get_or_insert(why);
             // SAFETY: shutdown(2) on a descriptor we own; completes the
             // receive in flight (0 bytes) and fails further sends.
             unsafe { libc::shutdown(self.sock.as_raw_fd(), libc::SHUT_RDWR) };
@@ -580,7 +680,7 @@ impl Conn {
                     match parsed {
                         None => break,
                         Some(Err(BadMagic(_))) => {
-                            self.kill();
+                            self.kill(Close::BadMagic);
                             break;
                         }
                         Some(Ok(r)) => {
@@ -710,7 +810,11 @@ impl Conn {
         if res <= 0 {
             // 0: the client closed (or we shut the socket down); <0: error.
             if self.phase == Phase::Running {
-                self.kill();
+                self.kill(if res == 0 {
+                    Close::ClientClosed
+                } else {
+                    Close::RecvFailed(-res)
+                });
             }
             return;
         }
@@ -739,6 +843,16 @@ impl Conn {
             if let Err(e) = &c.result {
                 if req.err == 0 {
                     req.err = nbd_errno(e, c.op);
+                    crate::log_limited!(
+                        self.sh.log_io,
+                        warn,
+                        disk = %self.export.name,
+                        reactor = self.reactor,
+                        op = ?c.op,
+                        error = %e,
+                        nbd_errno = req.err,
+                        "NBD: request failed; the client gets an error reply"
+                    );
                 }
             }
             if req.op == IoOp::Read {
@@ -757,6 +871,7 @@ impl Conn {
             let req = self.slots.remove(slot).expect("live");
             self.done.0 += 1;
             self.done.1 += req.bytes;
+            self.served += 1;
             let data: Inline<IoBuf> = if req.op == IoOp::Read && req.err == 0 {
                 req.bufs.into_iter().map(|b| b.expect("every part returned")).collect()
             } else {
@@ -871,7 +986,7 @@ impl Conn {
                 return; // re-armed by `arm_send`
             }
             self.tx = None;
-            self.kill();
+            self.kill(Close::SendFailed(-res));
             return;
         }
         let Some(b) = self.tx.as_mut() else { return };
@@ -917,8 +1032,12 @@ impl Poller for Conn {
 
     fn poll(&mut self, ctx: &ReactorCtx) -> Poll {
         let mut work = 0;
-        if self.phase != Phase::Dead && (self.sh.stop.load(Ordering::Relaxed) || self.export.is_revoked()) {
-            self.kill();
+        if self.phase != Phase::Dead {
+            if self.sh.stop.load(Ordering::Relaxed) {
+                self.kill(Close::ServerStopping);
+            } else if self.export.is_revoked() {
+                self.kill(Close::Revoked);
+            }
         }
         while let Some((t, res)) = self.route.pop() {
             work += 1;
@@ -941,7 +1060,8 @@ impl Poller for Conn {
         }
         work += self.on_completions();
         if self.done.0 > 0 {
-            ctx.stats.add_ios(self.done.0, self.done.1);
+            ctx.stats
+                .add_ios(crate::reactor::IoSource::Nbd, self.done.0, self.done.1);
             self.done = (0, 0);
         }
         if self.phase == Phase::Running {
@@ -954,11 +1074,12 @@ impl Poller for Conn {
             && self.replies.is_empty()
             && self.head.is_empty()
         {
-            self.kill();
+            self.kill(Close::Disconnect);
         }
         self.arm_send();
         self.arm_recv();
         if self.phase == Phase::Dead && self.quiescent() {
+            self.log_closed();
             return Poll::Done;
         }
         if work > 0 {
@@ -971,7 +1092,7 @@ impl Poller for Conn {
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        self.kill();
+        self.kill(Close::ServerStopping);
         // Wait for our operations still in the kernel before their buffers
         // can go back to the pool (only when the reactor itself stops).
         let mut spins = 0;

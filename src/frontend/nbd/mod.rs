@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use crate::bdev::MAX_IO_BYTES;
 use crate::export::{Export, Exports};
+use crate::logging::RateLimit;
 use crate::reactor::{Reactors, SendError};
 use proto::*;
 
@@ -82,6 +83,11 @@ pub(crate) struct Shared {
     /// Largest payload we accept (≤ [`MAX_PAYLOAD`], bounded by the
     /// reactors' buffer arenas so one request always fits).
     pub(crate) max_payload: u32,
+    /// Rate limits of the lines clients can cause: failed handshakes,
+    /// connects and closes, requests answered with an error.
+    pub(crate) log_handshakes: RateLimit,
+    pub(crate) log_conns: RateLimit,
+    pub(crate) log_io: RateLimit,
 }
 
 /// A running NBD server.
@@ -148,6 +154,9 @@ impl NbdServer {
             exports,
             tls: cfg.tls.clone(),
             max_payload,
+            log_handshakes: RateLimit::standard(),
+            log_conns: RateLimit::standard(),
+            log_io: RateLimit::standard(),
         });
         let sh = shared.clone();
         let instances = cfg.instances_dir.clone().map(|dir| InstanceSockets {
@@ -253,6 +262,42 @@ impl Stream {
             Stream::Tcp(s) => s.as_fd().try_clone_to_owned(),
         }
     }
+    /// Who is at the other end, for log lines: `pid:N` (unix, SO_PEERCRED) or the
+    /// address (TCP).
+    fn peer(&self) -> String {
+        match self {
+            Stream::Tcp(s) => s.peer_addr().map_or_else(|_| "tcp:?".into(), |a| a.to_string()),
+            Stream::Unix(s) => {
+                let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+                let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+                // SAFETY: getsockopt(2) writes at most `len` bytes into the live `cred`.
+                let rc = unsafe {
+                    libc::getsockopt(
+                        s.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_PEERCRED,
+                        (&mut cred as *mut libc::ucred).cast(),
+                        &mut len,
+                    )
+                };
+                if rc == 0 {
+                    format!("pid:{}", cred.pid)
+                } else {
+                    "unix:?".into()
+                }
+            }
+        }
+    }
+}
+
+/// A handshake that ends with the connection closed by us: the reason, for the log.
+fn refusal(why: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, why)
+}
+
+/// At most 64 characters of a client-chosen name, for a log line (Debug-quoted there).
+fn client_name(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).chars().take(64).collect()
 }
 
 trait ReadWrite: Read + Write {}
@@ -322,7 +367,7 @@ impl InstanceSockets {
                 Ok(l) => {
                     self.bound.insert(id, (Listener::Unix(l), exports));
                 }
-                Err(e) => crate::daemon::log(&format!("NBD: cannot serve instance {id}'s disks: {e}")),
+                Err(e) => tracing::error!(instance = %id, error = %e, "NBD: cannot serve the instance's disks"),
             }
         }
         self.generation = Some(gen);
@@ -407,9 +452,10 @@ fn accept_loop(
                     Err(e) => {
                         out_of_fds = matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE));
                         if out_of_fds && last_emfile_log.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-                            crate::daemon::log(&format!(
-                                "NBD: cannot accept connections: {e}; raise the open-files limit (LimitNOFILE)"
-                            ));
+                            tracing::error!(
+                                error = %e,
+                                "NBD: cannot accept connections; raise the open-files limit (LimitNOFILE)"
+                            );
                             last_emfile_log = Some(Instant::now());
                         }
                         break;
@@ -418,12 +464,20 @@ fn accept_loop(
                 sh.handshakes.fetch_add(1, Ordering::SeqCst);
                 let (sh2, ex) = (sh.clone(), (*exports).clone());
                 let spawned = std::thread::Builder::new().name("nbd-handshake".into()).spawn(move || {
-                    let _ = handshake_and_hand_off(&sh2, &ex, s);
+                    let peer = s.peer();
+                    if let Err(e) = handshake_and_hand_off(&sh2, &ex, s, &peer) {
+                        crate::log_limited!(sh2.log_handshakes, warn, peer = %peer, error = %e, "NBD: handshake failed");
+                    }
                     sh2.handshakes.fetch_sub(1, Ordering::SeqCst);
                 });
                 if let Err(e) = spawned {
                     sh.handshakes.fetch_sub(1, Ordering::SeqCst);
-                    crate::daemon::log(&format!("NBD: connection closed: no thread for its handshake: {e}"));
+                    crate::log_limited!(
+                        sh.log_handshakes,
+                        error,
+                        error = %e,
+                        "NBD: connection closed: no thread for its handshake"
+                    );
                 }
             }
         }
@@ -481,7 +535,9 @@ struct Handoff {
     modes: conn::Modes,
 }
 
-fn handshake_and_hand_off(sh: &Arc<Shared>, exports: &Exports, mut stream: Stream) -> io::Result<()> {
+/// The handshake of one client. `Err`: it failed (the reason is logged); `Ok`: handed
+/// to a reactor, or ended by the client (NBD_OPT_ABORT) or the server stopping.
+fn handshake_and_hand_off(sh: &Arc<Shared>, exports: &Exports, mut stream: Stream, peer: &str) -> io::Result<()> {
     stream.set_timeouts(Some(HANDSHAKE_TIMEOUT))?;
     let Some(no_zeroes) = greet(stream.io())? else {
         return Ok(());
@@ -498,7 +554,7 @@ fn handshake_and_hand_off(sh: &Arc<Shared>, exports: &Exports, mut stream: Strea
         // The reactor gets its own descriptor of the socket; ours is closed when
         // `stream` drops. If the hand-off fails we still hold the socket to say so.
         let fd = stream.dup()?;
-        return hand_off(sh, h, fd, stream.io());
+        return hand_off(sh, h, fd, stream.io(), peer);
     };
     // TLS first, then the rest of the haggling inside it.
     let Some(Negotiated::StartTls) = negotiate(sh, exports, stream.io(), no_zeroes, Tls::Required)? else {
@@ -509,10 +565,7 @@ fn handshake_and_hand_off(sh: &Arc<Shared>, exports: &Exports, mut stream: Strea
     };
     let mut tls = match tls::accept(&cfg, tcp) {
         Ok(t) => t,
-        Err(e) => {
-            crate::daemon::log(&format!("NBD: TLS handshake failed: {e}"));
-            return Ok(());
-        }
+        Err(e) => return Err(refusal(format!("TLS handshake failed: {e}"))),
     };
     let Some(Negotiated::Handoff(h)) = negotiate(sh, exports, &mut tls, no_zeroes, Tls::Done)? else {
         return Ok(());
@@ -522,7 +575,7 @@ fn handshake_and_hand_off(sh: &Arc<Shared>, exports: &Exports, mut stream: Strea
     let (reactor_end, pump_end) = UnixStream::pair()?;
     let fd: OwnedFd = reactor_end.into();
     let refuse = h.refuse.clone();
-    if let Err(e) = hand_off(sh, h, fd, &mut std::io::sink()) {
+    if let Err(e) = hand_off(sh, h, fd, &mut std::io::sink(), peer) {
         if let Some(b) = refuse {
             let _ = tls.write_all(&b);
         }
@@ -536,7 +589,7 @@ fn handshake_and_hand_off(sh: &Arc<Shared>, exports: &Exports, mut stream: Strea
 
 /// Sends a negotiated connection `fd` to a reactor; if every queue stays full, writes
 /// the refusal to `reply` (the client).
-fn hand_off(sh: &Arc<Shared>, h: Handoff, fd: OwnedFd, reply: &mut dyn Write) -> io::Result<()> {
+fn hand_off(sh: &Arc<Shared>, h: Handoff, fd: OwnedFd, reply: &mut dyn Write, peer: &str) -> io::Result<()> {
     let sh2 = sh.clone();
     let Handoff {
         export,
@@ -545,7 +598,8 @@ fn hand_off(sh: &Arc<Shared>, h: Handoff, fd: OwnedFd, reply: &mut dyn Write) ->
         go,
         modes,
     } = h;
-    let mut msg: crate::reactor::Msg = Box::new(move |ctx| conn::start(ctx, sh2, fd, export, tail, go, modes));
+    let peer = peer.to_owned();
+    let mut msg: crate::reactor::Msg = Box::new(move |ctx| conn::start(ctx, sh2, fd, export, tail, go, modes, peer));
     let deadline = Instant::now() + HANDOFF_RETRY;
     let n = sh.reactors.len();
     let mut r = sh.next_reactor.fetch_add(1, Ordering::Relaxed) % n;
@@ -588,8 +642,8 @@ enum Negotiated {
     StartTls,
 }
 
-/// The server's greeting and the client's flags; `Some(no_zeroes)`, or `None` for a
-/// client with flags we do not know (the spec says close).
+/// The server's greeting and the client's flags: `Some(no_zeroes)`, or an error for
+/// a client with flags we do not know (the spec says close).
 fn greet(s: &mut dyn ReadWrite) -> io::Result<Option<bool>> {
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&NBD_MAGIC.to_be_bytes());
@@ -598,7 +652,7 @@ fn greet(s: &mut dyn ReadWrite) -> io::Result<Option<bool>> {
     s.write_all(&hello)?;
     let cflags = read_u32(s)?;
     if cflags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
-        return Ok(None);
+        return Err(refusal(format!("unknown client flags {cflags:#x}")));
     }
     Ok(Some(cflags & FLAG_C_NO_ZEROES != 0))
 }
@@ -620,7 +674,10 @@ fn negotiate(
         let mut hdr = [0u8; OPTION_HEADER_LEN];
         s.read_exact(&mut hdr)?;
         let Some(Ok((opt, len))) = parse_option_header(&hdr, MAX_OPTION_DATA) else {
-            return Ok(None); // not IHAVEOPT, or more data than we accept
+            // Not IHAVEOPT, or more data than we accept.
+            return Err(refusal(format!(
+                "not an NBD option header, or option data over {MAX_OPTION_DATA} bytes"
+            )));
         };
         let mut data = vec![0u8; len as usize];
         s.read_exact(&mut data)?;
@@ -635,7 +692,7 @@ fn negotiate(
                     return Ok(None);
                 }
                 // NBD_OPT_EXPORT_NAME has no error reply: close.
-                OPT_EXPORT_NAME => return Ok(None),
+                OPT_EXPORT_NAME => return Err(refusal("NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS".into())),
                 _ => {
                     s.write_all(&option_reply(
                         opt,
@@ -665,7 +722,11 @@ fn negotiate(
             }
             OPT_EXPORT_NAME => {
                 let Some(e) = lookup(exports, &data) else {
-                    return Ok(None); // no way to say "unknown" here but closing
+                    // No way to say "unknown" here but closing.
+                    return Err(refusal(format!(
+                        "NBD_OPT_EXPORT_NAME: no export named {:?}",
+                        client_name(&data)
+                    )));
                 };
                 let mut tail = Vec::with_capacity(134);
                 tail.extend_from_slice(&e.bdev.capacity().to_be_bytes());

@@ -214,11 +214,13 @@ impl BlkDevice {
             None => Vec::new(),
         };
         if !resubmit.is_empty() {
-            crate::daemon::log(&format!(
-                "vhost-user {}: queue {i}: taking again {} request(s) left in flight by the last run",
-                self.disk.export.name,
-                resubmit.len()
-            ));
+            tracing::info!(
+                disk = %self.disk.export.name,
+            instance = %self.disk.instance,
+                queue = i,
+                requests = resubmit.len(),
+                "vhost-user: taking again the requests left in flight by the last run"
+            );
         }
         q.set_ready(true);
         if !q.is_valid(&*mem) {
@@ -272,10 +274,12 @@ impl BlkDevice {
         let st = sh.wait_stopped(DRAIN_TIMEOUT);
         match st {
             Some(s) => self.vrings[i].base = s.next_avail,
-            None => crate::daemon::log(&format!(
-                "vhost-user {}: queue {i} did not drain within {DRAIN_TIMEOUT:?}",
-                self.disk.export.name
-            )),
+            None => tracing::error!(
+                disk = %self.disk.export.name,
+            instance = %self.disk.instance,
+                queue = i,
+                "vhost-user: the queue did not drain within {DRAIN_TIMEOUT:?}"
+            ),
         }
         st
     }
@@ -524,10 +528,13 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
             inflight.queue_size,
         )
         .map_err(VuError::ReqHandlerError)?;
-        crate::daemon::log(&format!(
-            "vhost-user {}: the VMM handed back its inflight area ({} queues of {})",
-            self.disk.export.name, inflight.num_queues, inflight.queue_size
-        ));
+        tracing::info!(
+            disk = %self.disk.export.name,
+            instance = %self.disk.instance,
+            queues = inflight.num_queues,
+            queue_size = inflight.queue_size,
+            "vhost-user: the VMM handed back its inflight area"
+        );
         self.inflight = Some(map);
         Ok(())
     }

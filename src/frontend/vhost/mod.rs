@@ -26,15 +26,16 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vhost::vhost_user::{BackendReqHandler, Error as VuError};
 
 use crate::bdev::{IoError, IoOp};
 use crate::export::Export;
+use crate::logging::RateLimit;
 use crate::reactor::Reactors;
 use request::Malformed;
 
@@ -57,24 +58,26 @@ pub struct DiskInfo {
     /// The disk's stack takes guest memory directly ([`crate::bdev::Lent`]:
     /// an encrypted disk encrypts from it and decrypts into it).
     pub lent: bool,
-    /// Rate limit of the data-path error log (one line per second).
-    last_log: AtomicU64,
-    suppressed: AtomicU64,
-    epoch: Instant,
+    /// The instance whose VMM this disk is served to (for log lines).
+    pub instance: String,
+    /// Rate limit of the data-path error lines (a guest can cause them at any rate).
+    errors_log: RateLimit,
+    /// Rate limit of the VMM's connects and disconnects.
+    conns_log: RateLimit,
 }
 
 impl DiskInfo {
-    fn new(export: Export, num_queues: u16) -> DiskInfo {
+    fn new(instance: &str, export: Export, num_queues: u16) -> DiskInfo {
         DiskInfo {
+            instance: instance.to_owned(),
             capacity: export.bdev.capacity(),
             block_size: export.bdev.block_size(),
             read_only: export.read_only,
             num_queues,
             writeback: AtomicBool::new(true),
             lent: export.bdev.takes_lent(),
-            last_log: AtomicU64::new(0),
-            suppressed: AtomicU64::new(0),
-            epoch: Instant::now(),
+            errors_log: RateLimit::standard(),
+            conns_log: RateLimit::standard(),
             export,
         }
     }
@@ -88,35 +91,58 @@ impl DiskInfo {
         id
     }
 
-    /// A data-path event worth a log line, at most one per second per disk
-    /// (a guest can produce them at any rate).
-    pub(crate) fn log_limited(&self, msg: impl FnOnce() -> String) {
-        let now = self.epoch.elapsed().as_millis() as u64 + 1000;
-        let last = self.last_log.load(Ordering::Relaxed);
-        if now.saturating_sub(last) < 1000
-            || self
-                .last_log
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_err()
-        {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        let n = self.suppressed.swap(0, Ordering::Relaxed);
-        let more = if n > 0 {
-            format!(" ({n} similar events not logged)")
-        } else {
-            String::new()
-        };
-        crate::daemon::log(&format!("vhost-user {}: {}{more}", self.export.name, msg()));
-    }
-
+    /// A descriptor chain refused as malformed (rate-limited per disk).
     pub(crate) fn note_malformed(&self, queue: u16, head: u16, why: Malformed) {
-        self.log_limited(|| format!("queue {queue}: refused descriptor chain {head}: {why:?}"));
+        crate::log_limited!(
+            self.errors_log,
+            warn,
+            disk = %self.export.name,
+            instance = %self.instance,
+            queue,
+            head,
+            why = ?why,
+            "vhost-user: refused a malformed descriptor chain"
+        );
     }
 
+    /// A request answered with an error status (rate-limited per disk).
     pub(crate) fn note_io_error(&self, queue: u16, op: IoOp, e: &IoError) {
-        self.log_limited(|| format!("queue {queue}: {op:?} failed: {e}"));
+        crate::log_limited!(
+            self.errors_log,
+            warn,
+            disk = %self.export.name,
+            instance = %self.instance,
+            queue,
+            op = ?op,
+            error = %e,
+            "vhost-user: request failed; the guest gets VIRTIO_BLK_S_IOERR"
+        );
+    }
+
+    /// A chain that could not be put in the used ring (rate-limited per disk).
+    pub(crate) fn note_used_ring_error(&self, queue: u16, head: u16, e: &dyn std::fmt::Display) {
+        crate::log_limited!(
+            self.errors_log,
+            warn,
+            disk = %self.export.name,
+            instance = %self.instance,
+            queue,
+            head,
+            error = %e,
+            "vhost-user: a chain was not returned to the used ring"
+        );
+    }
+
+    /// A VMM request refused (protocol error; rate-limited per disk).
+    pub(crate) fn note_protocol_error(&self, e: &VuError) {
+        crate::log_limited!(
+            self.errors_log,
+            warn,
+            disk = %self.export.name,
+            instance = %self.instance,
+            error = %e,
+            "vhost-user: VMM request refused"
+        );
     }
 }
 
@@ -171,7 +197,7 @@ impl VhostServer {
         let listener = self.bind(&dir, &path)?;
         let n = self.reactors.len();
         let nq = self.cfg.num_queues.unwrap_or((n as u16).max(DEFAULT_QUEUES)).max(1);
-        let disk = Arc::new(DiskInfo::new(export, nq));
+        let disk = Arc::new(DiskInfo::new(instance, export, nq));
         let first = self.next_reactor.fetch_add(1, Ordering::Relaxed) % n;
         let stop = Arc::new(AtomicBool::new(false));
         let conn = Arc::new(Mutex::new(None));
@@ -253,6 +279,23 @@ fn stop_served(mut s: Served) {
     let _ = std::fs::remove_file(&s.path);
 }
 
+/// The pid of a unix socket's peer (SO_PEERCRED), if known.
+fn peer_pid(s: &UnixStream) -> Option<i32> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt(2) writes at most `len` bytes into the live `cred`.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(cred.pid)
+}
+
 /// Whether an error from the message loop ends the connection.
 fn fatal(e: &VuError) -> bool {
     matches!(
@@ -291,7 +334,7 @@ fn serve(
                 continue;
             }
             Err(e) => {
-                crate::daemon::log(&format!("vhost-user {}: accept: {e}", disk.export.name));
+                crate::log_limited!(disk.conns_log, error, disk = %disk.export.name, instance = %disk.instance, error = %e, "vhost-user: accept failed");
                 std::thread::sleep(Duration::from_millis(100));
                 continue;
             }
@@ -304,7 +347,8 @@ fn serve(
         if stop.load(Ordering::SeqCst) {
             break;
         }
-        crate::daemon::log(&format!("vhost-user {}: VMM connected", disk.export.name));
+        let peer = peer_pid(&stream);
+        crate::log_limited!(disk.conns_log, info, disk = %disk.export.name, instance = %disk.instance, vmm_pid = peer, "vhost-user: VMM connected");
         let dev = Arc::new(Mutex::new(device::BlkDevice::new(
             disk.clone(),
             reactors.clone(),
@@ -315,7 +359,7 @@ fn serve(
             match h.handle_request() {
                 Ok(()) => {}
                 Err(e) if fatal(&e) => break e,
-                Err(e) => disk.log_limited(|| format!("VMM request refused: {e}")),
+                Err(e) => disk.note_protocol_error(&e),
             }
         };
         drop(h);
@@ -323,6 +367,24 @@ fn serve(
         dev.lock().expect("vhost device").stop_all();
         drop(dev);
         *conn.lock().expect("vhost conn") = None;
-        crate::daemon::log(&format!("vhost-user {}: VMM disconnected ({why})", disk.export.name));
+        // A detach shuts the socket down under the handler: not the VMM's error.
+        if matches!(why, VuError::Disconnected) || stop.load(Ordering::SeqCst) {
+            crate::log_limited!(
+                disk.conns_log,
+                info,
+                disk = %disk.export.name, instance = %disk.instance,
+                vmm_pid = peer,
+                "vhost-user: VMM disconnected"
+            );
+        } else {
+            crate::log_limited!(
+                disk.conns_log,
+                warn,
+                disk = %disk.export.name, instance = %disk.instance,
+                vmm_pid = peer,
+                error = %why,
+                "vhost-user: VMM connection closed on a protocol error"
+            );
+        }
     }
 }

@@ -236,9 +236,7 @@ impl QueuePoller {
             f.answered(head, self.queue.next_used());
         }
         if let Err(e) = r {
-            let q = self.index;
-            self.disk
-                .log_limited(|| format!("queue {q}: chain {head} not returned to the used ring: {e}"));
+            self.disk.note_used_ring_error(self.index, head, &e);
         }
         self.signal = true;
     }
@@ -572,7 +570,8 @@ impl Poller for QueuePoller {
     fn poll(&mut self, ctx: &ReactorCtx) -> Poll {
         let p = self.poll_queue();
         if self.done.0 > 0 {
-            ctx.stats.add_ios(self.done.0, self.done.1);
+            ctx.stats
+                .add_ios(crate::reactor::IoSource::Vhost, self.done.0, self.done.1);
             self.done = (0, 0);
         }
         p
