@@ -329,7 +329,8 @@ macro_rules! tweak_round {
     };
 }
 
-/// How [`xts16`] runs: decrypt, encrypt, or encrypt with streaming stores.
+/// How [`xts16`] and [`xts_sectors`] run: decrypt, encrypt, or encrypt with
+/// streaming stores.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Mode {
     Decrypt,
