@@ -158,6 +158,12 @@ pub fn serve_command() -> Command {
                 .help("record no QoS caps on new disks (benchmarks)"),
         )
         .arg(
+            Arg::new("metrics")
+                .long("metrics")
+                .value_name("ADDR")
+                .help("serve Prometheus metrics at http://ADDR/metrics: 127.0.0.1:PORT (loopback only) or unix:/PATH"),
+        )
+        .arg(
             Arg::new("qos-file")
                 .long("qos-file")
                 .value_name("FILE")
@@ -226,6 +232,10 @@ fn config(m: &ArgMatches) -> Result<DaemonConfig, String> {
     cfg.nbd_tcp = m.get_one::<std::net::SocketAddr>("nbd-tcp").copied();
     cfg.tls_dir = m.get_one::<PathBuf>("tls-dir").cloned();
     cfg.nbd_tcp_insecure = m.get_flag("nbd-tcp-insecure");
+    cfg.metrics = m
+        .get_one::<String>("metrics")
+        .map(|a| crate::control::metrics_http::MetricsAddr::parse(a))
+        .transpose()?;
     if m.get_flag("no-qos") {
         cfg.qos = QosConfig::off();
     }
