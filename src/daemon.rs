@@ -286,7 +286,9 @@ impl Daemon {
                 l.code
             ))
         });
-        let sampler = control.start_sampler().map_err(|e| format!("statistics sampler: {e}"))?;
+        let sampler = control
+            .start_sampler()
+            .map_err(|e| format!("statistics sampler: {e}"))?;
         let registry = Arc::new(Registry::default());
         {
             let exports = exports.clone();

@@ -42,7 +42,10 @@ fn counts_ops_bytes_errors_and_latency_per_direction() {
                 data: vec![1; 512],
             },
             Op::Read { offset: 0, len: 8192 },
-            Op::Read { offset: 1 << 20, len: 512 },
+            Op::Read {
+                offset: 1 << 20,
+                len: 512,
+            },
             Op::Flush,
             Op::Unmap {
                 offset: 1 << 20,

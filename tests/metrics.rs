@@ -30,10 +30,7 @@ fn tcp(addr: &str) -> std::net::TcpStream {
 fn get_metrics(addr: &str) -> String {
     let (status, head, body) = http(tcp(addr), "GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n");
     assert_eq!(status, "HTTP/1.1 200 OK");
-    assert!(
-        head.contains("Content-Type: text/plain; version=0.0.4"),
-        "{head}"
-    );
+    assert!(head.contains("Content-Type: text/plain; version=0.0.4"), "{head}");
     body
 }
 
@@ -50,13 +47,19 @@ fn parse(text: &str) -> (HashMap<String, f64>, HashMap<String, String>) {
         } else if let Some(rest) = line.strip_prefix("# TYPE ") {
             let (n, t) = rest.split_once(' ').unwrap();
             assert!(helped.contains(n), "# TYPE {n} without # HELP first");
-            assert!(types.insert(n.to_owned(), t.to_owned()).is_none(), "two # TYPE lines for {n}");
+            assert!(
+                types.insert(n.to_owned(), t.to_owned()).is_none(),
+                "two # TYPE lines for {n}"
+            );
         } else {
             let (series, v) = line.rsplit_once(' ').unwrap_or_else(|| panic!("sample line {line:?}"));
             let name = series.split('{').next().unwrap();
             let family = ["_bucket", "_sum", "_count"]
                 .iter()
-                .find_map(|s| name.strip_suffix(s).filter(|f| types.get(*f).is_some_and(|t| t == "histogram")))
+                .find_map(|s| {
+                    name.strip_suffix(s)
+                        .filter(|f| types.get(*f).is_some_and(|t| t == "histogram"))
+                })
                 .unwrap_or(name);
             assert!(types.contains_key(family), "sample {series} before its # TYPE");
             let v: f64 = match v {
@@ -76,7 +79,11 @@ fn val(s: &HashMap<String, f64>, series: &str) -> f64 {
 #[test]
 fn scrapes_show_types_and_counters_that_move_with_nbd_io() {
     let dir = TempDir::new("metrics-tcp");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let addr = format!("127.0.0.1:{port}");
     let _d = start_daemon(
         BIN,
@@ -105,7 +112,8 @@ fn scrapes_show_types_and_counters_that_move_with_nbd_io() {
     ] {
         assert_eq!(types.get(name).map(String::as_str), Some(kind), "# TYPE of {name}");
     }
-    assert_eq!(val(&before, "sealdisk_disks_attached"), 1.0);
+    // The instance's system disk and the data disk.
+    assert_eq!(val(&before, "sealdisk_disks_attached"), 2.0);
     let l = |op: &str| format!("{{disk=\"{disk}\",op=\"{op}\"}}");
     let series = |name: &str, op: &str| format!("{name}{}", l(op));
 
@@ -117,7 +125,8 @@ fn scrapes_show_types_and_counters_that_move_with_nbd_io() {
     for i in 0..5u64 {
         let (e, d) = nbd_read(&mut s, 100 + i, i * 8192, 8192);
         assert_eq!(e, 0);
-        assert_eq!(d[0], 2 * i as u8 + 1);
+        // Block 2i holds 2i + 1 for the 32 KiB written; the last read is past them.
+        assert_eq!(d[0], if i < 4 { 2 * i as u8 + 1 } else { 0 });
     }
     let (after, _) = parse(&get_metrics(&addr));
     let moved = |name: &str, op: &str| val(&after, &series(name, op)) - val(&before, &series(name, op));
@@ -132,11 +141,17 @@ fn scrapes_show_types_and_counters_that_move_with_nbd_io() {
     for op in ["read", "write"] {
         let mut last = 0.0;
         for le in sealdisk::control::metrics::LATENCY_BUCKETS {
-            let v = val(&after, &format!("sealdisk_disk_latency_seconds_bucket{{disk=\"{disk}\",op=\"{op}\",le=\"{le}\"}}"));
+            let v = val(
+                &after,
+                &format!("sealdisk_disk_latency_seconds_bucket{{disk=\"{disk}\",op=\"{op}\",le=\"{le}\"}}"),
+            );
             assert!(v >= last, "{op}: bucket le={le} below the one before");
             last = v;
         }
-        let inf = val(&after, &format!("sealdisk_disk_latency_seconds_bucket{{disk=\"{disk}\",op=\"{op}\",le=\"+Inf\"}}"));
+        let inf = val(
+            &after,
+            &format!("sealdisk_disk_latency_seconds_bucket{{disk=\"{disk}\",op=\"{op}\",le=\"+Inf\"}}"),
+        );
         assert!(inf >= last);
         assert_eq!(inf, val(&after, &series("sealdisk_disk_latency_seconds_count", op)));
     }
@@ -150,7 +165,8 @@ fn scrapes_show_types_and_counters_that_move_with_nbd_io() {
     assert_eq!(val(&after, &format!("sealdisk_disk_cow_copies_total{dl}")), 0.0);
     let r = "{reactor=\"0\",core=\"0\"}";
     assert!(
-        val(&after, &format!("sealdisk_reactor_ios_total{r}")) - val(&before, &format!("sealdisk_reactor_ios_total{r}"))
+        val(&after, &format!("sealdisk_reactor_ios_total{r}"))
+            - val(&before, &format!("sealdisk_reactor_ios_total{r}"))
             >= 13.0
     );
     assert!(val(&after, &format!("sealdisk_reactor_busy_seconds_total{r}")) > 0.0);

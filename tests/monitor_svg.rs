@@ -79,7 +79,9 @@ fn monitor_json_becomes_a_chart() {
 fn a_scrape_series_becomes_a_chart() {
     let mut text = String::new();
     for (k, t) in [(0u64, 100u64), (1, 102), (2, 104)] {
-        text.push_str(&format!("# TIME {t}\n# HELP sealdisk_disk_ops_total x\n# TYPE sealdisk_disk_ops_total counter\n"));
+        text.push_str(&format!(
+            "# TIME {t}\n# HELP sealdisk_disk_ops_total x\n# TYPE sealdisk_disk_ops_total counter\n"
+        ));
         for (op, n) in [("read", 100 * k), ("write", 10 * k)] {
             let d = "disk=\"d-00000000000000bb\"";
             text.push_str(&format!("sealdisk_disk_ops_total{{{d},op=\"{op}\"}} {n}\n"));
@@ -87,8 +89,12 @@ fn a_scrape_series_becomes_a_chart() {
                 "sealdisk_disk_latency_seconds_bucket{{{d},op=\"{op}\",le=\"0.0001\"}} {}\n",
                 n * 9 / 10
             ));
-            text.push_str(&format!("sealdisk_disk_latency_seconds_bucket{{{d},op=\"{op}\",le=\"0.001\"}} {n}\n"));
-            text.push_str(&format!("sealdisk_disk_latency_seconds_bucket{{{d},op=\"{op}\",le=\"+Inf\"}} {n}\n"));
+            text.push_str(&format!(
+                "sealdisk_disk_latency_seconds_bucket{{{d},op=\"{op}\",le=\"0.001\"}} {n}\n"
+            ));
+            text.push_str(&format!(
+                "sealdisk_disk_latency_seconds_bucket{{{d},op=\"{op}\",le=\"+Inf\"}} {n}\n"
+            ));
             text.push_str(&format!(
                 "sealdisk_disk_latency_seconds_sum{{{d},op=\"{op}\"}} {}\n",
                 n as f64 * 50e-6
@@ -108,7 +114,10 @@ fn bad_input_is_refused_with_a_reason() {
         ("{\"MonitorData\": {\"DiskMonitorData\": []}}", "no datapoints"),
         ("sealdisk_disk_ops_total 1\n", "before the first '# TIME"),
         ("# TIME 1\nsealdisk_disk_ops_total 1\n", "at least two scrapes"),
-        ("{\"jsonrpc\":\"2.0\",\"id\":1,\"error\":{\"code\":-32602}}", "error reply"),
+        (
+            "{\"jsonrpc\":\"2.0\",\"id\":1,\"error\":{\"code\":-32602}}",
+            "error reply",
+        ),
     ] {
         let out = tool(&["-"], Some(input));
         assert_eq!(out.status.code(), Some(1), "{input}");

@@ -11,7 +11,7 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use clap::{Arg, ArgAction, ArgMatches, Command};
+use clap::{Arg, ArgMatches, Command};
 use serde_json::Value;
 
 use crate::control::client::{Client, RpcError};
@@ -144,7 +144,7 @@ pub fn run(m: &ArgMatches, mut c: Client, params: Value) -> ExitCode {
         if json {
             println!("{v}");
         } else {
-            if printed % 20 == 0 {
+            if printed.is_multiple_of(20) {
                 println!("{HEADER}");
             }
             println!("{}", line(&crate::control::util::rfc3339(end - every), first_point(&v)));
@@ -167,7 +167,9 @@ mod tests {
             "IOPSFlush": 1.0, "IOPSDiscard": 0.0, "Errors": 2, "QosHolds": 3, "CowCopies": 4
         });
         let l = super::line("2026-12-06T14:00:00Z", Some(&p));
-        for want in ["1000.0", "10.0", "4.10", "0.04", "0.250", "1.500", "0.900", "4.000", " 2 ", " 3 ", " 4"] {
+        for want in [
+            "1000.0", "10.0", "4.10", "0.04", "0.250", "1.500", "0.900", "4.000", " 2 ", " 3 ", " 4",
+        ] {
             assert!(l.contains(want), "{want:?} missing from {l:?}");
         }
         assert!(super::line("t", None).contains("no data"));

@@ -56,7 +56,10 @@ pub struct Family {
 impl Family {
     pub fn new(name: &str, kind: Kind, help: &str) -> Family {
         debug_assert!(valid_name(name), "metric name {name:?}");
-        debug_assert!(kind != Kind::Counter || name.ends_with("_total"), "counter {name} must end in _total");
+        debug_assert!(
+            kind != Kind::Counter || name.ends_with("_total"),
+            "counter {name} must end in _total"
+        );
         Family {
             name: name.into(),
             help: help.into(),
@@ -82,7 +85,8 @@ impl Family {
 /// `[a-zA-Z_:][a-zA-Z0-9_:]*`
 pub fn valid_name(n: &str) -> bool {
     let mut c = n.chars();
-    c.next().is_some_and(|f| f.is_ascii_alphabetic() || f == '_' || f == ':')
+    c.next()
+        .is_some_and(|f| f.is_ascii_alphabetic() || f == '_' || f == ':')
         && c.all(|x| x.is_ascii_alphanumeric() || x == '_' || x == ':')
 }
 
@@ -172,7 +176,10 @@ impl Registry {
     /// Adds a source: `f` appends its families on every scrape. This is the hook for
     /// counters kept elsewhere in the daemon (the metadata thread's, the KMS's).
     pub fn add_source(&self, f: impl Fn(&mut Vec<Family>) + Send + Sync + 'static) {
-        self.sources.write().unwrap_or_else(|p| p.into_inner()).push(Box::new(f));
+        self.sources
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Box::new(f));
     }
 
     /// Every source's families, in the order the sources were added.
@@ -212,7 +219,11 @@ pub fn disk_families(exports: &Exports, out: &mut Vec<Family>) {
         Kind::Counter,
         "I/O requests completed without error, by disk and direction (discard: unmap and write-zeroes)",
     );
-    let mut bytes = Family::new("sealdisk_disk_bytes_total", Kind::Counter, "Bytes of completed requests");
+    let mut bytes = Family::new(
+        "sealdisk_disk_bytes_total",
+        Kind::Counter,
+        "Bytes of completed requests",
+    );
     let mut errors = Family::new(
         "sealdisk_disk_errors_total",
         Kind::Counter,
@@ -243,11 +254,7 @@ pub fn disk_families(exports: &Exports, out: &mut Vec<Family>) {
         Kind::Counter,
         "Clusters allocated by a first write",
     );
-    let mut attached = Family::new(
-        "sealdisk_disks_attached",
-        Kind::Gauge,
-        "Disks on the data path",
-    );
+    let mut attached = Family::new("sealdisk_disks_attached", Kind::Gauge, "Disks on the data path");
     attached.push(&[], disks.len() as f64);
     for (id, s) in &disks {
         for d in Dir::ALL {

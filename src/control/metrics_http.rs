@@ -74,7 +74,7 @@ impl MetricsAddr {
 
 enum Listener {
     Tcp(TcpListener),
-    Unix(UnixListener, PathBuf),
+    Unix(UnixListener),
 }
 
 /// The running endpoint; stops on drop.
@@ -99,7 +99,7 @@ impl MetricsServer {
                 }
                 let l = UnixListener::bind(p).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", p.display())))?;
                 std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600))?;
-                (Listener::Unix(l, p.clone()), addr.clone())
+                (Listener::Unix(l), addr.clone())
             }
         };
         let stop = Arc::new(AtomicBool::new(false));
@@ -145,7 +145,7 @@ fn run(listener: Listener, registry: &Registry, stop: &AtomicBool) {
                 let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
                 Box::new(s) as Box<dyn ReadWrite>
             }),
-            Listener::Unix(l, _) => l.accept().map(|(s, _)| {
+            Listener::Unix(l) => l.accept().map(|(s, _)| {
                 let _ = s.set_read_timeout(Some(READ_TIMEOUT));
                 let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
                 Box::new(s) as Box<dyn ReadWrite>
@@ -261,12 +261,25 @@ mod tests {
             MetricsAddr::parse("unix:/run/m.sock"),
             Ok(MetricsAddr::Unix("/run/m.sock".into()))
         );
-        assert_eq!(MetricsAddr::parse("/run/m.sock"), Ok(MetricsAddr::Unix("/run/m.sock".into())));
-        for bad in ["0.0.0.0:9100", "10.1.2.3:9100", "[::]:9100", "localhost:9100", "unix:rel.sock", "9100", ""] {
+        assert_eq!(
+            MetricsAddr::parse("/run/m.sock"),
+            Ok(MetricsAddr::Unix("/run/m.sock".into()))
+        );
+        for bad in [
+            "0.0.0.0:9100",
+            "10.1.2.3:9100",
+            "[::]:9100",
+            "localhost:9100",
+            "unix:rel.sock",
+            "9100",
+            "",
+        ] {
             let e = MetricsAddr::parse(bad).expect_err(bad);
             assert!(e.contains("--metrics"), "{e}");
         }
-        assert!(MetricsAddr::parse("0.0.0.0:9100").unwrap_err().contains("not a loopback address"));
+        assert!(MetricsAddr::parse("0.0.0.0:9100")
+            .unwrap_err()
+            .contains("not a loopback address"));
     }
 
     #[test]

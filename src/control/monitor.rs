@@ -224,7 +224,12 @@ impl Monitor {
 fn datapoint(disk: &str, t: u64, g: &Agg) -> Value {
     let secs = g.secs.max(1) as f64;
     let rate = |x: u64| round3(x as f64 / secs);
-    let (r, w, f, d) = (Dir::Read as usize, Dir::Write as usize, Dir::Flush as usize, Dir::Discard as usize);
+    let (r, w, f, d) = (
+        Dir::Read as usize,
+        Dir::Write as usize,
+        Dir::Flush as usize,
+        Dir::Discard as usize,
+    );
     let mean_us = |i: usize| {
         if g.ops[i] == 0 {
             0.0
@@ -300,25 +305,27 @@ fn attached(exports: &Exports) -> Vec<(String, Arc<DiskStats>)> {
 pub fn start_sampler(monitor: Arc<Monitor>, exports: Arc<Exports>) -> std::io::Result<Sampler> {
     let stop = Arc::new((Mutex::new(false), Condvar::new()));
     let s2 = stop.clone();
-    let thread = std::thread::Builder::new().name("stats-sampler".into()).spawn(move || {
-        let (m, c) = &*s2;
-        let mut stopped = m.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            let now = unix_now();
-            let base = Duration::from_secs(BASE_PERIOD);
-            let into = Duration::from_nanos((now.as_nanos() % base.as_nanos()) as u64);
-            // Just after the next boundary.
-            let wait = base - into + Duration::from_millis(5);
-            stopped = c.wait_timeout(stopped, wait).unwrap_or_else(|p| p.into_inner()).0;
-            if *stopped {
-                return;
+    let thread = std::thread::Builder::new()
+        .name("stats-sampler".into())
+        .spawn(move || {
+            let (m, c) = &*s2;
+            let mut stopped = m.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                let now = unix_now();
+                let base = Duration::from_secs(BASE_PERIOD);
+                let into = Duration::from_nanos((now.as_nanos() % base.as_nanos()) as u64);
+                // Just after the next boundary.
+                let wait = base - into + Duration::from_millis(5);
+                stopped = c.wait_timeout(stopped, wait).unwrap_or_else(|p| p.into_inner()).0;
+                if *stopped {
+                    return;
+                }
+                let sec = unix_now().as_secs() / BASE_PERIOD * BASE_PERIOD;
+                drop(stopped);
+                monitor.sample(sec, attached(&exports));
+                stopped = m.lock().unwrap_or_else(|p| p.into_inner());
             }
-            let sec = unix_now().as_secs() / BASE_PERIOD * BASE_PERIOD;
-            drop(stopped);
-            monitor.sample(sec, attached(&exports));
-            stopped = m.lock().unwrap_or_else(|p| p.into_inner());
-        }
-    })?;
+        })?;
     Ok(Sampler {
         stop,
         thread: Some(thread),
@@ -346,7 +353,7 @@ pub fn check_range(s: u64, e: u64, period: Option<u64>, now: u64, base: u64) -> 
         ));
     }
     let p = period.unwrap_or(DEFAULT_PERIOD);
-    if p == 0 || p % base != 0 {
+    if p == 0 || !p.is_multiple_of(base) {
         return Err(ControlError::param(
             "InvalidPeriod.ValueNotSupported",
             format!("Period {p} is not a positive multiple of the base period ({base} s); e.g. 60, 600 or 3600"),
@@ -436,11 +443,23 @@ mod tests {
     fn query_checks() {
         let now = 1_800_000_000;
         assert_eq!(check_range(now - 60, now, None, now, 1).unwrap(), (now - 60, now, 60));
-        assert_eq!(code(check_range(now, now - 1, None, now, 1)), "InvalidEndTime.BeforeStartTime");
-        assert_eq!(code(check_range(now - 60, now, Some(0), now, 1)), "InvalidPeriod.ValueNotSupported");
-        assert_eq!(code(check_range(now - 60, now, Some(7), now, 5)), "InvalidPeriod.ValueNotSupported");
+        assert_eq!(
+            code(check_range(now, now - 1, None, now, 1)),
+            "InvalidEndTime.BeforeStartTime"
+        );
+        assert_eq!(
+            code(check_range(now - 60, now, Some(0), now, 1)),
+            "InvalidPeriod.ValueNotSupported"
+        );
+        assert_eq!(
+            code(check_range(now - 60, now, Some(7), now, 5)),
+            "InvalidPeriod.ValueNotSupported"
+        );
         assert!(check_range(now - 60, now, Some(10), now, 5).is_ok());
-        assert_eq!(code(check_range(now - 401, now, Some(1), now, 1)), "InvalidParameter.TooManyDataQueried");
+        assert_eq!(
+            code(check_range(now - 401, now, Some(1), now, 1)),
+            "InvalidParameter.TooManyDataQueried"
+        );
         assert!(check_range(now - 400, now, Some(1), now, 1).is_ok());
         assert_eq!(
             code(check_range(now - WINDOW - 1, now, Some(60), now, 1)),

@@ -55,7 +55,10 @@ impl Clock {
         *CLOCK.get_or_init(|| {
             let _ = ANCHOR.get_or_init(Instant::now);
             if !kernel_trusts_tsc() {
-                return Clock { tsc: false, mult: 1 << 32 };
+                return Clock {
+                    tsc: false,
+                    mult: 1 << 32,
+                };
             }
             let (i0, t0) = (Instant::now(), rdtsc());
             std::thread::sleep(Duration::from_millis(20));
@@ -63,7 +66,10 @@ impl Clock {
             let ns = (i1 - i0).as_nanos() as f64;
             let ticks = t1.wrapping_sub(t0) as f64;
             if ticks <= 0.0 || ns <= 0.0 {
-                return Clock { tsc: false, mult: 1 << 32 };
+                return Clock {
+                    tsc: false,
+                    mult: 1 << 32,
+                };
             }
             Clock {
                 tsc: true,

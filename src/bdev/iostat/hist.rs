@@ -139,7 +139,11 @@ impl Hist {
 
     /// The non-empty buckets: (bucket, count).
     pub fn buckets(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
-        self.counts.iter().enumerate().filter(|(_, c)| **c > 0).map(|(i, c)| (i, *c))
+        self.counts
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c > 0)
+            .map(|(i, c)| (i, *c))
     }
 
     /// Adds sparse `(bucket, count)` pairs (as [`Hist::buckets`] gives them).

@@ -367,7 +367,10 @@ impl Channel for StatsChannel {
             // One clock read for the whole batch.
             let now = self.clock.ticks();
             for c in &mut out[start..] {
-                let s = self.pending.remove(c.tag as usize).expect("a request this layer sent down");
+                let s = self
+                    .pending
+                    .remove(c.tag as usize)
+                    .expect("a request this layer sent down");
                 c.tag = s.tag;
                 let ns = self.clock.ns(now.saturating_sub(s.t0));
                 self.shard
