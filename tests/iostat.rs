@@ -195,3 +195,30 @@ fn volume_first_writes_and_copy_on_write_are_counted() {
     assert_eq!((s.layers.cluster_allocs, s.layers.cow_copies), (2, 1));
     assert_eq!(s.dir(Dir::Write).ops, 5);
 }
+
+#[test]
+fn a_request_after_an_idle_spell_is_stamped_afresh() {
+    let r = reactors(&[0]);
+    let (b, st) = over(Arc::new(MallocBdev::new("m", 1 << 20, 512)));
+    let bd = b.clone();
+    r.call(0, Duration::from_secs(30), move |ctx| {
+        let mut ch = bd.open_channel(&ctx.chan).unwrap();
+        for k in 0..3u64 {
+            let mut buf = ctx.chan.pool.alloc(512).unwrap();
+            buf.set_len(512);
+            ch.submit(IoRequest::read(0, buf, k)).unwrap();
+            assert_eq!(wait_one(&mut *ch).tag, k);
+            // Idle: no request in flight, the channel not polled.
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    })
+    .unwrap();
+    let rd = st.snapshot().dirs[Dir::Read as usize].clone();
+    assert_eq!(rd.ops, 3);
+    // None of the idle time counts as latency (a malloc read takes microseconds).
+    assert!(
+        rd.hist.quantile(1.0) < 250_000_000,
+        "max latency {} ns",
+        rd.hist.quantile(1.0)
+    );
+}

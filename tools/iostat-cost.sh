@@ -14,7 +14,7 @@ for backend in null malloc; do
   for r in $(seq 1 "$ROUNDS"); do
     if (( r % 2 )); then order="off on"; else order="on off"; fi
     for s in $order; do
-      "$BIN" bench io --quiet --cores=0 --output-format=json --backend="$backend" --rw=randread --bs=4k \
+      "$BIN" bench io --quiet --cores=1 --output-format=json --backend="$backend" --rw=randread --bs=4k \
         --iodepth=32 --size=256m --runtime="$SECS" --time_based --iostat="$s" \
         | python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; print(j["sealdisk"]["reactor_busy_ns_per_io"], j["read"]["iops"])' \
         >> "$OUT/$backend-$s"
