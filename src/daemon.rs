@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::catalog;
+use crate::control::metrics::{self, Registry};
+use crate::control::metrics_http::{MetricsAddr, MetricsServer};
+use crate::control::monitor::Sampler;
 use crate::control::rpc::LogLine;
 use crate::control::server::RpcServer;
 use crate::control::{Control, ControlConfig, QosConfig};
@@ -55,6 +58,8 @@ pub struct DaemonConfig {
     pub tls_dir: Option<PathBuf>,
     /// Plain NBD over TCP, loopback only (`serve --nbd-tcp-insecure`).
     pub nbd_tcp_insecure: bool,
+    /// Prometheus metrics endpoint (`serve --metrics ADDR`; none: off).
+    pub metrics: Option<MetricsAddr>,
 }
 
 impl DaemonConfig {
@@ -77,6 +82,7 @@ impl DaemonConfig {
             rpc_gid: None,
             tls_dir: None,
             nbd_tcp_insecure: false,
+            metrics: None,
         }
     }
 
@@ -102,6 +108,12 @@ pub struct Daemon {
     reactors: Option<Arc<Reactors>>,
     /// The NBD frontend; stopped first at shutdown.
     nbd: Option<NbdServer>,
+    /// The metrics endpoint's sources (add more with [`Daemon::metrics`]).
+    registry: Arc<Registry>,
+    /// The metrics endpoint, if `--metrics` was given.
+    metrics_server: Option<MetricsServer>,
+    /// The thread that samples per-disk statistics every second.
+    sampler: Option<Sampler>,
 }
 
 impl Daemon {
@@ -242,6 +254,27 @@ impl Daemon {
         );
 
         let logf: Arc<dyn Fn(LogLine) + Send + Sync> = Arc::new(|l: LogLine| crate::control::rpc::log_line(&l));
+        let sampler = control
+            .start_sampler()
+            .map_err(|e| format!("statistics sampler: {e}"))?;
+        let registry = Arc::new(Registry::default());
+        {
+            let exports = exports.clone();
+            registry.add_source(move |out| metrics::disk_families(&exports, out));
+            let reactors = reactors.clone();
+            registry.add_source(move |out| metrics::reactor_families(&reactors, out));
+            // Issue 19 part 1 (metadata-thread and KMS counters) registers its families
+            // here, with `registry.add_source(...)`, or later through `Daemon::metrics`.
+        }
+        let metrics_server = match &cfg.metrics {
+            Some(a) => {
+                let m = MetricsServer::start(a, registry.clone()).map_err(|e| format!("--metrics {a}: {e}"))?;
+                info!(addr = %m.addr(), "metrics (Prometheus text format)");
+                Some(m)
+            }
+            None => None,
+        };
+
         let sock = cfg.socket_path();
         let server = RpcServer::start(&sock, control.clone(), logf).map_err(|e| format!("{}: {e}", sock.display()))?;
         if let Some(g) = cfg.rpc_gid {
@@ -264,11 +297,25 @@ impl Daemon {
             server: Some(server),
             reactors: Some(reactors),
             nbd: Some(nbd),
+            registry,
+            metrics_server,
+            sampler: Some(sampler),
         })
     }
 
     pub fn control(&self) -> &Arc<Control> {
         &self.control
+    }
+
+    /// The metrics endpoint's registry: the hook for more metric families
+    /// ([`Registry::add_source`]); they appear on the next scrape.
+    pub fn metrics(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Where the metrics endpoint listens, if it runs.
+    pub fn metrics_addr(&self) -> Option<&MetricsAddr> {
+        self.metrics_server.as_ref().map(MetricsServer::addr)
     }
 
     /// Clean shutdown: RPC off, every export removed (keys wiped), reactors stopped.
@@ -278,6 +325,8 @@ impl Daemon {
         if left > 0 {
             warn!("{left} background task(s) did not stop in 3 s; the next start removes what they made");
         }
+        self.metrics_server.take();
+        self.sampler.take();
         if let Some(n) = self.nbd.take() {
             n.shutdown();
         }

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
+use crate::bdev::iostat::DiskStats;
 use crate::bdev::BdevRef;
 
 /// One exported disk.
@@ -17,6 +18,8 @@ pub struct Export {
     pub read_only: bool,
     /// Set when the disk is detached: frontends close its connections.
     pub revoked: Arc<AtomicBool>,
+    /// The disk's I/O statistics (the `iostat` layer at the top of `bdev`).
+    pub stats: Option<Arc<DiskStats>>,
 }
 
 impl Export {
@@ -26,7 +29,13 @@ impl Export {
             bdev,
             read_only,
             revoked: Arc::new(AtomicBool::new(false)),
+            stats: None,
         }
+    }
+    /// The same, with the statistics its stack keeps.
+    pub fn with_stats(mut self, stats: Arc<DiskStats>) -> Export {
+        self.stats = Some(stats);
+        self
     }
     pub fn is_revoked(&self) -> bool {
         self.revoked.load(Ordering::Acquire)

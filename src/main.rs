@@ -89,6 +89,10 @@ struct IoArgs {
     /// has poll queues), on (try, fall back on EOPNOTSUPP) or off.
     #[arg(long, default_value = "auto")]
     iopoll: String,
+    /// The per-disk statistics layer (iostat, as on every attached disk) on
+    /// top of each target: on or off.
+    #[arg(long, default_value = "off")]
+    iostat: String,
     /// Microseconds a reactor keeps spinning after its last work before it
     /// waits in its ring.
     #[arg(long = "spin-us")]
@@ -194,6 +198,11 @@ fn bench_io(a: IoArgs) -> Result<ExitCode, String> {
         reactors,
         progress: !a.quiet,
         iopoll: a.iopoll.parse()?,
+        iostat: match a.iostat.as_str() {
+            "on" => true,
+            "off" => false,
+            other => return Err(format!("--iostat {other}: use on or off")),
+        },
     };
     let rep = io::run(&opts)?;
     if a.output_format == "json" {

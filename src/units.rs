@@ -32,6 +32,41 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(bad)
 }
 
+/// Parses RFC 3339 UTC with seconds, exactly as [`rfc3339`] writes it without fraction
+/// (`2026-11-28T02:42:45Z`, ECS's `yyyy-MM-ddTHH:mm:ssZ`), into seconds since the epoch.
+pub fn parse_rfc3339(s: &str) -> Result<u64, String> {
+    let bad = || format!("{s:?} is not a UTC time like 2026-11-28T02:42:45Z (yyyy-MM-ddTHH:mm:ssZ)");
+    let b = s.as_bytes();
+    if b.len() != 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':' || b[19] != b'Z'
+    {
+        return Err(bad());
+    }
+    let num = |r: std::ops::Range<usize>| -> Result<i64, String> {
+        let t = &s[r];
+        if t.bytes().all(|c| c.is_ascii_digit()) {
+            t.parse::<i64>().map_err(|_| bad())
+        } else {
+            Err(bad())
+        }
+    };
+    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hh, mm, ss) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let mdays = [31, if leap { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    if y < 1970 || !(1..=12).contains(&m) || d < 1 || d > mdays[(m - 1) as usize] || hh > 23 || mm > 59 || ss > 59 {
+        return Err(bad());
+    }
+    // Howard Hinnant's days_from_civil.
+    let y2 = if m <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Ok((days * 86400 + hh * 3600 + mm * 60 + ss) as u64)
+}
+
 /// Seconds and nanoseconds since the Unix epoch, now.
 pub fn now_unix() -> (u64, u32) {
     let d = std::time::SystemTime::now()
@@ -122,5 +157,28 @@ mod tests {
         assert_eq!(rfc3339(951_782_400, None), "2000-02-29T00:00:00Z");
         assert_eq!(rfc3339(1_700_000_000, Some(7)), "2023-11-14T22:13:20.007Z");
         assert_eq!(rfc3339(4_102_444_800, None), "2100-01-01T00:00:00Z");
+    }
+
+    #[test]
+    fn parse_rfc3339_round_trips_and_refuses_other_forms() {
+        for secs in [0u64, 951_782_400, 1_700_000_000, 1_795_000_000, 4_102_444_799] {
+            assert_eq!(parse_rfc3339(&rfc3339(secs, None)), Ok(secs));
+        }
+        for bad in [
+            "",
+            "2026-11-28",
+            "2026-11-28T02:42:45",
+            "2026-11-28T02:42:45+00:00",
+            "2026-11-28 02:42:45Z",
+            "2026-13-01T00:00:00Z",
+            "2026-02-29T00:00:00Z",
+            "2026-11-28T24:00:00Z",
+            "2026-11-28T02:60:00Z",
+            "1969-12-31T23:59:59Z",
+            "+026-11-28T02:42:45Z",
+            "2026-11-28T02:42:\u{e9}Z",
+        ] {
+            assert!(parse_rfc3339(bad).is_err(), "{bad:?} accepted");
+        }
     }
 }

@@ -51,6 +51,7 @@ fn many_jobs_over_both_reactors_verify_through_the_crypto_layer() {
         },
         progress: false,
         iopoll: Default::default(),
+        iostat: false,
     };
     let rep = run(&opts).unwrap();
     let g = &rep.groups[0];
@@ -274,6 +275,41 @@ fn job_files_run_like_fio() {
     assert_eq!(jobs[0]["read"]["io_bytes"], 1 << 20);
     assert_eq!(jobs[1]["write"]["io_bytes"], 1 << 20);
     assert_eq!(jobs[1]["job options"]["filename"], "crypto(null0)");
+}
+
+#[test]
+fn iostat_on_stacks_the_statistics_layer_on_every_target() {
+    let d = tmp("iostat");
+    let jf = d.join("jobs.fio");
+    std::fs::write(
+        &jf,
+        "[global]\nbackend=null\nbs=4k\niodepth=4\nsize=1m\n\n[a]\nrw=read\n[b]\nrw=randwrite\nencrypt=1\n",
+    )
+    .unwrap();
+    for (flag, names) in [
+        ("--iostat=on", ["iostat(null0)", "iostat(crypto(null0))"]),
+        ("--iostat=off", ["null0", "crypto(null0)"]),
+    ] {
+        let out = bin()
+            .args(["bench", "io", "--quiet", "--cores=0", "--output-format=json", flag])
+            .arg(&jf)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let jobs = v["jobs"].as_array().unwrap();
+        assert_eq!(jobs[0]["job options"]["filename"], names[0]);
+        assert_eq!(jobs[1]["job options"]["filename"], names[1]);
+        assert_eq!(jobs[0]["read"]["io_bytes"], 1 << 20);
+        assert_eq!(jobs[1]["write"]["io_bytes"], 1 << 20);
+    }
+    let out = bin()
+        .args(["bench", "io", "--quiet", "--iostat=maybe"])
+        .arg(&jf)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--iostat maybe: use on or off"));
 }
 
 #[test]

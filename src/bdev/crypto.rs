@@ -101,6 +101,9 @@ impl Bdev for CryptoBdev {
         // An unallocated range reads as zeros through this layer too.
         self.inner.allocation(offset, len)
     }
+    fn layer_counters(&self, c: &mut super::LayerCounters) {
+        self.inner.layer_counters(c);
+    }
     fn takes_lent(&self) -> bool {
         true
     }

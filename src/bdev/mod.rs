@@ -14,6 +14,7 @@
 //! so no buffer can be freed or reused while the device still uses it.
 
 pub mod crypto;
+pub mod iostat;
 pub mod malloc;
 pub mod null;
 pub mod qos;
@@ -322,8 +323,46 @@ pub trait Bdev: Send + Sync {
     fn allocation(&self, _offset: u64, _len: u64) -> Option<Vec<(u64, bool)>> {
         None
     }
+    /// Adds what this layer and the layers below it counted on their own
+    /// (QoS holds, copy-on-write) into `c`; a virtual bdev forwards to the
+    /// bdev below. Read by the control plane ([`iostat::DiskStats`]), never
+    /// on the data path.
+    fn layer_counters(&self, _c: &mut LayerCounters) {}
     /// Open an I/O channel for the calling reactor.
     fn open_channel(&self, ctx: &ChannelCtx) -> std::io::Result<Box<dyn Channel>>;
+}
+
+/// Counts that layers below the statistics layer ([`iostat`]) keep about
+/// their own slow paths, cumulative since the layer was made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LayerCounters {
+    /// Requests the QoS limiter held back (`qos`).
+    pub qos_holds: u64,
+    /// Total time requests waited in the QoS limiter, nanoseconds.
+    pub qos_held_ns: u64,
+    /// Clusters copied because a write hit a shared cluster (`volume`).
+    pub cow_copies: u64,
+    /// Clusters allocated by a first write (`volume`).
+    pub cluster_allocs: u64,
+}
+
+impl LayerCounters {
+    /// What was counted between `earlier` and `self`.
+    pub fn since(&self, earlier: &LayerCounters) -> LayerCounters {
+        LayerCounters {
+            qos_holds: self.qos_holds.saturating_sub(earlier.qos_holds),
+            qos_held_ns: self.qos_held_ns.saturating_sub(earlier.qos_held_ns),
+            cow_copies: self.cow_copies.saturating_sub(earlier.cow_copies),
+            cluster_allocs: self.cluster_allocs.saturating_sub(earlier.cluster_allocs),
+        }
+    }
+
+    pub fn add(&mut self, o: &LayerCounters) {
+        self.qos_holds += o.qos_holds;
+        self.qos_held_ns += o.qos_held_ns;
+        self.cow_copies += o.cow_copies;
+        self.cluster_allocs += o.cluster_allocs;
+    }
 }
 
 /// A per-reactor I/O queue of a bdev.

@@ -4,13 +4,18 @@
 //! from two GCRA token buckets on atomics: a request may start when its cost
 //! fits the bucket's burst; otherwise the channel holds it and retries on
 //! its next poll. Nothing blocks and nothing is dropped.
+//!
+//! The limiter counts the requests it held and how long they waited
+//! ([`Bdev::layer_counters`]: `qos_holds`, `qos_held_ns`); those atomic adds
+//! happen only on the throttled path.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{Bdev, BdevRef, Channel, ChannelCtx, IoCompletion, IoOp, IoRequest};
+use super::iostat::clock::Clock;
+use super::{Bdev, BdevRef, Channel, ChannelCtx, IoCompletion, IoOp, IoRequest, LayerCounters};
 
 /// Caps of one disk. `None` = unlimited.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -78,6 +83,10 @@ pub struct Limiter {
     epoch: Instant,
     iops: Option<Gcra>,
     bw: Option<Gcra>,
+    /// Requests held back (each counted once).
+    holds: AtomicU64,
+    /// Nanoseconds held requests waited, in all.
+    held_ns: AtomicU64,
 }
 
 impl Limiter {
@@ -87,6 +96,8 @@ impl Limiter {
             epoch: Instant::now(),
             iops: l.iops.map(|r| Gcra::new(r, (r / 10).max(1))),
             bw: l.bytes_per_sec.map(|r| Gcra::new(r, (r / 10).max(1 << 20))),
+            holds: AtomicU64::new(0),
+            held_ns: AtomicU64::new(0),
         }
     }
 
@@ -122,6 +133,7 @@ pub struct QosBdev {
     name: String,
     inner: BdevRef,
     limiter: Arc<Limiter>,
+    clock: Clock,
 }
 
 impl QosBdev {
@@ -130,6 +142,7 @@ impl QosBdev {
             name: format!("qos({})", inner.name()),
             inner,
             limiter: Arc::new(Limiter::new(limits)),
+            clock: Clock::get(),
         }
     }
 }
@@ -160,11 +173,17 @@ impl Bdev for QosBdev {
     fn takes_lent(&self) -> bool {
         self.inner.takes_lent()
     }
+    fn layer_counters(&self, c: &mut LayerCounters) {
+        c.qos_holds += self.limiter.holds.load(Ordering::Relaxed);
+        c.qos_held_ns += self.limiter.held_ns.load(Ordering::Relaxed);
+        self.inner.layer_counters(c);
+    }
     fn open_channel(&self, ctx: &ChannelCtx) -> std::io::Result<Box<dyn Channel>> {
         Ok(Box::new(QosChannel {
             inner: self.inner.open_channel(ctx)?,
             limiter: self.limiter.clone(),
             held: VecDeque::new(),
+            clock: self.clock,
         }))
     }
 }
@@ -172,7 +191,9 @@ impl Bdev for QosBdev {
 struct QosChannel {
     inner: Box<dyn Channel>,
     limiter: Arc<Limiter>,
-    held: VecDeque<IoRequest>,
+    /// Held requests with the tick they were held at.
+    held: VecDeque<(IoRequest, u64)>,
+    clock: Clock,
 }
 
 impl QosChannel {
@@ -192,26 +213,34 @@ impl QosChannel {
             }
         })
     }
+
+    fn hold(&mut self, req: IoRequest) {
+        self.limiter.holds.fetch_add(1, Ordering::Relaxed);
+        self.held.push_back((req, self.clock.ticks()));
+    }
 }
 
 impl Channel for QosChannel {
     fn submit(&mut self, req: IoRequest) -> Result<(), IoRequest> {
         if !self.held.is_empty() {
-            self.held.push_back(req);
+            self.hold(req);
             return Ok(());
         }
         if let Err(r) = self.start(req) {
-            self.held.push_back(r);
+            self.hold(r);
         }
         Ok(())
     }
 
     fn poll(&mut self, out: &mut Vec<IoCompletion>) -> usize {
-        while let Some(r) = self.held.pop_front() {
+        while let Some((r, t)) = self.held.pop_front() {
             if let Err(r) = self.start(r) {
-                self.held.push_front(r);
+                self.held.push_front((r, t));
                 break;
             }
+            self.limiter
+                .held_ns
+                .fetch_add(self.clock.ns_since(t), Ordering::Relaxed);
         }
         self.inner.poll(out)
     }

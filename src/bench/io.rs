@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use super::fio::{FileJob, JobSpec, TargetSpec};
 use super::job::{DirStats, Job, JobResult, Progress};
 use crate::bdev::crypto::CryptoBdev;
+use crate::bdev::iostat::StatsBdev;
 use crate::bdev::malloc::MallocBdev;
 use crate::bdev::null::NullBdev;
 use crate::bdev::uring::{Iopoll, UringBdev, UringOpts};
@@ -32,6 +33,9 @@ pub struct IoBenchOpts {
     pub progress: bool,
     /// Polled completions for `file:` backends.
     pub iopoll: Iopoll,
+    /// Stack the per-disk statistics layer (`bdev::iostat`) on top of every
+    /// target, as the daemon does on every attached disk (`--iostat on`).
+    pub iostat: bool,
 }
 
 /// Results of one job definition on one target (all its numjobs, all
@@ -218,6 +222,15 @@ fn prefill(reactors: &Reactors, bdev: &BdevRef) -> Result<(), String> {
         p(0.99)
     );
     Ok(())
+}
+
+/// `b`, with the statistics layer on top if `iostat`.
+fn with_iostat(b: BdevRef, iostat: bool) -> BdevRef {
+    if iostat {
+        Arc::new(StatsBdev::new(b))
+    } else {
+        b
+    }
 }
 
 fn random_key() -> crate::secmem::SecretMem {
@@ -428,9 +441,10 @@ pub fn run(opts: &IoBenchOpts) -> Result<IoBenchReport, String> {
         if fj.target.backend.as_deref().is_some_and(|b| b.starts_with("volume:")) {
             prefill(&reactors, &base)?;
         }
-        let backend_name = base.name().to_string();
         if opts.compare {
             let (enc, xts) = crypto_over(&base, &fj.target)?;
+            let (base, enc) = (with_iostat(base, opts.iostat), with_iostat(enc, opts.iostat));
+            let backend_name = base.name().to_string();
             kernel = xts.kernel().name().to_string();
             let rounds = opts.rounds.max(1);
             let mut spec = fj.job.clone();
@@ -471,14 +485,15 @@ pub fn run(opts: &IoBenchOpts) -> Result<IoBenchReport, String> {
             groups.push(plain);
             groups.push(encrypted);
         } else {
-            let (bdev, target_name) = if fj.target.encrypt {
+            let bdev = if fj.target.encrypt {
                 let (enc, xts) = crypto_over(&base, &fj.target)?;
                 kernel = xts.kernel().name().to_string();
-                let n = enc.name().to_string();
-                (enc, n)
+                enc
             } else {
-                (base.clone(), backend_name.clone())
+                base.clone()
             };
+            let bdev = with_iostat(bdev, opts.iostat);
+            let target_name = bdev.name().to_string();
             let mut g = new_group(&fj.job.name, &fj.job, &target_name);
             let out = run_once(&reactors, &bdev, &fj.job, &fj.job.name, opts.progress)?;
             merge_into(&mut g, &out);

@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+mod disk_stats;
 mod output;
 mod serve;
 
@@ -58,6 +59,9 @@ fn about(method: &str) -> &'static str {
         "ModifyDiskAttribute" => "Rename a disk or change its description",
         "DeleteDisk" => "Delete a disk (the last holder of a key shreds it)",
         "DescribeDisks" => "List disks",
+        "DescribeDiskMonitorData" => {
+            "I/O of an attached disk over time: IOPS, bandwidth, latency and p99 per Period (DiskId, StartTime, EndTime)"
+        }
         "CreateSnapshot" => "Snapshot a disk",
         "ModifySnapshotAttribute" => "Rename a snapshot",
         "DeleteSnapshot" => "Delete a snapshot",
@@ -116,6 +120,7 @@ pub fn augment(mut cmd: Command) -> Command {
                     .help("list the methods"),
             ),
     );
+    cmd = cmd.subcommand(connection_args(disk_stats::command(Command::new("disk-stats"))));
     for m in METHODS {
         let name: &'static str = Box::leak(kebab(m).into_boxed_str());
         cmd =
@@ -149,6 +154,7 @@ pub fn dispatch(m: &ArgMatches) -> Option<ExitCode> {
         "serve" => Some(serve::serve(sub)),
         "check" => Some(serve::check(sub)),
         "rpc" => Some(rpc(sub)),
+        "disk-stats" => Some(disk_stats_cmd(sub)),
         _ => {
             let method = METHODS.iter().find(|x| kebab(x) == name)?;
             Some(op(method, sub))
@@ -267,13 +273,12 @@ fn wait_for_task(c: &mut Client, account: Option<Value>, v: Value) -> Result<Val
     }
 }
 
-fn op(method: &str, m: &ArgMatches) -> ExitCode {
+/// The `Key=Value` parameters of a subcommand, with `AccountId`/`RegionId` from
+/// `--account`/`--region` or the environment unless `host` (a host method).
+fn op_params(m: &ArgMatches, host: bool) -> Result<Map<String, Value>, String> {
     let args: Vec<String> = m.get_many::<String>("params").into_iter().flatten().cloned().collect();
-    let mut params = match parse_params(&args) {
-        Ok(p) => p,
-        Err(e) => return fail("InvalidParameter", &e, 2),
-    };
-    if !crate::control::HOST_METHODS.contains(&method) {
+    let mut params = parse_params(&args)?;
+    if !host {
         let acc = m
             .get_one::<String>("account")
             .cloned()
@@ -289,7 +294,26 @@ fn op(method: &str, m: &ArgMatches) -> ExitCode {
             params.entry("RegionId").or_insert(Value::String(r));
         }
     }
-    call_and_print(m, method, Value::Object(params))
+    Ok(params)
+}
+
+fn op(method: &str, m: &ArgMatches) -> ExitCode {
+    match op_params(m, crate::control::HOST_METHODS.contains(&method)) {
+        Ok(params) => call_and_print(m, method, Value::Object(params)),
+        Err(e) => fail("InvalidParameter", &e, 2),
+    }
+}
+
+fn disk_stats_cmd(m: &ArgMatches) -> ExitCode {
+    let params = match op_params(m, false) {
+        Ok(p) => p,
+        Err(e) => return fail("InvalidParameter", &e, 2),
+    };
+    let c = match Client::connect(&socket_path(m)) {
+        Ok(c) => c,
+        Err(e) => return fail(&e.code, &e.message, 2),
+    };
+    disk_stats::run(m, c, Value::Object(params))
 }
 
 fn rpc(m: &ArgMatches) -> ExitCode {

@@ -123,6 +123,23 @@ pub fn human(method: &str, v: &Value) -> String {
                 ],
             )
         }),
+        "DescribeDiskMonitorData" => list("MonitorData", "DiskMonitorData").map(|r| {
+            table(
+                r,
+                &[
+                    "TimeStamp",
+                    "IOPSRead",
+                    "IOPSWrite",
+                    "BPSRead",
+                    "BPSWrite",
+                    "LatencyRead",
+                    "LatencyWrite",
+                    "LatencyReadP99",
+                    "LatencyWriteP99",
+                    "Errors",
+                ],
+            )
+        }),
         "DescribeReactors" => v.get("Reactors").and_then(Value::as_array).map(|r| {
             table(
                 r,

@@ -148,6 +148,12 @@ pub fn serve_command() -> Command {
                 .help("error, warn, info, debug, trace or off; wins over RUST_LOG (default: RUST_LOG, else info)"),
         )
         .arg(
+            Arg::new("metrics")
+                .long("metrics")
+                .value_name("ADDR")
+                .help("serve Prometheus metrics at http://ADDR/metrics: 127.0.0.1:PORT (loopback only) or unix:/PATH"),
+        )
+        .arg(
             Arg::new("qos-file")
                 .long("qos-file")
                 .value_name("FILE")
@@ -216,6 +222,10 @@ fn config(m: &ArgMatches) -> Result<DaemonConfig, String> {
     cfg.nbd_tcp = m.get_one::<std::net::SocketAddr>("nbd-tcp").copied();
     cfg.tls_dir = m.get_one::<PathBuf>("tls-dir").cloned();
     cfg.nbd_tcp_insecure = m.get_flag("nbd-tcp-insecure");
+    cfg.metrics = m
+        .get_one::<String>("metrics")
+        .map(|a| crate::control::metrics_http::MetricsAddr::parse(a))
+        .transpose()?;
     if m.get_flag("no-qos") {
         cfg.qos = QosConfig::off();
     }

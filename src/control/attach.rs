@@ -1,7 +1,7 @@
 //! AttachDisk and DetachDisk: putting a disk on the data path and taking it off.
 //!
 //! Attach unwraps the data key (one metered KMS call) into secret memory, builds the
-//! disk's XTS engine and stacks `crypto(4096, plain64) → volume`, and registers one export
+//! disk's XTS engine and stacks `iostat → qos → crypto(4096, plain64) → volume`, and registers one export
 //! per disk (a MultiAttach disk attached to several instances still has one export).
 //! Detach removes the export; the key is wiped when the last `Arc<Xts>` (held by the
 //! export and any frontend connection still draining) drops.
@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 
 use super::{Control, ControlError, Params, ENCRYPTION_SECTOR};
 use crate::bdev::crypto::CryptoBdev;
+use crate::bdev::iostat::StatsBdev;
 use crate::bdev::qos::{QosBdev, QosLimits};
 use crate::bdev::BdevRef;
 use crate::catalog::{self, AttachmentRecord, DiskRecord};
@@ -78,7 +79,10 @@ impl Control {
             )),
             _ => bdev,
         };
-        Ok(Export::new(&d.id, bdev, false))
+        // Statistics on top of all: the latency the frontend sees, QoS holds included.
+        let top = StatsBdev::new(bdev);
+        let stats = top.stats().clone();
+        Ok(Export::new(&d.id, Arc::new(top), false).with_stats(stats))
     }
 
     /// Records an attachment in `txn` after checking it is allowed.

@@ -18,7 +18,9 @@
 //!
 //! Files: `params` (reading ECS parameters), `disks`, `snapshots`, `images`,
 //! `instances`, `kms_ops`, `attach` (the data path), `copy` (CreateEncryptedCopy), `view` (ECS-shaped replies),
-//! `check` (pool vs catalog), `rpc` (JSON-RPC framing), `server`/`client` (unix socket).
+//! `check` (pool vs catalog), `rpc` (JSON-RPC framing), `server`/`client` (unix socket),
+//! `monitor` (per-disk I/O samples, DescribeDiskMonitorData), `metrics` and `metrics_http`
+//! (Prometheus exposition on `serve --metrics`).
 
 #![forbid(unsafe_code)]
 
@@ -32,6 +34,9 @@ mod images;
 mod instances;
 mod job;
 mod kms_ops;
+pub mod metrics;
+pub mod metrics_http;
+pub mod monitor;
 pub mod params;
 pub mod qos;
 mod reactors;
@@ -81,6 +86,7 @@ pub const METHODS: &[&str] = &[
     "ModifyDiskAttribute",
     "DeleteDisk",
     "DescribeDisks",
+    "DescribeDiskMonitorData",
     "CreateSnapshot",
     "ModifySnapshotAttribute",
     "DeleteSnapshot",
@@ -104,6 +110,7 @@ const CONCURRENT_METHODS: &[&str] = &[
     "DescribeKmsUsage",
     "DescribeInstances",
     "DescribeDisks",
+    "DescribeDiskMonitorData",
     "DescribeSnapshots",
     "DescribeImages",
     "CheckPool",
@@ -198,6 +205,8 @@ pub struct Control {
     serial: Mutex<()>,
     objects: ObjectLocks,
     tasks: tasks::Tasks,
+    /// Per-disk I/O samples (filled by the sampler thread, [`Control::start_sampler`]).
+    monitor: Arc<monitor::Monitor>,
     /// This control plane, for background tasks to hold.
     me: std::sync::Weak<Control>,
 }
@@ -234,6 +243,7 @@ impl Control {
             serial: Mutex::new(()),
             objects: ObjectLocks::default(),
             tasks: tasks::Tasks::default(),
+            monitor: Arc::default(),
             me: me.clone(),
         })
     }
@@ -289,6 +299,7 @@ impl Control {
             "ModifyDiskAttribute" => self.modify_disk_attribute(p),
             "DeleteDisk" => self.delete_disk(p),
             "DescribeDisks" => self.describe_disks(p),
+            "DescribeDiskMonitorData" => self.describe_disk_monitor_data(p),
             "CreateSnapshot" => self.create_snapshot(p),
             "ModifySnapshotAttribute" => self.modify_snapshot_attribute(p),
             "DeleteSnapshot" => self.delete_snapshot(p),

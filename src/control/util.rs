@@ -15,7 +15,12 @@ pub fn new_id(prefix: &str) -> String {
     s
 }
 
-pub use crate::units::now_rfc3339;
+pub use crate::units::{now_rfc3339, parse_rfc3339};
+
+/// Seconds since the epoch as RFC 3339 UTC with seconds (what [`parse_rfc3339`] reads).
+pub fn rfc3339(secs: u64) -> String {
+    crate::units::rfc3339(secs, None)
+}
 
 #[cfg(test)]
 mod tests {

@@ -26,7 +26,7 @@ use super::meta::{MetaOp, MetaReq};
 use super::tables::*;
 use super::{db_err, Pool, VolumeError};
 use crate::bdev::slab::Slab;
-use crate::bdev::{validate, Bdev, Channel, ChannelCtx, IoCompletion, IoError, IoOp, IoRequest, Lower};
+use crate::bdev::{validate, Bdev, Channel, ChannelCtx, IoCompletion, IoError, IoOp, IoRequest, LayerCounters, Lower};
 use crate::iobuf::{BufPool, IoBuf};
 
 /// Per-request lists stay inline (no heap allocation on the I/O path): a
@@ -50,6 +50,17 @@ pub(crate) struct VolState {
     /// Per cluster: 0 = unallocated, else (physical cluster) | OWNED?
     map: Box<[AtomicU64]>,
     owners: Mutex<u64>,
+    /// New clusters the metadata thread published (its only writer).
+    pub counters: VolCounters,
+}
+
+/// What the slow path did for one volume, counted once durable.
+#[derive(Default)]
+pub(crate) struct VolCounters {
+    /// Writes into a shared cluster that copied it (copy-on-write).
+    pub cow_copies: AtomicU64,
+    /// First writes into an unallocated cluster.
+    pub allocs: AtomicU64,
 }
 
 impl VolState {
@@ -82,6 +93,7 @@ impl VolState {
             size,
             map,
             owners: Mutex::new(0),
+            counters: VolCounters::default(),
         })
     }
 
@@ -166,6 +178,10 @@ impl Bdev for VolumeBdev {
             at = stop;
         }
         Some(out)
+    }
+    fn layer_counters(&self, c: &mut LayerCounters) {
+        c.cow_copies += self.state.counters.cow_copies.load(Ordering::Relaxed);
+        c.cluster_allocs += self.state.counters.allocs.load(Ordering::Relaxed);
     }
     fn open_channel(&self, ctx: &ChannelCtx) -> std::io::Result<Box<dyn Channel>> {
         let meta = self

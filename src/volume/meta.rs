@@ -23,6 +23,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -188,6 +189,17 @@ struct Publish {
     /// The volume's ownership generation when the transaction found the
     /// cluster to be the volume's alone (None: shared or unmapped).
     owned_gen: Option<u64>,
+    /// Whether the entry is a new cluster, and why (counted once durable).
+    fresh: Option<Fresh>,
+}
+
+/// Why a write took a new cluster.
+#[derive(Clone, Copy)]
+enum Fresh {
+    /// The cluster was unallocated (first write).
+    Allocated,
+    /// The cluster was shared: its bytes were copied (copy-on-write).
+    Copied,
 }
 
 /// What a prepared transaction will change once committed.
@@ -362,6 +374,11 @@ impl Worker {
         // Durable: now the reactors may use the new entries.
         for p in &fx.publish {
             p.vol.publish(p.cluster, p.phys, p.owned_gen);
+            match p.fresh {
+                Some(Fresh::Allocated) => p.vol.counters.allocs.fetch_add(1, Ordering::Relaxed),
+                Some(Fresh::Copied) => p.vol.counters.cow_copies.fetch_add(1, Ordering::Relaxed),
+                None => 0,
+            };
         }
         if !fx.freed.is_empty() {
             let t = self.shared.epochs.request();
@@ -460,6 +477,7 @@ impl Worker {
                         cluster: c,
                         phys: 0,
                         owned_gen: None,
+                        fresh: None,
                     });
                 }
                 (Some(p), part) if Worker::refcount(txn, p)? == 1 => {
@@ -476,6 +494,7 @@ impl Worker {
                         cluster: c,
                         phys: p,
                         owned_gen: Some(gen),
+                        fresh: None,
                     });
                 }
                 (cur, part) => {
@@ -511,6 +530,7 @@ impl Worker {
                         cluster: c,
                         phys: new,
                         owned_gen: Some(gen),
+                        fresh: Some(if cur.is_some() { Fresh::Copied } else { Fresh::Allocated }),
                     });
                 }
             }

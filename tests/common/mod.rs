@@ -288,3 +288,49 @@ pub fn instance_with_disk(data: &std::path::Path, size: u64, encrypted: bool) ->
     let att = rpc(data, "AttachDisk", json!({"DiskId": disk, "InstanceId": inst}));
     (inst, disk, att)
 }
+
+/// One NBD request in transmission (simple replies): its reply's error and, for a read
+/// without error, `read_len` bytes of data.
+pub fn nbd_cmd(
+    s: &mut std::os::unix::net::UnixStream,
+    cmd: u16,
+    cookie: u64,
+    offset: u64,
+    len: u32,
+    payload: &[u8],
+    read_len: usize,
+) -> (u32, Vec<u8>) {
+    use sealdisk::frontend::nbd::proto::*;
+    use std::io::{Read, Write};
+    let mut m = REQUEST_MAGIC.to_be_bytes().to_vec();
+    m.extend_from_slice(&0u16.to_be_bytes());
+    m.extend_from_slice(&cmd.to_be_bytes());
+    m.extend_from_slice(&cookie.to_be_bytes());
+    m.extend_from_slice(&offset.to_be_bytes());
+    m.extend_from_slice(&len.to_be_bytes());
+    m.extend_from_slice(payload);
+    s.write_all(&m).unwrap();
+    let mut h = [0u8; 16];
+    s.read_exact(&mut h).unwrap();
+    assert_eq!(u32::from_be_bytes(h[0..4].try_into().unwrap()), SIMPLE_REPLY_MAGIC);
+    assert_eq!(u64::from_be_bytes(h[8..16].try_into().unwrap()), cookie);
+    let err = u32::from_be_bytes(h[4..8].try_into().unwrap());
+    let mut d = Vec::new();
+    if err == 0 && read_len > 0 {
+        d = vec![0u8; read_len];
+        s.read_exact(&mut d).unwrap();
+    }
+    (err, d)
+}
+
+/// An NBD write of `data` at `offset`: the reply's error (0 = done).
+pub fn nbd_write(s: &mut std::os::unix::net::UnixStream, cookie: u64, offset: u64, data: &[u8]) -> u32 {
+    use sealdisk::frontend::nbd::proto::CMD_WRITE;
+    nbd_cmd(s, CMD_WRITE, cookie, offset, data.len() as u32, data, 0).0
+}
+
+/// An NBD read: (error, data).
+pub fn nbd_read(s: &mut std::os::unix::net::UnixStream, cookie: u64, offset: u64, len: u32) -> (u32, Vec<u8>) {
+    use sealdisk::frontend::nbd::proto::CMD_READ;
+    nbd_cmd(s, CMD_READ, cookie, offset, len, &[], len as usize)
+}

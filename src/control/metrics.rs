@@ -1,0 +1,381 @@
+//! Metrics in the Prometheus text exposition format (version 0.0.4), the format host
+//! monitoring scrapes; served by [`super::metrics_http`] on `serve --metrics ADDR`.
+//!
+//! A [`Registry`] holds *sources*: functions that append metric [`Family`]s when a
+//! scrape comes. The daemon registers the per-disk statistics ([`disk_families`]) and
+//! the reactors' counters ([`reactor_families`]); other parts of the daemon add their
+//! own with [`Registry::add_source`] (the hook for the metadata-thread and KMS counters).
+//! Sources run on the metrics thread and only read counters: nothing here is on the data
+//! path or holds a lock the data path needs.
+
+use std::fmt::Write as _;
+use std::sync::RwLock;
+
+use crate::bdev::iostat::{Dir, IoStats};
+use crate::export::Exports;
+use crate::reactor::Reactors;
+
+/// The metric types of the exposition format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+    Summary,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+            Kind::Summary => "summary",
+        }
+    }
+}
+
+/// One line: the family's name plus `suffix` (`_bucket`, `_sum`, `_count` for
+/// histograms and summaries, else empty), labels and value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub suffix: &'static str,
+    pub labels: Vec<(String, String)>,
+    pub value: f64,
+}
+
+/// A metric family: `# HELP`, `# TYPE` and its samples. Counter names end in `_total`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Family {
+    pub name: String,
+    pub help: String,
+    pub kind: Kind,
+    pub samples: Vec<Sample>,
+}
+
+impl Family {
+    pub fn new(name: &str, kind: Kind, help: &str) -> Family {
+        debug_assert!(valid_name(name), "metric name {name:?}");
+        debug_assert!(
+            kind != Kind::Counter || name.ends_with("_total"),
+            "counter {name} must end in _total"
+        );
+        Family {
+            name: name.into(),
+            help: help.into(),
+            kind,
+            samples: Vec::new(),
+        }
+    }
+
+    /// Adds a sample with `labels`.
+    pub fn push(&mut self, labels: &[(&str, &str)], value: f64) {
+        self.push_suffix("", labels, value);
+    }
+
+    pub fn push_suffix(&mut self, suffix: &'static str, labels: &[(&str, &str)], value: f64) {
+        self.samples.push(Sample {
+            suffix,
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            value,
+        });
+    }
+}
+
+/// `[a-zA-Z_:][a-zA-Z0-9_:]*`
+pub fn valid_name(n: &str) -> bool {
+    let mut c = n.chars();
+    c.next()
+        .is_some_and(|f| f.is_ascii_alphabetic() || f == '_' || f == ':')
+        && c.all(|x| x.is_ascii_alphanumeric() || x == '_' || x == ':')
+}
+
+fn escape_label(v: &str, out: &mut String) {
+    for ch in v.chars() {
+        match ch {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+}
+
+fn escape_help(v: &str, out: &mut String) {
+    for ch in v.chars() {
+        match ch {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+}
+
+fn value(v: f64, out: &mut String) {
+    if v.is_nan() {
+        out.push_str("NaN");
+    } else if v == f64::INFINITY {
+        out.push_str("+Inf");
+    } else if v == f64::NEG_INFINITY {
+        out.push_str("-Inf");
+    } else {
+        let _ = write!(out, "{v}");
+    }
+}
+
+/// The exposition text of `families`; families of the same name are merged (one
+/// `# HELP`/`# TYPE`, the first one's).
+pub fn render(families: &[Family]) -> String {
+    let mut order: Vec<&str> = Vec::new();
+    for f in families {
+        if !order.contains(&f.name.as_str()) {
+            order.push(&f.name);
+        }
+    }
+    let mut out = String::new();
+    for name in order {
+        let mut same = families.iter().filter(|f| f.name == name);
+        let first = same.next().expect("a family of this name");
+        let _ = write!(out, "# HELP {name} ");
+        escape_help(&first.help, &mut out);
+        let _ = writeln!(out, "\n# TYPE {name} {}", first.kind.name());
+        for s in std::iter::once(first).chain(same).flat_map(|f| &f.samples) {
+            out.push_str(name);
+            out.push_str(s.suffix);
+            if !s.labels.is_empty() {
+                out.push('{');
+                for (i, (k, v)) in s.labels.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(k);
+                    out.push_str("=\"");
+                    escape_label(v, &mut out);
+                    out.push('"');
+                }
+                out.push('}');
+            }
+            out.push(' ');
+            value(s.value, &mut out);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// Something that adds metric families to a scrape.
+pub type Source = Box<dyn Fn(&mut Vec<Family>) + Send + Sync>;
+
+/// The sources of the metrics endpoint.
+#[derive(Default)]
+pub struct Registry {
+    sources: RwLock<Vec<Source>>,
+}
+
+impl Registry {
+    /// Adds a source: `f` appends its families on every scrape. This is the hook for
+    /// counters kept elsewhere in the daemon (the metadata thread's, the KMS's).
+    pub fn add_source(&self, f: impl Fn(&mut Vec<Family>) + Send + Sync + 'static) {
+        self.sources
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Box::new(f));
+    }
+
+    /// Every source's families, in the order the sources were added.
+    pub fn gather(&self) -> Vec<Family> {
+        let mut v = Vec::new();
+        for s in self.sources.read().unwrap_or_else(|p| p.into_inner()).iter() {
+            s(&mut v);
+        }
+        v
+    }
+
+    /// The exposition text of a scrape.
+    pub fn render(&self) -> String {
+        render(&self.gather())
+    }
+}
+
+/// Upper bounds (seconds) of the latency histogram buckets on the endpoint.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+    0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Per-disk families from the statistics of every attached disk (label `disk`, and
+/// `op` = read, write, flush, discard).
+pub fn disk_families(exports: &Exports, out: &mut Vec<Family>) {
+    let disks: Vec<(String, IoStats)> = exports
+        .names()
+        .into_iter()
+        .filter_map(|n| {
+            let s = exports.get(&n)?.stats?;
+            Some((n, s.snapshot()))
+        })
+        .collect();
+    let mut ops = Family::new(
+        "sealdisk_disk_ops_total",
+        Kind::Counter,
+        "I/O requests completed without error, by disk and direction (discard: unmap and write-zeroes)",
+    );
+    let mut bytes = Family::new(
+        "sealdisk_disk_bytes_total",
+        Kind::Counter,
+        "Bytes of completed requests",
+    );
+    let mut errors = Family::new(
+        "sealdisk_disk_errors_total",
+        Kind::Counter,
+        "I/O requests completed with an error",
+    );
+    let mut lat = Family::new(
+        "sealdisk_disk_latency_seconds",
+        Kind::Histogram,
+        "Latency of completed requests as the frontend sees them (QoS holds, encryption, copy-on-write and device included)",
+    );
+    let mut holds = Family::new(
+        "sealdisk_disk_qos_holds_total",
+        Kind::Counter,
+        "Requests the QoS limiter held back",
+    );
+    let mut held = Family::new(
+        "sealdisk_disk_qos_held_seconds_total",
+        Kind::Counter,
+        "Time requests waited in the QoS limiter",
+    );
+    let mut cow = Family::new(
+        "sealdisk_disk_cow_copies_total",
+        Kind::Counter,
+        "Clusters copied because a write hit a cluster shared with a snapshot (copy-on-write)",
+    );
+    let mut alloc = Family::new(
+        "sealdisk_disk_cluster_allocations_total",
+        Kind::Counter,
+        "Clusters allocated by a first write",
+    );
+    let mut attached = Family::new("sealdisk_disks_attached", Kind::Gauge, "Disks on the data path");
+    attached.push(&[], disks.len() as f64);
+    for (id, s) in &disks {
+        for d in Dir::ALL {
+            let x = s.dir(d);
+            let l = [("disk", id.as_str()), ("op", d.name())];
+            ops.push(&l, x.ops as f64);
+            bytes.push(&l, x.bytes as f64);
+            errors.push(&l, x.errors as f64);
+            for &le in LATENCY_BUCKETS {
+                let le_s = format!("{le}");
+                lat.push_suffix(
+                    "_bucket",
+                    &[("disk", id.as_str()), ("op", d.name()), ("le", le_s.as_str())],
+                    x.hist.count_le((le * 1e9).round() as u64) as f64,
+                );
+            }
+            lat.push_suffix(
+                "_bucket",
+                &[("disk", id.as_str()), ("op", d.name()), ("le", "+Inf")],
+                x.hist.count() as f64,
+            );
+            lat.push_suffix("_sum", &l, x.lat_ns as f64 / 1e9);
+            lat.push_suffix("_count", &l, x.hist.count() as f64);
+        }
+        let l = [("disk", id.as_str())];
+        holds.push(&l, s.layers.qos_holds as f64);
+        held.push(&l, s.layers.qos_held_ns as f64 / 1e9);
+        cow.push(&l, s.layers.cow_copies as f64);
+        alloc.push(&l, s.layers.cluster_allocs as f64);
+    }
+    out.extend([attached, ops, bytes, errors, lat, holds, held, cow, alloc]);
+}
+
+/// The reactors' counters (`src/reactor/stats.rs`), labelled `reactor` and `core`.
+pub fn reactor_families(reactors: &Reactors, out: &mut Vec<Family>) {
+    let mut busy = Family::new(
+        "sealdisk_reactor_busy_seconds_total",
+        Kind::Counter,
+        "Time each reactor spent running (polling included)",
+    );
+    let mut idle = Family::new(
+        "sealdisk_reactor_idle_seconds_total",
+        Kind::Counter,
+        "Time each reactor spent parked",
+    );
+    let mut ios = Family::new(
+        "sealdisk_reactor_ios_total",
+        Kind::Counter,
+        "I/Os each reactor counted (NBD and bench jobs)",
+    );
+    let mut bytes = Family::new("sealdisk_reactor_bytes_total", Kind::Counter, "Bytes of those I/Os");
+    let mut full = Family::new(
+        "sealdisk_reactor_queue_full_total",
+        Kind::Counter,
+        "Messages refused because the reactor's queue was full",
+    );
+    let mut slow = Family::new(
+        "sealdisk_reactor_slow_parks_total",
+        Kind::Counter,
+        "Parks that lasted the whole park timeout while a poller had pending work",
+    );
+    for (i, s) in reactors.stats().iter().enumerate() {
+        let (r, c) = (i.to_string(), reactors.core(i).to_string());
+        let l = [("reactor", r.as_str()), ("core", c.as_str())];
+        busy.push(&l, s.busy_ns as f64 / 1e9);
+        idle.push(&l, s.idle_ns as f64 / 1e9);
+        ios.push(&l, s.ios as f64);
+        bytes.push(&l, s.bytes as f64);
+        full.push(&l, s.queue_full as f64);
+        slow.push(&l, s.slow_parks as f64);
+    }
+    out.extend([busy, idle, ios, bytes, full, slow]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_help_type_labels_and_merges_families() {
+        let mut a = Family::new("x_total", Kind::Counter, "Things\\counted\nhere");
+        a.push(&[("disk", "d-\"1\"\n")], 3.0);
+        let mut b = Family::new("x_total", Kind::Counter, "ignored");
+        b.push(&[], 1.5);
+        let mut h = Family::new("lat_seconds", Kind::Histogram, "h");
+        h.push_suffix("_bucket", &[("le", "+Inf")], 2.0);
+        h.push_suffix("_sum", &[], 0.25);
+        h.push_suffix("_count", &[], 2.0);
+        let text = render(&[a, h, b]);
+        assert_eq!(
+            text,
+            "# HELP x_total Things\\\\counted\\nhere\n# TYPE x_total counter\n\
+             x_total{disk=\"d-\\\"1\\\"\\n\"} 3\nx_total 1.5\n\
+             # HELP lat_seconds h\n# TYPE lat_seconds histogram\n\
+             lat_seconds_bucket{le=\"+Inf\"} 2\nlat_seconds_sum 0.25\nlat_seconds_count 2\n"
+        );
+    }
+
+    #[test]
+    fn names_and_values() {
+        assert!(valid_name("sealdisk_disk_ops_total"));
+        assert!(!valid_name("9x"));
+        assert!(!valid_name("a-b"));
+        assert!(!valid_name(""));
+        let mut s = String::new();
+        value(f64::INFINITY, &mut s);
+        value(0.000_01, &mut s);
+        assert_eq!(s, "+Inf0.00001");
+    }
+
+    #[test]
+    fn registry_runs_every_source() {
+        let r = Registry::default();
+        r.add_source(|v| v.push(Family::new("a_total", Kind::Counter, "a")));
+        r.add_source(|v| {
+            let mut g = Family::new("b", Kind::Gauge, "b");
+            g.push(&[], 7.0);
+            v.push(g)
+        });
+        let t = r.render();
+        assert!(t.contains("# TYPE a_total counter\n"));
+        assert!(t.contains("# TYPE b gauge\nb 7\n"));
+    }
+}
