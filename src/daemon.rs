@@ -263,8 +263,8 @@ impl Daemon {
             registry.add_source(move |out| metrics::disk_families(&exports, out));
             let reactors = reactors.clone();
             registry.add_source(move |out| metrics::reactor_families(&reactors, out));
-            // Issue 19 part 1 (metadata-thread and KMS counters) registers its families
-            // here, with `registry.add_source(...)`, or later through `Daemon::metrics`.
+            let control = control.clone();
+            registry.add_source(move |out| metrics::slow_path_families(&control.slow_path(), out));
         }
         let metrics_server = match &cfg.metrics {
             Some(a) => {

@@ -109,6 +109,20 @@ fn scrapes_show_types_and_counters_that_move_with_nbd_io() {
         ("sealdisk_reactor_bytes_total", "counter"),
         ("sealdisk_reactor_queue_full_total", "counter"),
         ("sealdisk_reactor_slow_parks_total", "counter"),
+        ("sealdisk_reactor_polls_total", "counter"),
+        ("sealdisk_reactor_idle_polls_total", "counter"),
+        ("sealdisk_reactor_parks_total", "counter"),
+        ("sealdisk_reactor_source_ios_total", "counter"),
+        ("sealdisk_metadata_queue_depth", "gauge"),
+        ("sealdisk_metadata_requests_total", "counter"),
+        ("sealdisk_metadata_batch_size", "histogram"),
+        ("sealdisk_metadata_fdatasync_seconds", "histogram"),
+        ("sealdisk_metadata_commit_seconds", "histogram"),
+        ("sealdisk_metadata_writer_wait_seconds", "histogram"),
+        ("sealdisk_metadata_failures_total", "counter"),
+        ("sealdisk_kms_calls_total", "counter"),
+        ("sealdisk_kms_errors_total", "counter"),
+        ("sealdisk_kms_call_seconds", "histogram"),
     ] {
         assert_eq!(types.get(name).map(String::as_str), Some(kind), "# TYPE of {name}");
     }
@@ -170,6 +184,27 @@ fn scrapes_show_types_and_counters_that_move_with_nbd_io() {
             >= 13.0
     );
     assert!(val(&after, &format!("sealdisk_reactor_busy_seconds_total{r}")) > 0.0);
+    let nbd_src = "{reactor=\"0\",core=\"0\",source=\"nbd\"}";
+    assert!(
+        val(&after, &format!("sealdisk_reactor_source_ios_total{nbd_src}"))
+            - val(&before, &format!("sealdisk_reactor_source_ios_total{nbd_src}"))
+            >= 13.0
+    );
+    // The first write of the fresh cluster went through the metadata thread: one
+    // fdatasync and one commit more; creating the disk called the local KMS.
+    for name in [
+        "sealdisk_metadata_fdatasync_seconds_count",
+        "sealdisk_metadata_commit_seconds_count",
+    ] {
+        assert!(val(&after, name) - val(&before, name) >= 1.0, "{name}");
+    }
+    assert!(val(&after, "sealdisk_metadata_requests_total") - val(&before, "sealdisk_metadata_requests_total") >= 1.0);
+    assert_eq!(val(&after, "sealdisk_metadata_queue_depth"), 0.0);
+    assert!(val(&after, "sealdisk_kms_calls_total{backend=\"local\"}") >= 1.0);
+    assert_eq!(
+        val(&after, "sealdisk_kms_call_seconds_count{backend=\"local\"}"),
+        val(&after, "sealdisk_kms_calls_total{backend=\"local\"}")
+    );
 
     // Anything but GET /metrics: 404; garbage: 400.
     let (status, _, _) = http(tcp(&addr), "GET / HTTP/1.1\r\n\r\n");

@@ -11,7 +11,9 @@
 use std::fmt::Write as _;
 use std::sync::RwLock;
 
+use super::reactors::SlowPathSnapshot;
 use crate::bdev::iostat::{Dir, IoStats};
+use crate::counters::HistogramSnapshot;
 use crate::export::Exports;
 use crate::reactor::Reactors;
 
@@ -293,17 +295,17 @@ pub fn reactor_families(reactors: &Reactors, out: &mut Vec<Family>) {
     let mut busy = Family::new(
         "sealdisk_reactor_busy_seconds_total",
         Kind::Counter,
-        "Time each reactor spent running (polling included)",
+        "Time each reactor spent in loop iterations that found work",
     );
     let mut idle = Family::new(
         "sealdisk_reactor_idle_seconds_total",
         Kind::Counter,
-        "Time each reactor spent parked",
+        "Time each reactor spent parked or in iterations that found no work (spinning)",
     );
     let mut ios = Family::new(
         "sealdisk_reactor_ios_total",
         Kind::Counter,
-        "I/Os each reactor counted (NBD and bench jobs)",
+        "I/Os each reactor served, from every source (vhost-user, NBD, bench, copy jobs)",
     );
     let mut bytes = Family::new("sealdisk_reactor_bytes_total", Kind::Counter, "Bytes of those I/Os");
     let mut full = Family::new(
@@ -316,6 +318,31 @@ pub fn reactor_families(reactors: &Reactors, out: &mut Vec<Family>) {
         Kind::Counter,
         "Parks that lasted the whole park timeout while a poller had pending work",
     );
+    let mut polls = Family::new(
+        "sealdisk_reactor_polls_total",
+        Kind::Counter,
+        "Loop iterations of each reactor",
+    );
+    let mut idle_polls = Family::new(
+        "sealdisk_reactor_idle_polls_total",
+        Kind::Counter,
+        "Loop iterations that found no work",
+    );
+    let mut parks = Family::new(
+        "sealdisk_reactor_parks_total",
+        Kind::Counter,
+        "Times each reactor slept in its ring",
+    );
+    let mut src_ios = Family::new(
+        "sealdisk_reactor_source_ios_total",
+        Kind::Counter,
+        "I/Os each reactor served, by source",
+    );
+    let mut src_bytes = Family::new(
+        "sealdisk_reactor_source_bytes_total",
+        Kind::Counter,
+        "Bytes of those I/Os, by source",
+    );
     for (i, s) in reactors.stats().iter().enumerate() {
         let (r, c) = (i.to_string(), reactors.core(i).to_string());
         let l = [("reactor", r.as_str()), ("core", c.as_str())];
@@ -325,8 +352,123 @@ pub fn reactor_families(reactors: &Reactors, out: &mut Vec<Family>) {
         bytes.push(&l, s.bytes as f64);
         full.push(&l, s.queue_full as f64);
         slow.push(&l, s.slow_parks as f64);
+        polls.push(&l, s.polls as f64);
+        idle_polls.push(&l, s.idle_polls as f64);
+        parks.push(&l, s.parks as f64);
+        let by = &s.by_source;
+        for (name, n) in [
+            ("vhost", by.vhost),
+            ("nbd", by.nbd),
+            ("bench", by.bench),
+            ("job", by.job),
+        ] {
+            let l = [("reactor", r.as_str()), ("core", c.as_str()), ("source", name)];
+            src_ios.push(&l, n.ios as f64);
+            src_bytes.push(&l, n.bytes as f64);
+        }
     }
-    out.extend([busy, idle, ios, bytes, full, slow]);
+    out.extend([
+        busy, idle, ios, bytes, full, slow, polls, idle_polls, parks, src_ios, src_bytes,
+    ]);
+}
+
+/// A power-of-two [`HistogramSnapshot`] as a Prometheus histogram, values scaled by
+/// `scale` (1e-9 for nanoseconds to seconds).
+fn push_histogram(f: &mut Family, labels: &[(&str, &str)], h: &HistogramSnapshot, scale: f64) {
+    for &(le, n) in &h.buckets {
+        let le = if le == u64::MAX {
+            "+Inf".to_string()
+        } else {
+            format!("{}", le as f64 * scale)
+        };
+        let mut l = labels.to_vec();
+        l.push(("le", &le));
+        f.push_suffix("_bucket", &l, n as f64);
+    }
+    if h.buckets.last().is_none_or(|b| b.0 != u64::MAX) {
+        let mut l = labels.to_vec();
+        l.push(("le", "+Inf"));
+        f.push_suffix("_bucket", &l, h.count as f64);
+    }
+    f.push_suffix("_sum", labels, h.sum as f64 * scale);
+    f.push_suffix("_count", labels, h.count as f64);
+}
+
+/// The slow path: the pool's metadata thread (where first writes, copy-on-write and
+/// durability happen) and the KMS, per backend.
+pub fn slow_path_families(s: &SlowPathSnapshot, out: &mut Vec<Family>) {
+    let m = &s.metadata_thread;
+    let mut depth = Family::new(
+        "sealdisk_metadata_queue_depth",
+        Kind::Gauge,
+        "Requests waiting for the pool's metadata thread",
+    );
+    depth.push(&[], m.queue_depth as f64);
+    let mut reqs = Family::new(
+        "sealdisk_metadata_requests_total",
+        Kind::Counter,
+        "Requests the metadata thread handled (first writes, copy-on-write, unmaps)",
+    );
+    reqs.push(&[], m.requests as f64);
+    let mut batch = Family::new(
+        "sealdisk_metadata_batch_size",
+        Kind::Histogram,
+        "Requests made durable by one fdatasync and commit",
+    );
+    push_histogram(&mut batch, &[], &m.batch_size, 1.0);
+    let mut out_h = Vec::new();
+    for (name, help, h) in [
+        (
+            "sealdisk_metadata_writer_wait_seconds",
+            "Time the metadata thread waited for the catalog writer",
+            &m.writer_wait_ns,
+        ),
+        (
+            "sealdisk_metadata_fdatasync_seconds",
+            "fdatasync of the pool before a commit",
+            &m.fdatasync_ns,
+        ),
+        (
+            "sealdisk_metadata_commit_seconds",
+            "Catalog commit of the volume maps",
+            &m.commit_ns,
+        ),
+        (
+            "sealdisk_metadata_batch_seconds",
+            "One whole batch, prepare to answer",
+            &m.batch_ns,
+        ),
+    ] {
+        let mut f = Family::new(name, Kind::Histogram, help);
+        push_histogram(&mut f, &[], h, 1e-9);
+        out_h.push(f);
+    }
+    let mut fails = Family::new(
+        "sealdisk_metadata_failures_total",
+        Kind::Counter,
+        "Batches that failed: while being prepared (e.g. pool full) or making them durable",
+    );
+    fails.push(&[("stage", "prepare")], m.prepare_failures as f64);
+    fails.push(&[("stage", "durability")], m.durability_failures as f64);
+
+    let mut calls = Family::new("sealdisk_kms_calls_total", Kind::Counter, "KMS calls, per backend");
+    let mut errors = Family::new("sealdisk_kms_errors_total", Kind::Counter, "KMS calls that failed");
+    let mut throttled = Family::new(
+        "sealdisk_kms_throttled_total",
+        Kind::Counter,
+        "KMS calls refused by the account's quota",
+    );
+    let mut latency = Family::new("sealdisk_kms_call_seconds", Kind::Histogram, "KMS call latency");
+    for (backend, b) in [("local", &s.kms.local), ("transit", &s.kms.transit)] {
+        let l = [("backend", backend)];
+        calls.push(&l, b.calls as f64);
+        errors.push(&l, b.errors as f64);
+        throttled.push(&l, b.throttled as f64);
+        push_histogram(&mut latency, &l, &b.latency_ns, 1e-9);
+    }
+    out.extend([depth, reqs, batch]);
+    out.extend(out_h);
+    out.extend([fails, calls, errors, throttled, latency]);
 }
 
 #[cfg(test)]
