@@ -175,6 +175,16 @@ impl Tasks {
         }
     }
 
+    /// The running task `action` on `resource`, if there is one.
+    pub fn running(&self, action: &str, resource: &str) -> Option<Arc<Task>> {
+        self.map
+            .lock()
+            .expect("tasks")
+            .values()
+            .find(|t| t.action == action && t.resource == resource && t.running())
+            .cloned()
+    }
+
     fn get(&self, id: &str, account: &str) -> Result<Arc<Task>, ControlError> {
         self.map
             .lock()

@@ -1,0 +1,1260 @@
+//! MigrateDisk (`sealdisk migrate`): move existing data onto encryption (or back) as one
+//! resumable, verifiable background task.
+//!
+//! Sources: a sealdisk disk (`SourceDiskId`, read from a point-in-time clone), a raw
+//! image file or block device beneath the import directory (`SourcePath`, as for
+//! CreateEncryptedCopy), or an NBD export (`SourceNbdUri`: `nbd+unix:///E?socket=P`,
+//! the socket beneath the import directory, or `nbd://HOST[:PORT]/E`). Target: a new
+//! disk (default) or an existing, empty, detached disk (`TargetDiskId`). A plaintext
+//! source goes into an encrypted target (a new one is encrypted); an encrypted source
+//! disk goes into a new **unencrypted** disk (or any existing one), decrypted through
+//! its own key: the audit log records `DecryptData` for that key.
+//!
+//! Order of events:
+//!
+//! 1. Checks, all before anything changes (a refusal changes nothing): parameters,
+//!    source (exists, readable, beneath the import directory, an NBD server that
+//!    answers), target (same account and region, not the source, detached, empty,
+//!    large enough), direction (plaintext into plaintext is refused), KMS activation
+//!    and quota for every KMS call (reserved).
+//! 2. KMS: a new data key for a new encrypted target, unwraps of the source's and an
+//!    existing target's key.
+//! 3. One transaction: the new target volume, the source disk's point-in-time clone,
+//!    the new key's row (held by the migration), one more reference to the source's
+//!    key, and the migration row ([`MigrationRecord`], checkpoint 0). The call returns a
+//!    `TaskId`.
+//! 4. The task: a reader thread reads the source's data extents (allocated clusters of
+//!    the clone; SEEK_DATA/SEEK_HOLE of a file; NBD `base:allocation`) in windows of
+//!    [`WINDOW`] bytes while the task's thread writes their non-zero 4 KiB blocks
+//!    through the target's stack (`crypto → volume` or `volume`) on the reactors. About
+//!    once a second it flushes the target and commits the checkpoint (the offset below
+//!    which the target is durably complete) in the migration row.
+//! 5. `Verify`: both sides read again through their data paths, CRC32C per 4 KiB block
+//!    compared; the first difference fails the task with its offset.
+//! 6. One transaction: the disk row of a new target, the clone and the migration row
+//!    removed, the source key's extra reference dropped.
+//!
+//! Interrupted anywhere (CancelTask, the CLI's Ctrl-C, shutdown, a kill of the daemon,
+//! a failing source) the migration row, its volumes and keys stay: MigrateDisk with the
+//! same source and target finds the row and resumes from its checkpoint (while its task
+//! still runs, it returns that task). `Abandon=true` removes what an interrupted
+//! migration made (an existing target is emptied again).
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::copy::{io_error, nonzero_runs, read_file};
+use super::job::{read_ops, run_job, Op};
+use super::nbd_client::{parse_uri, NbdAddr, NbdClient, NbdError};
+use super::params::{check_text, MAX_SIZE_GIB};
+use super::tasks::Task;
+use super::{same_region, Control, ControlError, Params, ENCRYPTION_SECTOR};
+use crate::bdev::crypto::{CryptoBdev, BOUNCE_CHUNK};
+use crate::bdev::BdevRef;
+use crate::catalog::{
+    self, AttachmentRecord, Category, DiskKind, DiskRecord, DiskRole, Encryption, KeyRecord, MigrationRecord,
+};
+use crate::crypto::Xts;
+use crate::kms::{CallOpts, KeyContext};
+use crate::reactor::Reactors;
+use crate::volume::VolumeError;
+
+/// Zero-detection, checksum and alignment unit.
+const BLOCK: u64 = 4096;
+/// Source bytes handled per round (extents, read, write, progress).
+const WINDOW: u64 = 8 << 20;
+/// How often the checkpoint is made durable.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// Largest single write (the crypto layer's bounce chunk).
+const PIECE: usize = BOUNCE_CHUNK;
+/// The task action name (DescribeTasks `TaskAction`).
+const ACTION: &str = "MigrateDisk";
+
+/// One migration's setup runs at a time (two calls for the same source and target must
+/// not both create it).
+static SETUP: Mutex<()> = Mutex::new(());
+
+/// The source as the caller named it.
+enum SourceArg {
+    Disk(String),
+    Path(String),
+    Nbd(String),
+}
+
+/// An open source, ready to read.
+enum Source {
+    /// A disk's point-in-time clone (through its crypto layer if encrypted) and where
+    /// its data is.
+    Disk { bdev: BdevRef, ranges: Vec<(u64, u64)> },
+    File { file: File, path: PathBuf },
+    Nbd(Box<NbdClient>),
+}
+
+/// What the task needs besides the migration row.
+struct Run {
+    source: Source,
+    dst: BdevRef,
+    verify: bool,
+    /// The checkpoint a resumed migration starts from.
+    resumed_from: Option<u64>,
+}
+
+/// What the copy did (cumulative over every run of the migration).
+#[derive(Debug, Default, Clone, Copy)]
+struct Stats {
+    read: u64,
+    written: u64,
+}
+
+/// A piece of source data for the writer, or the end of a window.
+enum Msg {
+    Data { off: u64, data: Vec<u8> },
+    WindowDone { end: u64 },
+}
+
+impl Source {
+    /// Data ranges of `off..off+len` (block-aligned, merged, in order); the rest of the
+    /// source reads as zeros.
+    fn extents(&mut self, off: u64, len: u64, size: u64) -> Result<Vec<(u64, u64)>, ControlError> {
+        let end = off + len;
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut push = |s: u64, e: u64| {
+            let s = (s / BLOCK * BLOCK).max(off);
+            let e = e.div_ceil(BLOCK).saturating_mul(BLOCK).min(end);
+            if e <= s {
+                return;
+            }
+            match out.last_mut() {
+                Some(l) if l.0 + l.1 >= s => l.1 = l.1.max(e - l.0),
+                _ => out.push((s, e - s)),
+            }
+        };
+        match self {
+            Source::Disk { ranges, .. } => {
+                for &(o, n) in ranges.iter() {
+                    if o < end && o + n > off {
+                        push(o.max(off), (o + n).min(end));
+                    }
+                }
+            }
+            Source::File { file, path } => {
+                for (s, e) in file_data_ranges(file, off, end.min(size))
+                    .map_err(|e| ControlError::DataPath(format!("{}: {e}", path.display())))?
+                {
+                    push(s, e);
+                }
+            }
+            Source::Nbd(c) => {
+                for (o, n) in c.data_extents(off, len).map_err(|e| nbd_error(e, "block status"))? {
+                    push(o, o + n);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// `len` bytes at `off` (zeros past the source's end at `size`).
+    fn read(&mut self, reactors: &Reactors, off: u64, len: u64, size: u64) -> Result<Vec<u8>, ControlError> {
+        match self {
+            Source::Disk { bdev, .. } => run_job(reactors, bdev, read_ops(off, len), vec![0; len as usize])
+                .map_err(|e| io_error(e, "reading the source disk")),
+            Source::File { file, path } => {
+                read_file(file, off, len).map_err(|e| ControlError::DataPath(format!("{}: {e}", path.display())))
+            }
+            Source::Nbd(c) => {
+                let mut buf = vec![0u8; len as usize];
+                let n = size.saturating_sub(off).min(len) as usize;
+                if n > 0 {
+                    c.read(off, &mut buf[..n]).map_err(|e| nbd_error(e, "reading"))?;
+                }
+                Ok(buf)
+            }
+        }
+    }
+}
+
+fn nbd_error(e: NbdError, what: &str) -> ControlError {
+    ControlError::state("Migration.SourceFailed", format!("NBD source: {what}: {e}"))
+}
+
+/// Data ranges of a file in `off..end` by SEEK_DATA/SEEK_HOLE; the whole range where the
+/// file system (or a block device) cannot tell.
+fn file_data_ranges(f: &File, off: u64, end: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    let fd = f.as_raw_fd();
+    let seek = |pos: u64, whence: i32| -> std::io::Result<Option<u64>> {
+        // SAFETY: lseek(2) on a descriptor `f` keeps open for this call; it only moves
+        // the file offset, which nothing else uses (reads are pread).
+        let r = unsafe { libc::lseek(fd, pos as libc::off_t, whence) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ENXIO) => Ok(None),
+                _ => Err(e),
+            };
+        }
+        Ok(Some(r as u64))
+    };
+    let mut out = Vec::new();
+    let mut pos = off;
+    while pos < end {
+        let data = match seek(pos, libc::SEEK_DATA) {
+            Ok(Some(d)) => d,
+            Ok(None) => break,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) || e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                return Ok(vec![(off, end)]);
+            }
+            Err(e) => return Err(e),
+        };
+        if data >= end {
+            break;
+        }
+        let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+        out.push((data, hole));
+        pos = hole.max(data + 1);
+    }
+    Ok(out)
+}
+
+/// A file's identity for a resume: size and modification time.
+fn file_stamp(f: &File) -> Option<String> {
+    let m = f.metadata().ok()?;
+    Some(format!("{}:{}.{:09}", m.len(), m.mtime(), m.mtime_nsec()))
+}
+
+impl Control {
+    pub(super) fn migrate_disk(&self, mut p: Params) -> Result<Value, ControlError> {
+        let region = p.region("RegionId")?;
+        let account = p.account()?;
+        let src_disk = p.opt_str("SourceDiskId")?;
+        let src_path = p.opt_str("SourcePath")?;
+        let src_nbd = p.opt_str("SourceNbdUri")?;
+        let target = p.opt_str("TargetDiskId")?.filter(|t| t != "new");
+        let category = p.opt_str("DiskCategory")?;
+        let size = p.size()?;
+        let name = p.opt_str("DiskName")?;
+        let description = p.opt_str("Description")?;
+        let verify = p.opt_bool("Verify")?.unwrap_or(false);
+        let abandon = p.opt_bool("Abandon")?.unwrap_or(false);
+        p.refuse_kms_key_id()?;
+        p.finish()?;
+        if let Some(n) = &name {
+            check_text("DiskName", n)?;
+        }
+        if let Some(d) = &description {
+            check_text("Description", d)?;
+        }
+        let category = match category {
+            None => None,
+            Some(s) => match super::disks::parse_category(&s, "DiskCategory")? {
+                (c, None) => Some(c),
+                (_, Some(kind)) => {
+                    return Err(ControlError::limit(
+                        "InvalidOperation.LocalDiskTarget",
+                        format!(
+                            "{s} is a {} disk; migrate into a cloud disk (basic, ultra, ssd)",
+                            kind.as_str()
+                        ),
+                    ))
+                }
+            },
+        };
+        let source = match (src_disk, src_path, src_nbd) {
+            (Some(d), None, None) => SourceArg::Disk(d),
+            (None, Some(f), None) => SourceArg::Path(f),
+            (None, None, Some(u)) => SourceArg::Nbd(u),
+            (None, None, None) => {
+                return Err(ControlError::param(
+                    "MissingParameter.Source",
+                    "give the source: SourceDiskId (a disk), SourcePath (a raw image or block device beneath the \
+                     import directory) or SourceNbdUri (nbd+unix:///EXPORT?socket=PATH, nbd://HOST:PORT/EXPORT)",
+                ))
+            }
+            _ => {
+                return Err(ControlError::param(
+                    "InvalidParameter.Source",
+                    "give one source: SourceDiskId, SourcePath or SourceNbdUri, not several",
+                ))
+            }
+        };
+        let source_name = match &source {
+            SourceArg::Disk(d) => d.clone(),
+            SourceArg::Path(f) => self.import_path_name(f)?,
+            SourceArg::Nbd(u) => u.clone(),
+        };
+        let key = MigrationRecord::key_of(&account, &region, &source_name, target.as_deref().unwrap_or("new"));
+        let _setup = SETUP.lock().unwrap_or_else(|e| e.into_inner());
+        let existing = {
+            let r = self
+                .db
+                .begin_read()
+                .map_err(|e| ControlError::Catalog(catalog::db_err(e)))?;
+            catalog::get_r::<MigrationRecord>(&r, &key)?
+        };
+        if abandon {
+            let rec = existing.ok_or_else(|| ControlError::NotFound {
+                code: "InvalidMigration.NotFound",
+                id: format!("{source_name} -> {}", target.as_deref().unwrap_or("new")),
+            })?;
+            return self.abandon_migration(rec);
+        }
+        if let Some(rec) = existing {
+            if let Some(t) = self.tasks.running(ACTION, &rec.target) {
+                return Ok(json!({
+                    "TaskId": t.id,
+                    "DiskId": rec.target,
+                    "Resumed": true,
+                    "ResumedFrom": rec.offset,
+                    "Running": true,
+                }));
+            }
+            let mismatch = |what: &str| {
+                ControlError::param(
+                    "InvalidParameter.MigrationMismatch",
+                    format!(
+                        "an interrupted migration of {} into {} exists with another {what}; run it again with the \
+                         same arguments to resume, or with Abandon=true (--abandon) to remove it",
+                        rec.source, rec.target
+                    ),
+                )
+            };
+            if size.is_some_and(|s| s != rec.size) && rec.target_new {
+                return Err(mismatch("size"));
+            }
+            if category.is_some_and(|c| c != rec.category) && rec.target_new {
+                return Err(mismatch("category"));
+            }
+            return self.resume_migration(rec, verify);
+        }
+        self.start_migration(
+            &account,
+            &region,
+            key,
+            source,
+            source_name,
+            target,
+            category,
+            size,
+            name.unwrap_or_default(),
+            description.unwrap_or_default(),
+            verify,
+        )
+    }
+
+    /// The canonical name of an import path (what the migration row records): the
+    /// path beneath the import directory.
+    fn import_path_name(&self, path: &str) -> Result<String, ControlError> {
+        let Some(dir) = &self.cfg.import_dir else {
+            return Ok(path.to_owned()); // refused when opened
+        };
+        let p = std::path::Path::new(path);
+        Ok(if p.is_absolute() {
+            path.to_owned()
+        } else {
+            dir.join(p).display().to_string()
+        })
+    }
+
+    /// Checks an NBD URI and connects: a unix socket must lie beneath the import
+    /// directory (no symlinks), as image files do.
+    fn open_nbd(&self, uri: &str) -> Result<NbdClient, ControlError> {
+        let u = parse_uri(uri).map_err(|e| ControlError::param("InvalidParameter.SourceNbdUri", e.to_string()))?;
+        if let NbdAddr::Unix(sock) = &u.addr {
+            let Some(dir) = &self.cfg.import_dir else {
+                return Err(ControlError::limit(
+                    "InvalidOperation.ImportDisabled",
+                    "NBD unix sockets are read only beneath the import directory, and the daemon has none \
+                     (serve --import-dir DIR)",
+                ));
+            };
+            let beneath = match (std::fs::canonicalize(dir), sock.parent().map(std::fs::canonicalize)) {
+                (Ok(d), Some(Ok(parent))) => {
+                    parent.starts_with(&d)
+                        && std::fs::symlink_metadata(sock).is_ok_and(|m| !m.file_type().is_symlink())
+                        && !std::fs::canonicalize(&self.cfg.data_dir).is_ok_and(|dd| parent.starts_with(dd))
+                }
+                _ => false,
+            };
+            if !beneath {
+                return Err(ControlError::param(
+                    "InvalidParameter.SourceNbdUri",
+                    format!(
+                        "NBD socket {} is not beneath the import directory {} (or is a symlink, or does not \
+                         exist)",
+                        sock.display(),
+                        dir.display()
+                    ),
+                ));
+            }
+        }
+        let c = NbdClient::connect(&u).map_err(|e| {
+            ControlError::state(
+                "InvalidOperation.SourceUnavailable",
+                format!("NBD source {uri} does not answer: {e}"),
+            )
+        })?;
+        if c.size() == 0 {
+            return Err(ControlError::state(
+                "InvalidOperation.SourceUnavailable",
+                format!("NBD source {uri} is empty"),
+            ));
+        }
+        Ok(c)
+    }
+
+    /// The plaintext key of an encrypted object, unwrapped through the KMS (metered from
+    /// `res`, audited as UnwrapDataKey).
+    fn unwrap_key(
+        &self,
+        enc: &Encryption,
+        disk_id: &str,
+        res: &crate::kms::Reservation,
+    ) -> Result<(Arc<Xts>, KeyContext), ControlError> {
+        let r = self
+            .db
+            .begin_read()
+            .map_err(|e| ControlError::Catalog(catalog::db_err(e)))?;
+        let row = catalog::get_r::<KeyRecord>(&r, &enc.key_id)?.ok_or_else(|| {
+            ControlError::Catalog(catalog::CatalogError::Corrupt(format!(
+                "wrapped key {} is missing; run `sealdisk check`",
+                enc.key_id
+            )))
+        })?;
+        drop(r);
+        let ctx = KeyContext::new(&row.account, &row.region, &row.key_id);
+        let key = self
+            .kms
+            .unwrap_data_key(&ctx, &row.wrapped, CallOpts::disk(disk_id).reserved(res))?;
+        let xts = Arc::new(
+            key.xts()
+                .map_err(|e| ControlError::DataPath(format!("XTS engine: {e}")))?,
+        );
+        Ok((xts, ctx))
+    }
+
+    /// `bdev` through a crypto layer with `xts`, or as it is.
+    fn crypto_over(bdev: BdevRef, xts: Option<Arc<Xts>>) -> Result<BdevRef, ControlError> {
+        Ok(match xts {
+            Some(x) => Arc::new(CryptoBdev::new(bdev, x, ENCRYPTION_SECTOR).map_err(ControlError::DataPath)?),
+            None => bdev,
+        })
+    }
+
+    /// Whether some migration row names `disk` as its target.
+    pub(super) fn migration_target_of(&self, txn: &redb::WriteTransaction, disk: &str) -> Result<Option<String>, ControlError> {
+        Ok(catalog::list::<MigrationRecord>(txn)?
+            .into_iter()
+            .find(|m| m.target == disk)
+            .map(|m| m.key))
+    }
+
+    /// Refuses an existing target that is not a valid one for `src_size` bytes.
+    fn check_target(
+        &self,
+        txn: &redb::WriteTransaction,
+        t: &DiskRecord,
+        src_size: u64,
+        src_encrypted: bool,
+    ) -> Result<(), ControlError> {
+        if t.encryption.is_none() && !src_encrypted {
+            return Err(ControlError::limit(
+                "InvalidOperation.UnencryptedTarget",
+                format!(
+                    "disk {} is unencrypted and so is the source: that is a copy, not an encryption; migrate into \
+                     an encrypted disk (or a new one: omit TargetDiskId)",
+                    t.id
+                ),
+            ));
+        }
+        if t.size < src_size {
+            return Err(ControlError::limit(
+                "InvalidOperation.TargetTooSmall",
+                format!(
+                    "disk {} has {} bytes, smaller than the source ({src_size} bytes); resize it or migrate into a \
+                     new disk",
+                    t.id, t.size
+                ),
+            ));
+        }
+        let attached = catalog::list::<AttachmentRecord>(txn)?
+            .into_iter()
+            .any(|a| a.disk_id == t.id);
+        if attached || self.pool.is_open(&t.id) {
+            return Err(ControlError::state(
+                "IncorrectDiskStatus",
+                format!("disk {} is attached; detach it before migrating into it", t.id),
+            ));
+        }
+        if let Some(k) = self.migration_target_of(txn, &t.id)? {
+            return Err(ControlError::state(
+                "IncorrectDiskStatus.Migrating",
+                format!(
+                    "disk {} is the target of another migration ({k}); finish or abandon that one first",
+                    t.id
+                ),
+            ));
+        }
+        let used = self.pool.mapped_bytes(&t.id)?;
+        if used > 0 {
+            return Err(ControlError::limit(
+                "InvalidOperation.TargetNotEmpty",
+                format!(
+                    "disk {} holds data ({used} bytes allocated); a migration writes only into an empty disk \
+                     (ReInitDisk empties one)",
+                    t.id
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start_migration(
+        &self,
+        account: &str,
+        region: &str,
+        key: String,
+        source: SourceArg,
+        source_name: String,
+        target: Option<String>,
+        category: Option<Category>,
+        size: Option<u64>,
+        name: String,
+        description: String,
+        verify: bool,
+    ) -> Result<Value, ControlError> {
+        let reactors = self.reactors.clone().ok_or_else(|| {
+            ControlError::DataPath("MigrateDisk needs the reactors (run it through the daemon)".into())
+        })?;
+        // 1. Checks. The write transaction only reads and is dropped before any I/O.
+        let (kind, src_size, src_rec, nbd, file) = match &source {
+            SourceArg::Disk(id) => {
+                let txn = self.begin()?;
+                let d = self.find_disk(&txn, id, account)?;
+                same_region(Some(region), &d.region, "InvalidDiskId.NotFound", id)?;
+                ("disk", d.size, Some(d), None, None)
+            }
+            SourceArg::Path(path) => {
+                let (_, f, size) = self.open_source_path(path)?;
+                ("file", size, None, None, Some(f))
+            }
+            SourceArg::Nbd(uri) => {
+                let c = self.open_nbd(uri)?;
+                ("nbd", c.size(), None, Some(c), None)
+            }
+        };
+        self.start_checked(
+            account,
+            region,
+            key,
+            kind,
+            source_name,
+            src_size,
+            src_rec,
+            nbd,
+            file,
+            target,
+            category,
+            size,
+            name,
+            description,
+            verify,
+            reactors,
+        )
+    }
+
+    /// Steps 1 (target and direction) to 3, and the task.
+    #[allow(clippy::too_many_arguments)]
+    fn start_checked(
+        &self,
+        account: &str,
+        region: &str,
+        key: String,
+        kind: &str,
+        source_name: String,
+        src_size: u64,
+        src_rec: Option<DiskRecord>,
+        nbd: Option<NbdClient>,
+        file: Option<File>,
+        target: Option<String>,
+        category: Option<Category>,
+        size: Option<u64>,
+        name: String,
+        description: String,
+        verify: bool,
+        reactors: Arc<Reactors>,
+    ) -> Result<Value, ControlError> {
+        let src_rounded = src_size.div_ceil(BLOCK) * BLOCK;
+        let src_enc = src_rec.as_ref().and_then(|d| d.encryption.clone());
+        // The target.
+        let txn = self.begin()?;
+        let tgt_rec = match &target {
+            Some(t) => {
+                let d = self.find_disk(&txn, t, account)?;
+                same_region(Some(region), &d.region, "InvalidDiskId.NotFound", t)?;
+                if src_rec.as_ref().is_some_and(|s| s.id == d.id) {
+                    return Err(ControlError::limit(
+                        "InvalidOperation.SourceIsTarget",
+                        format!("disk {t} is both the source and the target; migrate into another disk"),
+                    ));
+                }
+                if size.is_some() || category.is_some() {
+                    return Err(ControlError::param(
+                        "InvalidParameter.TargetDiskId",
+                        "Size and DiskCategory are for a new target disk; an existing target keeps its own",
+                    ));
+                }
+                self.check_target(&txn, &d, src_size, src_enc.is_some())?;
+                Some(d)
+            }
+            None => None,
+        };
+        drop(txn);
+        let new_size = match (&tgt_rec, size) {
+            (Some(t), _) => t.size,
+            (None, Some(s)) if s < src_size => {
+                return Err(ControlError::param(
+                    "InvalidParameter.Size",
+                    format!("size {s} bytes is smaller than the source ({src_size} bytes); give at least that"),
+                ))
+            }
+            (None, Some(s)) => s,
+            (None, None) => src_rounded,
+        };
+        if new_size > MAX_SIZE_GIB << 30 {
+            return Err(ControlError::param(
+                "InvalidParameter.Size",
+                format!("the source is {src_size} bytes, more than the largest disk ({MAX_SIZE_GIB} GiB)"),
+            ));
+        }
+        // A new target is encrypted unless the source is an encrypted disk (the way back).
+        let new_encrypted = tgt_rec.is_none() && src_enc.is_none();
+        let tgt_enc = tgt_rec.as_ref().and_then(|t| t.encryption.clone());
+        let units = u32::from(new_encrypted) + u32::from(src_enc.is_some()) + u32::from(tgt_enc.is_some());
+        let res = if units > 0 {
+            Some(self.kms_reserve(account, region, units)?)
+        } else {
+            None
+        };
+
+        // 2. Keys.
+        let target_id = tgt_rec
+            .as_ref()
+            .map(|t| t.id.clone())
+            .unwrap_or_else(|| super::util::new_id("d"));
+        let mut new_key: Option<(KeyContext, crate::kms::WrappedKey)> = None;
+        let mut dst_xts = None;
+        let shred_new = |nk: &Option<(KeyContext, crate::kms::WrappedKey)>| {
+            if let Some((ctx, _)) = nk {
+                let _ = self.kms.audit_crypto_shred(ctx, Some(&target_id));
+            }
+        };
+        if new_encrypted {
+            let key_id = super::util::new_id("k");
+            let ctx = KeyContext::new(account, region, &key_id);
+            let r = res.as_ref().expect("reserved");
+            let (k, wrapped) = self
+                .kms
+                .generate_data_key(&ctx, CallOpts::disk(&target_id).reserved(r))?;
+            let xts = k.xts().map_err(|e| ControlError::DataPath(format!("XTS engine: {e}")));
+            new_key = Some((ctx, wrapped));
+            match xts {
+                Ok(x) => dst_xts = Some(Arc::new(x)),
+                Err(e) => {
+                    shred_new(&new_key);
+                    return Err(e);
+                }
+            }
+        }
+        let keyed = (|| {
+            let mut src_xts = None;
+            if let (Some(enc), Some(s)) = (&src_enc, &src_rec) {
+                let (x, ctx) = self.unwrap_key(enc, &s.id, res.as_ref().expect("reserved"))?;
+                self.kms.audit_decrypt_data(&ctx, Some(&s.id))?;
+                src_xts = Some(x);
+            }
+            if let Some(enc) = &tgt_enc {
+                let (x, _) = self.unwrap_key(enc, &target_id, res.as_ref().expect("reserved"))?;
+                dst_xts = Some(x);
+            }
+            Ok::<_, ControlError>(src_xts)
+        })();
+        let src_xts = match keyed {
+            Ok(x) => x,
+            Err(e) => {
+                shred_new(&new_key);
+                return Err(e);
+            }
+        };
+        drop(res);
+
+        // 3. One transaction: volumes, key rows, the migration row.
+        let snapshot = src_rec.as_ref().map(|_| super::util::new_id("mgsnap"));
+        let target_encryption = match (&new_key, &tgt_rec) {
+            (Some((ctx, w)), _) => Some(Encryption {
+                key_id: ctx.key_id.clone(),
+                cmk_id: w.cmk_id.clone(),
+            }),
+            (None, Some(t)) => t.encryption.clone(),
+            (None, None) => None,
+        };
+        let rec = MigrationRecord {
+            key: key.clone(),
+            account: account.to_owned(),
+            region: region.to_owned(),
+            source_kind: kind.to_owned(),
+            source: source_name,
+            source_size: src_size,
+            source_stamp: file.as_ref().and_then(file_stamp),
+            snapshot: snapshot.clone(),
+            source_encryption: src_enc.clone(),
+            target: target_id.clone(),
+            target_new: tgt_rec.is_none(),
+            target_encryption,
+            size: new_size,
+            category: category
+                .or(src_rec.as_ref().map(|d| d.category))
+                .unwrap_or(Category::Ssd),
+            name,
+            description,
+            offset: 0,
+            bytes_read: 0,
+            bytes_written: 0,
+            created_at: super::util::now_rfc3339(),
+        };
+        let made = (|| {
+            let txn = self.begin()?;
+            if catalog::get::<MigrationRecord>(&txn, &key)?.is_some() {
+                return Err(ControlError::state(
+                    "OperationConflict",
+                    "another call started this migration meanwhile; run it again to follow it",
+                ));
+            }
+            if let Some(s) = &src_rec {
+                // Still there, still as checked.
+                let now = self.find_disk(&txn, &s.id, account)?;
+                if now.encryption != s.encryption || now.size != s.size {
+                    return Err(ControlError::state("OperationConflict", "the source changed; try again"));
+                }
+            }
+            if let Some(t) = &tgt_rec {
+                let now = self.find_disk(&txn, &t.id, account)?;
+                self.check_target(&txn, &now, src_size, src_enc.is_some())?;
+            } else {
+                self.pool.create_volume(&txn, &target_id, new_size)?;
+            }
+            if let (Some(s), Some(snap)) = (&src_rec, &snapshot) {
+                self.pool.clone_volume(&txn, &s.id, snap, s.size)?;
+            }
+            if let Some(enc) = &src_enc {
+                self.key_ref(&txn, enc)?;
+            }
+            if let Some((ctx, wrapped)) = &new_key {
+                catalog::put(
+                    &txn,
+                    &KeyRecord {
+                        key_id: ctx.key_id.clone(),
+                        account: account.to_owned(),
+                        region: region.to_owned(),
+                        wrapped: wrapped.clone(),
+                        refs: 1,
+                        origin_disk: target_id.clone(),
+                        created_at: super::util::now_rfc3339(),
+                    },
+                )?;
+            }
+            catalog::put(&txn, &rec)?;
+            txn.commit()?;
+            Ok(())
+        })();
+        if let Err(e) = made {
+            shred_new(&new_key);
+            return Err(e);
+        }
+        let source = match (nbd, file, &snapshot) {
+            (Some(c), _, _) => Ok(Source::Nbd(Box::new(c))),
+            (None, Some(f), _) => Ok(Source::File {
+                file: f,
+                path: PathBuf::from(&rec.source),
+            }),
+            (None, None, Some(snap)) => self.open_snapshot(snap, src_xts),
+            _ => Err(ControlError::DataPath("no source".into())),
+        };
+        self.spawn_migration(rec, source, dst_xts, verify, None, reactors)
+    }
+
+    fn open_snapshot(&self, snap: &str, xts: Option<Arc<Xts>>) -> Result<Source, ControlError> {
+        let ranges = self.pool.allocated_ranges(snap, WINDOW)?;
+        let bdev = Self::crypto_over(self.pool.bdev(snap)?, xts)?;
+        Ok(Source::Disk { bdev, ranges })
+    }
+
+    /// Starts the task of `rec` (new, or resumed at its checkpoint). A source or target
+    /// that cannot be opened fails here, with the migration row kept for a later resume.
+    fn spawn_migration(
+        &self,
+        rec: MigrationRecord,
+        source: Result<Source, ControlError>,
+        dst_xts: Option<Arc<Xts>>,
+        verify: bool,
+        resumed_from: Option<u64>,
+        reactors: Arc<Reactors>,
+    ) -> Result<Value, ControlError> {
+        let source = source?;
+        let dst = Self::crypto_over(self.pool.bdev(&rec.target)?, dst_xts)?;
+        let Some(ctl) = self.me.upgrade() else {
+            return Err(ControlError::DataPath("the control plane is shutting down".into()));
+        };
+        let rounded = rec.source_size.div_ceil(BLOCK) * BLOCK;
+        let reply = json!({
+            "DiskId": rec.target,
+            "NewDisk": rec.target_new,
+            "Encrypted": rec.target_encryption.is_some(),
+            "SizeBytes": rec.size,
+            "Source": rec.source,
+            "SourceKind": rec.source_kind,
+            "SourceSizeBytes": rec.source_size,
+            "Resumed": resumed_from.is_some(),
+            "ResumedFrom": resumed_from,
+        });
+        let run = Run {
+            source,
+            dst,
+            verify,
+            resumed_from,
+        };
+        let target = rec.target.clone();
+        let task = self.tasks.spawn(&rec.account.clone(), ACTION, &target, rounded - rec.offset, move |task| {
+            ctl.run_migration(task, rec, run, &reactors)
+        })?;
+        let mut v = reply;
+        v["TaskId"] = task.id.clone().into();
+        Ok(v)
+    }
+
+    /// An interrupted migration, again: its keys unwrapped, its source opened and
+    /// checked against what it was, its task started at the checkpoint.
+    fn resume_migration(&self, rec: MigrationRecord, verify: bool) -> Result<Value, ControlError> {
+        let reactors = self.reactors.clone().ok_or_else(|| {
+            ControlError::DataPath("MigrateDisk needs the reactors (run it through the daemon)".into())
+        })?;
+        if self.pool.volume_size(&rec.target)?.is_none() {
+            return Err(ControlError::state(
+                "IncorrectDiskStatus.Migrating",
+                format!(
+                    "the target {} of this interrupted migration is gone; remove the migration with Abandon=true",
+                    rec.target
+                ),
+            ));
+        }
+        let opened: Option<Source> = match rec.source_kind.as_str() {
+            "file" => {
+                let (_, f, size) = self.open_source_path(&rec.source)?;
+                if size != rec.source_size || file_stamp(&f) != rec.source_stamp {
+                    return Err(ControlError::state(
+                        "InvalidOperation.SourceChanged",
+                        format!(
+                            "{} changed since the migration began (size or modification time); the copied part \
+                             would not match it. Abandon the migration (Abandon=true) and start again",
+                            rec.source
+                        ),
+                    ));
+                }
+                Some(Source::File {
+                    file: f,
+                    path: PathBuf::from(&rec.source),
+                })
+            }
+            "nbd" => {
+                let c = self.open_nbd(&rec.source)?;
+                if c.size() != rec.source_size {
+                    return Err(ControlError::state(
+                        "InvalidOperation.SourceChanged",
+                        format!(
+                            "NBD source {} now has {} bytes, not {}; abandon the migration and start again",
+                            rec.source,
+                            c.size(),
+                            rec.source_size
+                        ),
+                    ));
+                }
+                Some(Source::Nbd(Box::new(c)))
+            }
+            _ => None, // the snapshot: opened below, with the source's key
+        };
+        let units = u32::from(rec.source_encryption.is_some()) + u32::from(rec.target_encryption.is_some());
+        let res = if units > 0 {
+            Some(self.kms_reserve(&rec.account, &rec.region, units)?)
+        } else {
+            None
+        };
+        let mut src_xts = None;
+        if let Some(enc) = &rec.source_encryption {
+            let src_id = rec.source.clone();
+            let (x, ctx) = self.unwrap_key(enc, &src_id, res.as_ref().expect("reserved"))?;
+            self.kms.audit_decrypt_data(&ctx, Some(&src_id))?;
+            src_xts = Some(x);
+        }
+        let dst_xts = match &rec.target_encryption {
+            Some(enc) => Some(self.unwrap_key(enc, &rec.target, res.as_ref().expect("reserved"))?.0),
+            None => None,
+        };
+        drop(res);
+        let source = match (&rec.snapshot, opened) {
+            (Some(snap), _) => self.open_snapshot(snap, src_xts),
+            (None, Some(s)) => Ok(s),
+            (None, None) => Err(ControlError::Catalog(catalog::CatalogError::Corrupt(format!(
+                "migration {}: source kind {:?} without a snapshot",
+                rec.key, rec.source_kind
+            )))),
+        };
+        let from = Some(rec.offset);
+        self.spawn_migration(rec, source, dst_xts, verify, from, reactors)
+    }
+
+    /// Abandon=true: removes what an interrupted migration made; an existing target is
+    /// emptied again (it was empty when the migration began).
+    fn abandon_migration(&self, rec: MigrationRecord) -> Result<Value, ControlError> {
+        if let Some(t) = self.tasks.running(ACTION, &rec.target) {
+            return Err(ControlError::state(
+                "IncorrectTaskStatus",
+                format!(
+                    "the migration is running as task {}; CancelTask it first, then abandon it",
+                    t.id
+                ),
+            ));
+        }
+        // Keys this drops the last hold of: audit their shred first.
+        let shreds = self.peek(|txn| {
+            let mut v = Vec::new();
+            if rec.target_new {
+                if let Some(enc) = &rec.target_encryption {
+                    v.extend(self.would_shred(txn, enc)?);
+                }
+            }
+            if let (Some(enc), Some(_)) = (&rec.source_encryption, &rec.snapshot) {
+                v.extend(self.would_shred(txn, enc)?);
+            }
+            Ok(v)
+        })?;
+        for ctx in &shreds {
+            self.audit_shred(Some(ctx), &rec.target)?;
+        }
+        for id in std::iter::once(rec.target.as_str()).chain(rec.snapshot.as_deref()) {
+            self.wait_closed(id);
+        }
+        let txn = self.begin()?;
+        if catalog::get::<MigrationRecord>(&txn, &rec.key)?.is_none() {
+            return Err(ControlError::state("OperationConflict", "the migration is gone already"));
+        }
+        let gone = |r: Result<(), VolumeError>| match r {
+            Ok(()) | Err(VolumeError::NotFound(_)) => Ok(()),
+            Err(e) => Err(ControlError::from(e)),
+        };
+        if rec.target_new {
+            gone(self.pool.delete_volume(&txn, &rec.target))?;
+            if let Some(enc) = &rec.target_encryption {
+                self.key_unref(&txn, enc, true)?;
+            }
+        } else if self.pool.volume_size(&rec.target)?.is_some() {
+            gone(self.pool.reset_volume(&txn, &rec.target, None))?;
+        }
+        if let Some(snap) = &rec.snapshot {
+            gone(self.pool.delete_volume(&txn, snap))?;
+            if let Some(enc) = &rec.source_encryption {
+                self.key_unref(&txn, enc, !shreds.is_empty())?;
+            }
+        }
+        catalog::remove::<MigrationRecord>(&txn, &rec.key)?;
+        txn.commit()?;
+        Ok(json!({
+            "Abandoned": true,
+            "DiskId": rec.target,
+            "Source": rec.source,
+            "CheckpointBytes": rec.offset,
+        }))
+    }
+
+    /// Steps 4 to 6, on the task's thread.
+    fn run_migration(
+        &self,
+        task: &Task,
+        rec: MigrationRecord,
+        run: Run,
+        reactors: &Reactors,
+    ) -> Result<Value, ControlError> {
+        let started = Instant::now();
+        let Run {
+            mut source,
+            dst,
+            verify,
+            resumed_from,
+        } = run;
+        let rounded = rec.source_size.div_ceil(BLOCK) * BLOCK;
+        let size = rec.source_size;
+        let mut st = Stats {
+            read: rec.bytes_read,
+            written: rec.bytes_written,
+        };
+        let mut offset = rec.offset;
+        let key = rec.key.clone();
+        // 4. Copy: the reader thread reads windows ahead, this thread writes.
+        let copied = std::thread::scope(|s| {
+            let (tx, rx) = mpsc::sync_channel::<Result<Msg, ControlError>>(4);
+            let src = &mut source;
+            let start = offset;
+            s.spawn(move || {
+                let mut win = start;
+                while win < rounded {
+                    let wlen = WINDOW.min(rounded - win);
+                    let r = (|| {
+                        for (o, n) in src.extents(win, wlen, size)? {
+                            let data = src.read(reactors, o, n, size)?;
+                            if tx.send(Ok(Msg::Data { off: o, data })).is_err() {
+                                return Ok(false);
+                            }
+                        }
+                        Ok(tx.send(Ok(Msg::WindowDone { end: win + wlen })).is_ok())
+                    })();
+                    match r {
+                        Ok(true) => {}
+                        Ok(false) => return,
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                            return;
+                        }
+                    }
+                    win += wlen;
+                }
+            });
+            let mut last_cp = Instant::now();
+            let mut cp_offset = offset;
+            let res = (|| {
+                for m in rx.iter() {
+                    match m? {
+                        Msg::Data { off, data } => {
+                            st.read += data.len() as u64;
+                            let ops: Vec<Op> = nonzero_runs(&data, PIECE)
+                                .into_iter()
+                                .map(|(a, b)| {
+                                    st.written += (b - a) as u64;
+                                    Op::Write {
+                                        offset: off + a as u64,
+                                        at: a,
+                                        len: b - a,
+                                    }
+                                })
+                                .collect();
+                            if !ops.is_empty() {
+                                run_job(reactors, &dst, ops, data).map_err(|e| io_error(e, "writing the target"))?;
+                            }
+                        }
+                        Msg::WindowDone { end } => {
+                            task.progress(end - offset);
+                            offset = end;
+                            if task.cancelled() {
+                                return Err(task.cancelled_error());
+                            }
+                            if last_cp.elapsed() >= CHECKPOINT_EVERY {
+                                self.checkpoint(reactors, &dst, &key, offset, st)?;
+                                cp_offset = offset;
+                                last_cp = Instant::now();
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            })();
+            drop(rx);
+            if res.is_err() && offset > cp_offset {
+                // Keep what is done: the next run resumes here.
+                let _ = self.checkpoint(reactors, &dst, &key, offset, st);
+            }
+            res
+        });
+        if let Err(e) = copied {
+            if !task.cancelled() {
+                crate::daemon::log(&format!(
+                    "migration {} -> {} stopped at offset {offset}: {e}; MigrateDisk with the same source and \
+                     target resumes it",
+                    rec.source, rec.target
+                ));
+            }
+            return Err(e);
+        }
+        run_job(reactors, &dst, vec![Op::Flush], Vec::new()).map_err(|e| io_error(e, "flushing the target"))?;
+        self.checkpoint(reactors, &dst, &key, rounded, st)?;
+        let copy_secs = started.elapsed().as_secs_f64();
+
+        // 5. Verify.
+        let verified = if verify {
+            let t = Instant::now();
+            verify_blocks(reactors, &mut source, &dst, rounded, size, task)?;
+            Some(t.elapsed().as_secs_f64())
+        } else {
+            None
+        };
+        drop(source);
+        drop(dst);
+
+        // 6. Finish.
+        let shred = match (&rec.snapshot, &rec.source_encryption) {
+            (Some(_), Some(enc)) => self.peek(|txn| self.would_shred(txn, enc))?,
+            _ => None,
+        };
+        self.audit_shred(shred.as_ref(), &rec.source)?;
+        let txn = self.begin()?;
+        if let Some(snap) = &rec.snapshot {
+            self.wait_closed(snap);
+            match self.pool.delete_volume(&txn, snap) {
+                Ok(()) | Err(VolumeError::NotFound(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+            if let Some(enc) = &rec.source_encryption {
+                self.key_unref(&txn, enc, shred.is_some())?;
+            }
+        }
+        if rec.target_new {
+            let now = super::util::now_rfc3339();
+            catalog::put(
+                &txn,
+                &DiskRecord {
+                    id: rec.target.clone(),
+                    account: rec.account.clone(),
+                    region: rec.region.clone(),
+                    name: rec.name.clone(),
+                    description: rec.description.clone(),
+                    size: rec.size,
+                    category: rec.category,
+                    kind: DiskKind::Cloud,
+                    role: DiskRole::Data,
+                    encryption: rec.target_encryption.clone(),
+                    source_snapshot: None,
+                    source_image: None,
+                    multi_attach: false,
+                    qos: self.cfg.qos.caps(rec.category, rec.size),
+                    created_at: now,
+                },
+            )?;
+        }
+        catalog::remove::<MigrationRecord>(&txn, &key)?;
+        txn.commit()?;
+        let allocated = self.pool.mapped_bytes(&rec.target).unwrap_or(0);
+        let secs = started.elapsed().as_secs_f64();
+        Ok(json!({
+            "DiskId": rec.target,
+            "NewDisk": rec.target_new,
+            "Encrypted": rec.target_encryption.is_some(),
+            "SizeBytes": rec.size,
+            "Source": rec.source,
+            "SourceKind": rec.source_kind,
+            "SourceSizeBytes": rec.source_size,
+            "BytesRead": st.read,
+            "BytesWritten": st.written,
+            "BytesSkipped": rounded - st.written,
+            "TargetAllocatedBytes": allocated,
+            "Resumed": resumed_from.is_some(),
+            "ResumedFrom": resumed_from,
+            "CopySeconds": copy_secs,
+            "Seconds": secs,
+            "Verify": if verified.is_some() { "passed" } else { "off" },
+            "VerifySeconds": verified,
+        }))
+    }
+
+    /// Flushes the target and records `offset` as the migration's checkpoint.
+    fn checkpoint(
+        &self,
+        reactors: &Reactors,
+        dst: &BdevRef,
+        key: &str,
+        offset: u64,
+        st: Stats,
+    ) -> Result<(), ControlError> {
+        run_job(reactors, dst, vec![Op::Flush], Vec::new()).map_err(|e| io_error(e, "flushing the target"))?;
+        let txn = self.begin()?;
+        let mut rec = catalog::get::<MigrationRecord>(&txn, key)?
+            .ok_or_else(|| ControlError::state("OperationConflict", "the migration row is gone"))?;
+        rec.offset = offset;
+        rec.bytes_read = st.read;
+        rec.bytes_written = st.written;
+        catalog::put(&txn, &rec)?;
+        txn.commit()?;
+        Ok(())
+    }
+}
+
+/// Re-reads the source (its data extents; zeros elsewhere) and the whole target through
+/// their data paths and compares CRC32C per 4 KiB block; the first difference fails with
+/// its offset.
+fn verify_blocks(
+    reactors: &Reactors,
+    source: &mut Source,
+    dst: &BdevRef,
+    rounded: u64,
+    size: u64,
+    task: &Task,
+) -> Result<(), ControlError> {
+    let zero = crc32c::crc32c(&[0u8; BLOCK as usize]);
+    let mut win = 0;
+    while win < rounded {
+        if task.cancelled() {
+            return Err(task.cancelled_error());
+        }
+        let wlen = WINDOW.min(rounded - win);
+        let nblocks = (wlen / BLOCK) as usize;
+        let mut want = vec![zero; nblocks];
+        for (o, n) in source.extents(win, wlen, size)? {
+            let data = source.read(reactors, o, n, size)?;
+            for (i, b) in data.chunks(BLOCK as usize).enumerate() {
+                want[((o - win) / BLOCK) as usize + i] = crc32c::crc32c(b);
+            }
+        }
+        let got = run_job(reactors, dst, read_ops(win, wlen), vec![0; wlen as usize])
+            .map_err(|e| io_error(e, "reading the target to verify"))?;
+        for (i, b) in got.chunks(BLOCK as usize).enumerate() {
+            if crc32c::crc32c(b) != want[i] {
+                let at = win + i as u64 * BLOCK;
+                return Err(ControlError::state(
+                    "Migration.VerifyFailed",
+                    format!(
+                        "verify: the target differs from the source at offset {at} (block of {BLOCK} bytes); the \
+                         migration is kept: abandon it (Abandon=true) and start again"
+                    ),
+                ));
+            }
+        }
+        win += wlen;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn file_data_ranges_follow_holes() {
+        let p = std::env::temp_dir().join(format!("sealdisk-mig-ranges-{}", std::process::id()));
+        let mut f = File::create(&p).unwrap();
+        f.set_len(8 << 20).unwrap();
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&[1u8; 4096], 1 << 20).unwrap();
+        f.write_all_at(&[2u8; 4096], 5 << 20).unwrap();
+        f.flush().unwrap();
+        let f = File::open(&p).unwrap();
+        let r = file_data_ranges(&f, 0, 8 << 20).unwrap();
+        let _ = std::fs::remove_file(&p);
+        // The file system may round to its block size, but the holes between stay.
+        assert_eq!(r.len(), 2, "{r:?}");
+        assert!(r[0].0 <= 1 << 20 && r[0].1 >= (1 << 20) + 4096 && r[0].1 < 5 << 20, "{r:?}");
+        assert!(r[1].0 <= 5 << 20 && r[1].1 >= (5 << 20) + 4096, "{r:?}");
+    }
+}
