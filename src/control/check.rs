@@ -48,12 +48,17 @@ pub fn check(db: &redb::Database, pool: &Pool) -> Result<Report, ControlError> {
         .map(|d| ("disk", &d.id, d.size))
         .chain(snaps.iter().map(|s| ("snapshot", &s.id, s.size)))
         .chain(images.iter().map(|m| ("image", &m.id, m.size)))
-        .chain(migrations.iter().filter(|m| m.target_new).map(|m| ("migration target", &m.target, m.size)))
         .chain(
             migrations
                 .iter()
-                .filter_map(|m| m.snapshot.as_ref().map(|s| ("migration snapshot", s, m.source_size.div_ceil(4096) * 4096))),
-        );
+                .filter(|m| m.target_new)
+                .map(|m| ("migration target", &m.target, m.size)),
+        )
+        .chain(migrations.iter().filter_map(|m| {
+            m.snapshot
+                .as_ref()
+                .map(|s| ("migration snapshot", s, m.source_size.div_ceil(4096) * 4096))
+        }));
     let mut n = 0u64;
     for (what, id, size) in objects {
         n += 1;

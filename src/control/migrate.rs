@@ -92,8 +92,14 @@ enum SourceArg {
 enum Source {
     /// A disk's point-in-time clone (through its crypto layer if encrypted) and where
     /// its data is.
-    Disk { bdev: BdevRef, ranges: Vec<(u64, u64)> },
-    File { file: File, path: PathBuf },
+    Disk {
+        bdev: BdevRef,
+        ranges: Vec<(u64, u64)>,
+    },
+    File {
+        file: File,
+        path: PathBuf,
+    },
     Nbd(Box<NbdClient>),
 }
 
@@ -447,7 +453,11 @@ impl Control {
     }
 
     /// Whether some migration row names `disk` as its target.
-    pub(super) fn migration_target_of(&self, txn: &redb::WriteTransaction, disk: &str) -> Result<Option<String>, ControlError> {
+    pub(super) fn migration_target_of(
+        &self,
+        txn: &redb::WriteTransaction,
+        disk: &str,
+    ) -> Result<Option<String>, ControlError> {
         Ok(catalog::list::<MigrationRecord>(txn)?
             .into_iter()
             .find(|m| m.target == disk)
@@ -740,7 +750,10 @@ impl Control {
                 // Still there, still as checked.
                 let now = self.find_disk(&txn, &s.id, account)?;
                 if now.encryption != s.encryption || now.size != s.size {
-                    return Err(ControlError::state("OperationConflict", "the source changed; try again"));
+                    return Err(ControlError::state(
+                        "OperationConflict",
+                        "the source changed; try again",
+                    ));
                 }
             }
             if let Some(t) = &tgt_rec {
@@ -830,9 +843,13 @@ impl Control {
             resumed_from,
         };
         let target = rec.target.clone();
-        let task = self.tasks.spawn(&rec.account.clone(), ACTION, &target, rounded - rec.offset, move |task| {
-            ctl.run_migration(task, rec, run, &reactors)
-        })?;
+        // Verify reads the whole source again: it counts in the task's total.
+        let total = rounded - rec.offset + if verify { rounded } else { 0 };
+        let task = self
+            .tasks
+            .spawn(&rec.account.clone(), ACTION, &target, total, move |task| {
+                ctl.run_migration(task, rec, run, &reactors)
+            })?;
         let mut v = reply;
         v["TaskId"] = task.id.clone().into();
         Ok(v)
@@ -951,7 +968,10 @@ impl Control {
         }
         let txn = self.begin()?;
         if catalog::get::<MigrationRecord>(&txn, &rec.key)?.is_none() {
-            return Err(ControlError::state("OperationConflict", "the migration is gone already"));
+            return Err(ControlError::state(
+                "OperationConflict",
+                "the migration is gone already",
+            ));
         }
         let gone = |r: Result<(), VolumeError>| match r {
             Ok(()) | Err(VolumeError::NotFound(_)) => Ok(()),
@@ -1095,7 +1115,17 @@ impl Control {
         // 5. Verify.
         let verified = if verify {
             let t = Instant::now();
-            verify_blocks(reactors, &mut source, &dst, rounded, size, task)?;
+            let target_ranges = self.pool.allocated_ranges(&rec.target, WINDOW)?;
+            verify_blocks(
+                reactors,
+                &mut source,
+                &dst,
+                &target_ranges,
+                rounded,
+                size,
+                &|| task.cancelled(),
+                &|n| task.progress(n),
+            )?;
             Some(t.elapsed().as_secs_f64())
         } else {
             None
@@ -1190,46 +1220,74 @@ impl Control {
     }
 }
 
-/// Re-reads the source (its data extents; zeros elsewhere) and the whole target through
-/// their data paths and compares CRC32C per 4 KiB block; the first difference fails with
-/// its offset.
+/// Re-reads both sides through their data paths and compares CRC32C per 4 KiB block;
+/// the first difference fails with its offset. Read are the source's data extents and
+/// the target's allocated ranges (`target_ranges`); a block outside both is zero on both
+/// sides by their maps. Each window done counts as progress of `task`.
+#[allow(clippy::too_many_arguments)]
 fn verify_blocks(
     reactors: &Reactors,
     source: &mut Source,
     dst: &BdevRef,
+    target_ranges: &[(u64, u64)],
     rounded: u64,
     size: u64,
-    task: &Task,
+    cancelled: &dyn Fn() -> bool,
+    progress: &dyn Fn(u64),
 ) -> Result<(), ControlError> {
     let zero = crc32c::crc32c(&[0u8; BLOCK as usize]);
     let mut win = 0;
     while win < rounded {
-        if task.cancelled() {
-            return Err(task.cancelled_error());
+        if cancelled() {
+            return Err(ControlError::state("OperationCancelled", "verify cancelled"));
         }
         let wlen = WINDOW.min(rounded - win);
         let nblocks = (wlen / BLOCK) as usize;
         let mut want = vec![zero; nblocks];
+        let mut read = vec![false; nblocks];
         for (o, n) in source.extents(win, wlen, size)? {
             let data = source.read(reactors, o, n, size)?;
             for (i, b) in data.chunks(BLOCK as usize).enumerate() {
-                want[((o - win) / BLOCK) as usize + i] = crc32c::crc32c(b);
+                let k = ((o - win) / BLOCK) as usize + i;
+                want[k] = crc32c::crc32c(b);
+                read[k] = true;
             }
         }
-        let got = run_job(reactors, dst, read_ops(win, wlen), vec![0; wlen as usize])
-            .map_err(|e| io_error(e, "reading the target to verify"))?;
-        for (i, b) in got.chunks(BLOCK as usize).enumerate() {
-            if crc32c::crc32c(b) != want[i] {
-                let at = win + i as u64 * BLOCK;
-                return Err(ControlError::state(
-                    "Migration.VerifyFailed",
-                    format!(
-                        "verify: the target differs from the source at offset {at} (block of {BLOCK} bytes); the \
-                         migration is kept: abandon it (Abandon=true) and start again"
-                    ),
-                ));
+        for &(o, n) in target_ranges {
+            let (s, e) = (o.max(win), (o + n).min(win + wlen));
+            for k in (s..e).step_by(BLOCK as usize) {
+                read[((k - win) / BLOCK) as usize] = true;
             }
         }
+        // Read the target where either side has something, in runs.
+        let mut k = 0;
+        while k < nblocks {
+            if !read[k] {
+                k += 1;
+                continue;
+            }
+            let start = k;
+            while k < nblocks && read[k] {
+                k += 1;
+            }
+            let off = win + start as u64 * BLOCK;
+            let len = (k - start) as u64 * BLOCK;
+            let got = run_job(reactors, dst, read_ops(off, len), vec![0; len as usize])
+                .map_err(|e| io_error(e, "reading the target to verify"))?;
+            for (i, b) in got.chunks(BLOCK as usize).enumerate() {
+                if crc32c::crc32c(b) != want[start + i] {
+                    let at = off + i as u64 * BLOCK;
+                    return Err(ControlError::state(
+                        "Migration.VerifyFailed",
+                        format!(
+                            "verify: the target differs from the source at offset {at} (block of {BLOCK} bytes); \
+                             the migration is kept: abandon it (Abandon=true) and start again"
+                        ),
+                    ));
+                }
+            }
+        }
+        progress(wlen);
         win += wlen;
     }
     Ok(())
@@ -1254,7 +1312,10 @@ mod tests {
         let _ = std::fs::remove_file(&p);
         // The file system may round to its block size, but the holes between stay.
         assert_eq!(r.len(), 2, "{r:?}");
-        assert!(r[0].0 <= 1 << 20 && r[0].1 >= (1 << 20) + 4096 && r[0].1 < 5 << 20, "{r:?}");
+        assert!(
+            r[0].0 <= 1 << 20 && r[0].1 >= (1 << 20) + 4096 && r[0].1 < 5 << 20,
+            "{r:?}"
+        );
         assert!(r[1].0 <= 5 << 20 && r[1].1 >= (5 << 20) + 4096, "{r:?}");
     }
 }

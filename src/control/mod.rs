@@ -147,7 +147,14 @@ impl ControlConfig {
 
 /// Parameters that name an existing object an operation works on: operations naming
 /// the same object run one after the other.
-const LOCK_PARAMS: &[&str] = &["DiskId", "InstanceId", "SnapshotId", "ImageId", "SourceDiskId", "TargetDiskId"];
+const LOCK_PARAMS: &[&str] = &[
+    "DiskId",
+    "InstanceId",
+    "SnapshotId",
+    "ImageId",
+    "SourceDiskId",
+    "TargetDiskId",
+];
 
 /// Objects some operation is working on.
 #[derive(Default)]

@@ -47,7 +47,11 @@ pub enum NbdError {
     /// The server broke the protocol or closed the connection.
     Protocol(String),
     /// The server refused the export (`NBD_OPT_GO` error reply).
-    Refused { export: String, reply: u32, message: String },
+    Refused {
+        export: String,
+        reply: u32,
+        message: String,
+    },
     /// A read or block-status request failed on the server (NBD errno).
     Request { offset: u64, errno: u32, message: String },
     /// Socket I/O failed mid-transmission.
@@ -155,7 +159,9 @@ pub fn parse_uri(s: &str) -> Result<NbdUri, NbdError> {
             export: percent_decode(export)?,
         });
     }
-    Err(bad("expected nbd+unix:///EXPORT?socket=PATH or nbd://HOST[:PORT]/EXPORT (no TLS)"))
+    Err(bad(
+        "expected nbd+unix:///EXPORT?socket=PATH or nbd://HOST[:PORT]/EXPORT (no TLS)",
+    ))
 }
 
 enum Stream {
@@ -305,10 +311,8 @@ impl NbdClient {
             loop {
                 let (t, data) = self.option_reply(OPT_SET_META_CONTEXT)?;
                 match t {
-                    REP_META_CONTEXT if data.len() >= 4 => {
-                        if &data[4..] == META_BASE_ALLOCATION {
-                            self.alloc_ctx = Some(be32(&data));
-                        }
+                    REP_META_CONTEXT if data.len() >= 4 && &data[4..] == META_BASE_ALLOCATION => {
+                        self.alloc_ctx = Some(be32(&data));
                     }
                     REP_ACK => break,
                     t if t & (1 << 31) != 0 => break, // refused: read everything
@@ -539,7 +543,11 @@ impl NbdClient {
     pub fn data_extents(&mut self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>, NbdError> {
         let end = (offset + len).min(self.size);
         let Some(ctx) = self.alloc_ctx else {
-            return Ok(if end > offset { vec![(offset, end - offset)] } else { Vec::new() });
+            return Ok(if end > offset {
+                vec![(offset, end - offset)]
+            } else {
+                Vec::new()
+            });
         };
         let mut out: Vec<(u64, u64)> = Vec::new();
         let mut pos = offset;
