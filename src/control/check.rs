@@ -17,6 +17,8 @@ pub struct Report {
     pub disks: usize,
     pub snapshots: usize,
     pub images: usize,
+    /// Unfinished migrations (MigrateDisk rows).
+    pub migrations: usize,
     pub pool: Option<CheckReport>,
     pub problems: Vec<String>,
 }
@@ -43,6 +45,7 @@ pub fn check(db: &redb::Database, pool: &Pool) -> Result<Report, ControlError> {
     rep.snapshots = snaps.len();
     rep.images = images.len();
     let migrations: Vec<MigrationRecord> = catalog::list_r(&r)?;
+    rep.migrations = migrations.len();
     let objects = disks
         .iter()
         .map(|d| ("disk", &d.id, d.size))
@@ -179,6 +182,7 @@ impl Control {
             "Disks": rep.disks,
             "Snapshots": rep.snapshots,
             "Images": rep.images,
+            "Migrations": rep.migrations,
             "Pool": rep.pool,
             "SchemaVersion": rep.schema_version,
         }))

@@ -379,10 +379,14 @@ impl Control {
                      (serve --import-dir DIR)",
                 ));
             };
+            // The directory the socket is in must lie beneath the import directory (and
+            // outside the data directory, whose nbd.sock serves every account's disks);
+            // the socket itself must not be a symlink. A socket that is missing or not
+            // listened on is a source that does not answer (below).
             let beneath = match (std::fs::canonicalize(dir), sock.parent().map(std::fs::canonicalize)) {
                 (Ok(d), Some(Ok(parent))) => {
                     parent.starts_with(&d)
-                        && std::fs::symlink_metadata(sock).is_ok_and(|m| !m.file_type().is_symlink())
+                        && !std::fs::symlink_metadata(sock).is_ok_and(|m| m.file_type().is_symlink())
                         && !std::fs::canonicalize(&self.cfg.data_dir).is_ok_and(|dd| parent.starts_with(dd))
                 }
                 _ => false,
@@ -391,8 +395,7 @@ impl Control {
                 return Err(ControlError::param(
                     "InvalidParameter.SourceNbdUri",
                     format!(
-                        "NBD socket {} is not beneath the import directory {} (or is a symlink, or does not \
-                         exist)",
+                        "NBD socket {} is not beneath the import directory {} (or is a symlink)",
                         sock.display(),
                         dir.display()
                     ),
@@ -1317,5 +1320,90 @@ mod tests {
             "{r:?}"
         );
         assert!(r[1].0 <= 5 << 20 && r[1].1 >= (5 << 20) + 4096, "{r:?}");
+    }
+
+    fn write(reactors: &Reactors, b: &BdevRef, off: u64, data: Vec<u8>) {
+        let len = data.len();
+        run_job(
+            reactors,
+            b,
+            vec![Op::Write {
+                offset: off,
+                at: 0,
+                len,
+            }],
+            data,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn verify_names_the_first_differing_block() {
+        use crate::bdev::malloc::MallocBdev;
+        use crate::reactor::ReactorConfig;
+        let reactors = Reactors::start(&ReactorConfig {
+            cores: vec![0],
+            pool_bytes: 16 << 20,
+            ..ReactorConfig::default()
+        })
+        .unwrap();
+        let size = 1u64 << 20;
+        let src: BdevRef = Arc::new(MallocBdev::new("src", size, 512));
+        let dst: BdevRef = Arc::new(MallocBdev::new("dst", size, 512));
+        let pattern = |n: usize, seed: u8| {
+            (0..n)
+                .map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed) | 1)
+                .collect::<Vec<u8>>()
+        };
+        for b in [&src, &dst] {
+            write(&reactors, b, 0, pattern(64 << 10, 3));
+            write(&reactors, b, 512 << 10, pattern(8 << 10, 9));
+        }
+        let ranges = vec![(0, 64 << 10), (512 << 10, 8 << 10)];
+        let mut source = Source::Disk {
+            bdev: src.clone(),
+            ranges: ranges.clone(),
+        };
+        let never = || false;
+        let done = std::cell::Cell::new(0u64);
+        let progress = |n: u64| done.set(done.get() + n);
+        verify_blocks(&reactors, &mut source, &dst, &ranges, size, size, &never, &progress).unwrap();
+        assert_eq!(done.get(), size);
+
+        // One byte off inside the data: named by its block.
+        let mut sector = pattern(64 << 10, 3)[12288..12288 + 512].to_vec();
+        sector[57] ^= 0x40;
+        write(&reactors, &dst, 12288, sector);
+        let e = verify_blocks(&reactors, &mut source, &dst, &ranges, size, size, &never, &progress).unwrap_err();
+        assert_eq!(e.code(), "Migration.VerifyFailed");
+        assert!(e.to_string().contains("offset 12288 "), "{e}");
+
+        // Repaired; then data on the target where the source has a hole (the target's
+        // map says it is allocated there).
+        write(
+            &reactors,
+            &dst,
+            12288,
+            pattern(64 << 10, 3)[12288..12288 + 4096].to_vec(),
+        );
+        verify_blocks(&reactors, &mut source, &dst, &ranges, size, size, &never, &progress).unwrap();
+        write(&reactors, &dst, 900 << 10, vec![1u8; 4096]);
+        let with_target = [ranges.clone(), vec![(768 << 10, 256 << 10)]].concat();
+        let e = verify_blocks(
+            &reactors,
+            &mut source,
+            &dst,
+            &with_target,
+            size,
+            size,
+            &never,
+            &progress,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains(&format!("offset {} ", 900 << 10)), "{e}");
+
+        // Cancelled: stops.
+        let e = verify_blocks(&reactors, &mut source, &dst, &ranges, size, size, &|| true, &progress).unwrap_err();
+        assert_eq!(e.code(), "OperationCancelled");
     }
 }
