@@ -655,3 +655,70 @@ fn resume_after_the_cli_is_killed_or_interrupted_and_abandon() {
     assert_consistent(&data, 0);
     drop(empty);
 }
+
+#[test]
+fn an_interrupted_decryption_keeps_the_source_key_until_it_finishes() {
+    let env = Env::new("decrypt-resume");
+    let data = env.data();
+    let _d = env.daemon(SLOW);
+    let (inst, enc, _) = common::instance_with_disk(&data, 48 * MIB, true);
+    let uri = format!("nbd+unix:///{enc}?socket={}", data.join("nbd.sock").display());
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x3c 0 48M"])
+        .arg(&uri)
+        .output()
+        .expect("qemu-io (qemu-utils)");
+    assert!(out.status.success(), "{}", text(&out));
+    // From the attached disk (a point-in-time clone) into a new unencrypted disk; stopped.
+    let start = Instant::now();
+    let r = call(&data, "MigrateDisk", json!({"SourceDiskId": enc})).unwrap();
+    let target = r["DiskId"].as_str().unwrap().to_owned();
+    assert_eq!(r["Encrypted"], false, "{r}");
+    let task = wait_progress(&data, 8 * MIB, start, 0.0);
+    common::rpc(&data, "CancelTask", json!({"TaskId": task["TaskId"]}));
+    let t = Instant::now();
+    while common::rpc(&data, "DescribeTasks", json!({"TaskIds": [task["TaskId"]]}))["TaskSet"]["Task"][0]["TaskStatus"]
+        == "Processing"
+    {
+        assert!(t.elapsed() < Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_consistent(&data, 1);
+    // The VM overwrites its disk, then the disk is deleted: the migration still holds the
+    // clone and the key (no shred yet; the catalog's key reference counts agree).
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x77 0 1M"])
+        .arg(&uri)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    common::rpc(&data, "DetachDisk", json!({"DiskId": enc, "InstanceId": inst}));
+    common::rpc(&data, "DeleteDisk", json!({"DiskId": enc}));
+    let shreds = |data: &Path| {
+        std::fs::read_to_string(data.join("kms/audit.log"))
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("\"CryptoShred\""))
+            .count()
+    };
+    assert_eq!(shreds(&data), 0);
+    assert_consistent(&data, 1);
+    // Resumed: the data as it was when the migration began; then the key is shredded.
+    let r = migrate(&data, json!({"SourceDiskId": enc, "Verify": true})).unwrap();
+    assert_eq!(r["DiskId"], target.as_str(), "{r}");
+    assert_eq!(r["Resumed"], true, "{r}");
+    assert_eq!(r["Verify"], "passed", "{r}");
+    assert_eq!(r["BytesWritten"], 48 * MIB, "{r}");
+    assert_eq!(shreds(&data), 1);
+    assert_consistent(&data, 0);
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read -P 0x3c 0 48M"])
+        .arg(attach(&data, &target))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("verification failed"),
+        "{}",
+        text(&out)
+    );
+}

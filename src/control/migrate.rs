@@ -951,21 +951,19 @@ impl Control {
             ));
         }
         // Keys this drops the last hold of: audit their shred first.
-        let shreds = self.peek(|txn| {
-            let mut v = Vec::new();
-            if rec.target_new {
-                if let Some(enc) = &rec.target_encryption {
-                    v.extend(self.would_shred(txn, enc)?);
-                }
-            }
-            if let (Some(enc), Some(_)) = (&rec.source_encryption, &rec.snapshot) {
-                v.extend(self.would_shred(txn, enc)?);
-            }
-            Ok(v)
+        let (tgt_shred, src_shred) = self.peek(|txn| {
+            let t = match (&rec.target_encryption, rec.target_new) {
+                (Some(enc), true) => self.would_shred(txn, enc)?,
+                _ => None,
+            };
+            let s = match (&rec.source_encryption, &rec.snapshot) {
+                (Some(enc), Some(_)) => self.would_shred(txn, enc)?,
+                _ => None,
+            };
+            Ok((t, s))
         })?;
-        for ctx in &shreds {
-            self.audit_shred(Some(ctx), &rec.target)?;
-        }
+        self.audit_shred(tgt_shred.as_ref(), &rec.target)?;
+        self.audit_shred(src_shred.as_ref(), &rec.source)?;
         for id in std::iter::once(rec.target.as_str()).chain(rec.snapshot.as_deref()) {
             self.wait_closed(id);
         }
@@ -983,7 +981,7 @@ impl Control {
         if rec.target_new {
             gone(self.pool.delete_volume(&txn, &rec.target))?;
             if let Some(enc) = &rec.target_encryption {
-                self.key_unref(&txn, enc, true)?;
+                self.key_unref(&txn, enc, tgt_shred.is_some())?;
             }
         } else if self.pool.volume_size(&rec.target)?.is_some() {
             gone(self.pool.reset_volume(&txn, &rec.target, None))?;
@@ -991,7 +989,7 @@ impl Control {
         if let Some(snap) = &rec.snapshot {
             gone(self.pool.delete_volume(&txn, snap))?;
             if let Some(enc) = &rec.source_encryption {
-                self.key_unref(&txn, enc, !shreds.is_empty())?;
+                self.key_unref(&txn, enc, src_shred.is_some())?;
             }
         }
         catalog::remove::<MigrationRecord>(&txn, &rec.key)?;
