@@ -309,7 +309,7 @@ pub(super) fn run(m: &ArgMatches) -> ExitCode {
         match t["TaskStatus"].as_str() {
             Some("Processing") => {
                 prog.update(&id, n("BytesDone"), n("BytesTotal"), n("RateBytesPerSec"));
-                std::thread::sleep(Duration::from_millis(200));
+                std::thread::sleep(Duration::from_millis(50));
             }
             Some("Finished") => break Ok(t["Result"].clone()),
             Some("Cancelled") => {

@@ -74,6 +74,8 @@ const WINDOW: u64 = 8 << 20;
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// Largest single write (the crypto layer's bounce chunk).
 const PIECE: usize = BOUNCE_CHUNK;
+/// Write jobs in flight at once (each up to 32 requests).
+const WRITERS: usize = 3;
 /// The task action name (DescribeTasks `TaskAction`).
 const ACTION: &str = "MigrateDisk";
 
@@ -317,6 +319,7 @@ impl Control {
                     "DiskId": rec.target,
                     "Resumed": true,
                     "ResumedFrom": rec.offset,
+                    "CheckpointBytes": rec.offset,
                     "Running": true,
                 }));
             }
@@ -1026,6 +1029,10 @@ impl Control {
         let mut offset = rec.offset;
         let key = rec.key.clone();
         // 4. Copy: the reader thread reads windows ahead, this thread writes.
+        let (wtx, wrx) = mpsc::sync_channel::<(u64, Vec<u8>)>(WRITERS);
+        let (mut wtx, wrx) = (Some(wtx), Mutex::new(wrx));
+        let (dtx, drx) = mpsc::channel::<Result<u64, ControlError>>();
+        let mut dtx = Some(dtx);
         let copied = std::thread::scope(|s| {
             let (tx, rx) = mpsc::sync_channel::<Result<Msg, ControlError>>(4);
             let src = &mut source;
@@ -1054,27 +1061,49 @@ impl Control {
                     win += wlen;
                 }
             });
+            // Writers: each takes a piece of data, writes its non-zero blocks as one job
+            // (up to 32 requests in flight) and reports the bytes written; several jobs
+            // run at once.
+            let wtx = wtx.take().expect("once");
+            let dtx = dtx.take().expect("once");
+            for _ in 0..WRITERS {
+                let (wrx, dtx, dst) = (&wrx, dtx.clone(), &dst);
+                s.spawn(move || loop {
+                    let next = wrx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                    let Ok((off, data)) = next else { return };
+                    if dtx.send(write_nonzero(reactors, dst, off, data)).is_err() {
+                        return;
+                    }
+                });
+            }
+            drop(dtx);
+            let mut inflight = 0usize;
+            let mut failed: Option<ControlError> = None;
+            // One writer's answer; `wait`: block for it.
+            let reap = |inflight: &mut usize, st: &mut Stats, wait: bool| -> Result<bool, ControlError> {
+                let r = if wait {
+                    drx.recv()
+                        .map_err(|_| ControlError::DataPath("a migration writer stopped".into()))?
+                } else {
+                    match drx.try_recv() {
+                        Ok(r) => r,
+                        Err(_) => return Ok(false),
+                    }
+                };
+                *inflight -= 1;
+                st.written += r?;
+                Ok(true)
+            };
             let mut last_cp = Instant::now();
-            let mut cp_offset = offset;
-            let res = (|| {
+            let mut res = (|| {
                 for m in rx.iter() {
                     match m? {
                         Msg::Data { off, data } => {
                             st.read += data.len() as u64;
-                            let ops: Vec<Op> = nonzero_runs(&data, PIECE)
-                                .into_iter()
-                                .map(|(a, b)| {
-                                    st.written += (b - a) as u64;
-                                    Op::Write {
-                                        offset: off + a as u64,
-                                        at: a,
-                                        len: b - a,
-                                    }
-                                })
-                                .collect();
-                            if !ops.is_empty() {
-                                run_job(reactors, &dst, ops, data).map_err(|e| io_error(e, "writing the target"))?;
-                            }
+                            while reap(&mut inflight, &mut st, false)? {}
+                            wtx.send((off, data))
+                                .map_err(|_| ControlError::DataPath("the migration writers stopped".into()))?;
+                            inflight += 1;
                         }
                         Msg::WindowDone { end } => {
                             task.progress(end - offset);
@@ -1083,8 +1112,11 @@ impl Control {
                                 return Err(task.cancelled_error());
                             }
                             if last_cp.elapsed() >= CHECKPOINT_EVERY {
+                                // Everything before `offset` written, then durable.
+                                while inflight > 0 {
+                                    reap(&mut inflight, &mut st, true)?;
+                                }
                                 self.checkpoint(reactors, &dst, &key, offset, st)?;
-                                cp_offset = offset;
                                 last_cp = Instant::now();
                             }
                         }
@@ -1093,8 +1125,18 @@ impl Control {
                 Ok(())
             })();
             drop(rx);
-            if res.is_err() && offset > cp_offset {
-                // Keep what is done: the next run resumes here.
+            drop(wtx);
+            // Let every write in flight finish; a failed one fails the copy.
+            while inflight > 0 {
+                if let Err(e) = reap(&mut inflight, &mut st, true) {
+                    failed.get_or_insert(e);
+                }
+            }
+            if let (Ok(()), Some(e)) = (&res, failed.take()) {
+                res = Err(e);
+            } else if res.is_err() && failed.is_none() {
+                // Interrupted with everything before `offset` written: keep it, the next
+                // run resumes here.
                 let _ = self.checkpoint(reactors, &dst, &key, offset, st);
             }
             res
@@ -1219,6 +1261,27 @@ impl Control {
         txn.commit()?;
         Ok(())
     }
+}
+
+/// Writes the non-zero 4 KiB blocks of `data` (source bytes at `off`) to `dst`; returns
+/// the bytes written.
+fn write_nonzero(reactors: &Reactors, dst: &BdevRef, off: u64, data: Vec<u8>) -> Result<u64, ControlError> {
+    let mut written = 0;
+    let ops: Vec<Op> = nonzero_runs(&data, PIECE)
+        .into_iter()
+        .map(|(a, b)| {
+            written += (b - a) as u64;
+            Op::Write {
+                offset: off + a as u64,
+                at: a,
+                len: b - a,
+            }
+        })
+        .collect();
+    if !ops.is_empty() {
+        run_job(reactors, dst, ops, data).map_err(|e| io_error(e, "writing the target"))?;
+    }
+    Ok(written)
 }
 
 /// Re-reads both sides through their data paths and compares CRC32C per 4 KiB block;
