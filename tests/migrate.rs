@@ -737,3 +737,76 @@ fn an_interrupted_decryption_keeps_the_source_key_until_it_finishes() {
         text(&out)
     );
 }
+
+#[test]
+fn an_interrupted_migration_into_an_existing_disk_blocks_attach_and_abandon_empties_it() {
+    let env = Env::new("abandon-existing");
+    let data = env.data();
+    dense_image(&env, "dense.raw");
+    let _d = env.daemon(SLOW);
+    common::rpc(&data, "ActivateKms", json!({}));
+    let target = common::rpc(&data, "CreateDisk", json!({"SizeBytes": DENSE, "Encrypted": true}))["DiskId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let inst = common::rpc(&data, "CreateInstance", json!({"SystemDisk.SizeBytes": 4 << 20}))["InstanceId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let before = clusters_in_use(&data);
+    let start = Instant::now();
+    let r = call(
+        &data,
+        "MigrateDisk",
+        json!({"SourcePath": "dense.raw", "TargetDiskId": target}),
+    )
+    .unwrap();
+    assert_eq!(r["NewDisk"], false, "{r}");
+    let task = wait_progress(&data, 8 * MIB, start, 0.0);
+    // Running: the target cannot be attached, and abandoning waits for a cancel.
+    let (code, _) = call(&data, "AttachDisk", json!({"DiskId": target, "InstanceId": inst})).unwrap_err();
+    assert_eq!(code, "IncorrectDiskStatus.Migrating");
+    let (code, _) = call(
+        &data,
+        "MigrateDisk",
+        json!({"SourcePath": "dense.raw", "TargetDiskId": target, "Abandon": true}),
+    )
+    .unwrap_err();
+    assert_eq!(code, "IncorrectTaskStatus");
+    common::rpc(&data, "CancelTask", json!({"TaskId": task["TaskId"]}));
+    let t = Instant::now();
+    while common::rpc(&data, "DescribeTasks", json!({"TaskIds": [task["TaskId"]]}))["TaskSet"]["Task"][0]["TaskStatus"]
+        == "Processing"
+    {
+        assert!(t.elapsed() < Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Interrupted: still not attachable; the target holds part of the data.
+    let (code, _) = call(&data, "AttachDisk", json!({"DiskId": target, "InstanceId": inst})).unwrap_err();
+    assert_eq!(code, "IncorrectDiskStatus.Migrating");
+    assert!(clusters_in_use(&data) > before);
+    assert_consistent(&data, 1);
+    // Abandoned: the target is empty again and attachable; nothing else is left.
+    let r = migrate(
+        &data,
+        json!({"SourcePath": "dense.raw", "TargetDiskId": target, "Abandon": true}),
+    )
+    .unwrap();
+    assert_eq!(r["Abandoned"], true, "{r}");
+    assert_eq!(clusters_in_use(&data), before);
+    assert_consistent(&data, 0);
+    common::rpc(&data, "AttachDisk", json!({"DiskId": target, "InstanceId": inst}));
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read -P 0 0 16M"])
+        .arg(format!(
+            "nbd+unix:///{target}?socket={}",
+            data.join("nbd.sock").display()
+        ))
+        .output()
+        .expect("qemu-io (qemu-utils)");
+    assert!(
+        out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("verification failed"),
+        "{}",
+        text(&out)
+    );
+}

@@ -25,7 +25,7 @@
 //!    `TaskId`.
 //! 4. The task: a reader thread reads the source's data extents (allocated clusters of
 //!    the clone; SEEK_DATA/SEEK_HOLE of a file; NBD `base:allocation`) in windows of
-//!    [`WINDOW`] bytes while the task's thread writes their non-zero 4 KiB blocks
+//!    [`WINDOW`] bytes while [`WRITERS`] write jobs write their non-zero 4 KiB blocks
 //!    through the target's stack (`crypto → volume` or `volume`) on the reactors. About
 //!    once a second it flushes the target and commits the checkpoint (the offset below
 //!    which the target is durably complete) in the migration row.
