@@ -202,6 +202,8 @@ pub struct NbdClient {
     alloc_ctx: Option<u32>,
     max_read: u32,
     next_cookie: u64,
+    /// The handshake ended: the connection is in transmission.
+    ready: bool,
 }
 
 fn be16(b: &[u8]) -> u16 {
@@ -255,6 +257,7 @@ impl NbdClient {
             alloc_ctx: None,
             max_read: READ_MAX,
             next_cookie: 1,
+            ready: false,
         };
         c.handshake(&uri.export).map_err(|e| match e {
             // A server that hangs up or says nothing during the greeting is not an NBD
@@ -262,6 +265,22 @@ impl NbdClient {
             NbdError::Io(io) => NbdError::Connect(io),
             e => e,
         })?;
+        Ok(c)
+    }
+
+    /// Negotiates `export` over a connected unix stream (tests: a scripted server).
+    #[cfg(test)]
+    fn over_unix(s: UnixStream, export: &str) -> Result<NbdClient, NbdError> {
+        let mut c = NbdClient {
+            s: Stream::Unix(s),
+            size: 0,
+            structured: false,
+            alloc_ctx: None,
+            max_read: READ_MAX,
+            next_cookie: 1,
+            ready: false,
+        };
+        c.handshake(export)?;
         Ok(c)
     }
 
@@ -358,6 +377,7 @@ impl NbdClient {
         if !got_size {
             return Err(NbdError::Protocol("NBD_OPT_GO ended without the export's size".into()));
         }
+        self.ready = true;
         Ok(())
     }
 
@@ -622,6 +642,11 @@ impl NbdClient {
 
 impl Drop for NbdClient {
     fn drop(&mut self) {
+        if !self.ready {
+            // Mid-handshake: leave the option phase politely, then close.
+            let _ = self.option(OPT_ABORT, &[]);
+            return;
+        }
         let c = self.next_cookie;
         let m = self.request(CMD_DISC, c, 0, 0);
         let _ = self.s.write_all(&m);
@@ -672,5 +697,177 @@ mod tests {
         ] {
             assert!(matches!(parse_uri(bad), Err(NbdError::BadUri(_))), "{bad}");
         }
+    }
+
+    /// A scripted server on the other end of a socket pair: the handshake (structured
+    /// replies and base:allocation if `structured`, `go_error` refuses the export), then
+    /// `serve` answers requests.
+    fn server(
+        structured: bool,
+        go_error: bool,
+        serve: impl FnOnce(&mut UnixStream) + Send + 'static,
+    ) -> (UnixStream, std::thread::JoinHandle<()>) {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let h = std::thread::spawn(move || {
+            let mut out = NBD_MAGIC.to_be_bytes().to_vec();
+            out.extend(IHAVEOPT.to_be_bytes());
+            out.extend((FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+            b.write_all(&out).unwrap();
+            let mut cf = [0u8; 4];
+            b.read_exact(&mut cf).unwrap();
+            loop {
+                let mut h = [0u8; 16];
+                if b.read_exact(&mut h).is_err() {
+                    return;
+                }
+                let opt = be32(&h[8..]);
+                let mut d = vec![0u8; be32(&h[12..]) as usize];
+                b.read_exact(&mut d).unwrap();
+                let reply = |b: &mut UnixStream, t: u32, data: &[u8]| {
+                    let mut r = OPT_REPLY_MAGIC.to_be_bytes().to_vec();
+                    r.extend(opt.to_be_bytes());
+                    r.extend(t.to_be_bytes());
+                    r.extend((data.len() as u32).to_be_bytes());
+                    r.extend(data);
+                    b.write_all(&r).unwrap();
+                };
+                match opt {
+                    OPT_STRUCTURED_REPLY if structured => reply(&mut b, REP_ACK, &[]),
+                    OPT_STRUCTURED_REPLY => reply(&mut b, REP_ERR_UNSUP, &[]),
+                    OPT_SET_META_CONTEXT => {
+                        let mut m = 7u32.to_be_bytes().to_vec();
+                        m.extend(META_BASE_ALLOCATION);
+                        reply(&mut b, REP_META_CONTEXT, &m);
+                        reply(&mut b, REP_ACK, &[]);
+                    }
+                    OPT_GO if go_error => {
+                        reply(&mut b, REP_ERR_UNKNOWN, b"no such export");
+                        // The client aborts the option phase.
+                        let mut h = [0u8; 16];
+                        b.read_exact(&mut h).unwrap();
+                        assert_eq!(be32(&h[8..]), OPT_ABORT);
+                        return;
+                    }
+                    OPT_GO => {
+                        let mut i = INFO_EXPORT.to_be_bytes().to_vec();
+                        i.extend((3u64 << 20).to_be_bytes());
+                        i.extend((TF_HAS_FLAGS | TF_READ_ONLY).to_be_bytes());
+                        reply(&mut b, REP_INFO, &i);
+                        reply(&mut b, REP_ACK, &[]);
+                        break;
+                    }
+                    _ => reply(&mut b, REP_ERR_UNSUP, &[]),
+                }
+            }
+            serve(&mut b);
+        });
+        (a, h)
+    }
+
+    fn read_request(b: &mut UnixStream) -> (u16, u64, u64, u32) {
+        let mut r = [0u8; REQUEST_LEN];
+        b.read_exact(&mut r).unwrap();
+        assert_eq!(be32(&r), REQUEST_MAGIC);
+        (be16(&r[6..]), be64(&r[8..]), be64(&r[16..]), be32(&r[24..]))
+    }
+
+    fn chunk(cookie: u64, ty: u16, done: bool, payload: &[u8]) -> Vec<u8> {
+        let mut c = STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
+        c.extend((if done { REPLY_FLAG_DONE } else { 0 }).to_be_bytes());
+        c.extend(ty.to_be_bytes());
+        c.extend(cookie.to_be_bytes());
+        c.extend((payload.len() as u32).to_be_bytes());
+        c.extend(payload);
+        c
+    }
+
+    #[test]
+    fn structured_reads_holes_and_block_status() {
+        let (a, h) = server(true, false, |b| {
+            // Block status over 3 MiB: 1 MiB data, 1 MiB hole+zero, 1 MiB data.
+            let (ty, cookie, off, len) = read_request(b);
+            assert_eq!((ty, off, len), (CMD_BLOCK_STATUS, 0, 3 << 20));
+            let mut p = 7u32.to_be_bytes().to_vec();
+            for (l, st) in [(1u32 << 20, 0u32), (1 << 20, STATE_HOLE | STATE_ZERO), (1 << 20, 0)] {
+                p.extend(l.to_be_bytes());
+                p.extend(st.to_be_bytes());
+            }
+            b.write_all(&chunk(cookie, REPLY_TYPE_BLOCK_STATUS, true, &p)).unwrap();
+            // A read of 8 KiB at 4 KiB: answered as a hole, then data, out of order.
+            let (ty, cookie, off, len) = read_request(b);
+            assert_eq!((ty, off, len), (CMD_READ, 4096, 8192));
+            let mut d = (8192u64).to_be_bytes().to_vec();
+            d.extend([0xabu8; 4096]);
+            b.write_all(&chunk(cookie, REPLY_TYPE_OFFSET_DATA, false, &d)).unwrap();
+            let mut hole = 4096u64.to_be_bytes().to_vec();
+            hole.extend(4096u32.to_be_bytes());
+            b.write_all(&chunk(cookie, REPLY_TYPE_OFFSET_HOLE, true, &hole))
+                .unwrap();
+            // A read answered with an error chunk.
+            let (_, cookie, _, _) = read_request(b);
+            let mut e = 5u32.to_be_bytes().to_vec();
+            e.extend(3u16.to_be_bytes());
+            e.extend(b"bad");
+            b.write_all(&chunk(cookie, REPLY_TYPE_ERROR, true, &e)).unwrap();
+            // A reply for a request never made.
+            let _ = read_request(b);
+            b.write_all(&chunk(999, REPLY_TYPE_NONE, true, &[])).unwrap();
+        });
+        let mut c = NbdClient::over_unix(a, "e").unwrap();
+        assert_eq!(c.size(), 3 << 20);
+        assert!(c.has_block_status());
+        assert_eq!(
+            c.data_extents(0, 3 << 20).unwrap(),
+            vec![(0, 1 << 20), (2 << 20, 1 << 20)]
+        );
+        let mut buf = vec![0xeeu8; 8192];
+        c.read(4096, &mut buf).unwrap();
+        assert!(buf[..4096].iter().all(|&x| x == 0) && buf[4096..].iter().all(|&x| x == 0xab));
+        match c.read(0, &mut [0u8; 4096]) {
+            Err(NbdError::Request { errno: 5, message, .. }) => assert_eq!(message, "bad"),
+            r => panic!("{r:?}"),
+        }
+        assert!(matches!(c.read(0, &mut [0u8; 4096]), Err(NbdError::Protocol(_))));
+        // Past the end: refused before anything is sent.
+        assert!(matches!(c.read(3 << 20, &mut [0u8; 4096]), Err(NbdError::Protocol(_))));
+        drop(c);
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn simple_replies_without_structured_and_refusals() {
+        let (a, h) = server(false, false, |b| {
+            let (ty, cookie, off, len) = read_request(b);
+            assert_eq!((ty, off, len), (CMD_READ, 0, 4096));
+            let mut r = SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
+            r.extend(0u32.to_be_bytes());
+            r.extend(cookie.to_be_bytes());
+            r.extend([7u8; 4096]);
+            b.write_all(&r).unwrap();
+        });
+        let mut c = NbdClient::over_unix(a, "e").unwrap();
+        assert!(!c.has_block_status());
+        // No block status: everything may be data.
+        assert_eq!(c.data_extents(0, 1 << 20).unwrap(), vec![(0, 1 << 20)]);
+        let mut buf = vec![0u8; 4096];
+        c.read(0, &mut buf).unwrap();
+        assert!(buf.iter().all(|&x| x == 7));
+        drop(c);
+        h.join().unwrap();
+
+        let (a, h) = server(true, true, |_| {});
+        match NbdClient::over_unix(a, "nope") {
+            Err(NbdError::Refused { export, message, .. }) => {
+                assert_eq!(export, "nope");
+                assert_eq!(message, "no such export");
+            }
+            r => panic!("{:?}", r.err()),
+        }
+        h.join().unwrap();
+
+        // Not an NBD server.
+        let (a, mut b) = UnixStream::pair().unwrap();
+        b.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").unwrap();
+        assert!(matches!(NbdClient::over_unix(a, "e"), Err(NbdError::Protocol(_))));
     }
 }
