@@ -79,9 +79,33 @@ const WRITERS: usize = 3;
 /// The task action name (DescribeTasks `TaskAction`).
 const ACTION: &str = "MigrateDisk";
 
-/// One migration's setup runs at a time (two calls for the same source and target must
-/// not both create it).
-static SETUP: Mutex<()> = Mutex::new(());
+/// Migrations (by key) whose call is setting them up: two calls for the same source and
+/// target must not both create, resume or abandon it. Other migrations are not held up
+/// (a setup may wait seconds for an NBD server).
+static SETTING_UP: Mutex<std::collections::BTreeSet<String>> = Mutex::new(std::collections::BTreeSet::new());
+
+/// Holds a migration key in [`SETTING_UP`] until dropped.
+struct SetupGuard(String);
+
+impl SetupGuard {
+    fn take(key: &str) -> Result<SetupGuard, ControlError> {
+        let mut s = SETTING_UP.lock().unwrap_or_else(|e| e.into_inner());
+        if !s.insert(key.to_owned()) {
+            return Err(ControlError::state(
+                "OperationConflict",
+                "another call is starting, resuming or abandoning this same migration; run it again in a moment \
+                 to follow it",
+            ));
+        }
+        Ok(SetupGuard(key.to_owned()))
+    }
+}
+
+impl Drop for SetupGuard {
+    fn drop(&mut self) {
+        SETTING_UP.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.0);
+    }
+}
 
 /// The source as the caller named it.
 enum SourceArg {
@@ -297,7 +321,7 @@ impl Control {
             SourceArg::Nbd(u) => u.clone(),
         };
         let key = MigrationRecord::key_of(&account, &region, &source_name, target.as_deref().unwrap_or("new"));
-        let _setup = SETUP.lock().unwrap_or_else(|e| e.into_inner());
+        let _setup = SetupGuard::take(&key)?;
         let existing = {
             let r = self
                 .db
