@@ -91,9 +91,24 @@ fn cli_cmd(data: &Path, args: &[&str]) -> Command {
 
 /// `sealdisk migrate ARGS --json`: its summary, or panics with its output.
 fn cli_json(data: &Path, args: &[&str]) -> Value {
-    let out = cli_cmd(data, args).arg("--json").output().unwrap();
+    let out = run_bounded(cli_cmd(data, args).arg("--json"));
     assert!(out.status.success(), "migrate {args:?}: {}", text(&out));
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)))
+}
+
+/// Runs `c` to its end, killing it (and failing) after two minutes.
+fn run_bounded(c: &mut Command) -> Output {
+    let mut child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let t = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("{c:?} did not finish in 120 s: {}", text(&out));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
 }
 
 fn text(o: &Output) -> String {
@@ -484,7 +499,9 @@ fn an_nbd_source_served_by_qemu_nbd_from_qcow2() {
                 .expect("qemu-nbd (qemu-utils)"),
         )
     };
-    let _q1 = serve(&["-k", sock.to_str().unwrap()]);
+    // Several clients on the unix socket (the migration reads over two connections); one
+    // on TCP (the second connection is not greeted: one stream).
+    let _q1 = serve(&["--shared=4", "-k", sock.to_str().unwrap()]);
     let _q2 = serve(&["-b", "127.0.0.1", "-p", &port.to_string()]);
     let t = Instant::now();
     while !(sock.exists() && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()) {

@@ -76,6 +76,8 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 const PIECE: usize = BOUNCE_CHUNK;
 /// Write jobs in flight at once (each up to 32 requests).
 const WRITERS: usize = 3;
+/// Reader threads, each with its own handle on the source (NBD: its own connection).
+const READERS: usize = 2;
 /// The task action name (DescribeTasks `TaskAction`).
 const ACTION: &str = "MigrateDisk";
 
@@ -148,10 +150,28 @@ struct Stats {
 /// A piece of source data for the writer, or the end of a window.
 enum Msg {
     Data { off: u64, data: Vec<u8> },
-    WindowDone { end: u64 },
+    WindowDone { start: u64, end: u64 },
 }
 
 impl Source {
+    /// Another handle on the same source, for another reader: the same clone, another
+    /// descriptor of the file, another connection to the NBD server.
+    fn try_clone(&self) -> Result<Source, ControlError> {
+        Ok(match self {
+            Source::Disk { bdev, ranges } => Source::Disk {
+                bdev: bdev.clone(),
+                ranges: ranges.clone(),
+            },
+            Source::File { file, path } => Source::File {
+                file: file
+                    .try_clone()
+                    .map_err(|e| ControlError::DataPath(format!("{}: {e}", path.display())))?,
+                path: path.clone(),
+            },
+            Source::Nbd(c) => Source::Nbd(Box::new(c.reconnect().map_err(|e| nbd_error(e, "connecting again"))?)),
+        })
+    }
+
     /// Data ranges of `off..off+len` (block-aligned, merged, in order); the rest of the
     /// source reads as zeros.
     fn extents(&mut self, off: u64, len: u64, size: u64) -> Result<Vec<(u64, u64)>, ControlError> {
@@ -1052,39 +1072,58 @@ impl Control {
         };
         let mut offset = rec.offset;
         let key = rec.key.clone();
-        // 4. Copy: the reader thread reads windows ahead, this thread writes.
+        // 4. Copy: reader threads read windows ahead (reader i the i-th of every
+        //    READERS windows, each over its own source handle: a second NBD connection,
+        //    a second descriptor of the file), writer threads write, this thread keeps
+        //    the order of finished windows for the checkpoint.
+        let mut readers = Vec::new();
+        for _ in 1..READERS {
+            match source.try_clone() {
+                Ok(s) => readers.push(s),
+                Err(_) => break, // one stream then
+            }
+        }
         let (wtx, wrx) = mpsc::sync_channel::<(u64, Vec<u8>)>(WRITERS);
         let (mut wtx, wrx) = (Some(wtx), Mutex::new(wrx));
-        let (dtx, drx) = mpsc::channel::<Result<u64, ControlError>>();
+        let (dtx, drx) = mpsc::channel::<Result<(u64, u64), ControlError>>();
         let mut dtx = Some(dtx);
         let copied = std::thread::scope(|s| {
             let (tx, rx) = mpsc::sync_channel::<Result<Msg, ControlError>>(4);
-            let src = &mut source;
-            let start = offset;
-            s.spawn(move || {
-                let mut win = start;
-                while win < rounded {
-                    let wlen = WINDOW.min(rounded - win);
-                    let r = (|| {
-                        for (o, n) in src.extents(win, wlen, size)? {
-                            let data = src.read(reactors, o, n, size)?;
-                            if tx.send(Ok(Msg::Data { off: o, data })).is_err() {
-                                return Ok(false);
+            let streams = readers.len() as u64 + 1;
+            let first = offset;
+            for (i, src) in std::iter::once(&mut source).chain(readers.iter_mut()).enumerate() {
+                let tx = tx.clone();
+                s.spawn(move || {
+                    let mut win = first + i as u64 * WINDOW;
+                    while win < rounded {
+                        let wlen = WINDOW.min(rounded - win);
+                        let r = (|| {
+                            for (o, n) in src.extents(win, wlen, size)? {
+                                let data = src.read(reactors, o, n, size)?;
+                                if tx.send(Ok(Msg::Data { off: o, data })).is_err() {
+                                    return Ok(false);
+                                }
+                            }
+                            Ok(tx
+                                .send(Ok(Msg::WindowDone {
+                                    start: win,
+                                    end: win + wlen,
+                                }))
+                                .is_ok())
+                        })();
+                        match r {
+                            Ok(true) => {}
+                            Ok(false) => return,
+                            Err(e) => {
+                                let _ = tx.send(Err(e));
+                                return;
                             }
                         }
-                        Ok(tx.send(Ok(Msg::WindowDone { end: win + wlen })).is_ok())
-                    })();
-                    match r {
-                        Ok(true) => {}
-                        Ok(false) => return,
-                        Err(e) => {
-                            let _ = tx.send(Err(e));
-                            return;
-                        }
+                        win += streams * WINDOW;
                     }
-                    win += wlen;
-                }
-            });
+                });
+            }
+            drop(tx);
             // Writers: each takes a piece of data, writes its non-zero blocks as one job
             // (up to 32 requests in flight) and reports the bytes written; several jobs
             // run at once.
@@ -1095,7 +1134,10 @@ impl Control {
                 s.spawn(move || loop {
                     let next = wrx.lock().unwrap_or_else(|e| e.into_inner()).recv();
                     let Ok((off, data)) = next else { return };
-                    if dtx.send(write_nonzero(reactors, dst, off, data)).is_err() {
+                    if dtx
+                        .send(write_nonzero(reactors, dst, off, data).map(|n| (off, n)))
+                        .is_err()
+                    {
                         return;
                     }
                 });
@@ -1103,8 +1145,15 @@ impl Control {
             drop(dtx);
             let mut inflight = 0usize;
             let mut failed: Option<ControlError> = None;
+            // Bytes read and written per window (by its start): a checkpoint records only
+            // the windows below it, so a resume counts none twice.
+            let win_of = |off: u64| first + (off - first) / WINDOW * WINDOW;
+            let mut pending: std::collections::BTreeMap<u64, Stats> = std::collections::BTreeMap::new();
             // One writer's answer; `wait`: block for it.
-            let reap = |inflight: &mut usize, st: &mut Stats, wait: bool| -> Result<bool, ControlError> {
+            let reap = |inflight: &mut usize,
+                        pending: &mut std::collections::BTreeMap<u64, Stats>,
+                        wait: bool|
+             -> Result<bool, ControlError> {
                 let r = if wait {
                     drx.recv()
                         .map_err(|_| ControlError::DataPath("a migration writer stopped".into()))?
@@ -1115,36 +1164,49 @@ impl Control {
                     }
                 };
                 *inflight -= 1;
-                st.written += r?;
+                let (off, n) = r?;
+                pending.entry(win_of(off)).or_default().written += n;
                 Ok(true)
             };
             let mut last_cp = Instant::now();
+            let mut done = std::collections::BTreeMap::new();
             let mut res = (|| {
                 for m in rx.iter() {
                     match m? {
                         Msg::Data { off, data } => {
-                            st.read += data.len() as u64;
-                            while reap(&mut inflight, &mut st, false)? {}
+                            pending.entry(win_of(off)).or_default().read += data.len() as u64;
+                            while reap(&mut inflight, &mut pending, false)? {}
                             wtx.send((off, data))
                                 .map_err(|_| ControlError::DataPath("the migration writers stopped".into()))?;
                             inflight += 1;
                         }
-                        Msg::WindowDone { end } => {
-                            task.progress(end - offset);
-                            offset = end;
+                        Msg::WindowDone { start, end } => {
+                            // Windows finish out of order; the checkpoint moves over the
+                            // ones finished without a gap.
+                            done.insert(start, end);
+                            while let Some(e) = done.remove(&offset) {
+                                task.progress(e - offset);
+                                offset = e;
+                            }
                             if task.cancelled() {
                                 return Err(task.cancelled_error());
                             }
                             if last_cp.elapsed() >= CHECKPOINT_EVERY {
                                 // Everything before `offset` written, then durable.
                                 while inflight > 0 {
-                                    reap(&mut inflight, &mut st, true)?;
+                                    reap(&mut inflight, &mut pending, true)?;
                                 }
+                                fold_below(&mut st, &mut pending, offset);
                                 self.checkpoint(reactors, &dst, &key, offset, st)?;
                                 last_cp = Instant::now();
                             }
                         }
                     }
+                }
+                if offset != rounded {
+                    return Err(ControlError::DataPath(format!(
+                        "the source readers stopped at offset {offset} of {rounded}"
+                    )));
                 }
                 Ok(())
             })();
@@ -1152,7 +1214,7 @@ impl Control {
             drop(wtx);
             // Let every write in flight finish; a failed one fails the copy.
             while inflight > 0 {
-                if let Err(e) = reap(&mut inflight, &mut st, true) {
+                if let Err(e) = reap(&mut inflight, &mut pending, true) {
                     failed.get_or_insert(e);
                 }
             }
@@ -1161,10 +1223,16 @@ impl Control {
             } else if res.is_err() && failed.is_none() {
                 // Interrupted with everything before `offset` written: keep it, the next
                 // run resumes here.
+                fold_below(&mut st, &mut pending, offset);
                 let _ = self.checkpoint(reactors, &dst, &key, offset, st);
+            }
+            if res.is_ok() {
+                fold_below(&mut st, &mut pending, u64::MAX);
             }
             res
         });
+        // The other readers' handles (a disk's clone must be closed before it is deleted).
+        drop(readers);
         if let Err(e) = copied {
             if !task.cancelled() {
                 crate::daemon::log(&format!(
@@ -1254,7 +1322,7 @@ impl Control {
             "SourceSizeBytes": rec.source_size,
             "BytesRead": st.read,
             "BytesWritten": st.written,
-            "BytesSkipped": rounded - st.written,
+            "BytesSkipped": rounded.saturating_sub(st.written),
             "TargetAllocatedBytes": allocated,
             "Resumed": resumed_from.is_some(),
             "ResumedFrom": resumed_from,
@@ -1284,6 +1352,15 @@ impl Control {
         catalog::put(&txn, &rec)?;
         txn.commit()?;
         Ok(())
+    }
+}
+
+/// Adds the counts of the windows starting below `offset` to `st` and forgets them.
+fn fold_below(st: &mut Stats, pending: &mut std::collections::BTreeMap<u64, Stats>, offset: u64) {
+    let above = pending.split_off(&offset);
+    for w in std::mem::replace(pending, above).into_values() {
+        st.read += w.read;
+        st.written += w.written;
     }
 }
 

@@ -20,6 +20,8 @@ const IN_FLIGHT: usize = 16;
 const READ_MAX: u32 = 1 << 20;
 /// Socket timeouts: a server silent this long has failed.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// A server that does not greet (or answer an option) within this has failed.
+const GREETING_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default NBD TCP port.
 const DEFAULT_PORT: u16 = 10809;
 
@@ -204,6 +206,8 @@ pub struct NbdClient {
     next_cookie: u64,
     /// The handshake ended: the connection is in transmission.
     ready: bool,
+    /// Where it connected (none: a test's socket pair).
+    uri: Option<NbdUri>,
 }
 
 fn be16(b: &[u8]) -> u16 {
@@ -219,10 +223,16 @@ fn be64(b: &[u8]) -> u64 {
 impl NbdClient {
     /// Connects and negotiates `uri`'s export.
     pub fn connect(uri: &NbdUri) -> Result<NbdClient, NbdError> {
+        NbdClient::connect_within(uri, GREETING_TIMEOUT)
+    }
+
+    /// [`NbdClient::connect`], the handshake's replies awaited at most `greeting` each
+    /// (a server at its client limit accepts the connection but never greets).
+    fn connect_within(uri: &NbdUri, greeting: Duration) -> Result<NbdClient, NbdError> {
         let s = match &uri.addr {
             NbdAddr::Unix(p) => {
                 let s = UnixStream::connect(p).map_err(NbdError::Connect)?;
-                s.set_read_timeout(Some(IO_TIMEOUT)).map_err(NbdError::Connect)?;
+                s.set_read_timeout(Some(greeting)).map_err(NbdError::Connect)?;
                 s.set_write_timeout(Some(IO_TIMEOUT)).map_err(NbdError::Connect)?;
                 Stream::Unix(s)
             }
@@ -244,7 +254,7 @@ impl NbdClient {
                     }
                 }
                 let s = conn.ok_or(NbdError::Connect(last))?;
-                s.set_read_timeout(Some(IO_TIMEOUT)).map_err(NbdError::Connect)?;
+                s.set_read_timeout(Some(greeting)).map_err(NbdError::Connect)?;
                 s.set_write_timeout(Some(IO_TIMEOUT)).map_err(NbdError::Connect)?;
                 let _ = s.set_nodelay(true);
                 Stream::Tcp(s)
@@ -258,6 +268,7 @@ impl NbdClient {
             max_read: READ_MAX,
             next_cookie: 1,
             ready: false,
+            uri: Some(uri.clone()),
         };
         c.handshake(&uri.export).map_err(|e| match e {
             // A server that hangs up or says nothing during the greeting is not an NBD
@@ -265,6 +276,11 @@ impl NbdClient {
             NbdError::Io(io) => NbdError::Connect(io),
             e => e,
         })?;
+        match &c.s {
+            Stream::Unix(s) => s.set_read_timeout(Some(IO_TIMEOUT)),
+            Stream::Tcp(s) => s.set_read_timeout(Some(IO_TIMEOUT)),
+        }
+        .map_err(NbdError::Connect)?;
         Ok(c)
     }
 
@@ -279,8 +295,26 @@ impl NbdClient {
             max_read: READ_MAX,
             next_cookie: 1,
             ready: false,
+            uri: None,
         };
         c.handshake(export)?;
+        Ok(c)
+    }
+
+    /// Another connection to the same export (for reads in parallel); it must have the
+    /// same size.
+    pub fn reconnect(&self) -> Result<NbdClient, NbdError> {
+        let uri = self
+            .uri
+            .as_ref()
+            .ok_or_else(|| NbdError::BadUri("this connection has no URI to connect again".into()))?;
+        let c = NbdClient::connect_within(uri, Duration::from_secs(1))?;
+        if c.size != self.size {
+            return Err(NbdError::Protocol(format!(
+                "the export's size changed from {} to {} bytes",
+                self.size, c.size
+            )));
+        }
         Ok(c)
     }
 
