@@ -23,7 +23,7 @@
 //!    the new key's row (held by the migration), one more reference to the source's
 //!    key, and the migration row ([`MigrationRecord`], checkpoint 0). The call returns a
 //!    `TaskId`.
-//! 4. The task: a reader thread reads the source's data extents (allocated clusters of
+//! 4. The task: [`READERS`] reader threads read the source's data extents (allocated clusters of
 //!    the clone; SEEK_DATA/SEEK_HOLE of a file; NBD `base:allocation`) in windows of
 //!    [`WINDOW`] bytes while [`WRITERS`] write jobs write their non-zero 4 KiB blocks
 //!    through the target's stack (`crypto → volume` or `volume`) on the reactors. About
