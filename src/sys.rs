@@ -75,9 +75,55 @@ pub(crate) fn group_id(name: &str) -> io::Result<Option<u32>> {
     }
 }
 
+/// `lseek(2)` with `SEEK_DATA` (`data`) or `SEEK_HOLE`: the next data or hole at or
+/// after `pos`; `Ok(None)` when there is none (ENXIO: `pos` is at or past the end).
+/// Only the file offset moves, which pread/pwrite users never look at.
+pub(crate) fn seek_data_or_hole(f: &File, pos: u64, data: bool) -> io::Result<Option<u64>> {
+    let whence = if data { libc::SEEK_DATA } else { libc::SEEK_HOLE };
+    // SAFETY: lseek(2) on a descriptor `f` keeps open for the call; no memory is passed.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), pos as libc::off_t, whence) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    Ok(Some(r as u64))
+}
+
+/// Runs `handler` on SIGINT instead of the default (exit). The handler must only do
+/// async-signal-safe work (e.g. store to an atomic).
+pub(crate) fn on_sigint(handler: extern "C" fn(libc::c_int)) {
+    // SAFETY: signal(2) with a valid signal number and a function pointer of the
+    // handler type; the caller's handler is async-signal-safe (documented above).
+    unsafe { libc::signal(libc::SIGINT, handler as *const () as libc::sighandler_t) };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn seek_finds_data_and_holes_in_a_sparse_file() {
+        use std::os::unix::fs::FileExt;
+        let p = std::env::temp_dir().join(format!("sealdisk-sys-seek-{}", std::process::id()));
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&p)
+            .unwrap();
+        f.set_len(4 << 20).unwrap();
+        f.write_all_at(&[1u8; 4096], 1 << 20).unwrap();
+        let d = seek_data_or_hole(&f, 0, true).unwrap().unwrap();
+        assert!(d <= 1 << 20, "data found at {d}");
+        let h = seek_data_or_hole(&f, 1 << 20, false).unwrap().unwrap();
+        assert!(h > 1 << 20 && h <= 4 << 20, "hole after the data at {h}");
+        assert_eq!(seek_data_or_hole(&f, 5 << 20, true).unwrap(), None, "past the end");
+        let _ = std::fs::remove_file(&p);
+    }
 
     #[test]
     fn group_ids_of_root_and_of_no_group() {

@@ -7,7 +7,7 @@ use redb::ReadTransaction;
 
 use super::{
     list_r, AttachmentRecord, CatalogError, DiskRecord, Encryption, ImageRecord, InstanceRecord, KeyRecord,
-    SnapshotRecord,
+    MigrationRecord, SnapshotRecord,
 };
 
 /// Every problem found in the catalog rows themselves: encrypted objects without their
@@ -21,6 +21,7 @@ pub fn check_catalog(txn: &ReadTransaction) -> Result<Vec<String>, CatalogError>
     let instances: Vec<InstanceRecord> = list_r(txn)?;
     let atts: Vec<AttachmentRecord> = list_r(txn)?;
     let keys: Vec<KeyRecord> = list_r(txn)?;
+    let migrations: Vec<MigrationRecord> = list_r(txn)?;
     let mut problems = Vec::new();
 
     let keys_by_id: BTreeMap<&str, &KeyRecord> = keys.iter().map(|k| (k.key_id.as_str(), k)).collect();
@@ -57,6 +58,15 @@ pub fn check_catalog(txn: &ReadTransaction) -> Result<Vec<String>, CatalogError>
     }
     for m in &images {
         holder("image", &m.id, &m.account, &m.region, &m.encryption);
+    }
+    // A migration holds the key of the disk it makes and of the source it decrypts.
+    for m in &migrations {
+        if m.target_new {
+            holder("migration", &m.key, &m.account, &m.region, &m.target_encryption);
+        }
+        if m.snapshot.is_some() {
+            holder("migration", &m.key, &m.account, &m.region, &m.source_encryption);
+        }
     }
     for k in &keys {
         let n = holders.get(&k.key_id).copied().unwrap_or(0);

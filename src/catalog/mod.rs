@@ -21,7 +21,7 @@ use serde::Serialize;
 pub use check::check_catalog;
 pub use records::{
     ActivationRecord, AttachmentRecord, Category, DiskKind, DiskRecord, DiskRole, Encryption, ImageRecord,
-    InstanceRecord, KeyRecord, QosCaps, SnapshotRecord,
+    InstanceRecord, KeyRecord, MigrationRecord, QosCaps, SnapshotRecord,
 };
 
 /// Catalog schema version written by this build. Opening a catalog with a newer version
@@ -40,8 +40,9 @@ pub const INSTANCES: Tbl = TableDefinition::new("catalog_instances");
 pub const ATTACHMENTS: Tbl = TableDefinition::new("catalog_attachments");
 pub const KEYS: Tbl = TableDefinition::new("catalog_keys");
 pub const ACTIVATIONS: Tbl = TableDefinition::new("catalog_activations");
+pub const MIGRATIONS: Tbl = TableDefinition::new("catalog_migrations");
 
-const ALL_TABLES: [Tbl; 8] = [
+const ALL_TABLES: [Tbl; 9] = [
     META,
     DISKS,
     SNAPSHOTS,
@@ -50,6 +51,7 @@ const ALL_TABLES: [Tbl; 8] = [
     ATTACHMENTS,
     KEYS,
     ACTIVATIONS,
+    MIGRATIONS,
 ];
 
 /// Why the catalog failed. Database failures keep their cause
@@ -193,6 +195,7 @@ record!(AttachmentRecord, ATTACHMENTS, |r| attachment_key(
     &r.instance_id
 ));
 record!(ActivationRecord, ACTIVATIONS, |r| format!("{}/{}", r.account, r.region));
+record!(MigrationRecord, MIGRATIONS, |r| r.key.clone());
 
 /// Row key of an attachment.
 pub fn attachment_key(disk_id: &str, instance_id: &str) -> String {

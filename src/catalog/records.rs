@@ -201,3 +201,51 @@ pub struct ActivationRecord {
     pub region: String,
     pub activated_at: String,
 }
+
+/// A MigrateDisk in progress (or interrupted): what it copies where, and its checkpoint.
+/// Keyed by [`MigrationRecord::key`] (account, region, source, target as the caller named
+/// them), so running the same migration again finds it and resumes. While it exists, it
+/// holds the target volume of a new disk (which has no disk row yet) and the source's
+/// point-in-time clone, and one reference to each data key it uses: the new disk's
+/// (`target_encryption` when `target_new`) and, for an encrypted source disk, the
+/// source's (`source_encryption`), so neither is shredded under it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationRecord {
+    pub key: String,
+    pub account: String,
+    pub region: String,
+    /// `disk`, `file` or `nbd`.
+    pub source_kind: String,
+    /// The source disk id, file path (beneath the import directory) or NBD URI.
+    pub source: String,
+    pub source_size: u64,
+    /// For a file: its size and modification time when the migration began; a resume
+    /// refuses a file that changed.
+    pub source_stamp: Option<String>,
+    /// The point-in-time clone of a source disk that is read instead of it.
+    pub snapshot: Option<String>,
+    pub source_encryption: Option<Encryption>,
+    /// The target disk id.
+    pub target: String,
+    /// The migration made the target (no disk row until it finishes).
+    pub target_new: bool,
+    pub target_encryption: Option<Encryption>,
+    /// Target size in bytes.
+    pub size: u64,
+    pub category: Category,
+    pub name: String,
+    pub description: String,
+    /// Checkpoint: every source byte before this offset is durably on the target.
+    pub offset: u64,
+    /// Source bytes read and target bytes written up to `offset`.
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub created_at: String,
+}
+
+impl MigrationRecord {
+    /// The key of a migration of `source` (as named) into `target` (`new` or a disk id).
+    pub fn key_of(account: &str, region: &str, source: &str, target: &str) -> String {
+        format!("{account}/{region}/{target}/{source}")
+    }
+}

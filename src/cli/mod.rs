@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 mod disk_stats;
+mod migrate;
 mod output;
 mod serve;
 
@@ -52,6 +53,7 @@ fn about(method: &str) -> &'static str {
         "CreateEncryptedCopy" => {
             "Copy a plaintext disk (SourceDiskId) or a raw image/block device (SourcePath) into a new encrypted disk"
         }
+        "MigrateDisk" => "Encrypt a disk, image file or NBD export into a disk, or decrypt one back (see `migrate`)",
         "AttachDisk" => "Attach a disk to an instance (puts it on the data path)",
         "DetachDisk" => "Detach a disk from an instance (wipes its key from memory)",
         "ResetDisk" => "Roll a disk back to one of its snapshots",
@@ -107,7 +109,8 @@ fn connection_args(c: Command) -> Command {
 pub fn augment(mut cmd: Command) -> Command {
     cmd = cmd
         .subcommand(serve::serve_command())
-        .subcommand(serve::check_command());
+        .subcommand(serve::check_command())
+        .subcommand(migrate::command());
     cmd = cmd.subcommand(
         connection_args(Command::new("rpc"))
             .about("Call any JSON-RPC method: sealdisk rpc CreateDisk '{\"RegionId\":...}'")
@@ -155,6 +158,7 @@ pub fn dispatch(m: &ArgMatches) -> Option<ExitCode> {
         "check" => Some(serve::check(sub)),
         "rpc" => Some(rpc(sub)),
         "disk-stats" => Some(disk_stats_cmd(sub)),
+        "migrate" => Some(migrate::run(sub)),
         _ => {
             let method = METHODS.iter().find(|x| kebab(x) == name)?;
             Some(op(method, sub))

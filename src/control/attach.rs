@@ -102,6 +102,16 @@ impl Control {
                 ),
             ));
         }
+        if let Some(m) = self.migration_target_of(txn, &d.id)? {
+            return Err(ControlError::state(
+                "IncorrectDiskStatus.Migrating",
+                format!(
+                    "disk {} is the target of a migration ({m}) that has not finished; let it finish (run it \
+                     again to resume) or abandon it first",
+                    d.id
+                ),
+            ));
+        }
         let atts: Vec<AttachmentRecord> = catalog::list::<AttachmentRecord>(txn)?
             .into_iter()
             .filter(|a| a.disk_id == d.id)

@@ -7,7 +7,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::{Control, ControlError, Params};
-use crate::catalog::{self, DiskRecord, ImageRecord, SnapshotRecord};
+use crate::catalog::{self, DiskRecord, ImageRecord, MigrationRecord, SnapshotRecord};
 use crate::volume::{CheckReport, Pool};
 
 /// What `check` found.
@@ -17,6 +17,8 @@ pub struct Report {
     pub disks: usize,
     pub snapshots: usize,
     pub images: usize,
+    /// Unfinished migrations (MigrateDisk rows).
+    pub migrations: usize,
     pub pool: Option<CheckReport>,
     pub problems: Vec<String>,
 }
@@ -42,11 +44,24 @@ pub fn check(db: &redb::Database, pool: &Pool) -> Result<Report, ControlError> {
     rep.disks = disks.len();
     rep.snapshots = snaps.len();
     rep.images = images.len();
+    let migrations: Vec<MigrationRecord> = catalog::list_r(&r)?;
+    rep.migrations = migrations.len();
     let objects = disks
         .iter()
         .map(|d| ("disk", &d.id, d.size))
         .chain(snaps.iter().map(|s| ("snapshot", &s.id, s.size)))
-        .chain(images.iter().map(|m| ("image", &m.id, m.size)));
+        .chain(images.iter().map(|m| ("image", &m.id, m.size)))
+        .chain(
+            migrations
+                .iter()
+                .filter(|m| m.target_new)
+                .map(|m| ("migration target", &m.target, m.size)),
+        )
+        .chain(migrations.iter().filter_map(|m| {
+            m.snapshot
+                .as_ref()
+                .map(|s| ("migration snapshot", s, m.source_size.div_ceil(4096) * 4096))
+        }));
     let mut n = 0u64;
     for (what, id, size) in objects {
         n += 1;
@@ -60,7 +75,7 @@ pub fn check(db: &redb::Database, pool: &Pool) -> Result<Report, ControlError> {
         }
     }
     drop(r);
-    match unreferenced(pool, &disks, &snaps, &images) {
+    match unreferenced(pool, &disks, &snaps, &images, &migrations) {
         Ok(ids) => rep.problems.extend(
             ids.iter()
                 .map(|id| format!("volume {id} is in the pool but no disk, snapshot or image refers to it")),
@@ -89,12 +104,15 @@ fn unreferenced(
     disks: &[DiskRecord],
     snaps: &[SnapshotRecord],
     images: &[ImageRecord],
+    migrations: &[MigrationRecord],
 ) -> Result<Vec<String>, crate::volume::VolumeError> {
     let known: std::collections::HashSet<&str> = disks
         .iter()
         .map(|d| d.id.as_str())
         .chain(snaps.iter().map(|s| s.id.as_str()))
         .chain(images.iter().map(|m| m.id.as_str()))
+        .chain(migrations.iter().filter(|m| m.target_new).map(|m| m.target.as_str()))
+        .chain(migrations.iter().filter_map(|m| m.snapshot.as_deref()))
         .collect();
     Ok(pool
         .volume_ids()?
@@ -106,15 +124,17 @@ fn unreferenced(
 /// Deletes every volume that no disk, snapshot or image refers to, in one
 /// transaction, and returns their ids. Only a copy interrupted by a crash
 /// (CreateEncryptedCopy makes its volume before the catalog rows that name
-/// it) leaves such a volume, so this is safe only while no operation runs:
+/// it) leaves such a volume (an interrupted MigrateDisk's volumes are named by its
+/// migration row and stay, to be resumed), so this is safe only while no operation runs:
 /// the daemon calls it at start, before it serves anyone.
 pub fn sweep_unreferenced(db: &redb::Database, pool: &Pool) -> Result<Vec<String>, ControlError> {
     let r = db.begin_read().map_err(|e| ControlError::Catalog(catalog::db_err(e)))?;
     let disks: Vec<DiskRecord> = catalog::list_r(&r)?;
     let snaps: Vec<SnapshotRecord> = catalog::list_r(&r)?;
     let images: Vec<ImageRecord> = catalog::list_r(&r)?;
+    let migrations: Vec<MigrationRecord> = catalog::list_r(&r)?;
     drop(r);
-    let orphans = unreferenced(pool, &disks, &snaps, &images)?;
+    let orphans = unreferenced(pool, &disks, &snaps, &images, &migrations)?;
     if orphans.is_empty() {
         return Ok(orphans);
     }
@@ -162,6 +182,7 @@ impl Control {
             "Disks": rep.disks,
             "Snapshots": rep.snapshots,
             "Images": rep.images,
+            "Migrations": rep.migrations,
             "Pool": rep.pool,
             "SchemaVersion": rep.schema_version,
         }))

@@ -400,7 +400,7 @@ impl Control {
     /// a regular file with one link (a hard link could name a file outside) or, with
     /// `--import-devices`, a block device; never the pool. Returns the path as given
     /// beneath the import directory, the open file and its size.
-    fn open_source_path(&self, path: &str) -> Result<(PathBuf, File, u64), ControlError> {
+    pub(super) fn open_source_path(&self, path: &str) -> Result<(PathBuf, File, u64), ControlError> {
         let bad =
             |why: String| ControlError::param("InvalidParameter.SourcePath", format!("SourcePath {path:?}: {why}"));
         let Some(dir) = &self.cfg.import_dir else {
@@ -478,7 +478,7 @@ impl Control {
 
     /// Waits (briefly) until no bdev of `id` is alive: the copy's pollers drop theirs
     /// as they finish.
-    fn wait_closed(&self, id: &str) {
+    pub(super) fn wait_closed(&self, id: &str) {
         let t = Instant::now();
         while self.pool.is_open(id) && t.elapsed() < Duration::from_secs(10) {
             std::thread::sleep(Duration::from_millis(5));
@@ -564,7 +564,7 @@ pub(super) fn nonzero_runs(data: &[u8], max: usize) -> Vec<(usize, usize)> {
     out
 }
 
-fn io_error(e: JobError, what: &str) -> ControlError {
+pub(super) fn io_error(e: JobError, what: &str) -> ControlError {
     match e {
         JobError::Io(IoError::Device { errno }) if errno == libc::ENOSPC => {
             ControlError::Volume(VolumeError::PoolFull { needed: BLOCK, free: 0 })
@@ -578,7 +578,7 @@ fn io_error(e: JobError, what: &str) -> ControlError {
 }
 
 /// Reads `len` bytes at `off` from a file (zeros past its end).
-fn read_file(f: &File, off: u64, len: u64) -> std::io::Result<Vec<u8>> {
+pub(super) fn read_file(f: &File, off: u64, len: u64) -> std::io::Result<Vec<u8>> {
     let mut buf = vec![0u8; len as usize];
     let mut done = 0;
     while done < buf.len() {

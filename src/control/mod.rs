@@ -17,7 +17,8 @@
 //!   inside the KMS's `DataKey` and the data path's `Xts`.
 //!
 //! Files: `params` (reading ECS parameters), `disks`, `snapshots`, `images`,
-//! `instances`, `kms_ops`, `attach` (the data path), `copy` (CreateEncryptedCopy), `view` (ECS-shaped replies),
+//! `instances`, `kms_ops`, `attach` (the data path), `copy` (CreateEncryptedCopy), `migrate` (MigrateDisk) and its
+//! `nbd_client`, `view` (ECS-shaped replies),
 //! `check` (pool vs catalog), `rpc` (JSON-RPC framing), `server`/`client` (unix socket),
 //! `monitor` (per-disk I/O samples, DescribeDiskMonitorData), `metrics` and `metrics_http`
 //! (Prometheus exposition on `serve --metrics`).
@@ -36,7 +37,9 @@ mod job;
 mod kms_ops;
 pub mod metrics;
 pub mod metrics_http;
+mod migrate;
 pub mod monitor;
+pub mod nbd_client;
 pub mod params;
 pub mod qos;
 mod reactors;
@@ -79,6 +82,7 @@ pub const METHODS: &[&str] = &[
     "DeleteInstance",
     "CreateDisk",
     "CreateEncryptedCopy",
+    "MigrateDisk",
     "AttachDisk",
     "DetachDisk",
     "ResetDisk",
@@ -153,7 +157,14 @@ impl ControlConfig {
 
 /// Parameters that name an existing object an operation works on: operations naming
 /// the same object run one after the other.
-const LOCK_PARAMS: &[&str] = &["DiskId", "InstanceId", "SnapshotId", "ImageId", "SourceDiskId"];
+const LOCK_PARAMS: &[&str] = &[
+    "DiskId",
+    "InstanceId",
+    "SnapshotId",
+    "ImageId",
+    "SourceDiskId",
+    "TargetDiskId",
+];
 
 /// Objects some operation is working on.
 #[derive(Default)]
@@ -292,6 +303,7 @@ impl Control {
             "DeleteInstance" => self.delete_instance(p),
             "CreateDisk" => self.create_disk(p),
             "CreateEncryptedCopy" => self.create_encrypted_copy(p),
+            "MigrateDisk" => self.migrate_disk(p),
             "AttachDisk" => self.attach_disk(p),
             "DetachDisk" => self.detach_disk(p),
             "ResetDisk" => self.reset_disk(p),

@@ -140,7 +140,15 @@ impl Tasks {
         std::thread::Builder::new()
             .name(format!("task-{}", t.id))
             .spawn(move || {
-                let res = crate::kms::audit::with_caller(caller, || body(&task));
+                // A panic fails the task (it must not stay Processing forever).
+                let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    crate::kms::audit::with_caller(caller, || body(&task))
+                }))
+                .unwrap_or_else(|_| {
+                    Err(ControlError::DataPath(
+                        "the task stopped on an internal error (a panic; see the daemon's log)".into(),
+                    ))
+                });
                 let state = match res {
                     Ok(v) => State::Finished(v),
                     Err(_) if task.cancelled() => State::Cancelled,
@@ -173,6 +181,16 @@ impl Tasks {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// The running task `action` on `resource`, if there is one.
+    pub fn running(&self, action: &str, resource: &str) -> Option<Arc<Task>> {
+        self.map
+            .lock()
+            .expect("tasks")
+            .values()
+            .find(|t| t.action == action && t.resource == resource && t.running())
+            .cloned()
     }
 
     fn get(&self, id: &str, account: &str) -> Result<Arc<Task>, ControlError> {

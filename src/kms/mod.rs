@@ -709,6 +709,25 @@ impl Kms {
         self.write_audit(&call, self.cmk_id_hint(&ctx.account, &ctx.region), Ok(()))
     }
 
+    /// Records in the audit log that the data encrypted under `ctx.key_id` (the disk
+    /// `disk_id`) is being decrypted into plaintext elsewhere (MigrateDisk from an
+    /// encrypted disk into an unencrypted one): operation `DecryptData`. Not metered (the
+    /// unwrap that makes it possible is); a failed audit stops the operation.
+    pub fn audit_decrypt_data(&self, ctx: &KeyContext, disk_id: Option<&str>) -> Result<(), KmsError> {
+        let call = Call {
+            op: "DecryptData",
+            account: &ctx.account,
+            region: &ctx.region,
+            key_id: Some(&ctx.key_id),
+            opts: CallOpts {
+                disk_id,
+                reservation: None,
+            },
+        };
+        self.validate(&call)?;
+        self.write_audit(&call, self.cmk_id_hint(&ctx.account, &ctx.region), Ok(()))
+    }
+
     /// The KMS state directory (`data_dir/kms`).
     pub fn state_dir(&self) -> &Path {
         self.state_path.parent().expect("state file has a parent")
