@@ -7,7 +7,9 @@
 #   luks        qemu-img convert -n IMAGE into a qemu-nbd LUKS export (aes-256-xts-plain64),
 #               the peer an operator would use today
 #   luks-tz     the same with --target-is-zero (holes not written: the fairest peer)
-#   raw         qemu-img convert raw -> raw on the same file system (the ceiling)
+#   raw         qemu-img convert raw -> raw on the same file system (the ceiling; writes go
+#               to the page cache and are not made durable: its time depends on write-back)
+#   raw-direct  the same with -t none (O_DIRECT target: durable like sealdisk's writes)
 #
 # Rounds are interleaved (one of each per round, order reversed every other round); the
 # medians of wall time are printed, with MiB/s of the image's size. Every sealdisk disk is
@@ -110,10 +112,12 @@ run_one() {
             qemu-img convert -n --target-is-zero -f raw -O raw "$IMG" "$LUKS_URI"
             e=$(now)
             ;;
-        raw)
+        raw | raw-direct)
+            local c=()
+            [ "$t" = raw-direct ] && c=(-t none)
             rm -f "$W/dst.raw"
             s=$(now)
-            qemu-img convert -f raw -O raw "$IMG" "$W/dst.raw"
+            qemu-img convert "${c[@]}" -f raw -O raw "$IMG" "$W/dst.raw"
             e=$(now)
             rm -f "$W/dst.raw"
             ;;
@@ -122,7 +126,7 @@ run_one() {
     echo "  $t: $(python3 -c "print(f'{$e - $s:.3f}')") s" >&2
 }
 
-TARGETS=(sd sd-verify luks luks-tz raw)
+TARGETS=(sd sd-verify luks luks-tz raw raw-direct)
 for r in $(seq "$ROUNDS"); do
     echo "round $r" >&2
     order=("${TARGETS[@]}")
@@ -146,7 +150,7 @@ m = statistics.median(xs)
 print(f"| {t} | {m:.2f} | {gib * 1024 / m:.0f} | {' '.join(f'{x:.2f}' for x in xs)} |")
 EOF
 done
-python3 - ${T[sd]} / ${T[luks]} / ${T[luks-tz]} / ${T[raw]} / ${T[sd-verify]} <<'EOF'
+python3 - ${T[sd]} / ${T[luks]} / ${T[luks-tz]} / ${T[raw]} / ${T[sd-verify]} / ${T[raw-direct]} <<'EOF'
 import statistics, sys
 groups, cur = [], []
 for a in sys.argv[1:]:
@@ -155,8 +159,9 @@ for a in sys.argv[1:]:
     else:
         cur.append(float(a))
 groups.append(cur)
-sd, luks, tz, raw, ver = (statistics.median(g) for g in groups)
+sd, luks, tz, raw, ver, direct = (statistics.median(g) for g in groups)
 print()
 print(f"sealdisk vs LUKS convert -n: {luks / sd:.2f}x (target >= 2x); vs --target-is-zero: {tz / sd:.2f}x")
-print(f"sealdisk vs raw ceiling: {raw / sd:.2f}x (target >= 0.8x); --verify costs {ver / sd:.2f}x the time")
+print(f"sealdisk vs raw ceiling: {raw / sd:.2f}x, vs raw -t none: {direct / sd:.2f}x (target >= 0.8x)")
+print(f"--verify costs {ver / sd:.2f}x the time")
 EOF
