@@ -187,9 +187,16 @@ impl Control {
                     failed.get_or_insert(e);
                 }
             }
-            if let (Ok(()), Some(e)) = (&res, failed.take()) {
-                res = Err(e);
-            } else if res.is_err() && failed.is_none() {
+            let write_failed = res.is_ok() && failed.is_some();
+            if write_failed {
+                res = Err(failed.take().expect("checked"));
+            } else if res.is_ok() && task.cancelled() {
+                // The readers were done before the cancel came, but it came before the
+                // migration finished: it stops here all the same (the checkpoint below
+                // keeps what is written; the same call resumes and finishes).
+                res = Err(task.cancelled_error());
+            }
+            if !write_failed && res.is_err() && failed.is_none() {
                 // Interrupted with everything before `offset` written: keep it, the next
                 // run resumes here.
                 fold_below(&mut st, &mut pending, offset);
