@@ -798,9 +798,27 @@ fn an_interrupted_migration_into_an_existing_disk_blocks_attach_and_abandon_empt
         assert!(t.elapsed() < Duration::from_secs(30));
         std::thread::sleep(Duration::from_millis(20));
     }
-    // Interrupted: still not attachable; the target holds part of the data.
+    // Interrupted: still not attachable, nor deleted, reset or re-initialised under the
+    // migration (each refused, nothing changed); the target holds part of the data.
     let (code, _) = call(&data, "AttachDisk", json!({"DiskId": target, "InstanceId": inst})).unwrap_err();
     assert_eq!(code, "IncorrectDiskStatus.Migrating");
+    let before_refusals = state(&data);
+    let snap = common::rpc(&data, "CreateSnapshot", json!({"DiskId": target}))["SnapshotId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let with_snap = state(&data);
+    for (method, params) in [
+        ("DeleteDisk", json!({"DiskId": target})),
+        ("ReInitDisk", json!({"DiskId": target})),
+        ("ResetDisk", json!({"DiskId": target, "SnapshotId": snap})),
+    ] {
+        let (code, msg) = call(&data, method, params).unwrap_err();
+        assert_eq!(code, "IncorrectDiskStatus.Migrating", "{method}: {msg}");
+        assert_eq!(state(&data), with_snap, "{method} changed something");
+    }
+    common::rpc(&data, "DeleteSnapshot", json!({"SnapshotId": snap}));
+    assert_eq!(state(&data), before_refusals);
     assert!(clusters_in_use(&data) > before);
     assert_consistent(&data, 1);
     // Abandoned: the target is empty again and attachable; nothing else is left.

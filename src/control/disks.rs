@@ -412,7 +412,18 @@ impl Control {
             .collect())
     }
 
+    /// Refuses a disk that is attached, or that an unfinished migration writes into.
     fn require_detached(&self, txn: &WriteTransaction, d: &DiskRecord, what: &str) -> Result<(), ControlError> {
+        if let Some(m) = self.migration_target_of(txn, &d.id)? {
+            return Err(ControlError::state(
+                "IncorrectDiskStatus.Migrating",
+                format!(
+                    "disk {} is the target of a migration ({m}) that has not finished; {what} needs it finished \
+                     (run the migration again to resume it) or abandoned (MigrateDisk with Abandon=true)",
+                    d.id
+                ),
+            ));
+        }
         let atts = self.attachments_of(txn, &d.id)?;
         if !atts.is_empty() || self.exports.get(&d.id).is_some() {
             let to: Vec<&str> = atts.iter().map(|a| a.instance_id.as_str()).collect();
