@@ -21,7 +21,7 @@ use clap::{Arg, ArgAction, ArgMatches, Command};
 use serde_json::{Map, Value};
 
 use crate::control::client::{Client, RpcError};
-use crate::control::METHODS;
+use crate::control::{Method, METHODS};
 
 /// `CreateDisk` → `create-disk`.
 pub fn kebab(method: &str) -> String {
@@ -38,48 +38,6 @@ pub fn kebab(method: &str) -> String {
         s.push(c.to_ascii_lowercase());
     }
     s.replace("re-init-", "reinit-")
-}
-
-fn about(method: &str) -> &'static str {
-    match method {
-        "ActivateKms" => "Activate (authorise) KMS for an account in a region",
-        "DescribeKmsKey" => "Describe the service key (CMK) of an account in a region",
-        "DescribeKmsUsage" => "KMS calls, throttling and keys per region",
-        "ScheduleKeyDeletion" => "Try to delete the service key (always refused)",
-        "CreateInstance" => "Create an instance with a system disk and DataDisk.n.* data disks, all attached",
-        "DescribeInstances" => "List instances",
-        "DeleteInstance" => "Delete an instance (detaches its disks, deletes its system disk)",
-        "CreateDisk" => "Create a disk (Size or SizeBytes, DiskCategory, Encrypted, SnapshotId, MultiAttach)",
-        "CreateEncryptedCopy" => {
-            "Copy a plaintext disk (SourceDiskId) or a raw image/block device (SourcePath) into a new encrypted disk"
-        }
-        "MigrateDisk" => "Encrypt a disk, image file or NBD export into a disk, or decrypt one back (see `migrate`)",
-        "AttachDisk" => "Attach a disk to an instance (puts it on the data path)",
-        "DetachDisk" => "Detach a disk from an instance (wipes its key from memory)",
-        "ResetDisk" => "Roll a disk back to one of its snapshots",
-        "ReInitDisk" => "Return a disk to its initial state (blank, or the snapshot it came from)",
-        "ModifyDiskAttribute" => "Rename a disk or change its description",
-        "DeleteDisk" => "Delete a disk (the last holder of a key shreds it)",
-        "DescribeDisks" => "List disks",
-        "DescribeDiskMonitorData" => {
-            "I/O of an attached disk over time: IOPS, bandwidth, latency and p99 per Period (DiskId, StartTime, EndTime)"
-        }
-        "CreateSnapshot" => "Snapshot a disk",
-        "ModifySnapshotAttribute" => "Rename a snapshot",
-        "DeleteSnapshot" => "Delete a snapshot",
-        "DescribeSnapshots" => "List snapshots",
-        "CreateImage" => "Create an image from a snapshot",
-        "ModifyImageSharePermission" => "Share an image with other accounts (AddAccount.n / RemoveAccount.n)",
-        "CopyImage" => "Copy an image to another region",
-        "ExportImage" => "Export an image to a raw file under DATA_DIR/exports",
-        "DescribeImages" => "List images",
-        "DeleteImage" => "Delete an image",
-        "CheckPool" => "Check the pool against the catalog (online)",
-        "DescribeReactors" => "Each reactor's core, busy/idle time, I/Os, bytes, queue-full events",
-        "DescribeTasks" => "Background tasks (CreateEncryptedCopy, ExportImage): state, bytes done, rate",
-        "CancelTask" => "Stop a background task (TaskId); it removes what it had made",
-        _ => "",
-    }
 }
 
 fn connection_args(c: Command) -> Command {
@@ -125,11 +83,11 @@ pub fn augment(mut cmd: Command) -> Command {
     );
     cmd = cmd.subcommand(connection_args(disk_stats::command(Command::new("disk-stats"))));
     for m in METHODS {
-        let name: &'static str = Box::leak(kebab(m).into_boxed_str());
+        let name: &'static str = Box::leak(kebab(m.name).into_boxed_str());
         cmd =
             cmd.subcommand(
                 connection_args(Command::new(name))
-                    .about(about(m))
+                    .about(m.about)
                     .arg(
                         Arg::new("account")
                             .long("account")
@@ -160,7 +118,7 @@ pub fn dispatch(m: &ArgMatches) -> Option<ExitCode> {
         "disk-stats" => Some(disk_stats_cmd(sub)),
         "migrate" => Some(migrate::run(sub)),
         _ => {
-            let method = METHODS.iter().find(|x| kebab(x) == name)?;
+            let method = METHODS.iter().find(|x| kebab(x.name) == name)?;
             Some(op(method, sub))
         }
     }
@@ -301,9 +259,9 @@ fn op_params(m: &ArgMatches, host: bool) -> Result<Map<String, Value>, String> {
     Ok(params)
 }
 
-fn op(method: &str, m: &ArgMatches) -> ExitCode {
-    match op_params(m, crate::control::HOST_METHODS.contains(&method)) {
-        Ok(params) => call_and_print(m, method, Value::Object(params)),
+fn op(method: &Method, m: &ArgMatches) -> ExitCode {
+    match op_params(m, method.host) {
+        Ok(params) => call_and_print(m, method.name, Value::Object(params)),
         Err(e) => fail("InvalidParameter", &e, 2),
     }
 }
@@ -323,7 +281,7 @@ fn disk_stats_cmd(m: &ArgMatches) -> ExitCode {
 fn rpc(m: &ArgMatches) -> ExitCode {
     if m.get_flag("list") {
         for x in METHODS {
-            println!("{x:<28} {}", about(x));
+            println!("{:<28} {}", x.name, x.about);
         }
         return ExitCode::SUCCESS;
     }

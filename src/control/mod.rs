@@ -72,59 +72,253 @@ pub use reactors::SlowPathSnapshot;
 pub const ENCRYPTION_SECTOR: u32 = 4096;
 
 /// Every JSON-RPC method, in the order `rpc --list` shows them.
-pub const METHODS: &[&str] = &[
-    "ActivateKms",
-    "DescribeKmsKey",
-    "DescribeKmsUsage",
-    "ScheduleKeyDeletion",
-    "CreateInstance",
-    "DescribeInstances",
-    "DeleteInstance",
-    "CreateDisk",
-    "CreateEncryptedCopy",
-    "MigrateDisk",
-    "AttachDisk",
-    "DetachDisk",
-    "ResetDisk",
-    "ReInitDisk",
-    "ModifyDiskAttribute",
-    "DeleteDisk",
-    "DescribeDisks",
-    "DescribeDiskMonitorData",
-    "CreateSnapshot",
-    "ModifySnapshotAttribute",
-    "DeleteSnapshot",
-    "DescribeSnapshots",
-    "CreateImage",
-    "ModifyImageSharePermission",
-    "CopyImage",
-    "ExportImage",
-    "DescribeImages",
-    "DeleteImage",
-    "CheckPool",
-    "DescribeReactors",
-    "DescribeTasks",
-    "CancelTask",
+/// One JSON-RPC method. This table is the one list of them: the server dispatches
+/// through it, and the CLI makes its subcommands and help from it.
+pub struct Method {
+    /// The ECS action name (`CreateDisk`).
+    pub name: &'static str,
+    /// What it does, for the CLI's help.
+    pub about: &'static str,
+    handler: fn(&Control, Params) -> Result<Value, ControlError>,
+    /// Changes nothing in the catalog (reads with read transactions, or only flags a
+    /// task): never waits behind another operation on the same objects.
+    pub concurrent: bool,
+    /// About the host, not an account: the CLI adds no AccountId/RegionId.
+    pub host: bool,
+}
+
+/// Every method, in the order `sealdisk rpc --list` shows them.
+pub static METHODS: &[Method] = &[
+    Method {
+        name: "ActivateKms",
+        about: "Activate (authorise) KMS for an account in a region",
+        handler: Control::activate_kms,
+        concurrent: false,
+        host: false,
+    },
+    Method {
+        name: "DescribeKmsKey",
+        about: "Describe the service key (CMK) of an account in a region",
+        handler: Control::describe_kms_key,
+        concurrent: true,
+        host: false,
+    },
+    Method {
+        name: "DescribeKmsUsage",
+        about: "KMS calls, throttling and keys per region",
+        handler: Control::describe_kms_usage,
+        concurrent: true,
+        host: false,
+    },
+    Method {
+        name: "ScheduleKeyDeletion",
+        about: "Try to delete the service key (always refused)",
+        handler: Control::schedule_key_deletion,
+        concurrent: false,
+        host: false,
+    },
+    Method {
+        name: "CreateInstance",
+        about: "Create an instance with a system disk and DataDisk.n.* data disks, all attached",
+        handler: Control::create_instance,
+        concurrent: false,
+        host: false,
+    },
+    Method {
+        name: "DescribeInstances",
+        about: "List instances",
+        handler: Control::describe_instances,
+        concurrent: true,
+        host: false,
+    },
+    Method {
+        name: "DeleteInstance",
+        about: "Delete an instance (detaches its disks, deletes its system disk)",
+        handler: Control::delete_instance,
+        concurrent: false,
+        host: false,
+    },
+    Method {
+        name: "CreateDisk",
+        about: "Create a disk (Size or SizeBytes, DiskCategory, Encrypted, SnapshotId, MultiAttach)",
+        handler: Control::create_disk,
+        concurrent: false,
+        host: false,
+    },
+    Method {
+        name: "CreateEncryptedCopy",
+        about: "Copy a plaintext disk (SourceDiskId) or a raw image/block device (SourcePath) into a new encrypted disk",
+        handler: Control::create_encrypted_copy,
+        concurrent: false,
+        host: false,
+    },
+    Method {
+        name: "MigrateDisk",
+        about: "Encrypt a disk, image file or NBD export into a disk, or decrypt one back (see `migrate`)",
+        handler: Control::migrate_disk,
+        concurrent: false,
+        host: false,
+    },
+    Method {
+        name: "AttachDisk",
+        about: "Attach a disk to an instance (puts it on the data path)",
+        handler: Control::attach_disk,
+        concurrent: false,
+        host: false,
+    },
+    Method {
+        name: "DetachDisk",
+        about: "Detach a disk from an instance (wipes its key from memory)",
+        handler: Control::detach_disk,
+        concurrent: false,
+        host: false,
+    },
+    Method {
+        name: "ResetDisk",
+        about: "Roll a disk back to one of its snapshots",
+        handler: Control::reset_disk,
+        concurrent: false,
+        host: false,
+    },
+    Method {
+        name: "ReInitDisk",
+        about: "Return a disk to its initial state (blank, or the snapshot it came from)",
+        handler: Control::reinit_disk,
+        concurrent: false,
+        host: false,
+    },
+    Method {
+        name: "ModifyDiskAttribute",
+        about: "Rename a disk or change its description",
+        handler: Control::modify_disk_attribute,
+        concurrent: false,
+        host: false,
+    },
+    Method {
+        name: "DeleteDisk",
+        about: "Delete a disk (the last holder of a key shreds it)",
+        handler: Control::delete_disk,
+        concurrent: false,
+        host: false,
+    },
+    Method {
+        name: "DescribeDisks",
+        about: "List disks",
+        handler: Control::describe_disks,
+        concurrent: true,
+        host: false,
+    },
+    Method {
+        name: "DescribeDiskMonitorData",
+        about: "I/O of an attached disk over time: IOPS, bandwidth, latency and p99 per Period (DiskId, StartTime, EndTime)",
+        handler: Control::describe_disk_monitor_data,
+        concurrent: true,
+        host: false,
+    },
+    Method {
+        name: "CreateSnapshot",
+        about: "Snapshot a disk",
+        handler: Control::create_snapshot,
+        concurrent: false,
+        host: false,
+    },
+    Method {
+        name: "ModifySnapshotAttribute",
+        about: "Rename a snapshot",
+        handler: Control::modify_snapshot_attribute,
+        concurrent: false,
+        host: false,
+    },
+    Method {
+        name: "DeleteSnapshot",
+        about: "Delete a snapshot",
+        handler: Control::delete_snapshot,
+        concurrent: false,
+        host: false,
+    },
+    Method {
+        name: "DescribeSnapshots",
+        about: "List snapshots",
+        handler: Control::describe_snapshots,
+        concurrent: true,
+        host: false,
+    },
+    Method {
+        name: "CreateImage",
+        about: "Create an image from a snapshot",
+        handler: Control::create_image,
+        concurrent: false,
+        host: false,
+    },
+    Method {
+        name: "ModifyImageSharePermission",
+        about: "Share an image with other accounts (AddAccount.n / RemoveAccount.n)",
+        handler: Control::modify_image_share_permission,
+        concurrent: false,
+        host: false,
+    },
+    Method {
+        name: "CopyImage",
+        about: "Copy an image to another region",
+        handler: Control::copy_image,
+        concurrent: false,
+        host: false,
+    },
+    Method {
+        name: "ExportImage",
+        about: "Export an image to a raw file under DATA_DIR/exports",
+        handler: Control::export_image,
+        concurrent: false,
+        host: false,
+    },
+    Method {
+        name: "DescribeImages",
+        about: "List images",
+        handler: Control::describe_images,
+        concurrent: true,
+        host: false,
+    },
+    Method {
+        name: "DeleteImage",
+        about: "Delete an image",
+        handler: Control::delete_image,
+        concurrent: false,
+        host: false,
+    },
+    Method {
+        name: "CheckPool",
+        about: "Check the pool against the catalog (online)",
+        handler: Control::check_pool,
+        concurrent: true,
+        host: true,
+    },
+    Method {
+        name: "DescribeReactors",
+        about: "Each reactor's core, busy/idle time, I/Os, bytes, queue-full events",
+        handler: Control::describe_reactors,
+        concurrent: true,
+        host: true,
+    },
+    Method {
+        name: "DescribeTasks",
+        about: "Background tasks (CreateEncryptedCopy, ExportImage): state, bytes done, rate",
+        handler: Control::describe_tasks,
+        concurrent: true,
+        host: false,
+    },
+    Method {
+        name: "CancelTask",
+        about: "Stop a background task (TaskId); it removes what it had made",
+        handler: Control::cancel_task,
+        concurrent: true,
+        host: false,
+    },
 ];
 
-/// Methods that change nothing in the catalog: they never wait behind another
-/// operation (they read with read transactions, or only flag a task).
-const CONCURRENT_METHODS: &[&str] = &[
-    "DescribeKmsKey",
-    "DescribeKmsUsage",
-    "DescribeInstances",
-    "DescribeDisks",
-    "DescribeDiskMonitorData",
-    "DescribeSnapshots",
-    "DescribeImages",
-    "CheckPool",
-    "DescribeReactors",
-    "DescribeTasks",
-    "CancelTask",
-];
-
-/// Methods about the host, not an account: the CLI adds no AccountId/RegionId.
-pub const HOST_METHODS: &[&str] = &["CheckPool", "DescribeReactors"];
+/// The method called `name`.
+pub fn method(name: &str) -> Option<&'static Method> {
+    METHODS.iter().find(|m| m.name == name)
+}
 
 /// Settings of the control plane.
 #[derive(Debug, Clone)]
@@ -279,10 +473,10 @@ impl Control {
 
     /// [`Control::call`] as request `request_id` (the reply's `RequestId`).
     pub fn call_with_id(&self, method: &str, params: Value, request_id: &str) -> Result<Value, ControlError> {
-        if !METHODS.contains(&method) {
+        let Some(m) = self::method(method) else {
             return Err(ControlError::MethodNotFound(method.to_owned()));
-        }
-        let _objects = (!CONCURRENT_METHODS.contains(&method)).then(|| {
+        };
+        let _objects = (!m.concurrent).then(|| {
             let ids = LOCK_PARAMS
                 .iter()
                 .filter_map(|k| params.get(*k).and_then(Value::as_str))
@@ -293,41 +487,7 @@ impl Control {
         // Wait out start-up and shutdown work (restoring or dropping every export).
         drop(self.serial.lock().unwrap_or_else(|p| p.into_inner()));
         let p = Params::new(params)?;
-        let mut v = match method {
-            "ActivateKms" => self.activate_kms(p),
-            "DescribeKmsKey" => self.describe_kms_key(p),
-            "DescribeKmsUsage" => self.describe_kms_usage(p),
-            "ScheduleKeyDeletion" => self.schedule_key_deletion(p),
-            "CreateInstance" => self.create_instance(p),
-            "DescribeInstances" => self.describe_instances(p),
-            "DeleteInstance" => self.delete_instance(p),
-            "CreateDisk" => self.create_disk(p),
-            "CreateEncryptedCopy" => self.create_encrypted_copy(p),
-            "MigrateDisk" => self.migrate_disk(p),
-            "AttachDisk" => self.attach_disk(p),
-            "DetachDisk" => self.detach_disk(p),
-            "ResetDisk" => self.reset_disk(p),
-            "ReInitDisk" => self.reinit_disk(p),
-            "ModifyDiskAttribute" => self.modify_disk_attribute(p),
-            "DeleteDisk" => self.delete_disk(p),
-            "DescribeDisks" => self.describe_disks(p),
-            "DescribeDiskMonitorData" => self.describe_disk_monitor_data(p),
-            "CreateSnapshot" => self.create_snapshot(p),
-            "ModifySnapshotAttribute" => self.modify_snapshot_attribute(p),
-            "DeleteSnapshot" => self.delete_snapshot(p),
-            "DescribeSnapshots" => self.describe_snapshots(p),
-            "CreateImage" => self.create_image(p),
-            "ModifyImageSharePermission" => self.modify_image_share_permission(p),
-            "CopyImage" => self.copy_image(p),
-            "ExportImage" => self.export_image(p),
-            "DescribeImages" => self.describe_images(p),
-            "DeleteImage" => self.delete_image(p),
-            "CheckPool" => self.check_pool(p),
-            "DescribeReactors" => self.describe_reactors(p),
-            "DescribeTasks" => self.describe_tasks(p),
-            "CancelTask" => self.cancel_task(p),
-            _ => Err(ControlError::MethodNotFound(method.to_owned())),
-        }?;
+        let mut v = (m.handler)(self, p)?;
         if let Value::Object(m) = &mut v {
             m.insert("RequestId".into(), Value::String(request_id.to_owned()));
         }
@@ -510,5 +670,28 @@ fn same_region(region: Option<&str>, obj_region: &str, code: &'static str, id: &
             id: id.to_owned(),
         }),
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod method_table_tests {
+    use super::{method, METHODS};
+
+    #[test]
+    fn one_entry_per_method_with_help_and_the_flags_where_they_belong() {
+        let mut names: Vec<&str> = METHODS.iter().map(|m| m.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), METHODS.len(), "a method is listed twice");
+        for m in METHODS {
+            assert!(!m.about.is_empty(), "{} has no help", m.name);
+            assert!(std::ptr::eq(method(m.name).unwrap(), m));
+            // Every Describe* only reads; nothing that creates, deletes or changes does.
+            let reads = m.name.starts_with("Describe") || ["CheckPool", "CancelTask"].contains(&m.name);
+            assert_eq!(m.concurrent, reads, "{}: concurrent", m.name);
+        }
+        let host: Vec<&str> = METHODS.iter().filter(|m| m.host).map(|m| m.name).collect();
+        assert_eq!(host, ["CheckPool", "DescribeReactors"]);
+        assert!(method("NoSuchAction").is_none());
     }
 }
