@@ -19,18 +19,6 @@ use crate::control::client::{Client, RpcError};
 pub fn command(c: Command) -> Command {
     c.about("A disk's I/O like iostat: r/s w/s rMB/s wMB/s r_await w_await p99s errors (--watch [SECONDS] refreshes)")
         .arg(
-            Arg::new("account")
-                .long("account")
-                .value_name("ID")
-                .help("AccountId (default $SEALDISK_ACCOUNT)"),
-        )
-        .arg(
-            Arg::new("region")
-                .long("region")
-                .value_name("ID")
-                .help("RegionId (default $SEALDISK_REGION)"),
-        )
-        .arg(
             Arg::new("watch")
                 .long("watch")
                 .value_name("SECONDS")

@@ -68,50 +68,20 @@ pub(super) fn command() -> Command {
                 .help("remove an interrupted migration of SOURCE into --to instead of resuming it"),
         )
         .arg(Arg::new("name").long("name").value_name("NAME").help("name of a new disk"))
-        .arg(
-            Arg::new("account")
-                .long("account")
-                .value_name("ID")
-                .help("AccountId (default $SEALDISK_ACCOUNT)"),
-        )
-        .arg(
-            Arg::new("region")
-                .long("region")
-                .value_name("ID")
-                .help("RegionId (default $SEALDISK_REGION)"),
-        )
 }
 
 /// `20` → 20 GiB (ECS `Size`), `512M`, `40G`, `1T`, `4096B`, `64K` (binary units).
 pub(super) fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let t = t
-        .strip_suffix("iB")
-        .map(|x| x.to_owned() + "B")
-        .unwrap_or_else(|| t.to_owned());
-    let (num, mul) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        None => (t.as_str(), 1u64 << 30),
-        Some((i, _)) => {
-            let unit = t[i..].to_ascii_uppercase();
-            let mul = match unit.trim_end_matches('B') {
-                "" if unit == "B" => 1,
-                "K" => 1 << 10,
-                "M" => 1 << 20,
-                "G" => 1 << 30,
-                "T" => 1 << 40,
-                _ => {
-                    return Err(format!(
-                        "--size {s:?}: use a number with B, K, M, G or T (bare numbers are GiB)"
-                    ))
-                }
-            };
-            (&t[..i], mul)
-        }
+    // ECS's Size: a bare number is GiB; anything with a unit is `units::parse_size`'s.
+    let bytes = if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        t.parse::<u64>().ok().and_then(|n| n.checked_mul(1 << 30))
+    } else {
+        crate::units::parse_size(t).ok()
     };
-    let n: u64 = num.parse().map_err(|_| format!("--size {s:?}: not a number"))?;
-    n.checked_mul(mul)
+    bytes
         .filter(|&b| b > 0)
-        .ok_or_else(|| format!("--size {s:?}: out of range"))
+        .ok_or_else(|| format!("--size {s:?}: use a number with B, K, M, G or T (bare numbers are GiB)"))
 }
 
 /// Which parameter names SOURCE.

@@ -40,6 +40,22 @@ pub fn kebab(method: &str) -> String {
     s.replace("re-init-", "reinit-")
 }
 
+/// `--account` and `--region`, which fill AccountId and RegionId.
+fn account_args(c: Command) -> Command {
+    c.arg(
+        Arg::new("account")
+            .long("account")
+            .value_name("ID")
+            .help("AccountId (default $SEALDISK_ACCOUNT)"),
+    )
+    .arg(
+        Arg::new("region")
+            .long("region")
+            .value_name("ID")
+            .help("RegionId (default $SEALDISK_REGION)"),
+    )
+}
+
 fn connection_args(c: Command) -> Command {
     c.arg(
         Arg::new("socket")
@@ -68,7 +84,7 @@ pub fn augment(mut cmd: Command) -> Command {
     cmd = cmd
         .subcommand(serve::serve_command())
         .subcommand(serve::check_command())
-        .subcommand(migrate::command());
+        .subcommand(account_args(migrate::command()));
     cmd = cmd.subcommand(
         connection_args(Command::new("rpc"))
             .about("Call any JSON-RPC method: sealdisk rpc CreateDisk '{\"RegionId\":...}'")
@@ -81,29 +97,19 @@ pub fn augment(mut cmd: Command) -> Command {
                     .help("list the methods"),
             ),
     );
-    cmd = cmd.subcommand(connection_args(disk_stats::command(Command::new("disk-stats"))));
+    cmd = cmd.subcommand(account_args(connection_args(disk_stats::command(Command::new(
+        "disk-stats",
+    )))));
     for m in METHODS {
         let name: &'static str = Box::leak(kebab(m.name).into_boxed_str());
-        cmd =
-            cmd.subcommand(
-                connection_args(Command::new(name))
-                    .about(m.about)
-                    .arg(
-                        Arg::new("account")
-                            .long("account")
-                            .value_name("ID")
-                            .help("AccountId (default $SEALDISK_ACCOUNT)"),
-                    )
-                    .arg(
-                        Arg::new("region")
-                            .long("region")
-                            .value_name("ID")
-                            .help("RegionId (default $SEALDISK_REGION)"),
-                    )
-                    .arg(Arg::new("params").value_name("Key=Value").num_args(0..).help(
-                        "ECS parameters, e.g. Size=20 Encrypted=true DataDisk.1.Size=20; Key:=JSON for raw JSON",
-                    )),
-            );
+        cmd = cmd.subcommand(
+            account_args(connection_args(Command::new(name))).about(m.about).arg(
+                Arg::new("params")
+                    .value_name("Key=Value")
+                    .num_args(0..)
+                    .help("ECS parameters, e.g. Size=20 Encrypted=true DataDisk.1.Size=20; Key:=JSON for raw JSON"),
+            ),
+        );
     }
     cmd
 }
