@@ -276,14 +276,10 @@ impl Daemon {
         };
 
         let sock = cfg.socket_path();
-        let server = RpcServer::start(&sock, control.clone(), logf).map_err(|e| format!("{}: {e}", sock.display()))?;
-        if let Some(g) = cfg.rpc_gid {
-            // The control socket for that group too (0660); the data directory lets
-            // the group pass through to it.
-            std::os::unix::fs::chown(&sock, Some(0), Some(g)).map_err(|e| format!("{}: {e}", sock.display()))?;
-            std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o660))
-                .map_err(|e| format!("{}: {e}", sock.display()))?;
-        }
+        // With --rpc-group the control socket is that group's too (0660); the data
+        // directory lets the group pass through to it.
+        let server = RpcServer::start(&sock, cfg.rpc_gid, control.clone(), logf)
+            .map_err(|e| format!("{}: {e}", sock.display()))?;
         info!(
             socket = %sock.display(),
             data_dir = %dir.display(),

@@ -27,7 +27,10 @@ pub struct RpcServer {
 }
 
 /// Binds `path` (replacing a stale socket, refusing a live one) with mode 0600.
-fn bind(path: &Path) -> std::io::Result<UnixListener> {
+/// Binds the control socket at `path`, owner-only (0600) or, with `group`, root:group
+/// 0660. The socket is made under a temporary name, given its mode and group, and only
+/// then renamed into place, so no client ever finds it at `path` with other permissions.
+fn bind(path: &Path, group: Option<u32>) -> std::io::Result<UnixListener> {
     if path.exists() {
         if UnixStream::connect(path).is_ok() {
             return Err(std::io::Error::new(
@@ -37,19 +40,38 @@ fn bind(path: &Path) -> std::io::Result<UnixListener> {
         }
         std::fs::remove_file(path)?;
     }
-    let l = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".new");
+    let tmp = std::path::PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let l = UnixListener::bind(&tmp)?;
+    let placed = (|| {
+        match group {
+            Some(g) => {
+                std::os::unix::fs::chown(&tmp, Some(0), Some(g))?;
+                std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o660))?;
+            }
+            None => std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?,
+        }
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     Ok(l)
 }
 
 impl RpcServer {
-    /// Starts serving `handler` on `path`. `log` receives one line per request.
+    /// Starts serving `handler` on `path` (mode 0600, or root:`group` 0660). `log`
+    /// receives one line per request.
     pub fn start(
         path: &Path,
+        group: Option<u32>,
         handler: Arc<dyn Handler + Send + Sync>,
         log: Arc<dyn Fn(LogLine) + Send + Sync>,
     ) -> std::io::Result<RpcServer> {
-        let listener = bind(path)?;
+        let listener = bind(path, group)?;
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let st = stop.clone();
