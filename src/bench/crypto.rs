@@ -446,9 +446,11 @@ mod tests {
             assert_eq!(k.rounds_gb_per_s.len(), 3, "{} {}", k.kernel, k.direction);
             let lo = k.rounds_gb_per_s.iter().copied().fold(f64::INFINITY, f64::min);
             assert!(lo > 0.0 && lo <= k.median_gb_per_s && k.median_gb_per_s <= k.gb_per_s);
-            // A thread cannot run longer than the wall clock (1% slack for
-            // the clocks' granularity and rounding).
-            assert!(k.cpu_median_gb_per_s >= k.median_gb_per_s * 0.99, "{k:?}");
+            // A thread cannot run longer than the wall clock: 1% slack for the
+            // clocks' granularity, and 0.001 for the figures' rounding to three
+            // decimals (a debug build's portable kernel runs at ~0.05 GB/s, where
+            // one unit of rounding is 2%).
+            assert!(k.cpu_median_gb_per_s >= k.median_gb_per_s * 0.99 - 0.001, "{k:?}");
         }
         assert_eq!(r.ratios.len(), kernels.len() * DIRECTIONS.len());
         for q in &r.ratios {
