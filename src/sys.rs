@@ -92,6 +92,59 @@ pub(crate) fn seek_data_or_hole(f: &File, pos: u64, data: bool) -> io::Result<Op
     Ok(Some(r as u64))
 }
 
+/// `pwritev(2)` of `bufs`, in order, at `off`, until all of it is written (a short
+/// write goes on from where it stopped). At most `IOV_MAX` (1024) buffers.
+pub(crate) fn pwritev_all(f: &File, mut off: u64, bufs: &[&[u8]]) -> io::Result<()> {
+    assert!(bufs.len() <= 1024, "pwritev_all: more than IOV_MAX buffers");
+    let mut iov: Vec<libc::iovec> = bufs
+        .iter()
+        .filter(|b| !b.is_empty())
+        .map(|b| libc::iovec {
+            iov_base: b.as_ptr() as *mut libc::c_void,
+            iov_len: b.len(),
+        })
+        .collect();
+    let mut first = 0;
+    while first < iov.len() {
+        let rest = &iov[first..];
+        // SAFETY: every iovec points into a slice of `bufs`, borrowed for this call and
+        // only read by the kernel; `rest.len()` ≤ IOV_MAX; `f` stays open for the call.
+        let n = unsafe {
+            libc::pwritev(
+                f.as_raw_fd(),
+                rest.as_ptr(),
+                rest.len() as libc::c_int,
+                off as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "pwritev wrote nothing"));
+        }
+        let mut n = n as usize;
+        off += n as u64;
+        while n > 0 {
+            let v = &mut iov[first];
+            if n >= v.iov_len {
+                n -= v.iov_len;
+                first += 1;
+            } else {
+                // SAFETY: n < iov_len, so the advanced pointer stays inside the same slice.
+                v.iov_base = unsafe { (v.iov_base as *mut u8).add(n) } as *mut libc::c_void;
+                v.iov_len -= n;
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Runs `handler` on SIGINT instead of the default (exit). The handler must only do
 /// async-signal-safe work (e.g. store to an atomic).
 pub(crate) fn on_sigint(handler: extern "C" fn(libc::c_int)) {
@@ -103,6 +156,30 @@ pub(crate) fn on_sigint(handler: extern "C" fn(libc::c_int)) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pwritev_all_writes_every_buffer_in_order() {
+        use std::os::unix::fs::FileExt;
+        let p = std::env::temp_dir().join(format!("sealdisk-sys-pwritev-{}", std::process::id()));
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&p)
+            .unwrap();
+        std::fs::remove_file(&p).unwrap();
+        let (a, b, c) = (vec![1u8; 5000], Vec::new(), vec![2u8; 3]);
+        pwritev_all(&f, 10, &[&a, &b, &c]).unwrap();
+        let mut got = vec![0u8; 5013];
+        f.read_exact_at(&mut got, 0).unwrap();
+        assert!(got[..10].iter().all(|&x| x == 0));
+        assert!(got[10..5010].iter().all(|&x| x == 1));
+        assert_eq!(&got[5010..], &[2, 2, 2]);
+        // A read-only descriptor: the error comes back.
+        let ro = std::fs::File::open("/proc/self/stat").unwrap();
+        assert!(pwritev_all(&ro, 0, &[&a]).is_err());
+    }
 
     #[test]
     fn seek_finds_data_and_holes_in_a_sparse_file() {

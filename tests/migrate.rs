@@ -169,8 +169,9 @@ fn random(n: usize, seed: u64) -> Vec<u8> {
 
 /// A raw image at `path`, 24 MiB + 1000 bytes: random data at [0, 3 MiB), written zeros
 /// at [3 MiB, 4 MiB) (allocated, but all zero), 4196 random bytes at 8 MiB, random data
-/// at [16.5 MiB, 17 MiB), holes elsewhere. Returns (bytes of non-zero 4 KiB blocks,
-/// clusters holding them).
+/// at [16.5 MiB, 17 MiB), 700 random bytes at 24 MiB + 200 (across the last whole
+/// 512-byte sector into the file's ragged tail), holes elsewhere. Returns (bytes of
+/// non-zero 4 KiB blocks, clusters holding them).
 fn holey_image(path: &Path) -> (u64, u64) {
     use std::os::unix::fs::FileExt;
     let f = std::fs::File::create(path).unwrap();
@@ -179,8 +180,9 @@ fn holey_image(path: &Path) -> (u64, u64) {
     f.write_all_at(&vec![0u8; MIB as usize], 3 * MIB).unwrap();
     f.write_all_at(&random(4196, 2), 8 * MIB).unwrap();
     f.write_all_at(&random(512 << 10, 3), 16 * MIB + (512 << 10)).unwrap();
+    f.write_all_at(&random(700, 4), 24 * MIB + 200).unwrap();
     f.sync_all().unwrap();
-    (3 * MIB + 8192 + (512 << 10), 12 + 1 + 2)
+    (3 * MIB + 8192 + (512 << 10) + 4096, 12 + 1 + 2 + 1)
 }
 
 #[test]
@@ -192,6 +194,17 @@ fn a_holey_image_into_an_encrypted_disk_and_back_is_identical_and_thin() {
     let src = env.imp().join("vm.raw");
     let (nonzero, clusters) = holey_image(&src);
     let before = clusters_in_use(&data);
+    let job_bytes = || -> u64 {
+        sealdisk::control::client::Client::connect(&data.join("sealdisk.sock"))
+            .unwrap()
+            .call("DescribeReactors", json!({}))
+            .unwrap()["Reactors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["IosBySource"]["Job"]["Bytes"].as_u64().unwrap())
+            .sum()
+    };
 
     // Into a new encrypted disk (relative path: beneath the import directory).
     let r = cli_json(&data, &["vm.raw", "--verify"]);
@@ -236,8 +249,18 @@ fn a_holey_image_into_an_encrypted_disk_and_back_is_identical_and_thin() {
     assert_identical(src_s, &attach(&data, &plain));
 
     // The human output of another run names the result.
+    let jobs_before = job_bytes();
     let out = cli_cmd(&data, &["vm.raw"]).output().unwrap();
     assert!(out.status.success(), "{}", text(&out));
+    // The reactors (io_uring) read the file, all but the last block (counted whole in
+    // BytesRead, 1000 bytes in the file, the ring's 512 of them and pread's 488), as
+    // they wrote the disk.
+    let read = r["BytesRead"].as_u64().unwrap();
+    let jobs = job_bytes() - jobs_before;
+    assert!(
+        jobs >= read - 4096 + nonzero,
+        "reactor job bytes {jobs} for {read} read and {nonzero} written"
+    );
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(s.contains("encrypted") && s.contains("verify: off"), "{s}");
 }

@@ -327,3 +327,116 @@ fn check_reports_leaked_and_miscounted_clusters() {
     assert!(rep.problems.iter().any(|p| p.contains("leaked")), "{:?}", rep.problems);
     assert!(rep.problems.len() >= 2, "{:?}", rep.problems);
 }
+
+/// Many slow-path requests in one metadata batch: first writes, a second and third
+/// write into a cluster the same batch took, a partial zeroing of it, a write across
+/// two new adjacent clusters, a copy-on-write of a snapshot's cluster with a second
+/// write merged into the copy, and a cluster written then discarded. The batch stages
+/// new clusters in memory and writes them out together; every byte must be as if the
+/// requests ran one by one, in order, and stay so after a reopen.
+#[test]
+fn requests_of_one_batch_into_the_same_new_clusters_merge_in_order() {
+    use sealdisk::volume::FaultPoint;
+    use std::time::{Duration, Instant};
+    let e = env("batch-merge", 16 << 20);
+    let r = reactors(&[0, 1]);
+    e.txn(|t| e.pool.create_volume(t, "d-1", 1 << 20)).unwrap();
+    let v = e.pool.bdev("d-1").unwrap();
+    let base = random_bytes(CL as usize, 40);
+    write(&r, &v, 0, &base).unwrap();
+    e.txn(|t| e.pool.clone_volume(t, "d-1", "s-1", 1 << 20)).unwrap();
+
+    // Hold the commit of a first batch (from reactor 0), so everything after it (from
+    // reactor 1) queues up as one.
+    let faults = e.pool.faults().clone();
+    faults.hold(FaultPoint::Commit);
+    let model = std::thread::scope(|s| {
+        let first = s.spawn(|| write(&r, &v, 9 * CL, &[9u8; 4096]));
+        assert!(faults.wait_held(FaultPoint::Commit, Duration::from_secs(10)));
+        let d = |n: u64| random_bytes(4096, 100 + n);
+        let ops = vec![
+            Op::Write {
+                offset: 2 * CL,
+                data: d(1),
+            },
+            Op::Write {
+                offset: 2 * CL + 8192,
+                data: d(2),
+            },
+            Op::Write {
+                offset: 2 * CL,
+                data: d(3),
+            },
+            Op::WriteZeroes {
+                offset: 2 * CL + 8192,
+                len: 4096,
+            },
+            Op::Write {
+                offset: 4 * CL - 4096,
+                data: random_bytes(8192, 104),
+            },
+            Op::Write {
+                offset: 4096,
+                data: d(5),
+            },
+            Op::Write {
+                offset: 12288,
+                data: d(6),
+            },
+            Op::Write {
+                offset: 5 * CL,
+                data: random_bytes(CL as usize, 107),
+            },
+            Op::Unmap {
+                offset: 5 * CL,
+                len: CL,
+            },
+        ];
+        let n = ops.len() as u64;
+        let mut model = vec![0u8; 1 << 20];
+        model[..CL as usize].copy_from_slice(&base);
+        model[9 * CL as usize..9 * CL as usize + 4096].fill(9);
+        for op in &ops {
+            match op {
+                Op::Write { offset, data } => {
+                    model[*offset as usize..*offset as usize + data.len()].copy_from_slice(data)
+                }
+                Op::WriteZeroes { offset, len } | Op::Unmap { offset, len } => {
+                    model[*offset as usize..(*offset + *len) as usize].fill(0)
+                }
+                _ => unreachable!(),
+            }
+        }
+        let batch = s.spawn(|| run_ios_pipelined(&r, 1, &v, ops));
+        let t = Instant::now();
+        while e.pool.meta_stats().queue_depth < n {
+            assert!(t.elapsed() < Duration::from_secs(20), "requests did not queue");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let commits = faults.calls(FaultPoint::Commit);
+        faults.release(FaultPoint::Commit);
+        first.join().unwrap().unwrap();
+        for d in batch.join().unwrap() {
+            d.result.unwrap();
+        }
+        assert_eq!(
+            faults.calls(FaultPoint::Commit),
+            commits + 1,
+            "the queued requests were one batch"
+        );
+        model
+    });
+    assert_eq!(read(&r, &v, 0, 1 << 20), model);
+    let snap = e.pool.bdev("s-1").unwrap();
+    assert_eq!(read(&r, &snap, 0, CL as usize), base, "the snapshot keeps its bytes");
+    drop(snap);
+    // Clusters 0 (copy), 2, 3, 4 (new) and 9 mapped; 5 was discarded; plus the snapshot's.
+    assert_eq!(e.pool.mapped_bytes("d-1").unwrap(), 5 * CL);
+    assert!(e.pool.check().unwrap().problems.is_empty());
+    drop(v);
+    let dir = e.dir.clone();
+    drop(e);
+    let e = reopen(dir, 16 << 20);
+    let v = e.pool.bdev("d-1").unwrap();
+    assert_eq!(read(&r, &v, 0, 1 << 20), model, "the same after a reopen");
+}

@@ -114,6 +114,13 @@ impl UringBdev {
         let file = oo
             .open(path)
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        UringBdev::from_file(file, path, opts)
+    }
+
+    /// A bdev over a file or block device already open (e.g. read-only, opened safely
+    /// beneath a directory): `opts.buffered` must say how it was opened (O_DIRECT or
+    /// not); `create_size` grows a regular file opened for writing.
+    pub fn from_file(file: File, path: &Path, opts: &UringOpts) -> io::Result<UringBdev> {
         let meta = file.metadata()?;
         let is_block_device = meta.file_type().is_block_device();
         let iopoll = !opts.buffered

@@ -104,6 +104,7 @@ impl MetaHandle {
             capacity,
             shared,
             buf: AlignedBuf::new(cluster as usize),
+            staged: Staged::default(),
         };
         let thread = std::thread::Builder::new()
             .name("pool-meta".into())
@@ -158,6 +159,10 @@ impl AlignedBuf {
             len,
         }
     }
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr..ptr+len is our allocation, initialised (zeroed) when made.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
     fn as_mut(&mut self) -> &mut [u8] {
         // SAFETY: ptr..ptr+len is our allocation; &mut self is exclusive.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
@@ -178,6 +183,60 @@ struct Worker {
     capacity: u64,
     shared: Shared,
     buf: AlignedBuf,
+    staged: Staged,
+}
+
+/// New clusters a batch fills (first writes and copies), staged in memory and written
+/// out together, adjacent ones in one `pwritev`, before the batch's fdatasync. A later
+/// request of the same batch into such a cluster merges into its buffer, so each new
+/// cluster is written once, whole.
+#[derive(Default)]
+struct Staged {
+    /// (physical cluster, its new contents), in the order they were taken.
+    clusters: Vec<(u64, AlignedBuf)>,
+    /// Buffers kept for the next batches (at most [`SPARE_BUFFERS`]).
+    spare: Vec<AlignedBuf>,
+}
+
+/// Cluster buffers a metadata thread keeps between batches.
+const SPARE_BUFFERS: usize = 16;
+/// Buffers per `pwritev` (well below IOV_MAX).
+const RUN_BUFFERS: usize = 64;
+
+impl Staged {
+    fn find(&mut self, phys: u64) -> Option<&mut AlignedBuf> {
+        self.clusters.iter_mut().rev().find(|(p, _)| *p == phys).map(|(_, b)| b)
+    }
+
+    fn take(&mut self, len: usize) -> AlignedBuf {
+        self.spare.pop().unwrap_or_else(|| AlignedBuf::new(len))
+    }
+
+    /// Forget what was staged (the batch failed or was written).
+    fn clear(&mut self) {
+        for (_, b) in self.clusters.drain(..) {
+            if self.spare.len() < SPARE_BUFFERS {
+                self.spare.push(b);
+            }
+        }
+    }
+
+    /// Write every staged cluster, runs of adjacent ones as one `pwritev` each.
+    fn write_out(&mut self, file: &File, cluster: u64) -> std::io::Result<()> {
+        self.clusters.sort_by_key(|(p, _)| *p);
+        let mut i = 0;
+        while i < self.clusters.len() {
+            let start = self.clusters[i].0;
+            let mut j = i + 1;
+            while j < self.clusters.len() && j - i < RUN_BUFFERS && self.clusters[j].0 == start + (j - i) as u64 {
+                j += 1;
+            }
+            let bufs: Vec<&[u8]> = self.clusters[i..j].iter().map(|(_, b)| b.as_slice()).collect();
+            crate::sys::pwritev_all(file, start * cluster, &bufs)?;
+            i = j;
+        }
+        Ok(())
+    }
 }
 
 /// A map entry to publish to the reactors once its commit is durable.
@@ -336,9 +395,11 @@ impl Worker {
         let txn = self.db.begin_write().map_err(|e| Failure::Prepare(db_err(e)))?;
         stats.writer_wait().record_duration(t.elapsed());
         let mut fx = Effects::default();
+        self.staged.clear();
         let res = batch
             .iter()
             .try_for_each(|r| self.apply(&txn, r, &mut fx))
+            .and_then(|()| self.staged.write_out(&self.file, self.cluster).map_err(io))
             .map_err(Failure::Prepare)
             .and_then(|()| {
                 let t = Instant::now();
@@ -366,6 +427,7 @@ impl Worker {
             }
             Err(f) => Err(f),
         };
+        self.staged.clear();
         if res.is_err() {
             // Nothing was freed after all.
             self.shared.limbo.forget(&fx.freed);
@@ -481,14 +543,23 @@ impl Worker {
                     });
                 }
                 (Some(p), part) if Worker::refcount(txn, p)? == 1 => {
-                    // Ours alone: write in place.
+                    // Ours alone: write in place (into its staged copy if this
+                    // batch took it).
                     let gen = vol.owner_gen();
-                    let b = &mut self.buf.as_mut()[..l as usize];
-                    match part {
-                        Some(d) => b.copy_from_slice(d),
-                        None => b.fill(0),
+                    if let Some(b) = self.staged.find(p) {
+                        let dst = &mut b.as_mut()[o as usize..(o + l) as usize];
+                        match part {
+                            Some(d) => dst.copy_from_slice(d),
+                            None => dst.fill(0),
+                        }
+                    } else {
+                        let b = &mut self.buf.as_mut()[..l as usize];
+                        match part {
+                            Some(d) => b.copy_from_slice(d),
+                            None => b.fill(0),
+                        }
+                        self.file.write_all_at(b, p * cl + o).map_err(io)?;
                     }
-                    self.file.write_all_at(b, p * cl + o).map_err(io)?;
                     fx.publish.push(Publish {
                         vol: vol.clone(),
                         cluster: c,
@@ -503,9 +574,12 @@ impl Worker {
                     let gen = vol.owner_gen();
                     let new = self.alloc(txn)?;
                     let cl_us = cl as usize;
+                    let mut b = self.staged.take(cl_us);
                     {
-                        let b = self.buf.as_mut();
+                        let b = b.as_mut();
                         match cur {
+                            // A shared cluster is never one this batch wrote (those
+                            // are the volume's alone), so the file holds its bytes.
                             Some(p) => self.file.read_exact_at(&mut b[..cl_us], p * cl).map_err(io)?,
                             None => b[..cl_us].fill(0),
                         }
@@ -515,8 +589,7 @@ impl Worker {
                             None => dst.fill(0),
                         }
                     }
-                    let b = &self.buf.as_mut()[..cl_us];
-                    self.file.write_all_at(b, new * cl).map_err(io)?;
+                    self.staged.clusters.push((new, b));
                     txn.open_table(VOL_MAP)
                         .map_err(db_err)?
                         .insert((vol.id.as_str(), c), new)

@@ -75,6 +75,53 @@ pub fn run_ios(reactors: &Reactors, r: usize, bdev: &BdevRef, ops: Vec<Op>) -> V
         .expect("reactor answers")
 }
 
+/// Like [`run_ios`], but every request is submitted before any is waited for (they
+/// overlap, as a guest's do); the results come back in the order of `ops`.
+pub fn run_ios_pipelined(reactors: &Reactors, r: usize, bdev: &BdevRef, ops: Vec<Op>) -> Vec<Done> {
+    let bdev = bdev.clone();
+    reactors
+        .call(r, Duration::from_secs(30), move |ctx| {
+            let mut ch = bdev.open_channel(&ctx.chan).expect("open channel");
+            let n = ops.len();
+            for (i, op) in ops.into_iter().enumerate() {
+                let tag = i as u64;
+                let req = match op {
+                    Op::Read { offset, len } => {
+                        let mut b = ctx.chan.pool.alloc(len.max(1)).expect("buffer");
+                        b.set_len(len);
+                        IoRequest::read(offset, b, tag)
+                    }
+                    Op::Write { offset, data } => {
+                        let mut b = ctx.chan.pool.alloc(data.len().max(1)).expect("buffer");
+                        b.set_len(data.len());
+                        b.copy_from_slice(&data);
+                        IoRequest::write(offset, b, tag)
+                    }
+                    Op::Flush => IoRequest::flush(tag),
+                    Op::Unmap { offset, len } => IoRequest::unmap(offset, len, tag),
+                    Op::WriteZeroes { offset, len } => IoRequest::write_zeroes(offset, len, tag),
+                };
+                ch.submit(req).expect("no back-pressure at this depth");
+            }
+            let mut out: Vec<Option<Done>> = (0..n).map(|_| None).collect();
+            let t = Instant::now();
+            let mut v = Vec::new();
+            while out.iter().any(Option::is_none) {
+                ch.poll(&mut v);
+                for c in v.drain(..) {
+                    out[c.tag as usize] = Some(Done {
+                        result: c.result,
+                        data: c.buf.map(|b| b.to_vec()).unwrap_or_default(),
+                    });
+                }
+                assert!(t.elapsed() < Duration::from_secs(25), "requests did not complete");
+                std::thread::yield_now();
+            }
+            out.into_iter().map(Option::unwrap).collect()
+        })
+        .expect("reactor answers")
+}
+
 pub fn wait_one(ch: &mut dyn sealdisk::bdev::Channel) -> IoCompletion {
     let t = Instant::now();
     let mut v = Vec::new();

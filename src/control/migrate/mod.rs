@@ -698,10 +698,7 @@ impl Control {
         }
         let source = match (nbd, file, &snapshot) {
             (Some(c), _, _) => Ok(Source::Nbd(Box::new(c))),
-            (None, Some(f), _) => Ok(Source::File {
-                file: f,
-                path: PathBuf::from(&rec.source),
-            }),
+            (None, Some(f), _) => Source::file(f, PathBuf::from(&rec.source)),
             (None, None, Some(snap)) => self.open_snapshot(snap, src_xts),
             _ => Err(ControlError::DataPath("no source".into())),
         };
@@ -789,10 +786,7 @@ impl Control {
                         ),
                     ));
                 }
-                Some(Source::File {
-                    file: f,
-                    path: PathBuf::from(&rec.source),
-                })
+                Some(Source::file(f, PathBuf::from(&rec.source))?)
             }
             "nbd" => {
                 let c = self.open_nbd(&rec.source)?;

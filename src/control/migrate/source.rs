@@ -4,8 +4,10 @@
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use super::BLOCK;
+use crate::bdev::uring::{UringBdev, UringOpts};
 use crate::bdev::BdevRef;
 use crate::control::copy::{io_error, read_file};
 use crate::control::job::{read_ops, run_job};
@@ -21,14 +23,29 @@ pub(super) enum Source {
         bdev: BdevRef,
         ranges: Vec<(u64, u64)>,
     },
+    /// A file or block device: its data read with io_uring (through the page cache, as
+    /// it was opened), where its data is found with SEEK_DATA/SEEK_HOLE.
     File {
         file: File,
         path: PathBuf,
+        bdev: BdevRef,
     },
     Nbd(Box<NbdClient>),
 }
 
 impl Source {
+    /// A file source over `file` (opened read-only beneath the import directory).
+    pub(super) fn file(file: File, path: PathBuf) -> Result<Source, ControlError> {
+        let bad = |e: std::io::Error| ControlError::DataPath(format!("{}: {e}", path.display()));
+        let ring_file = file.try_clone().map_err(bad)?;
+        let opts = UringOpts {
+            buffered: true,
+            ..UringOpts::default()
+        };
+        let bdev: BdevRef = Arc::new(UringBdev::from_file(ring_file, &path, &opts).map_err(bad)?);
+        Ok(Source::File { file, path, bdev })
+    }
+
     /// Another handle on the same source, for another reader: the same clone, another
     /// descriptor of the file, another connection to the NBD server.
     pub(super) fn try_clone(&self) -> Result<Source, ControlError> {
@@ -37,11 +54,12 @@ impl Source {
                 bdev: bdev.clone(),
                 ranges: ranges.clone(),
             },
-            Source::File { file, path } => Source::File {
+            Source::File { file, path, bdev } => Source::File {
                 file: file
                     .try_clone()
                     .map_err(|e| ControlError::DataPath(format!("{}: {e}", path.display())))?,
                 path: path.clone(),
+                bdev: bdev.clone(),
             },
             Source::Nbd(c) => Source::Nbd(Box::new(c.reconnect().map_err(|e| nbd_error(e, "connecting again"))?)),
         })
@@ -71,7 +89,7 @@ impl Source {
                     }
                 }
             }
-            Source::File { file, path } => {
+            Source::File { file, path, .. } => {
                 for (s, e) in file_data_ranges(file, off, end.min(size))
                     .map_err(|e| ControlError::DataPath(format!("{}: {e}", path.display())))?
                 {
@@ -92,8 +110,23 @@ impl Source {
         match self {
             Source::Disk { bdev, .. } => run_job(reactors, bdev, read_ops(off, len), vec![0; len as usize])
                 .map_err(|e| io_error(e, "reading the source disk")),
-            Source::File { file, path } => {
-                read_file(file, off, len).map_err(|e| ControlError::DataPath(format!("{}: {e}", path.display())))
+            Source::File { file, path, bdev } => {
+                // The ring reads whole 512-byte sectors: up to the last whole one (its
+                // capacity); a shorter tail past it is read with pread.
+                let end = (off + len).min(size);
+                let ring_end = end.min(bdev.capacity()).max(off);
+                let mut buf = vec![0u8; len as usize];
+                if ring_end > off {
+                    buf = run_job(reactors, bdev, read_ops(off, ring_end - off), buf)
+                        .map_err(|e| io_error(e, &format!("reading {}", path.display())))?;
+                }
+                if end > ring_end {
+                    let tail = read_file(file, ring_end, end - ring_end)
+                        .map_err(|e| ControlError::DataPath(format!("{}: {e}", path.display())))?;
+                    let at = (ring_end - off) as usize;
+                    buf[at..at + tail.len()].copy_from_slice(&tail);
+                }
+                Ok(buf)
             }
             Source::Nbd(c) => {
                 let mut buf = vec![0u8; len as usize];
