@@ -35,11 +35,12 @@ use super::bdev::VolState;
 use super::epochs::{Epochs, Limbo};
 use super::faults::{FaultPoint, Faults};
 use super::meta_stats::MetaStats;
+use super::staged::{AlignedBuf, Staged};
 use super::tables::*;
 use super::{db_err, VolumeError};
 use crate::bdev::IoError;
 
-const MAX_BATCH: usize = 64;
+const MAX_BATCH: usize = 128;
 /// Failed volume writes (a guest can cause them at any rate, e.g. by filling the pool).
 static PREPARE_ERRORS: crate::logging::RateLimit = crate::logging::RateLimit::standard();
 /// How often an idle metadata thread advances grace periods while freed
@@ -104,7 +105,7 @@ impl MetaHandle {
             capacity,
             shared,
             buf: AlignedBuf::new(cluster as usize),
-            staged: Staged::default(),
+            staged: Staged::new(cluster as usize),
         };
         let thread = std::thread::Builder::new()
             .name("pool-meta".into())
@@ -137,45 +138,6 @@ impl Drop for MetaHandle {
     }
 }
 
-/// A page-aligned heap buffer for O_DIRECT I/O of one cluster.
-struct AlignedBuf {
-    ptr: std::ptr::NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: the buffer is plain memory owned by this value; moving it to the
-// metadata thread moves ownership.
-unsafe impl Send for AlignedBuf {}
-
-impl AlignedBuf {
-    fn layout(len: usize) -> std::alloc::Layout {
-        std::alloc::Layout::from_size_align(len, 4096).expect("cluster layout")
-    }
-    fn new(len: usize) -> AlignedBuf {
-        // SAFETY: the layout has a non-zero size (a cluster is ≥ 64 KiB).
-        let p = unsafe { std::alloc::alloc_zeroed(Self::layout(len)) };
-        AlignedBuf {
-            ptr: std::ptr::NonNull::new(p).unwrap_or_else(|| std::alloc::handle_alloc_error(Self::layout(len))),
-            len,
-        }
-    }
-    fn as_slice(&self) -> &[u8] {
-        // SAFETY: ptr..ptr+len is our allocation, initialised (zeroed) when made.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-    }
-    fn as_mut(&mut self) -> &mut [u8] {
-        // SAFETY: ptr..ptr+len is our allocation; &mut self is exclusive.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with the same layout.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) };
-    }
-}
-
 struct Worker {
     db: Arc<redb::Database>,
     file: File,
@@ -184,59 +146,6 @@ struct Worker {
     shared: Shared,
     buf: AlignedBuf,
     staged: Staged,
-}
-
-/// New clusters a batch fills (first writes and copies), staged in memory and written
-/// out together, adjacent ones in one `pwritev`, before the batch's fdatasync. A later
-/// request of the same batch into such a cluster merges into its buffer, so each new
-/// cluster is written once, whole.
-#[derive(Default)]
-struct Staged {
-    /// (physical cluster, its new contents), in the order they were taken.
-    clusters: Vec<(u64, AlignedBuf)>,
-    /// Buffers kept for the next batches (at most [`SPARE_BUFFERS`]).
-    spare: Vec<AlignedBuf>,
-}
-
-/// Cluster buffers a metadata thread keeps between batches.
-const SPARE_BUFFERS: usize = 16;
-/// Buffers per `pwritev` (well below IOV_MAX).
-const RUN_BUFFERS: usize = 64;
-
-impl Staged {
-    fn find(&mut self, phys: u64) -> Option<&mut AlignedBuf> {
-        self.clusters.iter_mut().rev().find(|(p, _)| *p == phys).map(|(_, b)| b)
-    }
-
-    fn take(&mut self, len: usize) -> AlignedBuf {
-        self.spare.pop().unwrap_or_else(|| AlignedBuf::new(len))
-    }
-
-    /// Forget what was staged (the batch failed or was written).
-    fn clear(&mut self) {
-        for (_, b) in self.clusters.drain(..) {
-            if self.spare.len() < SPARE_BUFFERS {
-                self.spare.push(b);
-            }
-        }
-    }
-
-    /// Write every staged cluster, runs of adjacent ones as one `pwritev` each.
-    fn write_out(&mut self, file: &File, cluster: u64) -> std::io::Result<()> {
-        self.clusters.sort_by_key(|(p, _)| *p);
-        let mut i = 0;
-        while i < self.clusters.len() {
-            let start = self.clusters[i].0;
-            let mut j = i + 1;
-            while j < self.clusters.len() && j - i < RUN_BUFFERS && self.clusters[j].0 == start + (j - i) as u64 {
-                j += 1;
-            }
-            let bufs: Vec<&[u8]> = self.clusters[i..j].iter().map(|(_, b)| b.as_slice()).collect();
-            crate::sys::pwritev_all(file, start * cluster, &bufs)?;
-            i = j;
-        }
-        Ok(())
-    }
 }
 
 /// A map entry to publish to the reactors once its commit is durable.
@@ -399,7 +308,7 @@ impl Worker {
         let res = batch
             .iter()
             .try_for_each(|r| self.apply(&txn, r, &mut fx))
-            .and_then(|()| self.staged.write_out(&self.file, self.cluster).map_err(io))
+            .and_then(|()| self.staged.write_out(&self.file).map_err(io))
             .map_err(Failure::Prepare)
             .and_then(|()| {
                 let t = Instant::now();
@@ -546,13 +455,7 @@ impl Worker {
                     // Ours alone: write in place (into its staged copy if this
                     // batch took it).
                     let gen = vol.owner_gen();
-                    if let Some(b) = self.staged.find(p) {
-                        let dst = &mut b.as_mut()[o as usize..(o + l) as usize];
-                        match part {
-                            Some(d) => dst.copy_from_slice(d),
-                            None => dst.fill(0),
-                        }
-                    } else {
+                    if !self.staged.merge(p, o as usize, l as usize, part) {
                         let b = &mut self.buf.as_mut()[..l as usize];
                         match part {
                             Some(d) => b.copy_from_slice(d),
@@ -574,22 +477,18 @@ impl Worker {
                     let gen = vol.owner_gen();
                     let new = self.alloc(txn)?;
                     let cl_us = cl as usize;
-                    let mut b = self.staged.take(cl_us);
-                    {
-                        let b = b.as_mut();
-                        match cur {
-                            // A shared cluster is never one this batch wrote (those
-                            // are the volume's alone), so the file holds its bytes.
-                            Some(p) => self.file.read_exact_at(&mut b[..cl_us], p * cl).map_err(io)?,
-                            None => b[..cl_us].fill(0),
+                    match cur {
+                        // A shared cluster is never one this batch wrote (those are
+                        // the volume's alone), so the file holds its bytes.
+                        Some(p) => {
+                            let b = self.staged.take_filled(new);
+                            self.file.read_exact_at(&mut b[..cl_us], p * cl).map_err(io)?;
                         }
-                        let dst = &mut b[o as usize..(o + l) as usize];
-                        match part {
-                            Some(d) => dst.copy_from_slice(d),
-                            None => dst.fill(0),
+                        None => {
+                            self.staged.take_zeroed(new);
                         }
                     }
-                    self.staged.clusters.push((new, b));
+                    self.staged.merge(new, o as usize, l as usize, part);
                     txn.open_table(VOL_MAP)
                         .map_err(db_err)?
                         .insert((vol.id.as_str(), c), new)

@@ -30,6 +30,7 @@ mod epochs;
 mod faults;
 mod meta;
 mod meta_stats;
+mod staged;
 mod tables;
 
 pub use bdev::VolumeBdev;

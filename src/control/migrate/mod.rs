@@ -67,7 +67,7 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// Largest single write (the crypto layer's bounce chunk).
 const PIECE: usize = BOUNCE_CHUNK;
 /// Write jobs in flight at once (each up to 32 requests).
-const WRITERS: usize = 3;
+const WRITERS: usize = 4;
 /// Reader threads, each with its own handle on the source (NBD: its own connection).
 const READERS: usize = 2;
 /// The task action name (DescribeTasks `TaskAction`).
