@@ -6,7 +6,7 @@
 //! catalog, so the next start puts the same disks back on the data path.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::catalog;
@@ -108,8 +108,6 @@ pub struct Daemon {
     reactors: Option<Arc<Reactors>>,
     /// The NBD frontend; stopped first at shutdown.
     nbd: Option<NbdServer>,
-    /// The metrics endpoint's sources (add more with [`Daemon::metrics`]).
-    registry: Arc<Registry>,
     /// The metrics endpoint, if `--metrics` was given.
     metrics_server: Option<MetricsServer>,
     /// The thread that samples per-disk statistics every second.
@@ -293,25 +291,9 @@ impl Daemon {
             server: Some(server),
             reactors: Some(reactors),
             nbd: Some(nbd),
-            registry,
             metrics_server,
             sampler: Some(sampler),
         })
-    }
-
-    pub fn control(&self) -> &Arc<Control> {
-        &self.control
-    }
-
-    /// The metrics endpoint's registry: the hook for more metric families
-    /// ([`Registry::add_source`]); they appear on the next scrape.
-    pub fn metrics(&self) -> &Arc<Registry> {
-        &self.registry
-    }
-
-    /// Where the metrics endpoint listens, if it runs.
-    pub fn metrics_addr(&self) -> Option<&MetricsAddr> {
-        self.metrics_server.as_ref().map(MetricsServer::addr)
     }
 
     /// Clean shutdown: RPC off, every export removed (keys wiped), reactors stopped.
@@ -432,9 +414,4 @@ pub fn run(cfg: DaemonConfig) -> Result<(), String> {
     d.shutdown();
     info!("stopped");
     Ok(())
-}
-
-/// Data directory path check used by the CLI.
-pub fn is_data_dir(p: &Path) -> bool {
-    p.join(catalog::CATALOG_FILE).exists()
 }

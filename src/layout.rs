@@ -43,10 +43,3 @@ pub fn instance_dir(data_dir: &Path, instance: &str) -> PathBuf {
 pub fn instance_socket(data_dir: &Path, instance: &str) -> PathBuf {
     instance_dir(data_dir, instance).join(INSTANCE_SOCKET)
 }
-
-/// `DATA_DIR/instances/<InstanceId>/vhost/<DiskId>.sock`.
-pub fn vhost_socket(data_dir: &Path, instance: &str, disk: &str) -> PathBuf {
-    instance_dir(data_dir, instance)
-        .join(VHOST_DIR)
-        .join(format!("{disk}.sock"))
-}

@@ -309,7 +309,7 @@ impl Ring {
     /// # Safety
     /// Every buffer and pointer the entry refers to must stay valid until its
     /// completion has been reaped.
-    pub unsafe fn push(&self, route: &Route, tag: u64, entry: squeue::Entry) -> bool {
+    pub(crate) unsafe fn push(&self, route: &Route, tag: u64, entry: squeue::Entry) -> bool {
         debug_assert!(tag < 1 << TAG_BITS);
         let ud = ((route.id as u64) << (TAG_BITS + GEN_BITS)) | ((route.gen as u64) << TAG_BITS) | tag;
         let entry = entry.user_data(ud);

@@ -5,9 +5,9 @@ mod common;
 
 use std::process::Command;
 
-use sealdisk::bench::fio::{FileJob, JobSpec, Rw, TargetSpec};
-use sealdisk::bench::io::{run, IoBenchOpts};
-use sealdisk::reactor::ReactorConfig;
+use sealdisk::testing::bench::io::{run, IoBenchOpts};
+use sealdisk::testing::bench::{FileJob, JobSpec, Rw, TargetSpec};
+use sealdisk::ReactorConfig;
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_sealdisk"))
@@ -120,12 +120,11 @@ fn verify_catches_a_corrupted_block_plain_and_encrypted() {
 
 #[test]
 fn verify_catches_a_flipped_ciphertext_byte() {
-    use sealdisk::bench::job::{check_verify_block, fill_verify_block};
+    use sealdisk::testing::bench::{check_verify_block, fill_verify_block};
     use std::sync::Arc;
     let r = common::reactors(&[0]);
-    let base: sealdisk::bdev::BdevRef = Arc::new(sealdisk::bdev::malloc::MallocBdev::new("m", 1 << 20, 512));
-    let enc: sealdisk::bdev::BdevRef =
-        Arc::new(sealdisk::bdev::crypto::CryptoBdev::new(base.clone(), common::xts(4), 4096).unwrap());
+    let base: sealdisk::BdevRef = Arc::new(sealdisk::MallocBdev::new("m", 1 << 20, 512));
+    let enc: sealdisk::BdevRef = Arc::new(sealdisk::CryptoBdev::new(base.clone(), common::xts(4), 4096).unwrap());
     let mut block = vec![0u8; 4096];
     fill_verify_block(&mut block, 8192, 1);
     let out = common::run_ios(

@@ -13,12 +13,12 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 
 use common::{random_bytes, run_ios, Op};
-use sealdisk::catalog;
-use sealdisk::control::{Control, ControlConfig, ControlError, QosConfig};
-use sealdisk::export::Exports;
-use sealdisk::kms::{Kms, KmsConfig, QuotaConfig};
-use sealdisk::reactor::Reactors;
-use sealdisk::volume::Pool;
+use sealdisk::testing::catalog;
+use sealdisk::Exports;
+use sealdisk::Pool;
+use sealdisk::Reactors;
+use sealdisk::{Control, ControlConfig, ControlError, QosConfig};
+use sealdisk::{Kms, KmsConfig, QuotaConfig};
 
 const R: &str = "cn-hangzhou";
 const A: &str = "acct1";
@@ -182,7 +182,7 @@ impl Env {
         v
     }
     fn check_clean(&self) {
-        let rep = sealdisk::control::check::check(self.ctl.db(), self.ctl.pool()).unwrap();
+        let rep = sealdisk::check(self.ctl.db(), self.ctl.pool()).unwrap();
         assert!(rep.consistent(), "check found problems: {:?}", rep.problems);
     }
     fn pool_bytes(&self) -> Vec<u8> {

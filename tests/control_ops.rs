@@ -11,12 +11,12 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 
 use common::{run_ios, Op};
-use sealdisk::catalog;
-use sealdisk::control::{Control, ControlConfig, ControlError, QosConfig};
-use sealdisk::export::Exports;
-use sealdisk::kms::{CallOpts, KeyContext, Kms, KmsConfig, QuotaConfig};
-use sealdisk::reactor::Reactors;
-use sealdisk::volume::Pool;
+use sealdisk::testing::catalog;
+use sealdisk::Exports;
+use sealdisk::Pool;
+use sealdisk::Reactors;
+use sealdisk::{CallOpts, KeyContext, Kms, KmsConfig, QuotaConfig};
+use sealdisk::{Control, ControlConfig, ControlError, QosConfig};
 
 const R: &str = "cn-hangzhou";
 const A: &str = "acct1";
@@ -152,7 +152,7 @@ impl Env {
         d.data
     }
     fn check_clean(&self) {
-        let rep = sealdisk::control::check::check(self.ctl.db(), self.ctl.pool()).unwrap();
+        let rep = sealdisk::check(self.ctl.db(), self.ctl.pool()).unwrap();
         assert!(rep.consistent(), "check found problems: {:?}", rep.problems);
     }
 }
@@ -898,7 +898,7 @@ fn check_finds_a_corrupted_catalog_and_pool() {
     k.refs += 1;
     catalog::put(&w, &k).unwrap();
     w.commit().unwrap();
-    let rep = sealdisk::control::check::check(e.ctl.db(), e.ctl.pool()).unwrap();
+    let rep = sealdisk::check(e.ctl.db(), e.ctl.pool()).unwrap();
     assert!(
         rep.problems.iter().any(|p| p.contains("reference count")),
         "{:?}",
@@ -910,7 +910,7 @@ fn check_finds_a_corrupted_catalog_and_pool() {
     catalog::put(&w, &k).unwrap();
     e.ctl.pool().delete_volume(&w, &plain).unwrap();
     w.commit().unwrap();
-    let rep = sealdisk::control::check::check(e.ctl.db(), e.ctl.pool()).unwrap();
+    let rep = sealdisk::check(e.ctl.db(), e.ctl.pool()).unwrap();
     assert!(
         rep.problems
             .iter()

@@ -25,8 +25,8 @@ use hkdf::Hkdf;
 use serde_json::{json, Value};
 use sha2::Sha256;
 
-use sealdisk::control::client::Client;
-use sealdisk::frontend::nbd::proto::*;
+use sealdisk::testing::nbd::*;
+use sealdisk::Client;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sealdisk");
 const R: &str = "cn-hangzhou";
@@ -232,19 +232,19 @@ fn secrets(data: &Path) -> Vec<(String, Vec<u8>)> {
         )
         .unwrap();
     // The disk's key row and its data key (unwrapped in this process).
-    let db = sealdisk::catalog::open(&data.join(sealdisk::catalog::CATALOG_FILE)).unwrap();
+    let db = sealdisk::testing::catalog::open(&data.join(sealdisk::testing::catalog::CATALOG_FILE)).unwrap();
     let r = db.begin_read().unwrap();
-    let keys: Vec<sealdisk::catalog::KeyRecord> = sealdisk::catalog::list_r(&r).unwrap();
+    let keys: Vec<sealdisk::testing::catalog::KeyRecord> = sealdisk::testing::catalog::list_r(&r).unwrap();
     assert_eq!(keys.len(), 1, "one encrypted disk, one key");
     let k = &keys[0];
     let salt = &k.wrapped.blob[1..33];
     let wk = hkdf(Some(salt), &cmk, b"sealdisk/kms/v1/wrap-key", 32);
-    let kms = sealdisk::kms::Kms::open(sealdisk::kms::KmsConfig::local(data)).unwrap();
+    let kms = sealdisk::Kms::open(sealdisk::KmsConfig::local(data)).unwrap();
     let dk = kms
         .unwrap_data_key(
-            &sealdisk::kms::KeyContext::new(&k.account, &k.region, &k.key_id),
+            &sealdisk::KeyContext::new(&k.account, &k.region, &k.key_id),
             &k.wrapped,
-            sealdisk::kms::CallOpts::default(),
+            sealdisk::CallOpts::default(),
         )
         .unwrap();
     let dk = dk.as_bytes().to_vec();

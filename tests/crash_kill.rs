@@ -45,8 +45,8 @@ use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
-use sealdisk::control::client::{Client, RpcError};
-use sealdisk::frontend::nbd::proto::*;
+use sealdisk::testing::nbd::*;
+use sealdisk::{Client, RpcError};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sealdisk");
 const R: &str = "cn-hangzhou";

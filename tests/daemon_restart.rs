@@ -13,12 +13,12 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use common::{run_ios, Op};
-use sealdisk::catalog;
-use sealdisk::control::client::Client;
-use sealdisk::control::{Control, ControlConfig, QosConfig};
-use sealdisk::export::Exports;
-use sealdisk::kms::{CallOpts, KeyContext, Kms, KmsConfig};
-use sealdisk::volume::Pool;
+use sealdisk::testing::catalog;
+use sealdisk::Client;
+use sealdisk::Exports;
+use sealdisk::Pool;
+use sealdisk::{CallOpts, KeyContext, Kms, KmsConfig};
+use sealdisk::{Control, ControlConfig, QosConfig};
 
 const R: &str = "cn-hangzhou";
 const A: &str = "acct1";
@@ -98,7 +98,7 @@ fn stop(mut d: Daemon) -> String {
 }
 
 /// The daemon's parts in this process (the daemon must not be running).
-fn open_in_process(dir: &Path, reactors: &Arc<sealdisk::reactor::Reactors>) -> Arc<Control> {
+fn open_in_process(dir: &Path, reactors: &Arc<sealdisk::Reactors>) -> Arc<Control> {
     let kms = Arc::new(Kms::open(KmsConfig::local(dir)).unwrap());
     let db = catalog::open(&dir.join(catalog::CATALOG_FILE)).unwrap();
     let pool = Pool::open(db.clone(), &dir.join("pool.img"), 64 * MIB).unwrap();

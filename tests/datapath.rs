@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use sealdisk::bdev::crypto::CryptoBdev;
-use sealdisk::bdev::malloc::MallocBdev;
-use sealdisk::bdev::null::NullBdev;
-use sealdisk::bdev::uring::{UringBdev, UringOpts};
-use sealdisk::bdev::{BdevRef, IoError, IoRequest, MAX_IO_BYTES};
-use sealdisk::reactor::{ReactorConfig, Reactors, SendError};
+use sealdisk::CryptoBdev;
+use sealdisk::MallocBdev;
+use sealdisk::NullBdev;
+use sealdisk::{BdevRef, IoError, IoRequest, MAX_IO_BYTES};
+use sealdisk::{ReactorConfig, Reactors, SendError};
+use sealdisk::{UringBdev, UringOpts};
 
 fn tmpdir(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("sealdisk-test-{name}-{}", std::process::id()));
@@ -313,7 +313,7 @@ fn crypto_layer_applies_back_pressure_when_bounce_buffers_run_out() {
 
 #[test]
 fn crypto_layer_decrypts_a_large_completion_batch_in_slices() {
-    use sealdisk::bdev::crypto::DECRYPT_BUDGET;
+    use sealdisk::testing::DECRYPT_BUDGET;
     let r = reactors(&[0]);
     let base: BdevRef = Arc::new(MallocBdev::new("m", 1 << 20, 512));
     let enc: BdevRef = Arc::new(CryptoBdev::new(base, xts(3), 4096).unwrap());
@@ -452,7 +452,7 @@ fn idle_reactors_park() {
 
 #[test]
 fn core_lists_parse_and_refuse_bad_input() {
-    use sealdisk::reactor::parse_cores;
+    use sealdisk::parse_cores;
     assert_eq!(parse_cores("0").unwrap(), vec![0]);
     assert_eq!(parse_cores("0-1").unwrap(), vec![0, 1]);
     assert!(parse_cores("1-0").is_err());
@@ -463,7 +463,7 @@ fn core_lists_parse_and_refuse_bad_input() {
 
 #[test]
 fn qos_caps_iops_and_bandwidth_without_dropping_requests() {
-    use sealdisk::bdev::qos::{QosBdev, QosLimits};
+    use sealdisk::{QosBdev, QosLimits};
     let r = reactors(&[0]);
     let base: BdevRef = Arc::new(MallocBdev::new("m", 8 << 20, 512));
     for (limits, n, min_secs) in [

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use sealdisk::control::client::Client;
-use sealdisk::frontend::nbd::proto::*;
+use sealdisk::testing::nbd::*;
+use sealdisk::Client;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sealdisk");
 const R: &str = "cn-hangzhou";

@@ -10,8 +10,8 @@ use std::process::Command;
 use std::sync::Arc;
 
 use common::*;
-use sealdisk::bdev::uring::{Iopoll, UringBdev, UringOpts};
-use sealdisk::bdev::BdevRef;
+use sealdisk::BdevRef;
+use sealdisk::{Iopoll, UringBdev, UringOpts};
 
 fn tmpfile(name: &str) -> std::path::PathBuf {
     // The system temp dir, not /dev/shm: tmpfs refuses IOPOLL outright.
@@ -52,7 +52,7 @@ fn sysfs_polls(path: &Path) -> bool {
 }
 
 /// Write, read back, flush; the data must survive whatever ring served it.
-fn round_trip(r: &sealdisk::reactor::Reactors, bdev: &Arc<UringBdev>, seed: u64) {
+fn round_trip(r: &sealdisk::Reactors, bdev: &Arc<UringBdev>, seed: u64) {
     let b: BdevRef = bdev.clone();
     let data = random_bytes(64 << 10, seed);
     let out = run_ios(

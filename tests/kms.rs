@@ -19,7 +19,7 @@ use base64::Engine as _;
 use hkdf::Hkdf;
 use sha2::Sha256;
 
-use sealdisk::kms::{
+use sealdisk::{
     AuditConfig, AuditEntry, BackendKind, CallOpts, KeyContext, Kms, KmsConfig, KmsError, LocalConfig, ManualClock,
     QuotaConfig, RootKeySource, TransitConfig, WrappedKey,
 };
@@ -319,7 +319,7 @@ impl Env {
         match self.kind {
             Kind::Local => {
                 let mut c = KmsConfig::local(self.data.path());
-                c.backend = sealdisk::kms::BackendConfig::Local(LocalConfig {
+                c.backend = sealdisk::BackendConfig::Local(LocalConfig {
                     root_key: RootKeySource::File(self.root_key_path()),
                 });
                 c
@@ -1126,7 +1126,7 @@ suite!(
 
 fn local_cfg(data: &Path, src: RootKeySource) -> KmsConfig {
     let mut c = KmsConfig::local(data);
-    c.backend = sealdisk::kms::BackendConfig::Local(LocalConfig { root_key: src });
+    c.backend = sealdisk::BackendConfig::Local(LocalConfig { root_key: src });
     c
 }
 
@@ -1569,9 +1569,9 @@ impl SlowProxy {
 /// returns: no KMS call runs while the catalog write transaction is held.
 #[test]
 fn a_slow_kms_does_not_delay_first_writes_to_another_disk() {
-    use sealdisk::bdev::IoRequest;
-    use sealdisk::control::{Control, ControlConfig, QosConfig};
-    use sealdisk::reactor::{ReactorConfig, Reactors};
+    use sealdisk::IoRequest;
+    use sealdisk::{Control, ControlConfig, QosConfig};
+    use sealdisk::{ReactorConfig, Reactors};
     let bao = BaoServer::start();
     let proxy = SlowProxy::start(&bao.addr);
     let data = TempDir::new("slowkms");
@@ -1582,8 +1582,8 @@ fn a_slow_kms_does_not_delay_first_writes_to_another_disk() {
         ))
         .unwrap(),
     );
-    let db = sealdisk::catalog::open(&data.path().join(sealdisk::catalog::CATALOG_FILE)).unwrap();
-    let pool = sealdisk::volume::Pool::open(db.clone(), &data.path().join("pool.img"), 64 << 20).unwrap();
+    let db = sealdisk::testing::catalog::open(&data.path().join(sealdisk::testing::catalog::CATALOG_FILE)).unwrap();
+    let pool = sealdisk::Pool::open(db.clone(), &data.path().join("pool.img"), 64 << 20).unwrap();
     let reactors = Arc::new(
         Reactors::start(&ReactorConfig {
             cores: vec![0],
@@ -1596,7 +1596,7 @@ fn a_slow_kms_does_not_delay_first_writes_to_another_disk() {
         db,
         pool,
         kms,
-        sealdisk::export::Exports::new(),
+        sealdisk::Exports::new(),
         Some(reactors.clone()),
         ControlConfig {
             data_dir: data.path().to_owned(),

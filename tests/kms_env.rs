@@ -6,9 +6,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
-use sealdisk::kms::{
-    CallOpts, KeyContext, Kms, KmsConfig, LocalConfig, RootKeySource, ROOT_KEY_CREDENTIAL, ROOT_KEY_ENV,
-};
+use sealdisk::{CallOpts, KeyContext, Kms, KmsConfig, LocalConfig, RootKeySource, ROOT_KEY_CREDENTIAL, ROOT_KEY_ENV};
 
 struct TempDir(PathBuf);
 
@@ -61,7 +59,7 @@ fn root_key_from_environment_and_credentials_directory() {
     fs::write(&file, env_key).unwrap();
     fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).unwrap();
     let mut cfg = KmsConfig::local(&data.0);
-    cfg.backend = sealdisk::kms::BackendConfig::Local(LocalConfig {
+    cfg.backend = sealdisk::BackendConfig::Local(LocalConfig {
         root_key: RootKeySource::File(file.clone()),
     });
     let kms = Kms::open(cfg).unwrap();
@@ -75,7 +73,7 @@ fn root_key_from_environment_and_credentials_directory() {
     assert!(!e.to_string().contains("zz-not-hex-zz"));
     // An explicit Env source with the variable unset.
     let mut cfg = KmsConfig::local(&data.0);
-    cfg.backend = sealdisk::kms::BackendConfig::Local(LocalConfig {
+    cfg.backend = sealdisk::BackendConfig::Local(LocalConfig {
         root_key: RootKeySource::Env("SEALDISK_TEST_UNSET_ROOT_KEY".into()),
     });
     assert_eq!(Kms::open(cfg).unwrap_err().code(), "Kms.RootKeyMissing");

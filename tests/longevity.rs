@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use sealdisk::control::client::Client;
-use sealdisk::frontend::nbd::proto::*;
+use sealdisk::testing::nbd::*;
+use sealdisk::Client;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sealdisk");
 const R: &str = "cn-hangzhou";
@@ -256,7 +256,7 @@ fn a_reactor_panic_exits_the_daemon_non_zero_and_the_next_start_recovers() {
         std::thread::sleep(Duration::from_millis(20));
     };
     let log = std::fs::read_to_string(&dm.log).unwrap();
-    assert_eq!(st.code(), Some(sealdisk::daemon::EXIT_DATA_PATH_PANIC), "{log}");
+    assert_eq!(st.code(), Some(sealdisk::EXIT_DATA_PATH_PANIC), "{log}");
     assert!(log.contains("reactor-0 panicked"), "{log}");
     assert!(log.contains("injected by SEALDISK_FAULTS"), "{log}");
     drop(dm);

@@ -60,13 +60,13 @@ impl Env {
 
 /// CheckPool (a host method: no account).
 fn check_pool(data: &Path) -> Value {
-    let mut c = sealdisk::control::client::Client::connect(&data.join("sealdisk.sock")).unwrap();
+    let mut c = sealdisk::Client::connect(&data.join("sealdisk.sock")).unwrap();
     c.call("CheckPool", json!({})).unwrap()
 }
 
 /// One RPC as acct1; the error as (code, message).
 fn call(data: &Path, method: &str, mut params: Value) -> Result<Value, (String, String)> {
-    let mut c = sealdisk::control::client::Client::connect(&data.join("sealdisk.sock")).unwrap();
+    let mut c = sealdisk::Client::connect(&data.join("sealdisk.sock")).unwrap();
     params["AccountId"] = ACCOUNT.into();
     params["RegionId"] = REGION.into();
     c.call(method, params).map_err(|e| (e.code, e.message))

@@ -27,7 +27,7 @@ fn reply(start: u64, n: u64) -> serde_json::Value {
         .map(|i| {
             serde_json::json!({
                 "DiskId": "d-00000000000000aa",
-                "TimeStamp": sealdisk::control::util::rfc3339(start + i * 60),
+                "TimeStamp": sealdisk::rfc3339(start + i * 60),
                 "IOPSRead": 1000.0 + i as f64, "IOPSWrite": 500.0,
                 "BPSRead": 4096000.0, "BPSWrite": 2048000.0,
                 "LatencyRead": 80.5, "LatencyWrite": 120.0,

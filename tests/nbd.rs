@@ -13,14 +13,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use sealdisk::bdev::crypto::CryptoBdev;
-use sealdisk::bdev::malloc::MallocBdev;
-use sealdisk::bdev::uring::{UringBdev, UringOpts};
-use sealdisk::bdev::BdevRef;
-use sealdisk::export::{Export, Exports};
-use sealdisk::frontend::nbd::proto::*;
-use sealdisk::frontend::nbd::{NbdConfig, NbdServer};
-use sealdisk::reactor::{ReactorConfig, Reactors};
+use sealdisk::testing::nbd::*;
+use sealdisk::BdevRef;
+use sealdisk::CryptoBdev;
+use sealdisk::MallocBdev;
+use sealdisk::{Export, Exports};
+use sealdisk::{NbdConfig, NbdServer};
+use sealdisk::{ReactorConfig, Reactors};
+use sealdisk::{UringBdev, UringOpts};
 
 const MIB: u64 = 1 << 20;
 
@@ -40,7 +40,7 @@ impl Fixture {
         let dir = std::env::temp_dir().join(format!("sealdisk-nbd-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let cores: Vec<usize> = sealdisk::reactor::all_cores().into_iter().take(2).collect();
+        let cores: Vec<usize> = sealdisk::all_cores().into_iter().take(2).collect();
         let reactors = Arc::new(
             Reactors::start(&ReactorConfig {
                 cores,
@@ -746,7 +746,7 @@ fn no_completion_is_slept_on_with_a_long_park_timeout() {
     std::fs::create_dir_all(&dir).unwrap();
     let reactors = Arc::new(
         Reactors::start(&ReactorConfig {
-            cores: vec![sealdisk::reactor::all_cores()[0]],
+            cores: vec![sealdisk::all_cores()[0]],
             pool_bytes: 64 << 20,
             park_timeout: Duration::from_secs(60),
             ..ReactorConfig::default()
@@ -801,7 +801,7 @@ fn no_completion_is_slept_on_with_a_long_park_timeout() {
 /// A device whose channels cannot be opened (stands in for any resource a reactor
 /// cannot give a new connection).
 struct NoChannels;
-impl sealdisk::bdev::Bdev for NoChannels {
+impl sealdisk::Bdev for NoChannels {
     fn name(&self) -> &str {
         "no-channels"
     }
@@ -811,7 +811,7 @@ impl sealdisk::bdev::Bdev for NoChannels {
     fn capacity(&self) -> u64 {
         MIB
     }
-    fn open_channel(&self, _ctx: &sealdisk::bdev::ChannelCtx) -> std::io::Result<Box<dyn sealdisk::bdev::Channel>> {
+    fn open_channel(&self, _ctx: &sealdisk::ChannelCtx) -> std::io::Result<Box<dyn sealdisk::Channel>> {
         Err(std::io::Error::other("no channel for you"))
     }
 }

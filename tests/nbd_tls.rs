@@ -11,12 +11,12 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sealdisk::bdev::malloc::MallocBdev;
-use sealdisk::bdev::BdevRef;
-use sealdisk::export::{Export, Exports};
-use sealdisk::frontend::nbd::proto::*;
-use sealdisk::frontend::nbd::{tls, NbdConfig, NbdServer};
-use sealdisk::reactor::{ReactorConfig, Reactors};
+use sealdisk::testing::nbd::*;
+use sealdisk::BdevRef;
+use sealdisk::MallocBdev;
+use sealdisk::{Export, Exports};
+use sealdisk::{NbdConfig, NbdServer};
+use sealdisk::{ReactorConfig, Reactors};
 
 const MIB: u64 = 1 << 20;
 
@@ -81,7 +81,7 @@ fn nbd_over_tls_with_nbdinfo_and_qemu_io_and_plaintext_refused() {
     let _ = std::fs::remove_dir_all(&dir.0);
     std::fs::create_dir_all(&dir.0).unwrap();
     pki(&dir.0);
-    let cfg = tls::server_config(&dir.0.join("server")).unwrap();
+    let cfg = sealdisk::testing::nbd::server_config(&dir.0.join("server")).unwrap();
     let reactors = Arc::new(
         Reactors::start(&ReactorConfig {
             cores: vec![0],

@@ -4,7 +4,7 @@
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
-use sealdisk::secmem::{Protection, SecretMem, SecretMemError};
+use sealdisk::{Protection, SecretMem, SecretMemError};
 
 const PAGE: usize = 4096;
 

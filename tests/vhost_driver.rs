@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sealdisk::bench::vhost::driver::feature_names;
-use sealdisk::bench::vhost::{BlkOp, Driver, DriverOptions, RawDesc};
+use sealdisk::testing::vmm::feature_names;
+use sealdisk::testing::vmm::{BlkOp, Driver, DriverOptions, RawDesc};
 use virtio_bindings::virtio_blk::*;
 
 const DISK: u64 = 64 << 20;
@@ -123,7 +123,7 @@ fn negotiation_and_config() {
     // Without EVENT_IDX the driver kicks on every publish; I/O still works.
     drop(d);
     let mut d = q.connect(&DriverOptions {
-        features: sealdisk::bench::vhost::driver::DEFAULT_FEATURES & !(1 << 29),
+        features: sealdisk::testing::vmm::DEFAULT_FEATURES & !(1 << 29),
         num_queues: Some(1),
         ..DriverOptions::default()
     });
@@ -138,7 +138,7 @@ fn negotiation_and_config() {
 
 /// 32 writes then 32 reads in flight on each queue, both queues at once
 /// from two threads (a queue is `Send`; each thread owns one).
-fn pipeline(q: &mut sealdisk::bench::vhost::Virtq, qi: usize, rounds: u64) {
+fn pipeline(q: &mut sealdisk::testing::vmm::Virtq, qi: usize, rounds: u64) {
     const DEPTH: usize = 32;
     const BS: usize = 4096;
     let mem = q.mem().clone();
@@ -350,8 +350,8 @@ fn disconnect_reconnect_and_resume() {
 
 #[test]
 fn bench_vhost_drives_qsd_and_reads_its_cpu() {
-    use sealdisk::bench::fio::{FileJob, JobSpec, Rw, TargetSpec};
-    use sealdisk::bench::vhost::bench::{run, to_json, to_text, VhostBenchOpts};
+    use sealdisk::testing::bench::vhost::{run, to_json, to_text, VhostBenchOpts};
+    use sealdisk::testing::bench::{FileJob, JobSpec, Rw, TargetSpec};
     let q = Qsd::start("bench", 2);
     let job = |rw, bs, iodepth| FileJob {
         job: JobSpec {
@@ -460,7 +460,7 @@ fn two_region_memory_table_around_a_hole() {
 /// device). Each case gets a fresh connection.
 #[test]
 fn malformed_chains_are_never_completed_ok() {
-    use sealdisk::bench::vhost::blk_header;
+    use sealdisk::testing::vmm::blk_header;
     let q = Qsd::start("malformed", 1);
     let opts = DriverOptions {
         queue_size: 16,

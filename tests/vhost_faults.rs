@@ -14,14 +14,14 @@ use std::time::Duration;
 
 use virtio_bindings::virtio_blk::*;
 
-use sealdisk::bdev::crypto::CryptoBdev;
-use sealdisk::bdev::BdevRef;
-use sealdisk::bench::vhost::driver::{Driver, DriverOptions};
-use sealdisk::bench::vhost::virtq::BlkOp;
-use sealdisk::export::Export;
-use sealdisk::frontend::vhost::{VhostConfig, VhostServer};
-use sealdisk::reactor::Reactors;
-use sealdisk::volume::{FaultPoint, Faults, Pool};
+use sealdisk::testing::vmm::BlkOp;
+use sealdisk::testing::vmm::{Driver, DriverOptions};
+use sealdisk::BdevRef;
+use sealdisk::CryptoBdev;
+use sealdisk::Export;
+use sealdisk::Reactors;
+use sealdisk::{FaultPoint, Faults, Pool};
+use sealdisk::{VhostConfig, VhostServer};
 
 const CL: u64 = 64 << 10;
 const BS: usize = 4096;

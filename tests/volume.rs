@@ -9,9 +9,9 @@ use std::sync::Arc;
 
 use common::*;
 use redb::ReadableTable;
-use sealdisk::bdev::crypto::CryptoBdev;
-use sealdisk::bdev::{BdevRef, IoError};
-use sealdisk::volume::{Pool, VolumeError};
+use sealdisk::CryptoBdev;
+use sealdisk::{BdevRef, IoError};
+use sealdisk::{Pool, VolumeError};
 
 const CL: u64 = 64 << 10;
 
@@ -43,7 +43,7 @@ impl Env {
     }
 }
 
-fn read(r: &sealdisk::reactor::Reactors, b: &BdevRef, off: u64, len: usize) -> Vec<u8> {
+fn read(r: &sealdisk::Reactors, b: &BdevRef, off: u64, len: usize) -> Vec<u8> {
     // At most MAX_IO_BYTES per request.
     let mut v = Vec::new();
     let mut pos = 0;
@@ -65,7 +65,7 @@ fn read(r: &sealdisk::reactor::Reactors, b: &BdevRef, off: u64, len: usize) -> V
     v
 }
 
-fn write(r: &sealdisk::reactor::Reactors, b: &BdevRef, off: u64, data: &[u8]) -> Result<(), IoError> {
+fn write(r: &sealdisk::Reactors, b: &BdevRef, off: u64, data: &[u8]) -> Result<(), IoError> {
     run_ios(
         r,
         0,

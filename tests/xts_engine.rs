@@ -5,7 +5,7 @@
 use aes::cipher::KeyInit;
 use aes::Aes256;
 use rand::{Rng, RngCore, SeedableRng};
-use sealdisk::crypto::{Kernel, Xts, XtsError, SECTOR_SIZES};
+use sealdisk::{Kernel, Xts, XtsError, SECTOR_SIZES};
 use xts_mode::{get_tweak_default, Xts128};
 
 fn rng() -> rand::rngs::StdRng {

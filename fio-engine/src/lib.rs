@@ -36,14 +36,14 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use sealdisk::bdev::crypto::CryptoBdev;
-use sealdisk::bdev::malloc::MallocBdev;
-use sealdisk::bdev::null::NullBdev;
-use sealdisk::bdev::uring::{UringBdev, UringOpts};
-use sealdisk::bdev::{BdevRef, Channel, ChannelCtx, IoCompletion, IoError, IoOp, IoRequest, MAX_IO_BYTES};
-use sealdisk::crypto::Xts;
-use sealdisk::iobuf::BufPool;
-use sealdisk::uring::{Ring, RingOpts};
+use sealdisk::BufPool;
+use sealdisk::CryptoBdev;
+use sealdisk::MallocBdev;
+use sealdisk::NullBdev;
+use sealdisk::Xts;
+use sealdisk::{BdevRef, Channel, ChannelCtx, IoCompletion, IoError, IoOp, IoRequest, MAX_IO_BYTES};
+use sealdisk::{Ring, RingOpts};
+use sealdisk::{UringBdev, UringOpts};
 
 /// `FIO_IOOPS_VERSION` of fio 3.33.
 pub const FIO_IOOPS_VERSION: c_int = 31;
@@ -246,7 +246,7 @@ pub enum Backend {
     File(String),
 }
 
-use sealdisk::units::parse_size;
+use sealdisk::parse_size;
 
 /// Parse a target spec (see the module docs).
 pub fn parse_target(spec: &str) -> Result<Target, String> {
@@ -312,8 +312,8 @@ fn open_target(t: &Target) -> Result<BdevRef, String> {
     match t.encrypt {
         None => Ok(base),
         Some(ss) => {
-            let key: [u8; sealdisk::crypto::KEY_LEN] = loop {
-                let mut k = [0u8; sealdisk::crypto::KEY_LEN];
+            let key: [u8; sealdisk::KEY_LEN] = loop {
+                let mut k = [0u8; sealdisk::KEY_LEN];
                 rand::Rng::fill(&mut rand::thread_rng(), &mut k[..]);
                 if k[..32] != k[32..] {
                     break k;

@@ -65,7 +65,7 @@ impl Lent {
     /// Every segment must stay mapped, and be used by nobody but the request's
     /// bdev for writing, until the request completes. (Guest memory: the
     /// guest may still change the bytes; they are read once, never trusted.)
-    pub unsafe fn new(segs: LentSegs) -> Lent {
+    pub(crate) unsafe fn new(segs: LentSegs) -> Lent {
         let len = segs.iter().map(|s| s.1).sum();
         Lent { segs, len }
     }

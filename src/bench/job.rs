@@ -48,7 +48,6 @@ impl DirStats {
 /// What a finished job reports.
 #[derive(Debug, Clone)]
 pub struct JobResult {
-    pub name: String,
     pub reactor: usize,
     pub read: DirStats,
     pub write: DirStats,
@@ -445,7 +444,6 @@ impl Job {
     fn finish(&mut self) {
         let end = self.run_end.unwrap_or_else(Instant::now);
         let result = JobResult {
-            name: self.spec.name.clone(),
             reactor: self.reactor,
             read: std::mem::take(&mut self.read),
             write: std::mem::take(&mut self.write),

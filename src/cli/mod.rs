@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+mod bench;
 mod disk_stats;
 mod migrate;
 mod output;
@@ -17,11 +18,22 @@ mod serve;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Arg, ArgAction, ArgMatches, Command};
+use clap::{Arg, ArgAction, ArgMatches, Command, CommandFactory, FromArgMatches};
 use serde_json::{Map, Value};
 
 use crate::control::client::{Client, RpcError};
 use crate::control::{Method, METHODS};
+
+/// The `sealdisk` command: the control-plane subcommands (serve, check, rpc, one per
+/// method, ...) and the benchmarks (`bench`).
+pub fn main() -> ExitCode {
+    let matches = augment(bench::Cli::command()).get_matches();
+    if let Some(code) = dispatch(&matches) {
+        return code;
+    }
+    let cli = bench::Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    bench::run(cli.cmd)
+}
 
 /// `CreateDisk` → `create-disk`.
 pub fn kebab(method: &str) -> String {
@@ -80,7 +92,7 @@ fn connection_args(c: Command) -> Command {
 }
 
 /// Adds the control-plane subcommands to the binary's command.
-pub fn augment(mut cmd: Command) -> Command {
+fn augment(mut cmd: Command) -> Command {
     cmd = cmd
         .subcommand(serve::serve_command())
         .subcommand(serve::check_command())
@@ -115,7 +127,7 @@ pub fn augment(mut cmd: Command) -> Command {
 }
 
 /// Runs a control-plane subcommand; `None` if `m` is not one of them.
-pub fn dispatch(m: &ArgMatches) -> Option<ExitCode> {
+fn dispatch(m: &ArgMatches) -> Option<ExitCode> {
     let (name, sub) = m.subcommand()?;
     match name {
         "serve" => Some(serve::serve(sub)),

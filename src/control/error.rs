@@ -13,7 +13,6 @@ pub mod rpc_code {
     pub const INVALID_REQUEST: i64 = -32600;
     pub const METHOD_NOT_FOUND: i64 = -32601;
     pub const INVALID_PARAMS: i64 = -32602;
-    pub const INTERNAL_ERROR: i64 = -32603;
     /// Application errors (limits, state, not found, KMS, pool).
     pub const OPERATION_FAILED: i64 = -32000;
 }

@@ -23,7 +23,6 @@ pub enum Kind {
     Counter,
     Gauge,
     Histogram,
-    Summary,
 }
 
 impl Kind {
@@ -32,7 +31,6 @@ impl Kind {
             Kind::Counter => "counter",
             Kind::Gauge => "gauge",
             Kind::Histogram => "histogram",
-            Kind::Summary => "summary",
         }
     }
 }

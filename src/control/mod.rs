@@ -65,8 +65,7 @@ use crate::volume::Pool;
 use crate::frontend::vhost::{VhostConfig, VhostServer};
 pub use error::ControlError;
 pub use params::Params;
-pub use qos::{CategoryQos, QosConfig};
-pub use reactors::SlowPathSnapshot;
+pub use qos::QosConfig;
 
 /// Encryption sector of encrypted disks (plain64 tweak = byte offset / 4096).
 pub const ENCRYPTION_SECTOR: u32 = 4096;

@@ -85,10 +85,6 @@ impl RpcServer {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Stops accepting, waits for connection threads to notice, removes the socket.
     pub fn stop(mut self) {
         self.shutdown();

@@ -245,7 +245,7 @@ pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 /// (clone copies the parent's register file) or a core dump (each thread's saved XSAVE
 /// state) would carry them.
 #[inline(never)]
-pub fn scrub_stack() {
+pub(crate) fn scrub_stack() {
     let mut area = [0u8; 16 * 1024];
     area.zeroize();
     std::hint::black_box(&area);

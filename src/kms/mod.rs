@@ -38,15 +38,10 @@ use serde::{Deserialize, Serialize};
 use crate::crypto::{Xts, XtsError};
 use crate::secmem::SecretMem;
 
-pub use audit::{with_caller, AuditConfig, AuditEntry, Caller};
+pub use audit::{AuditConfig, AuditEntry, Caller};
 pub use error::{IdField, KmsError};
-pub use format::{
-    CMK_LEN, DATA_KEY_LEN, LABEL_CMK_AAD, LABEL_DATA_KEY, LABEL_KEYSTORE_KEY, LABEL_TRANSIT_CONTEXT, LABEL_WRAP_KEY,
-    LOCAL_BLOB_LEN, SALT_LEN, WRAPPED_FORMAT,
-};
-pub use local::{
-    LocalConfig, LocalKms, RootKeySource, KEYSTORE_FILE, ROOT_KEY_CREDENTIAL, ROOT_KEY_ENV, ROOT_KEY_FILE,
-};
+pub use format::DATA_KEY_LEN;
+pub use local::{LocalConfig, LocalKms, RootKeySource, ROOT_KEY_CREDENTIAL, ROOT_KEY_ENV};
 pub use quota::{Clock, ManualClock, QuotaConfig, RegionUsage, Reservation, SystemClock};
 pub use stats::{KmsBackendSnapshot, KmsStats, KmsStatsSnapshot};
 pub use transit::{TransitConfig, TransitKms};

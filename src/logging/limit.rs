@@ -5,7 +5,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Bits of the state word that count lines in the current window.
 const COUNT_BITS: u32 = 24;
@@ -58,11 +58,6 @@ impl RateLimit {
         RateLimit::new(10, 10_000)
     }
 
-    /// The window.
-    pub fn window(&self) -> Duration {
-        Duration::from_millis(self.window_ms)
-    }
-
     /// `Some(n)`: log this event, and say that `n` were suppressed since the last
     /// line; `None`: suppressed (counted).
     pub fn allow(&self) -> Option<u64> {
@@ -90,6 +85,7 @@ impl RateLimit {
     }
 
     /// Events suppressed since this limit was made.
+    #[cfg(test)]
     pub fn suppressed_total(&self) -> u64 {
         self.suppressed_total.load(Relaxed)
     }

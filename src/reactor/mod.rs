@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use crossbeam_queue::ArrayQueue;
 use io_uring::{opcode, types};
 
-pub use stats::{IoCount, IoSource, IoSources, ReactorStats, StatsSnapshot};
+pub use stats::{IoCount, IoSource, ReactorStats, StatsSnapshot};
 
 use crate::bdev::ChannelCtx;
 use crate::iobuf::BufPool;

@@ -6,8 +6,8 @@ pub mod guest;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sealdisk::bdev::{BdevRef, IoCompletion, IoError, IoOp, IoRequest};
-use sealdisk::reactor::{ReactorConfig, Reactors};
+use sealdisk::{BdevRef, IoCompletion, IoError, IoOp, IoRequest};
+use sealdisk::{ReactorConfig, Reactors};
 
 /// One request for [`run_ios`].
 #[derive(Clone, Debug)]
@@ -75,7 +75,7 @@ pub fn run_ios(reactors: &Reactors, r: usize, bdev: &BdevRef, ops: Vec<Op>) -> V
         .expect("reactor answers")
 }
 
-pub fn wait_one(ch: &mut dyn sealdisk::bdev::Channel) -> IoCompletion {
+pub fn wait_one(ch: &mut dyn sealdisk::Channel) -> IoCompletion {
     let t = Instant::now();
     let mut v = Vec::new();
     loop {
@@ -104,8 +104,8 @@ pub fn test_key(seed: u8) -> [u8; 64] {
     core::array::from_fn(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
 }
 
-pub fn xts(seed: u8) -> Arc<sealdisk::crypto::Xts> {
-    Arc::new(sealdisk::crypto::Xts::new(&test_key(seed)).unwrap())
+pub fn xts(seed: u8) -> Arc<sealdisk::Xts> {
+    Arc::new(sealdisk::Xts::new(&test_key(seed)).unwrap())
 }
 
 pub fn is_ok(d: &Done) -> bool {
@@ -155,7 +155,7 @@ pub fn wait_task(
 
 /// A minimal NBD client over a unix socket: fixed-newstyle greeting, no zeroes.
 pub fn nbd_hello(sock: &std::path::Path) -> std::os::unix::net::UnixStream {
-    use sealdisk::frontend::nbd::proto::*;
+    use sealdisk::testing::nbd::*;
     use std::io::{Read, Write};
     let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap_or_else(|e| panic!("{}: {e}", sock.display()));
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
@@ -169,7 +169,7 @@ pub fn nbd_hello(sock: &std::path::Path) -> std::os::unix::net::UnixStream {
 
 /// Sends option `opt` with `data`.
 pub fn nbd_option(s: &mut std::os::unix::net::UnixStream, opt: u32, data: &[u8]) {
-    use sealdisk::frontend::nbd::proto::IHAVEOPT;
+    use sealdisk::testing::nbd::IHAVEOPT;
     use std::io::Write;
     let mut m = IHAVEOPT.to_be_bytes().to_vec();
     m.extend_from_slice(&opt.to_be_bytes());
@@ -191,7 +191,7 @@ pub fn nbd_reply(s: &mut std::os::unix::net::UnixStream) -> (u32, Vec<u8>) {
 /// Greeting and `NBD_OPT_GO` for `export`: the connection in transmission, or the
 /// error reply type.
 pub fn nbd_go(sock: &std::path::Path, export: &str) -> Result<std::os::unix::net::UnixStream, u32> {
-    use sealdisk::frontend::nbd::proto::*;
+    use sealdisk::testing::nbd::*;
     let mut s = nbd_hello(sock);
     let mut d = (export.len() as u32).to_be_bytes().to_vec();
     d.extend_from_slice(export.as_bytes());
@@ -257,7 +257,7 @@ pub fn start_daemon(bin: &str, data: &std::path::Path, args: &[&str], env: &[(&s
         .spawn()
         .unwrap();
     let t = Instant::now();
-    while sealdisk::control::client::Client::connect(&data.join("sealdisk.sock")).is_err() {
+    while sealdisk::Client::connect(&data.join("sealdisk.sock")).is_err() {
         assert!(t.elapsed() < Duration::from_secs(30), "daemon did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -266,7 +266,7 @@ pub fn start_daemon(bin: &str, data: &std::path::Path, args: &[&str], env: &[(&s
 
 /// One RPC as account `acct1` in `cn-hangzhou`; panics on an error reply.
 pub fn rpc(data: &std::path::Path, method: &str, mut params: serde_json::Value) -> serde_json::Value {
-    let mut c = sealdisk::control::client::Client::connect(&data.join("sealdisk.sock")).unwrap();
+    let mut c = sealdisk::Client::connect(&data.join("sealdisk.sock")).unwrap();
     params["AccountId"] = "acct1".into();
     params["RegionId"] = "cn-hangzhou".into();
     c.call(method, params).unwrap_or_else(|e| panic!("{method}: {e}"))
@@ -300,7 +300,7 @@ pub fn nbd_cmd(
     payload: &[u8],
     read_len: usize,
 ) -> (u32, Vec<u8>) {
-    use sealdisk::frontend::nbd::proto::*;
+    use sealdisk::testing::nbd::*;
     use std::io::{Read, Write};
     let mut m = REQUEST_MAGIC.to_be_bytes().to_vec();
     m.extend_from_slice(&0u16.to_be_bytes());
@@ -325,12 +325,12 @@ pub fn nbd_cmd(
 
 /// An NBD write of `data` at `offset`: the reply's error (0 = done).
 pub fn nbd_write(s: &mut std::os::unix::net::UnixStream, cookie: u64, offset: u64, data: &[u8]) -> u32 {
-    use sealdisk::frontend::nbd::proto::CMD_WRITE;
+    use sealdisk::testing::nbd::CMD_WRITE;
     nbd_cmd(s, CMD_WRITE, cookie, offset, data.len() as u32, data, 0).0
 }
 
 /// An NBD read: (error, data).
 pub fn nbd_read(s: &mut std::os::unix::net::UnixStream, cookie: u64, offset: u64, len: u32) -> (u32, Vec<u8>) {
-    use sealdisk::frontend::nbd::proto::CMD_READ;
+    use sealdisk::testing::nbd::CMD_READ;
     nbd_cmd(s, CMD_READ, cookie, offset, len, &[], len as usize)
 }

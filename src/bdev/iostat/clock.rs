@@ -99,11 +99,6 @@ impl Clock {
     pub fn ns_since(&self, earlier: u64) -> u64 {
         self.ns(self.ticks().saturating_sub(earlier))
     }
-
-    /// Whether ticks come from the time-stamp counter.
-    pub fn is_tsc(&self) -> bool {
-        self.tsc
-    }
 }
 
 #[cfg(test)]

@@ -238,7 +238,7 @@ impl GuestMem {
     /// (no overlapping `slice_mut`, and no [`GuestBuf`] accessor for them), and
     /// no request in flight may let the device access them.
     #[allow(clippy::mut_from_ref)]
-    pub unsafe fn slice_mut(&self, gpa: u64, len: usize) -> io::Result<&mut [u8]> {
+    pub(crate) unsafe fn slice_mut(&self, gpa: u64, len: usize) -> io::Result<&mut [u8]> {
         let p = self.ptr(gpa, len)?;
         // SAFETY: p..p+len is inside our mapping (checked), which lives as
         // long as `self`; exclusivity is the caller's promise (see above).

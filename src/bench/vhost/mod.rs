@@ -7,9 +7,7 @@ pub mod driver;
 pub mod mem;
 pub mod virtq;
 
-pub use driver::{BlkConfig, Driver, DriverOptions, Negotiated};
-pub use mem::{GuestBuf, GuestMem, Seg};
-pub use virtq::{blk_header, BlkOp, BlkRange, Completion, QueueStats, RawDesc, Virtq};
+pub use driver::{BlkConfig, Negotiated};
 
 /// Errors of the driver.
 #[derive(Debug)]

@@ -44,7 +44,7 @@ use request::Malformed;
 /// the reactor count (several queues then share a reactor).
 pub const DEFAULT_QUEUES: u16 = 16;
 
-pub use crate::layout::{vhost_socket as socket_path, VHOST_DIR};
+pub use crate::layout::VHOST_DIR;
 
 /// What the queues of one disk share: the disk and its settings.
 pub struct DiskInfo {
