@@ -23,13 +23,13 @@ use crate::reactor::{ReactorConfig, Reactors};
 use crate::volume::{Faults, Pool};
 use tracing::{error, info, warn};
 
-pub use crate::layout::{NBD_SOCKET_FILE, POOL_FILE, SOCKET_FILE};
+pub(crate) use crate::layout::{NBD_SOCKET_FILE, POOL_FILE, SOCKET_FILE};
 /// Default size of a new pool file (sparse).
-pub const DEFAULT_POOL_SIZE: u64 = 64 << 30;
+pub(crate) const DEFAULT_POOL_SIZE: u64 = 64 << 30;
 
 /// Everything `serve` needs.
 #[derive(Debug, Clone)]
-pub struct DaemonConfig {
+pub(crate) struct DaemonConfig {
     pub data_dir: PathBuf,
     /// Pool file or block device (default `DATA_DIR/pool.img`).
     pub pool_path: Option<PathBuf>,
@@ -64,7 +64,7 @@ pub struct DaemonConfig {
 
 impl DaemonConfig {
     /// Embedded defaults: local KMS, pool file in the data directory, all cores.
-    pub fn new(data_dir: impl Into<PathBuf>) -> DaemonConfig {
+    pub(crate) fn new(data_dir: impl Into<PathBuf>) -> DaemonConfig {
         let data_dir = data_dir.into();
         DaemonConfig {
             kms: KmsConfig::local(&data_dir),
@@ -86,23 +86,23 @@ impl DaemonConfig {
         }
     }
 
-    pub fn nbd_socket_path(&self) -> PathBuf {
+    pub(crate) fn nbd_socket_path(&self) -> PathBuf {
         self.nbd_socket
             .clone()
             .unwrap_or_else(|| self.data_dir.join(NBD_SOCKET_FILE))
     }
 
-    pub fn socket_path(&self) -> PathBuf {
+    pub(crate) fn socket_path(&self) -> PathBuf {
         self.socket.clone().unwrap_or_else(|| self.data_dir.join(SOCKET_FILE))
     }
 
-    pub fn pool_path(&self) -> PathBuf {
+    pub(crate) fn pool_path(&self) -> PathBuf {
         self.pool_path.clone().unwrap_or_else(|| self.data_dir.join(POOL_FILE))
     }
 }
 
 /// A running daemon.
-pub struct Daemon {
+pub(crate) struct Daemon {
     control: Arc<Control>,
     server: Option<RpcServer>,
     reactors: Option<Arc<Reactors>>,
@@ -116,7 +116,7 @@ pub struct Daemon {
 
 impl Daemon {
     /// Opens or creates the data directory's state and starts serving.
-    pub fn start(cfg: DaemonConfig) -> Result<Daemon, String> {
+    pub(crate) fn start(cfg: DaemonConfig) -> Result<Daemon, String> {
         let dir = &cfg.data_dir;
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         // Owner-only, except that the VMM group may pass through to its instances'
@@ -297,7 +297,7 @@ impl Daemon {
     }
 
     /// Clean shutdown: RPC off, every export removed (keys wiped), reactors stopped.
-    pub fn shutdown(mut self) {
+    pub(crate) fn shutdown(mut self) {
         // Background tasks first (a copy stops between batches and cleans up).
         let left = self.control.cancel_tasks(std::time::Duration::from_secs(3));
         if left > 0 {
@@ -319,7 +319,7 @@ impl Daemon {
 
 /// Blocks SIGTERM and SIGINT in this thread (and every thread it starts later) so that
 /// [`wait_for_signal`] receives them.
-pub fn block_signals() {
+pub(crate) fn block_signals() {
     // SAFETY: plain sigset manipulation on a local set; the results are checked.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -331,7 +331,7 @@ pub fn block_signals() {
 }
 
 /// Waits for SIGTERM or SIGINT (blocked with [`block_signals`]); returns its number.
-pub fn wait_for_signal() -> i32 {
+pub(crate) fn wait_for_signal() -> i32 {
     // SAFETY: sigwait on a set of blocked signals; `sig` is written by the kernel.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -355,7 +355,7 @@ pub const EXIT_DATA_PATH_PANIC: i32 = 70;
 /// RPCs while its disks are unreachable is the worst way to fail. The log
 /// line says which thread and why; the exit status is non-zero so the
 /// supervisor restarts the daemon and recovery runs (as after a kill).
-pub fn exit_on_data_path_panic() {
+pub(crate) fn exit_on_data_path_panic() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         let name = std::thread::current().name().unwrap_or("").to_string();
@@ -378,7 +378,7 @@ pub fn exit_on_data_path_panic() {
 
 /// Raises the soft open-files limit to the hard one (every NBD connection
 /// takes a descriptor) and returns the limit in force.
-pub fn raise_nofile_limit() -> u64 {
+pub(crate) fn raise_nofile_limit() -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -402,7 +402,7 @@ pub fn raise_nofile_limit() -> u64 {
 }
 
 /// `sealdisk serve`: start, wait for SIGTERM/SIGINT, shut down.
-pub fn run(cfg: DaemonConfig) -> Result<(), String> {
+pub(crate) fn run(cfg: DaemonConfig) -> Result<(), String> {
     block_signals();
     exit_on_data_path_panic();
     let nofile = raise_nofile_limit();

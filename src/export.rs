@@ -82,7 +82,7 @@ impl Exports {
     }
 }
 
-pub use crate::layout::{instance_socket, INSTANCES_DIR, INSTANCE_SOCKET};
+pub(crate) use crate::layout::{instance_socket, INSTANCES_DIR, INSTANCE_SOCKET};
 
 /// Per-instance export registries: an instance's NBD socket
 /// (`DATA_DIR/instances/<InstanceId>/nbd.sock`) serves exactly the disks attached to

@@ -68,7 +68,7 @@ pub fn parse_rfc3339(s: &str) -> Result<u64, String> {
 }
 
 /// Seconds and nanoseconds since the Unix epoch, now.
-pub fn now_unix() -> (u64, u32) {
+pub(crate) fn now_unix() -> (u64, u32) {
     let d = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
@@ -77,7 +77,7 @@ pub fn now_unix() -> (u64, u32) {
 
 /// RFC 3339 UTC time stamp, e.g. `2026-11-28T02:42:45.123Z` (milliseconds) or without
 /// fraction when `millis` is `None`.
-pub fn rfc3339(secs: u64, millis: Option<u32>) -> String {
+pub(crate) fn rfc3339(secs: u64, millis: Option<u32>) -> String {
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
     let (y, m, d) = civil_from_days(days);
@@ -89,12 +89,12 @@ pub fn rfc3339(secs: u64, millis: Option<u32>) -> String {
 }
 
 /// Now, RFC 3339 UTC with seconds (`2026-11-28T02:42:45Z`).
-pub fn now_rfc3339() -> String {
+pub(crate) fn now_rfc3339() -> String {
     rfc3339(now_unix().0, None)
 }
 
 /// Now, RFC 3339 UTC with milliseconds.
-pub fn now_rfc3339_millis() -> String {
+pub(crate) fn now_rfc3339_millis() -> String {
     let (s, ns) = now_unix();
     rfc3339(s, Some(ns / 1_000_000))
 }

@@ -13,13 +13,13 @@
 //! Requests own their buffer ([`IoBuf`]) until the completion gives it back,
 //! so no buffer can be freed or reused while the device still uses it.
 
-pub mod crypto;
-pub mod iostat;
-pub mod malloc;
-pub mod null;
-pub mod qos;
-pub mod slab;
-pub mod uring;
+pub(crate) mod crypto;
+pub(crate) mod iostat;
+pub(crate) mod malloc;
+pub(crate) mod null;
+pub(crate) mod qos;
+pub(crate) mod slab;
+pub(crate) mod uring;
 
 use std::fmt;
 use std::rc::Rc;
@@ -58,7 +58,7 @@ pub struct Lent {
 
 /// The (pointer, length) pieces of a [`Lent`]; one is kept inline (a 4 KiB
 /// guest request is one page), more go to the heap.
-pub type LentSegs = smallvec::SmallVec<[(*mut u8, usize); 1]>;
+pub(crate) type LentSegs = smallvec::SmallVec<[(*mut u8, usize); 1]>;
 
 impl Lent {
     /// # Safety
@@ -276,7 +276,7 @@ impl std::error::Error for IoError {}
 /// Wakes the reactor that owns a channel (cheap when it is not parked).
 /// Work completed on another thread (the volume metadata thread) calls it
 /// after posting its answer, so the reactor does not sleep on it.
-pub type Waker = Arc<dyn Fn() + Send + Sync>;
+pub(crate) type Waker = Arc<dyn Fn() + Send + Sync>;
 
 /// Per-reactor resources a channel may use: the reactor's ring, buffer pool
 /// and waker. Given to [`Bdev::open_channel`] by the reactor that will own it.
@@ -381,14 +381,14 @@ pub trait Channel {
 /// back-pressure handling: a request the lower channel refuses waits here and
 /// goes first, in order, on the next poll, so a vbdev never drops or
 /// reorders what it sends down.
-pub struct Lower {
+pub(crate) struct Lower {
     chan: Box<dyn Channel>,
     deferred: std::collections::VecDeque<IoRequest>,
     scratch: Vec<IoCompletion>,
 }
 
 impl Lower {
-    pub fn new(chan: Box<dyn Channel>) -> Lower {
+    pub(crate) fn new(chan: Box<dyn Channel>) -> Lower {
         Lower {
             chan,
             deferred: Default::default(),
@@ -397,7 +397,7 @@ impl Lower {
     }
 
     /// Send a request down (or queue it behind earlier refused ones).
-    pub fn submit(&mut self, req: IoRequest) {
+    pub(crate) fn submit(&mut self, req: IoRequest) {
         if !self.deferred.is_empty() {
             self.deferred.push_back(req);
         } else if let Err(r) = self.chan.submit(req) {
@@ -407,7 +407,7 @@ impl Lower {
 
     /// Retry refused requests, then collect the lower channel's completions.
     /// Hand the vector back with [`Lower::recycle`] to reuse its storage.
-    pub fn poll(&mut self) -> Vec<IoCompletion> {
+    pub(crate) fn poll(&mut self) -> Vec<IoCompletion> {
         while let Some(r) = self.deferred.pop_front() {
             if let Err(r) = self.chan.submit(r) {
                 self.deferred.push_front(r);
@@ -420,30 +420,30 @@ impl Lower {
     }
 
     /// Return the (drained) vector from [`Lower::poll`].
-    pub fn recycle(&mut self, v: Vec<IoCompletion>) {
+    pub(crate) fn recycle(&mut self, v: Vec<IoCompletion>) {
         debug_assert!(v.is_empty());
         self.scratch = v;
     }
 
     /// Requests refused by the lower channel, waiting to be resent.
-    pub fn has_deferred(&self) -> bool {
+    pub(crate) fn has_deferred(&self) -> bool {
         !self.deferred.is_empty()
     }
 
     /// Drop the requests not yet accepted below (their buffers go back to
     /// the pool): for a caller that will answer nothing more.
-    pub fn drop_deferred(&mut self) {
+    pub(crate) fn drop_deferred(&mut self) {
         self.deferred.clear();
     }
 
     /// Requests the lower channel holds.
-    pub fn in_flight(&self) -> usize {
+    pub(crate) fn in_flight(&self) -> usize {
         self.chan.in_flight()
     }
 }
 
 /// Check a request against a device's geometry.
-pub fn validate(req: &IoRequest, block_size: u32, capacity: u64, max_io: u64) -> Result<(), IoError> {
+pub(crate) fn validate(req: &IoRequest, block_size: u32, capacity: u64, max_io: u64) -> Result<(), IoError> {
     let len = match req.op {
         IoOp::Flush => return Ok(()),
         IoOp::Read | IoOp::Write => match (&req.buf, &req.lent) {

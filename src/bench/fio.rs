@@ -121,10 +121,10 @@ pub struct TargetSpec {
     pub sector_size: Option<u32>,
 }
 
-pub use crate::units::parse_size;
+pub(crate) use crate::units::parse_size;
 
 /// fio time: seconds by default, or with a us/ms/s/m/h suffix.
-pub fn parse_time(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_time(s: &str) -> Result<Duration, String> {
     let t = s.trim().to_ascii_lowercase();
     let bad = || format!("bad time {s:?}: use e.g. 10, 10s, 500ms, 2m");
     let (num, unit) = t
@@ -161,7 +161,7 @@ fn parse_u32(key: &str, v: &str, min: u32, max: u32) -> Result<u32, String> {
 }
 
 /// Apply one `key[=value]` to a job and target.
-pub fn apply(job: &mut JobSpec, target: &mut TargetSpec, key: &str, value: Option<&str>) -> Result<(), String> {
+pub(crate) fn apply(job: &mut JobSpec, target: &mut TargetSpec, key: &str, value: Option<&str>) -> Result<(), String> {
     let key = key.trim();
     let need = || value.ok_or_else(|| format!("option {key} needs a value ({key}=...)"));
     match key {
@@ -228,7 +228,7 @@ pub struct FileJob {
 
 /// Parse a fio job file. `base` is applied first (command-line options),
 /// then `[global]`, then the job's own section.
-pub fn parse_job_file(text: &str, base: &JobSpec, base_target: &TargetSpec) -> Result<Vec<FileJob>, String> {
+pub(crate) fn parse_job_file(text: &str, base: &JobSpec, base_target: &TargetSpec) -> Result<Vec<FileJob>, String> {
     let mut global = (base.clone(), base_target.clone());
     let mut jobs: Vec<FileJob> = Vec::new();
     let mut current: Option<usize> = None; // None = global section or before any
@@ -367,7 +367,7 @@ mod tests {
 /// in fio's spelling (`--rw=randread --bs=4k --iodepth=32`), and the job file they
 /// apply to.
 #[derive(Debug, Clone, Default, clap::Args)]
-pub struct FioArgs {
+pub(crate) struct FioArgs {
     /// A fio job file ([global] + job sections); command-line options apply first.
     pub job_file: Option<std::path::PathBuf>,
     #[arg(long)]
@@ -415,7 +415,7 @@ impl FioArgs {
     /// The jobs: these options and a bench's own `extra` ones (key, value), applied
     /// to the defaults, then `target` adjusted by the caller, then the job file
     /// (if any) on top.
-    pub fn jobs(
+    pub(crate) fn jobs(
         &self,
         extra: &[(&str, &Option<String>)],
         adjust: impl FnOnce(&mut TargetSpec),

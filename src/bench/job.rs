@@ -47,7 +47,7 @@ impl DirStats {
 
 /// What a finished job reports.
 #[derive(Debug, Clone)]
-pub struct JobResult {
+pub(crate) struct JobResult {
     pub reactor: usize,
     pub read: DirStats,
     pub write: DirStats,
@@ -60,7 +60,7 @@ pub struct JobResult {
 
 /// Live counters for the progress line.
 #[derive(Debug, Default)]
-pub struct Progress {
+pub(crate) struct Progress {
     pub ios: AtomicU64,
     pub bytes: AtomicU64,
 }
@@ -95,7 +95,7 @@ pub fn fill_verify_block(block: &mut [u8], offset: u64, seed: u64) {
 
 /// fio's `scramble_buffers`: write `offset` and `stamp` into the first 16
 /// bytes of every 512-byte piece of `buf` (fio stamps each piece too).
-pub fn scramble(buf: &mut [u8], offset: u64, stamp: u64) {
+pub(crate) fn scramble(buf: &mut [u8], offset: u64, stamp: u64) {
     for (i, piece) in buf.chunks_mut(512).enumerate() {
         if piece.len() >= 16 {
             piece[..8].copy_from_slice(&(offset + 512 * i as u64).to_le_bytes());
@@ -107,7 +107,7 @@ pub fn scramble(buf: &mut [u8], offset: u64, stamp: u64) {
 /// fio's `refill_buffers`: overwrite `buf` with fresh pseudo-random bytes
 /// from `state` (four interleaved xorshift64 streams, so the loop is not one
 /// serial dependency chain).
-pub fn refill(buf: &mut [u8], state: &mut [u64; 4]) {
+pub(crate) fn refill(buf: &mut [u8], state: &mut [u64; 4]) {
     for chunk in buf.chunks_mut(32) {
         let mut out = [0u8; 32];
         for (lane, x) in state.iter_mut().enumerate() {
@@ -150,7 +150,7 @@ struct Slot {
 }
 
 /// The job poller.
-pub struct Job {
+pub(crate) struct Job {
     spec: JobSpec,
     reactor: usize,
     chan: Box<dyn Channel>,
@@ -191,7 +191,7 @@ impl Job {
     /// A job over `[offset, offset+size)` of the device behind `chan`
     /// (`capacity` bytes). Buffers come from the reactor's pool.
     #[allow(clippy::too_many_arguments)]
-    pub fn new(
+    pub(crate) fn new(
         spec: JobSpec,
         index: u32,
         ctx: &ReactorCtx,

@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use crate::control::client::{Client, RpcError};
 
-pub fn command(c: Command) -> Command {
+pub(super) fn command(c: Command) -> Command {
     c.about("A disk's I/O like iostat: r/s w/s rMB/s wMB/s r_await w_await p99s errors (--watch [SECONDS] refreshes)")
         .arg(
             Arg::new("watch")
@@ -51,7 +51,7 @@ fn ms(v: &Value, k: &str) -> f64 {
 }
 
 /// One iostat-like line for a datapoint (`None`: no data for the interval).
-pub fn line(t: &str, p: Option<&Value>) -> String {
+pub(super) fn line(t: &str, p: Option<&Value>) -> String {
     let Some(p) = p else {
         return format!("{t:<20}  (no data: the disk is not attached, or the daemon has not sampled it yet)");
     };
@@ -91,7 +91,7 @@ fn first_point(v: &Value) -> Option<&Value> {
 }
 
 /// Runs `disk-stats`; `params` are the Key=Value parameters with AccountId/RegionId.
-pub fn run(m: &ArgMatches, mut c: Client, params: Value) -> ExitCode {
+pub(super) fn run(m: &ArgMatches, mut c: Client, params: Value) -> ExitCode {
     let json = m.get_flag("json");
     let fail = |e: RpcError| {
         if json {

@@ -36,7 +36,7 @@ pub fn main() -> ExitCode {
 }
 
 /// `CreateDisk` → `create-disk`.
-pub fn kebab(method: &str) -> String {
+pub(crate) fn kebab(method: &str) -> String {
     let mut s = String::new();
     let b = method.as_bytes();
     for (i, c) in method.char_indices() {
@@ -162,7 +162,7 @@ fn fail(code: &str, msg: &str, exit: u8) -> ExitCode {
 }
 
 /// Parses `Key=Value` / `Key:=JSON` pairs.
-pub fn parse_params(args: &[String]) -> Result<Map<String, Value>, String> {
+pub(crate) fn parse_params(args: &[String]) -> Result<Map<String, Value>, String> {
     let mut out = Map::new();
     for a in args {
         if let Some((k, v)) = a.split_once(":=") {

@@ -11,7 +11,7 @@ use crate::kms::{KmsConfig, QuotaConfig, TransitConfig};
 
 use crate::units::parse_size;
 
-pub fn serve_command() -> Command {
+pub(super) fn serve_command() -> Command {
     Command::new("serve")
         .about("Run the daemon: catalog, pool, KMS, reactors and the JSON-RPC socket DATA_DIR/sealdisk.sock")
         .arg(
@@ -162,7 +162,7 @@ pub fn serve_command() -> Command {
         )
 }
 
-pub fn check_command() -> Command {
+pub(super) fn check_command() -> Command {
     Command::new("check")
         .about("Check pool against catalog offline (daemon stopped); exits 1 on any inconsistency")
         .arg(
@@ -270,7 +270,7 @@ fn logging(m: &ArgMatches) -> Result<(), crate::logging::LogError> {
     crate::logging::init(format, m.get_one::<String>("log-level").map(String::as_str))
 }
 
-pub fn serve(m: &ArgMatches) -> ExitCode {
+pub(super) fn serve(m: &ArgMatches) -> ExitCode {
     if let Err(e) = logging(m) {
         eprintln!("sealdisk serve: {e}");
         return ExitCode::from(2);
@@ -285,7 +285,7 @@ pub fn serve(m: &ArgMatches) -> ExitCode {
     }
 }
 
-pub fn check(m: &ArgMatches) -> ExitCode {
+pub(super) fn check(m: &ArgMatches) -> ExitCode {
     let dir = m.get_one::<PathBuf>("data-dir").expect("required");
     let pool = m.get_one::<PathBuf>("pool");
     match crate::control::check::check_data_dir(dir, pool.map(PathBuf::as_path)) {

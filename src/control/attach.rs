@@ -21,7 +21,7 @@ use crate::export::Export;
 use crate::kms::{CallOpts, DataKey, KeyContext, Reservation};
 
 /// Disks put back on the data path, and the ones that failed (disk id, error).
-pub type Restored = (Vec<String>, Vec<(String, ControlError)>);
+pub(super) type Restored = (Vec<String>, Vec<(String, ControlError)>);
 
 impl Control {
     /// The block device of a disk for the data path. With `key` the plaintext key is

@@ -127,7 +127,7 @@ fn unreferenced(
 /// it) leaves such a volume (an interrupted MigrateDisk's volumes are named by its
 /// migration row and stay, to be resumed), so this is safe only while no operation runs:
 /// the daemon calls it at start, before it serves anyone.
-pub fn sweep_unreferenced(db: &redb::Database, pool: &Pool) -> Result<Vec<String>, ControlError> {
+pub(crate) fn sweep_unreferenced(db: &redb::Database, pool: &Pool) -> Result<Vec<String>, ControlError> {
     let r = db.begin_read().map_err(|e| ControlError::Catalog(catalog::db_err(e)))?;
     let disks: Vec<DiskRecord> = catalog::list_r(&r)?;
     let snaps: Vec<SnapshotRecord> = catalog::list_r(&r)?;
@@ -150,7 +150,7 @@ pub fn sweep_unreferenced(db: &redb::Database, pool: &Pool) -> Result<Vec<String
 
 /// `sealdisk check`: opens the catalog and pool of a data directory (the daemon must be
 /// stopped) and checks them.
-pub fn check_data_dir(data_dir: &Path, pool_path: Option<&Path>) -> Result<Report, String> {
+pub(crate) fn check_data_dir(data_dir: &Path, pool_path: Option<&Path>) -> Result<Report, String> {
     let cat = data_dir.join(catalog::CATALOG_FILE);
     if !cat.exists() {
         return Err(format!(

@@ -22,15 +22,15 @@ use std::time::Duration;
 use super::metrics::Registry;
 
 /// Largest request head read.
-pub const MAX_REQUEST: usize = 8 << 10;
+pub(crate) const MAX_REQUEST: usize = 8 << 10;
 /// Time a client has to send its request head.
-pub const READ_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const READ_TIMEOUT: Duration = Duration::from_secs(2);
 /// Content type of the exposition format.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub(crate) const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Where the endpoint listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MetricsAddr {
+pub(crate) enum MetricsAddr {
     /// A loopback TCP address.
     Tcp(SocketAddr),
     /// A unix socket path (absolute).
@@ -49,7 +49,7 @@ impl fmt::Display for MetricsAddr {
 impl MetricsAddr {
     /// `127.0.0.1:PORT` (or `[::1]:PORT`), `unix:/path`, or an absolute path. Any other
     /// TCP address is refused: the endpoint has no authentication.
-    pub fn parse(s: &str) -> Result<MetricsAddr, String> {
+    pub(crate) fn parse(s: &str) -> Result<MetricsAddr, String> {
         let path = s.strip_prefix("unix:").or_else(|| s.starts_with('/').then_some(s));
         if let Some(p) = path {
             if !p.starts_with('/') {
@@ -78,7 +78,7 @@ enum Listener {
 }
 
 /// The running endpoint; stops on drop.
-pub struct MetricsServer {
+pub(crate) struct MetricsServer {
     addr: MetricsAddr,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -86,7 +86,7 @@ pub struct MetricsServer {
 
 impl MetricsServer {
     /// Binds `addr` and serves `registry` on a thread of its own.
-    pub fn start(addr: &MetricsAddr, registry: Arc<Registry>) -> io::Result<MetricsServer> {
+    pub(crate) fn start(addr: &MetricsAddr, registry: Arc<Registry>) -> io::Result<MetricsServer> {
         let (listener, bound) = match addr {
             MetricsAddr::Tcp(a) => {
                 let l = TcpListener::bind(a).map_err(|e| io::Error::new(e.kind(), format!("{a}: {e}")))?;
@@ -115,7 +115,7 @@ impl MetricsServer {
     }
 
     /// The address it listens on (with the port the kernel chose for port 0).
-    pub fn addr(&self) -> &MetricsAddr {
+    pub(crate) fn addr(&self) -> &MetricsAddr {
         &self.addr
     }
 }
@@ -171,14 +171,14 @@ impl<T: Read + Write> ReadWrite for T {}
 
 /// What a request head asks for.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Request {
+pub(crate) enum Request {
     Metrics,
     NotFound,
     Bad(&'static str),
 }
 
 /// Reads a request head from `r`: up to the blank line, at most [`MAX_REQUEST`] bytes.
-pub fn read_head(r: &mut dyn Read) -> io::Result<Result<Vec<u8>, &'static str>> {
+pub(crate) fn read_head(r: &mut dyn Read) -> io::Result<Result<Vec<u8>, &'static str>> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     loop {
@@ -198,7 +198,7 @@ pub fn read_head(r: &mut dyn Read) -> io::Result<Result<Vec<u8>, &'static str>> 
 }
 
 /// Classifies a request head.
-pub fn route(head: &[u8]) -> Request {
+pub(crate) fn route(head: &[u8]) -> Request {
     let Ok(text) = std::str::from_utf8(head) else {
         return Request::Bad("request head is not UTF-8");
     };

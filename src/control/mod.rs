@@ -26,28 +26,28 @@
 #![forbid(unsafe_code)]
 
 mod attach;
-pub mod check;
-pub mod client;
+pub(crate) mod check;
+pub(crate) mod client;
 mod copy;
 mod disks;
-pub mod error;
+pub(crate) mod error;
 mod images;
 mod instances;
 mod job;
 mod kms_ops;
-pub mod metrics;
-pub mod metrics_http;
+pub(crate) mod metrics;
+pub(crate) mod metrics_http;
 mod migrate;
-pub mod monitor;
-pub mod nbd_client;
-pub mod params;
-pub mod qos;
+pub(crate) mod monitor;
+pub(crate) mod nbd_client;
+pub(crate) mod params;
+pub(crate) mod qos;
 mod reactors;
-pub mod rpc;
-pub mod server;
+pub(crate) mod rpc;
+pub(crate) mod server;
 mod snapshots;
 mod tasks;
-pub mod util;
+pub(crate) mod util;
 mod view;
 
 use std::path::PathBuf;
@@ -68,12 +68,12 @@ pub use params::Params;
 pub use qos::QosConfig;
 
 /// Encryption sector of encrypted disks (plain64 tweak = byte offset / 4096).
-pub const ENCRYPTION_SECTOR: u32 = 4096;
+pub(crate) const ENCRYPTION_SECTOR: u32 = 4096;
 
 /// Every JSON-RPC method, in the order `rpc --list` shows them.
 /// One JSON-RPC method. This table is the one list of them: the server dispatches
 /// through it, and the CLI makes its subcommands and help from it.
-pub struct Method {
+pub(crate) struct Method {
     /// The ECS action name (`CreateDisk`).
     pub name: &'static str,
     /// What it does, for the CLI's help.
@@ -87,7 +87,7 @@ pub struct Method {
 }
 
 /// Every method, in the order `sealdisk rpc --list` shows them.
-pub static METHODS: &[Method] = &[
+pub(crate) static METHODS: &[Method] = &[
     Method {
         name: "ActivateKms",
         about: "Activate (authorise) KMS for an account in a region",
@@ -315,7 +315,7 @@ pub static METHODS: &[Method] = &[
 ];
 
 /// The method called `name`.
-pub fn method(name: &str) -> Option<&'static Method> {
+pub(crate) fn method(name: &str) -> Option<&'static Method> {
     METHODS.iter().find(|m| m.name == name)
 }
 

@@ -10,7 +10,7 @@ use super::XtsError;
 /// The environment variable that forces a kernel: `portable`, `aesni` or
 /// `vaes-avx2`. Asking for one the CPU lacks is an error, not a silent
 /// fallback, so a benchmark never measures something other than it says.
-pub const KERNEL_ENV: &str = "SEALDISK_XTS_KERNEL";
+pub(super) const KERNEL_ENV: &str = "SEALDISK_XTS_KERNEL";
 
 #[cfg(target_arch = "x86_64")]
 cpufeatures::new!(cpuid_aesni, "aes", "pclmulqdq", "sse4.1");

@@ -45,22 +45,22 @@ use crate::uring::{Ring, Route};
 const PART_BITS: u32 = 16;
 /// Largest request taken (larger ones are answered IOERR): bounded so one
 /// request can always get its buffers from the reactor's pool.
-pub const MAX_REQUEST_BYTES: u64 = 32 << 20;
+pub(crate) const MAX_REQUEST_BYTES: u64 = 32 << 20;
 /// Ranges per discard / write-zeroes request.
-pub const MAX_RANGES: usize = 16;
+pub(crate) const MAX_RANGES: usize = 16;
 /// Longest range of a discard / write-zeroes, in sectors (the bdev's
 /// request size for trims).
-pub const MAX_RANGE_SECTORS: u32 = (32 << 20) / SECTOR as u32;
+pub(crate) const MAX_RANGE_SECTORS: u32 = (32 << 20) / SECTOR as u32;
 
 /// Where a stopped queue left off (GET_VRING_BASE answers `next_avail`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Stopped {
+pub(crate) struct Stopped {
     pub next_avail: u16,
     pub next_used: u16,
 }
 
 /// What the control thread shares with a running queue.
-pub struct QueueShared {
+pub(crate) struct QueueShared {
     stop: AtomicBool,
     /// The call eventfd (raw; owned by the control side, which closes an old
     /// one only after a reactor round trip).
