@@ -53,12 +53,15 @@ pub use bdev::malloc::MallocBdev;
 pub use bdev::null::NullBdev;
 pub use bdev::qos::{QosBdev, QosLimits};
 pub use bdev::uring::{Iopoll, UringBdev, UringOpts};
-pub use bdev::{Bdev, BdevRef, Channel, ChannelCtx, IoCompletion, IoError, IoOp, IoRequest, MAX_IO_BYTES};
+pub use bdev::{
+    Bdev, BdevRef, Channel, ChannelCtx, IoCompletion, IoError, IoOp, IoRequest, IopollError, StackError, MAX_IO_BYTES,
+};
 
 // Reactors: the polling threads, their rings and buffer pools.
 pub use iobuf::BufPool;
 pub use reactor::{
-    all_cores, parse_cores, Poll, Poller, ReactorConfig, ReactorCtx, Reactors, SendError, StatsSnapshot,
+    all_cores, parse_cores, CallError, CoresError, Poll, Poller, ReactorConfig, ReactorCtx, Reactors, SendError,
+    StatsSnapshot,
 };
 pub use uring::{Ring, RingOpts};
 
@@ -67,10 +70,10 @@ pub use crypto::{Kernel, Xts, XtsError, KEY_LEN, SECTOR_SIZES};
 pub use secmem::{Protection, SecretMem, SecretMemError};
 
 // Volumes: the thin, copy-on-write pool and its fault injection.
-pub use volume::{FaultPoint, Faults, Pool, VolumeError};
+pub use volume::{FaultPoint, FaultSpecError, Faults, Pool, VolumeError};
 
 // Frontends and the exports they serve.
-pub use export::{Export, Exports};
+pub use export::{DuplicateExport, Export, Exports};
 pub use frontend::nbd::{NbdConfig, NbdServer};
 pub use frontend::vhost::{VhostConfig, VhostServer};
 
@@ -88,7 +91,7 @@ pub use kms::{
 
 // Sizes and times as people write them.
 pub use control::util::rfc3339;
-pub use units::{parse_rfc3339, parse_size};
+pub use units::{parse_rfc3339, parse_size, UnitError};
 
 /// Internals that the integration tests, the fuzz crate and benchmarks reach into:
 /// wire formats, parsers, the catalog's records, the benchmarks' VMM driver. Not an API:
@@ -120,8 +123,10 @@ pub mod testing {
 
     /// The benchmarks' job specifications, runners and verify blocks.
     pub mod bench {
+        pub use crate::bench::fio::JobError;
         pub use crate::bench::fio::{FileJob, JobSpec, Rw, TargetSpec};
-        pub use crate::bench::job::{check_verify_block, fill_verify_block};
+        pub use crate::bench::job::{check_verify_block, fill_verify_block, VerifyError};
+        pub use crate::bench::BenchError;
         /// `bench io`.
         pub mod io {
             pub use crate::bench::io::{run, IoBenchOpts};

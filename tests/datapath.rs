@@ -458,7 +458,7 @@ fn core_lists_parse_and_refuse_bad_input() {
     assert!(parse_cores("1-0").is_err());
     assert!(parse_cores("x").is_err());
     assert!(parse_cores("").is_err());
-    assert!(parse_cores("4096").unwrap_err().contains("not available"));
+    assert!(parse_cores("4096").unwrap_err().to_string().contains("not available"));
 }
 
 #[test]

@@ -414,7 +414,7 @@ fn bench_vhost_drives_qsd_and_reads_its_cpu() {
     let mut bad = opts.clone();
     bad.jobs = vec![job(Rw::RandRead, 4096, 1)];
     bad.jobs[0].job.numjobs = 3;
-    assert!(run(&bad).unwrap_err().contains("numjobs=3"));
+    assert!(run(&bad).unwrap_err().to_string().contains("numjobs=3"));
 }
 
 #[test]

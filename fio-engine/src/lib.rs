@@ -266,7 +266,7 @@ pub fn parse_target(spec: &str) -> Result<Target, String> {
             .ok_or_else(|| format!("sealdisk target {spec:?}: expected key=value, got {kv:?}"))?;
         match k {
             "backend" => backend = v.to_string(),
-            "size" => t.size = Some(parse_size(v)?),
+            "size" => t.size = Some(parse_size(v).map_err(|e| e.to_string())?),
             "path" => path = Some(v.to_string()),
             "bs" => t.block_size = v.parse().map_err(|_| format!("bad bs {v:?}"))?,
             "encrypt" => {
@@ -320,7 +320,9 @@ fn open_target(t: &Target) -> Result<BdevRef, String> {
                 }
             };
             let xts = Xts::new(&key).map_err(|e| format!("{e:?}"))?;
-            Ok(Arc::new(CryptoBdev::new(base, Arc::new(xts), ss)?))
+            Ok(Arc::new(
+                CryptoBdev::new(base, Arc::new(xts), ss).map_err(|e| e.to_string())?,
+            ))
         }
     }
 }

@@ -14,12 +14,15 @@
 //! so no buffer can be freed or reused while the device still uses it.
 
 pub(crate) mod crypto;
+mod error;
 pub(crate) mod iostat;
 pub(crate) mod malloc;
 pub(crate) mod null;
 pub(crate) mod qos;
 pub(crate) mod slab;
 pub(crate) mod uring;
+
+pub use error::{IopollError, StackError};
 
 use std::fmt;
 use std::rc::Rc;

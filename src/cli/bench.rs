@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::bench::crypto::{self, CryptoBenchOpts};
+use crate::bench::BenchError;
 
 #[derive(Parser)]
 #[command(
@@ -165,7 +166,7 @@ pub(super) fn run(cmd: Cmd) -> ExitCode {
     }
 }
 
-fn bench_io(a: IoArgs) -> Result<ExitCode, String> {
+fn bench_io(a: IoArgs) -> Result<ExitCode, BenchError> {
     use crate::bench::{io, report};
     let extra: [(&str, &Option<String>); 4] = [
         ("verify", &a.verify),
@@ -176,10 +177,15 @@ fn bench_io(a: IoArgs) -> Result<ExitCode, String> {
     let encrypt = a.encrypt;
     let jobs = a.fio.jobs(&extra, |t| t.encrypt |= encrypt)?;
     if a.output_format != "normal" && a.output_format != "json" {
-        return Err(format!("--output-format={}: use normal or json", a.output_format));
+        return Err(BenchError::Refused(format!(
+            "--output-format={}: use normal or json",
+            a.output_format
+        )));
     }
     if a.compare && jobs.iter().any(|j| j.target.encrypt) {
-        return Err("--compare runs both plain and encrypted; drop --encrypt".into());
+        return Err(BenchError::Refused(
+            "--compare runs both plain and encrypted; drop --encrypt".into(),
+        ));
     }
     let mut reactors = crate::reactor::ReactorConfig::default();
     if let Some(c) = &a.cores {
@@ -199,7 +205,7 @@ fn bench_io(a: IoArgs) -> Result<ExitCode, String> {
         iostat: match a.iostat.as_str() {
             "on" => true,
             "off" => false,
-            other => return Err(format!("--iostat {other}: use on or off")),
+            other => return Err(BenchError::Refused(format!("--iostat {other}: use on or off"))),
         },
     };
     let rep = io::run(&opts)?;
@@ -212,7 +218,10 @@ fn bench_io(a: IoArgs) -> Result<ExitCode, String> {
         print!("{}", report::to_text(&rep));
     }
     if let Some(p) = &a.plot {
-        std::fs::write(p, report::to_svg(&rep)).map_err(|e| format!("{}: {e}", p.display()))?;
+        std::fs::write(p, report::to_svg(&rep)).map_err(|source| BenchError::Io {
+            path: p.clone(),
+            source,
+        })?;
     }
     let failed = rep.groups.iter().any(|g| g.error.is_some() || g.verify_errors > 0);
     Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use clap::{Arg, ArgAction, ArgMatches, Command};
 use serde_json::{json, Value};
 
-use super::{connection_args, fail, socket_path};
+use super::{connection_args, fail, socket_path, CliError};
 use crate::control::client::{Client, RpcError};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -71,7 +71,7 @@ pub(super) fn command() -> Command {
 }
 
 /// `20` → 20 GiB (ECS `Size`), `512M`, `40G`, `1T`, `4096B`, `64K` (binary units).
-pub(super) fn parse_size(s: &str) -> Result<u64, String> {
+pub(super) fn parse_size(s: &str) -> Result<u64, CliError> {
     let t = s.trim();
     // ECS's Size: a bare number is GiB; anything with a unit is `units::parse_size`'s.
     let bytes = if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
@@ -81,7 +81,7 @@ pub(super) fn parse_size(s: &str) -> Result<u64, String> {
     };
     bytes
         .filter(|&b| b > 0)
-        .ok_or_else(|| format!("--size {s:?}: use a number with B, K, M, G or T (bare numbers are GiB)"))
+        .ok_or_else(|| CliError::MigrateSize(s.to_owned()))
 }
 
 /// Which parameter names SOURCE.
@@ -98,7 +98,7 @@ pub(super) fn source_param(src: &str) -> &'static str {
     }
 }
 
-fn params(m: &ArgMatches) -> Result<Value, String> {
+fn params(m: &ArgMatches) -> Result<Value, CliError> {
     let src = m.get_one::<String>("source").expect("required");
     let mut p = json!({ source_param(src): src });
     let to = m.get_one::<String>("to").expect("default");
@@ -211,7 +211,7 @@ impl Progress {
 pub(super) fn run(m: &ArgMatches) -> ExitCode {
     let p = match params(m) {
         Ok(p) => p,
-        Err(e) => return fail("InvalidParameter.Size", &e, 2),
+        Err(e) => return fail("InvalidParameter.Size", &e.to_string(), 2),
     };
     let mut c = match Client::connect(&socket_path(m)) {
         Ok(c) => c,

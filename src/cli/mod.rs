@@ -11,6 +11,7 @@
 
 mod bench;
 mod disk_stats;
+mod error;
 mod migrate;
 mod output;
 mod serve;
@@ -23,6 +24,8 @@ use serde_json::{Map, Value};
 
 use crate::control::client::{Client, RpcError};
 use crate::control::{Method, METHODS};
+
+pub(crate) use error::CliError;
 
 /// The `sealdisk` command: the control-plane subcommands (serve, check, rpc, one per
 /// method, ...) and the benchmarks (`bench`).
@@ -162,21 +165,20 @@ fn fail(code: &str, msg: &str, exit: u8) -> ExitCode {
 }
 
 /// Parses `Key=Value` / `Key:=JSON` pairs.
-pub(crate) fn parse_params(args: &[String]) -> Result<Map<String, Value>, String> {
+pub(crate) fn parse_params(args: &[String]) -> Result<Map<String, Value>, CliError> {
     let mut out = Map::new();
     for a in args {
         if let Some((k, v)) = a.split_once(":=") {
             if !k.contains('=') {
-                let j: Value = serde_json::from_str(v).map_err(|e| format!("{a}: not JSON after := ({e})"))?;
+                let j: Value =
+                    serde_json::from_str(v).map_err(|source| CliError::NotJson { arg: a.clone(), source })?;
                 out.insert(k.to_owned(), j);
                 continue;
             }
         }
-        let (k, v) = a
-            .split_once('=')
-            .ok_or_else(|| format!("{a}: parameters are Key=Value (e.g. Size=20), or Key:=JSON"))?;
+        let (k, v) = a.split_once('=').ok_or_else(|| CliError::NotKeyValue(a.clone()))?;
         if k.is_empty() {
-            return Err(format!("{a}: empty parameter name"));
+            return Err(CliError::EmptyName(a.clone()));
         }
         out.insert(k.to_owned(), Value::String(v.to_owned()));
     }
@@ -255,7 +257,7 @@ fn wait_for_task(c: &mut Client, account: Option<Value>, v: Value) -> Result<Val
 
 /// The `Key=Value` parameters of a subcommand, with `AccountId`/`RegionId` from
 /// `--account`/`--region` or the environment unless `host` (a host method).
-fn op_params(m: &ArgMatches, host: bool) -> Result<Map<String, Value>, String> {
+fn op_params(m: &ArgMatches, host: bool) -> Result<Map<String, Value>, CliError> {
     let args: Vec<String> = m.get_many::<String>("params").into_iter().flatten().cloned().collect();
     let mut params = parse_params(&args)?;
     if !host {
@@ -280,14 +282,14 @@ fn op_params(m: &ArgMatches, host: bool) -> Result<Map<String, Value>, String> {
 fn op(method: &Method, m: &ArgMatches) -> ExitCode {
     match op_params(m, method.host) {
         Ok(params) => call_and_print(m, method.name, Value::Object(params)),
-        Err(e) => fail("InvalidParameter", &e, 2),
+        Err(e) => fail("InvalidParameter", &e.to_string(), 2),
     }
 }
 
 fn disk_stats_cmd(m: &ArgMatches) -> ExitCode {
     let params = match op_params(m, false) {
         Ok(p) => p,
-        Err(e) => return fail("InvalidParameter", &e, 2),
+        Err(e) => return fail("InvalidParameter", &e.to_string(), 2),
     };
     let c = match Client::connect(&socket_path(m)) {
         Ok(c) => c,

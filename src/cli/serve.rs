@@ -11,6 +11,8 @@ use crate::kms::{KmsConfig, QuotaConfig, TransitConfig};
 
 use crate::units::parse_size;
 
+use super::CliError;
+
 pub(super) fn serve_command() -> Command {
     Command::new("serve")
         .about("Run the daemon: catalog, pool, KMS, reactors and the JSON-RPC socket DATA_DIR/sealdisk.sock")
@@ -181,7 +183,7 @@ pub(super) fn check_command() -> Command {
         .arg(Arg::new("json").long("json").action(ArgAction::SetTrue))
 }
 
-fn config(m: &ArgMatches) -> Result<DaemonConfig, String> {
+fn config(m: &ArgMatches) -> Result<DaemonConfig, CliError> {
     let dir = m.get_one::<PathBuf>("data-dir").expect("required").clone();
     let mut cfg = DaemonConfig::new(&dir);
     cfg.pool_path = m.get_one::<PathBuf>("pool").cloned();
@@ -199,10 +201,10 @@ fn config(m: &ArgMatches) -> Result<DaemonConfig, String> {
             Some(a) => {
                 let token = std::env::var("BAO_TOKEN")
                     .or_else(|_| std::env::var("VAULT_TOKEN"))
-                    .map_err(|_| "set BAO_TOKEN (or VAULT_TOKEN) for the transit KMS".to_string())?;
+                    .map_err(|_| CliError::NoTransitToken)?;
                 TransitConfig::new(a.clone(), token)
             }
-            None => TransitConfig::from_env().map_err(|e| e.to_string())?,
+            None => TransitConfig::from_env()?,
         };
         cfg.kms = KmsConfig::transit(&dir, t);
     }
@@ -215,8 +217,14 @@ fn config(m: &ArgMatches) -> Result<DaemonConfig, String> {
     }
     cfg.kms.quota = q;
     if let Some(f) = m.get_one::<PathBuf>("qos-file") {
-        let text = std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
-        cfg.qos = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", f.display()))?;
+        let text = std::fs::read_to_string(f).map_err(|source| CliError::Read {
+            path: f.clone(),
+            source,
+        })?;
+        cfg.qos = serde_json::from_str(&text).map_err(|source| CliError::QosFile {
+            path: f.clone(),
+            source,
+        })?;
     }
     cfg.nbd_socket = m.get_one::<PathBuf>("nbd-socket").cloned();
     cfg.nbd_tcp = m.get_one::<std::net::SocketAddr>("nbd-tcp").copied();
@@ -240,25 +248,29 @@ fn config(m: &ArgMatches) -> Result<DaemonConfig, String> {
     cfg.import_dir = m.get_one::<PathBuf>("import-dir").cloned();
     cfg.import_devices = m.get_flag("import-devices");
     if cfg.import_devices && cfg.import_dir.is_none() {
-        return Err("--import-devices needs --import-dir".into());
+        return Err(CliError::ImportDevicesWithoutDir);
     }
     if let Some(d) = &cfg.import_dir {
         if !d.is_absolute() || !d.is_dir() {
-            return Err(format!(
-                "--import-dir {}: must be an existing directory, given as an absolute path",
-                d.display()
-            ));
+            return Err(CliError::ImportDir(d.clone()));
         }
     }
     Ok(cfg)
 }
 
 /// The id of group `name`, for a flag's error message.
-fn group_id(flag: &str, name: &str) -> Result<u32, String> {
+fn group_id(flag: &'static str, name: &str) -> Result<u32, CliError> {
     match crate::sys::group_id(name) {
         Ok(Some(gid)) => Ok(gid),
-        Ok(None) => Err(format!("{flag} {name}: no such group")),
-        Err(e) => Err(format!("{flag} {name:?}: cannot look the group up: {e}")),
+        Ok(None) => Err(CliError::NoSuchGroup {
+            flag,
+            name: name.to_owned(),
+        }),
+        Err(source) => Err(CliError::GroupLookup {
+            flag,
+            name: name.to_owned(),
+            source,
+        }),
     }
 }
 
@@ -275,7 +287,7 @@ pub(super) fn serve(m: &ArgMatches) -> ExitCode {
         eprintln!("sealdisk serve: {e}");
         return ExitCode::from(2);
     }
-    let r = config(m).and_then(daemon::run);
+    let r = config(m).and_then(|cfg| Ok(daemon::run(cfg)?));
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

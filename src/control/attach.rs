@@ -65,7 +65,9 @@ impl Control {
                         .map_err(|e| ControlError::DataPath(format!("XTS engine: {e}")))?,
                 );
                 drop(key);
-                Arc::new(CryptoBdev::new(vol, xts, ENCRYPTION_SECTOR).map_err(ControlError::DataPath)?)
+                Arc::new(
+                    CryptoBdev::new(vol, xts, ENCRYPTION_SECTOR).map_err(|e| ControlError::DataPath(e.to_string()))?,
+                )
             }
         };
         // QoS caps sit on top, so a throttled request holds no bounce buffer.
@@ -173,7 +175,7 @@ impl Control {
         if let Some(e) = export {
             self.exports
                 .add(e)
-                .map_err(|e| ControlError::state("IncorrectDiskStatus", e))?;
+                .map_err(|e| ControlError::state("IncorrectDiskStatus", e.to_string()))?;
         }
         if let Err(e) = txn.commit() {
             if first {
@@ -329,7 +331,7 @@ impl Control {
             };
             match self
                 .build_export(&d, None, None)
-                .and_then(|e| self.exports.add(e).map_err(ControlError::DataPath))
+                .and_then(|e| self.exports.add(e).map_err(|e| ControlError::DataPath(e.to_string())))
             {
                 Ok(()) => ok.push(id),
                 Err(e) => failed.push((id, e)),

@@ -46,27 +46,34 @@ impl fmt::Display for MetricsAddr {
     }
 }
 
+/// A `--metrics` address the endpoint refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum MetricsAddrError {
+    #[error("--metrics {0}: a unix socket must be an absolute path (unix:/run/sealdisk/metrics.sock)")]
+    RelativePath(String),
+    #[error("--metrics {0}: give a loopback address 127.0.0.1:PORT, or a unix socket unix:/PATH")]
+    Unparsable(String),
+    #[error(
+        "--metrics {0}: not a loopback address; the metrics endpoint has no authentication, so it listens on \
+         127.0.0.1:PORT, [::1]:PORT or a unix socket (unix:/PATH) only"
+    )]
+    NotLoopback(String),
+}
+
 impl MetricsAddr {
     /// `127.0.0.1:PORT` (or `[::1]:PORT`), `unix:/path`, or an absolute path. Any other
     /// TCP address is refused: the endpoint has no authentication.
-    pub(crate) fn parse(s: &str) -> Result<MetricsAddr, String> {
+    pub(crate) fn parse(s: &str) -> Result<MetricsAddr, MetricsAddrError> {
         let path = s.strip_prefix("unix:").or_else(|| s.starts_with('/').then_some(s));
         if let Some(p) = path {
             if !p.starts_with('/') {
-                return Err(format!(
-                    "--metrics {s}: a unix socket must be an absolute path (unix:/run/sealdisk/metrics.sock)"
-                ));
+                return Err(MetricsAddrError::RelativePath(s.to_owned()));
             }
             return Ok(MetricsAddr::Unix(PathBuf::from(p)));
         }
-        let a: SocketAddr = s.parse().map_err(|_| {
-            format!("--metrics {s}: give a loopback address 127.0.0.1:PORT, or a unix socket unix:/PATH")
-        })?;
+        let a: SocketAddr = s.parse().map_err(|_| MetricsAddrError::Unparsable(s.to_owned()))?;
         if !a.ip().is_loopback() {
-            return Err(format!(
-                "--metrics {s}: not a loopback address; the metrics endpoint has no authentication, so it \
-                 listens on 127.0.0.1:PORT, [::1]:PORT or a unix socket (unix:/PATH) only"
-            ));
+            return Err(MetricsAddrError::NotLoopback(s.to_owned()));
         }
         Ok(MetricsAddr::Tcp(a))
     }
@@ -274,11 +281,12 @@ mod tests {
             "9100",
             "",
         ] {
-            let e = MetricsAddr::parse(bad).expect_err(bad);
+            let e = MetricsAddr::parse(bad).expect_err(bad).to_string();
             assert!(e.contains("--metrics"), "{e}");
         }
         assert!(MetricsAddr::parse("0.0.0.0:9100")
             .unwrap_err()
+            .to_string()
             .contains("not a loopback address"));
     }
 

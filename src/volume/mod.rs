@@ -33,7 +33,7 @@ mod meta_stats;
 mod tables;
 
 pub use bdev::VolumeBdev;
-pub use faults::{FaultPoint, Faults};
+pub use faults::{FaultPoint, FaultSpecError, Faults};
 pub use meta_stats::{MetaStats, MetaStatsSnapshot};
 
 use std::collections::HashMap;

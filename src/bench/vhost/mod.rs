@@ -92,10 +92,13 @@ pub(crate) struct VhostArgs {
 
 /// Run `sealdisk bench vhost`: the report on stdout; Ok(false) when a job
 /// failed.
-pub(crate) fn main(a: &VhostArgs) -> Result<bool, String> {
+pub(crate) fn main(a: &VhostArgs) -> Result<bool, super::BenchError> {
     let jobs = a.fio.jobs(&[], |_| {})?;
     if a.output_format != "normal" && a.output_format != "json" {
-        return Err(format!("--output-format={}: use normal or json", a.output_format));
+        return Err(super::BenchError::Refused(format!(
+            "--output-format={}: use normal or json",
+            a.output_format
+        )));
     }
     let opts = bench::VhostBenchOpts {
         socket: a.socket.clone(),

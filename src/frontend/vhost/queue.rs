@@ -126,18 +126,32 @@ pub(super) struct QueueStart {
     pub disk: Arc<DiskInfo>,
 }
 
+/// Why a queue's poller did not start on a reactor.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum StartError {
+    #[error("opening the disk's I/O channel on reactor {reactor}: {source}")]
+    Channel {
+        reactor: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reactor {0} has no free completion route")]
+    NoRoute(usize),
+}
+
 /// Start the queue's poller on this reactor (run from a reactor message).
-pub(super) fn start(ctx: &mut ReactorCtx, s: QueueStart) -> Result<(), String> {
+pub(super) fn start(ctx: &mut ReactorCtx, s: QueueStart) -> Result<(), StartError> {
     let chan = s
         .disk
         .export
         .bdev
         .open_channel(&ctx.chan)
-        .map_err(|e| format!("opening the disk's I/O channel on reactor {}: {e}", ctx.id))?;
+        .map_err(|source| StartError::Channel {
+            reactor: ctx.id,
+            source,
+        })?;
     let ring = ctx.chan.ring.clone();
-    let kick_route = ring
-        .route()
-        .ok_or_else(|| format!("reactor {} has no free completion route", ctx.id))?;
+    let kick_route = ring.route().ok_or(StartError::NoRoute(ctx.id))?;
     ctx.add_poller(Box::new(QueuePoller {
         index: s.index,
         inflight: s.inflight,
