@@ -1,34 +1,12 @@
-//! The benchmarks shipped in the binary: `sealdisk bench crypto | io | vhost`, and the
-//! command those subcommands live in (the control-plane subcommands are added to it by
-//! [`super::augment`]).
+//! `sealdisk bench crypto | io | vhost`: the benchmarks shipped in the binary.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::Subcommand;
 
 use crate::bench::crypto::{self, CryptoBenchOpts};
 use crate::bench::BenchError;
-
-#[derive(Parser)]
-#[command(
-    name = "sealdisk",
-    version,
-    about = "Encrypted cloud disks for VMs: per-disk AES-256-XTS block storage"
-)]
-pub(super) struct Cli {
-    #[command(subcommand)]
-    pub(super) cmd: Cmd,
-}
-
-#[derive(Subcommand)]
-pub(super) enum Cmd {
-    /// Benchmarks that report figures against same-run baselines.
-    Bench {
-        #[command(subcommand)]
-        what: BenchCmd,
-    },
-}
 
 #[derive(Subcommand)]
 pub(super) enum BenchCmd {
@@ -112,22 +90,17 @@ pub(super) struct IoArgs {
 }
 
 /// Runs a `bench` subcommand.
-pub(super) fn run(cmd: Cmd) -> ExitCode {
-    // The control-plane subcommands (serve, check, rpc, create-disk, ...) live in
-    // `crate::cli`; they are added to the command here and dispatched first.
-    match cmd {
-        Cmd::Bench {
-            what:
-                BenchCmd::Crypto {
-                    json,
-                    buffer,
-                    rounds,
-                    slice_ms,
-                    no_openssl,
-                },
+pub(super) fn run(what: BenchCmd) -> ExitCode {
+    match what {
+        BenchCmd::Crypto {
+            json,
+            buffer,
+            rounds,
+            slice_ms,
+            no_openssl,
         } => {
             if let Err(e) = crate::crypto::Kernel::selected() {
-                eprintln!("sealdisk: {e}");
+                eprintln!("sealdisk bench crypto: {e}");
                 return ExitCode::from(2);
             }
             let opts = CryptoBenchOpts {
@@ -144,18 +117,14 @@ pub(super) fn run(cmd: Cmd) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Cmd::Bench {
-            what: BenchCmd::Io(args),
-        } => match bench_io(*args) {
+        BenchCmd::Io(args) => match bench_io(*args) {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("sealdisk bench io: {e}");
                 ExitCode::from(2)
             }
         },
-        Cmd::Bench {
-            what: BenchCmd::Vhost(args),
-        } => match crate::bench::vhost::main(&args) {
+        BenchCmd::Vhost(args) => match crate::bench::vhost::main(&args) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::from(1),
             Err(e) => {
