@@ -7,12 +7,11 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use common::{random_bytes, run_ios, Op};
+use common::{random_bytes, run_ios, Op, TempDir};
 use sealdisk::testing::catalog;
 use sealdisk::Exports;
 use sealdisk::Pool;
@@ -26,23 +25,6 @@ const B: &str = "acct2";
 const C: &str = "acct3";
 const MIB: u64 = 1 << 20;
 const BLK: usize = 4096;
-
-struct TempDir(PathBuf);
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        use rand::RngCore;
-        let mut b = [0u8; 6];
-        rand::rngs::OsRng.fill_bytes(&mut b);
-        let p = std::env::temp_dir().join(format!("sealdisk-copy-{tag}-{}-{}", std::process::id(), hex::encode(b)));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 struct Env {
     ctl: std::sync::Arc<Control>,

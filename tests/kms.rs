@@ -28,30 +28,19 @@ use sealdisk::{
 // Helpers: temporary directories, the OpenBao dev server, the test environment.
 // ---------------------------------------------------------------------------------------
 
-struct TempDir(PathBuf);
+/// A temporary directory (`tempfile`), removed on drop.
+struct TempDir(PathBuf, #[allow(dead_code)] tempfile::TempDir);
 
 impl TempDir {
     fn new(tag: &str) -> TempDir {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let mut r = [0u8; 6];
-        getrandom_fill(&mut r);
-        let p = std::env::temp_dir().join(format!(
-            "sealdisk-kms-{tag}-{}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst),
-            hex::encode(r)
-        ));
-        fs::create_dir_all(&p).unwrap();
-        TempDir(p)
+        let t = tempfile::Builder::new()
+            .prefix(&format!("sealdisk-kms-{tag}-"))
+            .tempdir()
+            .unwrap();
+        TempDir(t.path().to_path_buf(), t)
     }
     fn path(&self) -> &Path {
         &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
     }
 }
 

@@ -8,26 +8,16 @@ use std::path::PathBuf;
 
 use sealdisk::{CallOpts, KeyContext, Kms, KmsConfig, LocalConfig, RootKeySource, ROOT_KEY_CREDENTIAL, ROOT_KEY_ENV};
 
-struct TempDir(PathBuf);
+/// A temporary directory (`tempfile`), removed on drop.
+struct TempDir(PathBuf, #[allow(dead_code)] tempfile::TempDir);
 
 impl TempDir {
     fn new(tag: &str) -> TempDir {
-        use rand::RngCore;
-        let mut r = [0u8; 8];
-        rand::rngs::OsRng.fill_bytes(&mut r);
-        let p = std::env::temp_dir().join(format!(
-            "sealdisk-kmsenv-{tag}-{}-{}",
-            std::process::id(),
-            hex::encode(r)
-        ));
-        fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
+        let t = tempfile::Builder::new()
+            .prefix(&format!("sealdisk-kmsenv-{tag}-"))
+            .tempdir()
+            .unwrap();
+        TempDir(t.path().to_path_buf(), t)
     }
 }
 

@@ -30,6 +30,31 @@ fn reference(key: &[u8; 64], buf: &mut [u8], first: u64, ss: usize, decrypt: boo
     }
 }
 
+/// The asm kernels are what production runs on; a CPU without them would leave them
+/// untested while every `Kernel::available()` loop below stays green. So on x86-64 both
+/// must be there, unless their absence is explicitly allowed
+/// (`SEALDISK_ALLOW_NO_AESNI=1`, `SEALDISK_ALLOW_NO_VAES=1`).
+#[test]
+fn the_asm_kernels_are_tested_here_or_their_absence_is_allowed() {
+    if !cfg!(target_arch = "x86_64") {
+        return;
+    }
+    let available = Kernel::available();
+    for (kernel, env) in [
+        (Kernel::Aesni, "SEALDISK_ALLOW_NO_AESNI"),
+        (Kernel::VaesAvx2, "SEALDISK_ALLOW_NO_VAES"),
+    ] {
+        if available.contains(&kernel) {
+            continue;
+        }
+        if std::env::var_os(env).is_some() {
+            eprintln!("\n!!!!!!!! SKIPPED: this CPU lacks the {kernel} kernel ({env} is set) !!!!!!!!\n");
+            continue;
+        }
+        panic!("this CPU lacks the {kernel} kernel, so its tests would not run; set {env}=1 to allow that");
+    }
+}
+
 #[test]
 fn every_kernel_matches_xts_mode_crate() {
     let mut r = rng();

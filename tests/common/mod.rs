@@ -206,24 +206,21 @@ pub fn nbd_go(sock: &std::path::Path, export: &str) -> Result<std::os::unix::net
     }
 }
 
-/// A temporary directory, removed on drop.
-pub struct TempDir(pub std::path::PathBuf);
+/// A temporary directory `.0`, removed on drop with everything next to it (a daemon's
+/// log, `start_daemon`): it lives inside a `tempfile` directory of its own.
+pub struct TempDir(pub std::path::PathBuf, #[allow(dead_code)] tempfile::TempDir);
 
 impl TempDir {
-    /// A fresh `$TMPDIR/sealdisk-<name>-<pid>`.
+    /// A fresh `$TMPDIR/sealdisk-<name>-XXXXXX/d` (short: unix socket paths beneath it
+    /// must fit in 108 bytes).
     pub fn new(name: &str) -> TempDir {
-        let d = std::env::temp_dir().join(format!("sealdisk-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        TempDir(d)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-        // A daemon's log next to it (`start_daemon`).
-        let _ = std::fs::remove_file(self.0.with_extension("log"));
+        let outer = tempfile::Builder::new()
+            .prefix(&format!("sealdisk-{name}-"))
+            .tempdir()
+            .unwrap();
+        let d = outer.path().join("d");
+        std::fs::create_dir(&d).unwrap();
+        TempDir(d, outer)
     }
 }
 
@@ -240,28 +237,52 @@ impl Drop for Daemon {
 /// Start `sealdisk serve --data-dir data` with `args` and `env`, stderr appended to
 /// `data.log` (next to the directory); returns once the control socket answers.
 pub fn start_daemon(bin: &str, data: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+    start_daemon_with(bin, data, args, &data.with_extension("log"), |c| {
+        c.envs(env.iter().copied());
+    })
+}
+
+/// [`start_daemon`] with stderr appended to `log_path`, and the command adjusted by
+/// `adjust` (environment, more arguments) before it starts. Panics with the log if the
+/// daemon exits before it answers.
+pub fn start_daemon_with(
+    bin: &str,
+    data: &std::path::Path,
+    args: &[&str],
+    log_path: &std::path::Path,
+    adjust: impl FnOnce(&mut std::process::Command),
+) -> Daemon {
     use std::process::{Command, Stdio};
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(data.with_extension("log"))
+        .open(log_path)
         .unwrap();
-    let child = Command::new(bin)
-        .args(["serve", "--data-dir"])
+    let mut cmd = Command::new(bin);
+    cmd.args(["serve", "--data-dir"])
         .arg(data)
         .args(args)
-        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+        .stderr(log);
+    adjust(&mut cmd);
+    let mut d = Daemon(cmd.spawn().unwrap());
     let t = Instant::now();
     while sealdisk::Client::connect(&data.join("sealdisk.sock")).is_err() {
-        assert!(t.elapsed() < Duration::from_secs(30), "daemon did not start");
+        if let Some(st) = d.0.try_wait().unwrap() {
+            panic!(
+                "daemon exited ({st}): {}",
+                std::fs::read_to_string(log_path).unwrap_or_default()
+            );
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "daemon did not start: {}",
+            std::fs::read_to_string(log_path).unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
-    Daemon(child)
+    d
 }
 
 /// One RPC as account `acct1` in `cn-hangzhou`; panics on an error reply.
