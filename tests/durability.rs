@@ -9,8 +9,10 @@
 
 mod common;
 
+use common::TempDir;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -24,17 +26,8 @@ const CL: u64 = 64 << 10;
 const BS: usize = 4096;
 const VOL_MAP: redb::TableDefinition<(&str, u64), u64> = redb::TableDefinition::new("vol_map");
 
-struct Dir(PathBuf);
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-fn dir(tag: &str) -> Dir {
-    let d = std::env::temp_dir().join(format!("sealdisk-dur-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    Dir(d)
+fn dir(tag: &str) -> TempDir {
+    TempDir::new(&format!("dur-{tag}"))
 }
 
 fn open(d: &Path, faults: Arc<Faults>) -> (Arc<redb::Database>, Arc<Pool>) {

@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::TempDir;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -21,17 +23,8 @@ const R: &str = "cn-hangzhou";
 const A: &str = "acct1";
 const MIB: u64 = 1 << 20;
 
-struct Dir(PathBuf);
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-fn dir(tag: &str) -> Dir {
-    let d = std::env::temp_dir().join(format!("sealdisk-long-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    Dir(d)
+fn dir(tag: &str) -> TempDir {
+    TempDir::new(&format!("long-{tag}"))
 }
 
 struct Daemon {

@@ -30,6 +30,8 @@ struct Fixture {
     reactors: Arc<Reactors>,
     exports: Arc<Exports>,
     server: Option<NbdServer>,
+    /// Removes the directory on drop, after everything above.
+    _tmp: tempfile::TempDir,
 }
 
 impl Fixture {
@@ -37,9 +39,11 @@ impl Fixture {
     /// `secret` (crypto over malloc, 4096-byte sectors), server on a unix
     /// socket in a fresh temp dir.
     fn new(tag: &str) -> Fixture {
-        let dir = std::env::temp_dir().join(format!("sealdisk-nbd-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("sealdisk-nbd-{tag}-"))
+            .tempdir()
+            .unwrap();
+        let dir = tmp.path().to_path_buf();
         let cores: Vec<usize> = sealdisk::all_cores().into_iter().take(2).collect();
         let reactors = Arc::new(
             Reactors::start(&ReactorConfig {
@@ -67,6 +71,7 @@ impl Fixture {
         )
         .expect("NBD server starts");
         Fixture {
+            _tmp: tmp,
             dir,
             sock,
             reactors,
@@ -113,7 +118,6 @@ impl Drop for Fixture {
         if let Some(s) = self.server.take() {
             s.shutdown();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -741,9 +745,8 @@ fn tcp_listener_on_loopback() {
 /// hang, so finishing promptly proves no completion is slept on.
 #[test]
 fn no_completion_is_slept_on_with_a_long_park_timeout() {
-    let dir = std::env::temp_dir().join(format!("sealdisk-nbd-park-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = common::TempDir::new("nbd-park");
+    let dir = &tmp.0;
     let reactors = Arc::new(
         Reactors::start(&ReactorConfig {
             cores: vec![sealdisk::all_cores()[0]],
@@ -795,7 +798,6 @@ fn no_completion_is_slept_on_with_a_long_park_timeout() {
     let max_clat = v["jobs"][0]["read"]["clat_ns"]["max"].as_u64().unwrap();
     assert!(max_clat < 30_000_000_000, "a request waited {max_clat} ns");
     server.shutdown();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A device whose channels cannot be opened (stands in for any resource a reactor

@@ -20,16 +20,19 @@ const T: Duration = Duration::from_secs(10);
 /// A qemu-storage-daemon serving a raw file over vhost-user-blk.
 struct Qsd {
     child: Child,
-    dir: PathBuf,
     sock: PathBuf,
     raw: PathBuf,
+    /// Removes the directory on drop, after everything above.
+    _tmp: tempfile::TempDir,
 }
 
 impl Qsd {
     fn start(name: &str, num_queues: u32) -> Qsd {
-        let dir = std::env::temp_dir().join(format!("sealdisk-vhostdrv-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("sealdisk-vhostdrv-{name}-"))
+            .tempdir()
+            .unwrap();
+        let dir = tmp.path().to_path_buf();
         let raw = dir.join("disk.raw");
         let sock = dir.join("vhost.sock");
         std::fs::File::create(&raw).unwrap().set_len(DISK).unwrap();
@@ -48,7 +51,12 @@ impl Qsd {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("qemu-storage-daemon must be installed (apt-get install qemu-system-common / qemu-utils)");
-        let q = Qsd { child, dir, sock, raw };
+        let q = Qsd {
+            child,
+            sock,
+            raw,
+            _tmp: tmp,
+        };
         let t0 = Instant::now();
         while !q.sock.exists() {
             assert!(
@@ -77,7 +85,6 @@ impl Drop for Qsd {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

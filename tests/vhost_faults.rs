@@ -31,12 +31,13 @@ const OK: u8 = VIRTIO_BLK_S_OK as u8;
 const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
 
 struct Rig {
-    dir: PathBuf,
     faults: Arc<Faults>,
     server: Arc<VhostServer>,
     sock: PathBuf,
     _reactors: Arc<Reactors>,
     _pool: Arc<Pool>,
+    /// Removes the directory on drop, after everything above.
+    _tmp: tempfile::TempDir,
 }
 
 impl Drop for Rig {
@@ -45,14 +46,15 @@ impl Drop for Rig {
         self.faults.release(FaultPoint::Commit);
         self.faults.release(FaultPoint::PoolSync);
         self.server.remove_all();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
 fn rig(name: &str) -> Rig {
-    let dir = std::env::temp_dir().join(format!("sealdisk-vhostfault-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!("sealdisk-vhostfault-{name}-"))
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path().to_path_buf();
     let faults = Arc::new(Faults::default());
     let db = Arc::new(redb::Database::create(dir.join("catalog.redb")).unwrap());
     let pool = Pool::open_with_faults(db.clone(), &dir.join("pool.img"), 64 << 20, CL, faults.clone()).unwrap();
@@ -72,7 +74,7 @@ fn rig(name: &str) -> Rig {
     );
     let sock = server.add("i-test", Export::new(DISK, disk, false)).unwrap();
     Rig {
-        dir,
+        _tmp: tmp,
         faults,
         server,
         sock,

@@ -43,19 +43,22 @@ struct Rig {
     sock: PathBuf,
     xts: Arc<Xts>,
     ram: BdevRef,
+    /// Removes the directory on drop, after everything above.
+    _tmp: tempfile::TempDir,
 }
 
 impl Drop for Rig {
     fn drop(&mut self) {
         self.server.remove_all();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
 fn rig(name: &str, read_only: bool) -> Rig {
-    let dir = std::env::temp_dir().join(format!("sealdisk-vhost-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!("sealdisk-vhost-{name}-"))
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path().to_path_buf();
     let reactors = Arc::new(common::reactors(&[0, 1]));
     let ram: BdevRef = Arc::new(MallocBdev::new("ram", CAP, 512));
     let xts = common::xts(3);
@@ -70,6 +73,7 @@ fn rig(name: &str, read_only: bool) -> Rig {
     );
     let sock = server.add("i-test", Export::new(DISK, disk, read_only)).unwrap();
     Rig {
+        _tmp: tmp,
         dir,
         reactors,
         server,
