@@ -345,8 +345,13 @@ fn every_refusal_has_its_code_and_changes_nothing() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let outside = std::env::temp_dir().join(format!("sealdisk-migrate-outside-{}.raw", std::process::id()));
-    std::fs::write(&outside, vec![7u8; 8192]).unwrap();
+    let outside_file = tempfile::Builder::new()
+        .prefix("sealdisk-migrate-outside-")
+        .suffix(".raw")
+        .tempfile()
+        .unwrap();
+    let outside = outside_file.path();
+    std::fs::write(outside, vec![7u8; 8192]).unwrap();
 
     let before = state(&data);
     let cases: Vec<(Value, &str)> = vec![
@@ -454,7 +459,6 @@ fn every_refusal_has_its_code_and_changes_nothing() {
     let out = cli_cmd(&data, &["vm.raw", "--size", "12Q"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert_eq!(state(&data), before);
-    let _ = std::fs::remove_file(&outside);
 }
 
 /// `qemu-nbd` serving a file read-only, killed on drop.

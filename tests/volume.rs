@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use common::*;
@@ -16,22 +15,21 @@ use sealdisk::{Pool, VolumeError};
 const CL: u64 = 64 << 10;
 
 struct Env {
-    dir: PathBuf,
     db: Arc<redb::Database>,
     pool: Arc<Pool>,
+    /// The catalog's and pool's directory, removed when the last holder drops (after
+    /// the pool and catalog above).
+    dir: Arc<TempDir>,
 }
 
 fn env(name: &str, pool_size: u64) -> Env {
-    let dir = std::env::temp_dir().join(format!("sealdisk-vol-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    reopen(dir, pool_size)
+    reopen(Arc::new(TempDir::new(&format!("vol-{name}"))), pool_size)
 }
 
-fn reopen(dir: PathBuf, pool_size: u64) -> Env {
-    let db = Arc::new(redb::Database::create(dir.join("catalog.redb")).unwrap());
-    let pool = Pool::open_with(db.clone(), &dir.join("pool.img"), pool_size, CL).unwrap();
-    Env { dir, db, pool }
+fn reopen(dir: Arc<TempDir>, pool_size: u64) -> Env {
+    let db = Arc::new(redb::Database::create(dir.0.join("catalog.redb")).unwrap());
+    let pool = Pool::open_with(db.clone(), &dir.0.join("pool.img"), pool_size, CL).unwrap();
+    Env { db, pool, dir }
 }
 
 impl Env {
