@@ -172,7 +172,7 @@ impl BufPool {
     }
 
     /// A buffer of `len` bytes (contents unspecified), or `None` when the pool
-    /// is exhausted or `len` exceeds [`MAX_BUF`].
+    /// is exhausted or `len` exceeds `MAX_BUF`.
     #[inline]
     pub fn alloc(&self, len: usize) -> Option<IoBuf> {
         let class = class_of(len)?;

@@ -41,7 +41,7 @@ pub fn parse_size(s: &str) -> Result<u64, UnitError> {
         .ok_or_else(bad)
 }
 
-/// Parses RFC 3339 UTC with seconds, exactly as [`rfc3339`] writes it without fraction
+/// Parses RFC 3339 UTC with seconds, exactly as `rfc3339` writes it without fraction
 /// (`2026-11-28T02:42:45Z`, ECS's `yyyy-MM-ddTHH:mm:ssZ`), into seconds since the epoch.
 pub fn parse_rfc3339(s: &str) -> Result<u64, UnitError> {
     let bad = || UnitError::Time(s.to_owned());

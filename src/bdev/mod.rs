@@ -96,7 +96,7 @@ pub struct IoRequest {
     pub offset: u64,
     pub len: u64,
     pub buf: Option<IoBuf>,
-    /// Frontend memory instead of `buf` ([`Lent`]).
+    /// Frontend memory instead of `buf` (`Lent`).
     pub lent: Option<Lent>,
     /// A write whose `buf` the caller never reads again: a layer may overwrite
     /// it (the crypto layer encrypts in place instead of into a bounce
@@ -174,7 +174,7 @@ impl IoRequest {
         }
     }
 
-    /// A read or write of frontend memory ([`Lent`]).
+    /// A read or write of frontend memory (`Lent`).
     pub fn lent(op: IoOp, offset: u64, lent: Lent, tag: u64) -> IoRequest {
         IoRequest {
             op,
@@ -314,7 +314,7 @@ pub trait Bdev: Send + Sync {
     fn dma_writes(&self) -> bool {
         false
     }
-    /// Whether reads and writes may carry [`Lent`] memory instead of a buffer.
+    /// Whether reads and writes may carry `Lent` memory instead of a buffer.
     fn takes_lent(&self) -> bool {
         false
     }

@@ -155,7 +155,7 @@ pub(crate) fn caller_field(c: Option<crate::kms::Caller>) -> String {
     }
 }
 
-/// Logs an event through a [`RateLimit`]: at most the limit's burst of lines per
+/// Logs an event through a `RateLimit`: at most the limit's burst of lines per
 /// window, each carrying `suppressed` = how many events the limit dropped since the
 /// last line it let through.
 ///

@@ -620,7 +620,7 @@ fn io_report(r: &VhostBenchReport) -> IoBenchReport {
     }
 }
 
-/// fio's JSON layout (from [`report::to_json`]) with the vhost figures in
+/// fio's JSON layout (from `report::to_json`) with the vhost figures in
 /// each job's `sealdisk` object and the device in the top-level one.
 pub fn to_json(r: &VhostBenchReport) -> Value {
     let mut v = report::to_json(&io_report(r));
@@ -672,7 +672,7 @@ pub fn to_json(r: &VhostBenchReport) -> Value {
     v
 }
 
-/// fio-like text ([`report::to_text`]) with the CPU line naming the bench's
+/// fio-like text (`report::to_text`) with the CPU line naming the bench's
 /// and the daemon's CPU per I/O.
 pub fn to_text(r: &VhostBenchReport) -> String {
     use std::fmt::Write;

@@ -3,7 +3,7 @@
 //! and runs virtio-blk requests on them.
 //!
 //! ```no_run
-//! use sealdisk::bench::vhost::{Driver, DriverOptions};
+//! use sealdisk::testing::vmm::{Driver, DriverOptions};
 //! let mut d = Driver::connect("/tmp/x.sock", &DriverOptions::default()).unwrap();
 //! println!("{} sectors, {} queues", d.config().capacity, d.num_queues());
 //! assert_eq!(d.write(0, 8, &[0xab; 4096]).unwrap(), 0);

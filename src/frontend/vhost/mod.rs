@@ -153,7 +153,7 @@ pub struct VhostConfig {
     pub instances_dir: PathBuf,
     /// Group of the sockets (the VMM's); None: root's.
     pub gid: Option<u32>,
-    /// Virtqueues offered per disk (default: [`DEFAULT_QUEUES`], or one per
+    /// Virtqueues offered per disk (default: `DEFAULT_QUEUES`, or one per
     /// reactor if there are more reactors). Queues map onto the reactors
     /// round-robin.
     pub num_queues: Option<u16>,
