@@ -6,7 +6,7 @@
 use aes::cipher::{BlockEncrypt, KeyInit};
 use aes::{Aes256, Block};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use sealdisk::crypto::{Kernel, Xts};
+use sealdisk::{Kernel, Xts};
 
 const BUF: usize = 64 * 1024;
 

@@ -12,7 +12,7 @@ const BUCKETS: usize = 40;
 
 /// Count, sum, max and power-of-two buckets of recorded values.
 #[derive(Debug)]
-pub struct Histogram {
+pub(crate) struct Histogram {
     count: AtomicU64,
     sum: AtomicU64,
     max: AtomicU64,
@@ -53,7 +53,7 @@ fn bucket(v: u64) -> usize {
 
 impl Histogram {
     /// Records one value.
-    pub fn record(&self, v: u64) {
+    pub(crate) fn record(&self, v: u64) {
         self.count.fetch_add(1, Relaxed);
         self.sum.fetch_add(v, Relaxed);
         self.max.fetch_max(v, Relaxed);
@@ -61,11 +61,11 @@ impl Histogram {
     }
 
     /// Records a duration in nanoseconds.
-    pub fn record_duration(&self, d: Duration) {
+    pub(crate) fn record_duration(&self, d: Duration) {
         self.record(d.as_nanos().min(u64::MAX as u128) as u64);
     }
 
-    pub fn snapshot(&self) -> HistogramSnapshot {
+    pub(crate) fn snapshot(&self) -> HistogramSnapshot {
         let raw: Vec<u64> = self.buckets.iter().map(|b| b.load(Relaxed)).collect();
         let last = raw.iter().rposition(|&n| n > 0).map_or(0, |i| i + 1);
         let mut cum = 0;

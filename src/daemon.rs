@@ -6,7 +6,7 @@
 //! catalog, so the next start puts the same disks back on the data path.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::catalog;
@@ -23,13 +23,84 @@ use crate::reactor::{ReactorConfig, Reactors};
 use crate::volume::{Faults, Pool};
 use tracing::{error, info, warn};
 
-pub use crate::layout::{NBD_SOCKET_FILE, POOL_FILE, SOCKET_FILE};
+pub(crate) use crate::layout::{NBD_SOCKET_FILE, POOL_FILE, SOCKET_FILE};
+
+/// Why the daemon did not start. Each says what to change: a path it cannot use, a
+/// flag combination it refuses, or the layer that failed with its cause.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DaemonError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--vmm-group and --rpc-group differ; the data directory can let only one group through")]
+    GroupsDiffer,
+    #[error("KMS ({}): {source}", source.code())]
+    Kms {
+        #[source]
+        source: crate::kms::KmsError,
+    },
+    #[error("{source} ({})", source.code())]
+    Catalog {
+        #[source]
+        source: crate::catalog::CatalogError,
+    },
+    #[error("SEALDISK_FAULTS: {0:?}: expected reactor:panic=Nms")]
+    ReactorFault(String),
+    #[error("SEALDISK_FAULTS: at most one reactor:panic item")]
+    ReactorFaults,
+    #[error("SEALDISK_FAULTS: {0}")]
+    PoolFaults(#[source] crate::volume::FaultSpecError),
+    #[error("pool {}: {source} ({})", path.display(), source.code())]
+    Pool {
+        path: PathBuf,
+        #[source]
+        source: crate::volume::VolumeError,
+    },
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
+    #[error("reactors: {0}")]
+    Reactors(#[source] std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] crate::frontend::nbd::tls::TlsError),
+    #[error(
+        "--nbd-tcp {0}: NBD over TCP needs TLS (--tls-dir DIR); plain TCP only on a loopback address with \
+         --nbd-tcp-insecure"
+    )]
+    TcpWithoutTls(std::net::SocketAddr),
+    #[error("--tls-dir is for NBD over TCP: give --nbd-tcp ADDR too")]
+    TlsWithoutTcp,
+    #[error("NBD server on {}: {source}", path.display())]
+    Nbd {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("statistics sampler: {0}")]
+    Sampler(#[source] std::io::Error),
+    #[error("--metrics {addr}: {source}")]
+    Metrics {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// `path` for [`DaemonError::Io`].
+fn at(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> DaemonError + '_ {
+    move |source| DaemonError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
 /// Default size of a new pool file (sparse).
-pub const DEFAULT_POOL_SIZE: u64 = 64 << 30;
+pub(crate) const DEFAULT_POOL_SIZE: u64 = 64 << 30;
 
 /// Everything `serve` needs.
 #[derive(Debug, Clone)]
-pub struct DaemonConfig {
+pub(crate) struct DaemonConfig {
     pub data_dir: PathBuf,
     /// Pool file or block device (default `DATA_DIR/pool.img`).
     pub pool_path: Option<PathBuf>,
@@ -64,7 +135,7 @@ pub struct DaemonConfig {
 
 impl DaemonConfig {
     /// Embedded defaults: local KMS, pool file in the data directory, all cores.
-    pub fn new(data_dir: impl Into<PathBuf>) -> DaemonConfig {
+    pub(crate) fn new(data_dir: impl Into<PathBuf>) -> DaemonConfig {
         let data_dir = data_dir.into();
         DaemonConfig {
             kms: KmsConfig::local(&data_dir),
@@ -86,30 +157,28 @@ impl DaemonConfig {
         }
     }
 
-    pub fn nbd_socket_path(&self) -> PathBuf {
+    pub(crate) fn nbd_socket_path(&self) -> PathBuf {
         self.nbd_socket
             .clone()
             .unwrap_or_else(|| self.data_dir.join(NBD_SOCKET_FILE))
     }
 
-    pub fn socket_path(&self) -> PathBuf {
+    pub(crate) fn socket_path(&self) -> PathBuf {
         self.socket.clone().unwrap_or_else(|| self.data_dir.join(SOCKET_FILE))
     }
 
-    pub fn pool_path(&self) -> PathBuf {
+    pub(crate) fn pool_path(&self) -> PathBuf {
         self.pool_path.clone().unwrap_or_else(|| self.data_dir.join(POOL_FILE))
     }
 }
 
 /// A running daemon.
-pub struct Daemon {
+pub(crate) struct Daemon {
     control: Arc<Control>,
     server: Option<RpcServer>,
     reactors: Option<Arc<Reactors>>,
     /// The NBD frontend; stopped first at shutdown.
     nbd: Option<NbdServer>,
-    /// The metrics endpoint's sources (add more with [`Daemon::metrics`]).
-    registry: Arc<Registry>,
     /// The metrics endpoint, if `--metrics` was given.
     metrics_server: Option<MetricsServer>,
     /// The thread that samples per-disk statistics every second.
@@ -118,27 +187,23 @@ pub struct Daemon {
 
 impl Daemon {
     /// Opens or creates the data directory's state and starts serving.
-    pub fn start(cfg: DaemonConfig) -> Result<Daemon, String> {
+    pub(crate) fn start(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
         let dir = &cfg.data_dir;
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(at(dir))?;
         // Owner-only, except that the VMM group may pass through to its instances'
         // sockets (DATA_DIR/instances/<id>/nbd.sock); every file in here is 0600.
         let gid = match (cfg.vmm_gid, cfg.rpc_gid) {
-            (Some(v), Some(r)) if v != r => {
-                return Err(
-                    "--vmm-group and --rpc-group differ; the data directory can let only one group through".into(),
-                )
-            }
+            (Some(v), Some(r)) if v != r => return Err(DaemonError::GroupsDiffer),
             (v, r) => v.or(r).unwrap_or(0),
         };
-        std::os::unix::fs::chown(dir, None, Some(gid)).map_err(|e| format!("{}: {e}", dir.display()))?;
+        std::os::unix::fs::chown(dir, None, Some(gid)).map_err(at(dir))?;
         std::fs::set_permissions(
             dir,
             std::fs::Permissions::from_mode(if gid == 0 { 0o700 } else { 0o710 }),
         )
-        .map_err(|e| format!("{}: {e}", dir.display()))?;
-        let kms = Arc::new(Kms::open(cfg.kms.clone()).map_err(|e| format!("KMS ({}): {e}", e.code()))?);
-        let db = catalog::open(&dir.join(catalog::CATALOG_FILE)).map_err(|e| format!("{} ({})", e, e.code()))?;
+        .map_err(at(dir))?;
+        let kms = Arc::new(Kms::open(cfg.kms.clone()).map_err(|source| DaemonError::Kms { source })?);
+        let db = catalog::open(&dir.join(catalog::CATALOG_FILE)).map_err(|source| DaemonError::Catalog { source })?;
         let pool_path = cfg.pool_path();
         // Fault injection for crash harnesses (never set in production):
         // `reactor:panic=Nms` items are the daemon's, the rest the pool's.
@@ -155,11 +220,11 @@ impl Daemon {
                     .and_then(|v| v.strip_suffix("ms"))
                     .and_then(|v| v.parse::<u64>().ok())
                     .map(std::time::Duration::from_millis)
-                    .ok_or_else(|| format!("SEALDISK_FAULTS: {one:?}: expected reactor:panic=Nms"))?,
+                    .ok_or_else(|| DaemonError::ReactorFault((*one).to_owned()))?,
             ),
-            _ => return Err("SEALDISK_FAULTS: at most one reactor:panic item".into()),
+            _ => return Err(DaemonError::ReactorFaults),
         };
-        let faults = Faults::parse(&pool_faults.join(",")).map_err(|e| format!("SEALDISK_FAULTS: {e}"))?;
+        let faults = Faults::parse(&pool_faults.join(",")).map_err(DaemonError::PoolFaults)?;
         if !spec.is_empty() {
             warn!(faults = %spec, "SEALDISK_FAULTS is set: injecting faults");
         }
@@ -170,7 +235,10 @@ impl Daemon {
             crate::volume::DEFAULT_CLUSTER,
             Arc::new(faults),
         )
-        .map_err(|e| format!("pool {}: {e} ({})", pool_path.display(), e.code()))?;
+        .map_err(|source| DaemonError::Pool {
+            path: pool_path.clone(),
+            source,
+        })?;
         // Owner-only state files (the directory is 0700 as well).
         for f in [dir.join(catalog::CATALOG_FILE), pool_path.clone()] {
             if std::fs::metadata(&f).is_ok_and(|m| m.is_file()) {
@@ -178,7 +246,7 @@ impl Daemon {
             }
         }
         // Volumes of a copy the last run did not finish (killed mid-copy).
-        let swept = crate::control::check::sweep_unreferenced(&db, &pool).map_err(|e| e.to_string())?;
+        let swept = crate::control::check::sweep_unreferenced(&db, &pool)?;
         if !swept.is_empty() {
             warn!(
                 volumes = %swept.join(","),
@@ -186,7 +254,7 @@ impl Daemon {
                 swept.len()
             );
         }
-        let reactors = Arc::new(Reactors::start(&cfg.reactors).map_err(|e| format!("reactors: {e}"))?);
+        let reactors = Arc::new(Reactors::start(&cfg.reactors).map_err(DaemonError::Reactors)?);
         if let Some(after) = panic_after {
             let r = reactors.clone();
             std::thread::spawn(move || {
@@ -209,7 +277,7 @@ impl Daemon {
                 vmm_gid: cfg.vmm_gid,
             },
         );
-        let (restored, failed) = control.restore_attachments().map_err(|e| e.to_string())?;
+        let (restored, failed) = control.restore_attachments()?;
         if !restored.is_empty() {
             info!(disks = %restored.join(","), "restored {} attached disk(s)", restored.len());
         }
@@ -225,13 +293,8 @@ impl Daemon {
                 warn!(addr = %a, "NBD over TCP WITHOUT TLS (--nbd-tcp-insecure): loopback clients only");
                 None
             }
-            (Some(a), None) => {
-                return Err(format!(
-                    "--nbd-tcp {a}: NBD over TCP needs TLS (--tls-dir DIR); plain TCP only on a loopback address \
-                     with --nbd-tcp-insecure"
-                ))
-            }
-            (None, Some(_)) => return Err("--tls-dir is for NBD over TCP: give --nbd-tcp ADDR too".into()),
+            (Some(a), None) => return Err(DaemonError::TcpWithoutTls(a)),
+            (None, Some(_)) => return Err(DaemonError::TlsWithoutTcp),
             (None, None) => None,
         };
         let nbd = NbdServer::start(
@@ -245,7 +308,10 @@ impl Daemon {
             reactors.clone(),
             exports.clone(),
         )
-        .map_err(|e| format!("NBD server on {}: {e}", nbd_sock.display()))?;
+        .map_err(|source| DaemonError::Nbd {
+            path: nbd_sock.clone(),
+            source,
+        })?;
         let _ = std::fs::set_permissions(&nbd_sock, std::fs::Permissions::from_mode(0o600));
         info!(
             socket = %nbd_sock.display(),
@@ -254,9 +320,7 @@ impl Daemon {
         );
 
         let logf: Arc<dyn Fn(LogLine) + Send + Sync> = Arc::new(|l: LogLine| crate::control::rpc::log_line(&l));
-        let sampler = control
-            .start_sampler()
-            .map_err(|e| format!("statistics sampler: {e}"))?;
+        let sampler = control.start_sampler().map_err(DaemonError::Sampler)?;
         let registry = Arc::new(Registry::default());
         {
             let exports = exports.clone();
@@ -268,7 +332,10 @@ impl Daemon {
         }
         let metrics_server = match &cfg.metrics {
             Some(a) => {
-                let m = MetricsServer::start(a, registry.clone()).map_err(|e| format!("--metrics {a}: {e}"))?;
+                let m = MetricsServer::start(a, registry.clone()).map_err(|source| DaemonError::Metrics {
+                    addr: a.to_string(),
+                    source,
+                })?;
                 info!(addr = %m.addr(), "metrics (Prometheus text format)");
                 Some(m)
             }
@@ -278,8 +345,7 @@ impl Daemon {
         let sock = cfg.socket_path();
         // With --rpc-group the control socket is that group's too (0660); the data
         // directory lets the group pass through to it.
-        let server = RpcServer::start(&sock, cfg.rpc_gid, control.clone(), logf)
-            .map_err(|e| format!("{}: {e}", sock.display()))?;
+        let server = RpcServer::start(&sock, cfg.rpc_gid, control.clone(), logf).map_err(at(&sock))?;
         info!(
             socket = %sock.display(),
             data_dir = %dir.display(),
@@ -293,29 +359,13 @@ impl Daemon {
             server: Some(server),
             reactors: Some(reactors),
             nbd: Some(nbd),
-            registry,
             metrics_server,
             sampler: Some(sampler),
         })
     }
 
-    pub fn control(&self) -> &Arc<Control> {
-        &self.control
-    }
-
-    /// The metrics endpoint's registry: the hook for more metric families
-    /// ([`Registry::add_source`]); they appear on the next scrape.
-    pub fn metrics(&self) -> &Arc<Registry> {
-        &self.registry
-    }
-
-    /// Where the metrics endpoint listens, if it runs.
-    pub fn metrics_addr(&self) -> Option<&MetricsAddr> {
-        self.metrics_server.as_ref().map(MetricsServer::addr)
-    }
-
     /// Clean shutdown: RPC off, every export removed (keys wiped), reactors stopped.
-    pub fn shutdown(mut self) {
+    pub(crate) fn shutdown(mut self) {
         // Background tasks first (a copy stops between batches and cleans up).
         let left = self.control.cancel_tasks(std::time::Duration::from_secs(3));
         if left > 0 {
@@ -337,7 +387,7 @@ impl Daemon {
 
 /// Blocks SIGTERM and SIGINT in this thread (and every thread it starts later) so that
 /// [`wait_for_signal`] receives them.
-pub fn block_signals() {
+pub(crate) fn block_signals() {
     // SAFETY: plain sigset manipulation on a local set; the results are checked.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -349,7 +399,7 @@ pub fn block_signals() {
 }
 
 /// Waits for SIGTERM or SIGINT (blocked with [`block_signals`]); returns its number.
-pub fn wait_for_signal() -> i32 {
+pub(crate) fn wait_for_signal() -> i32 {
     // SAFETY: sigwait on a set of blocked signals; `sig` is written by the kernel.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -373,7 +423,7 @@ pub const EXIT_DATA_PATH_PANIC: i32 = 70;
 /// RPCs while its disks are unreachable is the worst way to fail. The log
 /// line says which thread and why; the exit status is non-zero so the
 /// supervisor restarts the daemon and recovery runs (as after a kill).
-pub fn exit_on_data_path_panic() {
+pub(crate) fn exit_on_data_path_panic() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         let name = std::thread::current().name().unwrap_or("").to_string();
@@ -396,7 +446,7 @@ pub fn exit_on_data_path_panic() {
 
 /// Raises the soft open-files limit to the hard one (every NBD connection
 /// takes a descriptor) and returns the limit in force.
-pub fn raise_nofile_limit() -> u64 {
+pub(crate) fn raise_nofile_limit() -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -420,7 +470,7 @@ pub fn raise_nofile_limit() -> u64 {
 }
 
 /// `sealdisk serve`: start, wait for SIGTERM/SIGINT, shut down.
-pub fn run(cfg: DaemonConfig) -> Result<(), String> {
+pub(crate) fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
     block_signals();
     exit_on_data_path_panic();
     let nofile = raise_nofile_limit();
@@ -432,9 +482,4 @@ pub fn run(cfg: DaemonConfig) -> Result<(), String> {
     d.shutdown();
     info!("stopped");
     Ok(())
-}
-
-/// Data directory path check used by the CLI.
-pub fn is_data_dir(p: &Path) -> bool {
-    p.join(catalog::CATALOG_FILE).exists()
 }

@@ -42,6 +42,11 @@ impl Export {
     }
 }
 
+/// [`Exports::add`] of a name that is exported already.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("export {0} already exists")]
+pub struct DuplicateExport(pub String);
+
 /// The registry (control path only; the data path holds `Export` clones). The
 /// daemon's registry (every attached disk, for the administrator's socket) also holds
 /// the per-instance ones.
@@ -56,10 +61,10 @@ impl Exports {
         Arc::new(Exports::default())
     }
     /// Add an export; refuses a duplicate name.
-    pub fn add(&self, e: Export) -> Result<(), String> {
+    pub fn add(&self, e: Export) -> Result<(), DuplicateExport> {
         let mut m = self.map.write().expect("exports lock");
         if m.contains_key(&e.name) {
-            return Err(format!("export {} already exists", e.name));
+            return Err(DuplicateExport(e.name.clone()));
         }
         m.insert(e.name.clone(), e);
         Ok(())
@@ -82,7 +87,7 @@ impl Exports {
     }
 }
 
-pub use crate::layout::{instance_socket, INSTANCES_DIR, INSTANCE_SOCKET};
+pub(crate) use crate::layout::{instance_socket, INSTANCES_DIR, INSTANCE_SOCKET};
 
 /// Per-instance export registries: an instance's NBD socket
 /// (`DATA_DIR/instances/<InstanceId>/nbd.sock`) serves exactly the disks attached to

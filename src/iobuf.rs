@@ -18,9 +18,9 @@ use std::ptr::NonNull;
 use std::rc::Rc;
 
 /// Smallest chunk: one page (O_DIRECT needs 512- or 4096-byte alignment).
-pub const MIN_BUF: usize = 4096;
+pub(crate) const MIN_BUF: usize = 4096;
 /// Largest chunk.
-pub const MAX_BUF: usize = 1 << 20;
+pub(crate) const MAX_BUF: usize = 1 << 20;
 const CLASSES: usize = 9; // 4 KiB << 0..=8
 const CACHE_PER_CLASS: usize = 64;
 
@@ -172,7 +172,7 @@ impl BufPool {
     }
 
     /// A buffer of `len` bytes (contents unspecified), or `None` when the pool
-    /// is exhausted or `len` exceeds [`MAX_BUF`].
+    /// is exhausted or `len` exceeds `MAX_BUF`.
     #[inline]
     pub fn alloc(&self, len: usize) -> Option<IoBuf> {
         let class = class_of(len)?;

@@ -18,35 +18,28 @@ use std::path::{Path, PathBuf};
 /// The catalog database.
 pub const CATALOG_FILE: &str = "catalog.redb";
 /// Default pool file name.
-pub const POOL_FILE: &str = "pool.img";
+pub(crate) const POOL_FILE: &str = "pool.img";
 /// The RPC socket.
-pub const SOCKET_FILE: &str = "sealdisk.sock";
+pub(crate) const SOCKET_FILE: &str = "sealdisk.sock";
 /// The admin NBD socket.
-pub const NBD_SOCKET_FILE: &str = "nbd.sock";
+pub(crate) const NBD_SOCKET_FILE: &str = "nbd.sock";
 /// All KMS state.
-pub const KMS_DIR: &str = "kms";
+pub(crate) const KMS_DIR: &str = "kms";
 /// ExportImage's output, one directory per bucket.
-pub const EXPORTS_DIR: &str = "exports";
+pub(crate) const EXPORTS_DIR: &str = "exports";
 /// The per-instance directories.
-pub const INSTANCES_DIR: &str = "instances";
+pub(crate) const INSTANCES_DIR: &str = "instances";
 /// An instance's NBD socket, in its directory.
-pub const INSTANCE_SOCKET: &str = "nbd.sock";
+pub(crate) const INSTANCE_SOCKET: &str = "nbd.sock";
 /// An instance's vhost-user sockets, in its directory.
-pub const VHOST_DIR: &str = "vhost";
+pub(crate) const VHOST_DIR: &str = "vhost";
 
 /// `DATA_DIR/instances/<InstanceId>`.
-pub fn instance_dir(data_dir: &Path, instance: &str) -> PathBuf {
+pub(crate) fn instance_dir(data_dir: &Path, instance: &str) -> PathBuf {
     data_dir.join(INSTANCES_DIR).join(instance)
 }
 
 /// `DATA_DIR/instances/<InstanceId>/nbd.sock`.
-pub fn instance_socket(data_dir: &Path, instance: &str) -> PathBuf {
+pub(crate) fn instance_socket(data_dir: &Path, instance: &str) -> PathBuf {
     instance_dir(data_dir, instance).join(INSTANCE_SOCKET)
-}
-
-/// `DATA_DIR/instances/<InstanceId>/vhost/<DiskId>.sock`.
-pub fn vhost_socket(data_dir: &Path, instance: &str, disk: &str) -> PathBuf {
-    instance_dir(data_dir, instance)
-        .join(VHOST_DIR)
-        .join(format!("{disk}.sock"))
 }

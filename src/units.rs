@@ -2,11 +2,20 @@
 //! UTC time stamps. One parser and one formatter for the CLI, the fio-style benchmarks,
 //! the fio engine, the control plane and the KMS audit log.
 
+/// A size or a time stamp that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnitError {
+    #[error("{0:?} is not a size: use e.g. 4096, 4k, 128KiB, 64M or 10G")]
+    Size(String),
+    #[error("{0:?} is not a UTC time like 2026-11-28T02:42:45Z (yyyy-MM-ddTHH:mm:ssZ)")]
+    Time(String),
+}
+
 /// A size in bytes: a number with an optional binary unit `k`, `m`, `g` or `t` (powers
 /// of 1024, as fio's default `kb_base=1024`), optionally followed by `b` or `ib`, any
 /// case, spaces allowed around the unit: `4096`, `4k`, `128KiB`, `64M`, `10 G`, `1T`.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let bad = || format!("{s:?} is not a size: use e.g. 4096, 4k, 128KiB, 64M or 10G");
+pub fn parse_size(s: &str) -> Result<u64, UnitError> {
+    let bad = || UnitError::Size(s.to_owned());
     let t = s.trim().to_ascii_lowercase();
     let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(digits);
@@ -32,16 +41,16 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(bad)
 }
 
-/// Parses RFC 3339 UTC with seconds, exactly as [`rfc3339`] writes it without fraction
+/// Parses RFC 3339 UTC with seconds, exactly as `rfc3339` writes it without fraction
 /// (`2026-11-28T02:42:45Z`, ECS's `yyyy-MM-ddTHH:mm:ssZ`), into seconds since the epoch.
-pub fn parse_rfc3339(s: &str) -> Result<u64, String> {
-    let bad = || format!("{s:?} is not a UTC time like 2026-11-28T02:42:45Z (yyyy-MM-ddTHH:mm:ssZ)");
+pub fn parse_rfc3339(s: &str) -> Result<u64, UnitError> {
+    let bad = || UnitError::Time(s.to_owned());
     let b = s.as_bytes();
     if b.len() != 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':' || b[19] != b'Z'
     {
         return Err(bad());
     }
-    let num = |r: std::ops::Range<usize>| -> Result<i64, String> {
+    let num = |r: std::ops::Range<usize>| -> Result<i64, UnitError> {
         let t = &s[r];
         if t.bytes().all(|c| c.is_ascii_digit()) {
             t.parse::<i64>().map_err(|_| bad())
@@ -68,7 +77,7 @@ pub fn parse_rfc3339(s: &str) -> Result<u64, String> {
 }
 
 /// Seconds and nanoseconds since the Unix epoch, now.
-pub fn now_unix() -> (u64, u32) {
+pub(crate) fn now_unix() -> (u64, u32) {
     let d = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
@@ -77,7 +86,7 @@ pub fn now_unix() -> (u64, u32) {
 
 /// RFC 3339 UTC time stamp, e.g. `2026-11-28T02:42:45.123Z` (milliseconds) or without
 /// fraction when `millis` is `None`.
-pub fn rfc3339(secs: u64, millis: Option<u32>) -> String {
+pub(crate) fn rfc3339(secs: u64, millis: Option<u32>) -> String {
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
     let (y, m, d) = civil_from_days(days);
@@ -89,12 +98,12 @@ pub fn rfc3339(secs: u64, millis: Option<u32>) -> String {
 }
 
 /// Now, RFC 3339 UTC with seconds (`2026-11-28T02:42:45Z`).
-pub fn now_rfc3339() -> String {
+pub(crate) fn now_rfc3339() -> String {
     rfc3339(now_unix().0, None)
 }
 
 /// Now, RFC 3339 UTC with milliseconds.
-pub fn now_rfc3339_millis() -> String {
+pub(crate) fn now_rfc3339_millis() -> String {
     let (s, ns) = now_unix();
     rfc3339(s, Some(ns / 1_000_000))
 }
@@ -146,7 +155,7 @@ mod tests {
             "99999999999999999999",
             "16777216T",
         ] {
-            let e = parse_size(s).unwrap_err();
+            let e = parse_size(s).unwrap_err().to_string();
             assert!(e.contains("is not a size"), "{s}: {e}");
         }
     }

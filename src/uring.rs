@@ -20,7 +20,7 @@ use crate::iobuf::BufPool;
 
 /// Bits of `user_data` left for a route's own tag. Above them: the route's
 /// generation (16 bits) and its slot (16 bits).
-pub const TAG_BITS: u32 = 32;
+pub(crate) const TAG_BITS: u32 = 32;
 const GEN_BITS: u32 = 16;
 /// Most registered-file slots a ring asks for; fewer if the process's file
 /// limit is lower (the kernel refuses a table larger than RLIMIT_NOFILE).
@@ -44,7 +44,7 @@ pub struct RingOpts {
 
 /// Default [`RingOpts::eager_submit_bytes`]: 8 × 4 KiB requests, or every
 /// request of 32 KiB and more.
-pub const EAGER_SUBMIT_BYTES: usize = 32 << 10;
+pub(crate) const EAGER_SUBMIT_BYTES: usize = 32 << 10;
 
 impl Default for RingOpts {
     fn default() -> Self {
@@ -309,7 +309,7 @@ impl Ring {
     /// # Safety
     /// Every buffer and pointer the entry refers to must stay valid until its
     /// completion has been reaped.
-    pub unsafe fn push(&self, route: &Route, tag: u64, entry: squeue::Entry) -> bool {
+    pub(crate) unsafe fn push(&self, route: &Route, tag: u64, entry: squeue::Entry) -> bool {
         debug_assert!(tag < 1 << TAG_BITS);
         let ud = ((route.id as u64) << (TAG_BITS + GEN_BITS)) | ((route.gen as u64) << TAG_BITS) | tag;
         let entry = entry.user_data(ud);

@@ -5,19 +5,12 @@ mod common;
 
 use std::process::Command;
 
-use sealdisk::bench::fio::{FileJob, JobSpec, Rw, TargetSpec};
-use sealdisk::bench::io::{run, IoBenchOpts};
-use sealdisk::reactor::ReactorConfig;
+use sealdisk::testing::bench::io::{run, IoBenchOpts};
+use sealdisk::testing::bench::{FileJob, JobSpec, Rw, TargetSpec};
+use sealdisk::ReactorConfig;
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_sealdisk"))
-}
-
-fn tmp(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("sealdisk-benchio-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 #[test]
@@ -69,7 +62,8 @@ fn many_jobs_over_both_reactors_verify_through_the_crypto_layer() {
 
 #[test]
 fn verify_catches_a_corrupted_block_plain_and_encrypted() {
-    let d = tmp("corrupt");
+    let tmp = common::TempDir::new("benchio-corrupt");
+    let d = &tmp.0;
     for encrypt in [false, true] {
         let img = d.join(format!("disk-{encrypt}.img"));
         let base = |extra: &[&str]| {
@@ -120,12 +114,11 @@ fn verify_catches_a_corrupted_block_plain_and_encrypted() {
 
 #[test]
 fn verify_catches_a_flipped_ciphertext_byte() {
-    use sealdisk::bench::job::{check_verify_block, fill_verify_block};
+    use sealdisk::testing::bench::{check_verify_block, fill_verify_block, VerifyError};
     use std::sync::Arc;
     let r = common::reactors(&[0]);
-    let base: sealdisk::bdev::BdevRef = Arc::new(sealdisk::bdev::malloc::MallocBdev::new("m", 1 << 20, 512));
-    let enc: sealdisk::bdev::BdevRef =
-        Arc::new(sealdisk::bdev::crypto::CryptoBdev::new(base.clone(), common::xts(4), 4096).unwrap());
+    let base: sealdisk::BdevRef = Arc::new(sealdisk::MallocBdev::new("m", 1 << 20, 512));
+    let enc: sealdisk::BdevRef = Arc::new(sealdisk::CryptoBdev::new(base.clone(), common::xts(4), 4096).unwrap());
     let mut block = vec![0u8; 4096];
     fill_verify_block(&mut block, 8192, 1);
     let out = common::run_ios(
@@ -179,12 +172,16 @@ fn verify_catches_a_flipped_ciphertext_byte() {
         }],
     );
     let e = check_verify_block(&back[0].data, 8192).unwrap_err();
-    assert!(e.contains("8192"), "{e}");
+    // One flipped ciphertext bit garbles one 16-byte block of the plaintext, past the
+    // header: the checksum catches it.
+    assert!(matches!(e, VerifyError::Crc { offset: 8192, .. }), "{e}");
+    assert!(e.to_string().contains("8192"), "{e}");
 }
 
 #[test]
 fn json_output_uses_fio_field_names_and_compare_names_jobs() {
-    let d = tmp("json");
+    let tmp = common::TempDir::new("benchio-json");
+    let d = &tmp.0;
     let plot = d.join("p.svg");
     let out = bin()
         .args([
@@ -255,7 +252,8 @@ fn json_output_uses_fio_field_names_and_compare_names_jobs() {
 
 #[test]
 fn job_files_run_like_fio() {
-    let d = tmp("jobfile");
+    let tmp = common::TempDir::new("benchio-jobfile");
+    let d = &tmp.0;
     let jf = d.join("t.fio");
     std::fs::write(
         &jf,
@@ -279,7 +277,8 @@ fn job_files_run_like_fio() {
 
 #[test]
 fn iostat_on_stacks_the_statistics_layer_on_every_target() {
-    let d = tmp("iostat");
+    let tmp = common::TempDir::new("benchio-iostat");
+    let d = &tmp.0;
     let jf = d.join("jobs.fio");
     std::fs::write(
         &jf,
@@ -326,7 +325,8 @@ fn bad_options_are_refused_with_a_clear_message() {
         (&["--runtime=soon"], "bad time"),
         (&["--offset=2m"], "past the end"),
     ];
-    let d = tmp("badopts");
+    let tmp = common::TempDir::new("benchio-badopts");
+    let d = &tmp.0;
     let small = d.join("small.img");
     std::fs::write(&small, vec![0u8; 1 << 20]).unwrap();
     for (args, want) in cases {
@@ -350,7 +350,8 @@ fn repeated_pieces(data: &[u8]) -> usize {
 
 #[test]
 fn refill_buffers_writes_fresh_data_every_time_scramble_only_stamps() {
-    let d = tmp("refill");
+    let tmp = common::TempDir::new("benchio-refill");
+    let d = &tmp.0;
     let run_with = |flag: &str| {
         let img = d.join(format!("{}.img", flag.trim_start_matches('-')));
         std::fs::write(&img, vec![0u8; 256 << 10]).unwrap();

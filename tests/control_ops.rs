@@ -10,38 +10,18 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use common::{run_ios, Op};
-use sealdisk::catalog;
-use sealdisk::control::{Control, ControlConfig, ControlError, QosConfig};
-use sealdisk::export::Exports;
-use sealdisk::kms::{CallOpts, KeyContext, Kms, KmsConfig, QuotaConfig};
-use sealdisk::reactor::Reactors;
-use sealdisk::volume::Pool;
+use common::{run_ios, Op, TempDir};
+use sealdisk::testing::catalog;
+use sealdisk::Exports;
+use sealdisk::Pool;
+use sealdisk::Reactors;
+use sealdisk::{CallOpts, KeyContext, Kms, KmsConfig, QuotaConfig};
+use sealdisk::{Control, ControlConfig, ControlError, QosConfig};
 
 const R: &str = "cn-hangzhou";
 const A: &str = "acct1";
 const B: &str = "acct2";
 const MIB: u64 = 1 << 20;
-
-struct TempDir(PathBuf);
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("sealdisk-ctl-{tag}-{}-{}", std::process::id(), rand_hex()));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-fn rand_hex() -> String {
-    use rand::RngCore;
-    let mut b = [0u8; 6];
-    rand::rngs::OsRng.fill_bytes(&mut b);
-    hex::encode(b)
-}
 
 struct Env {
     ctl: std::sync::Arc<Control>,
@@ -152,7 +132,7 @@ impl Env {
         d.data
     }
     fn check_clean(&self) {
-        let rep = sealdisk::control::check::check(self.ctl.db(), self.ctl.pool()).unwrap();
+        let rep = sealdisk::check(self.ctl.db(), self.ctl.pool()).unwrap();
         assert!(rep.consistent(), "check found problems: {:?}", rep.problems);
     }
 }
@@ -808,6 +788,29 @@ fn reset_and_reinit_restore_the_right_data() {
 }
 
 #[test]
+fn a_refilling_quota_tells_when_to_retry() {
+    // One call, then one every 100 s: the second encrypted disk is refused with a hint of
+    // at most 100 s (and more than nothing), and the message carries it.
+    let e = Env::with_quota(
+        "quota-hint",
+        QuotaConfig {
+            rate_per_sec: 0.01,
+            burst: 1,
+        },
+    );
+    e.activate(A);
+    e.disk(json!({"Encrypted": true}));
+    let before = e.dump();
+    let p = json!({"RegionId": R, "AccountId": A, "SizeBytes": 4 * MIB, "Encrypted": true});
+    let err = e.call("CreateDisk", p).unwrap_err();
+    assert_eq!(err.code(), "Throttling.KmsQuota");
+    let ms = err.retry_after_ms().expect("a refilling quota gives a retry hint");
+    assert!(ms > 0 && ms <= 100_000, "retry after {ms} ms");
+    assert!(err.to_string().contains(&format!("retry after {ms} ms")), "{err}");
+    assert_eq!(before, e.dump(), "over quota, CreateDisk changed something");
+}
+
+#[test]
 fn quota_exhaustion_mid_sequence_changes_nothing() {
     // Four KMS calls, no refill.
     let e = Env::with_quota(
@@ -829,7 +832,11 @@ fn quota_exhaustion_mid_sequence_changes_nothing() {
                    "DataDisk.2.SizeBytes": 4 * MIB, "DataDisk.2.Encrypted": true});
     let err = e.call("CreateInstance", p).unwrap_err();
     assert_eq!(err.code(), "Throttling.KmsQuota");
-    assert!(err.to_string().contains("nothing was changed") || err.retry_after_ms().is_none());
+    assert!(err.to_string().contains("nothing was changed"), "{err}");
+    // No refill: the calls can never be granted, so there is no retry hint, and the
+    // message says why.
+    assert_eq!(err.retry_after_ms(), None, "{err}");
+    assert!(err.to_string().contains("can never be granted"), "{err}");
     assert_eq!(before, e.dump(), "over quota, CreateInstance changed something");
     detach(&e, &d, &i); // 4
     for (m, p) in [
@@ -898,7 +905,7 @@ fn check_finds_a_corrupted_catalog_and_pool() {
     k.refs += 1;
     catalog::put(&w, &k).unwrap();
     w.commit().unwrap();
-    let rep = sealdisk::control::check::check(e.ctl.db(), e.ctl.pool()).unwrap();
+    let rep = sealdisk::check(e.ctl.db(), e.ctl.pool()).unwrap();
     assert!(
         rep.problems.iter().any(|p| p.contains("reference count")),
         "{:?}",
@@ -910,7 +917,7 @@ fn check_finds_a_corrupted_catalog_and_pool() {
     catalog::put(&w, &k).unwrap();
     e.ctl.pool().delete_volume(&w, &plain).unwrap();
     w.commit().unwrap();
-    let rep = sealdisk::control::check::check(e.ctl.db(), e.ctl.pool()).unwrap();
+    let rep = sealdisk::check(e.ctl.db(), e.ctl.pool()).unwrap();
     assert!(
         rep.problems
             .iter()

@@ -16,8 +16,7 @@ mod common;
 use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
@@ -25,35 +24,13 @@ use hkdf::Hkdf;
 use serde_json::{json, Value};
 use sha2::Sha256;
 
-use sealdisk::control::client::Client;
-use sealdisk::frontend::nbd::proto::*;
+use common::{rpc, start_daemon_with, TempDir};
+use sealdisk::testing::nbd::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sealdisk");
 const R: &str = "cn-hangzhou";
 const A: &str = "acct1";
 const MIB: u64 = 1 << 20;
-
-struct Dir(PathBuf);
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-struct Daemon(Child);
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn rpc(d: &Path, m: &str, mut p: Value) -> Value {
-    let mut c = Client::connect(&d.join("sealdisk.sock")).unwrap();
-    p["AccountId"] = A.into();
-    p["RegionId"] = R.into();
-    c.call(m, p).unwrap_or_else(|e| panic!("{m}: {e}"))
-}
 
 /// NBD handshake (fixed newstyle, GO), then writes of several sizes, read back.
 fn io(sock: &Path, export: &str) {
@@ -232,19 +209,19 @@ fn secrets(data: &Path) -> Vec<(String, Vec<u8>)> {
         )
         .unwrap();
     // The disk's key row and its data key (unwrapped in this process).
-    let db = sealdisk::catalog::open(&data.join(sealdisk::catalog::CATALOG_FILE)).unwrap();
+    let db = sealdisk::testing::catalog::open(&data.join(sealdisk::testing::catalog::CATALOG_FILE)).unwrap();
     let r = db.begin_read().unwrap();
-    let keys: Vec<sealdisk::catalog::KeyRecord> = sealdisk::catalog::list_r(&r).unwrap();
+    let keys: Vec<sealdisk::testing::catalog::KeyRecord> = sealdisk::testing::catalog::list_r(&r).unwrap();
     assert_eq!(keys.len(), 1, "one encrypted disk, one key");
     let k = &keys[0];
     let salt = &k.wrapped.blob[1..33];
     let wk = hkdf(Some(salt), &cmk, b"sealdisk/kms/v1/wrap-key", 32);
-    let kms = sealdisk::kms::Kms::open(sealdisk::kms::KmsConfig::local(data)).unwrap();
+    let kms = sealdisk::Kms::open(sealdisk::KmsConfig::local(data)).unwrap();
     let dk = kms
         .unwrap_data_key(
-            &sealdisk::kms::KeyContext::new(&k.account, &k.region, &k.key_id),
+            &sealdisk::KeyContext::new(&k.account, &k.region, &k.key_id),
             &k.wrapped,
-            sealdisk::kms::CallOpts::default(),
+            sealdisk::CallOpts::default(),
         )
         .unwrap();
     let dk = dk.as_bytes().to_vec();
@@ -323,33 +300,13 @@ fn guest_data() -> Vec<(String, Vec<u8>)> {
 /// for the guest's data as well).
 fn run(kernel: &str, log_args: &[&str]) {
     let tag = if log_args.is_empty() { "human" } else { "json" };
-    let base = std::env::temp_dir().join(format!("sealdisk-core-{kernel}-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&base);
-    std::fs::create_dir_all(&base).unwrap();
-    let dir = Dir(base.clone());
+    let dir = TempDir::new(&format!("core-{kernel}-{tag}"));
     let data = dir.0.join("data");
-    let log = dir.0.join("serve.log");
-    let child = Command::new(BIN)
-        .args(["serve", "--data-dir"])
-        .arg(&data)
-        .args(["--cores", "0", "--pool-size", "64M", "--no-qos"])
-        .args(log_args)
-        .env("SEALDISK_XTS_KERNEL", kernel)
-        .env_remove("SEALDISK_KMS_ROOT_KEY")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut dm = Daemon(child);
-    let t = Instant::now();
-    while Client::connect(&data.join("sealdisk.sock")).is_err() {
-        if let Some(st) = dm.0.try_wait().unwrap() {
-            panic!("daemon exited ({st}): {}", std::fs::read_to_string(&log).unwrap());
-        }
-        assert!(t.elapsed() < Duration::from_secs(30), "daemon did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let log = data.with_extension("log");
+    let args = [&["--cores", "0", "--pool-size", "64M", "--no-qos"][..], log_args].concat();
+    let mut dm = start_daemon_with(BIN, &data, &args, &log, |c| {
+        c.env("SEALDISK_XTS_KERNEL", kernel).env_remove("SEALDISK_KMS_ROOT_KEY");
+    });
     rpc(&data, "ActivateKms", json!({}));
     let inst = rpc(&data, "CreateInstance", json!({"SystemDisk.SizeBytes": 4 * MIB}));
     let iid = inst["InstanceId"].as_str().unwrap().to_owned();

@@ -13,8 +13,8 @@ use std::time::Duration;
 use common::*;
 use serde_json::{json, Value};
 
-use sealdisk::frontend::nbd::proto::*;
-use sealdisk::reactor::{Poll, Poller, ReactorConfig, ReactorCtx, Reactors, StatsSnapshot};
+use sealdisk::testing::nbd::*;
+use sealdisk::{Poll, Poller, ReactorConfig, ReactorCtx, Reactors, StatsSnapshot};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sealdisk");
 
@@ -135,7 +135,7 @@ fn nbd_write_read(sock: &std::path::Path, export: &str, base: u64, n: u64) {
 
 /// DescribeReactors (host-level: no account).
 fn describe(data: &std::path::Path) -> Value {
-    let mut c = sealdisk::control::client::Client::connect(&data.join("sealdisk.sock")).unwrap();
+    let mut c = sealdisk::Client::connect(&data.join("sealdisk.sock")).unwrap();
     c.call("DescribeReactors", json!({})).unwrap()
 }
 
@@ -225,7 +225,7 @@ fn describe_reactors_counts_every_source_and_the_slow_path() {
 
 #[test]
 fn kms_errors_and_throttling_are_counted_per_backend() {
-    use sealdisk::kms::{CallOpts, KeyContext, Kms, KmsConfig, QuotaConfig};
+    use sealdisk::{CallOpts, KeyContext, Kms, KmsConfig, QuotaConfig};
     let d = TempDir::new("counters-kms");
     let mut cfg = KmsConfig::local(&d.0);
     cfg.quota = QuotaConfig {

@@ -45,8 +45,8 @@ use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
-use sealdisk::control::client::{Client, RpcError};
-use sealdisk::frontend::nbd::proto::*;
+use sealdisk::testing::nbd::*;
+use sealdisk::{Client, RpcError};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sealdisk");
 const R: &str = "cn-hangzhou";
@@ -116,27 +116,25 @@ const MAGIC_MARK: [u8; 8] = *b"SDMARKR1";
 // ---- temp dir, daemon process, watchdog -----------------------------------------
 
 /// Removed when dropped, except while panicking (kept for a post-mortem).
-struct TempDir(PathBuf);
+/// A temporary directory (`tempfile`), removed on drop unless the test failed: then
+/// it is kept for inspection.
+struct TempDir(PathBuf, Option<tempfile::TempDir>);
 impl Drop for TempDir {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("crash harness: kept {} for inspection", self.0.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.0);
+            if let Some(t) = self.1.take() {
+                eprintln!("crash harness: kept {} for inspection", t.keep().display());
+            }
         }
     }
 }
 
 fn tempdir(tag: &str) -> TempDir {
-    let mut b = [0u8; 6];
-    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut b);
-    let p = std::env::temp_dir().join(format!(
-        "sealdisk-crash-{tag}-{}-{}",
-        std::process::id(),
-        hex::encode(b)
-    ));
-    std::fs::create_dir_all(&p).unwrap();
-    TempDir(p)
+    let t = tempfile::Builder::new()
+        .prefix(&format!("sealdisk-crash-{tag}-"))
+        .tempdir()
+        .unwrap();
+    TempDir(t.path().to_path_buf(), Some(t))
 }
 
 struct Daemon {

@@ -6,46 +6,28 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use common::{run_ios, Op};
-use sealdisk::catalog;
-use sealdisk::control::client::Client;
-use sealdisk::control::{Control, ControlConfig, QosConfig};
-use sealdisk::export::Exports;
-use sealdisk::kms::{CallOpts, KeyContext, Kms, KmsConfig};
-use sealdisk::volume::Pool;
+use common::{run_ios, Op, TempDir};
+use sealdisk::testing::catalog;
+use sealdisk::Client;
+use sealdisk::Exports;
+use sealdisk::Pool;
+use sealdisk::{CallOpts, KeyContext, Kms, KmsConfig};
+use sealdisk::{Control, ControlConfig, QosConfig};
 
 const R: &str = "cn-hangzhou";
 const A: &str = "acct1";
 const MIB: u64 = 1 << 20;
 const BIN: &str = env!("CARGO_BIN_EXE_sealdisk");
 
-struct TempDir(PathBuf);
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-fn tempdir(tag: &str) -> TempDir {
-    use rand::RngCore;
-    let mut b = [0u8; 6];
-    rand::rngs::OsRng.fill_bytes(&mut b);
-    let p = std::env::temp_dir().join(format!(
-        "sealdisk-daemon-{tag}-{}-{}",
-        std::process::id(),
-        hex::encode(b)
-    ));
-    std::fs::create_dir_all(&p).unwrap();
-    TempDir(p)
-}
-
+/// A daemon and the log its stderr goes to.
 struct Daemon {
-    child: Child,
+    child: common::Daemon,
     log: PathBuf,
 }
 
@@ -58,36 +40,18 @@ fn start_with(dir: &Path, log: PathBuf, pool_size: &str) -> Daemon {
 }
 
 fn start_args(dir: &Path, log: PathBuf, pool_size: &str, extra: &[&std::ffi::OsStr]) -> Daemon {
-    let f = std::fs::File::create(&log).unwrap();
-    let child = Command::new(BIN)
-        .args(["serve", "--data-dir"])
-        .arg(dir)
-        .args(["--cores", "0", "--pool-size", pool_size])
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(f)
-        .spawn()
-        .unwrap();
-    let sock = dir.join("sealdisk.sock");
-    let t = Instant::now();
-    while Client::connect(&sock).is_err() {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "daemon did not start: {}",
-            std::fs::read_to_string(&log).unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let child = common::start_daemon_with(BIN, dir, &["--cores", "0", "--pool-size", pool_size], &log, |c| {
+        c.args(extra);
+    });
     Daemon { child, log }
 }
 
 fn stop(mut d: Daemon) -> String {
     // SAFETY: kill(2) on our own child's pid.
-    unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) };
+    unsafe { libc::kill(d.child.0.id() as i32, libc::SIGTERM) };
     let t = Instant::now();
     loop {
-        if let Some(st) = d.child.try_wait().unwrap() {
+        if let Some(st) = d.child.0.try_wait().unwrap() {
             let log = std::fs::read_to_string(&d.log).unwrap();
             assert!(st.success(), "daemon exit {st:?}: {log}");
             return log;
@@ -98,7 +62,7 @@ fn stop(mut d: Daemon) -> String {
 }
 
 /// The daemon's parts in this process (the daemon must not be running).
-fn open_in_process(dir: &Path, reactors: &Arc<sealdisk::reactor::Reactors>) -> Arc<Control> {
+fn open_in_process(dir: &Path, reactors: &Arc<sealdisk::Reactors>) -> Arc<Control> {
     let kms = Arc::new(Kms::open(KmsConfig::local(dir)).unwrap());
     let db = catalog::open(&dir.join(catalog::CATALOG_FILE)).unwrap();
     let pool = Pool::open(db.clone(), &dir.join("pool.img"), 64 * MIB).unwrap();
@@ -157,8 +121,8 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 #[test]
 fn serve_restart_restores_attachments_and_check() {
-    let dir = tempdir("data");
-    let logs = tempdir("logs");
+    let dir = TempDir::new("data");
+    let logs = TempDir::new("logs");
     let d = &dir.0;
 
     // First run: nothing but a data directory path.
@@ -451,9 +415,9 @@ fn serve_restart_restores_attachments_and_check() {
 fn sigkill_during_create_encrypted_copy_leaves_nothing_half_made() {
     use std::io::Write;
     use std::os::unix::fs::MetadataExt;
-    let dir = tempdir("copykill");
-    let logs = tempdir("copykill-logs");
-    let src = tempdir("copykill-src");
+    let dir = TempDir::new("copykill");
+    let logs = TempDir::new("copykill-logs");
+    let src = TempDir::new("copykill-src");
     let d = &dir.0;
     // A raw image with data in every block (nothing for the copy to skip).
     let img = src.0.join("src.img");
@@ -496,8 +460,8 @@ fn sigkill_during_create_encrypted_copy_leaves_nothing_half_made() {
         std::thread::sleep(Duration::from_millis(2));
     }
     let mut child = dm.child;
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
     drop(c);
 
     let dm = start_args(d, logs.0.join("2.log"), "256M", &import);

@@ -6,24 +6,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use sealdisk::bdev::crypto::CryptoBdev;
-use sealdisk::bdev::malloc::MallocBdev;
-use sealdisk::bdev::null::NullBdev;
-use sealdisk::bdev::uring::{UringBdev, UringOpts};
-use sealdisk::bdev::{BdevRef, IoError, IoRequest, MAX_IO_BYTES};
-use sealdisk::reactor::{ReactorConfig, Reactors, SendError};
+use sealdisk::CryptoBdev;
+use sealdisk::MallocBdev;
+use sealdisk::NullBdev;
+use sealdisk::{BdevRef, IoError, IoRequest, MAX_IO_BYTES};
+use sealdisk::{ReactorConfig, Reactors, SendError};
+use sealdisk::{UringBdev, UringOpts};
 
-fn tmpdir(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("sealdisk-test-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn backends(tag: &str) -> Vec<(String, BdevRef)> {
-    let dir = tmpdir(tag);
+/// A RAM disk and an O_DIRECT file in a temporary directory (removed when the returned
+/// `TempDir` drops).
+fn backends(tag: &str) -> (TempDir, Vec<(String, BdevRef)>) {
+    let dir = TempDir::new(tag);
     let file = UringBdev::open(
-        &dir.join("disk.img"),
+        &dir.0.join("disk.img"),
         &UringOpts {
             create_size: Some(16 << 20),
             buffered: false,
@@ -31,19 +26,21 @@ fn backends(tag: &str) -> Vec<(String, BdevRef)> {
         },
     )
     .expect("O_DIRECT file in the temp dir");
-    vec![
+    let bdevs = vec![
         (
             "malloc".into(),
             Arc::new(MallocBdev::new("m", 16 << 20, 512)) as BdevRef,
         ),
         ("uring-file".into(), Arc::new(file) as BdevRef),
-    ]
+    ];
+    (dir, bdevs)
 }
 
 #[test]
 fn crypto_layer_round_trips_and_stores_ciphertext_at_the_right_sectors() {
     let r = reactors(&[0]);
-    for (name, base) in backends("integrity") {
+    let (_dir, bdevs) = backends("integrity");
+    for (name, base) in bdevs {
         for ss in [512u32, 4096] {
             let xts = xts(ss as u8);
             let enc: BdevRef = Arc::new(CryptoBdev::new(base.clone(), xts.clone(), ss).unwrap());
@@ -93,7 +90,8 @@ fn crypto_layer_round_trips_and_stores_ciphertext_at_the_right_sectors() {
 #[test]
 fn unwritten_unmapped_and_zeroed_ranges_read_as_zeros() {
     let r = reactors(&[0]);
-    for (name, base) in backends("zeros") {
+    let (_dir, bdevs) = backends("zeros");
+    for (name, base) in bdevs {
         let enc: BdevRef = Arc::new(CryptoBdev::new(base.clone(), xts(9), 4096).unwrap());
         let data = random_bytes(64 << 10, 77);
         let out = run_ios(
@@ -150,7 +148,7 @@ fn unwritten_unmapped_and_zeroed_ranges_read_as_zeros() {
 #[test]
 fn bad_requests_complete_with_clear_errors() {
     let r = reactors(&[0]);
-    let mut all = backends("bad");
+    let (_dir, mut all) = backends("bad");
     let base = all[0].1.clone();
     all.push((
         "crypto".into(),
@@ -313,7 +311,7 @@ fn crypto_layer_applies_back_pressure_when_bounce_buffers_run_out() {
 
 #[test]
 fn crypto_layer_decrypts_a_large_completion_batch_in_slices() {
-    use sealdisk::bdev::crypto::DECRYPT_BUDGET;
+    use sealdisk::testing::DECRYPT_BUDGET;
     let r = reactors(&[0]);
     let base: BdevRef = Arc::new(MallocBdev::new("m", 1 << 20, 512));
     let enc: BdevRef = Arc::new(CryptoBdev::new(base, xts(3), 4096).unwrap());
@@ -452,18 +450,18 @@ fn idle_reactors_park() {
 
 #[test]
 fn core_lists_parse_and_refuse_bad_input() {
-    use sealdisk::reactor::parse_cores;
+    use sealdisk::parse_cores;
     assert_eq!(parse_cores("0").unwrap(), vec![0]);
     assert_eq!(parse_cores("0-1").unwrap(), vec![0, 1]);
     assert!(parse_cores("1-0").is_err());
     assert!(parse_cores("x").is_err());
     assert!(parse_cores("").is_err());
-    assert!(parse_cores("4096").unwrap_err().contains("not available"));
+    assert!(parse_cores("4096").unwrap_err().to_string().contains("not available"));
 }
 
 #[test]
 fn qos_caps_iops_and_bandwidth_without_dropping_requests() {
-    use sealdisk::bdev::qos::{QosBdev, QosLimits};
+    use sealdisk::{QosBdev, QosLimits};
     let r = reactors(&[0]);
     let base: BdevRef = Arc::new(MallocBdev::new("m", 8 << 20, 512));
     for (limits, n, min_secs) in [

@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::*;
-use sealdisk::control::util::rfc3339;
+use sealdisk::rfc3339;
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sealdisk");
@@ -18,7 +18,7 @@ fn now() -> u64 {
 
 /// A call as `acct` that must fail: (JSON-RPC code, data.code).
 fn refused(data: &std::path::Path, acct: &str, method: &str, mut params: Value) -> (i64, String) {
-    let mut c = sealdisk::control::client::Client::connect(&data.join("sealdisk.sock")).unwrap();
+    let mut c = sealdisk::Client::connect(&data.join("sealdisk.sock")).unwrap();
     params["AccountId"] = acct.into();
     params["RegionId"] = "cn-hangzhou".into();
     let e = c.call(method, params).expect_err("refused");
@@ -117,7 +117,7 @@ fn monitor_data_counts_the_io_and_refuses_bad_queries() {
     assert!(busy["IOPSWrite"].as_f64().unwrap() > 0.0);
     assert!(busy["LatencyWrite"].as_f64().unwrap() > 0.0);
     assert!(busy["LatencyWriteP99"].as_f64().unwrap() >= busy["LatencyWrite"].as_f64().unwrap() * 0.5);
-    assert!(sealdisk::control::util::parse_rfc3339(busy["TimeStamp"].as_str().unwrap()).is_ok());
+    assert!(sealdisk::parse_rfc3339(busy["TimeStamp"].as_str().unwrap()).is_ok());
     // Per second: one datapoint per sampled second, the same totals.
     let v1 = q(1);
     assert_eq!(total(&v1, "OpsWrite"), 8);

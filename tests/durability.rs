@@ -9,32 +9,25 @@
 
 mod common;
 
+use common::TempDir;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use sealdisk::bdev::{BdevRef, Channel, IoCompletion, IoRequest};
-use sealdisk::reactor::ReactorCtx;
-use sealdisk::volume::{FaultPoint, Faults, Pool};
+use sealdisk::ReactorCtx;
+use sealdisk::{BdevRef, Channel, IoCompletion, IoRequest};
+use sealdisk::{FaultPoint, Faults, Pool};
 
 const CL: u64 = 64 << 10;
 const BS: usize = 4096;
 const VOL_MAP: redb::TableDefinition<(&str, u64), u64> = redb::TableDefinition::new("vol_map");
 
-struct Dir(PathBuf);
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-fn dir(tag: &str) -> Dir {
-    let d = std::env::temp_dir().join(format!("sealdisk-dur-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    Dir(d)
+fn dir(tag: &str) -> TempDir {
+    TempDir::new(&format!("dur-{tag}"))
 }
 
 fn open(d: &Path, faults: Arc<Faults>) -> (Arc<redb::Database>, Arc<Pool>) {
@@ -116,7 +109,7 @@ fn crash_image(from: &Path, to: &Path) {
     }
 }
 
-fn read_vol(r: &sealdisk::reactor::Reactors, b: &BdevRef, off: u64, len: usize) -> Vec<u8> {
+fn read_vol(r: &sealdisk::Reactors, b: &BdevRef, off: u64, len: usize) -> Vec<u8> {
     let ops = (0..len)
         .step_by(256 << 10)
         .map(|p| Op::Read {
@@ -354,7 +347,7 @@ fn a_failed_commit_or_fdatasync_fails_only_its_requests_and_the_disk_goes_on() {
             let failed = wait_tag(&mut *ch, 10, &mut out);
             assert_eq!(
                 failed.result,
-                Err(sealdisk::bdev::IoError::Device { errno: libc::EIO }),
+                Err(sealdisk::IoError::Device { errno: libc::EIO }),
                 "{point:?}"
             );
             assert!(wait_tag(&mut *ch, 11, &mut out).result.is_ok());

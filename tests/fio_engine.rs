@@ -84,9 +84,11 @@ fn fio_external_engine_randrw_verify_plain_and_encrypted() {
     }
     // Processes (fio's default) on a file, encrypted with 512-byte sectors,
     // with mixed block sizes and a trim-free flush every 64 writes.
-    let dir = std::env::temp_dir().join(format!("sealdisk-fio-engine-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("sealdisk-fio-engine-")
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path();
     let path = dir.join("disk.img");
     let spec = format!("backend=file,path={},size=32M,encrypt=512", path.display());
     check(&fio(&job(&so, &spec, &["--bsrange=4k-128k", "--fsync=64"])), 2, &spec);
@@ -97,5 +99,4 @@ fn fio_external_engine_randrw_verify_plain_and_encrypted() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown backend"));
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -7,7 +7,7 @@
 #[allow(dead_code)]
 mod targets;
 
-use sealdisk::frontend::nbd::proto::*;
+use sealdisk::testing::nbd::*;
 
 /// xorshift64*: small, fast, deterministic.
 struct Rng(u64);
@@ -261,7 +261,7 @@ fn targets_accept_their_own_seeds_as_valid() {
     );
     assert_eq!(parse_option(&f[..f.len() - 1], 1024), None);
     assert!(matches!(parse_option(&f, 2), Some(Err(BadOption::TooLong(_)))));
-    let out = sealdisk::control::rpc::handle_line(
+    let out = sealdisk::testing::rpc::handle_line(
         &targets::ParamsOnly,
         br#"{"jsonrpc":"2.0","id":1,"method":"M","params":{"AccountId":"a","DataDisk.1.Size":20}}"#,
         &mut |_| {},
@@ -271,7 +271,7 @@ fn targets_accept_their_own_seeds_as_valid() {
     // A valid read chain parses as a read of 4096 bytes at sector 8; the same chain
     // with a device-readable data buffer (a write) is a write; a read-only data buffer
     // under a read header is refused.
-    use sealdisk::frontend::vhost::request::Kind;
+    use sealdisk::testing::vhost::Kind;
     assert_eq!(targets::vhost_chain_parsed(&vq_seed(0, 2)), Some((Kind::Read, 8, 4096)));
     assert_eq!(
         targets::vhost_chain_parsed(&vq_seed(1, 0)),

@@ -5,7 +5,7 @@
 mod common;
 
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -15,19 +15,17 @@ const MIB: u64 = 1 << 20;
 
 struct Qsd {
     child: Child,
-    dir: PathBuf,
 }
 
 impl Drop for Qsd {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
 /// qemu-storage-daemon exporting `raw` as vhost-user-blk on `sock`.
-fn start_qsd(dir: &Path, raw: &Path, sock: &Path, num_queues: u16) -> Qsd {
+fn start_qsd(raw: &Path, sock: &Path, num_queues: u16) -> Qsd {
     let child = Command::new("qemu-storage-daemon")
         .arg("--blockdev")
         .arg(format!("driver=file,node-name=f,filename={}", raw.display()))
@@ -39,10 +37,7 @@ fn start_qsd(dir: &Path, raw: &Path, sock: &Path, num_queues: u16) -> Qsd {
         .stdin(Stdio::null())
         .spawn()
         .expect("qemu-storage-daemon (package qemu-utils)");
-    let mut qsd = Qsd {
-        child,
-        dir: dir.to_path_buf(),
-    };
+    let mut qsd = Qsd { child };
     let until = Instant::now() + Duration::from_secs(20);
     while !sock.exists() {
         if let Some(st) = qsd.child.try_wait().unwrap() {
@@ -59,16 +54,15 @@ fn guest_writes_pattern_through_qsd_vhost_user_blk() {
     if !guest::require_guest() {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("sealdisk-guestboot-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = common::TempDir::new("guestboot");
+    let dir = &tmp.0;
     let raw = dir.join("disk.raw");
     let sock = dir.join("vhost.sock");
     let disk_size = 64 * MIB;
     std::fs::File::create(&raw).unwrap().set_len(disk_size).unwrap();
 
     let (offset_mib, size_mib, seed) = (1, 4, 0xa5);
-    let qsd = start_qsd(&dir, &raw, &sock, 2);
+    let qsd = start_qsd(&raw, &sock, 2);
     let opts = guest::BootOpts::new(&sock, guest::pattern_script(offset_mib, size_mib, seed));
     let run = guest::boot_vhost_blk(&opts).unwrap_or_else(|e| panic!("{e}"));
     eprintln!("guest ran in {:?}: {:?}", run.elapsed, guest::guest_lines(&run.console));

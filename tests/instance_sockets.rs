@@ -11,58 +11,20 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::json;
 
-use sealdisk::control::client::Client;
-use sealdisk::frontend::nbd::proto::*;
+use common::{rpc, start_daemon, Daemon, TempDir};
+use sealdisk::testing::nbd::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sealdisk");
-const R: &str = "cn-hangzhou";
-const A: &str = "acct1";
 const MIB: u64 = 1 << 20;
 
-struct Dir(PathBuf);
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-struct Daemon(Child);
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn start(data: &Path, extra: &[&str]) -> Daemon {
-    let child = Command::new(BIN)
-        .args(["serve", "--data-dir"])
-        .arg(data)
-        .args(["--cores", "0", "--pool-size", "64M", "--no-qos"])
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let t = Instant::now();
-    while Client::connect(&data.join("sealdisk.sock")).is_err() {
-        assert!(t.elapsed() < Duration::from_secs(30), "daemon did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Daemon(child)
-}
-
-fn rpc(data: &Path, m: &str, mut p: Value) -> Value {
-    let mut c = Client::connect(&data.join("sealdisk.sock")).unwrap();
-    p["AccountId"] = A.into();
-    p["RegionId"] = R.into();
-    c.call(m, p).unwrap_or_else(|e| panic!("{m}: {e}"))
+    let args = [&["--cores", "0", "--pool-size", "64M", "--no-qos"][..], extra].concat();
+    start_daemon(BIN, data, &args, &[])
 }
 
 /// NBD_OPT_LIST on `sock`: the export names.
@@ -108,8 +70,7 @@ fn sorted(mut v: Vec<String>) -> Vec<String> {
 
 #[test]
 fn each_instance_socket_serves_exactly_its_own_disks() {
-    let dir = Dir(std::env::temp_dir().join(format!("sealdisk-inst-{}", std::process::id())));
-    let _ = std::fs::remove_dir_all(&dir.0);
+    let dir = TempDir::new("inst");
     let data = dir.0.join("data");
     let _dm = start(&data, &["--vmm-group", "daemon"]);
     // SAFETY: getgrnam(3) with a NUL-terminated literal; read at once.
@@ -190,8 +151,7 @@ fn each_instance_socket_serves_exactly_its_own_disks() {
 
 #[test]
 fn instance_sockets_come_back_after_a_restart() {
-    let dir = Dir(std::env::temp_dir().join(format!("sealdisk-inst-rs-{}", std::process::id())));
-    let _ = std::fs::remove_dir_all(&dir.0);
+    let dir = TempDir::new("inst-rs");
     let data = dir.0.join("data");
     let dm = start(&data, &[]);
     let v = rpc(
@@ -214,8 +174,7 @@ fn instance_sockets_come_back_after_a_restart() {
 
 #[test]
 fn the_control_socket_opens_to_a_group_only_when_asked() {
-    let dir = Dir(std::env::temp_dir().join(format!("sealdisk-inst-rpc-{}", std::process::id())));
-    let _ = std::fs::remove_dir_all(&dir.0);
+    let dir = TempDir::new("inst-rpc");
     let data = dir.0.join("data");
     {
         let _dm = start(&data, &[]);

@@ -10,15 +10,13 @@ use std::process::Command;
 use std::sync::Arc;
 
 use common::*;
-use sealdisk::bdev::uring::{Iopoll, UringBdev, UringOpts};
-use sealdisk::bdev::BdevRef;
+use sealdisk::BdevRef;
+use sealdisk::{Iopoll, UringBdev, UringOpts};
 
-fn tmpfile(name: &str) -> std::path::PathBuf {
-    // The system temp dir, not /dev/shm: tmpfs refuses IOPOLL outright.
-    let d = std::env::temp_dir().join(format!("sealdisk-iopoll-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d.join("disk.img")
+/// The disk file in `dir` (under the system temp dir, not /dev/shm: tmpfs refuses
+/// IOPOLL outright).
+fn disk(dir: &TempDir) -> std::path::PathBuf {
+    dir.0.join("disk.img")
 }
 
 fn open(path: &Path, iopoll: Iopoll) -> Arc<UringBdev> {
@@ -35,24 +33,8 @@ fn open(path: &Path, iopoll: Iopoll) -> Arc<UringBdev> {
     )
 }
 
-/// What sysfs says about the queue under `path` (`queue/io_poll`).
-fn sysfs_polls(path: &Path) -> bool {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
-    let m = std::fs::metadata(path).unwrap();
-    let dev = if m.file_type().is_block_device() {
-        m.rdev()
-    } else {
-        m.dev()
-    };
-    let base = format!("/sys/dev/block/{}:{}", libc::major(dev), libc::minor(dev));
-    ["queue/io_poll", "../queue/io_poll"]
-        .iter()
-        .find_map(|q| std::fs::read_to_string(format!("{base}/{q}")).ok())
-        .is_some_and(|v| v.trim() == "1")
-}
-
 /// Write, read back, flush; the data must survive whatever ring served it.
-fn round_trip(r: &sealdisk::reactor::Reactors, bdev: &Arc<UringBdev>, seed: u64) {
+fn round_trip(r: &sealdisk::Reactors, bdev: &Arc<UringBdev>, seed: u64) {
     let b: BdevRef = bdev.clone();
     let data = random_bytes(64 << 10, seed);
     let out = run_ios(
@@ -78,19 +60,41 @@ fn round_trip(r: &sealdisk::reactor::Reactors, bdev: &Arc<UringBdev>, seed: u64)
 }
 
 #[test]
-fn auto_mode_follows_the_devices_poll_queues() {
-    let path = tmpfile("auto");
-    let bdev = open(&path, Iopoll::Auto);
-    assert_eq!(bdev.uses_iopoll(), sysfs_polls(&path));
+fn auto_mode_polls_exactly_when_it_says_it_does() {
+    let dir = TempDir::new("iopoll-auto");
+    let path = disk(&dir);
+    let r = reactors(&[0]);
+    let auto = open(&path, Iopoll::Auto);
+    let chose_polling = auto.uses_iopoll();
+    round_trip(&r, &auto, 1);
+    // Whatever auto chose for this file's device, every request completed, and the
+    // requests completed by polling exactly when it chose polling: a device without poll
+    // queues never costs a refused submission (the loop device test checks that one),
+    // and one with them keeps polling (the kernel took every request on the polled ring).
+    if chose_polling {
+        assert!(auto.uses_iopoll(), "auto chose polling, then fell back");
+        assert!(
+            auto.polled_ios() >= 2,
+            "auto polls, but {} requests completed by polling",
+            auto.polled_ios()
+        );
+    } else {
+        assert_eq!(
+            auto.polled_ios(),
+            0,
+            "auto chose interrupts, yet requests completed by polling"
+        );
+    }
     let off = open(&path, Iopoll::Off);
     assert!(!off.uses_iopoll());
-    let r = reactors(&[0]);
-    round_trip(&r, &bdev, 1);
+    round_trip(&r, &off, 5);
+    assert_eq!(off.polled_ios(), 0, "iopoll=off polled");
 }
 
 #[test]
 fn forced_iopoll_polls_what_the_kernel_allows_and_falls_back_cleanly() {
-    let path = tmpfile("on");
+    let dir = TempDir::new("iopoll-on");
+    let path = disk(&dir);
     let bdev = open(&path, Iopoll::On);
     assert!(bdev.uses_iopoll());
     let r = reactors(&[0]);
@@ -100,19 +104,37 @@ fn forced_iopoll_polls_what_the_kernel_allows_and_falls_back_cleanly() {
     let out = run_ios(&r, 0, &b, vec![Op::Read { offset: 0, len: 4096 }]);
     assert!(out[0].result.is_ok(), "{:?}", out[0].result);
     assert_eq!(out[0].data, vec![0u8; 4096]);
-    assert!(bdev.polled_ios() >= 1, "the hole read did not complete by polling");
+    let after_hole = bdev.polled_ios();
+    assert!(after_hole >= 1, "the hole read did not complete by polling");
     assert!(bdev.uses_iopoll());
-    // A write reaches the device: without poll queues the kernel refuses it
-    // on the polled ring; the channel resubmits it and the bdev stops polling.
+    // A write reaches the device: without poll queues the kernel refuses it on the
+    // polled ring, the channel resubmits it and the bdev stops polling; with them it
+    // completes by polling. Either way the data round-trips.
     round_trip(&r, &bdev, 2);
-    assert_eq!(bdev.uses_iopoll(), sysfs_polls(&path));
-    // Later channels and requests keep working.
+    let after_write = bdev.polled_ios();
+    if bdev.uses_iopoll() {
+        assert!(
+            after_write > after_hole,
+            "still polling, but the write did not complete by polling"
+        );
+    }
+    // Later channels and requests keep working; after a fallback nothing polls again.
+    let fell_back = !bdev.uses_iopoll();
     round_trip(&r, &bdev, 3);
+    if fell_back {
+        assert!(!bdev.uses_iopoll(), "polling again after the fallback");
+        assert_eq!(
+            bdev.polled_ios(),
+            after_write,
+            "requests completed by polling after the fallback"
+        );
+    }
 }
 
 #[test]
 fn loop_devices_refuse_iopoll_and_fall_back() {
-    let path = tmpfile("loop");
+    let dir = TempDir::new("iopoll-loop");
+    let path = disk(&dir);
     std::fs::File::create(&path).unwrap().set_len(8 << 20).unwrap();
     let out = Command::new("losetup")
         .args(["-f", "--show"])

@@ -8,12 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use sealdisk::bdev::iostat::{Dir, StatsBdev};
-use sealdisk::bdev::malloc::MallocBdev;
-use sealdisk::bdev::qos::{QosBdev, QosLimits};
-use sealdisk::bdev::{BdevRef, IoRequest};
+use sealdisk::testing::Dir;
+use sealdisk::MallocBdev;
+use sealdisk::StatsBdev;
+use sealdisk::{BdevRef, IoRequest};
+use sealdisk::{QosBdev, QosLimits};
 
-fn over(b: BdevRef) -> (BdevRef, Arc<sealdisk::bdev::iostat::DiskStats>) {
+fn over(b: BdevRef) -> (BdevRef, Arc<sealdisk::DiskStats>) {
     let s = StatsBdev::new(b);
     let st = s.stats().clone();
     (Arc::new(s), st)
@@ -163,7 +164,7 @@ fn qos_holds_and_held_time_are_counted() {
 fn volume_first_writes_and_copy_on_write_are_counted() {
     let dir = TempDir::new("iostat-vol");
     let db = Arc::new(redb::Database::create(dir.0.join("catalog.redb")).unwrap());
-    let pool = sealdisk::volume::Pool::open_with(db.clone(), &dir.0.join("pool.img"), 16 << 20, 64 << 10).unwrap();
+    let pool = sealdisk::Pool::open_with(db.clone(), &dir.0.join("pool.img"), 16 << 20, 64 << 10).unwrap();
     let w = db.begin_write().unwrap();
     pool.create_volume(&w, "d-1", 1 << 20).unwrap();
     w.commit().unwrap();

@@ -19,7 +19,7 @@ use base64::Engine as _;
 use hkdf::Hkdf;
 use sha2::Sha256;
 
-use sealdisk::kms::{
+use sealdisk::{
     AuditConfig, AuditEntry, BackendKind, CallOpts, KeyContext, Kms, KmsConfig, KmsError, LocalConfig, ManualClock,
     QuotaConfig, RootKeySource, TransitConfig, WrappedKey,
 };
@@ -28,30 +28,19 @@ use sealdisk::kms::{
 // Helpers: temporary directories, the OpenBao dev server, the test environment.
 // ---------------------------------------------------------------------------------------
 
-struct TempDir(PathBuf);
+/// A temporary directory (`tempfile`), removed on drop.
+struct TempDir(PathBuf, #[allow(dead_code)] tempfile::TempDir);
 
 impl TempDir {
     fn new(tag: &str) -> TempDir {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let mut r = [0u8; 6];
-        getrandom_fill(&mut r);
-        let p = std::env::temp_dir().join(format!(
-            "sealdisk-kms-{tag}-{}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst),
-            hex::encode(r)
-        ));
-        fs::create_dir_all(&p).unwrap();
-        TempDir(p)
+        let t = tempfile::Builder::new()
+            .prefix(&format!("sealdisk-kms-{tag}-"))
+            .tempdir()
+            .unwrap();
+        TempDir(t.path().to_path_buf(), t)
     }
     fn path(&self) -> &Path {
         &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
     }
 }
 
@@ -319,7 +308,7 @@ impl Env {
         match self.kind {
             Kind::Local => {
                 let mut c = KmsConfig::local(self.data.path());
-                c.backend = sealdisk::kms::BackendConfig::Local(LocalConfig {
+                c.backend = sealdisk::BackendConfig::Local(LocalConfig {
                     root_key: RootKeySource::File(self.root_key_path()),
                 });
                 c
@@ -1126,7 +1115,7 @@ suite!(
 
 fn local_cfg(data: &Path, src: RootKeySource) -> KmsConfig {
     let mut c = KmsConfig::local(data);
-    c.backend = sealdisk::kms::BackendConfig::Local(LocalConfig { root_key: src });
+    c.backend = sealdisk::BackendConfig::Local(LocalConfig { root_key: src });
     c
 }
 
@@ -1569,9 +1558,9 @@ impl SlowProxy {
 /// returns: no KMS call runs while the catalog write transaction is held.
 #[test]
 fn a_slow_kms_does_not_delay_first_writes_to_another_disk() {
-    use sealdisk::bdev::IoRequest;
-    use sealdisk::control::{Control, ControlConfig, QosConfig};
-    use sealdisk::reactor::{ReactorConfig, Reactors};
+    use sealdisk::IoRequest;
+    use sealdisk::{Control, ControlConfig, QosConfig};
+    use sealdisk::{ReactorConfig, Reactors};
     let bao = BaoServer::start();
     let proxy = SlowProxy::start(&bao.addr);
     let data = TempDir::new("slowkms");
@@ -1582,8 +1571,8 @@ fn a_slow_kms_does_not_delay_first_writes_to_another_disk() {
         ))
         .unwrap(),
     );
-    let db = sealdisk::catalog::open(&data.path().join(sealdisk::catalog::CATALOG_FILE)).unwrap();
-    let pool = sealdisk::volume::Pool::open(db.clone(), &data.path().join("pool.img"), 64 << 20).unwrap();
+    let db = sealdisk::testing::catalog::open(&data.path().join(sealdisk::testing::catalog::CATALOG_FILE)).unwrap();
+    let pool = sealdisk::Pool::open(db.clone(), &data.path().join("pool.img"), 64 << 20).unwrap();
     let reactors = Arc::new(
         Reactors::start(&ReactorConfig {
             cores: vec![0],
@@ -1596,7 +1585,7 @@ fn a_slow_kms_does_not_delay_first_writes_to_another_disk() {
         db,
         pool,
         kms,
-        sealdisk::export::Exports::new(),
+        sealdisk::Exports::new(),
         Some(reactors.clone()),
         ControlConfig {
             data_dir: data.path().to_owned(),

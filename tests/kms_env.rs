@@ -6,30 +6,18 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
-use sealdisk::kms::{
-    CallOpts, KeyContext, Kms, KmsConfig, LocalConfig, RootKeySource, ROOT_KEY_CREDENTIAL, ROOT_KEY_ENV,
-};
+use sealdisk::{CallOpts, KeyContext, Kms, KmsConfig, LocalConfig, RootKeySource, ROOT_KEY_CREDENTIAL, ROOT_KEY_ENV};
 
-struct TempDir(PathBuf);
+/// A temporary directory (`tempfile`), removed on drop.
+struct TempDir(PathBuf, #[allow(dead_code)] tempfile::TempDir);
 
 impl TempDir {
     fn new(tag: &str) -> TempDir {
-        use rand::RngCore;
-        let mut r = [0u8; 8];
-        rand::rngs::OsRng.fill_bytes(&mut r);
-        let p = std::env::temp_dir().join(format!(
-            "sealdisk-kmsenv-{tag}-{}-{}",
-            std::process::id(),
-            hex::encode(r)
-        ));
-        fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
+        let t = tempfile::Builder::new()
+            .prefix(&format!("sealdisk-kmsenv-{tag}-"))
+            .tempdir()
+            .unwrap();
+        TempDir(t.path().to_path_buf(), t)
     }
 }
 
@@ -61,7 +49,7 @@ fn root_key_from_environment_and_credentials_directory() {
     fs::write(&file, env_key).unwrap();
     fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).unwrap();
     let mut cfg = KmsConfig::local(&data.0);
-    cfg.backend = sealdisk::kms::BackendConfig::Local(LocalConfig {
+    cfg.backend = sealdisk::BackendConfig::Local(LocalConfig {
         root_key: RootKeySource::File(file.clone()),
     });
     let kms = Kms::open(cfg).unwrap();
@@ -75,7 +63,7 @@ fn root_key_from_environment_and_credentials_directory() {
     assert!(!e.to_string().contains("zz-not-hex-zz"));
     // An explicit Env source with the variable unset.
     let mut cfg = KmsConfig::local(&data.0);
-    cfg.backend = sealdisk::kms::BackendConfig::Local(LocalConfig {
+    cfg.backend = sealdisk::BackendConfig::Local(LocalConfig {
         root_key: RootKeySource::Env("SEALDISK_TEST_UNSET_ROOT_KEY".into()),
     });
     assert_eq!(Kms::open(cfg).unwrap_err().code(), "Kms.RootKeyMissing");

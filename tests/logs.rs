@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{json, Value};
 
-use sealdisk::control::client::Client;
+use sealdisk::Client;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sealdisk");
 const BASE: [&str; 5] = ["--cores", "0", "--pool-size", "64M", "--no-qos"];
@@ -62,7 +62,7 @@ fn wait_lines(data: &Path, what: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<V
     }
 }
 
-fn failing_call(data: &Path) -> sealdisk::control::client::RpcError {
+fn failing_call(data: &Path) -> sealdisk::RpcError {
     let mut c = Client::connect(&data.join("sealdisk.sock")).unwrap();
     c.call(
         "DescribeDisks",
@@ -310,8 +310,8 @@ fn a_flood_of_bad_nbd_handshakes_is_rate_limited_and_counted() {
 
 #[test]
 fn a_flood_of_malformed_vhost_chains_is_rate_limited() {
-    use sealdisk::bench::vhost::driver::{Driver, DriverOptions};
-    use sealdisk::bench::vhost::virtq::{blk_header, RawDesc};
+    use sealdisk::testing::vmm::{blk_header, RawDesc};
+    use sealdisk::testing::vmm::{Driver, DriverOptions};
     const N: usize = 200;
     let d = TempDir::new("logs-vhost");
     let data = d.0.join("data");
@@ -393,7 +393,7 @@ fn a_data_path_panic_is_a_json_line_too() {
         );
         std::thread::sleep(Duration::from_millis(20));
     };
-    assert_eq!(st.code(), Some(sealdisk::daemon::EXIT_DATA_PATH_PANIC));
+    assert_eq!(st.code(), Some(sealdisk::EXIT_DATA_PATH_PANIC));
     // Every line is JSON (json_lines panics otherwise), the panic among them.
     let lines = json_lines(&data);
     let p = lines

@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::TempDir;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -13,25 +15,16 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use sealdisk::control::client::Client;
-use sealdisk::frontend::nbd::proto::*;
+use sealdisk::testing::nbd::*;
+use sealdisk::Client;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sealdisk");
 const R: &str = "cn-hangzhou";
 const A: &str = "acct1";
 const MIB: u64 = 1 << 20;
 
-struct Dir(PathBuf);
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-fn dir(tag: &str) -> Dir {
-    let d = std::env::temp_dir().join(format!("sealdisk-long-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    Dir(d)
+fn dir(tag: &str) -> TempDir {
+    TempDir::new(&format!("long-{tag}"))
 }
 
 struct Daemon {
@@ -256,7 +249,7 @@ fn a_reactor_panic_exits_the_daemon_non_zero_and_the_next_start_recovers() {
         std::thread::sleep(Duration::from_millis(20));
     };
     let log = std::fs::read_to_string(&dm.log).unwrap();
-    assert_eq!(st.code(), Some(sealdisk::daemon::EXIT_DATA_PATH_PANIC), "{log}");
+    assert_eq!(st.code(), Some(sealdisk::EXIT_DATA_PATH_PANIC), "{log}");
     assert!(log.contains("reactor-0 panicked"), "{log}");
     assert!(log.contains("injected by SEALDISK_FAULTS"), "{log}");
     drop(dm);

@@ -154,7 +154,7 @@ fn scrapes_show_types_and_counters_that_move_with_nbd_io() {
     // Buckets: cumulative, ending at +Inf = _count.
     for op in ["read", "write"] {
         let mut last = 0.0;
-        for le in sealdisk::control::metrics::LATENCY_BUCKETS {
+        for le in sealdisk::testing::LATENCY_BUCKETS {
             let v = val(
                 &after,
                 &format!("sealdisk_disk_latency_seconds_bucket{{disk=\"{disk}\",op=\"{op}\",le=\"{le}\"}}"),

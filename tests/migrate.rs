@@ -60,13 +60,13 @@ impl Env {
 
 /// CheckPool (a host method: no account).
 fn check_pool(data: &Path) -> Value {
-    let mut c = sealdisk::control::client::Client::connect(&data.join("sealdisk.sock")).unwrap();
+    let mut c = sealdisk::Client::connect(&data.join("sealdisk.sock")).unwrap();
     c.call("CheckPool", json!({})).unwrap()
 }
 
 /// One RPC as acct1; the error as (code, message).
 fn call(data: &Path, method: &str, mut params: Value) -> Result<Value, (String, String)> {
-    let mut c = sealdisk::control::client::Client::connect(&data.join("sealdisk.sock")).unwrap();
+    let mut c = sealdisk::Client::connect(&data.join("sealdisk.sock")).unwrap();
     params["AccountId"] = ACCOUNT.into();
     params["RegionId"] = REGION.into();
     c.call(method, params).map_err(|e| (e.code, e.message))
@@ -195,7 +195,7 @@ fn a_holey_image_into_an_encrypted_disk_and_back_is_identical_and_thin() {
     let (nonzero, clusters) = holey_image(&src);
     let before = clusters_in_use(&data);
     let job_bytes = || -> u64 {
-        sealdisk::control::client::Client::connect(&data.join("sealdisk.sock"))
+        sealdisk::Client::connect(&data.join("sealdisk.sock"))
             .unwrap()
             .call("DescribeReactors", json!({}))
             .unwrap()["Reactors"]
@@ -368,8 +368,13 @@ fn every_refusal_has_its_code_and_changes_nothing() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let outside = std::env::temp_dir().join(format!("sealdisk-migrate-outside-{}.raw", std::process::id()));
-    std::fs::write(&outside, vec![7u8; 8192]).unwrap();
+    let outside_file = tempfile::Builder::new()
+        .prefix("sealdisk-migrate-outside-")
+        .suffix(".raw")
+        .tempfile()
+        .unwrap();
+    let outside = outside_file.path();
+    std::fs::write(outside, vec![7u8; 8192]).unwrap();
 
     let before = state(&data);
     let cases: Vec<(Value, &str)> = vec![
@@ -477,7 +482,6 @@ fn every_refusal_has_its_code_and_changes_nothing() {
     let out = cli_cmd(&data, &["vm.raw", "--size", "12Q"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert_eq!(state(&data), before);
-    let _ = std::fs::remove_file(&outside);
 }
 
 /// `qemu-nbd` serving a file read-only, killed on drop.

@@ -27,7 +27,7 @@ fn reply(start: u64, n: u64) -> serde_json::Value {
         .map(|i| {
             serde_json::json!({
                 "DiskId": "d-00000000000000aa",
-                "TimeStamp": sealdisk::control::util::rfc3339(start + i * 60),
+                "TimeStamp": sealdisk::rfc3339(start + i * 60),
                 "IOPSRead": 1000.0 + i as f64, "IOPSWrite": 500.0,
                 "BPSRead": 4096000.0, "BPSWrite": 2048000.0,
                 "LatencyRead": 80.5, "LatencyWrite": 120.0,
@@ -54,8 +54,8 @@ fn check_svg(out: &Output, title: &str, polylines: usize) -> String {
 
 #[test]
 fn monitor_json_becomes_a_chart() {
-    let dir = std::env::temp_dir().join(format!("sealdisk-svg-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tempfile::Builder::new().prefix("sealdisk-svg-").tempdir().unwrap();
+    let dir = tmp.path();
     let input = dir.join("monitor.json");
     std::fs::write(&input, serde_json::to_string_pretty(&reply(1_800_000_000, 10)).unwrap()).unwrap();
     let out_file = dir.join("chart.svg");
@@ -72,7 +72,6 @@ fn monitor_json_becomes_a_chart() {
         serde_json::json!({"jsonrpc": "2.0", "id": 1, "result": reply(1_800_000_060, 1)})
     );
     check_svg(&tool(&["-"], Some(&lines)), "d-00000000000000aa", 6);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -13,14 +13,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use sealdisk::bdev::crypto::CryptoBdev;
-use sealdisk::bdev::malloc::MallocBdev;
-use sealdisk::bdev::uring::{UringBdev, UringOpts};
-use sealdisk::bdev::BdevRef;
-use sealdisk::export::{Export, Exports};
-use sealdisk::frontend::nbd::proto::*;
-use sealdisk::frontend::nbd::{NbdConfig, NbdServer};
-use sealdisk::reactor::{ReactorConfig, Reactors};
+use sealdisk::testing::nbd::*;
+use sealdisk::BdevRef;
+use sealdisk::CryptoBdev;
+use sealdisk::MallocBdev;
+use sealdisk::{Export, Exports};
+use sealdisk::{NbdConfig, NbdServer};
+use sealdisk::{ReactorConfig, Reactors};
+use sealdisk::{UringBdev, UringOpts};
 
 const MIB: u64 = 1 << 20;
 
@@ -30,6 +30,8 @@ struct Fixture {
     reactors: Arc<Reactors>,
     exports: Arc<Exports>,
     server: Option<NbdServer>,
+    /// Removes the directory on drop, after everything above.
+    _tmp: tempfile::TempDir,
 }
 
 impl Fixture {
@@ -37,10 +39,12 @@ impl Fixture {
     /// `secret` (crypto over malloc, 4096-byte sectors), server on a unix
     /// socket in a fresh temp dir.
     fn new(tag: &str) -> Fixture {
-        let dir = std::env::temp_dir().join(format!("sealdisk-nbd-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let cores: Vec<usize> = sealdisk::reactor::all_cores().into_iter().take(2).collect();
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("sealdisk-nbd-{tag}-"))
+            .tempdir()
+            .unwrap();
+        let dir = tmp.path().to_path_buf();
+        let cores: Vec<usize> = sealdisk::all_cores().into_iter().take(2).collect();
         let reactors = Arc::new(
             Reactors::start(&ReactorConfig {
                 cores,
@@ -67,6 +71,7 @@ impl Fixture {
         )
         .expect("NBD server starts");
         Fixture {
+            _tmp: tmp,
             dir,
             sock,
             reactors,
@@ -113,7 +118,6 @@ impl Drop for Fixture {
         if let Some(s) = self.server.take() {
             s.shutdown();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -741,12 +745,11 @@ fn tcp_listener_on_loopback() {
 /// hang, so finishing promptly proves no completion is slept on.
 #[test]
 fn no_completion_is_slept_on_with_a_long_park_timeout() {
-    let dir = std::env::temp_dir().join(format!("sealdisk-nbd-park-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = common::TempDir::new("nbd-park");
+    let dir = &tmp.0;
     let reactors = Arc::new(
         Reactors::start(&ReactorConfig {
-            cores: vec![sealdisk::reactor::all_cores()[0]],
+            cores: vec![sealdisk::all_cores()[0]],
             pool_bytes: 64 << 20,
             park_timeout: Duration::from_secs(60),
             ..ReactorConfig::default()
@@ -795,13 +798,12 @@ fn no_completion_is_slept_on_with_a_long_park_timeout() {
     let max_clat = v["jobs"][0]["read"]["clat_ns"]["max"].as_u64().unwrap();
     assert!(max_clat < 30_000_000_000, "a request waited {max_clat} ns");
     server.shutdown();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A device whose channels cannot be opened (stands in for any resource a reactor
 /// cannot give a new connection).
 struct NoChannels;
-impl sealdisk::bdev::Bdev for NoChannels {
+impl sealdisk::Bdev for NoChannels {
     fn name(&self) -> &str {
         "no-channels"
     }
@@ -811,7 +813,7 @@ impl sealdisk::bdev::Bdev for NoChannels {
     fn capacity(&self) -> u64 {
         MIB
     }
-    fn open_channel(&self, _ctx: &sealdisk::bdev::ChannelCtx) -> std::io::Result<Box<dyn sealdisk::bdev::Channel>> {
+    fn open_channel(&self, _ctx: &sealdisk::ChannelCtx) -> std::io::Result<Box<dyn sealdisk::Channel>> {
         Err(std::io::Error::other("no channel for you"))
     }
 }

@@ -16,7 +16,7 @@ use std::process::Command;
 use serde_json::{json, Value};
 
 use common::{Daemon, TempDir};
-use sealdisk::frontend::nbd::proto::*;
+use sealdisk::testing::nbd::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sealdisk");
 const MIB: u64 = 1 << 20;

@@ -11,19 +11,24 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sealdisk::bdev::malloc::MallocBdev;
-use sealdisk::bdev::BdevRef;
-use sealdisk::export::{Export, Exports};
-use sealdisk::frontend::nbd::proto::*;
-use sealdisk::frontend::nbd::{tls, NbdConfig, NbdServer};
-use sealdisk::reactor::{ReactorConfig, Reactors};
+use sealdisk::testing::nbd::*;
+use sealdisk::BdevRef;
+use sealdisk::MallocBdev;
+use sealdisk::{Export, Exports};
+use sealdisk::{NbdConfig, NbdServer};
+use sealdisk::{ReactorConfig, Reactors};
 
 const MIB: u64 = 1 << 20;
 
-struct Dir(PathBuf);
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+/// A temporary directory (`tempfile`), removed on drop.
+struct Dir(PathBuf, #[allow(dead_code)] tempfile::TempDir);
+impl Dir {
+    fn new(tag: &str) -> Dir {
+        let t = tempfile::Builder::new()
+            .prefix(&format!("sealdisk-{tag}-"))
+            .tempdir()
+            .unwrap();
+        Dir(t.path().to_path_buf(), t)
     }
 }
 
@@ -77,11 +82,9 @@ fn run(tool: &str, args: &[&str]) -> std::process::Output {
 
 #[test]
 fn nbd_over_tls_with_nbdinfo_and_qemu_io_and_plaintext_refused() {
-    let dir = Dir(std::env::temp_dir().join(format!("sealdisk-tls-{}", std::process::id())));
-    let _ = std::fs::remove_dir_all(&dir.0);
-    std::fs::create_dir_all(&dir.0).unwrap();
+    let dir = Dir::new("tls");
     pki(&dir.0);
-    let cfg = tls::server_config(&dir.0.join("server")).unwrap();
+    let cfg = sealdisk::testing::nbd::server_config(&dir.0.join("server")).unwrap();
     let reactors = Arc::new(
         Reactors::start(&ReactorConfig {
             cores: vec![0],
@@ -183,8 +186,7 @@ fn nbd_over_tls_with_nbdinfo_and_qemu_io_and_plaintext_refused() {
 
 #[test]
 fn serve_refuses_nbd_over_tcp_without_tls_except_insecure_loopback() {
-    let dir = Dir(std::env::temp_dir().join(format!("sealdisk-tls-flags-{}", std::process::id())));
-    let _ = std::fs::remove_dir_all(&dir.0);
+    let dir = Dir::new("tls-flags");
     let bin = env!("CARGO_BIN_EXE_sealdisk");
     for (args, why) in [
         (&["--nbd-tcp", "0.0.0.0:0"][..], "needs TLS"),

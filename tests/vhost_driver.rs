@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sealdisk::bench::vhost::driver::feature_names;
-use sealdisk::bench::vhost::{BlkOp, Driver, DriverOptions, RawDesc};
+use sealdisk::testing::vmm::feature_names;
+use sealdisk::testing::vmm::{BlkOp, Driver, DriverOptions, RawDesc};
 use virtio_bindings::virtio_blk::*;
 
 const DISK: u64 = 64 << 20;
@@ -20,16 +20,19 @@ const T: Duration = Duration::from_secs(10);
 /// A qemu-storage-daemon serving a raw file over vhost-user-blk.
 struct Qsd {
     child: Child,
-    dir: PathBuf,
     sock: PathBuf,
     raw: PathBuf,
+    /// Removes the directory on drop, after everything above.
+    _tmp: tempfile::TempDir,
 }
 
 impl Qsd {
     fn start(name: &str, num_queues: u32) -> Qsd {
-        let dir = std::env::temp_dir().join(format!("sealdisk-vhostdrv-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("sealdisk-vhostdrv-{name}-"))
+            .tempdir()
+            .unwrap();
+        let dir = tmp.path().to_path_buf();
         let raw = dir.join("disk.raw");
         let sock = dir.join("vhost.sock");
         std::fs::File::create(&raw).unwrap().set_len(DISK).unwrap();
@@ -48,7 +51,12 @@ impl Qsd {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("qemu-storage-daemon must be installed (apt-get install qemu-system-common / qemu-utils)");
-        let q = Qsd { child, dir, sock, raw };
+        let q = Qsd {
+            child,
+            sock,
+            raw,
+            _tmp: tmp,
+        };
         let t0 = Instant::now();
         while !q.sock.exists() {
             assert!(
@@ -77,7 +85,6 @@ impl Drop for Qsd {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -123,7 +130,7 @@ fn negotiation_and_config() {
     // Without EVENT_IDX the driver kicks on every publish; I/O still works.
     drop(d);
     let mut d = q.connect(&DriverOptions {
-        features: sealdisk::bench::vhost::driver::DEFAULT_FEATURES & !(1 << 29),
+        features: sealdisk::testing::vmm::DEFAULT_FEATURES & !(1 << 29),
         num_queues: Some(1),
         ..DriverOptions::default()
     });
@@ -138,7 +145,7 @@ fn negotiation_and_config() {
 
 /// 32 writes then 32 reads in flight on each queue, both queues at once
 /// from two threads (a queue is `Send`; each thread owns one).
-fn pipeline(q: &mut sealdisk::bench::vhost::Virtq, qi: usize, rounds: u64) {
+fn pipeline(q: &mut sealdisk::testing::vmm::Virtq, qi: usize, rounds: u64) {
     const DEPTH: usize = 32;
     const BS: usize = 4096;
     let mem = q.mem().clone();
@@ -350,8 +357,8 @@ fn disconnect_reconnect_and_resume() {
 
 #[test]
 fn bench_vhost_drives_qsd_and_reads_its_cpu() {
-    use sealdisk::bench::fio::{FileJob, JobSpec, Rw, TargetSpec};
-    use sealdisk::bench::vhost::bench::{run, to_json, to_text, VhostBenchOpts};
+    use sealdisk::testing::bench::vhost::{run, to_json, to_text, VhostBenchOpts};
+    use sealdisk::testing::bench::{FileJob, JobSpec, Rw, TargetSpec};
     let q = Qsd::start("bench", 2);
     let job = |rw, bs, iodepth| FileJob {
         job: JobSpec {
@@ -414,7 +421,7 @@ fn bench_vhost_drives_qsd_and_reads_its_cpu() {
     let mut bad = opts.clone();
     bad.jobs = vec![job(Rw::RandRead, 4096, 1)];
     bad.jobs[0].job.numjobs = 3;
-    assert!(run(&bad).unwrap_err().contains("numjobs=3"));
+    assert!(run(&bad).unwrap_err().to_string().contains("numjobs=3"));
 }
 
 #[test]
@@ -460,7 +467,7 @@ fn two_region_memory_table_around_a_hole() {
 /// device). Each case gets a fresh connection.
 #[test]
 fn malformed_chains_are_never_completed_ok() {
-    use sealdisk::bench::vhost::blk_header;
+    use sealdisk::testing::vmm::blk_header;
     let q = Qsd::start("malformed", 1);
     let opts = DriverOptions {
         queue_size: 16,

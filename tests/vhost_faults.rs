@@ -14,14 +14,14 @@ use std::time::Duration;
 
 use virtio_bindings::virtio_blk::*;
 
-use sealdisk::bdev::crypto::CryptoBdev;
-use sealdisk::bdev::BdevRef;
-use sealdisk::bench::vhost::driver::{Driver, DriverOptions};
-use sealdisk::bench::vhost::virtq::BlkOp;
-use sealdisk::export::Export;
-use sealdisk::frontend::vhost::{VhostConfig, VhostServer};
-use sealdisk::reactor::Reactors;
-use sealdisk::volume::{FaultPoint, Faults, Pool};
+use sealdisk::testing::vmm::BlkOp;
+use sealdisk::testing::vmm::{Driver, DriverOptions};
+use sealdisk::BdevRef;
+use sealdisk::CryptoBdev;
+use sealdisk::Export;
+use sealdisk::Reactors;
+use sealdisk::{FaultPoint, Faults, Pool};
+use sealdisk::{VhostConfig, VhostServer};
 
 const CL: u64 = 64 << 10;
 const BS: usize = 4096;
@@ -31,12 +31,13 @@ const OK: u8 = VIRTIO_BLK_S_OK as u8;
 const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
 
 struct Rig {
-    dir: PathBuf,
     faults: Arc<Faults>,
     server: Arc<VhostServer>,
     sock: PathBuf,
     _reactors: Arc<Reactors>,
     _pool: Arc<Pool>,
+    /// Removes the directory on drop, after everything above.
+    _tmp: tempfile::TempDir,
 }
 
 impl Drop for Rig {
@@ -45,14 +46,15 @@ impl Drop for Rig {
         self.faults.release(FaultPoint::Commit);
         self.faults.release(FaultPoint::PoolSync);
         self.server.remove_all();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
 fn rig(name: &str) -> Rig {
-    let dir = std::env::temp_dir().join(format!("sealdisk-vhostfault-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!("sealdisk-vhostfault-{name}-"))
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path().to_path_buf();
     let faults = Arc::new(Faults::default());
     let db = Arc::new(redb::Database::create(dir.join("catalog.redb")).unwrap());
     let pool = Pool::open_with_faults(db.clone(), &dir.join("pool.img"), 64 << 20, CL, faults.clone()).unwrap();
@@ -72,7 +74,7 @@ fn rig(name: &str) -> Rig {
     );
     let sock = server.add("i-test", Export::new(DISK, disk, false)).unwrap();
     Rig {
-        dir,
+        _tmp: tmp,
         faults,
         server,
         sock,

@@ -17,16 +17,16 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 use common::Op;
-use sealdisk::bdev::crypto::CryptoBdev;
-use sealdisk::bdev::malloc::MallocBdev;
-use sealdisk::bdev::BdevRef;
-use sealdisk::bench::vhost::driver::{Driver, DriverOptions};
-use sealdisk::bench::vhost::mem::Seg;
-use sealdisk::bench::vhost::virtq::{blk_header, BlkOp, RawDesc, STATUS_UNWRITTEN};
-use sealdisk::crypto::Xts;
-use sealdisk::export::Export;
-use sealdisk::frontend::vhost::{VhostConfig, VhostServer};
-use sealdisk::reactor::Reactors;
+use sealdisk::testing::vmm::Seg;
+use sealdisk::testing::vmm::{blk_header, BlkOp, RawDesc, STATUS_UNWRITTEN};
+use sealdisk::testing::vmm::{Driver, DriverOptions};
+use sealdisk::BdevRef;
+use sealdisk::CryptoBdev;
+use sealdisk::Export;
+use sealdisk::MallocBdev;
+use sealdisk::Reactors;
+use sealdisk::Xts;
+use sealdisk::{VhostConfig, VhostServer};
 use vhost::vhost_user::VhostUserProtocolFeatures as P;
 
 const MIB: u64 = 1 << 20;
@@ -43,19 +43,22 @@ struct Rig {
     sock: PathBuf,
     xts: Arc<Xts>,
     ram: BdevRef,
+    /// Removes the directory on drop, after everything above.
+    _tmp: tempfile::TempDir,
 }
 
 impl Drop for Rig {
     fn drop(&mut self) {
         self.server.remove_all();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
 fn rig(name: &str, read_only: bool) -> Rig {
-    let dir = std::env::temp_dir().join(format!("sealdisk-vhost-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!("sealdisk-vhost-{name}-"))
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path().to_path_buf();
     let reactors = Arc::new(common::reactors(&[0, 1]));
     let ram: BdevRef = Arc::new(MallocBdev::new("ram", CAP, 512));
     let xts = common::xts(3);
@@ -70,6 +73,7 @@ fn rig(name: &str, read_only: bool) -> Rig {
     );
     let sock = server.add("i-test", Export::new(DISK, disk, read_only)).unwrap();
     Rig {
+        _tmp: tmp,
         dir,
         reactors,
         server,
@@ -633,7 +637,7 @@ fn memory_regions_added_and_removed_at_run_time() {
         let id = d.queue(0).push_raw(&descs, q - 3, Some(s)).unwrap();
         d.queue(0).wait_for(id, Duration::from_secs(10)).unwrap().status
     };
-    let at_b = |m: &sealdisk::bench::vhost::mem::GuestMem| {
+    let at_b = |m: &sealdisk::testing::vmm::GuestMem| {
         let mut v = vec![0u8; 4096];
         m.read_at(b, &mut v).unwrap();
         v

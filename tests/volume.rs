@@ -4,34 +4,32 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use common::*;
 use redb::ReadableTable;
-use sealdisk::bdev::crypto::CryptoBdev;
-use sealdisk::bdev::{BdevRef, IoError};
-use sealdisk::volume::{Pool, VolumeError};
+use sealdisk::CryptoBdev;
+use sealdisk::{BdevRef, IoError};
+use sealdisk::{Pool, VolumeError};
 
 const CL: u64 = 64 << 10;
 
 struct Env {
-    dir: PathBuf,
     db: Arc<redb::Database>,
     pool: Arc<Pool>,
+    /// The catalog's and pool's directory, removed when the last holder drops (after
+    /// the pool and catalog above).
+    dir: Arc<TempDir>,
 }
 
 fn env(name: &str, pool_size: u64) -> Env {
-    let dir = std::env::temp_dir().join(format!("sealdisk-vol-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    reopen(dir, pool_size)
+    reopen(Arc::new(TempDir::new(&format!("vol-{name}"))), pool_size)
 }
 
-fn reopen(dir: PathBuf, pool_size: u64) -> Env {
-    let db = Arc::new(redb::Database::create(dir.join("catalog.redb")).unwrap());
-    let pool = Pool::open_with(db.clone(), &dir.join("pool.img"), pool_size, CL).unwrap();
-    Env { dir, db, pool }
+fn reopen(dir: Arc<TempDir>, pool_size: u64) -> Env {
+    let db = Arc::new(redb::Database::create(dir.0.join("catalog.redb")).unwrap());
+    let pool = Pool::open_with(db.clone(), &dir.0.join("pool.img"), pool_size, CL).unwrap();
+    Env { db, pool, dir }
 }
 
 impl Env {
@@ -43,7 +41,7 @@ impl Env {
     }
 }
 
-fn read(r: &sealdisk::reactor::Reactors, b: &BdevRef, off: u64, len: usize) -> Vec<u8> {
+fn read(r: &sealdisk::Reactors, b: &BdevRef, off: u64, len: usize) -> Vec<u8> {
     // At most MAX_IO_BYTES per request.
     let mut v = Vec::new();
     let mut pos = 0;
@@ -65,7 +63,7 @@ fn read(r: &sealdisk::reactor::Reactors, b: &BdevRef, off: u64, len: usize) -> V
     v
 }
 
-fn write(r: &sealdisk::reactor::Reactors, b: &BdevRef, off: u64, data: &[u8]) -> Result<(), IoError> {
+fn write(r: &sealdisk::Reactors, b: &BdevRef, off: u64, data: &[u8]) -> Result<(), IoError> {
     run_ios(
         r,
         0,
@@ -336,7 +334,7 @@ fn check_reports_leaked_and_miscounted_clusters() {
 /// requests ran one by one, in order, and stay so after a reopen.
 #[test]
 fn requests_of_one_batch_into_the_same_new_clusters_merge_in_order() {
-    use sealdisk::volume::FaultPoint;
+    use sealdisk::FaultPoint;
     use std::time::{Duration, Instant};
     let e = env("batch-merge", 16 << 20);
     let r = reactors(&[0, 1]);

@@ -20,7 +20,7 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
-use sealdisk::crypto::{Kernel, Xts, SECTOR_SIZES};
+use sealdisk::{Kernel, Xts, SECTOR_SIZES};
 use serde_json::{json, Value};
 
 fn rng(test: &str) -> StdRng {

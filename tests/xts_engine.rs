@@ -5,7 +5,7 @@
 use aes::cipher::KeyInit;
 use aes::Aes256;
 use rand::{Rng, RngCore, SeedableRng};
-use sealdisk::crypto::{Kernel, Xts, XtsError, SECTOR_SIZES};
+use sealdisk::{Kernel, Xts, XtsError, SECTOR_SIZES};
 use xts_mode::{get_tweak_default, Xts128};
 
 fn rng() -> rand::rngs::StdRng {
@@ -27,6 +27,31 @@ fn reference(key: &[u8; 64], buf: &mut [u8], first: u64, ss: usize, decrypt: boo
         x.decrypt_area(buf, ss, first as u128, get_tweak_default);
     } else {
         x.encrypt_area(buf, ss, first as u128, get_tweak_default);
+    }
+}
+
+/// The asm kernels are what production runs on; a CPU without them would leave them
+/// untested while every `Kernel::available()` loop below stays green. So on x86-64 both
+/// must be there, unless their absence is explicitly allowed
+/// (`SEALDISK_ALLOW_NO_AESNI=1`, `SEALDISK_ALLOW_NO_VAES=1`).
+#[test]
+fn the_asm_kernels_are_tested_here_or_their_absence_is_allowed() {
+    if !cfg!(target_arch = "x86_64") {
+        return;
+    }
+    let available = Kernel::available();
+    for (kernel, env) in [
+        (Kernel::Aesni, "SEALDISK_ALLOW_NO_AESNI"),
+        (Kernel::VaesAvx2, "SEALDISK_ALLOW_NO_VAES"),
+    ] {
+        if available.contains(&kernel) {
+            continue;
+        }
+        if std::env::var_os(env).is_some() {
+            eprintln!("\n!!!!!!!! SKIPPED: this CPU lacks the {kernel} kernel ({env} is set) !!!!!!!!\n");
+            continue;
+        }
+        panic!("this CPU lacks the {kernel} kernel, so its tests would not run; set {env}=1 to allow that");
     }
 }
 

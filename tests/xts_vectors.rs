@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::PathBuf;
 
-use sealdisk::crypto::{Kernel, Xts, XtsError, SECTOR_SIZES};
+use sealdisk::{Kernel, Xts, XtsError, SECTOR_SIZES};
 use serde_json::Value;
 
 fn data_file(name: &str) -> String {

@@ -36,14 +36,14 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use sealdisk::bdev::crypto::CryptoBdev;
-use sealdisk::bdev::malloc::MallocBdev;
-use sealdisk::bdev::null::NullBdev;
-use sealdisk::bdev::uring::{UringBdev, UringOpts};
-use sealdisk::bdev::{BdevRef, Channel, ChannelCtx, IoCompletion, IoError, IoOp, IoRequest, MAX_IO_BYTES};
-use sealdisk::crypto::Xts;
-use sealdisk::iobuf::BufPool;
-use sealdisk::uring::{Ring, RingOpts};
+use sealdisk::BufPool;
+use sealdisk::CryptoBdev;
+use sealdisk::MallocBdev;
+use sealdisk::NullBdev;
+use sealdisk::Xts;
+use sealdisk::{BdevRef, Channel, ChannelCtx, IoCompletion, IoError, IoOp, IoRequest, MAX_IO_BYTES};
+use sealdisk::{Ring, RingOpts};
+use sealdisk::{UringBdev, UringOpts};
 
 /// `FIO_IOOPS_VERSION` of fio 3.33.
 pub const FIO_IOOPS_VERSION: c_int = 31;
@@ -246,7 +246,7 @@ pub enum Backend {
     File(String),
 }
 
-use sealdisk::units::parse_size;
+use sealdisk::parse_size;
 
 /// Parse a target spec (see the module docs).
 pub fn parse_target(spec: &str) -> Result<Target, String> {
@@ -266,7 +266,7 @@ pub fn parse_target(spec: &str) -> Result<Target, String> {
             .ok_or_else(|| format!("sealdisk target {spec:?}: expected key=value, got {kv:?}"))?;
         match k {
             "backend" => backend = v.to_string(),
-            "size" => t.size = Some(parse_size(v)?),
+            "size" => t.size = Some(parse_size(v).map_err(|e| e.to_string())?),
             "path" => path = Some(v.to_string()),
             "bs" => t.block_size = v.parse().map_err(|_| format!("bad bs {v:?}"))?,
             "encrypt" => {
@@ -312,15 +312,17 @@ fn open_target(t: &Target) -> Result<BdevRef, String> {
     match t.encrypt {
         None => Ok(base),
         Some(ss) => {
-            let key: [u8; sealdisk::crypto::KEY_LEN] = loop {
-                let mut k = [0u8; sealdisk::crypto::KEY_LEN];
+            let key: [u8; sealdisk::KEY_LEN] = loop {
+                let mut k = [0u8; sealdisk::KEY_LEN];
                 rand::Rng::fill(&mut rand::thread_rng(), &mut k[..]);
                 if k[..32] != k[32..] {
                     break k;
                 }
             };
             let xts = Xts::new(&key).map_err(|e| format!("{e:?}"))?;
-            Ok(Arc::new(CryptoBdev::new(base, Arc::new(xts), ss)?))
+            Ok(Arc::new(
+                CryptoBdev::new(base, Arc::new(xts), ss).map_err(|e| e.to_string())?,
+            ))
         }
     }
 }

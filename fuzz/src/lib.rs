@@ -20,14 +20,15 @@
 
 use serde_json::{json, Value};
 
-use sealdisk::control::rpc::{handle_line, Handler, LogLine};
-use sealdisk::control::{ControlError, Params};
-use sealdisk::frontend::nbd::proto::{
+use sealdisk::testing::nbd::MAX_OPTION_DATA;
+use sealdisk::testing::nbd::{
     check_range, encode_request, parse_info_request, parse_option, parse_option_header, parse_request, BadMagic,
     BadOption, OptionFrame, Request, EINVAL, ENOSPC, IHAVEOPT, OPTION_HEADER_LEN, OPT_GO, OPT_INFO,
     OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT, REQUEST_LEN, REQUEST_MAGIC,
 };
-use sealdisk::frontend::nbd::MAX_OPTION_DATA;
+use sealdisk::testing::rpc::Params;
+use sealdisk::testing::rpc::{handle_line, Handler, LogLine};
+use sealdisk::ControlError;
 
 /// Device geometries the range check is exercised with: (block size, capacity).
 const GEOMETRIES: [(u64, u64); 4] = [(512, 1 << 30), (4096, 8 << 20), (4096, !4095), (4096, 0)];
@@ -125,7 +126,7 @@ pub fn nbd_option(data: &[u8]) {
 
 /// `NBD_OPT_LIST/SET_META_CONTEXT` data: accepted data re-encodes to exactly the input.
 fn meta_request(d: &[u8]) {
-    let Some(r) = sealdisk::frontend::nbd::proto::parse_meta_request(d) else {
+    let Some(r) = sealdisk::testing::nbd::parse_meta_request(d) else {
         return;
     };
     let mut enc = Vec::with_capacity(d.len());
@@ -260,8 +261,8 @@ pub fn vhost_chain(data: &[u8]) {
 }
 
 /// [`vhost_chain`], returning what an accepted chain asks for: (kind, sector, data bytes).
-pub fn vhost_chain_parsed(data: &[u8]) -> Option<(sealdisk::frontend::vhost::request::Kind, u64, u64)> {
-    use sealdisk::frontend::vhost::request::{parse, walk, Kind};
+pub fn vhost_chain_parsed(data: &[u8]) -> Option<(sealdisk::testing::vhost::Kind, u64, u64)> {
+    use sealdisk::testing::vhost::{parse, walk, Kind};
     use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
     if data.len() < 2 {
         return None;

@@ -57,18 +57,16 @@ impl CryptoBdev {
     /// Stack a crypto layer with `xts` on `inner`. `sector_size` is the
     /// encryption sector (512, 1024, 2048 or 4096) and the layer's block size;
     /// it must be a multiple of the lower block size.
-    pub fn new(inner: BdevRef, xts: Arc<Xts>, sector_size: u32) -> Result<CryptoBdev, String> {
+    pub fn new(inner: BdevRef, xts: Arc<Xts>, sector_size: u32) -> Result<CryptoBdev, super::StackError> {
         if !crate::crypto::SECTOR_SIZES.contains(&(sector_size as usize)) {
-            return Err(format!(
-                "encryption sector size {sector_size} not supported; use 512, 1024, 2048 or 4096"
-            ));
+            return Err(super::StackError::SectorSize(sector_size));
         }
         if !sector_size.is_multiple_of(inner.block_size()) {
-            return Err(format!(
-                "encryption sector size {sector_size} is not a multiple of {}'s block size {}",
-                inner.name(),
-                inner.block_size()
-            ));
+            return Err(super::StackError::NotMultiple {
+                sector_size,
+                lower: inner.name().to_owned(),
+                block_size: inner.block_size(),
+            });
         }
         let capacity = inner.capacity() / sector_size as u64 * sector_size as u64;
         Ok(CryptoBdev {

@@ -13,13 +13,16 @@
 //! Requests own their buffer ([`IoBuf`]) until the completion gives it back,
 //! so no buffer can be freed or reused while the device still uses it.
 
-pub mod crypto;
-pub mod iostat;
-pub mod malloc;
-pub mod null;
-pub mod qos;
-pub mod slab;
-pub mod uring;
+pub(crate) mod crypto;
+mod error;
+pub(crate) mod iostat;
+pub(crate) mod malloc;
+pub(crate) mod null;
+pub(crate) mod qos;
+pub(crate) mod slab;
+pub(crate) mod uring;
+
+pub use error::{IopollError, StackError};
 
 use std::fmt;
 use std::rc::Rc;
@@ -58,14 +61,14 @@ pub struct Lent {
 
 /// The (pointer, length) pieces of a [`Lent`]; one is kept inline (a 4 KiB
 /// guest request is one page), more go to the heap.
-pub type LentSegs = smallvec::SmallVec<[(*mut u8, usize); 1]>;
+pub(crate) type LentSegs = smallvec::SmallVec<[(*mut u8, usize); 1]>;
 
 impl Lent {
     /// # Safety
     /// Every segment must stay mapped, and be used by nobody but the request's
     /// bdev for writing, until the request completes. (Guest memory: the
     /// guest may still change the bytes; they are read once, never trusted.)
-    pub unsafe fn new(segs: LentSegs) -> Lent {
+    pub(crate) unsafe fn new(segs: LentSegs) -> Lent {
         let len = segs.iter().map(|s| s.1).sum();
         Lent { segs, len }
     }
@@ -93,7 +96,7 @@ pub struct IoRequest {
     pub offset: u64,
     pub len: u64,
     pub buf: Option<IoBuf>,
-    /// Frontend memory instead of `buf` ([`Lent`]).
+    /// Frontend memory instead of `buf` (`Lent`).
     pub lent: Option<Lent>,
     /// A write whose `buf` the caller never reads again: a layer may overwrite
     /// it (the crypto layer encrypts in place instead of into a bounce
@@ -171,7 +174,7 @@ impl IoRequest {
         }
     }
 
-    /// A read or write of frontend memory ([`Lent`]).
+    /// A read or write of frontend memory (`Lent`).
     pub fn lent(op: IoOp, offset: u64, lent: Lent, tag: u64) -> IoRequest {
         IoRequest {
             op,
@@ -276,7 +279,7 @@ impl std::error::Error for IoError {}
 /// Wakes the reactor that owns a channel (cheap when it is not parked).
 /// Work completed on another thread (the volume metadata thread) calls it
 /// after posting its answer, so the reactor does not sleep on it.
-pub type Waker = Arc<dyn Fn() + Send + Sync>;
+pub(crate) type Waker = Arc<dyn Fn() + Send + Sync>;
 
 /// Per-reactor resources a channel may use: the reactor's ring, buffer pool
 /// and waker. Given to [`Bdev::open_channel`] by the reactor that will own it.
@@ -311,7 +314,7 @@ pub trait Bdev: Send + Sync {
     fn dma_writes(&self) -> bool {
         false
     }
-    /// Whether reads and writes may carry [`Lent`] memory instead of a buffer.
+    /// Whether reads and writes may carry `Lent` memory instead of a buffer.
     fn takes_lent(&self) -> bool {
         false
     }
@@ -381,14 +384,14 @@ pub trait Channel {
 /// back-pressure handling: a request the lower channel refuses waits here and
 /// goes first, in order, on the next poll, so a vbdev never drops or
 /// reorders what it sends down.
-pub struct Lower {
+pub(crate) struct Lower {
     chan: Box<dyn Channel>,
     deferred: std::collections::VecDeque<IoRequest>,
     scratch: Vec<IoCompletion>,
 }
 
 impl Lower {
-    pub fn new(chan: Box<dyn Channel>) -> Lower {
+    pub(crate) fn new(chan: Box<dyn Channel>) -> Lower {
         Lower {
             chan,
             deferred: Default::default(),
@@ -397,7 +400,7 @@ impl Lower {
     }
 
     /// Send a request down (or queue it behind earlier refused ones).
-    pub fn submit(&mut self, req: IoRequest) {
+    pub(crate) fn submit(&mut self, req: IoRequest) {
         if !self.deferred.is_empty() {
             self.deferred.push_back(req);
         } else if let Err(r) = self.chan.submit(req) {
@@ -407,7 +410,7 @@ impl Lower {
 
     /// Retry refused requests, then collect the lower channel's completions.
     /// Hand the vector back with [`Lower::recycle`] to reuse its storage.
-    pub fn poll(&mut self) -> Vec<IoCompletion> {
+    pub(crate) fn poll(&mut self) -> Vec<IoCompletion> {
         while let Some(r) = self.deferred.pop_front() {
             if let Err(r) = self.chan.submit(r) {
                 self.deferred.push_front(r);
@@ -420,30 +423,30 @@ impl Lower {
     }
 
     /// Return the (drained) vector from [`Lower::poll`].
-    pub fn recycle(&mut self, v: Vec<IoCompletion>) {
+    pub(crate) fn recycle(&mut self, v: Vec<IoCompletion>) {
         debug_assert!(v.is_empty());
         self.scratch = v;
     }
 
     /// Requests refused by the lower channel, waiting to be resent.
-    pub fn has_deferred(&self) -> bool {
+    pub(crate) fn has_deferred(&self) -> bool {
         !self.deferred.is_empty()
     }
 
     /// Drop the requests not yet accepted below (their buffers go back to
     /// the pool): for a caller that will answer nothing more.
-    pub fn drop_deferred(&mut self) {
+    pub(crate) fn drop_deferred(&mut self) {
         self.deferred.clear();
     }
 
     /// Requests the lower channel holds.
-    pub fn in_flight(&self) -> usize {
+    pub(crate) fn in_flight(&self) -> usize {
         self.chan.in_flight()
     }
 }
 
 /// Check a request against a device's geometry.
-pub fn validate(req: &IoRequest, block_size: u32, capacity: u64, max_io: u64) -> Result<(), IoError> {
+pub(crate) fn validate(req: &IoRequest, block_size: u32, capacity: u64, max_io: u64) -> Result<(), IoError> {
     let len = match req.op {
         IoOp::Flush => return Ok(()),
         IoOp::Read | IoOp::Write => match (&req.buf, &req.lent) {

@@ -79,7 +79,7 @@ impl Gcra {
 }
 
 /// The shared limiter of one disk.
-pub struct Limiter {
+pub(crate) struct Limiter {
     epoch: Instant,
     iops: Option<Gcra>,
     bw: Option<Gcra>,
@@ -91,7 +91,7 @@ pub struct Limiter {
 
 impl Limiter {
     /// Burst: 1/10 s worth of the rate (at least one unit).
-    pub fn new(l: QosLimits) -> Limiter {
+    pub(crate) fn new(l: QosLimits) -> Limiter {
         Limiter {
             epoch: Instant::now(),
             iops: l.iops.map(|r| Gcra::new(r, (r / 10).max(1))),

@@ -2,7 +2,7 @@
 //! the lower request's tag. Freed slots are reused, so the table stays as
 //! large as the deepest queue seen and no request allocates.
 
-pub struct Slab<T> {
+pub(crate) struct Slab<T> {
     items: Vec<Option<T>>,
     free: Vec<usize>,
     live: usize,
@@ -20,14 +20,14 @@ impl<T> Default for Slab<T> {
 
 impl<T> Slab<T> {
     /// Store `v`; returns its index.
-    pub fn insert(&mut self, v: T) -> usize {
+    pub(crate) fn insert(&mut self, v: T) -> usize {
         self.insert_with(|| v)
     }
 
     /// Store the value `make` returns; returns its index. The value is built
     /// after its slot is found, so it can be written straight into it.
     #[inline]
-    pub fn insert_with(&mut self, make: impl FnOnce() -> T) -> usize {
+    pub(crate) fn insert_with(&mut self, make: impl FnOnce() -> T) -> usize {
         self.live += 1;
         match self.free.pop() {
             Some(i) => {
@@ -45,12 +45,12 @@ impl<T> Slab<T> {
     }
 
     /// The entry at `i`, if live.
-    pub fn get_mut(&mut self, i: usize) -> Option<&mut T> {
+    pub(crate) fn get_mut(&mut self, i: usize) -> Option<&mut T> {
         self.items.get_mut(i).and_then(Option::as_mut)
     }
 
     /// Remove and return the entry at `i`, freeing its index.
-    pub fn remove(&mut self, i: usize) -> Option<T> {
+    pub(crate) fn remove(&mut self, i: usize) -> Option<T> {
         let v = self.items.get_mut(i)?.take()?;
         self.free.push(i);
         self.live -= 1;
@@ -59,7 +59,7 @@ impl<T> Slab<T> {
 
     /// Drop the entry at `i` and free its index (no-op if not live), without
     /// handing the value back as [`Slab::remove`] does.
-    pub fn free(&mut self, i: usize) {
+    pub(crate) fn free(&mut self, i: usize) {
         if let Some(slot) = self.items.get_mut(i) {
             if slot.take().is_some() {
                 self.free.push(i);
@@ -69,20 +69,20 @@ impl<T> Slab<T> {
     }
 
     /// Live entries.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.live
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.live == 0
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &T> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &T> {
         self.items.iter().flatten()
     }
 
     /// Remove every live entry, handing them out.
-    pub fn drain(&mut self) -> impl Iterator<Item = T> + '_ {
+    pub(crate) fn drain(&mut self) -> impl Iterator<Item = T> + '_ {
         self.free.clear();
         self.live = 0;
         self.items.drain(..).flatten()

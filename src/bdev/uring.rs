@@ -41,13 +41,13 @@ pub enum Iopoll {
 }
 
 impl std::str::FromStr for Iopoll {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Iopoll, String> {
+    type Err = super::IopollError;
+    fn from_str(s: &str) -> Result<Iopoll, super::IopollError> {
         match s {
             "auto" => Ok(Iopoll::Auto),
             "on" => Ok(Iopoll::On),
             "off" => Ok(Iopoll::Off),
-            o => Err(format!("iopoll {o:?}: use auto, on or off")),
+            o => Err(super::IopollError(o.to_owned())),
         }
     }
 }

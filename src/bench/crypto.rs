@@ -26,7 +26,7 @@ use crate::crypto::{Kernel, Xts};
 
 /// Options of `sealdisk bench crypto`.
 #[derive(Debug, Clone)]
-pub struct CryptoBenchOpts {
+pub(crate) struct CryptoBenchOpts {
     /// Bytes per call (the same buffer for every configuration).
     pub buffer: usize,
     /// Interleaved measurement rounds.
@@ -50,7 +50,7 @@ impl Default for CryptoBenchOpts {
 
 /// One kernel measurement.
 #[derive(Debug, Clone, Serialize)]
-pub struct KernelResult {
+pub(crate) struct KernelResult {
     pub kernel: String,
     pub direction: String,
     pub sector_size: usize,
@@ -69,7 +69,7 @@ pub struct KernelResult {
 
 /// 512-byte sectors against 4096-byte ones, one kernel and direction.
 #[derive(Debug, Clone, Serialize)]
-pub struct SectorRatio {
+pub(crate) struct SectorRatio {
     pub kernel: String,
     pub direction: String,
     /// Median at 512 divided by median at 4096.
@@ -84,7 +84,7 @@ pub struct SectorRatio {
 
 /// One baseline measurement.
 #[derive(Debug, Clone, Serialize)]
-pub struct Baseline {
+pub(crate) struct Baseline {
     pub name: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub direction: Option<String>,
@@ -95,7 +95,7 @@ pub struct Baseline {
 
 /// The whole report (`--json` prints exactly this object).
 #[derive(Debug, Clone, Serialize)]
-pub struct CryptoReport {
+pub(crate) struct CryptoReport {
     pub cpu: String,
     pub buffer_bytes: usize,
     pub results: Vec<KernelResult>,
@@ -124,7 +124,7 @@ enum Case {
 }
 
 /// Run the benchmark.
-pub fn run(opts: &CryptoBenchOpts) -> CryptoReport {
+pub(crate) fn run(opts: &CryptoBenchOpts) -> CryptoReport {
     // A fixed, non-secret benchmark key (halves differ).
     let key: [u8; 64] = core::array::from_fn(|i| (i as u8).wrapping_mul(29).wrapping_add(3));
     let mut cases: Vec<(String, Case)> = Vec::new();
@@ -350,7 +350,7 @@ fn cpu_name() -> String {
 }
 
 /// The human-readable table.
-pub fn render(r: &CryptoReport) -> String {
+pub(crate) fn render(r: &CryptoReport) -> String {
     use std::fmt::Write;
     let mut s = String::new();
     let ecb = r

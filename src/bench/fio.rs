@@ -22,8 +22,50 @@ pub enum Rw {
     RandRw,
 }
 
+/// A fio option, job file or time the benchmarks refuse; each says what they accept.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("option {0} needs a value ({0}=...)")]
+    NeedsValue(String),
+    #[error("{key}={value}: {hint}")]
+    BadValue { key: String, value: String, hint: String },
+    #[error("unknown job option {0:?}")]
+    Unknown(String),
+    #[error("bad time {0:?}: use e.g. 10, 10s, 500ms, 2m")]
+    Time(String),
+    #[error(transparent)]
+    Size(#[from] crate::units::UnitError),
+    #[error("job file line {line}: {source}")]
+    Line {
+        line: usize,
+        #[source]
+        source: Box<JobError>,
+    },
+    #[error("{0}")]
+    Section(&'static str),
+    #[error("unterminated section {0:?}")]
+    Unterminated(String),
+    #[error("job file defines no job section")]
+    NoJobs,
+    #[error("{}: {source}", path.display())]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// `key=value: hint`.
+fn bad(key: &str, value: impl std::fmt::Display, hint: impl Into<String>) -> JobError {
+    JobError::BadValue {
+        key: key.to_owned(),
+        value: value.to_string(),
+        hint: hint.into(),
+    }
+}
+
 impl Rw {
-    pub fn parse(s: &str) -> Result<Rw, String> {
+    pub fn parse(s: &str) -> Result<Rw, JobError> {
         Ok(match s {
             "read" => Rw::Read,
             "write" => Rw::Write,
@@ -31,7 +73,7 @@ impl Rw {
             "randwrite" => Rw::RandWrite,
             "rw" | "readwrite" => Rw::Rw,
             "randrw" => Rw::RandRw,
-            _ => return Err(format!("rw={s}: use read, write, randread, randwrite, rw or randrw")),
+            _ => return Err(bad("rw", s, "use read, write, randread, randwrite, rw or randrw")),
         })
     }
     pub fn name(self) -> &'static str {
@@ -121,12 +163,12 @@ pub struct TargetSpec {
     pub sector_size: Option<u32>,
 }
 
-pub use crate::units::parse_size;
+pub(crate) use crate::units::parse_size;
 
 /// fio time: seconds by default, or with a us/ms/s/m/h suffix.
-pub fn parse_time(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_time(s: &str) -> Result<Duration, JobError> {
     let t = s.trim().to_ascii_lowercase();
-    let bad = || format!("bad time {s:?}: use e.g. 10, 10s, 500ms, 2m");
+    let bad = || JobError::Time(s.to_owned());
     let (num, unit) = t
         .find(|c: char| c.is_ascii_alphabetic())
         .map_or((t.as_str(), ""), |i| t.split_at(i));
@@ -145,25 +187,30 @@ pub fn parse_time(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-fn parse_bool(key: &str, v: Option<&str>) -> Result<bool, String> {
+fn parse_bool(key: &str, v: Option<&str>) -> Result<bool, JobError> {
     match v.map(str::trim) {
         None | Some("1") | Some("true") | Some("yes") => Ok(true),
         Some("0") | Some("false") | Some("no") => Ok(false),
-        Some(x) => Err(format!("{key}={x}: use 0 or 1")),
+        Some(x) => Err(bad(key, x, "use 0 or 1")),
     }
 }
 
-fn parse_u32(key: &str, v: &str, min: u32, max: u32) -> Result<u32, String> {
+fn parse_u32(key: &str, v: &str, min: u32, max: u32) -> Result<u32, JobError> {
     match v.trim().parse::<u32>() {
         Ok(n) if (min..=max).contains(&n) => Ok(n),
-        _ => Err(format!("{key}={v}: must be an integer from {min} to {max}")),
+        _ => Err(bad(key, v, format!("must be an integer from {min} to {max}"))),
     }
 }
 
 /// Apply one `key[=value]` to a job and target.
-pub fn apply(job: &mut JobSpec, target: &mut TargetSpec, key: &str, value: Option<&str>) -> Result<(), String> {
+pub(crate) fn apply(
+    job: &mut JobSpec,
+    target: &mut TargetSpec,
+    key: &str,
+    value: Option<&str>,
+) -> Result<(), JobError> {
     let key = key.trim();
-    let need = || value.ok_or_else(|| format!("option {key} needs a value ({key}=...)"));
+    let need = || value.ok_or_else(|| JobError::NeedsValue(key.to_owned()));
     match key {
         "name" => job.name = need()?.trim().to_string(),
         "rw" | "readwrite" => job.rw = Rw::parse(need()?.trim())?,
@@ -172,7 +219,7 @@ pub fn apply(job: &mut JobSpec, target: &mut TargetSpec, key: &str, value: Optio
         "bs" | "blocksize" => {
             let bs = parse_size(need()?)?;
             if bs == 0 || bs % 512 != 0 || bs > crate::bdev::MAX_IO_BYTES {
-                return Err(format!("bs={}: must be a multiple of 512 up to 512k", need()?));
+                return Err(bad("bs", need()?, "must be a multiple of 512 up to 512k"));
             }
             job.bs = bs;
         }
@@ -181,7 +228,7 @@ pub fn apply(job: &mut JobSpec, target: &mut TargetSpec, key: &str, value: Optio
         "size" => {
             let s = parse_size(need()?)?;
             if s == 0 {
-                return Err("size=0: give the number of bytes the job covers".into());
+                return Err(bad("size", 0, "give the number of bytes the job covers"));
             }
             job.size = Some(s);
         }
@@ -193,14 +240,14 @@ pub fn apply(job: &mut JobSpec, target: &mut TargetSpec, key: &str, value: Optio
         "verify" => match need()?.trim() {
             "crc32c" | "crc32c-intel" => job.verify = true,
             "0" | "none" => job.verify = false,
-            v => return Err(format!("verify={v}: sealdisk supports verify=crc32c")),
+            v => return Err(bad("verify", v, "sealdisk supports verify=crc32c")),
         },
         "verify_only" => job.verify_only = parse_bool(key, value)?,
         "scramble_buffers" => job.scramble_buffers = parse_bool(key, value)?,
         "refill_buffers" => job.refill_buffers = parse_bool(key, value)?,
         "direct" => {
             if !parse_bool(key, value)? {
-                return Err("direct=0: sealdisk always does direct I/O".into());
+                return Err(bad("direct", 0, "sealdisk always does direct I/O"));
             }
         }
         "group_reporting" | "ioengine" | "thread" | "norandommap" | "randrepeat" => {}
@@ -210,11 +257,11 @@ pub fn apply(job: &mut JobSpec, target: &mut TargetSpec, key: &str, value: Optio
         "sector_size" => {
             let s = parse_u32(key, need()?, 512, 4096)?;
             if !crate::crypto::SECTOR_SIZES.contains(&(s as usize)) {
-                return Err(format!("sector_size={s}: use 512, 1024, 2048 or 4096"));
+                return Err(bad("sector_size", s, "use 512, 1024, 2048 or 4096"));
             }
             target.sector_size = Some(s);
         }
-        _ => return Err(format!("unknown job option {key:?}")),
+        _ => return Err(JobError::Unknown(key.to_owned())),
     }
     Ok(())
 }
@@ -228,7 +275,7 @@ pub struct FileJob {
 
 /// Parse a fio job file. `base` is applied first (command-line options),
 /// then `[global]`, then the job's own section.
-pub fn parse_job_file(text: &str, base: &JobSpec, base_target: &TargetSpec) -> Result<Vec<FileJob>, String> {
+pub(crate) fn parse_job_file(text: &str, base: &JobSpec, base_target: &TargetSpec) -> Result<Vec<FileJob>, JobError> {
     let mut global = (base.clone(), base_target.clone());
     let mut jobs: Vec<FileJob> = Vec::new();
     let mut current: Option<usize> = None; // None = global section or before any
@@ -237,18 +284,21 @@ pub fn parse_job_file(text: &str, base: &JobSpec, base_target: &TargetSpec) -> R
         if line.is_empty() {
             continue;
         }
-        let at = |e: String| format!("job file line {}: {e}", n + 1);
+        let at = |e: JobError| JobError::Line {
+            line: n + 1,
+            source: Box::new(e),
+        };
         if let Some(sec) = line.strip_prefix('[') {
             let name = sec
                 .strip_suffix(']')
-                .ok_or_else(|| at(format!("unterminated section {line:?}")))?
+                .ok_or_else(|| at(JobError::Unterminated(line.to_owned())))?
                 .trim();
             if name.is_empty() {
-                return Err(at("empty section name".into()));
+                return Err(at(JobError::Section("empty section name")));
             }
             if name == "global" {
                 if !jobs.is_empty() {
-                    return Err(at("[global] after a job section is not supported".into()));
+                    return Err(at(JobError::Section("[global] after a job section is not supported")));
                 }
                 current = None;
             } else {
@@ -275,7 +325,7 @@ pub fn parse_job_file(text: &str, base: &JobSpec, base_target: &TargetSpec) -> R
         }
     }
     if jobs.is_empty() {
-        return Err("job file defines no job section".into());
+        return Err(JobError::NoJobs);
     }
     Ok(jobs)
 }
@@ -345,21 +395,28 @@ mod tests {
     fn bad_job_files_name_the_problem() {
         let d = JobSpec::default();
         let t = TargetSpec::default();
-        let e = parse_job_file("[a]\nfrobnicate=3\n", &d, &t).unwrap_err();
+        let e = parse_job_file("[a]\nfrobnicate=3\n", &d, &t).unwrap_err().to_string();
         assert!(e.contains("line 2") && e.contains("frobnicate"), "{e}");
         assert!(parse_job_file("[global]\nbs=4k\n", &d, &t)
             .unwrap_err()
+            .to_string()
             .contains("no job"));
         assert!(parse_job_file("[a]\nrw=sideways\n", &d, &t)
             .unwrap_err()
+            .to_string()
             .contains("rw=sideways"));
         assert!(parse_job_file("[a]\nbs=1000\n", &d, &t)
             .unwrap_err()
+            .to_string()
             .contains("multiple of 512"));
         assert!(parse_job_file("[a]\niodepth=0\n", &d, &t)
             .unwrap_err()
+            .to_string()
             .contains("iodepth"));
-        assert!(parse_job_file("[a\n", &d, &t).unwrap_err().contains("unterminated"));
+        assert!(parse_job_file("[a\n", &d, &t)
+            .unwrap_err()
+            .to_string()
+            .contains("unterminated"));
     }
 }
 
@@ -367,7 +424,7 @@ mod tests {
 /// in fio's spelling (`--rw=randread --bs=4k --iodepth=32`), and the job file they
 /// apply to.
 #[derive(Debug, Clone, Default, clap::Args)]
-pub struct FioArgs {
+pub(crate) struct FioArgs {
     /// A fio job file ([global] + job sections); command-line options apply first.
     pub job_file: Option<std::path::PathBuf>,
     #[arg(long)]
@@ -415,11 +472,11 @@ impl FioArgs {
     /// The jobs: these options and a bench's own `extra` ones (key, value), applied
     /// to the defaults, then `target` adjusted by the caller, then the job file
     /// (if any) on top.
-    pub fn jobs(
+    pub(crate) fn jobs(
         &self,
         extra: &[(&str, &Option<String>)],
         adjust: impl FnOnce(&mut TargetSpec),
-    ) -> Result<Vec<FileJob>, String> {
+    ) -> Result<Vec<FileJob>, JobError> {
         let mut job = JobSpec::default();
         let mut target = TargetSpec::default();
         let own: [(&str, &Option<String>); 15] = [
@@ -447,7 +504,10 @@ impl FioArgs {
         adjust(&mut target);
         match &self.job_file {
             Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+                let text = std::fs::read_to_string(p).map_err(|source| JobError::Read {
+                    path: p.clone(),
+                    source,
+                })?;
                 parse_job_file(&text, &job, &target)
             }
             None => Ok(vec![FileJob { job, target }]),

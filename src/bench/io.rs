@@ -4,6 +4,7 @@
 //! over the *same* backend, alternating (ABBA), and the report gives both
 //! plus the ratios.
 
+use super::BenchError;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -125,7 +126,7 @@ impl RoundFigures {
     }
 }
 
-fn build_base(t: &TargetSpec, job: &JobSpec, iopoll: Iopoll) -> Result<BdevRef, String> {
+fn build_base(t: &TargetSpec, job: &JobSpec, iopoll: Iopoll) -> Result<BdevRef, BenchError> {
     let want = job.offset + job.offset_increment * (job.numjobs as u64 - 1) + job.size.unwrap_or(1 << 30);
     let backend = t.backend.as_deref().unwrap_or("malloc");
     Ok(match backend {
@@ -143,14 +144,17 @@ fn build_base(t: &TargetSpec, job: &JobSpec, iopoll: Iopoll) -> Result<BdevRef, 
                         iopoll,
                     },
                 )
-                .map_err(|e| e.to_string())?,
+                .map_err(|e| BenchError::Io {
+                    path: path.clone(),
+                    source: e,
+                })?,
             )
         }
         b if b.starts_with("volume:") => volume_backend(&PathBuf::from(&b[7..]), want)?,
         other => {
-            return Err(format!(
+            return Err(BenchError::Refused(format!(
                 "unknown backend {other:?}: use file:PATH, volume:POOL_PATH, malloc or null"
-            ))
+            )))
         }
     })
 }
@@ -160,50 +164,64 @@ fn build_base(t: &TargetSpec, job: &JobSpec, iopoll: Iopoll) -> Result<BdevRef, 
 /// volume layer over the pool's device (a pool on /dev/shm is RAM). The
 /// volume is written once before the job, so the job runs on the fast path
 /// (clusters the volume owns); [`prefill`] times those first writes.
-fn volume_backend(path: &std::path::Path, want: u64) -> Result<BdevRef, String> {
+fn volume_backend(path: &std::path::Path, want: u64) -> Result<BdevRef, BenchError> {
     let cat = path.with_extension("catalog");
     let _ = std::fs::remove_file(path);
     let _ = std::fs::remove_file(&cat);
     let size = want.div_ceil(4096) * 4096;
     let cluster = crate::volume::DEFAULT_CLUSTER;
-    let db = crate::catalog::open(&cat).map_err(|e| format!("{}: {e}", cat.display()))?;
-    let pool = crate::volume::Pool::open(db.clone(), path, size + 2 * cluster).map_err(|e| e.to_string())?;
-    let w = db.begin_write().map_err(|e| e.to_string())?;
-    pool.create_volume(&w, "bench", size).map_err(|e| e.to_string())?;
-    w.commit().map_err(|e| e.to_string())?;
-    pool.bdev("bench").map_err(|e| e.to_string())
+    let db = crate::catalog::open(&cat).map_err(|e| BenchError::setup(cat.display().to_string(), e))?;
+    let pool = crate::volume::Pool::open(db.clone(), path, size + 2 * cluster)
+        .map_err(|e| BenchError::setup(format!("pool {}", path.display()), e))?;
+    let w = db
+        .begin_write()
+        .map_err(|e| BenchError::setup(cat.display().to_string(), e))?;
+    pool.create_volume(&w, "bench", size)
+        .map_err(|e| BenchError::setup("the bench volume", e))?;
+    w.commit()
+        .map_err(|e| BenchError::setup(cat.display().to_string(), e))?;
+    pool.bdev("bench").map_err(|e| BenchError::setup("the bench volume", e))
 }
 
 /// Writes one 4 KiB block into every cluster of a fresh volume, one at a
 /// time, and reports the latency of those first writes (slow path: allocate,
 /// fdatasync, commit, publish).
-fn prefill(reactors: &Reactors, bdev: &BdevRef) -> Result<(), String> {
+fn prefill(reactors: &Reactors, bdev: &BdevRef) -> Result<(), BenchError> {
     let cluster = crate::volume::DEFAULT_CLUSTER;
     let n = bdev.capacity().div_ceil(cluster);
     let b = bdev.clone();
-    let lat = reactors.call(0, Duration::from_secs(3600), move |ctx| -> Result<Vec<u64>, String> {
-        let mut ch = b.open_channel(&ctx.chan).map_err(|e| e.to_string())?;
-        let mut lat = Vec::with_capacity(n as usize);
-        let mut out = Vec::new();
-        for c in 0..n {
-            let mut buf = ctx.chan.pool.alloc_zeroed(4096).ok_or("no buffer")?;
-            buf.set_len(4096);
-            buf[0] = 1;
-            let t = Instant::now();
-            ch.submit(crate::bdev::IoRequest::write(c * cluster, buf, c))
-                .map_err(|_| "back-pressure on an idle channel".to_string())?;
-            loop {
-                ch.poll(&mut out);
-                if let Some(done) = out.pop() {
-                    done.result.map_err(|e| format!("first write of cluster {c}: {e}"))?;
-                    break;
+    let lat = reactors.call(
+        0,
+        Duration::from_secs(3600),
+        move |ctx| -> Result<Vec<u64>, BenchError> {
+            let mut ch = b.open_channel(&ctx.chan).map_err(|e| BenchError::setup(b.name(), e))?;
+            let mut lat = Vec::with_capacity(n as usize);
+            let mut out = Vec::new();
+            for c in 0..n {
+                let mut buf = ctx
+                    .chan
+                    .pool
+                    .alloc_zeroed(4096)
+                    .ok_or_else(|| BenchError::Refused("prefill: no buffer on reactor 0".into()))?;
+                buf.set_len(4096);
+                buf[0] = 1;
+                let t = Instant::now();
+                ch.submit(crate::bdev::IoRequest::write(c * cluster, buf, c))
+                    .map_err(|_| BenchError::Refused("prefill: back-pressure on an idle channel".into()))?;
+                loop {
+                    ch.poll(&mut out);
+                    if let Some(done) = out.pop() {
+                        done.result
+                            .map_err(|e| BenchError::setup(format!("first write of cluster {c}"), e))?;
+                        break;
+                    }
+                    std::hint::spin_loop();
                 }
-                std::hint::spin_loop();
+                lat.push(t.elapsed().as_nanos() as u64);
             }
-            lat.push(t.elapsed().as_nanos() as u64);
-        }
-        Ok(lat)
-    })??;
+            Ok(lat)
+        },
+    )??;
     let mut sorted = lat.clone();
     sorted.sort_unstable();
     let mean = lat.iter().sum::<u64>() as f64 / lat.len().max(1) as f64;
@@ -244,11 +262,14 @@ fn random_key() -> crate::secmem::SecretMem {
     }
 }
 
-fn crypto_over(base: &BdevRef, t: &TargetSpec) -> Result<(BdevRef, Arc<Xts>), String> {
+fn crypto_over(base: &BdevRef, t: &TargetSpec) -> Result<(BdevRef, Arc<Xts>), BenchError> {
     let key = random_key();
-    let xts = Arc::new(Xts::new(key.as_slice().try_into().expect("64 bytes")).map_err(|e| e.to_string())?);
+    let xts = Arc::new(
+        Xts::new(key.as_slice().try_into().expect("64 bytes")).map_err(|e| BenchError::setup("the XTS engine", e))?,
+    );
     let ss = t.sector_size.unwrap_or(4096);
-    Ok((Arc::new(CryptoBdev::new(base.clone(), xts.clone(), ss)?), xts))
+    let crypto = CryptoBdev::new(base.clone(), xts.clone(), ss).map_err(|e| BenchError::setup(base.name(), e))?;
+    Ok((Arc::new(crypto), xts))
 }
 
 fn rusage() -> (f64, f64) {
@@ -279,7 +300,7 @@ fn run_once(
     spec: &JobSpec,
     label: &str,
     progress: bool,
-) -> Result<RunOut, String> {
+) -> Result<RunOut, BenchError> {
     let (tx, rx) = mpsc::channel();
     let prog = Arc::new(Progress::default());
     let abort = Arc::new(AtomicBool::new(false));
@@ -291,10 +312,10 @@ fn run_once(
         let (bdev, mut spec, prog, job_abort, tx) =
             (bdev.clone(), spec.clone(), prog.clone(), abort.clone(), tx.clone());
         spec.offset += spec.offset_increment * j as u64;
-        let setup = reactors.call(r, Duration::from_secs(10), move |ctx| -> Result<(), String> {
+        let setup = reactors.call(r, Duration::from_secs(10), move |ctx| -> Result<(), BenchError> {
             let chan = bdev
                 .open_channel(&ctx.chan)
-                .map_err(|e| format!("{}: {e}", bdev.name()))?;
+                .map_err(|e| BenchError::setup(bdev.name(), e))?;
             let job = Job::new(spec, j, ctx, chan, bdev.capacity(), prog, job_abort, tx)?;
             ctx.add_poller(Box::new(job));
             Ok(())
@@ -331,7 +352,9 @@ fn run_once(
                 }
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => {
-                return Err("a job ended without reporting (reactor stopped?)".into());
+                return Err(BenchError::Refused(
+                    "a job ended without reporting (reactor stopped?)".into(),
+                ));
             }
         }
     }
@@ -395,24 +418,26 @@ fn new_group(name: &str, spec: &JobSpec, target: &str) -> GroupResult {
 /// Nanoseconds the engine needs to encrypt `bs` bytes in `ss`-byte sectors,
 /// best of a few short runs, measured on reactor 0's thread (the core the
 /// jobs run on, between their rounds).
-fn cipher_ns(reactors: &Reactors, xts: &Arc<Xts>, bs: usize, ss: usize) -> Result<f64, String> {
+fn cipher_ns(reactors: &Reactors, xts: &Arc<Xts>, bs: usize, ss: usize) -> Result<f64, BenchError> {
     let xts = xts.clone();
-    reactors.call(0, Duration::from_secs(10), move |_| {
-        let mut buf = vec![0x5au8; bs.max(ss) / ss * ss];
-        let mut best = f64::MAX;
-        for _ in 0..5 {
-            let t = Instant::now();
-            let mut n = 0u64;
-            while t.elapsed() < Duration::from_millis(40) {
-                for _ in 0..16 {
-                    xts.encrypt_sectors(&mut buf, n, ss).expect("whole sectors");
-                    n += 1;
+    reactors
+        .call(0, Duration::from_secs(10), move |_| {
+            let mut buf = vec![0x5au8; bs.max(ss) / ss * ss];
+            let mut best = f64::MAX;
+            for _ in 0..5 {
+                let t = Instant::now();
+                let mut n = 0u64;
+                while t.elapsed() < Duration::from_millis(40) {
+                    for _ in 0..16 {
+                        xts.encrypt_sectors(&mut buf, n, ss).expect("whole sectors");
+                        n += 1;
+                    }
                 }
+                best = best.min(t.elapsed().as_nanos() as f64 / n as f64);
             }
-            best = best.min(t.elapsed().as_nanos() as f64 / n as f64);
-        }
-        best
-    })
+            best
+        })
+        .map_err(BenchError::from)
 }
 
 /// The median of the samples.
@@ -427,13 +452,13 @@ pub(crate) fn median(mut v: Vec<f64>) -> Option<f64> {
 }
 
 /// Run the benchmark.
-pub fn run(opts: &IoBenchOpts) -> Result<IoBenchReport, String> {
-    let reactors = Reactors::start(&opts.reactors).map_err(|e| format!("starting reactors: {e}"))?;
+pub fn run(opts: &IoBenchOpts) -> Result<IoBenchReport, BenchError> {
+    let reactors = Reactors::start(&opts.reactors).map_err(|e| BenchError::setup("starting reactors", e))?;
     let mut groups = Vec::new();
     let mut cipher = None;
     let mut round_pairs = Vec::new();
     let mut kernel = crate::crypto::Kernel::selected()
-        .map_err(|e| e.to_string())?
+        .map_err(|e| BenchError::setup("the XTS kernel", e))?
         .name()
         .to_string();
     for fj in &opts.jobs {

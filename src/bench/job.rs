@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 
 use super::fio::JobSpec;
+use super::BenchError;
 use crate::bdev::{Channel, IoCompletion, IoOp, IoRequest};
 use crate::iobuf::IoBuf;
 use crate::reactor::{Poll, Poller, ReactorCtx};
@@ -47,8 +48,7 @@ impl DirStats {
 
 /// What a finished job reports.
 #[derive(Debug, Clone)]
-pub struct JobResult {
-    pub name: String,
+pub(crate) struct JobResult {
     pub reactor: usize,
     pub read: DirStats,
     pub write: DirStats,
@@ -61,7 +61,7 @@ pub struct JobResult {
 
 /// Live counters for the progress line.
 #[derive(Debug, Default)]
-pub struct Progress {
+pub(crate) struct Progress {
     pub ios: AtomicU64,
     pub bytes: AtomicU64,
 }
@@ -96,7 +96,7 @@ pub fn fill_verify_block(block: &mut [u8], offset: u64, seed: u64) {
 
 /// fio's `scramble_buffers`: write `offset` and `stamp` into the first 16
 /// bytes of every 512-byte piece of `buf` (fio stamps each piece too).
-pub fn scramble(buf: &mut [u8], offset: u64, stamp: u64) {
+pub(crate) fn scramble(buf: &mut [u8], offset: u64, stamp: u64) {
     for (i, piece) in buf.chunks_mut(512).enumerate() {
         if piece.len() >= 16 {
             piece[..8].copy_from_slice(&(offset + 512 * i as u64).to_le_bytes());
@@ -108,7 +108,7 @@ pub fn scramble(buf: &mut [u8], offset: u64, stamp: u64) {
 /// fio's `refill_buffers`: overwrite `buf` with fresh pseudo-random bytes
 /// from `state` (four interleaved xorshift64 streams, so the loop is not one
 /// serial dependency chain).
-pub fn refill(buf: &mut [u8], state: &mut [u64; 4]) {
+pub(crate) fn refill(buf: &mut [u8], state: &mut [u64; 4]) {
     for chunk in buf.chunks_mut(32) {
         let mut out = [0u8; 32];
         for (lane, x) in state.iter_mut().enumerate() {
@@ -121,24 +121,35 @@ pub fn refill(buf: &mut [u8], state: &mut [u64; 4]) {
     }
 }
 
+/// A block that fails [`check_verify_block`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    #[error("verify: bad magic {magic:#x} in block at offset {offset}")]
+    BadMagic { magic: u32, offset: u64 },
+    #[error("verify: block at offset {offset} holds the data of offset {holds}")]
+    Misplaced { offset: u64, holds: u64 },
+    #[error("verify: crc32c mismatch at offset {offset}: stored {stored:#010x}, computed {computed:#010x}")]
+    Crc { offset: u64, stored: u32, computed: u32 },
+}
+
 /// Check a block written by [`fill_verify_block`] at `offset`.
-pub fn check_verify_block(block: &[u8], offset: u64) -> Result<(), String> {
+pub fn check_verify_block(block: &[u8], offset: u64) -> Result<(), VerifyError> {
     let magic = u32::from_le_bytes(block[0..4].try_into().unwrap());
     let off = u64::from_le_bytes(block[4..12].try_into().unwrap());
     let crc = u32::from_le_bytes(block[12..16].try_into().unwrap());
     if magic != VERIFY_MAGIC {
-        return Err(format!("verify: bad magic {magic:#x} in block at offset {offset}"));
+        return Err(VerifyError::BadMagic { magic, offset });
     }
     if off != offset {
-        return Err(format!(
-            "verify: block at offset {offset} holds the data of offset {off}"
-        ));
+        return Err(VerifyError::Misplaced { offset, holds: off });
     }
     let want = crc32c::crc32c_append(crc32c::crc32c(&block[16..]), &offset.to_le_bytes());
     if want != crc {
-        return Err(format!(
-            "verify: crc32c mismatch at offset {offset}: stored {crc:#010x}, computed {want:#010x}"
-        ));
+        return Err(VerifyError::Crc {
+            offset,
+            stored: crc,
+            computed: want,
+        });
     }
     Ok(())
 }
@@ -151,7 +162,7 @@ struct Slot {
 }
 
 /// The job poller.
-pub struct Job {
+pub(crate) struct Job {
     spec: JobSpec,
     reactor: usize,
     chan: Box<dyn Channel>,
@@ -192,7 +203,7 @@ impl Job {
     /// A job over `[offset, offset+size)` of the device behind `chan`
     /// (`capacity` bytes). Buffers come from the reactor's pool.
     #[allow(clippy::too_many_arguments)]
-    pub fn new(
+    pub(crate) fn new(
         spec: JobSpec,
         index: u32,
         ctx: &ReactorCtx,
@@ -201,31 +212,34 @@ impl Job {
         progress: Arc<Progress>,
         abort: Arc<AtomicBool>,
         done: Sender<JobResult>,
-    ) -> Result<Job, String> {
+    ) -> Result<Job, BenchError> {
         let bs = spec.bs;
         if !spec.offset.is_multiple_of(bs) {
-            return Err(format!("offset={} is not a multiple of bs={bs}", spec.offset));
+            return Err(BenchError::Refused(format!(
+                "offset={} is not a multiple of bs={bs}",
+                spec.offset
+            )));
         }
         if spec.offset >= capacity {
-            return Err(format!(
+            return Err(BenchError::Refused(format!(
                 "offset={} is past the end of the device ({capacity} bytes)",
                 spec.offset
-            ));
+            )));
         }
         let len = spec.size.unwrap_or(capacity - spec.offset).min(capacity - spec.offset);
         let region_blocks = len / bs;
         if region_blocks == 0 {
-            return Err(format!("size={len} is smaller than bs={bs}"));
+            return Err(BenchError::Refused(format!("size={len} is smaller than bs={bs}")));
         }
         let mut slots = Vec::new();
         let seed = 0x5ea1_d15c_0000_0001u64.wrapping_mul(index as u64 + 1) ^ ctx.id as u64;
         let mut x = seed | 1;
         for _ in 0..spec.iodepth {
             let mut b = ctx.chan.pool.alloc(bs as usize).ok_or_else(|| {
-                format!(
+                BenchError::Refused(format!(
                     "reactor {} has no buffer space for iodepth={} x bs={bs}",
                     ctx.id, spec.iodepth
-                )
+                ))
             })?;
             for w in b.chunks_exact_mut(8) {
                 x ^= x << 13;
@@ -345,7 +359,7 @@ impl Job {
             if let Err(e) = check_verify_block(&buf, offset) {
                 self.verify_errors += 1;
                 if self.error.is_none() {
-                    self.error = Some(e);
+                    self.error = Some(e.to_string());
                 }
             }
         } else {
@@ -445,7 +459,6 @@ impl Job {
     fn finish(&mut self) {
         let end = self.run_end.unwrap_or_else(Instant::now);
         let result = JobResult {
-            name: self.spec.name.clone(),
             reactor: self.reactor,
             read: std::mem::take(&mut self.read),
             write: std::mem::take(&mut self.write),

@@ -102,7 +102,7 @@ fn job_json(g: &GroupResult) -> Value {
 }
 
 /// Ratios of the encrypted group to the plain one (with `--compare`).
-pub fn ratios(r: &IoBenchReport) -> Option<Value> {
+pub(crate) fn ratios(r: &IoBenchReport) -> Option<Value> {
     let p = r.groups.iter().find(|g| g.name == "plain")?;
     let e = r.groups.iter().find(|g| g.name == "encrypted")?;
     let dir = |pd: &DirStats, ed: &DirStats, pt: f64, et: f64| -> Value {
@@ -161,7 +161,7 @@ pub fn ratios(r: &IoBenchReport) -> Option<Value> {
 }
 
 /// fio-compatible JSON (one object).
-pub fn to_json(r: &IoBenchReport) -> Value {
+pub(crate) fn to_json(r: &IoBenchReport) -> Value {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -188,7 +188,7 @@ fn human_bw(bps: f64) -> String {
 }
 
 /// fio-like text.
-pub fn to_text(r: &IoBenchReport) -> String {
+pub(crate) fn to_text(r: &IoBenchReport) -> String {
     use std::fmt::Write;
     let mut s = String::new();
     for g in &r.groups {
@@ -282,7 +282,7 @@ pub fn to_text(r: &IoBenchReport) -> String {
 }
 
 /// An SVG bar chart: IOPS and p99 latency per group and direction.
-pub fn to_svg(r: &IoBenchReport) -> String {
+pub(crate) fn to_svg(r: &IoBenchReport) -> String {
     use std::fmt::Write;
     let mut bars: Vec<(String, f64, f64)> = Vec::new(); // label, iops, p99 us
     for g in &r.groups {

@@ -11,36 +11,33 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use clap::{Arg, ArgMatches, Command};
 use serde_json::Value;
 
+use super::{Account, Connection};
 use crate::control::client::{Client, RpcError};
 
-pub fn command(c: Command) -> Command {
-    c.about("A disk's I/O like iostat: r/s w/s rMB/s wMB/s r_await w_await p99s errors (--watch [SECONDS] refreshes)")
-        .arg(
-            Arg::new("watch")
-                .long("watch")
-                .value_name("SECONDS")
-                .num_args(0..=1)
-                .default_missing_value("1")
-                .value_parser(clap::value_parser!(u64).range(1..=3600))
-                .help("print a line every SECONDS (default 1) until interrupted"),
-        )
-        .arg(
-            Arg::new("count")
-                .long("count")
-                .value_name("N")
-                .value_parser(clap::value_parser!(u64).range(1..))
-                .requires("watch")
-                .help("with --watch: stop after N lines"),
-        )
-        .arg(
-            Arg::new("params")
-                .value_name("Key=Value")
-                .num_args(0..)
-                .help("DiskId=d-... (required)"),
-        )
+/// `sealdisk disk-stats`.
+#[derive(clap::Args)]
+pub(super) struct DiskStatsArgs {
+    /// print a line every SECONDS (default 1) until interrupted
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        num_args = 0..=1,
+        default_missing_value = "1",
+        value_parser = clap::value_parser!(u64).range(1..=3600)
+    )]
+    watch: Option<u64>,
+    /// with --watch: stop after N lines
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..), requires = "watch")]
+    count: Option<u64>,
+    /// DiskId=d-... (required)
+    #[arg(value_name = "Key=Value", num_args = 0..)]
+    pub(super) params: Vec<String>,
+    #[command(flatten)]
+    pub(super) conn: Connection,
+    #[command(flatten)]
+    pub(super) account: Account,
 }
 
 const HEADER: &str = "TimeStamp                  r/s       w/s    rMB/s    wMB/s  r_await  w_await    r_p99    w_p99      f/s      d/s  errors  qos_holds  cow";
@@ -51,7 +48,7 @@ fn ms(v: &Value, k: &str) -> f64 {
 }
 
 /// One iostat-like line for a datapoint (`None`: no data for the interval).
-pub fn line(t: &str, p: Option<&Value>) -> String {
+pub(super) fn line(t: &str, p: Option<&Value>) -> String {
     let Some(p) = p else {
         return format!("{t:<20}  (no data: the disk is not attached, or the daemon has not sampled it yet)");
     };
@@ -91,8 +88,8 @@ fn first_point(v: &Value) -> Option<&Value> {
 }
 
 /// Runs `disk-stats`; `params` are the Key=Value parameters with AccountId/RegionId.
-pub fn run(m: &ArgMatches, mut c: Client, params: Value) -> ExitCode {
-    let json = m.get_flag("json");
+pub(super) fn run(m: &DiskStatsArgs, mut c: Client, params: Value) -> ExitCode {
+    let json = m.conn.json;
     let fail = |e: RpcError| {
         if json {
             let err = serde_json::json!({ "code": e.rpc_code, "message": e.message, "data": e.data });
@@ -102,7 +99,7 @@ pub fn run(m: &ArgMatches, mut c: Client, params: Value) -> ExitCode {
         ExitCode::from(if e.rpc_code == 0 { 2 } else { 1 })
     };
     let mut out = std::io::stdout();
-    let Some(every) = m.get_one::<u64>("watch").copied() else {
+    let Some(every) = m.watch else {
         let end = now().as_secs();
         return match query(&mut c, &params, end - 60, end, 60) {
             Ok(v) if json => {
@@ -117,7 +114,7 @@ pub fn run(m: &ArgMatches, mut c: Client, params: Value) -> ExitCode {
             Err(e) => fail(e),
         };
     };
-    let count = m.get_one::<u64>("count").copied();
+    let count = m.count;
     let mut printed = 0u64;
     loop {
         // Just after the end of the next interval (the sampler samples on whole seconds).

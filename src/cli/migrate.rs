@@ -9,10 +9,9 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use clap::{Arg, ArgAction, ArgMatches, Command};
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
-use super::{connection_args, fail, socket_path};
+use super::{fail, Account, CliError, Connection};
 use crate::control::client::{Client, RpcError};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -21,57 +20,39 @@ extern "C" fn on_sigint(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
 }
 
-pub(super) fn command() -> Command {
-    connection_args(Command::new("migrate"))
-        .about(
-            "Encrypt existing data (a disk, a raw image/block device, an NBD export) into an encrypted disk, or an \
-             encrypted disk back into a new unencrypted one: sparse, resumable, --verify",
-        )
-        .arg(
-            Arg::new("source")
-                .value_name("SOURCE")
-                .required(true)
-                .help(
-                    "a disk id (d-...), a raw image or block device beneath the daemon's import directory (relative \
-                     paths are relative to it), or an NBD URI (nbd+unix:///EXPORT?socket=PATH, nbd://HOST[:PORT]/EXPORT)",
-                ),
-        )
-        .arg(
-            Arg::new("to")
-                .long("to")
-                .value_name("new|DiskId")
-                .default_value("new")
-                .help("target: a new disk (default) or an existing, empty, detached disk"),
-        )
-        .arg(
-            Arg::new("category")
-                .long("category")
-                .value_name("C")
-                .help("category of a new disk: basic, ultra, ssd (default: the source disk's, else ssd)"),
-        )
-        .arg(
-            Arg::new("size")
-                .long("size")
-                .value_name("S")
-                .help("size of a new disk, at least the source's: 20 (GiB), 512M, 40G, 1T, 4096B (default: the source's)"),
-        )
-        .arg(
-            Arg::new("verify")
-                .long("verify")
-                .action(ArgAction::SetTrue)
-                .help("re-read both sides and compare CRC32C per 4 KiB block"),
-        )
-        .arg(
-            Arg::new("abandon")
-                .long("abandon")
-                .action(ArgAction::SetTrue)
-                .help("remove an interrupted migration of SOURCE into --to instead of resuming it"),
-        )
-        .arg(Arg::new("name").long("name").value_name("NAME").help("name of a new disk"))
+/// `sealdisk migrate`.
+#[derive(clap::Args)]
+pub(super) struct MigrateArgs {
+    #[command(flatten)]
+    conn: Connection,
+    /// a disk id (d-...), a raw image or block device beneath the daemon's import directory (relative paths
+    /// are relative to it), or an NBD URI (nbd+unix:///EXPORT?socket=PATH, nbd://HOST[:PORT]/EXPORT)
+    #[arg(value_name = "SOURCE")]
+    source: String,
+    /// target: a new disk (default) or an existing, empty, detached disk
+    #[arg(long, value_name = "new|DiskId", default_value = "new")]
+    to: String,
+    /// category of a new disk: basic, ultra, ssd (default: the source disk's, else ssd)
+    #[arg(long, value_name = "C")]
+    category: Option<String>,
+    /// size of a new disk, at least the source's: 20 (GiB), 512M, 40G, 1T, 4096B (default: the source's)
+    #[arg(long, value_name = "S")]
+    size: Option<String>,
+    /// re-read both sides and compare CRC32C per 4 KiB block
+    #[arg(long)]
+    verify: bool,
+    /// remove an interrupted migration of SOURCE into --to instead of resuming it
+    #[arg(long)]
+    abandon: bool,
+    /// name of a new disk
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    #[command(flatten)]
+    account: Account,
 }
 
 /// `20` → 20 GiB (ECS `Size`), `512M`, `40G`, `1T`, `4096B`, `64K` (binary units).
-pub(super) fn parse_size(s: &str) -> Result<u64, String> {
+pub(super) fn parse_size(s: &str) -> Result<u64, CliError> {
     let t = s.trim();
     // ECS's Size: a bare number is GiB; anything with a unit is `units::parse_size`'s.
     let bytes = if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
@@ -81,7 +62,7 @@ pub(super) fn parse_size(s: &str) -> Result<u64, String> {
     };
     bytes
         .filter(|&b| b > 0)
-        .ok_or_else(|| format!("--size {s:?}: use a number with B, K, M, G or T (bare numbers are GiB)"))
+        .ok_or_else(|| CliError::MigrateSize(s.to_owned()))
 }
 
 /// Which parameter names SOURCE.
@@ -98,50 +79,36 @@ pub(super) fn source_param(src: &str) -> &'static str {
     }
 }
 
-fn params(m: &ArgMatches) -> Result<Value, String> {
-    let src = m.get_one::<String>("source").expect("required");
-    let mut p = json!({ source_param(src): src });
-    let to = m.get_one::<String>("to").expect("default");
-    if to != "new" {
-        p["TargetDiskId"] = to.clone().into();
+fn params(m: &MigrateArgs) -> Result<Value, CliError> {
+    let mut p = Map::new();
+    p.insert(source_param(&m.source).into(), m.source.clone().into());
+    if m.to != "new" {
+        p.insert("TargetDiskId".into(), m.to.clone().into());
     }
-    if let Some(c) = m.get_one::<String>("category") {
-        p["DiskCategory"] = c.clone().into();
+    if let Some(c) = &m.category {
+        p.insert("DiskCategory".into(), c.clone().into());
     }
-    if let Some(s) = m.get_one::<String>("size") {
-        p["SizeBytes"] = parse_size(s)?.into();
+    if let Some(s) = &m.size {
+        p.insert("SizeBytes".into(), parse_size(s)?.into());
     }
-    if let Some(n) = m.get_one::<String>("name") {
-        p["DiskName"] = n.clone().into();
+    if let Some(n) = &m.name {
+        p.insert("DiskName".into(), n.clone().into());
     }
-    if m.get_flag("verify") {
-        p["Verify"] = true.into();
+    if m.verify {
+        p.insert("Verify".into(), true.into());
     }
-    if m.get_flag("abandon") {
-        p["Abandon"] = true.into();
+    if m.abandon {
+        p.insert("Abandon".into(), true.into());
     }
-    let acc = m
-        .get_one::<String>("account")
-        .cloned()
-        .or_else(|| std::env::var("SEALDISK_ACCOUNT").ok());
-    let reg = m
-        .get_one::<String>("region")
-        .cloned()
-        .or_else(|| std::env::var("SEALDISK_REGION").ok());
-    if let Some(a) = acc {
-        p["AccountId"] = a.into();
-    }
-    if let Some(r) = reg {
-        p["RegionId"] = r.into();
-    }
-    Ok(p)
+    m.account.fill(&mut p);
+    Ok(Value::Object(p))
 }
 
-fn rpc_fail(m: &ArgMatches, e: &RpcError) -> ExitCode {
+fn rpc_fail(m: &MigrateArgs, e: &RpcError) -> ExitCode {
     if e.rpc_code == 0 {
         return fail(&e.code, &e.message, 2);
     }
-    if m.get_flag("json") {
+    if m.conn.json {
         let err = json!({ "code": e.rpc_code, "message": e.message, "data": e.data });
         println!("{}", serde_json::to_string_pretty(&err).expect("json"));
     }
@@ -208,12 +175,12 @@ impl Progress {
     }
 }
 
-pub(super) fn run(m: &ArgMatches) -> ExitCode {
+pub(super) fn run(m: &MigrateArgs) -> ExitCode {
     let p = match params(m) {
         Ok(p) => p,
-        Err(e) => return fail("InvalidParameter.Size", &e, 2),
+        Err(e) => return fail("InvalidParameter.Size", &e.to_string(), 2),
     };
-    let mut c = match Client::connect(&socket_path(m)) {
+    let mut c = match Client::connect(&m.conn.socket_path()) {
         Ok(c) => c,
         Err(e) => return fail(&e.code, &e.message, 2),
     };
@@ -224,7 +191,7 @@ pub(super) fn run(m: &ArgMatches) -> ExitCode {
     };
     let Some(id) = reply["TaskId"].as_str().map(str::to_owned) else {
         // Abandon: no task.
-        if m.get_flag("json") {
+        if m.conn.json {
             println!("{}", serde_json::to_string_pretty(&reply).expect("json"));
         } else {
             println!(
@@ -302,7 +269,7 @@ pub(super) fn run(m: &ArgMatches) -> ExitCode {
     prog.finish();
     match result {
         Ok(r) => {
-            if m.get_flag("json") {
+            if m.conn.json {
                 println!("{}", serde_json::to_string_pretty(&r).expect("json"));
             } else {
                 print!("{}", summary(&r));

@@ -1,6 +1,11 @@
-//! The control-plane subcommands of the `sealdisk` binary: `serve`, `check`, `rpc`, and
-//! one subcommand per ECS operation (`create-disk`, `attach-disk`, ...), which talk to the
-//! daemon's socket.
+//! The `sealdisk` command line, all clap derive: `bench` (benchmarks), `serve`, `check`,
+//! `migrate`, `disk-stats`, `rpc`, and one subcommand per ECS operation (`create-disk`,
+//! `attach-disk`, ...) generated from the method table, which talk to the daemon's socket.
+//!
+//! Conventions: results on stdout (human-readable, or the raw JSON with `--json`), errors
+//! on stderr as `sealdisk[ <command>]: <error>`; exit 0 on success, 1 when the command
+//! ran and the answer is a failure (an RPC error, an inconsistent check, a failed
+//! benchmark job), 2 when it could not run (bad arguments, no daemon, setup failed).
 //!
 //! Operation parameters use ECS's names as `Key=Value` (`Size=20 DiskCategory=ssd
 //! Encrypted=true`, `DataDisk.1.Size=20`), or `Key:=<JSON>` for a raw JSON value;
@@ -9,7 +14,9 @@
 
 #![forbid(unsafe_code)]
 
+mod bench;
 mod disk_stats;
+mod error;
 mod migrate;
 mod output;
 mod serve;
@@ -17,14 +24,167 @@ mod serve;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Arg, ArgAction, ArgMatches, Command};
+use clap::{ArgMatches, Args, Command, CommandFactory, FromArgMatches, Parser, Subcommand};
 use serde_json::{Map, Value};
 
 use crate::control::client::{Client, RpcError};
 use crate::control::{Method, METHODS};
 
+pub(crate) use error::CliError;
+
+/// The `sealdisk` command. Its subcommands are clap derive types, and one more per
+/// method of [`METHODS`] (`create-disk`, `attach-disk`, ...), made from that table by
+/// [`method_command`] with the same derive types ([`OpArgs`]).
+#[derive(Parser)]
+#[command(
+    name = "sealdisk",
+    version,
+    about = "Encrypted cloud disks for VMs: per-disk AES-256-XTS block storage"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Benchmarks that report figures against same-run baselines.
+    Bench {
+        #[command(subcommand)]
+        what: bench::BenchCmd,
+    },
+    /// Run the daemon: catalog, pool, KMS, reactors and the JSON-RPC socket DATA_DIR/sealdisk.sock
+    Serve(Box<serve::ServeArgs>),
+    /// Check pool against catalog offline (daemon stopped); exits 1 on any inconsistency
+    Check(serve::CheckArgs),
+    /// Encrypt existing data (a disk, a raw image/block device, an NBD export) into an encrypted disk, or an
+    /// encrypted disk back into a new unencrypted one: sparse, resumable, --verify
+    Migrate(migrate::MigrateArgs),
+    /// Call any JSON-RPC method: sealdisk rpc CreateDisk '{"RegionId":...}'
+    Rpc(RpcArgs),
+    /// A disk's I/O like iostat: r/s w/s rMB/s wMB/s r_await w_await p99s errors (--watch [SECONDS] refreshes)
+    DiskStats(disk_stats::DiskStatsArgs),
+}
+
+/// Where the daemon is, and how to print its answer.
+#[derive(Args)]
+struct Connection {
+    /// daemon socket (default DATA_DIR/sealdisk.sock)
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// daemon data directory (default $SEALDISK_DATA_DIR or /var/lib/sealdisk)
+    #[arg(long = "data-dir", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// print the raw JSON result
+    #[arg(long)]
+    json: bool,
+}
+
+impl Connection {
+    /// `--socket`, else `DATA_DIR/sealdisk.sock`.
+    fn socket_path(&self) -> PathBuf {
+        if let Some(s) = &self.socket {
+            return s.clone();
+        }
+        self.data_dir().join(crate::layout::SOCKET_FILE)
+    }
+
+    /// `--data-dir`, else `$SEALDISK_DATA_DIR`, else `/var/lib/sealdisk`.
+    fn data_dir(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .or_else(|| std::env::var_os("SEALDISK_DATA_DIR").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("/var/lib/sealdisk"))
+    }
+}
+
+/// `--account` and `--region`, which fill AccountId and RegionId.
+#[derive(Args)]
+struct Account {
+    /// AccountId (default $SEALDISK_ACCOUNT)
+    #[arg(long, value_name = "ID")]
+    account: Option<String>,
+    /// RegionId (default $SEALDISK_REGION)
+    #[arg(long, value_name = "ID")]
+    region: Option<String>,
+}
+
+impl Account {
+    /// Sets `AccountId`/`RegionId` from the flags or the environment, unless given.
+    fn fill(&self, params: &mut Map<String, Value>) {
+        let acc = self.account.clone().or_else(|| std::env::var("SEALDISK_ACCOUNT").ok());
+        let reg = self.region.clone().or_else(|| std::env::var("SEALDISK_REGION").ok());
+        if let Some(a) = acc {
+            params.entry("AccountId").or_insert(Value::String(a));
+        }
+        if let Some(r) = reg {
+            params.entry("RegionId").or_insert(Value::String(r));
+        }
+    }
+}
+
+/// The arguments of a method subcommand (`create-disk Size=20 ...`).
+#[derive(Args)]
+struct OpArgs {
+    #[command(flatten)]
+    conn: Connection,
+    #[command(flatten)]
+    account: Account,
+    /// ECS parameters, e.g. Size=20 Encrypted=true DataDisk.1.Size=20; Key:=JSON for raw JSON
+    #[arg(value_name = "Key=Value", num_args = 0..)]
+    params: Vec<String>,
+}
+
+/// `sealdisk rpc METHOD [JSON]`.
+#[derive(Args)]
+struct RpcArgs {
+    #[command(flatten)]
+    conn: Connection,
+    #[arg(value_name = "METHOD")]
+    method: Option<String>,
+    /// params object (default {})
+    #[arg(value_name = "JSON")]
+    params: Option<String>,
+    /// list the methods
+    #[arg(long)]
+    list: bool,
+}
+
+/// The `sealdisk` command: parses the arguments and runs the subcommand.
+pub fn main() -> ExitCode {
+    let mut cmd = Cli::command();
+    for m in METHODS {
+        cmd = cmd.subcommand(method_command(m));
+    }
+    let matches = cmd.get_matches();
+    if let Some((name, sub)) = matches.subcommand() {
+        if let Some(method) = METHODS.iter().find(|x| kebab(x.name) == name) {
+            return op(method, &parsed::<OpArgs>(sub));
+        }
+    }
+    match parsed::<Cli>(&matches).cmd {
+        Cmd::Bench { what } => bench::run(what),
+        Cmd::Serve(a) => serve::serve(&a),
+        Cmd::Check(a) => serve::check(&a),
+        Cmd::Migrate(a) => migrate::run(&a),
+        Cmd::Rpc(a) => rpc(&a),
+        Cmd::DiskStats(a) => disk_stats_cmd(&a),
+    }
+}
+
+/// The subcommand of `method`: its kebab-case name, its help, [`OpArgs`].
+fn method_command(m: &Method) -> Command {
+    let name: &'static str = Box::leak(kebab(m.name).into_boxed_str());
+    OpArgs::augment_args(Command::new(name)).about(m.about)
+}
+
+/// The typed arguments of matches clap has already checked against `T`'s command.
+fn parsed<T: FromArgMatches>(m: &ArgMatches) -> T {
+    T::from_arg_matches(m).unwrap_or_else(|e| e.exit())
+}
+
 /// `CreateDisk` → `create-disk`.
-pub fn kebab(method: &str) -> String {
+pub(crate) fn kebab(method: &str) -> String {
     let mut s = String::new();
     let b = method.as_bytes();
     for (i, c) in method.char_indices() {
@@ -40,146 +200,41 @@ pub fn kebab(method: &str) -> String {
     s.replace("re-init-", "reinit-")
 }
 
-/// `--account` and `--region`, which fill AccountId and RegionId.
-fn account_args(c: Command) -> Command {
-    c.arg(
-        Arg::new("account")
-            .long("account")
-            .value_name("ID")
-            .help("AccountId (default $SEALDISK_ACCOUNT)"),
-    )
-    .arg(
-        Arg::new("region")
-            .long("region")
-            .value_name("ID")
-            .help("RegionId (default $SEALDISK_REGION)"),
-    )
-}
-
-fn connection_args(c: Command) -> Command {
-    c.arg(
-        Arg::new("socket")
-            .long("socket")
-            .value_name("PATH")
-            .value_parser(clap::value_parser!(PathBuf))
-            .help("daemon socket (default DATA_DIR/sealdisk.sock)"),
-    )
-    .arg(
-        Arg::new("data-dir")
-            .long("data-dir")
-            .value_name("DIR")
-            .value_parser(clap::value_parser!(PathBuf))
-            .help("daemon data directory (default $SEALDISK_DATA_DIR or /var/lib/sealdisk)"),
-    )
-    .arg(
-        Arg::new("json")
-            .long("json")
-            .action(ArgAction::SetTrue)
-            .help("print the raw JSON result"),
-    )
-}
-
-/// Adds the control-plane subcommands to the binary's command.
-pub fn augment(mut cmd: Command) -> Command {
-    cmd = cmd
-        .subcommand(serve::serve_command())
-        .subcommand(serve::check_command())
-        .subcommand(account_args(migrate::command()));
-    cmd = cmd.subcommand(
-        connection_args(Command::new("rpc"))
-            .about("Call any JSON-RPC method: sealdisk rpc CreateDisk '{\"RegionId\":...}'")
-            .arg(Arg::new("method").value_name("METHOD"))
-            .arg(Arg::new("params").value_name("JSON").help("params object (default {})"))
-            .arg(
-                Arg::new("list")
-                    .long("list")
-                    .action(ArgAction::SetTrue)
-                    .help("list the methods"),
-            ),
-    );
-    cmd = cmd.subcommand(account_args(connection_args(disk_stats::command(Command::new(
-        "disk-stats",
-    )))));
-    for m in METHODS {
-        let name: &'static str = Box::leak(kebab(m.name).into_boxed_str());
-        cmd = cmd.subcommand(
-            account_args(connection_args(Command::new(name))).about(m.about).arg(
-                Arg::new("params")
-                    .value_name("Key=Value")
-                    .num_args(0..)
-                    .help("ECS parameters, e.g. Size=20 Encrypted=true DataDisk.1.Size=20; Key:=JSON for raw JSON"),
-            ),
-        );
-    }
-    cmd
-}
-
-/// Runs a control-plane subcommand; `None` if `m` is not one of them.
-pub fn dispatch(m: &ArgMatches) -> Option<ExitCode> {
-    let (name, sub) = m.subcommand()?;
-    match name {
-        "serve" => Some(serve::serve(sub)),
-        "check" => Some(serve::check(sub)),
-        "rpc" => Some(rpc(sub)),
-        "disk-stats" => Some(disk_stats_cmd(sub)),
-        "migrate" => Some(migrate::run(sub)),
-        _ => {
-            let method = METHODS.iter().find(|x| kebab(x.name) == name)?;
-            Some(op(method, sub))
-        }
-    }
-}
-
-fn socket_path(m: &ArgMatches) -> PathBuf {
-    if let Some(s) = m.get_one::<PathBuf>("socket") {
-        return s.clone();
-    }
-    data_dir(m).join(crate::layout::SOCKET_FILE)
-}
-
-pub(crate) fn data_dir(m: &ArgMatches) -> PathBuf {
-    m.get_one::<PathBuf>("data-dir")
-        .cloned()
-        .or_else(|| std::env::var_os("SEALDISK_DATA_DIR").map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from("/var/lib/sealdisk"))
-}
-
 fn fail(code: &str, msg: &str, exit: u8) -> ExitCode {
     eprintln!("sealdisk: {code}: {msg}");
     ExitCode::from(exit)
 }
 
 /// Parses `Key=Value` / `Key:=JSON` pairs.
-pub fn parse_params(args: &[String]) -> Result<Map<String, Value>, String> {
+pub(crate) fn parse_params(args: &[String]) -> Result<Map<String, Value>, CliError> {
     let mut out = Map::new();
     for a in args {
         if let Some((k, v)) = a.split_once(":=") {
             if !k.contains('=') {
-                let j: Value = serde_json::from_str(v).map_err(|e| format!("{a}: not JSON after := ({e})"))?;
+                let j: Value =
+                    serde_json::from_str(v).map_err(|source| CliError::NotJson { arg: a.clone(), source })?;
                 out.insert(k.to_owned(), j);
                 continue;
             }
         }
-        let (k, v) = a
-            .split_once('=')
-            .ok_or_else(|| format!("{a}: parameters are Key=Value (e.g. Size=20), or Key:=JSON"))?;
+        let (k, v) = a.split_once('=').ok_or_else(|| CliError::NotKeyValue(a.clone()))?;
         if k.is_empty() {
-            return Err(format!("{a}: empty parameter name"));
+            return Err(CliError::EmptyName(a.clone()));
         }
         out.insert(k.to_owned(), Value::String(v.to_owned()));
     }
     Ok(out)
 }
 
-fn call_and_print(m: &ArgMatches, method: &str, params: Value) -> ExitCode {
-    let mut c = match Client::connect(&socket_path(m)) {
+fn call_and_print(conn: &Connection, method: &str, params: Value) -> ExitCode {
+    let mut c = match Client::connect(&conn.socket_path()) {
         Ok(c) => c,
         Err(e) => return fail(&e.code, &e.message, 2),
     };
     let account = params.get("AccountId").cloned();
     match c.call(method, params).and_then(|v| wait_for_task(&mut c, account, v)) {
         Ok(v) => {
-            if m.get_flag("json") {
+            if conn.json {
                 println!("{}", serde_json::to_string_pretty(&v).expect("json"));
             } else {
                 print!("{}", output::human(method, &v));
@@ -188,7 +243,7 @@ fn call_and_print(m: &ArgMatches, method: &str, params: Value) -> ExitCode {
         }
         Err(e) if e.rpc_code == 0 => fail(&e.code, &e.message, 2),
         Err(e) => {
-            if m.get_flag("json") {
+            if conn.json {
                 let err = serde_json::json!({ "code": e.rpc_code, "message": e.message, "data": e.data });
                 println!("{}", serde_json::to_string_pretty(&err).expect("json"));
             }
@@ -243,69 +298,55 @@ fn wait_for_task(c: &mut Client, account: Option<Value>, v: Value) -> Result<Val
 
 /// The `Key=Value` parameters of a subcommand, with `AccountId`/`RegionId` from
 /// `--account`/`--region` or the environment unless `host` (a host method).
-fn op_params(m: &ArgMatches, host: bool) -> Result<Map<String, Value>, String> {
-    let args: Vec<String> = m.get_many::<String>("params").into_iter().flatten().cloned().collect();
-    let mut params = parse_params(&args)?;
+fn op_params(params: &[String], account: &Account, host: bool) -> Result<Map<String, Value>, CliError> {
+    let mut params = parse_params(params)?;
     if !host {
-        let acc = m
-            .get_one::<String>("account")
-            .cloned()
-            .or_else(|| std::env::var("SEALDISK_ACCOUNT").ok());
-        let reg = m
-            .get_one::<String>("region")
-            .cloned()
-            .or_else(|| std::env::var("SEALDISK_REGION").ok());
-        if let Some(a) = acc {
-            params.entry("AccountId").or_insert(Value::String(a));
-        }
-        if let Some(r) = reg {
-            params.entry("RegionId").or_insert(Value::String(r));
-        }
+        account.fill(&mut params);
     }
     Ok(params)
 }
 
-fn op(method: &Method, m: &ArgMatches) -> ExitCode {
-    match op_params(m, method.host) {
-        Ok(params) => call_and_print(m, method.name, Value::Object(params)),
-        Err(e) => fail("InvalidParameter", &e, 2),
+fn op(method: &Method, a: &OpArgs) -> ExitCode {
+    match op_params(&a.params, &a.account, method.host) {
+        Ok(params) => call_and_print(&a.conn, method.name, Value::Object(params)),
+        Err(e) => fail("InvalidParameter", &e.to_string(), 2),
     }
 }
 
-fn disk_stats_cmd(m: &ArgMatches) -> ExitCode {
-    let params = match op_params(m, false) {
+fn disk_stats_cmd(a: &disk_stats::DiskStatsArgs) -> ExitCode {
+    let params = match op_params(&a.params, &a.account, false) {
         Ok(p) => p,
-        Err(e) => return fail("InvalidParameter", &e, 2),
+        Err(e) => return fail("InvalidParameter", &e.to_string(), 2),
     };
-    let c = match Client::connect(&socket_path(m)) {
+    let c = match Client::connect(&a.conn.socket_path()) {
         Ok(c) => c,
         Err(e) => return fail(&e.code, &e.message, 2),
     };
-    disk_stats::run(m, c, Value::Object(params))
+    disk_stats::run(a, c, Value::Object(params))
 }
 
-fn rpc(m: &ArgMatches) -> ExitCode {
-    if m.get_flag("list") {
+fn rpc(a: &RpcArgs) -> ExitCode {
+    if a.list {
         for x in METHODS {
             println!("{:<28} {}", x.name, x.about);
         }
         return ExitCode::SUCCESS;
     }
-    let Some(method) = m.get_one::<String>("method") else {
+    let Some(method) = &a.method else {
         return fail(
             "MissingParameter.Method",
             "give a METHOD (see `sealdisk rpc --list`)",
             2,
         );
     };
-    let params = match m.get_one::<String>("params") {
+    let params = match &a.params {
         None => Value::Object(Map::new()),
         Some(s) => match serde_json::from_str::<Value>(s) {
             Ok(v) => v,
             Err(e) => return fail("InvalidParameter.Params", &format!("params are not JSON: {e}"), 2),
         },
     };
-    call_and_print(m, method, params)
+    call_and_print(&a.conn, method, params)
 }
 
 #[cfg(test)]

@@ -42,7 +42,7 @@ fn table(rows: &[Value], cols: &[&str]) -> String {
 }
 
 /// Renders `v`, the result of `method`.
-pub fn human(method: &str, v: &Value) -> String {
+pub(super) fn human(method: &str, v: &Value) -> String {
     let list = |outer: &str, inner: &str| v.get(outer).and_then(|o| o.get(inner)).and_then(Value::as_array);
     let t = match method {
         "DescribeDisks" => list("Disks", "Disk").map(|r| {

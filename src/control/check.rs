@@ -127,7 +127,7 @@ fn unreferenced(
 /// it) leaves such a volume (an interrupted MigrateDisk's volumes are named by its
 /// migration row and stay, to be resumed), so this is safe only while no operation runs:
 /// the daemon calls it at start, before it serves anyone.
-pub fn sweep_unreferenced(db: &redb::Database, pool: &Pool) -> Result<Vec<String>, ControlError> {
+pub(crate) fn sweep_unreferenced(db: &redb::Database, pool: &Pool) -> Result<Vec<String>, ControlError> {
     let r = db.begin_read().map_err(|e| ControlError::Catalog(catalog::db_err(e)))?;
     let disks: Vec<DiskRecord> = catalog::list_r(&r)?;
     let snaps: Vec<SnapshotRecord> = catalog::list_r(&r)?;
@@ -150,26 +150,35 @@ pub fn sweep_unreferenced(db: &redb::Database, pool: &Pool) -> Result<Vec<String
 
 /// `sealdisk check`: opens the catalog and pool of a data directory (the daemon must be
 /// stopped) and checks them.
-pub fn check_data_dir(data_dir: &Path, pool_path: Option<&Path>) -> Result<Report, String> {
+/// Why `sealdisk check` could not check a data directory.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CheckError {
+    #[error("{} does not exist: not a sealdisk data directory", .0.display())]
+    NotDataDir(std::path::PathBuf),
+    #[error("pool {} does not exist (pass --pool PATH)", .0.display())]
+    NoPool(std::path::PathBuf),
+    #[error(transparent)]
+    Catalog(#[from] crate::catalog::CatalogError),
+    #[error(transparent)]
+    Volume(#[from] crate::volume::VolumeError),
+    #[error(transparent)]
+    Control(#[from] ControlError),
+}
+
+pub(crate) fn check_data_dir(data_dir: &Path, pool_path: Option<&Path>) -> Result<Report, CheckError> {
     let cat = data_dir.join(catalog::CATALOG_FILE);
     if !cat.exists() {
-        return Err(format!(
-            "{} does not exist: not a sealdisk data directory",
-            cat.display()
-        ));
+        return Err(CheckError::NotDataDir(cat));
     }
-    let db = catalog::open(&cat).map_err(|e| e.to_string())?;
+    let db = catalog::open(&cat)?;
     let pool_path = pool_path
         .map(Path::to_path_buf)
         .unwrap_or_else(|| data_dir.join(crate::layout::POOL_FILE));
     if !pool_path.exists() {
-        return Err(format!(
-            "pool {} does not exist (pass --pool PATH)",
-            pool_path.display()
-        ));
+        return Err(CheckError::NoPool(pool_path));
     }
-    let pool = Pool::open(db.clone(), &pool_path, 0).map_err(|e| e.to_string())?;
-    check(&db, &pool).map_err(|e| e.to_string())
+    let pool = Pool::open(db.clone(), &pool_path, 0)?;
+    Ok(check(&db, &pool)?)
 }
 
 impl Control {

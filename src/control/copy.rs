@@ -302,7 +302,8 @@ impl Control {
         } = job;
         let finished = (|| {
             let dst: BdevRef = Arc::new(
-                CryptoBdev::new(self.pool.bdev(&disk_id)?, xts, ENCRYPTION_SECTOR).map_err(ControlError::DataPath)?,
+                CryptoBdev::new(self.pool.bdev(&disk_id)?, xts, ENCRYPTION_SECTOR)
+                    .map_err(|e| ControlError::DataPath(e.to_string()))?,
             );
             let stats = match &source {
                 Source::Disk { tmp, .. } => {

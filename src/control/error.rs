@@ -8,14 +8,13 @@ use crate::kms::KmsError;
 use crate::volume::VolumeError;
 
 /// JSON-RPC 2.0 error codes.
-pub mod rpc_code {
-    pub const PARSE_ERROR: i64 = -32700;
-    pub const INVALID_REQUEST: i64 = -32600;
-    pub const METHOD_NOT_FOUND: i64 = -32601;
-    pub const INVALID_PARAMS: i64 = -32602;
-    pub const INTERNAL_ERROR: i64 = -32603;
+pub(crate) mod rpc_code {
+    pub(crate) const PARSE_ERROR: i64 = -32700;
+    pub(crate) const INVALID_REQUEST: i64 = -32600;
+    pub(crate) const METHOD_NOT_FOUND: i64 = -32601;
+    pub(crate) const INVALID_PARAMS: i64 = -32602;
     /// Application errors (limits, state, not found, KMS, pool).
-    pub const OPERATION_FAILED: i64 = -32000;
+    pub(crate) const OPERATION_FAILED: i64 = -32000;
 }
 
 /// Why an operation was refused or failed. Every variant has a stable code.

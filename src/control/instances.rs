@@ -126,7 +126,7 @@ impl Control {
         for (d, keys) in disks {
             match self
                 .build_export(&d, keys.key, None)
-                .and_then(|e| self.exports.add(e).map_err(ControlError::DataPath))
+                .and_then(|e| self.exports.add(e).map_err(|e| ControlError::DataPath(e.to_string())))
             {
                 Ok(()) => {
                     self.instance_add(&instance_id, &d.id);

@@ -57,7 +57,7 @@ pub(super) fn run_job(reactors: &Reactors, bdev: &BdevRef, ops: Vec<Op>, data: V
                 done: Vec::new(),
             }))
         })
-        .map_err(JobError::Other)?;
+        .map_err(|e| JobError::Other(e.to_string()))?;
     match rx.recv_timeout(JOB_TIMEOUT) {
         Ok(r) => r,
         Err(_) => {

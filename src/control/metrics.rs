@@ -19,11 +19,10 @@ use crate::reactor::Reactors;
 
 /// The metric types of the exposition format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub(crate) enum Kind {
     Counter,
     Gauge,
     Histogram,
-    Summary,
 }
 
 impl Kind {
@@ -32,7 +31,6 @@ impl Kind {
             Kind::Counter => "counter",
             Kind::Gauge => "gauge",
             Kind::Histogram => "histogram",
-            Kind::Summary => "summary",
         }
     }
 }
@@ -40,7 +38,7 @@ impl Kind {
 /// One line: the family's name plus `suffix` (`_bucket`, `_sum`, `_count` for
 /// histograms and summaries, else empty), labels and value.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Sample {
+pub(crate) struct Sample {
     pub suffix: &'static str,
     pub labels: Vec<(String, String)>,
     pub value: f64,
@@ -48,7 +46,7 @@ pub struct Sample {
 
 /// A metric family: `# HELP`, `# TYPE` and its samples. Counter names end in `_total`.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Family {
+pub(crate) struct Family {
     pub name: String,
     pub help: String,
     pub kind: Kind,
@@ -56,7 +54,7 @@ pub struct Family {
 }
 
 impl Family {
-    pub fn new(name: &str, kind: Kind, help: &str) -> Family {
+    pub(crate) fn new(name: &str, kind: Kind, help: &str) -> Family {
         debug_assert!(valid_name(name), "metric name {name:?}");
         debug_assert!(
             kind != Kind::Counter || name.ends_with("_total"),
@@ -71,11 +69,11 @@ impl Family {
     }
 
     /// Adds a sample with `labels`.
-    pub fn push(&mut self, labels: &[(&str, &str)], value: f64) {
+    pub(crate) fn push(&mut self, labels: &[(&str, &str)], value: f64) {
         self.push_suffix("", labels, value);
     }
 
-    pub fn push_suffix(&mut self, suffix: &'static str, labels: &[(&str, &str)], value: f64) {
+    pub(crate) fn push_suffix(&mut self, suffix: &'static str, labels: &[(&str, &str)], value: f64) {
         self.samples.push(Sample {
             suffix,
             labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
@@ -85,7 +83,7 @@ impl Family {
 }
 
 /// `[a-zA-Z_:][a-zA-Z0-9_:]*`
-pub fn valid_name(n: &str) -> bool {
+pub(crate) fn valid_name(n: &str) -> bool {
     let mut c = n.chars();
     c.next()
         .is_some_and(|f| f.is_ascii_alphabetic() || f == '_' || f == ':')
@@ -127,7 +125,7 @@ fn value(v: f64, out: &mut String) {
 
 /// The exposition text of `families`; families of the same name are merged (one
 /// `# HELP`/`# TYPE`, the first one's).
-pub fn render(families: &[Family]) -> String {
+pub(crate) fn render(families: &[Family]) -> String {
     let mut order: Vec<&str> = Vec::new();
     for f in families {
         if !order.contains(&f.name.as_str()) {
@@ -166,18 +164,18 @@ pub fn render(families: &[Family]) -> String {
 }
 
 /// Something that adds metric families to a scrape.
-pub type Source = Box<dyn Fn(&mut Vec<Family>) + Send + Sync>;
+pub(crate) type Source = Box<dyn Fn(&mut Vec<Family>) + Send + Sync>;
 
 /// The sources of the metrics endpoint.
 #[derive(Default)]
-pub struct Registry {
+pub(crate) struct Registry {
     sources: RwLock<Vec<Source>>,
 }
 
 impl Registry {
     /// Adds a source: `f` appends its families on every scrape. This is the hook for
     /// counters kept elsewhere in the daemon (the metadata thread's, the KMS's).
-    pub fn add_source(&self, f: impl Fn(&mut Vec<Family>) + Send + Sync + 'static) {
+    pub(crate) fn add_source(&self, f: impl Fn(&mut Vec<Family>) + Send + Sync + 'static) {
         self.sources
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -185,7 +183,7 @@ impl Registry {
     }
 
     /// Every source's families, in the order the sources were added.
-    pub fn gather(&self) -> Vec<Family> {
+    pub(crate) fn gather(&self) -> Vec<Family> {
         let mut v = Vec::new();
         for s in self.sources.read().unwrap_or_else(|p| p.into_inner()).iter() {
             s(&mut v);
@@ -194,7 +192,7 @@ impl Registry {
     }
 
     /// The exposition text of a scrape.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         render(&self.gather())
     }
 }
@@ -207,7 +205,7 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 
 /// Per-disk families from the statistics of every attached disk (label `disk`, and
 /// `op` = read, write, flush, discard).
-pub fn disk_families(exports: &Exports, out: &mut Vec<Family>) {
+pub(crate) fn disk_families(exports: &Exports, out: &mut Vec<Family>) {
     let disks: Vec<(String, IoStats)> = exports
         .names()
         .into_iter()
@@ -291,7 +289,7 @@ pub fn disk_families(exports: &Exports, out: &mut Vec<Family>) {
 }
 
 /// The reactors' counters (`src/reactor/stats.rs`), labelled `reactor` and `core`.
-pub fn reactor_families(reactors: &Reactors, out: &mut Vec<Family>) {
+pub(crate) fn reactor_families(reactors: &Reactors, out: &mut Vec<Family>) {
     let mut busy = Family::new(
         "sealdisk_reactor_busy_seconds_total",
         Kind::Counter,
@@ -396,7 +394,7 @@ fn push_histogram(f: &mut Family, labels: &[(&str, &str)], h: &HistogramSnapshot
 
 /// The slow path: the pool's metadata thread (where first writes, copy-on-write and
 /// durability happen) and the KMS, per backend.
-pub fn slow_path_families(s: &SlowPathSnapshot, out: &mut Vec<Family>) {
+pub(crate) fn slow_path_families(s: &SlowPathSnapshot, out: &mut Vec<Family>) {
     let m = &s.metadata_thread;
     let mut depth = Family::new(
         "sealdisk_metadata_queue_depth",

@@ -22,15 +22,15 @@ use std::time::Duration;
 use super::metrics::Registry;
 
 /// Largest request head read.
-pub const MAX_REQUEST: usize = 8 << 10;
+pub(crate) const MAX_REQUEST: usize = 8 << 10;
 /// Time a client has to send its request head.
-pub const READ_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const READ_TIMEOUT: Duration = Duration::from_secs(2);
 /// Content type of the exposition format.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub(crate) const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Where the endpoint listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MetricsAddr {
+pub(crate) enum MetricsAddr {
     /// A loopback TCP address.
     Tcp(SocketAddr),
     /// A unix socket path (absolute).
@@ -46,27 +46,34 @@ impl fmt::Display for MetricsAddr {
     }
 }
 
+/// A `--metrics` address the endpoint refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum MetricsAddrError {
+    #[error("--metrics {0}: a unix socket must be an absolute path (unix:/run/sealdisk/metrics.sock)")]
+    RelativePath(String),
+    #[error("--metrics {0}: give a loopback address 127.0.0.1:PORT, or a unix socket unix:/PATH")]
+    Unparsable(String),
+    #[error(
+        "--metrics {0}: not a loopback address; the metrics endpoint has no authentication, so it listens on \
+         127.0.0.1:PORT, [::1]:PORT or a unix socket (unix:/PATH) only"
+    )]
+    NotLoopback(String),
+}
+
 impl MetricsAddr {
     /// `127.0.0.1:PORT` (or `[::1]:PORT`), `unix:/path`, or an absolute path. Any other
     /// TCP address is refused: the endpoint has no authentication.
-    pub fn parse(s: &str) -> Result<MetricsAddr, String> {
+    pub(crate) fn parse(s: &str) -> Result<MetricsAddr, MetricsAddrError> {
         let path = s.strip_prefix("unix:").or_else(|| s.starts_with('/').then_some(s));
         if let Some(p) = path {
             if !p.starts_with('/') {
-                return Err(format!(
-                    "--metrics {s}: a unix socket must be an absolute path (unix:/run/sealdisk/metrics.sock)"
-                ));
+                return Err(MetricsAddrError::RelativePath(s.to_owned()));
             }
             return Ok(MetricsAddr::Unix(PathBuf::from(p)));
         }
-        let a: SocketAddr = s.parse().map_err(|_| {
-            format!("--metrics {s}: give a loopback address 127.0.0.1:PORT, or a unix socket unix:/PATH")
-        })?;
+        let a: SocketAddr = s.parse().map_err(|_| MetricsAddrError::Unparsable(s.to_owned()))?;
         if !a.ip().is_loopback() {
-            return Err(format!(
-                "--metrics {s}: not a loopback address; the metrics endpoint has no authentication, so it \
-                 listens on 127.0.0.1:PORT, [::1]:PORT or a unix socket (unix:/PATH) only"
-            ));
+            return Err(MetricsAddrError::NotLoopback(s.to_owned()));
         }
         Ok(MetricsAddr::Tcp(a))
     }
@@ -78,7 +85,7 @@ enum Listener {
 }
 
 /// The running endpoint; stops on drop.
-pub struct MetricsServer {
+pub(crate) struct MetricsServer {
     addr: MetricsAddr,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -86,7 +93,7 @@ pub struct MetricsServer {
 
 impl MetricsServer {
     /// Binds `addr` and serves `registry` on a thread of its own.
-    pub fn start(addr: &MetricsAddr, registry: Arc<Registry>) -> io::Result<MetricsServer> {
+    pub(crate) fn start(addr: &MetricsAddr, registry: Arc<Registry>) -> io::Result<MetricsServer> {
         let (listener, bound) = match addr {
             MetricsAddr::Tcp(a) => {
                 let l = TcpListener::bind(a).map_err(|e| io::Error::new(e.kind(), format!("{a}: {e}")))?;
@@ -115,7 +122,7 @@ impl MetricsServer {
     }
 
     /// The address it listens on (with the port the kernel chose for port 0).
-    pub fn addr(&self) -> &MetricsAddr {
+    pub(crate) fn addr(&self) -> &MetricsAddr {
         &self.addr
     }
 }
@@ -171,14 +178,14 @@ impl<T: Read + Write> ReadWrite for T {}
 
 /// What a request head asks for.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Request {
+pub(crate) enum Request {
     Metrics,
     NotFound,
     Bad(&'static str),
 }
 
 /// Reads a request head from `r`: up to the blank line, at most [`MAX_REQUEST`] bytes.
-pub fn read_head(r: &mut dyn Read) -> io::Result<Result<Vec<u8>, &'static str>> {
+pub(crate) fn read_head(r: &mut dyn Read) -> io::Result<Result<Vec<u8>, &'static str>> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     loop {
@@ -198,7 +205,7 @@ pub fn read_head(r: &mut dyn Read) -> io::Result<Result<Vec<u8>, &'static str>> 
 }
 
 /// Classifies a request head.
-pub fn route(head: &[u8]) -> Request {
+pub(crate) fn route(head: &[u8]) -> Request {
     let Ok(text) = std::str::from_utf8(head) else {
         return Request::Bad("request head is not UTF-8");
     };
@@ -274,11 +281,12 @@ mod tests {
             "9100",
             "",
         ] {
-            let e = MetricsAddr::parse(bad).expect_err(bad);
+            let e = MetricsAddr::parse(bad).expect_err(bad).to_string();
             assert!(e.contains("--metrics"), "{e}");
         }
         assert!(MetricsAddr::parse("0.0.0.0:9100")
             .unwrap_err()
+            .to_string()
             .contains("not a loopback address"));
     }
 

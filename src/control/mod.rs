@@ -16,65 +16,71 @@
 //! * Nothing here ever returns or stores key material: data keys exist in plaintext only
 //!   inside the KMS's `DataKey` and the data path's `Xts`.
 //!
-//! Files: `params` (reading ECS parameters), `disks`, `snapshots`, `images`,
-//! `instances`, `kms_ops`, `attach` (the data path), `copy` (CreateEncryptedCopy), `migrate` (MigrateDisk) and its
-//! `nbd_client`, `view` (ECS-shaped replies),
-//! `check` (pool vs catalog), `rpc` (JSON-RPC framing), `server`/`client` (unix socket),
-//! `monitor` (per-disk I/O samples, DescribeDiskMonitorData), `metrics` and `metrics_http`
-//! (Prometheus exposition on `serve --metrics`).
+//! `impl Control` by object, one module each: `disks` (and `disks::attach`, the data
+//! path), `snapshots`, `images`, `instances`, `kms_ops`, `tasks`, `copy`
+//! (CreateEncryptedCopy), `migrate` (MigrateDisk, with its `nbd_client`), `monitor`
+//! (DescribeDiskMonitorData and the sampler), `reactors` (DescribeReactors), `check`
+//! (CheckPool: pool vs catalog). What they share is explicit: `shared` (transactions,
+//! KMS metering and crypto-shred audits, lineage keys, lookups with the account check),
+//! `locks` (per-object operation locks), `params` (reading ECS parameters), `view`
+//! (ECS-shaped replies), `job` (I/O jobs on the reactors), `util` (ids, times), `error`.
+//! Around them: the method table below ([`METHODS`]), `rpc` (JSON-RPC framing),
+//! `server`/`client` (unix socket), `metrics` and `metrics_http` (Prometheus exposition on
+//! `serve --metrics`).
 
 #![forbid(unsafe_code)]
 
-mod attach;
-pub mod check;
-pub mod client;
+pub(crate) mod check;
+pub(crate) mod client;
 mod copy;
 mod disks;
-pub mod error;
+pub(crate) mod error;
 mod images;
 mod instances;
 mod job;
 mod kms_ops;
-pub mod metrics;
-pub mod metrics_http;
+mod locks;
+pub(crate) mod metrics;
+pub(crate) mod metrics_http;
 mod migrate;
-pub mod monitor;
-pub mod nbd_client;
-pub mod params;
-pub mod qos;
+pub(crate) mod monitor;
+pub(crate) mod nbd_client;
+pub(crate) mod params;
+pub(crate) mod qos;
 mod reactors;
-pub mod rpc;
-pub mod server;
+pub(crate) mod rpc;
+pub(crate) mod server;
+mod shared;
 mod snapshots;
 mod tasks;
-pub mod util;
+pub(crate) mod util;
 mod view;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use redb::{Database, WriteTransaction};
+use redb::Database;
 use serde_json::Value;
 
-use crate::catalog::{self, DiskRecord, Encryption, ImageRecord, InstanceRecord, KeyRecord, SnapshotRecord};
 use crate::export::Exports;
-use crate::kms::{CallOpts, KeyContext, Kms, KmsError, Reservation};
+use crate::kms::Kms;
 use crate::reactor::Reactors;
 use crate::volume::Pool;
 
 use crate::frontend::vhost::{VhostConfig, VhostServer};
 pub use error::ControlError;
+use locks::{ObjectLocks, LOCK_PARAMS};
 pub use params::Params;
-pub use qos::{CategoryQos, QosConfig};
-pub use reactors::SlowPathSnapshot;
+pub use qos::QosConfig;
+use shared::same_region;
 
 /// Encryption sector of encrypted disks (plain64 tweak = byte offset / 4096).
-pub const ENCRYPTION_SECTOR: u32 = 4096;
+pub(crate) const ENCRYPTION_SECTOR: u32 = 4096;
 
 /// Every JSON-RPC method, in the order `rpc --list` shows them.
 /// One JSON-RPC method. This table is the one list of them: the server dispatches
 /// through it, and the CLI makes its subcommands and help from it.
-pub struct Method {
+pub(crate) struct Method {
     /// The ECS action name (`CreateDisk`).
     pub name: &'static str,
     /// What it does, for the CLI's help.
@@ -88,7 +94,7 @@ pub struct Method {
 }
 
 /// Every method, in the order `sealdisk rpc --list` shows them.
-pub static METHODS: &[Method] = &[
+pub(crate) static METHODS: &[Method] = &[
     Method {
         name: "ActivateKms",
         about: "Activate (authorise) KMS for an account in a region",
@@ -316,7 +322,7 @@ pub static METHODS: &[Method] = &[
 ];
 
 /// The method called `name`.
-pub fn method(name: &str) -> Option<&'static Method> {
+pub(crate) fn method(name: &str) -> Option<&'static Method> {
     METHODS.iter().find(|m| m.name == name)
 }
 
@@ -346,53 +352,6 @@ impl ControlConfig {
             import_devices: false,
             vmm_gid: None,
         }
-    }
-}
-
-/// Parameters that name an existing object an operation works on: operations naming
-/// the same object run one after the other.
-const LOCK_PARAMS: &[&str] = &[
-    "DiskId",
-    "InstanceId",
-    "SnapshotId",
-    "ImageId",
-    "SourceDiskId",
-    "TargetDiskId",
-];
-
-/// Objects some operation is working on.
-#[derive(Default)]
-struct ObjectLocks {
-    held: Mutex<std::collections::HashSet<String>>,
-    freed: std::sync::Condvar,
-}
-
-/// The objects of one operation, released on drop.
-struct ObjectGuard<'a> {
-    locks: &'a ObjectLocks,
-    ids: Vec<String>,
-}
-
-impl ObjectLocks {
-    /// Waits until none of `ids` is held, then holds them all (all at once: no order,
-    /// no deadlock).
-    fn lock(&self, ids: Vec<String>) -> ObjectGuard<'_> {
-        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        while ids.iter().any(|i| held.contains(i)) {
-            held = self.freed.wait(held).unwrap_or_else(|p| p.into_inner());
-        }
-        held.extend(ids.iter().cloned());
-        ObjectGuard { locks: self, ids }
-    }
-}
-
-impl Drop for ObjectGuard<'_> {
-    fn drop(&mut self) {
-        let mut held = self.locks.held.lock().unwrap_or_else(|p| p.into_inner());
-        for i in &self.ids {
-            held.remove(i);
-        }
-        self.locks.freed.notify_all();
     }
 }
 
@@ -492,184 +451,6 @@ impl Control {
             m.insert("RequestId".into(), Value::String(request_id.to_owned()));
         }
         Ok(v)
-    }
-
-    fn begin(&self) -> Result<WriteTransaction, ControlError> {
-        Ok(self.db.begin_write()?)
-    }
-
-    /// Runs the checks `f` in a write transaction that is dropped (aborted) when it
-    /// returns, so slow work that depends on them (KMS calls, audit fsyncs) runs after,
-    /// with the catalog writer free for the data path. Operations on the same objects run
-    /// one after the other (object locks), but others may commit in between, so the
-    /// transaction that writes runs the same checks again.
-    fn peek<T>(&self, f: impl FnOnce(&WriteTransaction) -> Result<T, ControlError>) -> Result<T, ControlError> {
-        let txn = self.begin()?;
-        f(&txn)
-    }
-
-    /// One metered KMS use of an encrypted disk's service key (attaching a shared disk,
-    /// detaching, resetting), from `res` or a reservation of its own. Never inside a
-    /// write transaction. A no-op for unencrypted disks.
-    fn meter_use(&self, d: &DiskRecord, res: Option<&Reservation>) -> Result<(), ControlError> {
-        if d.encryption.is_none() {
-            return Ok(());
-        }
-        let own;
-        let r = match res {
-            Some(r) => r,
-            None => {
-                own = self.kms_reserve(&d.account, &d.region, 1)?;
-                &own
-            }
-        };
-        self.kms
-            .ensure_service_key(&d.account, &d.region, CallOpts::disk(&d.id).reserved(r))?;
-        Ok(())
-    }
-
-    /// If dropping one holder of `enc` will remove its wrapped key (crypto-shred), the
-    /// key's context, to audit before the transaction that removes it.
-    fn would_shred(&self, txn: &WriteTransaction, enc: &Encryption) -> Result<Option<KeyContext>, ControlError> {
-        let k = self.key_record(txn, enc)?;
-        Ok((k.refs <= 1).then(|| KeyContext::new(&k.account, &k.region, &k.key_id)))
-    }
-
-    /// Audits a coming crypto-shred through the KMS (outside any write transaction);
-    /// if the audit fails, the operation stops and nothing changes.
-    fn audit_shred(&self, ctx: Option<&KeyContext>, holder: &str) -> Result<(), ControlError> {
-        if let Some(ctx) = ctx {
-            self.kms.audit_crypto_shred(ctx, Some(holder))?;
-        }
-        Ok(())
-    }
-
-    /// KMS activated for (account, region)? Else `Kms.NotActivated`; then reserve `units`.
-    fn kms_reserve(&self, account: &str, region: &str, units: u32) -> Result<Reservation, ControlError> {
-        if !self.kms.is_activated(account, region) {
-            return Err(ControlError::Kms(KmsError::NotActivated {
-                account: account.to_owned(),
-                region: region.to_owned(),
-            }));
-        }
-        Ok(self.kms.reserve(account, region, units)?)
-    }
-
-    /// The key row of an encrypted object (missing = catalog corruption).
-    fn key_record(&self, txn: &WriteTransaction, enc: &Encryption) -> Result<KeyRecord, ControlError> {
-        catalog::get::<KeyRecord>(txn, &enc.key_id)?.ok_or_else(|| {
-            ControlError::Catalog(catalog::CatalogError::Corrupt(format!(
-                "wrapped key {} is missing; run `sealdisk check`",
-                enc.key_id
-            )))
-        })
-    }
-
-    /// One more holder of a lineage key.
-    fn key_ref(&self, txn: &WriteTransaction, enc: &Encryption) -> Result<(), ControlError> {
-        let mut k = self.key_record(txn, enc)?;
-        k.refs += 1;
-        catalog::put(txn, &k)?;
-        Ok(())
-    }
-
-    /// One holder fewer; the last one removes the wrapped key (crypto-shred). The caller
-    /// audited the shred before this transaction ([`Control::would_shred`],
-    /// [`Control::audit_shred`]); `audited` says whether it did, and a shred that was not
-    /// audited is refused (nothing changes).
-    fn key_unref(&self, txn: &WriteTransaction, enc: &Encryption, audited: bool) -> Result<bool, ControlError> {
-        let mut k = self.key_record(txn, enc)?;
-        k.refs = k.refs.saturating_sub(1);
-        if k.refs == 0 {
-            if !audited {
-                // Another holder of the lineage went meanwhile (an operation on another
-                // object of the same lineage): the shred was not audited, so refuse.
-                return Err(ControlError::state(
-                    "OperationConflict",
-                    format!(
-                        "key {} lost another holder while this operation ran; try again",
-                        k.key_id
-                    ),
-                ));
-            }
-            catalog::remove::<KeyRecord>(txn, &k.key_id)?;
-            Ok(true)
-        } else {
-            catalog::put(txn, &k)?;
-            Ok(false)
-        }
-    }
-
-    fn find_disk(&self, txn: &WriteTransaction, id: &str, account: &str) -> Result<DiskRecord, ControlError> {
-        find_owned(txn, id, "InvalidDiskId.NotFound", "disk", |d: &DiskRecord| {
-            d.account == account
-        })
-    }
-
-    fn find_snapshot(&self, txn: &WriteTransaction, id: &str, account: &str) -> Result<SnapshotRecord, ControlError> {
-        find_owned(
-            txn,
-            id,
-            "InvalidSnapshotId.NotFound",
-            "snapshot",
-            |s: &SnapshotRecord| s.account == account,
-        )
-    }
-
-    /// An image the account owns, or (with `shared_ok`) one shared with it.
-    fn find_image(
-        &self,
-        txn: &WriteTransaction,
-        id: &str,
-        account: &str,
-        shared_ok: bool,
-    ) -> Result<ImageRecord, ControlError> {
-        find_owned(txn, id, "InvalidImageId.NotFound", "image", |m: &ImageRecord| {
-            m.account == account || (shared_ok && m.shared_with.iter().any(|a| a == account))
-        })
-    }
-
-    fn find_instance(&self, txn: &WriteTransaction, id: &str, account: &str) -> Result<InstanceRecord, ControlError> {
-        find_owned(
-            txn,
-            id,
-            "InvalidInstanceId.NotFound",
-            "instance",
-            |i: &InstanceRecord| i.account == account,
-        )
-    }
-}
-
-/// The catalog row `id`: `not_found` if there is none, `CrossAccount` if
-/// `visible` says the caller may not use it.
-fn find_owned<R: catalog::Record>(
-    txn: &WriteTransaction,
-    id: &str,
-    not_found: &'static str,
-    what: &'static str,
-    visible: impl Fn(&R) -> bool,
-) -> Result<R, ControlError> {
-    let r = catalog::get::<R>(txn, id)?.ok_or_else(|| ControlError::NotFound {
-        code: not_found,
-        id: id.to_owned(),
-    })?;
-    if !visible(&r) {
-        return Err(ControlError::CrossAccount {
-            what,
-            id: id.to_owned(),
-        });
-    }
-    Ok(r)
-}
-
-/// An object in another region than the one the caller named is not found there.
-fn same_region(region: Option<&str>, obj_region: &str, code: &'static str, id: &str) -> Result<(), ControlError> {
-    match region {
-        Some(r) if r != obj_region => Err(ControlError::NotFound {
-            code,
-            id: id.to_owned(),
-        }),
-        _ => Ok(()),
     }
 }
 

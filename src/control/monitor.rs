@@ -38,13 +38,13 @@ use crate::catalog::{self, DiskRecord};
 use crate::export::Exports;
 
 /// Seconds each sample covers: every `Period` is a multiple of it.
-pub const BASE_PERIOD: u64 = 1;
+pub(crate) const BASE_PERIOD: u64 = 1;
 /// Seconds of samples kept per disk.
-pub const WINDOW: u64 = 3600;
+pub(crate) const WINDOW: u64 = 3600;
 /// Most datapoints one query may ask for (ECS: `InvalidParameter.TooManyDataQueried`).
-pub const MAX_DATAPOINTS: u64 = 400;
+pub(crate) const MAX_DATAPOINTS: u64 = 400;
 /// `Period` when none is given (ECS's default).
-pub const DEFAULT_PERIOD: u64 = 60;
+pub(crate) const DEFAULT_PERIOD: u64 = 60;
 
 /// One direction in one sample.
 #[derive(Default)]
@@ -302,7 +302,7 @@ fn attached(exports: &Exports) -> Vec<(String, Arc<DiskStats>)> {
 
 /// Starts the thread that samples every attached disk of `exports` into `monitor`
 /// each base period, on whole seconds of the wall clock.
-pub fn start_sampler(monitor: Arc<Monitor>, exports: Arc<Exports>) -> std::io::Result<Sampler> {
+pub(crate) fn start_sampler(monitor: Arc<Monitor>, exports: Arc<Exports>) -> std::io::Result<Sampler> {
     let stop = Arc::new((Mutex::new(false), Condvar::new()));
     let s2 = stop.clone();
     let thread = std::thread::Builder::new()
@@ -333,7 +333,12 @@ pub fn start_sampler(monitor: Arc<Monitor>, exports: Arc<Exports>) -> std::io::R
 }
 
 /// `Period`, `StartTime` and `EndTime` of a query, checked: (start, end, period).
-pub fn check_query(start: &str, end: &str, period: Option<u64>, now: u64) -> Result<(u64, u64, u64), ControlError> {
+pub(crate) fn check_query(
+    start: &str,
+    end: &str,
+    period: Option<u64>,
+    now: u64,
+) -> Result<(u64, u64, u64), ControlError> {
     let s = parse_rfc3339(start)
         .map_err(|e| ControlError::param("InvalidStartTime.Malformed", format!("StartTime: {e}")))?;
     let e = parse_rfc3339(end).map_err(|e| ControlError::param("InvalidEndTime.Malformed", format!("EndTime: {e}")))?;
@@ -341,7 +346,13 @@ pub fn check_query(start: &str, end: &str, period: Option<u64>, now: u64) -> Res
 }
 
 /// The checks of a query in seconds, with base period `base`.
-pub fn check_range(s: u64, e: u64, period: Option<u64>, now: u64, base: u64) -> Result<(u64, u64, u64), ControlError> {
+pub(crate) fn check_range(
+    s: u64,
+    e: u64,
+    period: Option<u64>,
+    now: u64,
+    base: u64,
+) -> Result<(u64, u64, u64), ControlError> {
     if e < s {
         return Err(ControlError::param(
             "InvalidEndTime.BeforeStartTime",

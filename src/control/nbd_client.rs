@@ -324,6 +324,7 @@ impl NbdClient {
     }
 
     /// Whether the server answers `base:allocation` block status.
+    #[cfg(test)]
     pub fn has_block_status(&self) -> bool {
         self.alloc_ctx.is_some()
     }

@@ -13,9 +13,9 @@ use serde_json::{Map, Value};
 use super::error::ControlError;
 
 /// Largest ECS disk size in GiB.
-pub const MAX_SIZE_GIB: u64 = 32768;
+pub(crate) const MAX_SIZE_GIB: u64 = 32768;
 /// Size granularity of `SizeBytes`.
-pub const SIZE_ALIGN: u64 = 4096;
+pub(crate) const SIZE_ALIGN: u64 = 4096;
 
 pub struct Params {
     prefix: String,
@@ -317,7 +317,7 @@ impl Params {
 }
 
 /// Account id rule: 1–64 of `[A-Za-z0-9_]`.
-pub fn check_account(a: &str) -> Result<(), ControlError> {
+pub(crate) fn check_account(a: &str) -> Result<(), ControlError> {
     if a.is_empty() || a.len() > 64 || !a.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
         return Err(ControlError::param(
             "InvalidAccountId.Malformed",
@@ -328,7 +328,7 @@ pub fn check_account(a: &str) -> Result<(), ControlError> {
 }
 
 /// Region id rule: 1–64 of `[A-Za-z0-9-]`.
-pub fn check_region(r: &str, name: &str) -> Result<(), ControlError> {
+pub(crate) fn check_region(r: &str, name: &str) -> Result<(), ControlError> {
     if r.is_empty() || r.len() > 64 || !r.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
         return Err(ControlError::param(
             "InvalidRegionId.Malformed",
@@ -339,7 +339,7 @@ pub fn check_region(r: &str, name: &str) -> Result<(), ControlError> {
 }
 
 /// A name or description: at most 256 printable characters.
-pub fn check_text(name: &str, v: &str) -> Result<(), ControlError> {
+pub(crate) fn check_text(name: &str, v: &str) -> Result<(), ControlError> {
     if v.chars().count() > 256 || v.chars().any(char::is_control) {
         return Err(ControlError::param(
             format!("InvalidParameter.{name}"),

@@ -50,7 +50,7 @@ pub struct LogLine {
 
 /// Writes `l` to the daemon's log: one line per RPC, `info` when it succeeded,
 /// `warn` when it failed (with the error message).
-pub fn log_line(l: &LogLine) {
+pub(crate) fn log_line(l: &LogLine) {
     let caller = crate::logging::caller_field(l.caller);
     // The method is the client's string: at most 64 characters of it (a known
     // method is shorter).
@@ -94,7 +94,7 @@ fn response_err(id: Value, err: Value) -> Value {
 }
 
 /// The error object of a [`ControlError`].
-pub fn control_error(e: &ControlError) -> Value {
+pub(crate) fn control_error(e: &ControlError) -> Value {
     error_obj(e.rpc_code(), &e.to_string(), e.code(), e.retry_after_ms())
 }
 

@@ -14,13 +14,13 @@ use std::time::Duration;
 use super::rpc::{handle_line, Handler, LogLine};
 
 /// Longest request line accepted.
-pub const MAX_LINE: usize = 1 << 20;
+pub(crate) const MAX_LINE: usize = 1 << 20;
 /// Concurrent connections.
-pub const MAX_CONNECTIONS: usize = 64;
+pub(crate) const MAX_CONNECTIONS: usize = 64;
 
 /// A running server; [`RpcServer::stop`] (or drop) stops accepting and closes the
 /// connections.
-pub struct RpcServer {
+pub(crate) struct RpcServer {
     path: PathBuf,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -65,7 +65,7 @@ fn bind(path: &Path, group: Option<u32>) -> std::io::Result<UnixListener> {
 impl RpcServer {
     /// Starts serving `handler` on `path` (mode 0600, or root:`group` 0660). `log`
     /// receives one line per request.
-    pub fn start(
+    pub(crate) fn start(
         path: &Path,
         group: Option<u32>,
         handler: Arc<dyn Handler + Send + Sync>,
@@ -85,12 +85,8 @@ impl RpcServer {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Stops accepting, waits for connection threads to notice, removes the socket.
-    pub fn stop(mut self) {
+    pub(crate) fn stop(mut self) {
         self.shutdown();
     }
 

@@ -27,7 +27,7 @@ enum State {
 }
 
 /// One background task.
-pub struct Task {
+pub(super) struct Task {
     pub id: String,
     account: String,
     action: &'static str,
@@ -42,17 +42,17 @@ pub struct Task {
 
 impl Task {
     /// Whether the task was asked to stop; long loops check it between batches.
-    pub fn cancelled(&self) -> bool {
+    pub(super) fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::SeqCst)
     }
 
     /// `bytes` more are done.
-    pub fn progress(&self, bytes: u64) {
+    pub(super) fn progress(&self, bytes: u64) {
         self.done.fetch_add(bytes, Ordering::Relaxed);
     }
 
     /// The error a cancelled task returns.
-    pub fn cancelled_error(&self) -> ControlError {
+    pub(super) fn cancelled_error(&self) -> ControlError {
         ControlError::state(
             "OperationCancelled",
             format!("task {} was cancelled; nothing it made is left behind", self.id),
@@ -94,14 +94,14 @@ impl Task {
 
 /// Every task of this daemon's life (finished ones up to [`KEEP_FINISHED`]).
 #[derive(Default)]
-pub struct Tasks {
+pub(super) struct Tasks {
     map: Mutex<BTreeMap<String, Arc<Task>>>,
 }
 
 impl Tasks {
     /// Starts `body` on a thread of its own as task `action` on `resource`, `total`
     /// bytes to move.
-    pub fn spawn(
+    pub(super) fn spawn(
         &self,
         account: &str,
         action: &'static str,
@@ -168,7 +168,7 @@ impl Tasks {
 
     /// Asks every running task to stop and waits up to `timeout` for them; returns how
     /// many are still running.
-    pub fn cancel_all(&self, timeout: Duration) -> usize {
+    pub(super) fn cancel_all(&self, timeout: Duration) -> usize {
         let all: Vec<Arc<Task>> = self.map.lock().expect("tasks").values().cloned().collect();
         for t in &all {
             t.cancel.store(true, Ordering::SeqCst);
@@ -184,7 +184,7 @@ impl Tasks {
     }
 
     /// The running task `action` on `resource`, if there is one.
-    pub fn running(&self, action: &str, resource: &str) -> Option<Arc<Task>> {
+    pub(super) fn running(&self, action: &str, resource: &str) -> Option<Arc<Task>> {
         self.map
             .lock()
             .expect("tasks")

@@ -3,7 +3,7 @@
 use rand::RngCore;
 
 /// A new object id: `<prefix>-<16 hex digits>` (satisfies the KMS identifier rules).
-pub fn new_id(prefix: &str) -> String {
+pub(crate) fn new_id(prefix: &str) -> String {
     let mut b = [0u8; 8];
     rand::rngs::OsRng.fill_bytes(&mut b);
     let mut s = String::with_capacity(prefix.len() + 17);
@@ -15,7 +15,7 @@ pub fn new_id(prefix: &str) -> String {
     s
 }
 
-pub use crate::units::{now_rfc3339, parse_rfc3339};
+pub(crate) use crate::units::{now_rfc3339, parse_rfc3339};
 
 /// Seconds since the epoch as RFC 3339 UTC with seconds (what [`parse_rfc3339`] reads).
 pub fn rfc3339(secs: u64) -> String {

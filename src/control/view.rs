@@ -16,7 +16,7 @@ fn enc_fields(e: &Option<Encryption>) -> (bool, String, String) {
     }
 }
 
-pub fn disk(d: &DiskRecord, atts: &[&AttachmentRecord], on_data_path: bool) -> Value {
+pub(super) fn disk(d: &DiskRecord, atts: &[&AttachmentRecord], on_data_path: bool) -> Value {
     let (encrypted, cmk, key) = enc_fields(&d.encryption);
     json!({
         "DiskId": d.id,
@@ -45,7 +45,7 @@ pub fn disk(d: &DiskRecord, atts: &[&AttachmentRecord], on_data_path: bool) -> V
     })
 }
 
-pub fn snapshot(s: &SnapshotRecord) -> Value {
+pub(super) fn snapshot(s: &SnapshotRecord) -> Value {
     let (encrypted, cmk, key) = enc_fields(&s.encryption);
     json!({
         "SnapshotId": s.id,
@@ -65,7 +65,7 @@ pub fn snapshot(s: &SnapshotRecord) -> Value {
     })
 }
 
-pub fn image(m: &ImageRecord, viewer: &str) -> Value {
+pub(super) fn image(m: &ImageRecord, viewer: &str) -> Value {
     let (encrypted, cmk, key) = enc_fields(&m.encryption);
     json!({
         "ImageId": m.id,
@@ -86,7 +86,7 @@ pub fn image(m: &ImageRecord, viewer: &str) -> Value {
     })
 }
 
-pub fn instance(i: &InstanceRecord, data_disks: &[String]) -> Value {
+pub(super) fn instance(i: &InstanceRecord, data_disks: &[String]) -> Value {
     json!({
         "InstanceId": i.id,
         "InstanceName": i.name,

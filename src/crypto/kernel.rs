@@ -10,7 +10,7 @@ use super::XtsError;
 /// The environment variable that forces a kernel: `portable`, `aesni` or
 /// `vaes-avx2`. Asking for one the CPU lacks is an error, not a silent
 /// fallback, so a benchmark never measures something other than it says.
-pub const KERNEL_ENV: &str = "SEALDISK_XTS_KERNEL";
+pub(super) const KERNEL_ENV: &str = "SEALDISK_XTS_KERNEL";
 
 #[cfg(target_arch = "x86_64")]
 cpufeatures::new!(cpuid_aesni, "aes", "pclmulqdq", "sse4.1");
@@ -75,21 +75,19 @@ impl Kernel {
     /// The kernel new engines use: `SEALDISK_XTS_KERNEL` if set, else the
     /// fastest supported. Decided once per process.
     pub fn selected() -> Result<Kernel, XtsError> {
-        // The env value is kept (not the error) so every caller gets a fresh,
-        // owned error.
-        static CHOICE: OnceLock<Result<Kernel, String>> = OnceLock::new();
-        let choice = CHOICE.get_or_init(|| match std::env::var(KERNEL_ENV) {
-            Ok(v) if !v.trim().is_empty() => match v.trim().parse::<Kernel>() {
-                Ok(k) if k.is_supported() => Ok(k),
-                _ => Err(v.trim().to_string()),
-            },
-            _ => Ok(Kernel::best()),
+        // The env value is read once; every caller gets a fresh, owned error.
+        static CHOICE: OnceLock<Option<String>> = OnceLock::new();
+        let choice = CHOICE.get_or_init(|| {
+            std::env::var(KERNEL_ENV)
+                .ok()
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
         });
         match choice {
-            Ok(k) => Ok(*k),
-            Err(v) => match v.parse::<Kernel>() {
-                Ok(k) => Err(XtsError::KernelUnsupported(k)),
-                Err(e) => Err(e),
+            None => Ok(Kernel::best()),
+            Some(v) => match v.parse::<Kernel>()? {
+                k if k.is_supported() => Ok(k),
+                k => Err(XtsError::KernelUnsupported(k)),
             },
         }
     }

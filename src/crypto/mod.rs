@@ -15,7 +15,7 @@ mod kernel;
 mod keys;
 mod portable;
 mod wipe;
-pub use wipe::clear_vector_registers;
+pub(crate) use wipe::clear_vector_registers;
 mod xts;
 
 #[cfg(target_arch = "x86_64")]

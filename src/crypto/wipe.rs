@@ -26,7 +26,7 @@ pub(crate) fn wipe(bytes: &mut [u8]) {
 /// Zero every vector register of the calling thread (x86-64: `vzeroall` with AVX,
 /// else the sixteen XMM registers).
 #[inline(never)]
-pub fn clear_vector_registers() {
+pub(crate) fn clear_vector_registers() {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx") {

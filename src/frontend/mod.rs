@@ -6,5 +6,5 @@
 //!
 //! The fio external engine lives in its own cdylib crate (`fio-engine/`).
 
-pub mod nbd;
-pub mod vhost;
+pub(crate) mod nbd;
+pub(crate) mod vhost;

@@ -42,7 +42,7 @@ thread_local! {
 }
 
 /// Runs `f` with `caller` as this thread's caller (restored afterwards).
-pub fn with_caller<R>(caller: Option<Caller>, f: impl FnOnce() -> R) -> R {
+pub(crate) fn with_caller<R>(caller: Option<Caller>, f: impl FnOnce() -> R) -> R {
     let old = CALLER.with(|c| c.replace(caller));
     let r = f();
     CALLER.with(|c| c.set(old));
@@ -50,7 +50,7 @@ pub fn with_caller<R>(caller: Option<Caller>, f: impl FnOnce() -> R) -> R {
 }
 
 /// This thread's caller, if one was set.
-pub fn caller() -> Option<Caller> {
+pub(crate) fn caller() -> Option<Caller> {
     CALLER.with(|c| c.get())
 }
 

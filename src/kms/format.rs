@@ -15,33 +15,33 @@ use super::error::{IdField, KmsError};
 use crate::secmem::SecretMem;
 
 /// Version of the wrapped-key record layout (first byte of every blob).
-pub const WRAPPED_FORMAT: u8 = 1;
+pub(super) const WRAPPED_FORMAT: u8 = 1;
 /// Version of the keystore and state files.
-pub const STORE_FORMAT: u32 = 1;
+pub(super) const STORE_FORMAT: u32 = 1;
 
 /// Length of a CMK and of the root key, in bytes.
-pub const CMK_LEN: usize = 32;
+pub(super) const CMK_LEN: usize = 32;
 /// Length of a data key (XTS-AES-256: two 256-bit keys).
-pub const DATA_KEY_LEN: usize = 64;
+pub(crate) const DATA_KEY_LEN: usize = 64;
 /// Length of the random HKDF salt of each data key.
-pub const SALT_LEN: usize = 32;
+pub(super) const SALT_LEN: usize = 32;
 /// AES-GCM nonce length.
-pub const NONCE_LEN: usize = 12;
+pub(super) const NONCE_LEN: usize = 12;
 /// AES-GCM tag length.
-pub const TAG_LEN: usize = 16;
+pub(super) const TAG_LEN: usize = 16;
 /// Length of a local wrapped-key blob: version, salt, nonce, ciphertext, tag.
-pub const LOCAL_BLOB_LEN: usize = 1 + SALT_LEN + NONCE_LEN + DATA_KEY_LEN + TAG_LEN;
+pub(super) const LOCAL_BLOB_LEN: usize = 1 + SALT_LEN + NONCE_LEN + DATA_KEY_LEN + TAG_LEN;
 
 /// HKDF info prefix of a data key; the key id (UTF-8) follows.
-pub const LABEL_DATA_KEY: &[u8] = b"sealdisk/kms/v1/data-key:";
+pub(super) const LABEL_DATA_KEY: &[u8] = b"sealdisk/kms/v1/data-key:";
 /// HKDF info of the per-record wrapping key.
-pub const LABEL_WRAP_KEY: &[u8] = b"sealdisk/kms/v1/wrap-key";
+pub(super) const LABEL_WRAP_KEY: &[u8] = b"sealdisk/kms/v1/wrap-key";
 /// HKDF info of the keystore key (derived from the root key).
-pub const LABEL_KEYSTORE_KEY: &[u8] = b"sealdisk/kms/v1/keystore-key";
+pub(super) const LABEL_KEYSTORE_KEY: &[u8] = b"sealdisk/kms/v1/keystore-key";
 /// Prefix of the associated data of an encrypted CMK in the keystore.
-pub const LABEL_CMK_AAD: &[u8] = b"sealdisk/kms/v1/cmk";
+pub(super) const LABEL_CMK_AAD: &[u8] = b"sealdisk/kms/v1/cmk";
 /// Prefix of the transit `context`.
-pub const LABEL_TRANSIT_CONTEXT: &[u8] = b"sealdisk/kms/v1/transit-context";
+pub(super) const LABEL_TRANSIT_CONTEXT: &[u8] = b"sealdisk/kms/v1/transit-context";
 
 const MAX_ID: usize = 128;
 
@@ -50,7 +50,7 @@ const MAX_ID: usize = 128;
 /// * account: 1..=64 of `[A-Za-z0-9_]` (no `-`, so transit key names stay unambiguous);
 /// * region: 1..=64 of `[A-Za-z0-9-]`, not starting or ending with `-`;
 /// * key id, disk id, CMK id: 1..=128 of `[A-Za-z0-9._:-]`.
-pub fn validate_id(field: IdField, value: &str) -> Result<(), KmsError> {
+pub(super) fn validate_id(field: IdField, value: &str) -> Result<(), KmsError> {
     let (max, ok): (usize, fn(u8) -> bool) = match field {
         IdField::Account => (64, |c| c.is_ascii_alphanumeric() || c == b'_'),
         IdField::Region => (64, |c| c.is_ascii_alphanumeric() || c == b'-'),
@@ -88,7 +88,7 @@ fn push_lp(out: &mut Vec<u8>, s: &str) {
 
 /// Associated data of a local wrapped key:
 /// `0x01 ‖ lp(account) ‖ lp(region) ‖ lp(key_id) ‖ lp(cmk_id)`, `lp(s) = BE16(len) ‖ s`.
-pub fn wrap_aad(account: &str, region: &str, key_id: &str, cmk_id: &str) -> Vec<u8> {
+pub(super) fn wrap_aad(account: &str, region: &str, key_id: &str, cmk_id: &str) -> Vec<u8> {
     let mut a = Vec::with_capacity(1 + 8 + account.len() + region.len() + key_id.len() + cmk_id.len());
     a.push(WRAPPED_FORMAT);
     for s in [account, region, key_id, cmk_id] {
@@ -99,7 +99,7 @@ pub fn wrap_aad(account: &str, region: &str, key_id: &str, cmk_id: &str) -> Vec<
 
 /// Associated data of an encrypted CMK in the keystore:
 /// `"sealdisk/kms/v1/cmk" ‖ lp(cmk_id) ‖ lp(account) ‖ lp(region)`.
-pub fn cmk_aad(cmk_id: &str, account: &str, region: &str) -> Vec<u8> {
+pub(super) fn cmk_aad(cmk_id: &str, account: &str, region: &str) -> Vec<u8> {
     let mut a = LABEL_CMK_AAD.to_vec();
     for s in [cmk_id, account, region] {
         push_lp(&mut a, s);
@@ -109,7 +109,7 @@ pub fn cmk_aad(cmk_id: &str, account: &str, region: &str) -> Vec<u8> {
 
 /// Raw bytes of the transit derivation context (sent base64-encoded):
 /// `"sealdisk/kms/v1/transit-context" ‖ lp(account) ‖ lp(region) ‖ lp(key_id)`.
-pub fn transit_context(account: &str, region: &str, key_id: &str) -> Vec<u8> {
+pub(super) fn transit_context(account: &str, region: &str, key_id: &str) -> Vec<u8> {
     let mut a = LABEL_TRANSIT_CONTEXT.to_vec();
     for s in [account, region, key_id] {
         push_lp(&mut a, s);
@@ -118,14 +118,14 @@ pub fn transit_context(account: &str, region: &str, key_id: &str) -> Vec<u8> {
 }
 
 /// HKDF info of a data key: `LABEL_DATA_KEY ‖ key_id`.
-pub fn data_key_info(key_id: &str) -> Vec<u8> {
+pub(super) fn data_key_info(key_id: &str) -> Vec<u8> {
     let mut i = LABEL_DATA_KEY.to_vec();
     i.extend_from_slice(key_id.as_bytes());
     i
 }
 
 /// Fills `buf` from the operating system's CSPRNG.
-pub fn random_bytes(buf: &mut [u8]) -> Result<(), KmsError> {
+pub(super) fn random_bytes(buf: &mut [u8]) -> Result<(), KmsError> {
     OsRng.try_fill_bytes(buf).map_err(|e| KmsError::Io {
         op: "reading the system random source for",
         path: "getrandom(2)".into(),
@@ -136,7 +136,12 @@ pub fn random_bytes(buf: &mut [u8]) -> Result<(), KmsError> {
 /// HKDF-SHA256 (RFC 5869) of `ikm` with `salt` (`None`: the RFC's all-zero salt) and
 /// `info`, `len` bytes, straight into new secret memory.
 #[inline(never)]
-pub fn hkdf_sha256(salt: Option<&[u8]>, ikm: &SecretMem, info: &[u8], len: usize) -> Result<SecretMem, KmsError> {
+pub(super) fn hkdf_sha256(
+    salt: Option<&[u8]>,
+    ikm: &SecretMem,
+    info: &[u8],
+    len: usize,
+) -> Result<SecretMem, KmsError> {
     let mut out = SecretMem::new(len)?;
     hkdf_into(salt, ikm.as_slice(), info, out.as_mut_slice());
     // The HKDF state (PRK, HMAC pads) lived in `hkdf_into`'s frame, below this one.
@@ -156,7 +161,12 @@ fn hkdf_into(salt: Option<&[u8]>, ikm: &[u8], info: &[u8], out: &mut [u8]) {
 /// `ciphertext ‖ tag`. The plaintext is copied to secret scratch memory and encrypted
 /// there, so it never lands in ordinary memory.
 #[inline(never)]
-pub fn gcm_seal(key: &SecretMem, nonce: &[u8; NONCE_LEN], aad: &[u8], plain: &[u8]) -> Result<Vec<u8>, KmsError> {
+pub(super) fn gcm_seal(
+    key: &SecretMem,
+    nonce: &[u8; NONCE_LEN],
+    aad: &[u8],
+    plain: &[u8],
+) -> Result<Vec<u8>, KmsError> {
     let mut scratch = SecretMem::from_slice(plain)?;
     let tag = gcm_seal_in_place(key.as_slice(), nonce, aad, scratch.as_mut_slice());
     // The cipher's round keys and GHASH key lived in that frame, below this one.
@@ -173,7 +183,7 @@ pub fn gcm_seal(key: &SecretMem, nonce: &[u8; NONCE_LEN], aad: &[u8], plain: &[u
 /// AES-256-GCM decryption of `ciphertext ‖ tag` into new secret memory; `None` if the
 /// tag does not verify.
 #[inline(never)]
-pub fn gcm_open(
+pub(super) fn gcm_open(
     key: &SecretMem,
     nonce: &[u8; NONCE_LEN],
     aad: &[u8],
@@ -210,7 +220,7 @@ fn gcm_open_in_place(key: &[u8], nonce: &[u8; NONCE_LEN], aad: &[u8], buf: &mut 
 }
 
 /// `true` if the two halves of a 64-byte XTS key differ (constant time).
-pub fn halves_differ(key: &[u8]) -> bool {
+pub(super) fn halves_differ(key: &[u8]) -> bool {
     let (a, b) = key.split_at(key.len() / 2);
     let mut diff = 0u8;
     for (x, y) in a.iter().zip(b) {
@@ -220,7 +230,7 @@ pub fn halves_differ(key: &[u8]) -> bool {
 }
 
 /// Constant-time equality of two byte strings of equal length.
-pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+pub(super) fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
@@ -245,7 +255,7 @@ pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 /// (clone copies the parent's register file) or a core dump (each thread's saved XSAVE
 /// state) would carry them.
 #[inline(never)]
-pub fn scrub_stack() {
+pub(crate) fn scrub_stack() {
     let mut area = [0u8; 16 * 1024];
     area.zeroize();
     std::hint::black_box(&area);
@@ -253,7 +263,7 @@ pub fn scrub_stack() {
 }
 
 /// Lower-case hex.
-pub fn hex_encode(bytes: &[u8]) -> String {
+pub(super) fn hex_encode(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
@@ -274,7 +284,7 @@ fn hex_val(c: u8) -> Option<u8> {
 
 /// Decodes hex into `out` (which must be exactly half as long); `false` on any bad digit
 /// or length. Writes nothing anywhere else, so it can decode secrets into secret memory.
-pub fn hex_decode_into(hex: &[u8], out: &mut [u8]) -> bool {
+pub(super) fn hex_decode_into(hex: &[u8], out: &mut [u8]) -> bool {
     if hex.len() != out.len() * 2 {
         return false;
     }
@@ -288,22 +298,22 @@ pub fn hex_decode_into(hex: &[u8], out: &mut [u8]) -> bool {
 }
 
 /// Decodes non-secret hex into a new vector.
-pub fn hex_decode(hex: &str) -> Option<Vec<u8>> {
+pub(super) fn hex_decode(hex: &str) -> Option<Vec<u8>> {
     let mut v = vec![0u8; hex.len() / 2];
     hex_decode_into(hex.as_bytes(), &mut v).then_some(v)
 }
 
 /// serde adapter: `Vec<u8>` as a lower-case hex string.
-pub mod hex_serde {
+pub(super) mod hex_serde {
     use serde::{Deserialize, Deserializer, Serializer};
 
     /// Serializes as hex.
-    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&super::hex_encode(bytes))
     }
 
     /// Deserializes from hex.
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         let s = String::deserialize(d)?;
         super::hex_decode(&s).ok_or_else(|| serde::de::Error::custom("invalid hex string"))
     }

@@ -10,13 +10,13 @@ use std::path::{Path, PathBuf};
 use super::error::KmsError;
 
 /// Creates `dir` (and parents) if needed and makes it `0700`.
-pub fn private_dir(dir: &Path) -> Result<(), KmsError> {
+pub(super) fn private_dir(dir: &Path) -> Result<(), KmsError> {
     fs::create_dir_all(dir).map_err(|e| KmsError::io("creating directory", dir, e))?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|e| KmsError::io("chmod 700", dir, e))
 }
 
 /// `fsync` of a directory, so renames and creations in it are durable.
-pub fn fsync_dir(dir: &Path) -> Result<(), KmsError> {
+pub(super) fn fsync_dir(dir: &Path) -> Result<(), KmsError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| KmsError::io("fsync directory", dir, e))
@@ -24,7 +24,7 @@ pub fn fsync_dir(dir: &Path) -> Result<(), KmsError> {
 
 /// Replaces `path` with `bytes` atomically and durably: write `path.tmp` (mode 0600),
 /// fsync it, rename it over `path`, fsync the directory.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), KmsError> {
+pub(super) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), KmsError> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
@@ -44,7 +44,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), KmsError> {
 }
 
 /// Reads a whole small state file; `Ok(None)` if it does not exist.
-pub fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, KmsError> {
+pub(super) fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, KmsError> {
     match fs::read(path) {
         Ok(b) => Ok(Some(b)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -54,13 +54,13 @@ pub fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, KmsError> {
 
 /// An exclusive `flock` on a lock file, held for the life of the value.
 #[derive(Debug)]
-pub struct DirLock {
+pub(super) struct DirLock {
     _file: File,
 }
 
 impl DirLock {
     /// Takes the lock without waiting; `Kms.StoreLocked` if someone else holds it.
-    pub fn acquire(path: &Path) -> Result<DirLock, KmsError> {
+    pub(super) fn acquire(path: &Path) -> Result<DirLock, KmsError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -84,4 +84,4 @@ impl DirLock {
     }
 }
 
-pub use crate::units::{now_rfc3339_millis as rfc3339_now, now_unix, rfc3339};
+pub(super) use crate::units::{now_rfc3339_millis as rfc3339_now, now_unix, rfc3339};

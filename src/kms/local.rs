@@ -20,9 +20,9 @@ pub const ROOT_KEY_ENV: &str = "SEALDISK_KMS_ROOT_KEY";
 /// Name of the systemd credential that may hold the root key.
 pub const ROOT_KEY_CREDENTIAL: &str = "sealdisk-kms-root-key";
 /// Default root key file name inside `DATA_DIR/kms/`.
-pub const ROOT_KEY_FILE: &str = "root.key";
+pub(super) const ROOT_KEY_FILE: &str = "root.key";
 /// Keystore file name inside `DATA_DIR/kms/`.
-pub const KEYSTORE_FILE: &str = "keystore.json";
+pub(super) const KEYSTORE_FILE: &str = "keystore.json";
 
 /// Where the local KMS gets its 32-byte root key.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -38,28 +38,29 @@ use serde::{Deserialize, Serialize};
 use crate::crypto::{Xts, XtsError};
 use crate::secmem::SecretMem;
 
-pub use audit::{with_caller, AuditConfig, AuditEntry, Caller};
-pub use error::{IdField, KmsError};
-pub use format::{
-    CMK_LEN, DATA_KEY_LEN, LABEL_CMK_AAD, LABEL_DATA_KEY, LABEL_KEYSTORE_KEY, LABEL_TRANSIT_CONTEXT, LABEL_WRAP_KEY,
-    LOCAL_BLOB_LEN, SALT_LEN, WRAPPED_FORMAT,
-};
-pub use local::{
-    LocalConfig, LocalKms, RootKeySource, KEYSTORE_FILE, ROOT_KEY_CREDENTIAL, ROOT_KEY_ENV, ROOT_KEY_FILE,
-};
-pub use quota::{Clock, ManualClock, QuotaConfig, RegionUsage, Reservation, SystemClock};
-pub use stats::{KmsBackendSnapshot, KmsStats, KmsStatsSnapshot};
-pub use transit::{TransitConfig, TransitKms};
+pub use audit::{AuditConfig, AuditEntry};
+pub use error::KmsError;
+pub use local::{LocalConfig, RootKeySource, ROOT_KEY_CREDENTIAL, ROOT_KEY_ENV};
+pub use quota::{ManualClock, QuotaConfig};
+pub use transit::TransitConfig;
+
+pub(crate) use audit::Caller;
+pub(crate) use error::IdField;
+pub(crate) use format::DATA_KEY_LEN;
+pub(crate) use local::LocalKms;
+pub(crate) use quota::{Clock, RegionUsage, Reservation, SystemClock};
+pub(crate) use stats::{KmsBackendSnapshot, KmsStats, KmsStatsSnapshot};
+pub(crate) use transit::TransitKms;
 
 use format::validate_id;
 use quota::QuotaTable;
 
 /// Sub-directory of the data directory that holds all KMS state.
-pub use crate::layout::KMS_DIR;
+pub(crate) use crate::layout::KMS_DIR;
 /// Audit log file name inside `DATA_DIR/kms/`.
-pub const AUDIT_FILE: &str = "audit.log";
+pub(crate) const AUDIT_FILE: &str = "audit.log";
 /// Activation state file name inside `DATA_DIR/kms/`.
-pub const STATE_FILE: &str = "state.json";
+pub(crate) const STATE_FILE: &str = "state.json";
 const LOCK_FILE: &str = "lock";
 
 /// Which backend holds the CMKs.

@@ -18,13 +18,13 @@ pub trait Clock: Send + Sync + fmt::Debug {
 
 /// The real monotonic clock.
 #[derive(Debug)]
-pub struct SystemClock {
+pub(crate) struct SystemClock {
     origin: Instant,
 }
 
 impl SystemClock {
     /// A clock whose origin is now.
-    pub fn new() -> SystemClock {
+    pub(crate) fn new() -> SystemClock {
         SystemClock { origin: Instant::now() }
     }
 }

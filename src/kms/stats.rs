@@ -18,7 +18,7 @@ struct BackendStats {
 
 /// Counters of every backend (a daemon uses one; both are always reported).
 #[derive(Debug, Default)]
-pub struct KmsStats {
+pub(crate) struct KmsStats {
     local: BackendStats,
     transit: BackendStats,
 }
@@ -65,7 +65,7 @@ impl KmsStats {
         self.of(b).throttled.fetch_add(1, Relaxed);
     }
 
-    pub fn snapshot(&self) -> KmsStatsSnapshot {
+    pub(crate) fn snapshot(&self) -> KmsStatsSnapshot {
         let one = |s: &BackendStats| KmsBackendSnapshot {
             calls: s.calls.load(Relaxed),
             errors: s.errors.load(Relaxed),

@@ -5,7 +5,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Bits of the state word that count lines in the current window.
 const COUNT_BITS: u32 = 24;
@@ -19,7 +19,7 @@ fn now_ms() -> u64 {
 
 /// See the module documentation. `const`, so it can be a `static`.
 #[derive(Debug)]
-pub struct RateLimit {
+pub(crate) struct RateLimit {
     burst: u64,
     window_ms: u64,
     /// Window start (ms, [`now_ms`]) << COUNT_BITS | lines in the window.
@@ -36,7 +36,7 @@ impl Default for RateLimit {
 
 impl RateLimit {
     /// At most `burst` lines (1 ..= 2^24 - 1) per `window_ms` milliseconds.
-    pub const fn new(burst: u32, window_ms: u64) -> RateLimit {
+    pub(crate) const fn new(burst: u32, window_ms: u64) -> RateLimit {
         let burst = if burst == 0 {
             1
         } else if burst as u64 > COUNT_MASK {
@@ -54,18 +54,13 @@ impl RateLimit {
     }
 
     /// The limit for events a client causes: 10 lines per 10 seconds.
-    pub const fn standard() -> RateLimit {
+    pub(crate) const fn standard() -> RateLimit {
         RateLimit::new(10, 10_000)
-    }
-
-    /// The window.
-    pub fn window(&self) -> Duration {
-        Duration::from_millis(self.window_ms)
     }
 
     /// `Some(n)`: log this event, and say that `n` were suppressed since the last
     /// line; `None`: suppressed (counted).
-    pub fn allow(&self) -> Option<u64> {
+    pub(crate) fn allow(&self) -> Option<u64> {
         self.allow_at(now_ms())
     }
 
@@ -90,6 +85,7 @@ impl RateLimit {
     }
 
     /// Events suppressed since this limit was made.
+    #[cfg(test)]
     pub fn suppressed_total(&self) -> u64 {
         self.suppressed_total.load(Relaxed)
     }

@@ -21,14 +21,14 @@ use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
-pub use limit::RateLimit;
+pub(crate) use limit::RateLimit;
 
 /// The environment variable read when `--log-level` is not given.
-pub const LOG_ENV: &str = "RUST_LOG";
+pub(crate) const LOG_ENV: &str = "RUST_LOG";
 
 /// How lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     /// `2026-12-06T13:38:56.123456Z  INFO sealdisk::daemon: message field=value`
     #[default]
     Human,
@@ -50,7 +50,7 @@ impl FromStr for LogFormat {
 
 /// A refused logging setting.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LogError {
+pub(crate) enum LogError {
     /// `--log-format` is neither `human` nor `json`.
     Format(String),
     /// `--log-level` is not a level.
@@ -79,7 +79,7 @@ impl fmt::Display for LogError {
 impl std::error::Error for LogError {}
 
 /// A level as `--log-level` takes it.
-pub fn parse_level(s: &str) -> Result<LevelFilter, LogError> {
+pub(crate) fn parse_level(s: &str) -> Result<LevelFilter, LogError> {
     match s.to_ascii_lowercase().as_str() {
         "error" => Ok(LevelFilter::ERROR),
         "warn" => Ok(LevelFilter::WARN),
@@ -94,7 +94,7 @@ pub fn parse_level(s: &str) -> Result<LevelFilter, LogError> {
 /// Which events are written. Precedence: an explicit `--log-level` (`flag`) wins and
 /// applies to every target; else `RUST_LOG` (`env`, when set and not empty); else
 /// `info`. A bad value of whichever is used is an error, never silently ignored.
-pub fn filter(flag: Option<&str>, env: Option<&str>) -> Result<Targets, LogError> {
+pub(crate) fn filter(flag: Option<&str>, env: Option<&str>) -> Result<Targets, LogError> {
     if let Some(l) = flag {
         return Ok(Targets::new().with_default(parse_level(l)?));
     }
@@ -116,13 +116,13 @@ static JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(
 
 /// Whether the installed logger writes JSON lines (then nothing else may write a
 /// line to stderr: the panic hook logs panics as events instead).
-pub fn is_json() -> bool {
+pub(crate) fn is_json() -> bool {
     JSON.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Installs the process's logger: `format` lines on stderr, filtered by
 /// [`filter`]`(level, RUST_LOG)`.
-pub fn init(format: LogFormat, level: Option<&str>) -> Result<(), LogError> {
+pub(crate) fn init(format: LogFormat, level: Option<&str>) -> Result<(), LogError> {
     let env = std::env::var(LOG_ENV).ok();
     let targets = filter(level, env.as_deref())?;
     let base = tracing_subscriber::fmt::layer()
@@ -148,14 +148,14 @@ pub fn init(format: LogFormat, level: Option<&str>) -> Result<(), LogError> {
 }
 
 /// `uid:U,pid:P` of a control socket peer, or `-`.
-pub fn caller_field(c: Option<crate::kms::Caller>) -> String {
+pub(crate) fn caller_field(c: Option<crate::kms::Caller>) -> String {
     match c {
         Some(c) => format!("uid:{},pid:{}", c.uid, c.pid),
         None => "-".into(),
     }
 }
 
-/// Logs an event through a [`RateLimit`]: at most the limit's burst of lines per
+/// Logs an event through a `RateLimit`: at most the limit's burst of lines per
 /// window, each carrying `suppressed` = how many events the limit dropped since the
 /// last line it let through.
 ///

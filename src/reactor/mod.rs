@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use crossbeam_queue::ArrayQueue;
 use io_uring::{opcode, types};
 
-pub use stats::{IoCount, IoSource, IoSources, ReactorStats, StatsSnapshot};
+pub use stats::{IoCount, IoSource, ReactorStats, StatsSnapshot};
 
 use crate::bdev::ChannelCtx;
 use crate::iobuf::BufPool;
@@ -104,11 +104,33 @@ pub fn all_cores() -> Vec<usize> {
         .unwrap_or_else(|| vec![0])
 }
 
+/// Why a core list (`--cores`) was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CoresError {
+    #[error("bad core list {0:?}: use e.g. 0,1 or 0-3")]
+    Syntax(String),
+    #[error("empty core list {0:?}: name at least one core, e.g. 0 or 0-3")]
+    Empty(String),
+    #[error("core {core} is not available to this process (available: {available:?})")]
+    Unavailable { core: usize, available: Vec<usize> },
+}
+
+/// Why [`Reactors::call`] got no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    #[error("no reactor {0}")]
+    NoSuchReactor(usize),
+    #[error("reactor {reactor}'s message queue stayed full for {timeout:?}; retry later")]
+    QueueFull { reactor: usize, timeout: Duration },
+    #[error("reactor {reactor} did not answer within {timeout:?}")]
+    Timeout { reactor: usize, timeout: Duration },
+}
+
 /// Parse `0,1` / `0-3` / `0-1,4`.
-pub fn parse_cores(s: &str) -> Result<Vec<usize>, String> {
+pub fn parse_cores(s: &str) -> Result<Vec<usize>, CoresError> {
     let mut out = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let bad = || format!("bad core list {s:?}: use e.g. 0,1 or 0-3");
+        let bad = || CoresError::Syntax(s.to_owned());
         if let Some((a, b)) = part.split_once('-') {
             let (a, b): (usize, usize) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
             if a > b {
@@ -120,13 +142,14 @@ pub fn parse_cores(s: &str) -> Result<Vec<usize>, String> {
         }
     }
     if out.is_empty() {
-        return Err(format!("empty core list {s:?}"));
+        return Err(CoresError::Empty(s.to_owned()));
     }
     let avail = all_cores();
     if let Some(c) = out.iter().find(|c| !avail.contains(c)) {
-        return Err(format!(
-            "core {c} is not available to this process (available: {avail:?})"
-        ));
+        return Err(CoresError::Unavailable {
+            core: *c,
+            available: avail,
+        });
     }
     Ok(out)
 }
@@ -276,7 +299,7 @@ impl Reactors {
         i: usize,
         timeout: Duration,
         f: impl FnOnce(&mut ReactorCtx) -> R + Send + 'static,
-    ) -> Result<R, String> {
+    ) -> Result<R, CallError> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let mut msg: Msg = Box::new(move |ctx| {
             let _ = tx.send(f(ctx));
@@ -289,7 +312,8 @@ impl Reactors {
                     msg = m;
                     std::thread::sleep(Duration::from_micros(100));
                 }
-                Err(e) => return Err(format!("{e:?}")),
+                Err(SendError::Full(_)) => return Err(CallError::QueueFull { reactor: i, timeout }),
+                Err(SendError::NoSuchReactor(r)) => return Err(CallError::NoSuchReactor(r)),
             }
         }
         rx.recv_timeout(
@@ -297,7 +321,7 @@ impl Reactors {
                 .saturating_duration_since(Instant::now())
                 .max(Duration::from_millis(1)),
         )
-        .map_err(|_| format!("reactor {i} did not answer within {timeout:?}"))
+        .map_err(|_| CallError::Timeout { reactor: i, timeout })
     }
 
     /// Kernel thread ids of the reactor threads (for /proc and perf).

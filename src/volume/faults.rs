@@ -51,6 +51,11 @@ impl std::fmt::Debug for Faults {
     }
 }
 
+/// A fault spec item that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("fault {0:?}: expected POINT:delay=Nms or POINT:fail=N, POINT commit or pool_sync")]
+pub struct FaultSpecError(pub String);
+
 impl Faults {
     fn point(&self, p: FaultPoint) -> &Point {
         &self.points[p as usize]
@@ -102,10 +107,10 @@ impl Faults {
     /// Faults from a spec such as `commit:delay=5ms,pool_sync:fail=3`
     /// (point `commit` or `pool_sync`; `delay=Nms`, `fail=N` for the N-th
     /// call).
-    pub fn parse(spec: &str) -> Result<Faults, String> {
+    pub fn parse(spec: &str) -> Result<Faults, FaultSpecError> {
         let f = Faults::default();
         for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            let bad = || format!("fault {item:?}: expected POINT:delay=Nms or POINT:fail=N, POINT commit or pool_sync");
+            let bad = || FaultSpecError(item.to_owned());
             let (point, action) = item.split_once(':').ok_or_else(bad)?;
             let p = match point {
                 "commit" => FaultPoint::Commit,

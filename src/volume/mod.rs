@@ -34,7 +34,7 @@ mod staged;
 mod tables;
 
 pub use bdev::VolumeBdev;
-pub use faults::{FaultPoint, Faults};
+pub use faults::{FaultPoint, FaultSpecError, Faults};
 pub use meta_stats::{MetaStats, MetaStatsSnapshot};
 
 use std::collections::HashMap;

@@ -6,8 +6,8 @@ pub mod guest;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sealdisk::bdev::{BdevRef, IoCompletion, IoError, IoOp, IoRequest};
-use sealdisk::reactor::{ReactorConfig, Reactors};
+use sealdisk::{BdevRef, IoCompletion, IoError, IoOp, IoRequest};
+use sealdisk::{ReactorConfig, Reactors};
 
 /// One request for [`run_ios`].
 #[derive(Clone, Debug)]
@@ -122,7 +122,7 @@ pub fn run_ios_pipelined(reactors: &Reactors, r: usize, bdev: &BdevRef, ops: Vec
         .expect("reactor answers")
 }
 
-pub fn wait_one(ch: &mut dyn sealdisk::bdev::Channel) -> IoCompletion {
+pub fn wait_one(ch: &mut dyn sealdisk::Channel) -> IoCompletion {
     let t = Instant::now();
     let mut v = Vec::new();
     loop {
@@ -151,8 +151,8 @@ pub fn test_key(seed: u8) -> [u8; 64] {
     core::array::from_fn(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
 }
 
-pub fn xts(seed: u8) -> Arc<sealdisk::crypto::Xts> {
-    Arc::new(sealdisk::crypto::Xts::new(&test_key(seed)).unwrap())
+pub fn xts(seed: u8) -> Arc<sealdisk::Xts> {
+    Arc::new(sealdisk::Xts::new(&test_key(seed)).unwrap())
 }
 
 pub fn is_ok(d: &Done) -> bool {
@@ -202,7 +202,7 @@ pub fn wait_task(
 
 /// A minimal NBD client over a unix socket: fixed-newstyle greeting, no zeroes.
 pub fn nbd_hello(sock: &std::path::Path) -> std::os::unix::net::UnixStream {
-    use sealdisk::frontend::nbd::proto::*;
+    use sealdisk::testing::nbd::*;
     use std::io::{Read, Write};
     let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap_or_else(|e| panic!("{}: {e}", sock.display()));
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
@@ -216,7 +216,7 @@ pub fn nbd_hello(sock: &std::path::Path) -> std::os::unix::net::UnixStream {
 
 /// Sends option `opt` with `data`.
 pub fn nbd_option(s: &mut std::os::unix::net::UnixStream, opt: u32, data: &[u8]) {
-    use sealdisk::frontend::nbd::proto::IHAVEOPT;
+    use sealdisk::testing::nbd::IHAVEOPT;
     use std::io::Write;
     let mut m = IHAVEOPT.to_be_bytes().to_vec();
     m.extend_from_slice(&opt.to_be_bytes());
@@ -238,7 +238,7 @@ pub fn nbd_reply(s: &mut std::os::unix::net::UnixStream) -> (u32, Vec<u8>) {
 /// Greeting and `NBD_OPT_GO` for `export`: the connection in transmission, or the
 /// error reply type.
 pub fn nbd_go(sock: &std::path::Path, export: &str) -> Result<std::os::unix::net::UnixStream, u32> {
-    use sealdisk::frontend::nbd::proto::*;
+    use sealdisk::testing::nbd::*;
     let mut s = nbd_hello(sock);
     let mut d = (export.len() as u32).to_be_bytes().to_vec();
     d.extend_from_slice(export.as_bytes());
@@ -253,24 +253,21 @@ pub fn nbd_go(sock: &std::path::Path, export: &str) -> Result<std::os::unix::net
     }
 }
 
-/// A temporary directory, removed on drop.
-pub struct TempDir(pub std::path::PathBuf);
+/// A temporary directory `.0`, removed on drop with everything next to it (a daemon's
+/// log, `start_daemon`): it lives inside a `tempfile` directory of its own.
+pub struct TempDir(pub std::path::PathBuf, #[allow(dead_code)] tempfile::TempDir);
 
 impl TempDir {
-    /// A fresh `$TMPDIR/sealdisk-<name>-<pid>`.
+    /// A fresh `$TMPDIR/sealdisk-<name>-XXXXXX/d` (short: unix socket paths beneath it
+    /// must fit in 108 bytes).
     pub fn new(name: &str) -> TempDir {
-        let d = std::env::temp_dir().join(format!("sealdisk-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        TempDir(d)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-        // A daemon's log next to it (`start_daemon`).
-        let _ = std::fs::remove_file(self.0.with_extension("log"));
+        let outer = tempfile::Builder::new()
+            .prefix(&format!("sealdisk-{name}-"))
+            .tempdir()
+            .unwrap();
+        let d = outer.path().join("d");
+        std::fs::create_dir(&d).unwrap();
+        TempDir(d, outer)
     }
 }
 
@@ -287,33 +284,57 @@ impl Drop for Daemon {
 /// Start `sealdisk serve --data-dir data` with `args` and `env`, stderr appended to
 /// `data.log` (next to the directory); returns once the control socket answers.
 pub fn start_daemon(bin: &str, data: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+    start_daemon_with(bin, data, args, &data.with_extension("log"), |c| {
+        c.envs(env.iter().copied());
+    })
+}
+
+/// [`start_daemon`] with stderr appended to `log_path`, and the command adjusted by
+/// `adjust` (environment, more arguments) before it starts. Panics with the log if the
+/// daemon exits before it answers.
+pub fn start_daemon_with(
+    bin: &str,
+    data: &std::path::Path,
+    args: &[&str],
+    log_path: &std::path::Path,
+    adjust: impl FnOnce(&mut std::process::Command),
+) -> Daemon {
     use std::process::{Command, Stdio};
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(data.with_extension("log"))
+        .open(log_path)
         .unwrap();
-    let child = Command::new(bin)
-        .args(["serve", "--data-dir"])
+    let mut cmd = Command::new(bin);
+    cmd.args(["serve", "--data-dir"])
         .arg(data)
         .args(args)
-        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+        .stderr(log);
+    adjust(&mut cmd);
+    let mut d = Daemon(cmd.spawn().unwrap());
     let t = Instant::now();
-    while sealdisk::control::client::Client::connect(&data.join("sealdisk.sock")).is_err() {
-        assert!(t.elapsed() < Duration::from_secs(30), "daemon did not start");
+    while sealdisk::Client::connect(&data.join("sealdisk.sock")).is_err() {
+        if let Some(st) = d.0.try_wait().unwrap() {
+            panic!(
+                "daemon exited ({st}): {}",
+                std::fs::read_to_string(log_path).unwrap_or_default()
+            );
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "daemon did not start: {}",
+            std::fs::read_to_string(log_path).unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
-    Daemon(child)
+    d
 }
 
 /// One RPC as account `acct1` in `cn-hangzhou`; panics on an error reply.
 pub fn rpc(data: &std::path::Path, method: &str, mut params: serde_json::Value) -> serde_json::Value {
-    let mut c = sealdisk::control::client::Client::connect(&data.join("sealdisk.sock")).unwrap();
+    let mut c = sealdisk::Client::connect(&data.join("sealdisk.sock")).unwrap();
     params["AccountId"] = "acct1".into();
     params["RegionId"] = "cn-hangzhou".into();
     c.call(method, params).unwrap_or_else(|e| panic!("{method}: {e}"))
@@ -347,7 +368,7 @@ pub fn nbd_cmd(
     payload: &[u8],
     read_len: usize,
 ) -> (u32, Vec<u8>) {
-    use sealdisk::frontend::nbd::proto::*;
+    use sealdisk::testing::nbd::*;
     use std::io::{Read, Write};
     let mut m = REQUEST_MAGIC.to_be_bytes().to_vec();
     m.extend_from_slice(&0u16.to_be_bytes());
@@ -372,12 +393,12 @@ pub fn nbd_cmd(
 
 /// An NBD write of `data` at `offset`: the reply's error (0 = done).
 pub fn nbd_write(s: &mut std::os::unix::net::UnixStream, cookie: u64, offset: u64, data: &[u8]) -> u32 {
-    use sealdisk::frontend::nbd::proto::CMD_WRITE;
+    use sealdisk::testing::nbd::CMD_WRITE;
     nbd_cmd(s, CMD_WRITE, cookie, offset, data.len() as u32, data, 0).0
 }
 
 /// An NBD read: (error, data).
 pub fn nbd_read(s: &mut std::os::unix::net::UnixStream, cookie: u64, offset: u64, len: u32) -> (u32, Vec<u8>) {
-    use sealdisk::frontend::nbd::proto::CMD_READ;
+    use sealdisk::testing::nbd::CMD_READ;
     nbd_cmd(s, CMD_READ, cookie, offset, len, &[], len as usize)
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 /// The calibrated clock (process-wide).
 #[derive(Debug, Clone, Copy)]
-pub struct Clock {
+pub(crate) struct Clock {
     tsc: bool,
     /// Nanoseconds per tick, 32.32 fixed point.
     mult: u64,
@@ -51,7 +51,7 @@ fn instant_ns() -> u64 {
 
 impl Clock {
     /// The process's clock, calibrated on first use (blocks ~20 ms then).
-    pub fn get() -> Clock {
+    pub(crate) fn get() -> Clock {
         *CLOCK.get_or_init(|| {
             let _ = ANCHOR.get_or_init(Instant::now);
             if !kernel_trusts_tsc() {
@@ -80,7 +80,7 @@ impl Clock {
 
     /// Now, in ticks (monotonic on this thread's core).
     #[inline]
-    pub fn ticks(&self) -> u64 {
+    pub(crate) fn ticks(&self) -> u64 {
         if self.tsc {
             rdtsc()
         } else {
@@ -90,19 +90,14 @@ impl Clock {
 
     /// Nanoseconds in `ticks` ticks.
     #[inline]
-    pub fn ns(&self, ticks: u64) -> u64 {
+    pub(crate) fn ns(&self, ticks: u64) -> u64 {
         ((ticks as u128 * self.mult as u128) >> 32) as u64
     }
 
     /// Nanoseconds since `earlier` (a [`Clock::ticks`] value).
     #[inline]
-    pub fn ns_since(&self, earlier: u64) -> u64 {
+    pub(crate) fn ns_since(&self, earlier: u64) -> u64 {
         self.ns(self.ticks().saturating_sub(earlier))
-    }
-
-    /// Whether ticks come from the time-stamp counter.
-    pub fn is_tsc(&self) -> bool {
-        self.tsc
     }
 }
 

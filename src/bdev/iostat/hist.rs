@@ -16,13 +16,13 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Largest value told apart from larger ones (nanoseconds): 2^40 - 1.
-pub const MAX_VALUE: u64 = (1 << 40) - 1;
+pub(crate) const MAX_VALUE: u64 = (1 << 40) - 1;
 /// Number of buckets.
-pub const BUCKETS: usize = 592;
+pub(crate) const BUCKETS: usize = 592;
 
 /// The bucket of a value.
 #[inline]
-pub fn index(v: u64) -> usize {
+pub(crate) fn index(v: u64) -> usize {
     let v = v.min(MAX_VALUE);
     if v < 32 {
         v as usize
@@ -34,7 +34,7 @@ pub fn index(v: u64) -> usize {
 }
 
 /// The smallest value in bucket `i`.
-pub fn low(i: usize) -> u64 {
+pub(crate) fn low(i: usize) -> u64 {
     if i < 32 {
         i as u64
     } else {
@@ -44,7 +44,7 @@ pub fn low(i: usize) -> u64 {
 }
 
 /// The largest value in bucket `i`.
-pub fn high(i: usize) -> u64 {
+pub(crate) fn high(i: usize) -> u64 {
     if i < 32 {
         i as u64
     } else {
@@ -53,7 +53,7 @@ pub fn high(i: usize) -> u64 {
 }
 
 /// A histogram one thread records into and any thread reads.
-pub struct AtomicHist {
+pub(crate) struct AtomicHist {
     counts: Box<[AtomicU64]>,
 }
 
@@ -68,19 +68,19 @@ impl Default for AtomicHist {
 impl AtomicHist {
     /// Count `v` (only the owning thread: a load and a store, no lock prefix).
     #[inline]
-    pub fn record_exclusive(&self, v: u64) {
+    pub(crate) fn record_exclusive(&self, v: u64) {
         let c = &self.counts[index(v)];
         c.store(c.load(Relaxed) + 1, Relaxed);
     }
 
     /// Count `v` from any thread (an atomic add).
     #[inline]
-    pub fn record_shared(&self, v: u64) {
+    pub(crate) fn record_shared(&self, v: u64) {
         self.counts[index(v)].fetch_add(1, Relaxed);
     }
 
     /// Adds the counts into `h`.
-    pub fn add_to(&self, h: &mut Hist) {
+    pub(crate) fn add_to(&self, h: &mut Hist) {
         for (d, c) in h.counts.iter_mut().zip(self.counts.iter()) {
             *d += c.load(Relaxed);
         }
@@ -181,7 +181,7 @@ impl Hist {
 }
 
 /// An empty `hdrhistogram::Histogram` with [`AtomicHist`]'s buckets.
-pub fn hdr_empty() -> hdrhistogram::Histogram<u64> {
+pub(crate) fn hdr_empty() -> hdrhistogram::Histogram<u64> {
     hdrhistogram::Histogram::new_with_bounds(1, MAX_VALUE, 1).expect("valid bounds")
 }
 

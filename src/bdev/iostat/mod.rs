@@ -48,8 +48,8 @@
 //! holds only a weak reference to the stack below, so statistics kept after
 //! a detach never keep a disk's key alive.
 
-pub mod clock;
-pub mod hist;
+pub(crate) mod clock;
+pub(crate) mod hist;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
@@ -60,7 +60,7 @@ use clock::Clock;
 use hist::{AtomicHist, Hist};
 
 /// Shards made per disk before channels share the overflow shard.
-pub const MAX_SHARDS: usize = 64;
+pub(crate) const MAX_SHARDS: usize = 64;
 
 /// A direction of I/O, as the statistics count them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -8,6 +8,7 @@
 //! [`super::super::report`]; [`to_json`] and [`to_text`] add the vhost
 //! figures (daemon CPU, notifications) in place of the reactor's.
 
+use super::super::BenchError;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Barrier;
@@ -80,7 +81,7 @@ pub struct VhostBenchReport {
 
 /// Segments per request of `bs` bytes: one, or pieces of `size_max` when
 /// the device sets it.
-fn seg_plan(d: &Driver, bs: u64) -> Result<u64, String> {
+fn seg_plan(d: &Driver, bs: u64) -> Result<u64, BenchError> {
     let n = d.negotiated();
     let c = d.config();
     let piece = if n.has(VIRTIO_BLK_F_SIZE_MAX) && c.size_max > 0 {
@@ -90,29 +91,29 @@ fn seg_plan(d: &Driver, bs: u64) -> Result<u64, String> {
     };
     let nsegs = bs.div_ceil(piece);
     if n.has(VIRTIO_BLK_F_SEG_MAX) && c.seg_max > 0 && nsegs > c.seg_max as u64 {
-        return Err(format!(
+        return Err(BenchError::Refused(format!(
             "bs={bs} needs {nsegs} segments of at most {piece} bytes; the device takes {}",
             c.seg_max
-        ));
+        )));
     }
     Ok(piece)
 }
 
-fn check_job(j: &FileJob) -> Result<(), String> {
+fn check_job(j: &FileJob) -> Result<(), BenchError> {
     if j.job.verify || j.job.verify_only {
-        return Err("verify is not supported by bench vhost".into());
+        return Err(BenchError::Refused("verify is not supported by bench vhost".into()));
     }
     if j.target.backend.is_some() || j.target.encrypt || j.target.sector_size.is_some() {
-        return Err(format!(
+        return Err(BenchError::Refused(format!(
             "job {}: backend/filename/encrypt/sector_size do not apply: bench vhost drives the socket",
             j.job.name
-        ));
+        )));
     }
     Ok(())
 }
 
 /// Run the jobs, one after another, on one connection.
-pub fn run(opts: &VhostBenchOpts) -> Result<VhostBenchReport, String> {
+pub fn run(opts: &VhostBenchOpts) -> Result<VhostBenchReport, BenchError> {
     for j in &opts.jobs {
         check_job(j)?;
     }
@@ -146,7 +147,8 @@ pub fn run(opts: &VhostBenchOpts) -> Result<VhostBenchReport, String> {
         features,
         ..DriverOptions::default()
     };
-    let mut d = Driver::connect(&opts.socket, &dopts).map_err(|e| format!("{}: {e}", opts.socket.display()))?;
+    let mut d =
+        Driver::connect(&opts.socket, &dopts).map_err(|e| BenchError::setup(opts.socket.display().to_string(), e))?;
     let mut groups = Vec::new();
     for fj in &opts.jobs {
         groups.push(run_job(&mut d, &fj.job, opts)?);
@@ -425,13 +427,13 @@ fn job_loop(
     }
 }
 
-fn run_job(d: &mut Driver, spec: &JobSpec, opts: &VhostBenchOpts) -> Result<VhostGroup, String> {
+fn run_job(d: &mut Driver, spec: &JobSpec, opts: &VhostBenchOpts) -> Result<VhostGroup, BenchError> {
     let nq = d.num_queues();
     if spec.numjobs as usize > nq {
-        return Err(format!(
+        return Err(BenchError::Refused(format!(
             "numjobs={} but the device has {nq} queue(s): one job per virtqueue",
             spec.numjobs
-        ));
+        )));
     }
     let cap = d.config().capacity_bytes();
     let bs = spec.bs;
@@ -439,24 +441,26 @@ fn run_job(d: &mut Driver, spec: &JobSpec, opts: &VhostBenchOpts) -> Result<Vhos
     let descs = spec.iodepth as u64 * (bs.div_ceil(piece) + 2);
     let qsize = d.queue(0).size() as u64;
     if descs > qsize {
-        return Err(format!(
+        return Err(BenchError::Refused(format!(
             "iodepth={} x {} descriptors per request needs {descs} descriptors; the queues have {qsize} (--queue-size)",
             spec.iodepth,
             bs.div_ceil(piece) + 2
-        ));
+        )));
     }
     let mut regions = Vec::new();
     for j in 0..spec.numjobs as u64 {
         let off = spec.offset + j * spec.offset_increment;
         if !off.is_multiple_of(bs) || off >= cap {
-            return Err(format!(
+            return Err(BenchError::Refused(format!(
                 "job {j}: offset {off} is not a multiple of bs={bs} or not below the capacity ({cap} bytes)"
-            ));
+            )));
         }
         let len = spec.size.unwrap_or(cap - off).min(cap - off);
         let blocks = len / bs;
         if blocks == 0 {
-            return Err(format!("job {j}: size={len} is smaller than bs={bs}"));
+            return Err(BenchError::Refused(format!(
+                "job {j}: size={len} is smaller than bs={bs}"
+            )));
         }
         regions.push((off, blocks));
     }
@@ -465,7 +469,7 @@ fn run_job(d: &mut Driver, spec: &JobSpec, opts: &VhostBenchOpts) -> Result<Vhos
     let start = Barrier::new(spec.numjobs as usize + 1);
     let target = format!("vhost-user-blk:{}", opts.socket.display());
     let me = std::process::id();
-    let (outs, daemon, bench, wall) = std::thread::scope(|sc| -> Result<_, String> {
+    let (outs, daemon, bench, wall) = std::thread::scope(|sc| -> Result<_, BenchError> {
         let mut handles = Vec::new();
         for (j, q) in d.queues_mut().iter_mut().take(spec.numjobs as usize).enumerate() {
             let (prog, abort, start) = (&prog, &abort, &start);
@@ -476,7 +480,7 @@ fn run_job(d: &mut Driver, spec: &JobSpec, opts: &VhostBenchOpts) -> Result<Vhos
                     .spawn_scoped(sc, move || {
                         job_loop(q, spec, j as u32, off, blocks, piece, opts.spin, start, abort, prog)
                     })
-                    .map_err(|e| format!("spawning a job thread: {e}"))?,
+                    .map_err(|e| BenchError::setup("spawning a job thread", e))?,
             );
         }
         start.wait();
@@ -486,12 +490,18 @@ fn run_job(d: &mut Driver, spec: &JobSpec, opts: &VhostBenchOpts) -> Result<Vhos
         let tty = opts.progress && std::io::IsTerminal::is_terminal(&std::io::stderr());
         let (mut last_ios, mut last_t) = (0u64, Instant::now());
         let mut samples = None;
-        let sample_all = || -> Result<_, String> {
+        let sample_all = || -> Result<_, BenchError> {
             let dm = match opts.pid {
-                Some(p) => Some(cpu::sample(p).map_err(|e| format!("/proc/{p}: {e}"))?),
+                Some(p) => Some(cpu::sample(p).map_err(|source| BenchError::Io {
+                    path: format!("/proc/{p}").into(),
+                    source,
+                })?),
                 None => None,
             };
-            let mine = cpu::sample(me).map_err(|e| format!("/proc/self: {e}"))?;
+            let mine = cpu::sample(me).map_err(|source| BenchError::Io {
+                path: "/proc/self".into(),
+                source,
+            })?;
             Ok((dm, mine))
         };
         if spec.ramp_time.is_zero() {
@@ -533,7 +543,10 @@ fn run_job(d: &mut Driver, spec: &JobSpec, opts: &VhostBenchOpts) -> Result<Vhos
         let bench = cpu::delta(&begin.1, &end.1);
         let outs: Vec<JobOut> = handles
             .into_iter()
-            .map(|h| h.join().map_err(|_| "a job thread panicked".to_string()))
+            .map(|h| {
+                h.join()
+                    .map_err(|_| BenchError::Refused("a job thread panicked".into()))
+            })
             .collect::<Result<_, _>>()?;
         Ok((outs, daemon, bench, wall))
     })?;
@@ -607,7 +620,7 @@ fn io_report(r: &VhostBenchReport) -> IoBenchReport {
     }
 }
 
-/// fio's JSON layout (from [`report::to_json`]) with the vhost figures in
+/// fio's JSON layout (from `report::to_json`) with the vhost figures in
 /// each job's `sealdisk` object and the device in the top-level one.
 pub fn to_json(r: &VhostBenchReport) -> Value {
     let mut v = report::to_json(&io_report(r));
@@ -659,7 +672,7 @@ pub fn to_json(r: &VhostBenchReport) -> Value {
     v
 }
 
-/// fio-like text ([`report::to_text`]) with the CPU line naming the bench's
+/// fio-like text (`report::to_text`) with the CPU line naming the bench's
 /// and the daemon's CPU per I/O.
 pub fn to_text(r: &VhostBenchReport) -> String {
     use std::fmt::Write;

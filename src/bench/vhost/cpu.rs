@@ -9,7 +9,7 @@ use std::time::Instant;
 
 /// One reading of a process's CPU time.
 #[derive(Debug, Clone)]
-pub struct CpuSample {
+pub(crate) struct CpuSample {
     pub at: Instant,
     /// User and system time of the whole process (ticks converted to ns).
     pub utime_ns: u64,
@@ -65,7 +65,7 @@ fn parse_stat(s: &str) -> Option<(u64, u64)> {
 }
 
 /// Nanoseconds of CPU process `pid` has used (all its threads, living and exited).
-pub fn process_cpu_ns(pid: u32) -> io::Result<u64> {
+pub(crate) fn process_cpu_ns(pid: u32) -> io::Result<u64> {
     let mut clk: libc::clockid_t = 0;
     // SAFETY: clk is a valid out-pointer for the call.
     let r = unsafe { libc::clock_getcpuclockid(pid as libc::pid_t, &mut clk) };
@@ -81,7 +81,7 @@ pub fn process_cpu_ns(pid: u32) -> io::Result<u64> {
 }
 
 /// Sample process `pid`'s CPU time now.
-pub fn sample(pid: u32) -> io::Result<CpuSample> {
+pub(crate) fn sample(pid: u32) -> io::Result<CpuSample> {
     let at = Instant::now();
     let clock_ns = process_cpu_ns(pid).ok();
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
@@ -116,7 +116,7 @@ pub fn sample(pid: u32) -> io::Result<CpuSample> {
 }
 
 /// What happened between `a` and `b` (b later).
-pub fn delta(a: &CpuSample, b: &CpuSample) -> CpuDelta {
+pub(crate) fn delta(a: &CpuSample, b: &CpuSample) -> CpuDelta {
     let usr = b.utime_ns.saturating_sub(a.utime_ns);
     let sys = b.stime_ns.saturating_sub(a.stime_ns);
     let exited = a.threads.keys().filter(|t| !b.threads.contains_key(t)).count();

@@ -3,7 +3,7 @@
 //! and runs virtio-blk requests on them.
 //!
 //! ```no_run
-//! use sealdisk::bench::vhost::{Driver, DriverOptions};
+//! use sealdisk::testing::vmm::{Driver, DriverOptions};
 //! let mut d = Driver::connect("/tmp/x.sock", &DriverOptions::default()).unwrap();
 //! println!("{} sectors, {} queues", d.config().capacity, d.num_queues());
 //! assert_eq!(d.write(0, 8, &[0xab; 4096]).unwrap(), 0);
@@ -35,7 +35,7 @@ use super::virtq::{BlkOp, BlkRange, Completion, Virtq};
 use super::Error;
 
 /// VHOST_USER_F_PROTOCOL_FEATURES.
-pub const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
+pub(crate) const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
 
 const fn bit(b: u32) -> u64 {
     1 << b
@@ -58,7 +58,7 @@ pub const DEFAULT_FEATURES: u64 = bit(VIRTIO_F_VERSION_1)
     | bit(VIRTIO_BLK_F_WRITE_ZEROES);
 
 /// Protocol features the driver acks when offered (CONFIG is required).
-pub fn default_protocol_features() -> VhostUserProtocolFeatures {
+pub(crate) fn default_protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
@@ -634,7 +634,7 @@ pub fn feature_names(f: u64) -> Vec<String> {
 }
 
 /// Names of the protocol feature bits set in `p`.
-pub fn protocol_names(p: u64) -> Vec<String> {
+pub(crate) fn protocol_names(p: u64) -> Vec<String> {
     let mut out = Vec::new();
     for (name, f) in VhostUserProtocolFeatures::from_bits_retain(p).iter_names() {
         let _ = f;

@@ -231,20 +231,6 @@ impl GuestMem {
         Ok(unsafe { std::ptr::read_volatile(p) })
     }
 
-    /// A slice of guest memory.
-    ///
-    /// # Safety
-    /// While the slice lives, no other reference to the same bytes may exist
-    /// (no overlapping `slice_mut`, and no [`GuestBuf`] accessor for them), and
-    /// no request in flight may let the device access them.
-    #[allow(clippy::mut_from_ref)]
-    pub unsafe fn slice_mut(&self, gpa: u64, len: usize) -> io::Result<&mut [u8]> {
-        let p = self.ptr(gpa, len)?;
-        // SAFETY: p..p+len is inside our mapping (checked), which lives as
-        // long as `self`; exclusivity is the caller's promise (see above).
-        Ok(unsafe { std::slice::from_raw_parts_mut(p, len) })
-    }
-
     /// `len` bytes aligned to `align` (a power of two), zeroed, from the free
     /// ranges inside the memory table.
     pub fn alloc(self: &Arc<Self>, len: u64, align: u64) -> io::Result<GuestBuf> {

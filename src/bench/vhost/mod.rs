@@ -1,15 +1,13 @@
 //! `sealdisk bench vhost`: fio-style load through any vhost-user-blk
 //! backend's socket, from a VMM-side driver in this process.
 
-pub mod bench;
-pub mod cpu;
-pub mod driver;
-pub mod mem;
-pub mod virtq;
+pub(crate) mod bench;
+pub(crate) mod cpu;
+pub(crate) mod driver;
+pub(crate) mod mem;
+pub(crate) mod virtq;
 
-pub use driver::{BlkConfig, Driver, DriverOptions, Negotiated};
-pub use mem::{GuestBuf, GuestMem, Seg};
-pub use virtq::{blk_header, BlkOp, BlkRange, Completion, QueueStats, RawDesc, Virtq};
+pub(crate) use driver::{BlkConfig, Negotiated};
 
 /// Errors of the driver.
 #[derive(Debug)]
@@ -65,7 +63,7 @@ impl std::error::Error for Error {
 /// `sealdisk bench vhost`'s options; fio's keep fio's spelling
 /// (`--rw=randread --bs=4k --iodepth=32`), as in `bench io`.
 #[derive(Debug, clap::Args)]
-pub struct VhostArgs {
+pub(crate) struct VhostArgs {
     #[command(flatten)]
     pub fio: crate::bench::fio::FioArgs,
     /// The backend's vhost-user-blk socket.
@@ -94,10 +92,13 @@ pub struct VhostArgs {
 
 /// Run `sealdisk bench vhost`: the report on stdout; Ok(false) when a job
 /// failed.
-pub fn main(a: &VhostArgs) -> Result<bool, String> {
+pub(crate) fn main(a: &VhostArgs) -> Result<bool, super::BenchError> {
     let jobs = a.fio.jobs(&[], |_| {})?;
     if a.output_format != "normal" && a.output_format != "json" {
-        return Err(format!("--output-format={}: use normal or json", a.output_format));
+        return Err(super::BenchError::Refused(format!(
+            "--output-format={}: use normal or json",
+            a.output_format
+        )));
     }
     let opts = bench::VhostBenchOpts {
         socket: a.socket.clone(),

@@ -34,11 +34,11 @@ use super::Error;
 
 /// Bytes of guest memory per request slot: header at 0, status at 16,
 /// inline payload from 32.
-pub const SLOT_BYTES: u64 = 128;
+pub(crate) const SLOT_BYTES: u64 = 128;
 const SLOT_STATUS: u64 = 16;
 const SLOT_PAYLOAD: u64 = 32;
 /// Discard / write-zeroes ranges that fit in a slot's inline payload.
-pub const MAX_INLINE_RANGES: usize = ((SLOT_BYTES - SLOT_PAYLOAD) / 16) as usize;
+pub(crate) const MAX_INLINE_RANGES: usize = ((SLOT_BYTES - SLOT_PAYLOAD) / 16) as usize;
 /// What the driver writes into a status byte before submitting: a device
 /// that never writes the status leaves it.
 pub const STATUS_UNWRITTEN: u8 = 0xff;
@@ -214,7 +214,7 @@ fn io_err(what: &str, e: io::Error) -> Error {
 
 /// VIRTIO's `vring_need_event`: should the other side be notified, given
 /// its event index and the move of our index from `old` to `new`?
-pub fn vring_need_event(event: u16, new: u16, old: u16) -> bool {
+pub(crate) fn vring_need_event(event: u16, new: u16, old: u16) -> bool {
     new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
 }
 

@@ -353,7 +353,9 @@ impl Control {
     /// `bdev` through a crypto layer with `xts`, or as it is.
     fn crypto_over(bdev: BdevRef, xts: Option<Arc<Xts>>) -> Result<BdevRef, ControlError> {
         Ok(match xts {
-            Some(x) => Arc::new(CryptoBdev::new(bdev, x, ENCRYPTION_SECTOR).map_err(ControlError::DataPath)?),
+            Some(x) => Arc::new(
+                CryptoBdev::new(bdev, x, ENCRYPTION_SECTOR).map_err(|e| ControlError::DataPath(e.to_string()))?,
+            ),
             None => bdev,
         })
     }

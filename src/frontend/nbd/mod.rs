@@ -16,8 +16,8 @@
 //! See `docs/nbd.md` for what is advertised and why.
 
 mod conn;
-pub mod proto;
-pub mod tls;
+pub(crate) mod proto;
+pub(crate) mod tls;
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -37,9 +37,9 @@ use crate::reactor::{Reactors, SendError};
 use proto::*;
 
 /// Largest payload advertised (the protocol's interoperable maximum).
-pub const MAX_PAYLOAD: u32 = 32 << 20;
+pub(crate) const MAX_PAYLOAD: u32 = 32 << 20;
 /// Preferred block size advertised.
-pub const PREFERRED_BLOCK: u32 = 4096;
+pub(crate) const PREFERRED_BLOCK: u32 = 4096;
 /// How long a client may take over one handshake read or write.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Handshakes running at once; further clients wait in the listen backlog.
@@ -496,7 +496,7 @@ fn accept_loop(
 }
 
 /// Transmission flags for an export.
-pub fn transmission_flags(e: &Export, structured: bool) -> u16 {
+pub(crate) fn transmission_flags(e: &Export, structured: bool) -> u16 {
     let mut f = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_CAN_MULTI_CONN;
     if structured {
         // Reads are always answered in one chunk, so "don't fragment" holds.

@@ -14,7 +14,7 @@
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use rustls::pki_types::pem::PemObject;
@@ -22,39 +22,54 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ServerConfig, ServerConnection, StreamOwned};
 
+/// Why `--tls-dir` gave no TLS configuration: the directory, the file or step, and the
+/// cause (a PEM file that does not read or parse, a certificate rustls refuses).
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {what}: {source}", dir.display())]
+pub struct TlsError {
+    pub dir: PathBuf,
+    pub what: &'static str,
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
 /// The server's TLS configuration from `dir`.
-pub fn server_config(dir: &Path) -> Result<Arc<ServerConfig>, String> {
-    let err = |what: &str, e: &dyn std::fmt::Display| format!("{}: {what}: {e}", dir.display());
+pub fn server_config(dir: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+    let err = |what: &'static str, source: Box<dyn std::error::Error + Send + Sync>| TlsError {
+        dir: dir.to_path_buf(),
+        what,
+        source,
+    };
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("server-cert.pem"))
-        .map_err(|e| err("server-cert.pem", &e))?
+        .map_err(|e| err("server-cert.pem", e.into()))?
         .collect::<Result<_, _>>()
-        .map_err(|e| err("server-cert.pem", &e))?;
+        .map_err(|e| err("server-cert.pem", e.into()))?;
     if certs.is_empty() {
-        return Err(err("server-cert.pem", &"no certificate in it"));
+        return Err(err("server-cert.pem", "no certificate in it".into()));
     }
-    let key = PrivateKeyDer::from_pem_file(dir.join("server-key.pem")).map_err(|e| err("server-key.pem", &e))?;
+    let key = PrivateKeyDer::from_pem_file(dir.join("server-key.pem")).map_err(|e| err("server-key.pem", e.into()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| err("TLS versions", &e))?;
+        .map_err(|e| err("TLS versions", e.into()))?;
     let ca = dir.join("ca-cert.pem");
     let builder = if ca.exists() {
         let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_file_iter(&ca).map_err(|e| err("ca-cert.pem", &e))? {
+        for c in CertificateDer::pem_file_iter(&ca).map_err(|e| err("ca-cert.pem", e.into()))? {
             roots
-                .add(c.map_err(|e| err("ca-cert.pem", &e))?)
-                .map_err(|e| err("ca-cert.pem", &e))?;
+                .add(c.map_err(|e| err("ca-cert.pem", e.into()))?)
+                .map_err(|e| err("ca-cert.pem", e.into()))?;
         }
         let v = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
             .build()
-            .map_err(|e| err("ca-cert.pem", &e))?;
+            .map_err(|e| err("ca-cert.pem", e.into()))?;
         builder.with_client_cert_verifier(v)
     } else {
         builder.with_no_client_auth()
     };
     let cfg = builder
         .with_single_cert(certs, key)
-        .map_err(|e| err("server certificate and key", &e))?;
+        .map_err(|e| err("server certificate and key", e.into()))?;
     Ok(Arc::new(cfg))
 }
 

@@ -28,11 +28,11 @@ use super::DiskInfo;
 use crate::reactor::Reactors;
 
 /// Largest virtqueue the device takes.
-pub const MAX_QUEUE_SIZE: u16 = 1024;
+pub(crate) const MAX_QUEUE_SIZE: u16 = 1024;
 /// Data segments per request (SEG_MAX): the queue size less header and status.
-pub const SEG_MAX: u32 = 126;
+pub(crate) const SEG_MAX: u32 = 126;
 /// Largest data segment (SIZE_MAX).
-pub const SIZE_MAX: u32 = 1 << 20;
+pub(crate) const SIZE_MAX: u32 = 1 << 20;
 /// Memory slots (CONFIGURE_MEM_SLOTS).
 const MAX_MEM_SLOTS: u64 = 32;
 /// How long a stop waits for a queue's requests to drain.

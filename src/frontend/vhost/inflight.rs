@@ -27,12 +27,12 @@ const DESC: usize = 16;
 const VERSION: u16 = 1;
 
 /// Bytes of one queue's region.
-pub fn queue_region_size(queue_size: u16) -> usize {
+pub(crate) fn queue_region_size(queue_size: u16) -> usize {
     (HEADER + DESC * queue_size as usize).div_ceil(64) * 64
 }
 
 /// A mapped inflight area.
-pub struct InflightMap {
+pub(crate) struct InflightMap {
     ptr: *mut u8,
     len: usize,
     pub num_queues: u16,
@@ -49,7 +49,7 @@ unsafe impl Sync for InflightMap {}
 impl InflightMap {
     /// A new zeroed area in a memfd (GET_INFLIGHT_FD); returns the map and the
     /// file to hand the VMM.
-    pub fn create(num_queues: u16, queue_size: u16) -> io::Result<(Arc<InflightMap>, File)> {
+    pub(crate) fn create(num_queues: u16, queue_size: u16) -> io::Result<(Arc<InflightMap>, File)> {
         let len = queue_region_size(queue_size) * num_queues as usize;
         if len == 0 {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "no queues"));
@@ -67,7 +67,13 @@ impl InflightMap {
     }
 
     /// Map an area the VMM hands back (SET_INFLIGHT_FD).
-    pub fn map(file: &File, offset: u64, len: usize, num_queues: u16, queue_size: u16) -> io::Result<Arc<InflightMap>> {
+    pub(crate) fn map(
+        file: &File,
+        offset: u64,
+        len: usize,
+        num_queues: u16,
+        queue_size: u16,
+    ) -> io::Result<Arc<InflightMap>> {
         if num_queues == 0 || len < queue_region_size(queue_size) * num_queues as usize {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -97,7 +103,7 @@ impl InflightMap {
     }
 
     /// Queue `i`'s region (`None` past the area).
-    pub fn queue(self: &Arc<Self>, i: u16, queue_size: u16) -> Option<QueueInflight> {
+    pub(crate) fn queue(self: &Arc<Self>, i: u16, queue_size: u16) -> Option<QueueInflight> {
         if i >= self.num_queues || queue_size > self.queue_size {
             return None;
         }
@@ -121,7 +127,7 @@ impl Drop for InflightMap {
 }
 
 /// One queue's inflight region.
-pub struct QueueInflight {
+pub(crate) struct QueueInflight {
     base: *mut u8,
     size: u16,
     _map: Arc<InflightMap>,
@@ -162,7 +168,7 @@ impl QueueInflight {
     /// Recover after a (re)connect: returns the heads still in flight, oldest
     /// first. The used ring's index is `used_idx`; the next chain to take is
     /// `used_idx + returned.len()`.
-    pub fn recover(&mut self, used_idx: u16) -> Vec<u16> {
+    pub(crate) fn recover(&mut self, used_idx: u16) -> Vec<u16> {
         if self.u16_at(8) != VERSION {
             // A fresh area: nothing was in flight.
             for h in 0..self.size {
@@ -192,7 +198,7 @@ impl QueueInflight {
     }
 
     /// A chain was taken from the avail ring.
-    pub fn taken(&mut self, head: u16) {
+    pub(crate) fn taken(&mut self, head: u16) {
         if head >= self.size {
             return;
         }
@@ -205,7 +211,7 @@ impl QueueInflight {
     }
 
     /// Before `head` goes into the used ring.
-    pub fn answering(&mut self, head: u16) {
+    pub(crate) fn answering(&mut self, head: u16) {
         if head >= self.size {
             return;
         }
@@ -215,7 +221,7 @@ impl QueueInflight {
     }
 
     /// After `head` went into the used ring, whose index is now `used_idx`.
-    pub fn answered(&mut self, head: u16, used_idx: u16) {
+    pub(crate) fn answered(&mut self, head: u16, used_idx: u16) {
         if head >= self.size {
             return;
         }

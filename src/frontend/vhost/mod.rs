@@ -15,10 +15,10 @@
 //! queues drain first); a detach stops the device the same way and removes
 //! the socket, so the key goes once the last channel closes.
 
-pub mod device;
-pub mod inflight;
-pub mod queue;
-pub mod request;
+pub(crate) mod device;
+pub(crate) mod inflight;
+pub(crate) mod queue;
+pub(crate) mod request;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -42,12 +42,12 @@ use request::Malformed;
 /// Virtqueues a disk offers by default: QEMU asks for one per vCPU unless told
 /// otherwise and refuses a device that offers fewer, so this is not capped at
 /// the reactor count (several queues then share a reactor).
-pub const DEFAULT_QUEUES: u16 = 16;
+pub(crate) const DEFAULT_QUEUES: u16 = 16;
 
-pub use crate::layout::{vhost_socket as socket_path, VHOST_DIR};
+pub(crate) use crate::layout::VHOST_DIR;
 
 /// What the queues of one disk share: the disk and its settings.
-pub struct DiskInfo {
+pub(crate) struct DiskInfo {
     pub export: Export,
     pub capacity: u64,
     pub block_size: u32,
@@ -83,7 +83,7 @@ impl DiskInfo {
     }
 
     /// The GET_ID answer: the disk id, NUL-padded to 20 bytes.
-    pub fn id_bytes(&self) -> [u8; 20] {
+    pub(crate) fn id_bytes(&self) -> [u8; 20] {
         let mut id = [0u8; 20];
         let b = self.export.name.as_bytes();
         let n = b.len().min(20);
@@ -153,7 +153,7 @@ pub struct VhostConfig {
     pub instances_dir: PathBuf,
     /// Group of the sockets (the VMM's); None: root's.
     pub gid: Option<u32>,
-    /// Virtqueues offered per disk (default: [`DEFAULT_QUEUES`], or one per
+    /// Virtqueues offered per disk (default: `DEFAULT_QUEUES`, or one per
     /// reactor if there are more reactors). Queues map onto the reactors
     /// round-robin.
     pub num_queues: Option<u16>,

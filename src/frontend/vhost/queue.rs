@@ -45,22 +45,22 @@ use crate::uring::{Ring, Route};
 const PART_BITS: u32 = 16;
 /// Largest request taken (larger ones are answered IOERR): bounded so one
 /// request can always get its buffers from the reactor's pool.
-pub const MAX_REQUEST_BYTES: u64 = 32 << 20;
+pub(crate) const MAX_REQUEST_BYTES: u64 = 32 << 20;
 /// Ranges per discard / write-zeroes request.
-pub const MAX_RANGES: usize = 16;
+pub(crate) const MAX_RANGES: usize = 16;
 /// Longest range of a discard / write-zeroes, in sectors (the bdev's
 /// request size for trims).
-pub const MAX_RANGE_SECTORS: u32 = (32 << 20) / SECTOR as u32;
+pub(crate) const MAX_RANGE_SECTORS: u32 = (32 << 20) / SECTOR as u32;
 
 /// Where a stopped queue left off (GET_VRING_BASE answers `next_avail`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Stopped {
+pub(crate) struct Stopped {
     pub next_avail: u16,
     pub next_used: u16,
 }
 
 /// What the control thread shares with a running queue.
-pub struct QueueShared {
+pub(crate) struct QueueShared {
     stop: AtomicBool,
     /// The call eventfd (raw; owned by the control side, which closes an old
     /// one only after a reactor round trip).
@@ -126,18 +126,32 @@ pub(super) struct QueueStart {
     pub disk: Arc<DiskInfo>,
 }
 
+/// Why a queue's poller did not start on a reactor.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum StartError {
+    #[error("opening the disk's I/O channel on reactor {reactor}: {source}")]
+    Channel {
+        reactor: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reactor {0} has no free completion route")]
+    NoRoute(usize),
+}
+
 /// Start the queue's poller on this reactor (run from a reactor message).
-pub(super) fn start(ctx: &mut ReactorCtx, s: QueueStart) -> Result<(), String> {
+pub(super) fn start(ctx: &mut ReactorCtx, s: QueueStart) -> Result<(), StartError> {
     let chan = s
         .disk
         .export
         .bdev
         .open_channel(&ctx.chan)
-        .map_err(|e| format!("opening the disk's I/O channel on reactor {}: {e}", ctx.id))?;
+        .map_err(|source| StartError::Channel {
+            reactor: ctx.id,
+            source,
+        })?;
     let ring = ctx.chan.ring.clone();
-    let kick_route = ring
-        .route()
-        .ok_or_else(|| format!("reactor {} has no free completion route", ctx.id))?;
+    let kick_route = ring.route().ok_or(StartError::NoRoute(ctx.id))?;
     ctx.add_poller(Box::new(QueuePoller {
         index: s.index,
         inflight: s.inflight,

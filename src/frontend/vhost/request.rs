@@ -23,11 +23,11 @@ use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// Bytes of `struct virtio_blk_outhdr`.
-pub const HEADER_LEN: u32 = 16;
+pub(crate) const HEADER_LEN: u32 = 16;
 /// Bytes of one `struct virtio_blk_discard_write_zeroes` segment.
-pub const RANGE_LEN: u32 = 16;
+pub(crate) const RANGE_LEN: u32 = 16;
 /// virtio-blk's sector unit, whatever the disk's block size.
-pub const SECTOR: u64 = 512;
+pub(crate) const SECTOR: u64 = 512;
 
 /// What the guest asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,7 +50,7 @@ pub struct Seg {
 }
 
 /// Segments of one request; four inline cover most requests.
-pub type Segs = SmallVec<[Seg; 4]>;
+pub(crate) type Segs = SmallVec<[Seg; 4]>;
 
 /// A well-formed request.
 #[derive(Debug)]
@@ -242,7 +242,7 @@ pub fn walk(mem: &GuestMemoryMmap, desc_table: u64, queue_size: u16, head: u16) 
 
 /// One range of a discard or write-zeroes request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Range {
+pub(crate) struct Range {
     pub sector: u64,
     pub sectors: u32,
     pub flags: u32,
@@ -250,7 +250,7 @@ pub struct Range {
 
 /// The pieces of `segs` covering `len` bytes from byte `from`, as
 /// (pointer, length) pairs.
-pub fn slice(segs: &[Seg], mut from: usize, len: usize) -> crate::bdev::LentSegs {
+pub(crate) fn slice(segs: &[Seg], mut from: usize, len: usize) -> crate::bdev::LentSegs {
     let mut out = crate::bdev::LentSegs::new();
     let mut left = len;
     for s in segs {
@@ -277,7 +277,7 @@ pub fn slice(segs: &[Seg], mut from: usize, len: usize) -> crate::bdev::LentSegs
 /// # Safety
 /// Every segment must point into guest memory that stays mapped for the
 /// call (the caller holds the memory table).
-pub unsafe fn gather(segs: &[Seg], mut from: usize, dst: &mut [u8]) {
+pub(crate) unsafe fn gather(segs: &[Seg], mut from: usize, dst: &mut [u8]) {
     let mut at = 0;
     for s in segs {
         let len = s.len as usize;
@@ -303,7 +303,7 @@ pub unsafe fn gather(segs: &[Seg], mut from: usize, dst: &mut [u8]) {
 ///
 /// # Safety
 /// As for [`gather`].
-pub unsafe fn scatter(segs: &[Seg], mut from: usize, src: &[u8]) {
+pub(crate) unsafe fn scatter(segs: &[Seg], mut from: usize, src: &[u8]) {
     let mut at = 0;
     for s in segs {
         let len = s.len as usize;
@@ -328,7 +328,7 @@ pub unsafe fn scatter(segs: &[Seg], mut from: usize, src: &[u8]) {
 ///
 /// # Safety
 /// As for [`gather`].
-pub unsafe fn ranges(req: &BlkRequest, max: usize) -> Option<SmallVec<[Range; 1]>> {
+pub(crate) unsafe fn ranges(req: &BlkRequest, max: usize) -> Option<SmallVec<[Range; 1]>> {
     let n = (req.data_len / RANGE_LEN as u64) as usize;
     if n > max {
         return None;

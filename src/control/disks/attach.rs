@@ -11,23 +11,23 @@ use std::sync::Arc;
 use redb::WriteTransaction;
 use serde_json::{json, Value};
 
-use super::{Control, ControlError, Params, ENCRYPTION_SECTOR};
 use crate::bdev::crypto::CryptoBdev;
 use crate::bdev::iostat::StatsBdev;
 use crate::bdev::qos::{QosBdev, QosLimits};
 use crate::bdev::BdevRef;
 use crate::catalog::{self, AttachmentRecord, DiskRecord};
+use crate::control::{Control, ControlError, Params, ENCRYPTION_SECTOR};
 use crate::export::Export;
 use crate::kms::{CallOpts, DataKey, KeyContext, Reservation};
 
 /// Disks put back on the data path, and the ones that failed (disk id, error).
-pub type Restored = (Vec<String>, Vec<(String, ControlError)>);
+pub(in crate::control) type Restored = (Vec<String>, Vec<(String, ControlError)>);
 
 impl Control {
     /// The block device of a disk for the data path. With `key` the plaintext key is
     /// already at hand (CreateInstance); otherwise an encrypted disk's key is unwrapped
     /// (one KMS call, from `res` if given).
-    pub(super) fn build_export(
+    pub(in crate::control) fn build_export(
         &self,
         d: &DiskRecord,
         key: Option<DataKey>,
@@ -65,7 +65,9 @@ impl Control {
                         .map_err(|e| ControlError::DataPath(format!("XTS engine: {e}")))?,
                 );
                 drop(key);
-                Arc::new(CryptoBdev::new(vol, xts, ENCRYPTION_SECTOR).map_err(ControlError::DataPath)?)
+                Arc::new(
+                    CryptoBdev::new(vol, xts, ENCRYPTION_SECTOR).map_err(|e| ControlError::DataPath(e.to_string()))?,
+                )
             }
         };
         // QoS caps sit on top, so a throttled request holds no bounce buffer.
@@ -86,7 +88,7 @@ impl Control {
     }
 
     /// Records an attachment in `txn` after checking it is allowed.
-    pub(super) fn check_attach(
+    pub(in crate::control) fn check_attach(
         &self,
         txn: &WriteTransaction,
         d: &DiskRecord,
@@ -134,7 +136,7 @@ impl Control {
         Ok(atts)
     }
 
-    pub(super) fn attach_disk(&self, mut p: Params) -> Result<Value, ControlError> {
+    pub(in crate::control) fn attach_disk(&self, mut p: Params) -> Result<Value, ControlError> {
         let account = p.account()?;
         let _region = p.opt_str("RegionId")?;
         let disk_id = p.str("DiskId")?;
@@ -167,13 +169,13 @@ impl Control {
             &AttachmentRecord {
                 disk_id: disk_id.clone(),
                 instance_id: instance_id.clone(),
-                attached_at: super::util::now_rfc3339(),
+                attached_at: crate::control::util::now_rfc3339(),
             },
         )?;
         if let Some(e) = export {
             self.exports
                 .add(e)
-                .map_err(|e| ControlError::state("IncorrectDiskStatus", e))?;
+                .map_err(|e| ControlError::state("IncorrectDiskStatus", e.to_string()))?;
         }
         if let Err(e) = txn.commit() {
             if first {
@@ -203,7 +205,7 @@ impl Control {
         Ok(reply)
     }
 
-    pub(super) fn detach_disk(&self, mut p: Params) -> Result<Value, ControlError> {
+    pub(in crate::control) fn detach_disk(&self, mut p: Params) -> Result<Value, ControlError> {
         let account = p.account()?;
         let _region = p.opt_str("RegionId")?;
         let disk_id = p.str("DiskId")?;
@@ -238,7 +240,7 @@ impl Control {
     /// Puts an attached disk on its instance's sockets: the instance's NBD socket (an
     /// export of its own there, so detaching it from this instance ends only this
     /// instance's connections) and its own vhost-user-blk socket, whose path is returned.
-    pub(super) fn instance_add(&self, instance_id: &str, disk_id: &str) -> Option<std::path::PathBuf> {
+    pub(in crate::control) fn instance_add(&self, instance_id: &str, disk_id: &str) -> Option<std::path::PathBuf> {
         let e = self.exports.get(disk_id)?;
         let _ =
             self.exports
@@ -257,7 +259,7 @@ impl Control {
 
     /// Takes a disk off its instance's sockets: its NBD connections there end, and its
     /// vhost-user device drains its requests and stops.
-    pub(super) fn instance_drop(&self, instance_id: &str, disk_id: &str) {
+    pub(in crate::control) fn instance_drop(&self, instance_id: &str, disk_id: &str) {
         if let Some(v) = &self.vhost {
             v.remove(instance_id, disk_id);
         }
@@ -289,7 +291,7 @@ impl Control {
     /// Removes one attachment in `txn` (the caller metered the KMS use first,
     /// [`Control::meter_use`]); `true` if it was the last, so the caller removes the
     /// export after committing.
-    pub(super) fn detach_in(
+    pub(in crate::control) fn detach_in(
         &self,
         txn: &WriteTransaction,
         d: &DiskRecord,
@@ -329,7 +331,7 @@ impl Control {
             };
             match self
                 .build_export(&d, None, None)
-                .and_then(|e| self.exports.add(e).map_err(ControlError::DataPath))
+                .and_then(|e| self.exports.add(e).map_err(|e| ControlError::DataPath(e.to_string())))
             {
                 Ok(()) => ok.push(id),
                 Err(e) => failed.push((id, e)),

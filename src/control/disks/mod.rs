@@ -1,15 +1,18 @@
-//! CreateDisk, DeleteDisk, ResetDisk, ReInitDisk, ModifyDiskAttribute, DescribeDisks, and
-//! the disk planning shared with CreateInstance.
+//! Disks: CreateDisk, DeleteDisk, ResetDisk, ReInitDisk, ModifyDiskAttribute,
+//! DescribeDisks, and the disk planning shared with CreateInstance; [`attach`]:
+//! AttachDisk and DetachDisk (putting a disk on the data path and taking it off).
+
+pub(super) mod attach;
 
 use redb::WriteTransaction;
 use serde_json::{json, Value};
 
-use super::params::check_text;
-use super::{same_region, view, Control, ControlError, Params};
 use crate::catalog::{
     self, AttachmentRecord, Category, DiskKind, DiskRecord, DiskRole, Encryption, ImageRecord, KeyRecord,
     SnapshotRecord,
 };
+use crate::control::params::check_text;
+use crate::control::{same_region, view, Control, ControlError, Params};
 use crate::kms::{CallOpts, DataKey, KeyContext, Reservation};
 
 /// What the caller asked for.
@@ -289,7 +292,7 @@ impl Control {
                 })
             }
             None => {
-                let key_id = super::util::new_id("k");
+                let key_id = crate::control::util::new_id("k");
                 let ctx = KeyContext::new(&plan.spec.account, &plan.spec.region, &key_id);
                 let (key, wrapped) = self.kms.generate_data_key(&ctx, opts)?;
                 let enc = Encryption {
@@ -303,7 +306,7 @@ impl Control {
                     wrapped,
                     refs: 0,
                     origin_disk: disk_id.to_owned(),
-                    created_at: super::util::now_rfc3339(),
+                    created_at: crate::control::util::now_rfc3339(),
                 };
                 Ok(KeyPlan {
                     enc: Some(enc),
@@ -368,7 +371,7 @@ impl Control {
             },
             multi_attach: s.multi_attach,
             qos: self.cfg.qos.caps(s.category, plan.size),
-            created_at: super::util::now_rfc3339(),
+            created_at: crate::control::util::now_rfc3339(),
         };
         catalog::put(txn, &rec)?;
         Ok(rec)
@@ -380,7 +383,7 @@ impl Control {
         let spec = parse_spec(&mut p, &account, &region, "DiskCategory", None)?;
         p.finish()?;
         let plan = self.peek(|txn| self.plan_disk(txn, spec.clone()))?;
-        let disk_id = super::util::new_id("d");
+        let disk_id = crate::control::util::new_id("d");
         let res = if plan.encrypted {
             Some(self.kms_reserve(&account, &region, 1)?)
         } else {
