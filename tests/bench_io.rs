@@ -112,6 +112,46 @@ fn verify_catches_a_corrupted_block_plain_and_encrypted() {
     }
 }
 
+/// `--inplace`: write buffers go down as scratch and the crypto layer encrypts them
+/// where they are (no bounce buffer). What reaches the file is ciphertext, and reading
+/// it back through the layer gives the written blocks.
+#[test]
+fn inplace_writes_are_encrypted_where_they_are_and_verify() {
+    let tmp = common::TempDir::new("benchio-inplace");
+    let img = tmp.0.join("disk.img");
+    let run = |encrypt: bool| {
+        let mut c = bin();
+        c.args([
+            "bench",
+            "io",
+            "--quiet",
+            "--cores=0",
+            "--bs=4k",
+            "--size=1m",
+            "--iodepth=16",
+        ])
+        .args(["--rw=write", "--verify=crc32c", "--inplace"])
+        .arg(format!("--backend=file:{}", img.display()));
+        if encrypt {
+            c.arg("--encrypt");
+        }
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(text.contains("256 blocks checked, 0 errors"), "{text}");
+        std::fs::read(&img).unwrap()
+    };
+    // Unencrypted, every block of the file starts with the verify header's magic.
+    let plain = run(false);
+    let magic = plain[..4].to_vec();
+    let starts = |f: &[u8]| f.chunks(4096).filter(|b| b[..4] == magic[..]).count();
+    assert_eq!(starts(&plain), 256);
+    // Encrypted in place: none does, and the verify pass read every block back.
+    let cipher = run(true);
+    assert_eq!(cipher.len(), 1 << 20);
+    assert_eq!(starts(&cipher), 0, "the file holds ciphertext");
+}
+
 #[test]
 fn verify_catches_a_flipped_ciphertext_byte() {
     use sealdisk::testing::bench::{check_verify_block, fill_verify_block, VerifyError};
@@ -319,6 +359,7 @@ fn bad_options_are_refused_with_a_clear_message() {
         (&["--iodepth=0"], "iodepth"),
         (&["--backend=tape"], "unknown backend"),
         (&["--verify=md5"], "crc32c"),
+        (&["--inplace=maybe"], "inplace"),
         (&["--compare", "--encrypt"], "drop --encrypt"),
         (&["--cores=99"], "not available"),
         (&["--output-format=xml"], "normal or json"),

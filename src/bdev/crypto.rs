@@ -135,6 +135,9 @@ struct Pending {
     error: Option<Box<IoError>>,
     parts: u32,
     op: IoOp,
+    /// A write encrypted in the caller's own (scratch) buffer: the buffer that comes
+    /// back from below is the caller's, and goes back up.
+    in_place: bool,
 }
 
 const _: () = assert!(std::mem::size_of::<Pending>() <= 96);
@@ -149,6 +152,7 @@ impl Pending {
             error: None,
             parts: parts as u32,
             op,
+            in_place: false,
         }
     }
 }
@@ -261,6 +265,8 @@ impl CryptoChannel {
                 }
                 p.buf = Some(buf);
             }
+            // The caller's buffer (now ciphertext) goes back up.
+            IoOp::Write if p.in_place => p.buf = c.buf,
             // The bounce buffer goes back to the pool here.
             IoOp::Write => drop(c.buf),
             _ => {}
@@ -433,9 +439,10 @@ impl Channel for CryptoChannel {
                 self.xts
                     .encrypt_sectors(&mut b, offset / self.sector_size as u64, self.sector_size)
                     .expect("validated whole sectors");
-                let idx = self
-                    .pending
-                    .insert_with(|| Pending::new(tag, IoOp::Write, offset, 1, None)) as u64;
+                let idx = self.pending.insert_with(|| Pending {
+                    in_place: true,
+                    ..Pending::new(tag, IoOp::Write, offset, 1, None)
+                }) as u64;
                 let mut w = IoRequest::write(offset, b, idx);
                 w.fua = fua;
                 self.send_down(w);

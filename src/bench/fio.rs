@@ -6,7 +6,8 @@
 //! `time_based`, `ramp_time`, `verify`, `verify_only`, `scramble_buffers`, `refill_buffers`, `direct` (must be 1),
 //! `group_reporting`, `ioengine` (ignored: the engine is sealdisk), and
 //! sealdisk's own `backend`, `filename` (= `backend=file:PATH`), `encrypt`,
-//! `sector_size`. Anything else is an error naming the key.
+//! `sector_size`, `inplace` (write buffers are scratch: encrypted in place). Anything
+//! else is an error naming the key.
 
 use std::time::Duration;
 
@@ -129,6 +130,10 @@ pub struct JobSpec {
     /// the device has never seen (costs the job ~0.3 µs per 4 KiB). Takes
     /// the place of `scramble_buffers`; off with `verify`.
     pub refill_buffers: bool,
+    /// Hand write buffers down as scratch (like the fio engine's `inplace=1`): the job
+    /// refills or re-stamps a buffer before each write and never reads it after, so an
+    /// encrypting layer may encrypt it in place instead of into a bounce buffer.
+    pub inplace: bool,
 }
 
 impl Default for JobSpec {
@@ -150,6 +155,7 @@ impl Default for JobSpec {
             verify_only: false,
             scramble_buffers: true,
             refill_buffers: false,
+            inplace: false,
         }
     }
 }
@@ -245,6 +251,7 @@ pub(crate) fn apply(
         "verify_only" => job.verify_only = parse_bool(key, value)?,
         "scramble_buffers" => job.scramble_buffers = parse_bool(key, value)?,
         "refill_buffers" => job.refill_buffers = parse_bool(key, value)?,
+        "inplace" => job.inplace = parse_bool(key, value)?,
         "direct" => {
             if !parse_bool(key, value)? {
                 return Err(bad("direct", 0, "sealdisk always does direct I/O"));
@@ -466,6 +473,10 @@ pub(crate) struct FioArgs {
     /// Accepted for fio compatibility (requests always go straight to the device).
     #[arg(long, num_args = 0..=1, default_missing_value = "1")]
     pub direct: Option<String>,
+    /// Write buffers are scratch: the crypto layer encrypts them in place, no bounce
+    /// buffer (as NBD's receive buffers and the fio engine's inplace=1; default off).
+    #[arg(long, num_args = 0..=1, default_missing_value = "1")]
+    pub inplace: Option<String>,
 }
 
 impl FioArgs {
@@ -479,7 +490,7 @@ impl FioArgs {
     ) -> Result<Vec<FileJob>, JobError> {
         let mut job = JobSpec::default();
         let mut target = TargetSpec::default();
-        let own: [(&str, &Option<String>); 15] = [
+        let own: [(&str, &Option<String>); 16] = [
             ("name", &self.name),
             ("rw", &self.rw),
             ("rwmixread", &self.rwmixread),
@@ -495,6 +506,7 @@ impl FioArgs {
             ("scramble_buffers", &self.scramble_buffers),
             ("refill_buffers", &self.refill_buffers),
             ("direct", &self.direct),
+            ("inplace", &self.inplace),
         ];
         for (k, v) in own.iter().chain(extra) {
             if let Some(v) = v {

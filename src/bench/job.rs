@@ -405,7 +405,9 @@ impl Job {
                 Some(if is_read {
                     IoRequest::read(offset, buf, slot as u64)
                 } else {
-                    IoRequest::write(offset, buf, slot as u64)
+                    let mut w = IoRequest::write(offset, buf, slot as u64);
+                    w.scratch = self.spec.inplace;
+                    w
                 })
             }
             Phase::Verify => {
