@@ -22,6 +22,7 @@ pub mod iobuf;
 pub mod kms;
 pub mod layout;
 pub mod logging;
+pub mod rbd;
 pub mod reactor;
 pub mod secmem;
 mod sys;

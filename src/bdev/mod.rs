@@ -18,6 +18,7 @@ pub mod iostat;
 pub mod malloc;
 pub mod null;
 pub mod qos;
+pub mod rbd;
 pub mod slab;
 pub mod uring;
 
