@@ -20,6 +20,7 @@ use crate::export::Exports;
 use crate::frontend::nbd::{NbdConfig, NbdServer};
 use crate::kms::{Kms, KmsConfig};
 use crate::reactor::{ReactorConfig, Reactors};
+use crate::store::{Backend, Store};
 use crate::volume::{Faults, Pool};
 use tracing::{error, info, warn};
 
@@ -35,6 +36,8 @@ pub struct DaemonConfig {
     pub pool_path: Option<PathBuf>,
     /// Size of a new pool file.
     pub pool_size: u64,
+    /// Where volumes live: the pool file (default) or an RBD pool (`--backend rbd`).
+    pub backend: Backend,
     pub reactors: ReactorConfig,
     pub kms: KmsConfig,
     pub qos: QosConfig,
@@ -71,6 +74,7 @@ impl DaemonConfig {
             data_dir,
             pool_path: None,
             pool_size: DEFAULT_POOL_SIZE,
+            backend: Backend::File,
             reactors: ReactorConfig::default(),
             qos: QosConfig::default(),
             socket: None,
@@ -163,16 +167,30 @@ impl Daemon {
         if !spec.is_empty() {
             warn!(faults = %spec, "SEALDISK_FAULTS is set: injecting faults");
         }
-        let pool = Pool::open_with_faults(
-            db.clone(),
-            &pool_path,
-            cfg.pool_size,
-            crate::volume::DEFAULT_CLUSTER,
-            Arc::new(faults),
-        )
-        .map_err(|e| format!("pool {}: {e} ({})", pool_path.display(), e.code()))?;
+        let pool: Store = match &cfg.backend {
+            Backend::File => Store::File(
+                Pool::open_with_faults(
+                    db.clone(),
+                    &pool_path,
+                    cfg.pool_size,
+                    crate::volume::DEFAULT_CLUSTER,
+                    Arc::new(faults),
+                )
+                .map_err(|e| format!("pool {}: {e} ({})", pool_path.display(), e.code()))?,
+            ),
+            Backend::Rbd { ceph_conf, pool } => Store::Rbd(
+                crate::store::rbd::RbdStore::open(db.clone(), ceph_conf, pool)
+                    .map_err(|e| format!("RBD pool {pool} ({}): {e} ({})", ceph_conf.display(), e.code()))?,
+            ),
+        };
         // Owner-only state files (the directory is 0700 as well).
-        for f in [dir.join(catalog::CATALOG_FILE), pool_path.clone()] {
+        for f in [
+            Some(dir.join(catalog::CATALOG_FILE)),
+            pool.path().map(|p| p.to_path_buf()),
+        ]
+        .into_iter()
+        .flatten()
+        {
             if std::fs::metadata(&f).is_ok_and(|m| m.is_file()) {
                 let _ = std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600));
             }

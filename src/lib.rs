@@ -25,6 +25,7 @@ pub mod logging;
 pub mod rbd;
 pub mod reactor;
 pub mod secmem;
+pub mod store;
 mod sys;
 pub mod units;
 pub mod uring;

@@ -442,3 +442,316 @@ fn rbd_bdev_pipelined_io_through_crypto_on_two_reactors_stores_ciphertext() {
         d1[..4096]
     );
 }
+
+const BIN: &str = env!("CARGO_BIN_EXE_sealdisk");
+
+fn rbd_args(c: &ceph::Cluster) -> Vec<String> {
+    vec![
+        "--cores".into(),
+        "0".into(),
+        "--backend".into(),
+        "rbd".into(),
+        "--ceph-conf".into(),
+        c.conf.display().to_string(),
+        "--rbd-pool".into(),
+        "rbd".into(),
+    ]
+}
+
+/// RBD image names in pool rbd.
+fn rbd_ls(c: &ceph::Cluster) -> Vec<String> {
+    String::from_utf8(c.cmd("rbd", &["ls", "rbd"]))
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn rbd_info(c: &ceph::Cluster, spec: &str) -> serde_json::Value {
+    serde_json::from_slice(&c.cmd("rbd", &["info", "--format", "json", spec])).unwrap()
+}
+
+/// CheckPool (a host method: no account).
+fn check_pool(data: &std::path::Path) -> serde_json::Value {
+    let mut c = sealdisk::control::client::Client::connect(&data.join("sealdisk.sock")).unwrap();
+    c.call("CheckPool", serde_json::json!({})).unwrap()
+}
+
+/// Waits until `cond` holds (the reaper removes deleted volumes after the commit).
+fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !cond() {
+        assert!(t.elapsed() < Duration::from_secs(30), "{what}: not after 30 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn serve_refuses_incomplete_rbd_options_and_creates_nothing() {
+    let d = TempDir::new("rbd-args");
+    let data = d.0.join("data");
+    for (args, want) in [
+        (
+            vec!["--backend", "rbd"],
+            "--backend rbd needs --ceph-conf PATH and --rbd-pool NAME",
+        ),
+        (
+            vec!["--backend", "rbd", "--ceph-conf", "/x/ceph.conf"],
+            "--backend rbd needs --ceph-conf PATH and --rbd-pool NAME",
+        ),
+        (
+            vec!["--rbd-pool", "rbd"],
+            "--ceph-conf and --rbd-pool apply to --backend rbd only",
+        ),
+        (vec!["--backend", "ceph"], "invalid value 'ceph'"),
+    ] {
+        let out = Command::new(BIN)
+            .args(["serve", "--data-dir"])
+            .arg(&data)
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!data.exists(), "{args:?} created the data directory");
+    }
+    // A ceph.conf that does not exist: a clear start-up error naming the call.
+    let out = Command::new(BIN)
+        .args(["serve", "--data-dir"])
+        .arg(&data)
+        .args([
+            "--backend",
+            "rbd",
+            "--ceph-conf",
+            "/nonexistent/ceph.conf",
+            "--rbd-pool",
+            "rbd",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("rados_conf_read_file"), "{err}");
+    assert!(
+        !data.join("pool.img").exists(),
+        "a pool file was made for --backend rbd"
+    );
+}
+
+#[test]
+fn disk_lifecycle_on_rbd_backend_keeps_ciphertext_in_rados() {
+    let Some(c) = ceph::Cluster::start("daemon") else {
+        return;
+    };
+    let d = TempDir::new("rbd-daemon");
+    let data = d.0.join("data");
+    let args = rbd_args(&c);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let dm = start_daemon(BIN, &data, &args, &[]);
+    let (inst, disk, _) = instance_with_disk(&data, 16 << 20, true);
+    assert!(
+        !data.join("pool.img").exists(),
+        "a pool file was made for --backend rbd"
+    );
+
+    // The disk is an RBD image <pool>/<DiskId>, format 2, layering + exclusive-lock,
+    // carrying what another host needs.
+    let images = rbd_ls(&c);
+    assert!(images.contains(&disk), "{images:?}");
+    let info = rbd_info(&c, &format!("rbd/{disk}"));
+    assert_eq!(info["format"], 2, "{info}");
+    assert_eq!(info["size"], 16 << 20, "{info}");
+    let feats: Vec<&str> = info["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
+    assert!(
+        feats.contains(&"layering") && feats.contains(&"exclusive-lock"),
+        "{feats:?}"
+    );
+    let meta = |k: &str| {
+        String::from_utf8(c.cmd(
+            "rbd",
+            &["image-meta", "get", &format!("rbd/{disk}"), &format!("sealdisk.{k}")],
+        ))
+        .unwrap()
+        .trim()
+        .to_owned()
+    };
+    assert_eq!(meta("account"), "acct1");
+    assert_eq!(meta("region"), "cn-hangzhou");
+    assert_eq!(meta("size"), (16u64 << 20).to_string());
+    assert!(!meta("category").is_empty());
+    assert_eq!(meta("key_format"), "1");
+    let wrapped: serde_json::Value = serde_json::from_str(&meta("wrapped_key")).unwrap();
+    assert!(wrapped["blob"].as_str().is_some_and(|b| b.len() > 64), "{wrapped}");
+
+    // NBD I/O through crypto onto RBD.
+    let mut s = nbd_go(&data.join("nbd.sock"), &disk).unwrap();
+    let plain: Vec<u8> = b"sealdisk-rbd-plaintext-marker-0123456789abcdef"
+        .iter()
+        .copied()
+        .cycle()
+        .take(64 << 10)
+        .collect();
+    assert_eq!(nbd_write(&mut s, 1, 0, &plain), 0);
+    assert_eq!(nbd_write(&mut s, 2, 8 << 20, &plain[..4096]), 0);
+    assert_eq!(nbd_cmd(&mut s, 3, 3, 0, 0, &[], 0).0, 0, "flush");
+    let (e, back) = nbd_read(&mut s, 4, 0, plain.len() as u32);
+    assert_eq!(e, 0);
+    assert!(back == plain, "read back differs");
+    let (e, back) = nbd_read(&mut s, 5, 8 << 20, 4096);
+    assert_eq!((e, &back[..]), (0, &plain[..4096]));
+    drop(s);
+
+    // RADOS holds ciphertext only.
+    let prefix = info["block_name_prefix"].as_str().unwrap().to_owned();
+    let path = c.dir.join("obj");
+    c.cmd(
+        "rados",
+        &[
+            "-p",
+            "rbd",
+            "get",
+            &format!("{prefix}.0000000000000000"),
+            path.to_str().unwrap(),
+        ],
+    );
+    let obj = std::fs::read(&path).unwrap();
+    assert!(obj.len() >= plain.len(), "object of {} bytes", obj.len());
+    assert!(obj[..4096] != plain[..4096]);
+    assert!(
+        !obj.windows(29).any(|w| w == &b"sealdisk-rbd-plaintext-marker"[..]),
+        "plaintext in the RADOS object"
+    );
+
+    // Detach, then delete: the image leaves the cluster.
+    rpc(
+        &data,
+        "DetachDisk",
+        serde_json::json!({"DiskId": disk, "InstanceId": inst}),
+    );
+    rpc(&data, "DeleteDisk", serde_json::json!({"DiskId": disk}));
+    eventually("image removed after DeleteDisk", || !rbd_ls(&c).contains(&disk));
+    let r = check_pool(&data);
+    assert_eq!(r["Consistent"], true, "{r}");
+    drop(dm);
+}
+
+#[test]
+fn snapshot_clone_and_reset_on_rbd_backend() {
+    let Some(c) = ceph::Cluster::start("snap") else { return };
+    let d = TempDir::new("rbd-snap");
+    let data = d.0.join("data");
+    let args = rbd_args(&c);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _dm = start_daemon(BIN, &data, &args, &[]);
+    let (inst, disk, _) = instance_with_disk(&data, 8 << 20, true);
+    let a = random_bytes(8192, 1);
+    let b = random_bytes(8192, 2);
+    let mut s = nbd_go(&data.join("nbd.sock"), &disk).unwrap();
+    assert_eq!(nbd_write(&mut s, 1, 4096, &a), 0);
+    assert_eq!(nbd_cmd(&mut s, 3, 2, 0, 0, &[], 0).0, 0);
+
+    // A snapshot is a protected RBD snapshot of the disk's image.
+    let snap = rpc(&data, "CreateSnapshot", serde_json::json!({"DiskId": disk}))["SnapshotId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let snaps: serde_json::Value =
+        serde_json::from_slice(&c.cmd("rbd", &["snap", "ls", "--format", "json", &format!("rbd/{disk}")])).unwrap();
+    assert!(
+        snaps.as_array().unwrap().iter().any(|x| x["name"] == snap.as_str()),
+        "{snaps}"
+    );
+    let sinfo = rbd_info(&c, &format!("rbd/{disk}@{snap}"));
+    assert_eq!(sinfo["protected"], "true", "{sinfo}");
+
+    // The disk changes after the snapshot.
+    assert_eq!(nbd_write(&mut s, 3, 4096, &b), 0);
+    assert_eq!(nbd_cmd(&mut s, 3, 4, 0, 0, &[], 0).0, 0);
+    drop(s);
+
+    // A disk from the snapshot is an RBD clone with the snapshot's data (same key lineage).
+    let clone = rpc(&data, "CreateDisk", serde_json::json!({"SnapshotId": snap}))["DiskId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let cinfo = rbd_info(&c, &format!("rbd/{clone}"));
+    assert_eq!(cinfo["parent"]["image"], disk.as_str(), "{cinfo}");
+    assert_eq!(cinfo["parent"]["snapshot"], snap.as_str(), "{cinfo}");
+    rpc(
+        &data,
+        "AttachDisk",
+        serde_json::json!({"DiskId": clone, "InstanceId": inst}),
+    );
+    let mut s2 = nbd_go(&data.join("nbd.sock"), &clone).unwrap();
+    let (e, got) = nbd_read(&mut s2, 1, 4096, 8192);
+    assert_eq!(e, 0);
+    assert!(got == a, "the clone reads the snapshot's data");
+    drop(s2);
+
+    // ResetDisk rolls the detached disk back to the snapshot.
+    rpc(
+        &data,
+        "DetachDisk",
+        serde_json::json!({"DiskId": disk, "InstanceId": inst}),
+    );
+    rpc(
+        &data,
+        "ResetDisk",
+        serde_json::json!({"DiskId": disk, "SnapshotId": snap}),
+    );
+    rpc(
+        &data,
+        "AttachDisk",
+        serde_json::json!({"DiskId": disk, "InstanceId": inst}),
+    );
+    let mut s = nbd_go(&data.join("nbd.sock"), &disk).unwrap();
+    let (e, got) = nbd_read(&mut s, 1, 4096, 8192);
+    assert_eq!(e, 0);
+    assert!(got == a, "reset restores the snapshot's data");
+    drop(s);
+
+    // Deleting the disk while its snapshot has a clone: the catalog lets it go, and the
+    // image stays in Ceph until nothing depends on it; the clone still reads its data.
+    rpc(
+        &data,
+        "DetachDisk",
+        serde_json::json!({"DiskId": disk, "InstanceId": inst}),
+    );
+    rpc(&data, "DeleteDisk", serde_json::json!({"DiskId": disk}));
+    let mut s2 = nbd_go(&data.join("nbd.sock"), &clone).unwrap();
+    let (e, got) = nbd_read(&mut s2, 2, 4096, 8192);
+    assert_eq!((e, got == a), (0, true), "the clone after its parent disk was deleted");
+    drop(s2);
+    let r = check_pool(&data);
+    assert_eq!(r["Consistent"], true, "{r}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        rbd_ls(&c).contains(&disk),
+        "the image went while its snapshot had a clone"
+    );
+
+    // Then the snapshot and the clone: every image and snapshot leaves the cluster.
+    rpc(
+        &data,
+        "DeleteSnapshot",
+        serde_json::json!({"SnapshotId": snap, "Force": true}),
+    );
+    rpc(
+        &data,
+        "DetachDisk",
+        serde_json::json!({"DiskId": clone, "InstanceId": inst}),
+    );
+    rpc(&data, "DeleteDisk", serde_json::json!({"DiskId": clone}));
+    eventually("images removed", || {
+        let ls = rbd_ls(&c);
+        !ls.contains(&disk) && !ls.contains(&clone)
+    });
+    let r = check_pool(&data);
+    assert_eq!(r["Consistent"], true, "{r}");
+}

@@ -36,6 +36,27 @@ pub fn serve_command() -> Command {
                 .help("size of a new pool file, e.g. 64G (default 64G, sparse)"),
         )
         .arg(
+            Arg::new("backend")
+                .long("backend")
+                .value_name("BACKEND")
+                .value_parser(["file", "rbd"])
+                .default_value("file")
+                .help("where disks live: file (the pool, default) or rbd (Ceph RBD images; needs --ceph-conf and --rbd-pool)"),
+        )
+        .arg(
+            Arg::new("ceph-conf")
+                .long("ceph-conf")
+                .value_name("PATH")
+                .value_parser(clap::value_parser!(PathBuf))
+                .help("ceph.conf of the cluster (--backend rbd)"),
+        )
+        .arg(
+            Arg::new("rbd-pool")
+                .long("rbd-pool")
+                .value_name("NAME")
+                .help("RBD pool of the disks' images (--backend rbd)"),
+        )
+        .arg(
             Arg::new("cores")
                 .long("cores")
                 .value_name("LIST")
@@ -181,6 +202,23 @@ pub fn check_command() -> Command {
         .arg(Arg::new("json").long("json").action(ArgAction::SetTrue))
 }
 
+/// `--backend`, `--ceph-conf`, `--rbd-pool`.
+fn backend(m: &ArgMatches) -> Result<crate::store::Backend, String> {
+    let conf = m.get_one::<PathBuf>("ceph-conf");
+    let pool = m.get_one::<String>("rbd-pool");
+    match m.get_one::<String>("backend").map(String::as_str) {
+        Some("rbd") => match (conf, pool) {
+            (Some(c), Some(p)) if !p.is_empty() => Ok(crate::store::Backend::Rbd {
+                ceph_conf: c.clone(),
+                pool: p.clone(),
+            }),
+            _ => Err("--backend rbd needs --ceph-conf PATH and --rbd-pool NAME".into()),
+        },
+        _ if conf.is_some() || pool.is_some() => Err("--ceph-conf and --rbd-pool apply to --backend rbd only".into()),
+        _ => Ok(crate::store::Backend::File),
+    }
+}
+
 fn config(m: &ArgMatches) -> Result<DaemonConfig, String> {
     let dir = m.get_one::<PathBuf>("data-dir").expect("required").clone();
     let mut cfg = DaemonConfig::new(&dir);
@@ -188,6 +226,7 @@ fn config(m: &ArgMatches) -> Result<DaemonConfig, String> {
     if let Some(s) = m.get_one::<String>("pool-size") {
         cfg.pool_size = parse_size(s)?;
     }
+    cfg.backend = backend(m)?;
     if let Some(c) = m.get_one::<String>("cores") {
         cfg.reactors.cores = crate::reactor::parse_cores(c)?;
     }

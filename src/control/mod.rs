@@ -60,7 +60,7 @@ use crate::catalog::{self, DiskRecord, Encryption, ImageRecord, InstanceRecord, 
 use crate::export::Exports;
 use crate::kms::{CallOpts, KeyContext, Kms, KmsError, Reservation};
 use crate::reactor::Reactors;
-use crate::volume::Pool;
+use crate::store::Store;
 
 use crate::frontend::vhost::{VhostConfig, VhostServer};
 pub use error::ControlError;
@@ -399,7 +399,7 @@ impl Drop for ObjectGuard<'_> {
 /// The ECS operations.
 pub struct Control {
     db: Arc<Database>,
-    pool: Arc<Pool>,
+    pool: Store,
     kms: Arc<Kms>,
     exports: Arc<Exports>,
     reactors: Option<Arc<Reactors>>,
@@ -421,7 +421,7 @@ impl Control {
     /// `reactors` is needed only by ExportImage (it reads the image through the data path).
     pub fn new(
         db: Arc<Database>,
-        pool: Arc<Pool>,
+        pool: impl Into<Store>,
         kms: Arc<Kms>,
         exports: Arc<Exports>,
         reactors: Option<Arc<Reactors>>,
@@ -437,6 +437,7 @@ impl Control {
                 r.clone(),
             )
         });
+        let pool = pool.into();
         Arc::new_cyclic(|me| Control {
             db,
             pool,
@@ -456,7 +457,8 @@ impl Control {
     pub fn db(&self) -> &Arc<Database> {
         &self.db
     }
-    pub fn pool(&self) -> &Arc<Pool> {
+    /// Where the volumes are: the file pool or an RBD pool.
+    pub fn pool(&self) -> &Store {
         &self.pool
     }
     pub fn kms(&self) -> &Arc<Kms> {

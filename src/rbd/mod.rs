@@ -289,17 +289,31 @@ impl IoCtx {
 
     /// Open image `name` (its head, writable).
     pub fn open(&self, name: &str) -> Result<Image> {
+        self.open_at(name, None)
+    }
+
+    /// Open image `name` at snapshot `snap` (read-only), or its head.
+    pub fn open_at(&self, name: &str, snap: Option<&str>) -> Result<Image> {
         let n = cstr(name)?;
+        let s = snap.map(cstr).transpose()?;
         let mut h: ffi::Image = std::ptr::null_mut();
-        // SAFETY: live context, NUL-terminated name, `h` to write the handle
-        // into; NULL snapshot name: the head.
+        // SAFETY: live context, NUL-terminated names (a NULL snapshot name:
+        // the head), `h` to write the handle into.
         check("rbd_open", unsafe {
-            (self.api().rbd_open)(self.0.h, n.as_ptr(), &mut h, std::ptr::null())
+            (self.api().rbd_open)(
+                self.0.h,
+                n.as_ptr(),
+                &mut h,
+                s.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
+            )
         })?;
         Ok(Image {
             io: self.clone(),
             h,
-            name: name.to_string(),
+            name: match snap {
+                Some(s) => format!("{name}@{s}"),
+                None => name.to_string(),
+            },
         })
     }
 }
@@ -499,6 +513,28 @@ impl Image {
         // SAFETY: live image, fresh completion; no buffer.
         let rc = unsafe { (self.api().rbd_aio_write_zeroes)(self.h, off, len as usize, raw, 0, 0) };
         self.started("rbd_aio_write_zeroes", rc, raw)
+    }
+
+    /// Zero `len` bytes at `off` and wait (control plane only; on an image
+    /// without an eventfd: the completion is waited for, not polled).
+    pub fn write_zeroes_sync(&self, off: u64, len: u64) -> Result<()> {
+        let c = Completion::new(0)?;
+        let raw = c.c.as_ptr();
+        // SAFETY: live image; `c` stays ours (we wait for it below and then
+        // release it by dropping `c`), librbd holds its own reference while
+        // the request runs.
+        let rc = unsafe { (self.api().rbd_aio_write_zeroes)(self.h, off, len as usize, raw, 0, 0) };
+        check("rbd_aio_write_zeroes", rc)?;
+        // SAFETY: a live completion handed to a request that was accepted.
+        unsafe { (self.api().rbd_aio_wait_for_complete)(raw) };
+        let ret = c.return_value();
+        if ret < 0 {
+            return Err(RbdError::Call {
+                call: "rbd_aio_write_zeroes",
+                errno: ret as i32,
+            });
+        }
+        Ok(())
     }
 
     /// After an AIO call: on failure the completion was not taken by librbd
