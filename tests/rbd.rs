@@ -755,3 +755,137 @@ fn snapshot_clone_and_reset_on_rbd_backend() {
     let r = check_pool(&data);
     assert_eq!(r["Consistent"], true, "{r}");
 }
+
+/// One RPC as `acct1` in `cn-hangzhou`: the reply or the error's code.
+fn try_rpc(data: &std::path::Path, method: &str, mut params: serde_json::Value) -> Result<serde_json::Value, String> {
+    let mut c = sealdisk::control::client::Client::connect(&data.join("sealdisk.sock")).unwrap();
+    params["AccountId"] = "acct1".into();
+    params["RegionId"] = "cn-hangzhou".into();
+    c.call(method, params).map_err(|e| format!("{}: {}", e.code, e.message))
+}
+
+fn new_instance(data: &std::path::Path) -> String {
+    rpc(
+        data,
+        "CreateInstance",
+        serde_json::json!({"SystemDisk.SizeBytes": 4 << 20}),
+    )["InstanceId"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+fn a_disk_moves_between_two_daemons_fenced_by_the_exclusive_lock() {
+    let Some(c) = ceph::Cluster::start("move") else { return };
+    let d = TempDir::new("rbd-move");
+    let (da, db) = (d.0.join("a"), d.0.join("b"));
+    let args = rbd_args(&c);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let dm_a = start_daemon(BIN, &da, &args, &[]);
+    let mut dm_b = Some(start_daemon(BIN, &db, &args, &[]));
+    let (inst_a, disk, _) = instance_with_disk(&da, 16 << 20, false);
+    let host_a = String::from_utf8(c.cmd("rbd", &["image-meta", "get", &format!("rbd/{disk}"), "sealdisk.host"]))
+        .unwrap()
+        .trim()
+        .to_owned();
+    assert!(host_a.starts_with("h-"), "{host_a}");
+    let a = random_bytes(16384, 11);
+    let mut s = nbd_go(&da.join("nbd.sock"), &disk).unwrap();
+    assert_eq!(nbd_write(&mut s, 1, 1 << 20, &a), 0);
+    assert_eq!(nbd_cmd(&mut s, 3, 2, 0, 0, &[], 0).0, 0);
+
+    // Bad adoptions change nothing.
+    assert!(
+        try_rpc(&db, "AdoptDisk", serde_json::json!({"DiskId": "d-0000000000000000"}))
+            .unwrap_err()
+            .starts_with("InvalidDiskId.NotFound"),
+    );
+    let mut other = sealdisk::control::client::Client::connect(&db.join("sealdisk.sock")).unwrap();
+    let e = other
+        .call(
+            "AdoptDisk",
+            serde_json::json!({"AccountId": "acct2", "RegionId": "cn-hangzhou", "DiskId": disk}),
+        )
+        .unwrap_err();
+    assert_eq!(e.code, "Forbidden.CrossAccount", "{e}");
+    let sys_b = rpc(&db, "DescribeDisks", serde_json::json!({}));
+    assert!(
+        !sys_b.to_string().contains(&disk),
+        "a refused adoption registered the disk"
+    );
+
+    // B adopts the disk while A still has it attached: the attach is fenced.
+    let inst_b = new_instance(&db);
+    let r = rpc(&db, "AdoptDisk", serde_json::json!({"DiskId": disk}));
+    assert_eq!(r["PreviousHost"], host_a.as_str(), "{r}");
+    assert_eq!(r["Encrypted"], false);
+    assert!(try_rpc(&db, "AdoptDisk", serde_json::json!({"DiskId": disk}))
+        .unwrap_err()
+        .starts_with("InvalidDiskId.Exists"));
+    let e = try_rpc(
+        &db,
+        "AttachDisk",
+        serde_json::json!({"DiskId": disk, "InstanceId": inst_b}),
+    )
+    .unwrap_err();
+    assert!(e.starts_with("IncorrectDiskStatus.InUse"), "{e}");
+    assert!(e.contains("exclusive lock"), "{e}");
+    // A still writes.
+    let b = random_bytes(4096, 12);
+    assert_eq!(nbd_write(&mut s, 3, 0, &b), 0);
+    assert_eq!(nbd_cmd(&mut s, 3, 4, 0, 0, &[], 0).0, 0);
+    drop(s);
+
+    // A detaches: B attaches and reads A's data.
+    rpc(
+        &da,
+        "DetachDisk",
+        serde_json::json!({"DiskId": disk, "InstanceId": inst_a}),
+    );
+    rpc(
+        &db,
+        "AttachDisk",
+        serde_json::json!({"DiskId": disk, "InstanceId": inst_b}),
+    );
+    let mut s = nbd_go(&db.join("nbd.sock"), &disk).unwrap();
+    let (e, got) = nbd_read(&mut s, 1, 1 << 20, a.len() as u32);
+    assert_eq!((e, got == a), (0, true), "B reads what A wrote");
+    let (e, got) = nbd_read(&mut s, 2, 0, 4096);
+    assert_eq!((e, got == b), (0, true));
+    let c2 = random_bytes(4096, 13);
+    assert_eq!(nbd_write(&mut s, 3, 8192, &c2), 0);
+    assert_eq!(nbd_cmd(&mut s, 3, 4, 0, 0, &[], 0).0, 0);
+    drop(s);
+
+    // A forgets the disk (DeleteDisk in its catalog): the image is B's now and stays.
+    rpc(&da, "DeleteDisk", serde_json::json!({"DiskId": disk}));
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(rbd_ls(&c).contains(&disk), "A removed the image B adopted");
+
+    // B is killed with the disk attached: A adopts it back and, once B's lock lapses,
+    // attaches it (B is fenced off) with B's last write intact.
+    drop(dm_b.take());
+    let r = rpc(&da, "AdoptDisk", serde_json::json!({"DiskId": disk}));
+    assert!(r["PreviousHost"].as_str().is_some_and(|h| h != host_a), "{r}");
+    let t = Instant::now();
+    loop {
+        match try_rpc(
+            &da,
+            "AttachDisk",
+            serde_json::json!({"DiskId": disk, "InstanceId": inst_a}),
+        ) {
+            Ok(_) => break,
+            Err(e) => {
+                assert!(e.starts_with("IncorrectDiskStatus.InUse"), "{e}");
+                assert!(t.elapsed() < Duration::from_secs(60), "B's lock never lapsed: {e}");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    }
+    let mut s = nbd_go(&da.join("nbd.sock"), &disk).unwrap();
+    let (e, got) = nbd_read(&mut s, 1, 8192, 4096);
+    assert_eq!((e, got == c2), (0, true), "B's last write after the move back");
+    drop(s);
+    drop(dm_a);
+}

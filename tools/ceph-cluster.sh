@@ -132,6 +132,8 @@ osd op num shards = 1
 osd op num threads per shard = 2
 ms async op threads = 1
 mon compact on start = false
+# a killed client's watch (and so its RBD exclusive lock) lapses after 5 s, not 30
+osd client watch timeout = 5
 EOF
 
 cleanup_on_error() {

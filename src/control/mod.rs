@@ -25,6 +25,7 @@
 
 #![forbid(unsafe_code)]
 
+mod adopt;
 mod attach;
 pub mod check;
 pub mod client;
@@ -135,6 +136,13 @@ pub static METHODS: &[Method] = &[
         name: "DeleteInstance",
         about: "Delete an instance (detaches its disks, deletes its system disk)",
         handler: Control::delete_instance,
+        concurrent: false,
+        host: false,
+    },
+    Method {
+        name: "AdoptDisk",
+        about: "Register a disk image another host made in the shared RBD pool (DiskId; --backend rbd)",
+        handler: Control::adopt_disk,
         concurrent: false,
         host: false,
     },

@@ -37,6 +37,9 @@ use crate::volume::{CheckReport, VolumeError};
 
 const VOLUMES: TableDefinition<&str, &str> = TableDefinition::new("rbd_volumes");
 const TRASH: TableDefinition<&str, &str> = TableDefinition::new("rbd_trash");
+/// This host's id (`host` → `h-<16 hex>`), made on first use: written into every image
+/// this host makes or adopts (`sealdisk.host`), so a host removes only its own.
+const HOST: TableDefinition<&str, &str> = TableDefinition::new("rbd_host");
 
 /// RBD object size (order 22), the store's allocation unit.
 pub const OBJECT_SIZE: u64 = 4 << 20;
@@ -137,6 +140,8 @@ pub struct RbdStore {
     open: Mutex<HashMap<String, Weak<RbdBdev>>>,
     /// Serialises reaper passes.
     reaping: Mutex<()>,
+    /// This host's id ([`HOST`]).
+    host: String,
 }
 
 impl RbdStore {
@@ -149,12 +154,29 @@ impl RbdStore {
         let txn = db.begin_write().map_err(|e| db_err("rbd tables")(e.into()))?;
         txn.open_table(VOLUMES).map_err(|e| db_err("rbd tables")(e.into()))?;
         txn.open_table(TRASH).map_err(|e| db_err("rbd tables")(e.into()))?;
+        let host = {
+            let mut t = txn.open_table(HOST).map_err(|e| db_err("rbd tables")(e.into()))?;
+            let have = t
+                .get("host")
+                .map_err(|e| db_err("rbd tables")(e.into()))?
+                .map(|v| v.value().to_string());
+            match have {
+                Some(h) => h,
+                None => {
+                    let h = format!("h-{:016x}", rand::random::<u64>());
+                    t.insert("host", h.as_str())
+                        .map_err(|e| db_err("rbd tables")(e.into()))?;
+                    h
+                }
+            }
+        };
         txn.commit().map_err(|e| db_err("rbd tables")(e.into()))?;
         let store = Arc::new(RbdStore {
             db,
             io,
             open: Mutex::default(),
             reaping: Mutex::default(),
+            host,
         });
         store.reap();
         let weak = Arc::downgrade(&store);
@@ -173,6 +195,29 @@ impl RbdStore {
 
     pub fn pool(&self) -> &str {
         self.io.pool()
+    }
+
+    /// This host's id, as written in `sealdisk.host` of its images.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The host that owns `image` (`sealdisk.host`), if another than this one.
+    fn owned_elsewhere(&self, image: &str) -> Result<Option<String>, RbdError> {
+        let img = self.io.open(image)?;
+        Ok(img
+            .metadata_get(&format!("{META_PREFIX}host"))?
+            .filter(|h| *h != self.host))
+    }
+
+    /// Marks `image` as this host's.
+    fn claim(&self, image: &str) -> Result<(), VolumeError> {
+        let img = self
+            .io
+            .open(image)
+            .map_err(ceph_err(format!("open RBD image {image}")))?;
+        img.metadata_set(&format!("{META_PREFIX}host"), &self.host)
+            .map_err(ceph_err(format!("image-meta of {image}")))
     }
 
     pub fn object_size(&self) -> u64 {
@@ -207,6 +252,10 @@ impl RbdStore {
                 ceph_err(format!("create RBD image {id}"))(e)
             }
         })?;
+        if let Err(e) = self.claim(id) {
+            let _ = self.io.remove(id);
+            return Err(e);
+        }
         put(
             txn,
             VOLUMES,
@@ -237,6 +286,15 @@ impl RbdStore {
 
     /// Unprotect and remove `image@snap`; gone already is done.
     fn drop_snapshot(&self, image: &str, snap: &str) -> Result<Reaped, RbdError> {
+        match self.owned_elsewhere(image) {
+            Ok(Some(h)) => {
+                warn!(image, snap, host = %h, "RBD reaper: the image belongs to another host now; snapshot left");
+                return Ok(Reaped::Done);
+            }
+            Ok(None) => {}
+            Err(e) if e.is_not_found() => return Ok(Reaped::Done),
+            Err(e) => return Err(e),
+        }
         let img = match self.io.open(image) {
             Ok(i) => i,
             Err(e) if e.is_not_found() => return Ok(Reaped::Done),
@@ -307,6 +365,7 @@ impl RbdStore {
             .io
             .clone_image(&parent, &psnap, dst, &CreateOpts::default())
             .map_err(ceph_err(format!("clone RBD snapshot {parent}@{psnap} as {dst}")))
+            .and_then(|()| self.claim(dst))
             .and_then(|()| {
                 if size > s.size {
                     let img = self.io.open(dst).map_err(ceph_err(format!("open RBD image {dst}")))?;
@@ -443,7 +502,13 @@ impl RbdStore {
         for (id, v) in order {
             let r = match &v.snap {
                 Some(sn) => self.drop_snapshot(&v.image, sn),
-                None => match self.io.remove(&v.image) {
+                None => match self.owned_elsewhere(&v.image).and_then(|other| match other {
+                    Some(h) => {
+                        warn!(image = %v.image, host = %h, "RBD reaper: the image belongs to another host now; left");
+                        Ok(())
+                    }
+                    None => self.io.remove(&v.image),
+                }) {
                     Ok(()) => Ok(Reaped::Done),
                     Err(e) if e.is_not_found() => Ok(Reaped::Done),
                     Err(e) if e.is_busy() || e.errno() == Some(libc::ENOTEMPTY) => Ok(Reaped::Busy),
@@ -545,6 +610,18 @@ impl RbdStore {
             .io
             .open_at(&v.image, v.snap.as_deref())
             .map_err(ceph_err(format!("open RBD image of {id}")))?;
+        if v.snap.is_none() {
+            // Fencing: while this handle lives, no other client (host) writes the image.
+            img.lock_acquire_exclusive().map_err(|e| {
+                if e.errno() == Some(libc::EROFS) || e.is_busy() {
+                    VolumeError::InUse(format!(
+                        "{id} (another client holds its RBD exclusive lock: it is attached on another host)"
+                    ))
+                } else {
+                    ceph_err(format!("exclusive lock of RBD image {id}"))(e)
+                }
+            })?;
+        }
         let b = Arc::new(RbdBdev::new(img, 512).map_err(ceph_err(format!("RBD bdev of {id}")))?);
         open.retain(|_, w| w.strong_count() > 0);
         open.insert(id.to_string(), Arc::downgrade(&b));
@@ -566,6 +643,68 @@ impl RbdStore {
             }
         }
         Ok(rep)
+    }
+
+    /// The `sealdisk.*` metadata of image `id` (keys without the prefix), `None` when
+    /// there is no such image.
+    pub fn image_meta(&self, id: &str) -> Result<Option<HashMap<String, String>>, VolumeError> {
+        check_id(id)?;
+        let img = match self.io.open(id) {
+            Ok(i) => i,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(ceph_err(format!("open RBD image {id}"))(e)),
+        };
+        let mut m = HashMap::new();
+        for k in [
+            "account",
+            "region",
+            "category",
+            "size",
+            "key_id",
+            "cmk_id",
+            "key_format",
+            "wrapped_key",
+            "host",
+        ] {
+            if let Some(v) = img
+                .metadata_get(&format!("{META_PREFIX}{k}"))
+                .map_err(ceph_err(format!("image-meta of {id}")))?
+            {
+                m.insert(k.to_string(), v);
+            }
+        }
+        Ok(Some(m))
+    }
+
+    /// Registers image `id` (made by another host) as a volume of `size` bytes here and
+    /// marks it as this host's.
+    pub fn adopt_volume(&self, txn: &redb::WriteTransaction, id: &str, size: u64) -> Result<(), VolumeError> {
+        check_id(id)?;
+        check_size(size)?;
+        if row(txn, id)?.is_some() {
+            return Err(VolumeError::Exists(id.into()));
+        }
+        let img = self.io.open(id).map_err(ceph_err(format!("open RBD image {id}")))?;
+        let have = img.size().map_err(ceph_err(format!("size of RBD image {id}")))?;
+        if have != size {
+            return Err(VolumeError::BadSize {
+                size,
+                why: format!("the RBD image {id} has {have} bytes"),
+            });
+        }
+        drop(img);
+        self.claim(id)?;
+        put(
+            txn,
+            VOLUMES,
+            id,
+            &Vol {
+                size,
+                image: id.into(),
+                snap: None,
+                base: None,
+            },
+        )
     }
 
     /// Writes `sealdisk.<key>` image metadata on volume `id`'s image.
