@@ -889,3 +889,69 @@ fn a_disk_moves_between_two_daemons_fenced_by_the_exclusive_lock() {
     drop(s);
     drop(dm_a);
 }
+
+/// Sends `sig` to every daemon of the cluster (SIGSTOP: the cluster stops answering).
+fn signal_cluster(c: &ceph::Cluster, sig: i32) {
+    for e in std::fs::read_dir(c.dir.join("pids")).unwrap() {
+        let pid: i32 = std::fs::read_to_string(e.unwrap().path())
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // SAFETY: kill has no memory preconditions; the pid is a daemon the script started.
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+    }
+}
+
+#[test]
+fn cluster_stopping_mid_io_gives_errors_not_a_hang_and_the_disk_works_after() {
+    let Some(c) = ceph::Cluster::start("outage") else {
+        return;
+    };
+    // Requests give up after 5 s here (sealdisk's default is 30 s; ceph.conf may set its own).
+    let mut conf = std::fs::read_to_string(&c.conf).unwrap();
+    conf.push_str("\n[client]\nrados osd op timeout = 5\nrados mon op timeout = 5\n");
+    std::fs::write(&c.conf, conf).unwrap();
+    let d = TempDir::new("rbd-outage");
+    let data = d.0.join("data");
+    let args = rbd_args(&c);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _dm = start_daemon(BIN, &data, &args, &[]);
+    let (_inst, disk, _) = instance_with_disk(&data, 16 << 20, true);
+    let a = random_bytes(8192, 21);
+    let mut s = nbd_go(&data.join("nbd.sock"), &disk).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    assert_eq!(nbd_write(&mut s, 1, 0, &a), 0);
+    assert_eq!(nbd_cmd(&mut s, 3, 2, 0, 0, &[], 0).0, 0);
+
+    signal_cluster(&c, libc::SIGSTOP);
+    let t = Instant::now();
+    // The write may land in librbd's write-back cache; the flush cannot succeed.
+    let _ = nbd_write(&mut s, 3, 1 << 20, &a);
+    let e = nbd_cmd(&mut s, 3, 9, 0, 0, &[], 0).0;
+    let took = t.elapsed();
+    assert_ne!(e, 0, "a write and flush with the cluster stopped succeeded");
+    assert!(took < Duration::from_secs(60), "the flush's error took {took:?}");
+    let (e, _) = nbd_read(&mut s, 4, 4 << 20, 4096);
+    assert_ne!(e, 0, "a read of unwritten data with the cluster stopped succeeded");
+    // The control plane still answers.
+    rpc(&data, "DescribeDisks", serde_json::json!({}));
+    eprintln!("flush error after {took:?} with the cluster stopped");
+
+    signal_cluster(&c, libc::SIGCONT);
+    // Back: the same connection writes and reads again (retrying while the client
+    // reconnects).
+    let t = Instant::now();
+    loop {
+        if nbd_write(&mut s, 5, 1 << 20, &a) == 0 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(90), "the disk did not recover");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(nbd_cmd(&mut s, 3, 6, 0, 0, &[], 0).0, 0);
+    let (e, got) = nbd_read(&mut s, 7, 0, 8192);
+    assert_eq!((e, got == a), (0, true), "data written before the outage");
+    let (e, got) = nbd_read(&mut s, 8, 1 << 20, 8192);
+    assert_eq!((e, got == a), (0, true), "data written after it");
+}

@@ -91,6 +91,7 @@ api! {
         fn rados_create(*mut Rados, *const c_char) -> c_int;
         fn rados_conf_read_file(Rados, *const c_char) -> c_int;
         fn rados_conf_set(Rados, *const c_char, *const c_char) -> c_int;
+        fn rados_conf_get(Rados, *const c_char, *mut c_char, usize) -> c_int;
         fn rados_connect(Rados) -> c_int;
         fn rados_shutdown(Rados);
         fn rados_ioctx_create(Rados, *const c_char, *mut IoCtx) -> c_int;

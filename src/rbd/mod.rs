@@ -88,11 +88,14 @@ fn check(call: &'static str, rc: c_int) -> Result<c_int> {
 /// Client settings sealdisk connects with, over the cluster's ceph.conf:
 /// a discard of part of an object zeroes that part (the bdev contract: a
 /// discarded range reads as zeros), and a request to an unreachable cluster
-/// fails after 30 s instead of waiting forever.
+/// fails after 30 s instead of waiting forever. An option whose value starts
+/// with `?` is a default: it applies only where ceph.conf leaves the option at
+/// librados' own default (`0`: wait forever), so a ceph.conf may set its own
+/// timeouts.
 pub const DISK_OPTIONS: &[(&str, &str)] = &[
     ("rbd_skip_partial_discard", "false"),
-    ("rados_osd_op_timeout", "30"),
-    ("rados_mon_op_timeout", "30"),
+    ("rados_osd_op_timeout", "?30"),
+    ("rados_mon_op_timeout", "?30"),
 ];
 
 /// Whether the Ceph client libraries can be loaded here.
@@ -140,6 +143,22 @@ impl Cluster {
             (api.rados_conf_read_file)(inner.h, path.as_ptr())
         })?;
         for (k, v) in options {
+            let v = match v.strip_prefix('?') {
+                Some(default) => {
+                    let kc = cstr(k)?;
+                    let mut buf = [0 as c_char; 64];
+                    // SAFETY: a live handle, a NUL-terminated name; librados
+                    // writes at most `buf.len()` bytes, NUL-terminated.
+                    let rc = unsafe { (api.rados_conf_get)(inner.h, kc.as_ptr(), buf.as_mut_ptr(), buf.len()) };
+                    check("rados_conf_get", rc)?;
+                    let cur: Vec<u8> = buf.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+                    if cur != b"0" {
+                        continue;
+                    }
+                    default
+                }
+                None => v,
+            };
             let (k, v) = (cstr(k)?, cstr(v)?);
             // SAFETY: a live handle and two NUL-terminated strings.
             check("rados_conf_set", unsafe {
