@@ -814,6 +814,26 @@ fn a_disk_moves_between_two_daemons_fenced_by_the_exclusive_lock() {
         !sys_b.to_string().contains(&disk),
         "a refused adoption registered the disk"
     );
+    // An encrypted disk whose key B's KMS cannot unwrap (each daemon has its own local
+    // KMS here; a move of encrypted disks needs a shared one): refused, nothing changes.
+    let enc = rpc(
+        &da,
+        "CreateDisk",
+        serde_json::json!({"SizeBytes": 4 << 20, "Encrypted": true}),
+    )["DiskId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    rpc(&db, "ActivateKms", serde_json::json!({}));
+    let e = try_rpc(&db, "AdoptDisk", serde_json::json!({"DiskId": enc})).unwrap_err();
+    assert!(e.starts_with("Kms."), "{e}");
+    eprintln!("encrypted disk, foreign KMS: {e}");
+    assert!(!rpc(&db, "DescribeDisks", serde_json::json!({}))
+        .to_string()
+        .contains(&enc));
+    let owner =
+        String::from_utf8(c.cmd("rbd", &["image-meta", "get", &format!("rbd/{enc}"), "sealdisk.host"])).unwrap();
+    assert_eq!(owner.trim(), host_a, "a refused adoption claimed the image");
 
     // B adopts the disk while A still has it attached: the attach is fenced.
     let inst_b = new_instance(&db);
