@@ -710,7 +710,66 @@ fn snapshot_clone_and_reset_on_rbd_backend() {
     let (e, got) = nbd_read(&mut s2, 1, 4096, 8192);
     assert_eq!(e, 0);
     assert!(got == a, "the clone reads the snapshot's data");
+    // ReInitDisk takes the clone back to its source snapshot.
+    assert_eq!(nbd_write(&mut s2, 2, 4096, &b), 0);
+    assert_eq!(nbd_cmd(&mut s2, 3, 3, 0, 0, &[], 0).0, 0);
     drop(s2);
+    rpc(
+        &data,
+        "DetachDisk",
+        serde_json::json!({"DiskId": clone, "InstanceId": inst}),
+    );
+    rpc(&data, "ReInitDisk", serde_json::json!({"DiskId": clone}));
+    rpc(
+        &data,
+        "AttachDisk",
+        serde_json::json!({"DiskId": clone, "InstanceId": inst}),
+    );
+    let mut s2 = nbd_go(&data.join("nbd.sock"), &clone).unwrap();
+    let (e, got) = nbd_read(&mut s2, 4, 4096, 8192);
+    assert_eq!(
+        (e, got == a),
+        (0, true),
+        "ReInitDisk restores the source snapshot's data"
+    );
+    drop(s2);
+    // And a blank disk back to zeros.
+    let blank = rpc(
+        &data,
+        "CreateDisk",
+        serde_json::json!({"SizeBytes": 4 << 20, "Encrypted": true}),
+    )["DiskId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    rpc(
+        &data,
+        "AttachDisk",
+        serde_json::json!({"DiskId": blank, "InstanceId": inst}),
+    );
+    let mut s3 = nbd_go(&data.join("nbd.sock"), &blank).unwrap();
+    assert_eq!(nbd_write(&mut s3, 1, 0, &b), 0);
+    assert_eq!(nbd_cmd(&mut s3, 3, 2, 0, 0, &[], 0).0, 0);
+    drop(s3);
+    rpc(
+        &data,
+        "DetachDisk",
+        serde_json::json!({"DiskId": blank, "InstanceId": inst}),
+    );
+    rpc(&data, "ReInitDisk", serde_json::json!({"DiskId": blank}));
+    rpc(
+        &data,
+        "AttachDisk",
+        serde_json::json!({"DiskId": blank, "InstanceId": inst}),
+    );
+    let mut s3 = nbd_go(&data.join("nbd.sock"), &blank).unwrap();
+    let (e, got) = nbd_read(&mut s3, 3, 0, 8192);
+    assert_eq!(
+        (e, got.iter().all(|&x| x == 0)),
+        (0, true),
+        "ReInitDisk of a blank disk: zeros"
+    );
+    drop(s3);
 
     // ResetDisk rolls the detached disk back to the snapshot.
     rpc(
