@@ -537,6 +537,10 @@ fn serve_refuses_incomplete_rbd_options_and_creates_nothing() {
         !data.join("pool.img").exists(),
         "a pool file was made for --backend rbd"
     );
+    // AdoptDisk on the file backend: a clear refusal.
+    let _dm = start_daemon(BIN, &data, &["--cores", "0"], &[]);
+    let e = try_rpc(&data, "AdoptDisk", serde_json::json!({"DiskId": "d-0000000000000001"})).unwrap_err();
+    assert!(e.starts_with("InvalidOperation.Backend"), "{e}");
 }
 
 #[test]
@@ -873,6 +877,12 @@ fn a_disk_moves_between_two_daemons_fenced_by_the_exclusive_lock() {
     assert_eq!(nbd_cmd(&mut s, 3, 2, 0, 0, &[], 0).0, 0);
 
     // Bad adoptions change nothing.
+    let e = try_rpc(&db, "AdoptDisk", serde_json::json!({})).unwrap_err();
+    assert!(e.starts_with("MissingParameter"), "{e}");
+    let e = try_rpc(&db, "AdoptDisk", serde_json::json!({"DiskId": "../x y"})).unwrap_err();
+    assert!(e.starts_with("InvalidDiskId.NotFound"), "{e}");
+    let e = try_rpc(&db, "AdoptDisk", serde_json::json!({"DiskId": disk, "Extra": 1})).unwrap_err();
+    assert!(e.starts_with("InvalidParameter"), "{e}");
     assert!(
         try_rpc(&db, "AdoptDisk", serde_json::json!({"DiskId": "d-0000000000000000"}))
             .unwrap_err()

@@ -9,7 +9,7 @@
 #
 # Environment: CEPH_MON_PORT (default: a free port), CEPH_POOL (default rbd),
 #              CEPH_MEMSTORE_BYTES (default 4 GiB; memstore takes RAM only as objects are written),
-#              CEPH_START_TIMEOUT (seconds, default 60).
+#              CEPH_START_TIMEOUT (seconds, default 120).
 # Needs ceph-mon, ceph-mgr, ceph-osd and ceph-common (ceph, rbd, rados, monmaptool).
 set -euo pipefail
 
@@ -95,7 +95,7 @@ fi
 start_ns=$(date +%s%N)
 port=${CEPH_MON_PORT:-$(free_port)}
 pool=${CEPH_POOL:-rbd}
-timeout=${CEPH_START_TIMEOUT:-60}
+timeout=${CEPH_START_TIMEOUT:-120}
 fsid=$(cat /proc/sys/kernel/random/uuid)
 mkdir -p "$dir"/{run,log,mon,mgr,osd,pids}
 conf="$dir/ceph.conf"

@@ -27,6 +27,17 @@ impl Control {
                 "AdoptDisk needs the RBD backend (serve --backend rbd)",
             ));
         };
+        let well_formed = !disk_id.is_empty()
+            && disk_id.len() <= 128
+            && disk_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b));
+        if !well_formed {
+            return Err(ControlError::NotFound {
+                code: "InvalidDiskId.NotFound",
+                id: disk_id,
+            });
+        }
         let meta = rbd.image_meta(&disk_id)?.ok_or_else(|| ControlError::NotFound {
             code: "InvalidDiskId.NotFound",
             id: disk_id.clone(),
