@@ -29,6 +29,8 @@ stop_cluster() {
         [ -e "$pidfile" ] || continue
         pid=$(cat "$pidfile")
         if [ -n "$pid" ] && is_ours "$pid"; then
+            # (a stopped daemon, SIGSTOP in a test, must run to see SIGTERM)
+            kill -CONT "$pid" 2>/dev/null || true
             kill -TERM "$pid" 2>/dev/null || true
         fi
     done
@@ -45,6 +47,13 @@ stop_cluster() {
         fi
         rm -f "$pidfile"
     done
+    # The monitor's store on tmpfs (see start).
+    if [ -L "$d/mon" ]; then
+        case "$(readlink "$d/mon")" in
+            /dev/shm/sealdisk-ceph-mon.*) rm -rf "$(readlink "$d/mon")" ;;
+        esac
+        rm -f "$d/mon"
+    fi
 }
 
 # True while PID is a live ceph daemon (a recycled pid that runs something else is not ours).
@@ -97,7 +106,14 @@ port=${CEPH_MON_PORT:-$(free_port)}
 pool=${CEPH_POOL:-rbd}
 timeout=${CEPH_START_TIMEOUT:-120}
 fsid=$(cat /proc/sys/kernel/random/uuid)
-mkdir -p "$dir"/{run,log,mon,mgr,osd,pids}
+mkdir -p "$dir"/{run,log,mgr,osd,pids}
+# The monitor's store syncs every change: on tmpfs when there is one, so a busy disk (other
+# tests' O_DIRECT writes) cannot stall it for a minute. `stop` removes it.
+if [ -d /dev/shm ] && [ -w /dev/shm ]; then
+    ln -s "$(mktemp -d /dev/shm/sealdisk-ceph-mon.XXXXXX)" "$dir/mon"
+else
+    mkdir -p "$dir/mon"
+fi
 conf="$dir/ceph.conf"
 cat >"$conf" <<EOF
 [global]
