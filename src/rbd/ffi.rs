@@ -150,9 +150,3 @@ pub fn api() -> Result<&'static Api, String> {
     static API: OnceLock<Result<Api, String>> = OnceLock::new();
     API.get_or_init(Api::load).as_ref().map_err(|e| e.clone())
 }
-
-// SAFETY: the table holds plain function pointers and the library handles,
-// which any thread may use (the Ceph client libraries are thread-safe).
-unsafe impl Sync for Api {}
-// SAFETY: as above.
-unsafe impl Send for Api {}

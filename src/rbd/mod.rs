@@ -706,10 +706,6 @@ pub struct Completion {
     c: NonNull<c_void>,
 }
 
-// SAFETY: a completion is a heap object of librbd's that any thread may
-// query and release (it carries its own lock).
-unsafe impl Send for Completion {}
-
 impl Completion {
     /// A new completion carrying `arg` (returned by [`Completion::arg`]).
     pub fn new(arg: usize) -> Result<Completion> {
