@@ -1176,3 +1176,83 @@ fn an_encrypted_disk_moves_between_daemons_sharing_a_transit_kms() {
     );
     drop(s);
 }
+
+#[test]
+fn images_on_rbd_backend_create_copy_export_and_boot() {
+    let Some(c) = ceph::Cluster::start("images") else {
+        return;
+    };
+    let d = TempDir::new("rbd-images");
+    let data = d.0.join("data");
+    let args = rbd_args(&c);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _dm = start_daemon(BIN, &data, &args, &[]);
+    let (inst, disk, _) = instance_with_disk(&data, 8 << 20, false);
+    let mut s = nbd_go(&data.join("nbd.sock"), &disk).unwrap();
+    assert_eq!(nbd_write(&mut s, 1, 4096, &[0x33; 4096]), 0);
+    assert_eq!(nbd_cmd(&mut s, 3, 2, 0, 0, &[], 0).0, 0);
+    drop(s);
+    rpc(
+        &data,
+        "DetachDisk",
+        serde_json::json!({"DiskId": disk, "InstanceId": inst}),
+    );
+    let snap = rpc(&data, "CreateSnapshot", serde_json::json!({"DiskId": disk}))["SnapshotId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let wait =
+        |r: serde_json::Value| wait_task(r, |q| rpc(&data, "DescribeTasks", q)).unwrap_or_else(|e| panic!("{e:?}"));
+    let img = wait(rpc(
+        &data,
+        "CreateImage",
+        serde_json::json!({"SnapshotId": snap, "ImageName": "base"}),
+    ))["ImageId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // The image is an RBD clone of the snapshot.
+    let info = rbd_info(&c, &format!("rbd/{img}"));
+    assert_eq!(info["parent"]["snapshot"], snap.as_str(), "{info}");
+    let copy = wait(rpc(
+        &data,
+        "CopyImage",
+        serde_json::json!({"ImageId": img, "DestinationRegionId": "cn-shanghai"}),
+    ));
+    let copy_id = copy["ImageId"].as_str().unwrap().to_owned();
+    assert!(rbd_ls(&c).contains(&copy_id), "{copy}");
+    let ex = wait(rpc(
+        &data,
+        "ExportImage",
+        serde_json::json!({"ImageId": img, "OSSBucket": "b1"}),
+    ));
+    let bytes = std::fs::read(ex["Path"].as_str().unwrap()).unwrap();
+    assert_eq!(bytes.len() as u64, 8 << 20);
+    assert_eq!(
+        &bytes[4096..8192],
+        &[0x33; 4096][..],
+        "the exported image holds the disk's data"
+    );
+    assert!(bytes[..4096].iter().all(|&b| b == 0));
+    // An instance booted from the image: its system disk is a clone that reads the data.
+    let i2 = rpc(&data, "CreateInstance", serde_json::json!({"ImageId": img}))["InstanceId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let disks = rpc(&data, "DescribeDisks", serde_json::json!({"InstanceId": i2}));
+    let sys = disks["Disks"]["Disk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["Type"] == "system")
+        .unwrap_or_else(|| panic!("{disks}"))["DiskId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut s = nbd_go(&data.join("nbd.sock"), &sys).unwrap();
+    let (e, got) = nbd_read(&mut s, 1, 4096, 4096);
+    assert_eq!((e, &got[..]), (0, &[0x33u8; 4096][..]));
+    drop(s);
+    let r = check_pool(&data);
+    assert_eq!(r["Consistent"], true, "{r}");
+}
