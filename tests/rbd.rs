@@ -1256,3 +1256,105 @@ fn images_on_rbd_backend_create_copy_export_and_boot() {
     let r = check_pool(&data);
     assert_eq!(r["Consistent"], true, "{r}");
 }
+
+/// Runs `tool`; panics unless it succeeds. Its stdout.
+fn run_tool(tool: &str, args: &[&str]) -> String {
+    let out = Command::new(tool).args(args).output().unwrap_or_else(|e| {
+        panic!("cannot run {tool} ({e}): install it (apt-get install fio qemu-utils; .ci/run does)")
+    });
+    let so = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{tool} {args:?} failed: {}\n{so}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    so
+}
+
+#[test]
+fn qemu_io_and_fio_verify_through_nbd_on_rbd() {
+    let Some(c) = ceph::Cluster::start("tools") else { return };
+    let d = TempDir::new("rbd-tools");
+    let data = d.0.join("data");
+    let args = rbd_args(&c);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _dm = start_daemon(BIN, &data, &args, &[]);
+    let (_inst, disk, _) = instance_with_disk(&data, 64 << 20, true);
+    let uri = format!("nbd+unix:///{disk}?socket={}", data.join("nbd.sock").display());
+    let w = run_tool(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0xa5 0 1M",
+            "-c",
+            "write -P 0x5a 4M 3M",
+            "-c",
+            "write -P 0x11 -f 8M 64k",
+            "-c",
+            "flush",
+            "-c",
+            "discard 0 64k",
+            "-c",
+            "write -z 4M 128k",
+            "-c",
+            "aio_write -P 0x33 16M 4k",
+            "-c",
+            "aio_flush",
+            &uri,
+        ],
+    );
+    assert!(!w.contains("error") && !w.contains("failed"), "{w}");
+    let r = run_tool(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0 0 64k",
+            "-c",
+            "read -P 0xa5 64k 960k",
+            "-c",
+            "read -P 0 4M 128k",
+            "-c",
+            "read -P 0x5a 4224k 2944k",
+            "-c",
+            "read -P 0x11 8M 64k",
+            "-c",
+            "read -P 0x33 16M 4k",
+            "-c",
+            "read -P 0 32M 1M",
+            &uri,
+        ],
+    );
+    assert!(
+        !r.contains("Pattern verification failed") && !r.contains("error"),
+        "{r}"
+    );
+    assert_eq!(r.matches("read ").count(), 7, "{r}");
+    // fio's nbd engine: random writes with verification, 16 in flight.
+    let out = run_tool(
+        "fio",
+        &[
+            "--name=v",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=16",
+            "--size=8M",
+            "--offset=40M",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--output-format=json",
+        ],
+    );
+    let j: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
+    assert_eq!(j["jobs"][0]["error"], 0, "{out}");
+    assert!(
+        j["jobs"][0]["read"]["io_bytes"].as_u64().unwrap() >= 8 << 20,
+        "fio verified nothing: {out}"
+    );
+}
