@@ -1348,6 +1348,8 @@ fn qemu_io_and_fio_verify_through_nbd_on_rbd() {
             "--offset=40M",
             "--verify=crc32c",
             "--do_verify=1",
+            // (no verify state file in the working tree)
+            "--verify_state_save=0",
             "--output-format=json",
         ],
     );
