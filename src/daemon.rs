@@ -20,6 +20,7 @@ use crate::export::Exports;
 use crate::frontend::nbd::{NbdConfig, NbdServer};
 use crate::kms::{Kms, KmsConfig};
 use crate::reactor::{ReactorConfig, Reactors};
+use crate::store::{Backend, Store};
 use crate::volume::{Faults, Pool};
 use tracing::{error, info, warn};
 
@@ -56,6 +57,13 @@ pub(crate) enum DaemonError {
     #[error("pool {}: {source} ({})", path.display(), source.code())]
     Pool {
         path: PathBuf,
+        #[source]
+        source: crate::volume::VolumeError,
+    },
+    #[error("RBD pool {pool} ({}): {source} ({})", conf.display(), source.code())]
+    RbdPool {
+        pool: String,
+        conf: PathBuf,
         #[source]
         source: crate::volume::VolumeError,
     },
@@ -106,6 +114,8 @@ pub(crate) struct DaemonConfig {
     pub pool_path: Option<PathBuf>,
     /// Size of a new pool file.
     pub pool_size: u64,
+    /// Where volumes live: the pool file (default) or an RBD pool (`--backend rbd`).
+    pub backend: Backend,
     pub reactors: ReactorConfig,
     pub kms: KmsConfig,
     pub qos: QosConfig,
@@ -142,6 +152,7 @@ impl DaemonConfig {
             data_dir,
             pool_path: None,
             pool_size: DEFAULT_POOL_SIZE,
+            backend: Backend::File,
             reactors: ReactorConfig::default(),
             qos: QosConfig::default(),
             socket: None,
@@ -228,19 +239,38 @@ impl Daemon {
         if !spec.is_empty() {
             warn!(faults = %spec, "SEALDISK_FAULTS is set: injecting faults");
         }
-        let pool = Pool::open_with_faults(
-            db.clone(),
-            &pool_path,
-            cfg.pool_size,
-            crate::volume::DEFAULT_CLUSTER,
-            Arc::new(faults),
-        )
-        .map_err(|source| DaemonError::Pool {
-            path: pool_path.clone(),
-            source,
-        })?;
+        let pool: Store = match &cfg.backend {
+            Backend::File => Store::File(
+                Pool::open_with_faults(
+                    db.clone(),
+                    &pool_path,
+                    cfg.pool_size,
+                    crate::volume::DEFAULT_CLUSTER,
+                    Arc::new(faults),
+                )
+                .map_err(|source| DaemonError::Pool {
+                    path: pool_path.clone(),
+                    source,
+                })?,
+            ),
+            Backend::Rbd { ceph_conf, pool } => Store::Rbd(
+                crate::store::rbd::RbdStore::open(db.clone(), ceph_conf, pool).map_err(|source| {
+                    DaemonError::RbdPool {
+                        pool: pool.clone(),
+                        conf: ceph_conf.clone(),
+                        source,
+                    }
+                })?,
+            ),
+        };
         // Owner-only state files (the directory is 0700 as well).
-        for f in [dir.join(catalog::CATALOG_FILE), pool_path.clone()] {
+        for f in [
+            Some(dir.join(catalog::CATALOG_FILE)),
+            pool.path().map(|p| p.to_path_buf()),
+        ]
+        .into_iter()
+        .flatten()
+        {
             if std::fs::metadata(&f).is_ok_and(|m| m.is_file()) {
                 let _ = std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600));
             }

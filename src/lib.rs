@@ -36,8 +36,10 @@ mod iobuf;
 mod kms;
 mod layout;
 mod logging;
+mod rbd;
 mod reactor;
 mod secmem;
+mod store;
 mod sys;
 mod units;
 mod uring;
@@ -112,6 +114,12 @@ pub mod testing {
     /// The vhost-user-blk descriptor chain walker and request parser.
     pub mod vhost {
         pub use crate::frontend::vhost::request::{parse, walk, Kind};
+    }
+
+    /// The Ceph RBD binding (librbd/librados loaded at run time) and the RBD bdev.
+    pub mod rbd {
+        pub use crate::bdev::rbd::RbdBdev;
+        pub use crate::rbd::*;
     }
 
     /// The benchmarks' vhost-user VMM: a driver, its virtqueues and guest memory.

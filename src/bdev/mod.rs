@@ -19,6 +19,7 @@ pub(crate) mod iostat;
 pub(crate) mod malloc;
 pub(crate) mod null;
 pub(crate) mod qos;
+pub(crate) mod rbd;
 pub(crate) mod slab;
 pub(crate) mod uring;
 

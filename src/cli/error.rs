@@ -7,6 +7,10 @@ use std::path::PathBuf;
 /// start; each says what to give instead.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum CliError {
+    #[error("--backend rbd needs --ceph-conf PATH and --rbd-pool NAME")]
+    RbdOptions,
+    #[error("--ceph-conf and --rbd-pool apply to --backend rbd only")]
+    RbdOptionsWithoutRbd,
     #[error("{arg}: not JSON after := ({source})")]
     NotJson {
         arg: String,

@@ -23,6 +23,15 @@ pub(super) struct ServeArgs {
     /// size of a new pool file, e.g. 64G (default 64G, sparse)
     #[arg(long = "pool-size", value_name = "BYTES")]
     pool_size: Option<String>,
+    /// where disks live: file (the pool, default) or rbd (Ceph RBD images; needs --ceph-conf and --rbd-pool)
+    #[arg(long, value_name = "BACKEND", value_parser = ["file", "rbd"], default_value = "file")]
+    backend: String,
+    /// ceph.conf of the cluster (--backend rbd)
+    #[arg(long = "ceph-conf", value_name = "PATH")]
+    ceph_conf: Option<PathBuf>,
+    /// RBD pool of the disks' images (--backend rbd)
+    #[arg(long = "rbd-pool", value_name = "NAME")]
+    rbd_pool: Option<String>,
     /// reactor cores, e.g. 0,1 or 0-3 (default: all)
     #[arg(long, value_name = "LIST")]
     cores: Option<String>,
@@ -93,6 +102,19 @@ pub(super) struct CheckArgs {
     json: bool,
 }
 
+/// `--backend`, `--ceph-conf`, `--rbd-pool`.
+fn backend(m: &ServeArgs) -> Result<crate::store::Backend, CliError> {
+    match (m.backend.as_str(), &m.ceph_conf, &m.rbd_pool) {
+        ("rbd", Some(c), Some(p)) if !p.is_empty() => Ok(crate::store::Backend::Rbd {
+            ceph_conf: c.clone(),
+            pool: p.clone(),
+        }),
+        ("rbd", _, _) => Err(CliError::RbdOptions),
+        (_, None, None) => Ok(crate::store::Backend::File),
+        _ => Err(CliError::RbdOptionsWithoutRbd),
+    }
+}
+
 fn config(m: &ServeArgs) -> Result<DaemonConfig, CliError> {
     let dir = m.data_dir.clone();
     let mut cfg = DaemonConfig::new(&dir);
@@ -100,6 +122,7 @@ fn config(m: &ServeArgs) -> Result<DaemonConfig, CliError> {
     if let Some(s) = &m.pool_size {
         cfg.pool_size = parse_size(s)?;
     }
+    cfg.backend = backend(m)?;
     if let Some(c) = &m.cores {
         cfg.reactors.cores = crate::reactor::parse_cores(c)?;
     }

@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 
 use super::{Control, ControlError, Params};
 use crate::catalog::{self, DiskRecord, ImageRecord, MigrationRecord, SnapshotRecord};
+use crate::store::Store;
 use crate::volume::{CheckReport, Pool};
 
 /// What `check` found.
@@ -31,7 +32,7 @@ impl Report {
 
 /// Checks the catalog rows, the pool's own maps, and that every disk, snapshot and
 /// image has its volume of the recorded size and the pool holds no other volumes.
-pub fn check(db: &redb::Database, pool: &Pool) -> Result<Report, ControlError> {
+pub fn check(db: &redb::Database, pool: &Store) -> Result<Report, ControlError> {
     let r = db.begin_read().map_err(|e| ControlError::Catalog(catalog::db_err(e)))?;
     let mut rep = Report {
         schema_version: catalog::schema_version(&r)?,
@@ -100,7 +101,7 @@ pub fn check(db: &redb::Database, pool: &Pool) -> Result<Report, ControlError> {
 
 /// Volumes in the pool that none of these disks, snapshots and images is.
 fn unreferenced(
-    pool: &Pool,
+    pool: &Store,
     disks: &[DiskRecord],
     snaps: &[SnapshotRecord],
     images: &[ImageRecord],
@@ -127,7 +128,7 @@ fn unreferenced(
 /// it) leaves such a volume (an interrupted MigrateDisk's volumes are named by its
 /// migration row and stay, to be resumed), so this is safe only while no operation runs:
 /// the daemon calls it at start, before it serves anyone.
-pub(crate) fn sweep_unreferenced(db: &redb::Database, pool: &Pool) -> Result<Vec<String>, ControlError> {
+pub(crate) fn sweep_unreferenced(db: &redb::Database, pool: &Store) -> Result<Vec<String>, ControlError> {
     let r = db.begin_read().map_err(|e| ControlError::Catalog(catalog::db_err(e)))?;
     let disks: Vec<DiskRecord> = catalog::list_r(&r)?;
     let snaps: Vec<SnapshotRecord> = catalog::list_r(&r)?;
@@ -178,7 +179,7 @@ pub(crate) fn check_data_dir(data_dir: &Path, pool_path: Option<&Path>) -> Resul
         return Err(CheckError::NoPool(pool_path));
     }
     let pool = Pool::open(db.clone(), &pool_path, 0)?;
-    Ok(check(&db, &pool)?)
+    Ok(check(&db, &Store::File(pool))?)
 }
 
 impl Control {

@@ -457,7 +457,7 @@ impl Control {
                 ));
             }
         }
-        if let Ok(pm) = std::fs::metadata(self.pool.path()) {
+        if let Some(pm) = self.pool.path().and_then(|p| std::fs::metadata(p).ok()) {
             let same_file = pm.dev() == meta.dev() && pm.ino() == meta.ino();
             let same_dev = ft.is_block_device() && pm.file_type().is_block_device() && pm.rdev() == meta.rdev();
             if same_file || same_dev {

@@ -30,6 +30,7 @@
 
 #![forbid(unsafe_code)]
 
+mod adopt;
 pub(crate) mod check;
 pub(crate) mod client;
 mod copy;
@@ -65,7 +66,7 @@ use serde_json::Value;
 use crate::export::Exports;
 use crate::kms::Kms;
 use crate::reactor::Reactors;
-use crate::volume::Pool;
+use crate::store::Store;
 
 use crate::frontend::vhost::{VhostConfig, VhostServer};
 pub use error::ControlError;
@@ -141,6 +142,13 @@ pub(crate) static METHODS: &[Method] = &[
         name: "DeleteInstance",
         about: "Delete an instance (detaches its disks, deletes its system disk)",
         handler: Control::delete_instance,
+        concurrent: false,
+        host: false,
+    },
+    Method {
+        name: "AdoptDisk",
+        about: "Register a disk image another host made in the shared RBD pool (DiskId; --backend rbd)",
+        handler: Control::adopt_disk,
         concurrent: false,
         host: false,
     },
@@ -358,7 +366,7 @@ impl ControlConfig {
 /// The ECS operations.
 pub struct Control {
     db: Arc<Database>,
-    pool: Arc<Pool>,
+    pool: Store,
     kms: Arc<Kms>,
     exports: Arc<Exports>,
     reactors: Option<Arc<Reactors>>,
@@ -380,7 +388,7 @@ impl Control {
     /// `reactors` is needed only by ExportImage (it reads the image through the data path).
     pub fn new(
         db: Arc<Database>,
-        pool: Arc<Pool>,
+        pool: impl Into<Store>,
         kms: Arc<Kms>,
         exports: Arc<Exports>,
         reactors: Option<Arc<Reactors>>,
@@ -396,6 +404,7 @@ impl Control {
                 r.clone(),
             )
         });
+        let pool = pool.into();
         Arc::new_cyclic(|me| Control {
             db,
             pool,
@@ -415,7 +424,8 @@ impl Control {
     pub fn db(&self) -> &Arc<Database> {
         &self.db
     }
-    pub fn pool(&self) -> &Arc<Pool> {
+    /// Where the volumes are: the file pool or an RBD pool.
+    pub fn pool(&self) -> &Store {
         &self.pool
     }
     pub fn kms(&self) -> &Arc<Kms> {

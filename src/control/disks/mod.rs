@@ -374,7 +374,41 @@ impl Control {
             created_at: crate::control::util::now_rfc3339(),
         };
         catalog::put(txn, &rec)?;
+        if self.pool.file().is_none() {
+            self.describe_disk(txn, &rec, keys)?;
+        }
         Ok(rec)
+    }
+
+    /// Writes what another host needs to adopt the disk (account, region, category, size,
+    /// key id, wrapped key and its format version) with its volume (RBD image metadata).
+    fn describe_disk(&self, txn: &WriteTransaction, rec: &DiskRecord, keys: &KeyPlan) -> Result<(), ControlError> {
+        let mut meta = vec![
+            ("account", rec.account.clone()),
+            ("region", rec.region.clone()),
+            (
+                "category",
+                serde_json::to_value(rec.category)
+                    .map(|v| v.as_str().unwrap_or_default().to_string())
+                    .unwrap_or_default(),
+            ),
+            ("size", rec.size.to_string()),
+        ];
+        if let Some(enc) = &keys.enc {
+            let row = match &keys.new_row {
+                Some(r) => r.clone(),
+                None => self.key_record(txn, enc)?,
+            };
+            meta.push(("key_id", enc.key_id.clone()));
+            meta.push(("cmk_id", enc.cmk_id.clone()));
+            meta.push(("key_format", row.wrapped.format.to_string()));
+            meta.push((
+                "wrapped_key",
+                serde_json::to_string(&row.wrapped).map_err(|e| ControlError::DataPath(format!("wrapped key: {e}")))?,
+            ));
+        }
+        self.pool.describe_volume(txn, &rec.id, &meta)?;
+        Ok(())
     }
 
     pub(super) fn create_disk(&self, mut p: Params) -> Result<Value, ControlError> {
