@@ -54,9 +54,9 @@ log() { echo "[$(date -u +%H:%M:%S)] $*" >&2; }
 stamp() { date -u '+%Y-%m-%d %H:%M UTC'; }
 # q QUICK FULL: the quick or the full value.
 q() { if [ "$QUICK" = 1 ]; then echo "$1"; else echo "$2"; fi; }
-# section TITLE COMMAND...: the heading, the run's date and the exact command.
+# section TITLE COMMAND...: the heading, the run's date and the exact commands, one a line.
 section() {
-    local title=$1; shift
+    local title=$1 IFS=$'\n'; shift
     printf '\n## %s\n\nRun of %s%s:\n\n```sh\n%s\n```\n\n' "$title" "$(stamp)" \
         "$([ "$QUICK" = 1 ] && echo ' (--quick: a smoke test, not figures)')" "$*"
 }
