@@ -293,7 +293,7 @@ def migrate(tg, path):
 def targets(tg):
     rows = [line.rstrip("\n").split("\t") for line in open(tg.path) if line.strip()]
     if not rows:
-        print("No area ran: no targets to report.")
+        print("No target figures: no area ran, or every area that ran failed.")
         return
     print("| issue | target | figure | |")
     print("|---|---|---|---|")
