@@ -252,13 +252,13 @@ def volume(tg, rounds_dir):
 # --- iostat: tools/iostat-cost.sh --json ------------------------------------------------
 def iostat(tg, path):
     r = json.load(open(path))
-    print(f"{r['date']}, {r['rounds']} rounds:\n")
-    print("| backend | off | on | on − off per round, median (min..max) |")
-    print("|---|---:|---:|---:|")
+    run = f"{r['date']}, {r['rounds']} × {r.get('seconds', '?')} s"
+    print("| run | backend | off | on | on − off per round, median (min..max) |")
+    print("|---|---|---:|---:|---:|")
     for b, name in (("null", "null"), ("malloc", "RAM")):
         x = r["backends"][b]
         rng = lambda v: f"{min(v):,.1f}..{max(v):,.1f}"
-        print(f"| {name} | {x['off_median']:,.1f} ns ({rng(x['off_ns'])}) | {x['on_median']:,.1f} ns "
+        print(f"| {run} | {name} | {x['off_median']:,.1f} ns ({rng(x['off_ns'])}) | {x['on_median']:,.1f} ns "
               f"({rng(x['on_ns'])}) | {x['diff_median']:+,.1f} ns ({min(x['diff_ns']):+,.1f}..{max(x['diff_ns']):+,.1f}) |")
     d = r["backends"]["null"]["diff_median"]
     tg.add(19, "statistics layer ≤ 30 ns per I/O (null)", f"{d:+.1f} ns", d, "<=", 30.0)

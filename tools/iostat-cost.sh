@@ -25,10 +25,10 @@ for backend in null malloc; do
     done
   done
 done
-python3 - "$OUT" "$ROUNDS" "$JSON_OUT" <<'PY'
+python3 - "$OUT" "$ROUNDS" "$JSON_OUT" "$SECS" <<'PY'
 import json, statistics, sys, os, time
-out, rounds, json_out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-doc = {"date": time.strftime("%Y-%m-%d %H:%M"), "rounds": rounds, "backends": {}}
+out, rounds, json_out, secs = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+doc = {"date": time.strftime("%Y-%m-%d %H:%M"), "rounds": rounds, "seconds": secs, "backends": {}}
 for b in ("null", "malloc"):
     rows = {s: [tuple(map(float, l.split())) for l in open(os.path.join(out, f"{b}-{s}"))] for s in ("off", "on")}
     ns = {s: [r[0] for r in rows[s]] for s in rows}
