@@ -104,6 +104,7 @@ area_nbd() {
     args="--runtime $(q '1 --ramp 0' '8 --ramp 2') --reps 2 --size $(q 256M 2G) --targets file,sd-plain,sd-enc,q-luks"
     section '4. NBD frontend (`nbd`)' "tools/nbd-compare.py $args --sealdisk $BIN"
     log "nbd: nbd-compare.py $args"
+    rm -f "$W/nbd.json"
     # shellcheck disable=SC2086
     "$ROOT/tools/nbd-compare.py" $args --sealdisk "$BIN" --workdir "$W/nbd" --json "$W/nbd.json" \
         >"$W/nbd.log" 2>&1 || { tail -5 "$W/nbd.log" >&2; return 1; }
@@ -123,6 +124,7 @@ area_vhost() {
     for j in "${jobs[@]}"; do
         i=$((i + 1))
         log "vhost: $j"
+        rm -f "$W/vhost-$i.json"
         # shellcheck disable=SC2086
         SEALDISK="$BIN" SERVE_ARGS="--cores 0-1 --no-qos" "$ROOT/tools/vhost-compare.sh" $opts -w "$W/vhost" \
             --json "$W/vhost-$i.json" -- $j >>"$W/vhost.log" 2>&1 || { tail -5 "$W/vhost.log" >&2; return 1; }
@@ -159,6 +161,7 @@ area_iostat() {
     args="$(q '1 1' '5 5') $BIN $(q 64m 256m)"
     section "7. The statistics layer's cost (\`iostat\`)" "tools/iostat-cost.sh $args"
     log "iostat: iostat-cost.sh $args"
+    rm -f "$W/iostat.json"
     # shellcheck disable=SC2086
     "$ROOT/tools/iostat-cost.sh" --json "$W/iostat.json" $args >"$W/iostat.log" 2>&1 \
         || { tail -5 "$W/iostat.log" >&2; return 1; }
@@ -170,6 +173,7 @@ area_migrate() {
     args="-s $(q 1 4) -r $(q 1 5)"
     section '8. `sealdisk migrate` against `qemu-img convert` (`migrate`)' "tools/migrate-bench.sh $args -b $BIN"
     log "migrate: migrate-bench.sh $args"
+    rm -f "$W/migrate.json"
     # migrate-bench.sh removes its work directory at exit: the JSON lives beside it.
     # shellcheck disable=SC2086
     "$ROOT/tools/migrate-bench.sh" $args -b "$BIN" -w "$W/migrate" -j "$W/migrate.json" >"$W/migrate.log" 2>&1 \
