@@ -12,6 +12,8 @@
 # BUFFERS=refill gives fio and sealdisk --refill_buffers (fresh random data in
 # every write, as a guest's writes are) instead of fio's default scrambled
 # reuse of the same buffers.
+# SEALDISK=BIN uses that binary (default: build target/release/sealdisk); SIZE=1g
+# the file's size (and fio's and bench io's --size); RAM=0 skips the RAM check.
 set -euo pipefail
 W=${1:-/var/tmp/sealdisk-datapath}
 RT=${2:-8}
@@ -20,13 +22,21 @@ CORE=${CORE:-$(awk '/virtio.*req|nvme.*q/{for(i=2;i<=NF;i++) if($i ~ /^[0-9]+$/ 
 CORE=${CORE:-0}
 BUF_OPT=()
 [ "${BUFFERS:-}" = refill ] && BUF_OPT=(--refill_buffers)
+SIZE=${SIZE:-1g}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-S=$ROOT/target/release/sealdisk
+if [ -n "${SEALDISK:-}" ]; then
+    S=$SEALDISK
+    [ -x "$S" ] || { echo "SEALDISK=$S: not an executable file" >&2; exit 2; }
+else
+    S=$ROOT/target/release/sealdisk
+    cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml"
+fi
 mkdir -p "$W"
-cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml"
 IMG=$W/bench.img
-if [ ! -s "$IMG" ]; then
-    fio --name=fill --filename="$IMG" --size=1g --rw=write --bs=1m --iodepth=8 --ioengine=io_uring \
+# (Re)fill when missing or smaller than SIZE: reads of never-written blocks skip the device.
+if [ "$(stat -c %s "$IMG" 2>/dev/null || echo 0)" -lt "$(numfmt --from=iec "${SIZE^^}")" ]; then
+    rm -f "$IMG"
+    fio --name=fill --filename="$IMG" --size="$SIZE" --rw=write --bs=1m --iodepth=8 --ioengine=io_uring \
         --direct=1 --output-format=terse >/dev/null
 fi
 echo "# core $CORE (the block device's interrupt core), ${RT}s per run, $REPS reps (fio, then sealdisk plain/enc in 4 alternating rounds)${BUF_OPT:+, write buffers: ${BUF_OPT[*]}}"
@@ -36,12 +46,12 @@ for wl in "randread 4k 32" "randwrite 4k 32" "read 128k 8" "write 128k 8"; do
     rw=$1 bs=$2 qd=$3
     for rep in $(seq 1 "$REPS"); do
         run_fio() {
-            taskset -c "$CORE" fio --name=f --filename="$IMG" --size=1g --rw="$rw" --bs="$bs" --iodepth="$qd" \
+            taskset -c "$CORE" fio --name=f --filename="$IMG" --size="$SIZE" --rw="$rw" --bs="$bs" --iodepth="$qd" \
                 --ioengine=io_uring --direct=1 --runtime="$RT" --time_based --output-format=json "${BUF_OPT[@]}" \
                 > "$W/fio-$rw-$bs-$rep.json"
         }
         run_sd() {
-            "$S" bench io --backend "file:$IMG" --size 1g --rw "$rw" --bs "$bs" --iodepth "$qd" --runtime $((RT * 2)) \
+            "$S" bench io --backend "file:$IMG" --size "$SIZE" --rw "$rw" --bs "$bs" --iodepth "$qd" --runtime $((RT * 2)) \
                 --time_based --cores "$CORE" --quiet --compare --rounds 4 --output-format json "${BUF_OPT[@]}" > "$W/sd-$rw-$bs-$rep.json"
         }
         # Alternate who goes first: this disk runs faster for a few seconds
@@ -66,7 +76,8 @@ m = lambda v: sum(v) / len(v)
 print(f"| {label} | {m(fio):,.0f} | {m(pl):,.0f} | {m(pl)/m(fio):.3f} | {m(en):,.0f} | {m(en)/m(pl):.3f} | {m(p99e)/m(p99p):.3f} | {m(rmi):.3f} | {m(rmp):.3f} |")
 PY
 done
+[ "${RAM:-1}" = 0 ] && exit 0
 echo
 echo "# RAM backend, one reactor, 4k randwrite QD32"
-"$S" bench io --backend malloc --size 1g --rw randwrite --bs 4k --iodepth 32 --runtime $((RT * 4)) --time_based \
+"$S" bench io --backend malloc --size "$SIZE" --rw randwrite --bs 4k --iodepth 32 --runtime $((RT * 4)) --time_based \
     --cores "$CORE" --quiet --compare --rounds 12 | tail -4

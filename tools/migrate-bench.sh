@@ -15,8 +15,9 @@
 # medians of wall time are printed, with MiB/s of the image's size. Every sealdisk disk is
 # deleted after its round; the LUKS image is reused (convert -n overwrites it).
 #
-# Usage: tools/migrate-bench.sh [-s GIB] [-r ROUNDS] [-w WORKDIR] [-b SEALDISK_BINARY] [-c CORES]
+# Usage: tools/migrate-bench.sh [-s GIB] [-r ROUNDS] [-w WORKDIR] [-b SEALDISK_BINARY] [-c CORES] [-j JSON]
 #   defaults: 4 GiB, 3 rounds, /var/tmp/sealdisk-migrate-bench, target/release/sealdisk, 0,1
+#   -j FILE also writes every target's runs (seconds) as JSON (for tools/bench-report.sh)
 set -euo pipefail
 
 GIB=4
@@ -24,17 +25,20 @@ ROUNDS=3
 W=/var/tmp/sealdisk-migrate-bench
 BIN=target/release/sealdisk
 CORES=0,1
-while getopts "s:r:w:b:c:" o; do
+JSON_OUT=
+while getopts "s:r:w:b:c:j:" o; do
     case $o in
         s) GIB=$OPTARG ;;
         r) ROUNDS=$OPTARG ;;
         w) W=$OPTARG ;;
         b) BIN=$OPTARG ;;
         c) CORES=$OPTARG ;;
-        *) sed -n '2,20p' "$0"; exit 2 ;;
+        j) JSON_OUT=$OPTARG ;;
+        *) sed -n '2,21p' "$0"; exit 2 ;;
     esac
 done
 BIN=$(realpath "$BIN")
+[ -z "$JSON_OUT" ] || JSON_OUT=$(realpath -m "$JSON_OUT")
 for t in qemu-img qemu-nbd python3; do
     command -v $t >/dev/null || { echo "missing $t" >&2; exit 1; }
 done
@@ -165,3 +169,13 @@ print(f"sealdisk vs LUKS convert -n: {luks / sd:.2f}x (target >= 2x); vs --targe
 print(f"sealdisk vs raw ceiling: {raw / sd:.2f}x, vs raw -t none: {direct / sd:.2f}x (target >= 0.8x)")
 print(f"--verify costs {ver / sd:.2f}x the time")
 EOF
+if [ -n "$JSON_OUT" ]; then
+    python3 - "$JSON_OUT" "$GIB" "$ROUNDS" "sd=${T[sd]}" "sd-verify=${T[sd-verify]}" "luks=${T[luks]}" \
+        "luks-tz=${T[luks-tz]}" "raw=${T[raw]}" "raw-direct=${T[raw-direct]}" <<'EOF'
+import json, sys, time
+out, gib, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+runs = {k: [float(x) for x in v.split()] for k, v in (a.split("=", 1) for a in sys.argv[4:])}
+with open(out, "w") as f:
+    json.dump({"date": time.strftime("%Y-%m-%d %H:%M"), "gib": gib, "rounds": rounds, "runs": runs}, f, indent=1)
+EOF
+fi

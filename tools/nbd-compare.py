@@ -19,11 +19,15 @@ the other. Server CPU is utime+stime of the server process over the fio run;
 client CPU is fio's usr_cpu+sys_cpu (% of its one core).
 
 Usage: tools/nbd-compare.py [--workdir DIR] [--runtime S] [--ramp S] [--reps N] [--out FILE]
+                            [--size SIZE] [--targets T,..] [--workloads W,..] [--sealdisk BIN] [--json FILE]
+--sealdisk BIN (or $SEALDISK) uses that binary instead of building target/release/sealdisk;
+--json FILE also writes the averaged figures as JSON (for tools/bench-report.sh).
 """
 import argparse, json, os, shutil, signal, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEALDISK = os.path.join(ROOT, "target", "release", "sealdisk")
+SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 CLK = os.sysconf("SC_CLK_TCK")
 WORKLOADS = {
     "randread": ["--rw=randread", "--bs=4k", "--iodepth=32"],
@@ -58,6 +62,18 @@ def cpu_ticks(pid):
     return int(fields[11]) + int(fields[12])
 
 
+def size_bytes(text):
+    """'2G', '512M', '1073741824' -> bytes (at least 64 MiB, a multiple of 1 MiB)."""
+    t = text.strip().upper()
+    try:
+        n = int(t[:-1]) * SIZE_UNITS[t[-1]] if t[-1] in SIZE_UNITS else int(t)
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(f"size {text!r}: use a number with K, M, G or T")
+    if n < 64 << 20 or n % (1 << 20):
+        raise argparse.ArgumentTypeError(f"size {text!r}: at least 64M, a multiple of 1M")
+    return n
+
+
 def run(cmd, **kw):
     return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
 
@@ -73,7 +89,7 @@ def main():
     ap.add_argument("--runtime", type=int, default=10)
     ap.add_argument("--ramp", type=int, default=2)
     ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--size", default="2G")
+    ap.add_argument("--size", default=size_bytes("2G"), type=size_bytes)
     ap.add_argument("--out", default=None)
     ap.add_argument("--targets", default=",".join(TARGETS),
                     help="comma-separated subset of " + ",".join(TARGETS))
@@ -81,15 +97,30 @@ def main():
                     help="comma-separated subset of " + ",".join(WORKLOADS))
     ap.add_argument("--spin-us", type=int, default=None,
                     help="sealdisk serve --spin-us (default: the daemon's)")
+    ap.add_argument("--sealdisk", default=os.environ.get("SEALDISK"),
+                    help="the sealdisk binary (default: build target/release/sealdisk)")
+    ap.add_argument("--json", default=None, help="also write the averaged figures to this file as JSON")
     a = ap.parse_args()
+    global SEALDISK
     targets = [t for t in TARGETS if t in a.targets.split(",")]
     workloads = {k: v for k, v in WORKLOADS.items() if k in a.workloads.split(",")}
     if not targets or not workloads:
         sys.exit(f"nothing to run: --targets from {TARGETS}, --workloads from {list(WORKLOADS)}")
-    for tool in ("fio", "qemu-nbd", "qemu-img", "nbdkit"):
+    need = ["fio"]
+    if {"file", "q-raw", "q-luks"} & set(targets):
+        need += ["qemu-nbd", "qemu-img"]
+    if "nbd-null" in targets:
+        need.append("nbdkit")
+    for tool in need:
         if not shutil.which(tool):
             sys.exit(f"{tool} not found (apt-get install fio qemu-utils nbdkit)")
-    subprocess.run(["cargo", "build", "--release", "--quiet", "--manifest-path", os.path.join(ROOT, "Cargo.toml")], check=True)
+    if a.sealdisk:
+        SEALDISK = os.path.abspath(a.sealdisk)
+        if not os.access(SEALDISK, os.X_OK):
+            sys.exit(f"--sealdisk {a.sealdisk}: not an executable file")
+    else:
+        subprocess.run(["cargo", "build", "--release", "--quiet", "--manifest-path", os.path.join(ROOT, "Cargo.toml")],
+                       check=True)
     fio_cpu = irq_cpu()
     srv_cpu = 1 - fio_cpu if os.cpu_count() >= 2 and fio_cpu in (0, 1) else (fio_cpu + 1) % os.cpu_count()
     w = a.workdir
@@ -110,7 +141,7 @@ def main():
         # --- sealdisk: one reactor on the server CPU, no QoS caps.
         data = os.path.join(w, "sd")
         p = subprocess.Popen([SEALDISK, "serve", "--data-dir", data, "--cores", str(srv_cpu), "--no-qos",
-                              "--pool-size", str(8 << 30),
+                              "--pool-size", str(max(8 << 30, 3 * a.size + (1 << 30))),
                               *([] if a.spin_us is None else ["--spin-us", str(a.spin_us)])], stderr=open(os.path.join(w, "sealdisk.log"), "w"))
         procs.append(p)
         for _ in range(100):
@@ -119,19 +150,18 @@ def main():
             time.sleep(0.1)
         sd(data, "activate-kms")
         inst = sd(data, "create-instance")["InstanceId"]
-        size_gib = int(a.size.rstrip("G"))
         disks = {}
         for name, enc in (("sd-plain", "false"), ("sd-enc", "true")):
-            d = sd(data, "create-disk", f"Size={size_gib}", f"Encrypted={enc}", "DiskCategory=ssd")["DiskId"]
+            d = sd(data, "create-disk", f"SizeBytes={a.size}", f"Encrypted={enc}", "DiskCategory=ssd")["DiskId"]
             sd(data, "attach-disk", f"DiskId={d}", f"InstanceId={inst}")
             disks[name] = f"nbd+unix:///{d}?socket={os.path.join(data, 'nbd.sock')}"
         # --- qemu-nbd raw and LUKS, pinned to the server CPU.
         raw, luks, pw = (os.path.join(w, n) for n in ("raw.img", "luks.img", "pass"))
         with open(os.open(pw, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
             f.write("peer-bench-passphrase")
-        run(["qemu-img", "create", "-q", "-f", "raw", raw, a.size])
+        run(["qemu-img", "create", "-q", "-f", "raw", raw, str(a.size)])
         run(["qemu-img", "create", "-q", "-f", "luks", "--object", f"secret,id=sec0,file={pw},format=raw",
-             "-o", "key-secret=sec0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,hash-alg=sha256", luks, a.size])
+             "-o", "key-secret=sec0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,hash-alg=sha256", luks, str(a.size)])
         qsock = {"q-raw": os.path.join(w, "raw.sock"), "q-luks": os.path.join(w, "luks.sock")}
         qpid = {}
         for name, args in (("q-raw", ["-f", "raw", raw]),
@@ -227,6 +257,15 @@ def main():
     print(text)
     if a.out:
         open(a.out, "w").write(text)
+    if a.json:
+        keys = ("iops", "mibs", "p50", "p99", "srv_us", "cli")
+        doc = {"date": time.strftime("%Y-%m-%d %H:%M"), "reps": a.reps, "runtime": a.runtime, "ramp": a.ramp,
+               "size": a.size, "server_cpu": srv_cpu, "fio_cpu": fio_cpu,
+               "errors": [f"{k[0]} {k[1]}: {e}" for k, e in errs],
+               "figures": {wl: {t: {k: avg(wl, t, k) for k in keys} for t in targets if (wl, t) in res}
+                           for wl in workloads}}
+        with open(a.json, "w") as f:
+            json.dump(doc, f, indent=1)
 
 
 if __name__ == "__main__":

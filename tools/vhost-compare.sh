@@ -28,6 +28,8 @@
 #   --qsd-sock PATH --qsd-pid PID   use a running qemu-storage-daemon (LUKS) export
 #   --no-prefill      skip writing the images once
 #   --keep            leave the daemons running at the end (prints their pids)
+#   --json FILE       also write the figures as JSON: per target the rounds' IOPS and CPU
+#                     ns/IO, their medians, and the ratios (for tools/bench-report.sh)
 # Environment: SEALDISK (the binary; default target/release/sealdisk, built if missing),
 #   SERVE_ARGS (extra `sealdisk serve` options, e.g. "--cores 0-1").
 set -euo pipefail
@@ -38,7 +40,7 @@ SIZE=1G
 TARGETS="qsd-luks encrypted plain ceiling"
 QUEUES=
 ENC_SOCK= PLAIN_SOCK= SD_PID= QSD_SOCK= QSD_PID=
-PREFILL=1 KEEP=0
+PREFILL=1 KEEP=0 JSON_OUT=
 JOB=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -54,6 +56,7 @@ while [ $# -gt 0 ]; do
         --qsd-pid) QSD_PID=$2; shift 2 ;;
         --no-prefill) PREFILL=0; shift ;;
         --keep) KEEP=1; shift ;;
+        --json) JSON_OUT=$2; shift 2 ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         --) shift; JOB+=("$@"); break ;;
         *) JOB+=("$1"); shift ;;
@@ -233,9 +236,9 @@ for r in $(seq 1 "$ROUNDS"); do
     done
 done
 
-python3 - "$OUT" "$ROUNDS" "$TARGETS" <<'PY'
-import json, statistics, sys
-out, rounds, targets = sys.argv[1], int(sys.argv[2]), sys.argv[3].split()
+python3 - "$OUT" "$ROUNDS" "$TARGETS" "$JSON_OUT" "${BENCH_JOB[*]}" <<'PY'
+import json, statistics, sys, time
+out, rounds, targets, json_out, job = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), sys.argv[4], sys.argv[5]
 
 def figures(t, r):
     v = json.load(open(f"{out}/{t}-{r}.json"))
@@ -277,4 +280,23 @@ ratio("encrypted", "qsd-luks", "encrypted / peer (qsd LUKS)")
 ratio("encrypted", "plain", "encrypted / plain")
 ratio("encrypted", "ceiling", "encrypted / ceiling (fio io_uring)")
 ratio("qsd-luks", "qsd-raw", "qsd LUKS / qsd raw")
+
+if json_out:
+    def summary(t):
+        iops = [x[0] for x in data[t]]
+        cpu = [x[1] for x in data[t] if x[1] is not None]
+        return {"iops": iops, "cpu_ns_per_io": cpu, "iops_median": med(iops),
+                "cpu_ns_per_io_median": med(cpu) if cpu else None}
+    def ratios(a, b):
+        if a not in data or b not in data:
+            return None
+        ia = [x[0] for x in data[a]]; ib = [x[0] for x in data[b]]
+        return {"iops": med(ia) / med(ib), "iops_round_median": med([p / q for p, q in zip(ia, ib)])}
+    doc = {"date": time.strftime("%Y-%m-%d %H:%M"), "job": job, "rounds": rounds,
+           "targets": {t: summary(t) for t in targets},
+           "ratios": {k: ratios(a, b) for k, a, b in (("encrypted/peer", "encrypted", "qsd-luks"),
+                                                      ("encrypted/plain", "encrypted", "plain"),
+                                                      ("encrypted/ceiling", "encrypted", "ceiling"))}}
+    with open(json_out, "w") as f:
+        json.dump(doc, f, indent=1)
 PY
