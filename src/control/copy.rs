@@ -87,6 +87,28 @@ struct CopyStats {
     copied: u64,
 }
 
+/// The new disk's size: `Size` if given (at least the source's), else the source
+/// rounded up to [`BLOCK`]; at most the largest disk.
+fn copy_size(size: Option<u64>, src_size: u64, src_rounded: u64) -> Result<u64, ControlError> {
+    let new_size = match size {
+        Some(s) if s < src_size => {
+            return Err(ControlError::param(
+                "InvalidParameter.Size",
+                format!("size {s} bytes is smaller than the source ({src_size} bytes); give at least that"),
+            ))
+        }
+        Some(s) => s,
+        None => src_rounded,
+    };
+    if new_size > MAX_SIZE_GIB << 30 {
+        return Err(ControlError::param(
+            "InvalidParameter.Size",
+            format!("the source is {src_size} bytes, more than the largest disk ({MAX_SIZE_GIB} GiB)"),
+        ));
+    }
+    Ok(new_size)
+}
+
 impl Control {
     pub(super) fn create_encrypted_copy(&self, mut p: Params) -> Result<Value, ControlError> {
         let region = p.region("RegionId")?;
@@ -101,77 +123,16 @@ impl Control {
         p.finish()?;
         check_text("DiskName", &name)?;
         check_text("Description", &description)?;
-        let category = match category {
-            None => None,
-            Some(s) => match super::disks::parse_category(&s, "DiskCategory")? {
-                (c, None) => Some(c),
-                (_, Some(kind)) => {
-                    return Err(ControlError::limit(
-                        "InvalidOperation.EncryptedLocalDisk",
-                        format!(
-                            "{s} is a {} disk and cannot be encrypted; copy into a cloud disk (basic, ultra, ssd)",
-                            kind.as_str()
-                        ),
-                    ))
-                }
-            },
-        };
+        let category = super::disks::parse_cloud_category(
+            category.as_deref(),
+            "InvalidOperation.EncryptedLocalDisk",
+            " and cannot be encrypted; copy into a cloud disk (basic, ultra, ssd)",
+        )?;
 
-        // 1. Checks. The write transaction only reads here and is dropped before any I/O
-        //    (the pool's metadata thread needs the writer).
-        let txn = self.begin()?;
-        let (source, src_size, default_category) =
-            match (src_disk, src_path) {
-                (Some(_), Some(_)) => return Err(ControlError::param(
-                    "InvalidParameter.SourceDiskId",
-                    "give SourceDiskId (a plaintext disk) or SourcePath (a raw image file or block device), not both",
-                )),
-                (None, None) => {
-                    return Err(ControlError::param(
-                        "MissingParameter.SourceDiskId",
-                        "SourceDiskId (a plaintext disk) or SourcePath (a raw image file or block device on the host) \
-                     is required",
-                    ))
-                }
-                (Some(id), None) => {
-                    let d = self.find_disk(&txn, &id, &account)?;
-                    same_region(Some(&region), &d.region, "InvalidDiskId.NotFound", &id)?;
-                    if d.encryption.is_some() {
-                        return Err(ControlError::limit(
-                            "InvalidOperation.SourceEncrypted",
-                            format!(
-                                "disk {id} is already encrypted; CreateEncryptedCopy encrypts plaintext data. For \
-                             another disk with the same data, use CreateSnapshot and CreateDisk SnapshotId=..."
-                            ),
-                        ));
-                    }
-                    let (size, cat) = (d.size, d.category);
-                    let tmp = super::util::new_id("cptmp");
-                    (Source::Disk { rec: Box::new(d), tmp }, size, cat)
-                }
-                (None, Some(path)) => {
-                    let (path, file, size) = self.open_source_path(&path)?;
-                    (Source::File { path, file }, size, Category::Ssd)
-                }
-            };
-        drop(txn);
+        // 1. Checks.
+        let (source, src_size, default_category) = self.copy_source(src_disk, src_path, &account, &region)?;
         let src_rounded = src_size.div_ceil(BLOCK) * BLOCK;
-        let new_size = match size {
-            Some(s) if s < src_size => {
-                return Err(ControlError::param(
-                    "InvalidParameter.Size",
-                    format!("size {s} bytes is smaller than the source ({src_size} bytes); give at least that"),
-                ))
-            }
-            Some(s) => s,
-            None => src_rounded,
-        };
-        if new_size > MAX_SIZE_GIB << 30 {
-            return Err(ControlError::param(
-                "InvalidParameter.Size",
-                format!("the source is {src_size} bytes, more than the largest disk ({MAX_SIZE_GIB} GiB)"),
-            ));
-        }
+        let new_size = copy_size(size, src_size, src_rounded)?;
         let category = category.unwrap_or(default_category);
         let reactors = self.reactors.clone().ok_or_else(|| {
             ControlError::DataPath("CreateEncryptedCopy needs the reactors (run it through the daemon)".into())
@@ -200,37 +161,16 @@ impl Control {
             Source::Disk { tmp, .. } => Some(tmp.clone()),
             Source::File { .. } => None,
         };
-        let made = (|| {
-            let txn = self.begin()?;
-            self.pool.create_volume(&txn, &disk_id, new_size)?;
-            if let (Source::Disk { rec, .. }, Some(t)) = (&source, &tmp) {
-                self.pool.clone_volume(&txn, &rec.id, t, rec.size)?;
-            }
-            txn.commit()?;
-            Ok::<(), ControlError>(())
-        })();
-        if let Err(e) = made {
+        if let Err(e) = self.create_copy_volumes(&source, tmp.as_deref(), &disk_id, new_size) {
             let _ = self.kms.audit_crypto_shred(&ctx, Some(&disk_id));
             return Err(e);
         }
 
         // 4. and 5.: a background task.
-        let total = match &source {
-            Source::Disk { tmp, .. } => self
-                .pool
-                .allocated_ranges(tmp, BATCH)
-                .map(|v| v.iter().map(|r| r.1).sum())
-                .unwrap_or(src_rounded),
-            Source::File { .. } => src_rounded,
-        };
-        let (source_id, mode) = match &source {
-            Source::Disk { rec, .. } => (rec.id.clone(), "snapshot"),
-            Source::File { path, .. } => (path.display().to_string(), "file"),
-        };
         let job = CopyJob {
             source,
             tmp,
-            disk_id: disk_id.clone(),
+            disk_id,
             key_id,
             wrapped,
             ctx,
@@ -241,10 +181,93 @@ impl Control {
             category,
             name,
             description,
-            account: account.clone(),
+            account,
             region,
             reactors,
         };
+        self.spawn_copy(job)
+    }
+
+    /// Step 1 for the source: exactly one of `SourceDiskId` (a plaintext disk of the
+    /// account in the region) and `SourcePath`. Returns the source, its size and the
+    /// category the copy gets by default. The write transaction only reads here and is
+    /// dropped before any I/O (the pool's metadata thread needs the writer).
+    fn copy_source(
+        &self,
+        src_disk: Option<String>,
+        src_path: Option<String>,
+        account: &str,
+        region: &str,
+    ) -> Result<(Source, u64, Category), ControlError> {
+        let txn = self.begin()?;
+        match (src_disk, src_path) {
+            (Some(_), Some(_)) => Err(ControlError::param(
+                "InvalidParameter.SourceDiskId",
+                "give SourceDiskId (a plaintext disk) or SourcePath (a raw image file or block device), not both",
+            )),
+            (None, None) => Err(ControlError::param(
+                "MissingParameter.SourceDiskId",
+                "SourceDiskId (a plaintext disk) or SourcePath (a raw image file or block device on the host) \
+                     is required",
+            )),
+            (Some(id), None) => {
+                let d = self.find_disk(&txn, &id, account)?;
+                same_region(Some(region), &d.region, "InvalidDiskId.NotFound", &id)?;
+                if d.encryption.is_some() {
+                    return Err(ControlError::limit(
+                        "InvalidOperation.SourceEncrypted",
+                        format!(
+                            "disk {id} is already encrypted; CreateEncryptedCopy encrypts plaintext data. For \
+                             another disk with the same data, use CreateSnapshot and CreateDisk SnapshotId=..."
+                        ),
+                    ));
+                }
+                let (size, cat) = (d.size, d.category);
+                let tmp = super::util::new_id("cptmp");
+                Ok((Source::Disk { rec: Box::new(d), tmp }, size, cat))
+            }
+            (None, Some(path)) => {
+                let (path, file, size) = self.open_source_path(&path)?;
+                Ok((Source::File { path, file }, size, Category::Ssd))
+            }
+        }
+    }
+
+    /// Step 3: one transaction creates the new volume and, for a source disk, its
+    /// temporary clone `tmp`.
+    fn create_copy_volumes(
+        &self,
+        source: &Source,
+        tmp: Option<&str>,
+        disk_id: &str,
+        new_size: u64,
+    ) -> Result<(), ControlError> {
+        let txn = self.begin()?;
+        self.pool.create_volume(&txn, disk_id, new_size)?;
+        if let (Source::Disk { rec, .. }, Some(t)) = (source, tmp) {
+            self.pool.clone_volume(&txn, &rec.id, t, rec.size)?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Steps 4 and 5 as a background task; the reply names it. If the task cannot
+    /// start, what step 3 made is removed and the key dropped (audited).
+    fn spawn_copy(&self, job: CopyJob) -> Result<Value, ControlError> {
+        let total = match &job.source {
+            Source::Disk { tmp, .. } => self
+                .pool
+                .allocated_ranges(tmp, BATCH)
+                .map(|v| v.iter().map(|r| r.1).sum())
+                .unwrap_or(job.src_rounded),
+            Source::File { .. } => job.src_rounded,
+        };
+        let (source_id, mode) = match &job.source {
+            Source::Disk { rec, .. } => (rec.id.clone(), "snapshot"),
+            Source::File { path, .. } => (path.display().to_string(), "file"),
+        };
+        let (disk_id, account, new_size, src_size) =
+            (job.disk_id.clone(), job.account.clone(), job.new_size, job.src_size);
         let cleanup_tmp = job.tmp.clone();
         let cleanup_ctx = job.ctx.clone();
         // The copy never starts: remove what step 3 made and drop the key (audited).

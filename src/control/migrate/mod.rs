@@ -158,21 +158,11 @@ impl Control {
         if let Some(d) = &description {
             check_text("Description", d)?;
         }
-        let category = match category {
-            None => None,
-            Some(s) => match super::disks::parse_category(&s, "DiskCategory")? {
-                (c, None) => Some(c),
-                (_, Some(kind)) => {
-                    return Err(ControlError::limit(
-                        "InvalidOperation.LocalDiskTarget",
-                        format!(
-                            "{s} is a {} disk; migrate into a cloud disk (basic, ultra, ssd)",
-                            kind.as_str()
-                        ),
-                    ))
-                }
-            },
-        };
+        let category = super::disks::parse_cloud_category(
+            category.as_deref(),
+            "InvalidOperation.LocalDiskTarget",
+            "; migrate into a cloud disk (basic, ultra, ssd)",
+        )?;
         let source = match (src_disk, src_path, src_nbd) {
             (Some(d), None, None) => SourceArg::Disk(d),
             (None, Some(f), None) => SourceArg::Path(f),
