@@ -327,29 +327,16 @@ impl Conn {
     /// close at any rate).
     fn log_closed(&self) {
         let why = self.closed.unwrap_or(Close::ServerStopping);
-        if why.is_error() {
-            crate::log_limited!(
-                self.sh.log_conns,
-                warn,
-                disk = %self.export.name,
-                reactor = self.reactor,
-                peer = %self.peer,
-                requests = self.served,
-                why = %why,
-                "NBD: connection closed"
-            );
-        } else {
-            crate::log_limited!(
-                self.sh.log_conns,
-                info,
-                disk = %self.export.name,
-                reactor = self.reactor,
-                peer = %self.peer,
-                requests = self.served,
-                why = %why,
-                "NBD: connection closed"
-            );
-        }
+        crate::log_limited!(
+            self.sh.log_conns,
+            if why.is_error() => warn else info,
+            disk = %self.export.name,
+            reactor = self.reactor,
+            peer = %self.peer,
+            requests = self.served,
+            why = %why,
+            "NBD: connection closed"
+        );
     }
 }
 
