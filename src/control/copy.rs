@@ -64,21 +64,28 @@ enum Source {
 /// Everything the background part of a copy needs.
 struct CopyJob {
     source: Source,
+    /// The new disk's data key (dropped once the copy is written).
+    xts: Arc<crate::crypto::Xts>,
+    src_size: u64,
+    src_rounded: u64,
+    reactors: Arc<Reactors>,
+    disk: NewDisk,
+}
+
+/// The disk a copy makes, recorded in step 5.
+struct NewDisk {
+    /// The temporary clone of a source disk.
     tmp: Option<String>,
     disk_id: String,
     key_id: String,
     wrapped: crate::kms::WrappedKey,
     ctx: KeyContext,
-    xts: Arc<crate::crypto::Xts>,
     new_size: u64,
-    src_size: u64,
-    src_rounded: u64,
     category: Category,
     name: String,
     description: String,
     account: String,
     region: String,
-    reactors: Arc<Reactors>,
 }
 
 /// What the copy did.
@@ -169,21 +176,23 @@ impl Control {
         // 4. and 5.: a background task.
         let job = CopyJob {
             source,
-            tmp,
-            disk_id,
-            key_id,
-            wrapped,
-            ctx,
             xts,
-            new_size,
             src_size,
             src_rounded,
-            category,
-            name,
-            description,
-            account,
-            region,
             reactors,
+            disk: NewDisk {
+                tmp,
+                disk_id,
+                key_id,
+                wrapped,
+                ctx,
+                new_size,
+                category,
+                name,
+                description,
+                account,
+                region,
+            },
         };
         self.spawn_copy(job)
     }
@@ -266,10 +275,14 @@ impl Control {
             Source::Disk { rec, .. } => (rec.id.clone(), "snapshot"),
             Source::File { path, .. } => (path.display().to_string(), "file"),
         };
-        let (disk_id, account, new_size, src_size) =
-            (job.disk_id.clone(), job.account.clone(), job.new_size, job.src_size);
-        let cleanup_tmp = job.tmp.clone();
-        let cleanup_ctx = job.ctx.clone();
+        let (disk_id, account, new_size, src_size) = (
+            job.disk.disk_id.clone(),
+            job.disk.account.clone(),
+            job.disk.new_size,
+            job.src_size,
+        );
+        let cleanup_tmp = job.disk.tmp.clone();
+        let cleanup_ctx = job.disk.ctx.clone();
         // The copy never starts: remove what step 3 made and drop the key (audited).
         let abandon = |e: ControlError| {
             self.discard_copy(&disk_id, cleanup_tmp.as_deref());
@@ -307,114 +320,125 @@ impl Control {
     ) -> Result<Value, ControlError> {
         let CopyJob {
             source,
-            tmp,
-            disk_id,
-            key_id,
-            wrapped,
-            ctx,
             xts,
-            new_size,
             src_size,
             src_rounded,
-            category,
-            name,
-            description,
-            account,
-            region,
             reactors,
+            disk,
         } = job;
-        let finished = (|| {
-            let dst: BdevRef = Arc::new(
-                CryptoBdev::new(self.pool.bdev(&disk_id)?, xts, ENCRYPTION_SECTOR)
-                    .map_err(|e| ControlError::DataPath(e.to_string()))?,
-            );
-            let stats = match &source {
-                Source::Disk { tmp, .. } => {
-                    let src = self.pool.bdev(tmp)?;
-                    let ranges = self.pool.allocated_ranges(tmp, BATCH)?;
-                    let ranges: Vec<(u64, u64)> = ranges
-                        .into_iter()
-                        .filter(|r| r.0 < src_rounded)
-                        .map(|(o, n)| (o, n.min(src_rounded - o)))
-                        .collect();
-                    copy(&reactors, &dst, &ranges, task, |off, len| {
-                        run_job(&reactors, &src, read_ops(off, len), vec![0; len as usize])
-                            .map_err(|e| io_error(e, "reading the source disk"))
-                    })?
-                }
-                Source::File { path, file } => {
-                    let ranges: Vec<(u64, u64)> = (0..src_rounded)
-                        .step_by(BATCH as usize)
-                        .map(|o| (o, BATCH.min(src_rounded - o)))
-                        .collect();
-                    copy(&reactors, &dst, &ranges, task, |off, len| {
-                        read_file(file, off, len)
-                            .map_err(|e| ControlError::DataPath(format!("{}: {e}", path.display())))
-                    })?
-                }
-            };
-            drop(dst);
-            let txn = self.begin()?;
-            if let Some(t) = &tmp {
-                self.wait_closed(t);
-                self.pool.delete_volume(&txn, t)?;
-            }
-            let enc = Encryption {
-                key_id: key_id.clone(),
-                cmk_id: wrapped.cmk_id.clone(),
-            };
-            catalog::put(
-                &txn,
-                &KeyRecord {
-                    key_id: key_id.clone(),
-                    account: account.clone(),
-                    region: region.clone(),
-                    wrapped: wrapped.clone(),
-                    refs: 0,
-                    origin_disk: disk_id.clone(),
-                    created_at: super::util::now_rfc3339(),
-                },
-            )?;
-            self.key_ref(&txn, &enc)?;
-            let rec = DiskRecord {
-                id: disk_id.clone(),
-                account: account.clone(),
-                region: region.clone(),
-                name: name.clone(),
-                description: description.clone(),
-                size: new_size,
-                category,
-                kind: DiskKind::Cloud,
-                role: DiskRole::Data,
-                encryption: Some(enc),
-                source_snapshot: None,
-                source_image: None,
-                multi_attach: false,
-                qos: self.cfg.qos.caps(category, new_size),
-                created_at: super::util::now_rfc3339(),
-            };
-            catalog::put(&txn, &rec)?;
-            txn.commit()?;
-            Ok::<CopyStats, ControlError>(stats)
-        })();
+        let finished = self
+            .copy_into(task, &reactors, &source, &disk.disk_id, xts, src_rounded)
+            .and_then(|stats| {
+                self.record_copy(&disk)?;
+                Ok(stats)
+            });
         let stats = match finished {
             Ok(s) => s,
             Err(e) => {
-                self.discard_copy(&disk_id, tmp.as_deref());
-                let _ = self.kms.audit_crypto_shred(&ctx, Some(&disk_id));
+                self.discard_copy(&disk.disk_id, disk.tmp.as_deref());
+                let _ = self.kms.audit_crypto_shred(&disk.ctx, Some(&disk.disk_id));
                 return Err(e);
             }
         };
         Ok(json!({
-            "DiskId": disk_id,
+            "DiskId": disk.disk_id,
             "Encrypted": true,
-            "SizeBytes": new_size,
+            "SizeBytes": disk.new_size,
             "Source": source_id,
             "SourceSizeBytes": src_size,
             "CopyMode": mode,
             "BytesCopied": stats.copied,
             "BytesSkipped": src_rounded - stats.copied,
         }))
+    }
+
+    /// Step 4: the first `src_rounded` bytes of `source` (only the allocated
+    /// clusters of a disk's clone) written through volume `disk_id` and the crypto
+    /// layer of key `xts`. The key is dropped with the layer when this returns.
+    fn copy_into(
+        &self,
+        task: &super::tasks::Task,
+        reactors: &Reactors,
+        source: &Source,
+        disk_id: &str,
+        xts: Arc<crate::crypto::Xts>,
+        src_rounded: u64,
+    ) -> Result<CopyStats, ControlError> {
+        let dst: BdevRef = Arc::new(
+            CryptoBdev::new(self.pool.bdev(disk_id)?, xts, ENCRYPTION_SECTOR)
+                .map_err(|e| ControlError::DataPath(e.to_string()))?,
+        );
+        match source {
+            Source::Disk { tmp, .. } => {
+                let src = self.pool.bdev(tmp)?;
+                let ranges = self.pool.allocated_ranges(tmp, BATCH)?;
+                let ranges: Vec<(u64, u64)> = ranges
+                    .into_iter()
+                    .filter(|r| r.0 < src_rounded)
+                    .map(|(o, n)| (o, n.min(src_rounded - o)))
+                    .collect();
+                copy(reactors, &dst, &ranges, task, |off, len| {
+                    run_job(reactors, &src, read_ops(off, len), vec![0; len as usize])
+                        .map_err(|e| io_error(e, "reading the source disk"))
+                })
+            }
+            Source::File { path, file } => {
+                let ranges: Vec<(u64, u64)> = (0..src_rounded)
+                    .step_by(BATCH as usize)
+                    .map(|o| (o, BATCH.min(src_rounded - o)))
+                    .collect();
+                copy(reactors, &dst, &ranges, task, |off, len| {
+                    read_file(file, off, len).map_err(|e| ControlError::DataPath(format!("{}: {e}", path.display())))
+                })
+            }
+        }
+    }
+
+    /// Step 5: one transaction deletes the temporary clone and records the wrapped
+    /// key and the disk row.
+    fn record_copy(&self, disk: &NewDisk) -> Result<(), ControlError> {
+        let txn = self.begin()?;
+        if let Some(t) = &disk.tmp {
+            self.wait_closed(t);
+            self.pool.delete_volume(&txn, t)?;
+        }
+        let enc = Encryption {
+            key_id: disk.key_id.clone(),
+            cmk_id: disk.wrapped.cmk_id.clone(),
+        };
+        catalog::put(
+            &txn,
+            &KeyRecord {
+                key_id: disk.key_id.clone(),
+                account: disk.account.clone(),
+                region: disk.region.clone(),
+                wrapped: disk.wrapped.clone(),
+                refs: 0,
+                origin_disk: disk.disk_id.clone(),
+                created_at: super::util::now_rfc3339(),
+            },
+        )?;
+        self.key_ref(&txn, &enc)?;
+        let rec = DiskRecord {
+            id: disk.disk_id.clone(),
+            account: disk.account.clone(),
+            region: disk.region.clone(),
+            name: disk.name.clone(),
+            description: disk.description.clone(),
+            size: disk.new_size,
+            category: disk.category,
+            kind: DiskKind::Cloud,
+            role: DiskRole::Data,
+            encryption: Some(enc),
+            source_snapshot: None,
+            source_image: None,
+            multi_attach: false,
+            qos: self.cfg.qos.caps(disk.category, disk.new_size),
+            created_at: super::util::now_rfc3339(),
+        };
+        catalog::put(&txn, &rec)?;
+        txn.commit()?;
+        Ok(())
     }
 
     /// Checks and opens `SourcePath`: only beneath the import directory (`serve
