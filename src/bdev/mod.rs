@@ -13,6 +13,9 @@
 //! Requests own their buffer ([`IoBuf`]) until the completion gives it back,
 //! so no buffer can be freed or reused while the device still uses it.
 
+// Its `pub` constants (BOUNCE_CHUNK, STREAM_MAX) become `pub(crate)` once the data
+// path work under way in crypto.rs has landed; until then the lint is off here.
+#[allow(unreachable_pub)]
 pub(crate) mod crypto;
 mod error;
 pub(crate) mod iostat;

@@ -26,7 +26,8 @@ use std::time::{Duration, Instant};
 use crossbeam_queue::ArrayQueue;
 use io_uring::{opcode, types};
 
-pub use stats::{IoCount, IoSource, ReactorStats, StatsSnapshot};
+pub use stats::StatsSnapshot;
+pub(crate) use stats::{IoCount, IoSource, ReactorStats};
 
 use crate::bdev::ChannelCtx;
 use crate::iobuf::BufPool;
@@ -57,7 +58,7 @@ pub trait Poller {
 }
 
 /// A message: code to run on a reactor's thread.
-pub type Msg = Box<dyn FnOnce(&mut ReactorCtx) + Send>;
+pub(crate) type Msg = Box<dyn FnOnce(&mut ReactorCtx) + Send>;
 
 /// Configuration of the reactor set.
 #[derive(Debug, Clone)]

@@ -64,7 +64,7 @@ pub(crate) struct VolCounters {
 }
 
 impl VolState {
-    pub fn load(pool: &Pool, id: &str) -> Result<VolState, VolumeError> {
+    pub(crate) fn load(pool: &Pool, id: &str) -> Result<VolState, VolumeError> {
         let r = pool.db.begin_read().map_err(db_err)?;
         let size = r
             .open_table(VOL_SIZE)
@@ -99,19 +99,19 @@ impl VolState {
 
     /// The map entry of cluster `c`. Sequentially consistent (a plain load on
     /// x86), so that it is ordered after the epoch entry before it.
-    pub fn entry(&self, c: u64) -> u64 {
+    pub(crate) fn entry(&self, c: u64) -> u64 {
         self.map[c as usize].load(Ordering::SeqCst)
     }
 
     /// The current ownership generation.
-    pub fn owner_gen(&self) -> u64 {
+    pub(crate) fn owner_gen(&self) -> u64 {
         *self.owners.lock().expect("volume owners")
     }
 
     /// Publish a durable map entry: `phys` (0 = unmapped), owned if the
     /// transaction found it the volume's alone in generation `owned_gen` and
     /// no snapshot has been taken since.
-    pub fn publish(&self, c: u64, phys: u64, owned_gen: Option<u64>) {
+    pub(crate) fn publish(&self, c: u64, phys: u64, owned_gen: Option<u64>) {
         let g = self.owners.lock().expect("volume owners");
         let v = match owned_gen {
             Some(gen) if phys != 0 && gen == *g => phys | OWNED,
@@ -124,7 +124,7 @@ impl VolState {
     /// from here on writes take the slow path, which consults the reference
     /// counts. The caller then waits for a grace period, so no fast-path
     /// write that saw an OWNED bit is still in flight.
-    pub fn share_all(&self) {
+    pub(crate) fn share_all(&self) {
         let mut g = self.owners.lock().expect("volume owners");
         *g += 1;
         for e in self.map.iter() {
@@ -134,7 +134,7 @@ impl VolState {
 }
 
 /// A thin volume as a block device (block size 512).
-pub struct VolumeBdev {
+pub(crate) struct VolumeBdev {
     name: String,
     pool: Arc<Pool>,
     state: Arc<VolState>,
