@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::job::{read_ops, run_job, JobError, Op};
-use super::params::{check_text, MAX_SIZE_GIB};
+use super::params::{check_text, size_from_source};
 use super::{same_region, Control, ControlError, Params, ENCRYPTION_SECTOR};
 use crate::bdev::crypto::{CryptoBdev, BOUNCE_CHUNK};
 use crate::bdev::{BdevRef, IoError};
@@ -94,28 +94,6 @@ struct CopyStats {
     copied: u64,
 }
 
-/// The new disk's size: `Size` if given (at least the source's), else the source
-/// rounded up to [`BLOCK`]; at most the largest disk.
-fn copy_size(size: Option<u64>, src_size: u64, src_rounded: u64) -> Result<u64, ControlError> {
-    let new_size = match size {
-        Some(s) if s < src_size => {
-            return Err(ControlError::param(
-                "InvalidParameter.Size",
-                format!("size {s} bytes is smaller than the source ({src_size} bytes); give at least that"),
-            ))
-        }
-        Some(s) => s,
-        None => src_rounded,
-    };
-    if new_size > MAX_SIZE_GIB << 30 {
-        return Err(ControlError::param(
-            "InvalidParameter.Size",
-            format!("the source is {src_size} bytes, more than the largest disk ({MAX_SIZE_GIB} GiB)"),
-        ));
-    }
-    Ok(new_size)
-}
-
 impl Control {
     pub(super) fn create_encrypted_copy(&self, mut p: Params) -> Result<Value, ControlError> {
         let region = p.region("RegionId")?;
@@ -139,7 +117,7 @@ impl Control {
         // 1. Checks.
         let (source, src_size, default_category) = self.copy_source(src_disk, src_path, &account, &region)?;
         let src_rounded = src_size.div_ceil(BLOCK) * BLOCK;
-        let new_size = copy_size(size, src_size, src_rounded)?;
+        let new_size = size_from_source(size, src_size, src_rounded)?;
         let category = category.unwrap_or(default_category);
         let reactors = self.reactors.clone().ok_or_else(|| {
             ControlError::DataPath("CreateEncryptedCopy needs the reactors (run it through the daemon)".into())

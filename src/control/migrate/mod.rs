@@ -48,7 +48,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::nbd_client::{parse_uri, NbdAddr, NbdClient};
-use super::params::{check_text, MAX_SIZE_GIB};
+use super::params::{check_text, size_from_source, size_limit};
 use super::{same_region, Control, ControlError, Params, ENCRYPTION_SECTOR};
 use crate::bdev::crypto::{CryptoBdev, BOUNCE_CHUNK};
 use crate::bdev::BdevRef;
@@ -500,47 +500,22 @@ impl Control {
     ) -> Result<Value, ControlError> {
         let src_rounded = src_size.div_ceil(BLOCK) * BLOCK;
         let src_enc = src_rec.as_ref().and_then(|d| d.encryption.clone());
-        // The target.
-        let txn = self.begin()?;
         let tgt_rec = match &target {
-            Some(t) => {
-                let d = self.find_disk(&txn, t, account)?;
-                same_region(Some(region), &d.region, "InvalidDiskId.NotFound", t)?;
-                if src_rec.as_ref().is_some_and(|s| s.id == d.id) {
-                    return Err(ControlError::limit(
-                        "InvalidOperation.SourceIsTarget",
-                        format!("disk {t} is both the source and the target; migrate into another disk"),
-                    ));
-                }
-                if size.is_some() || category.is_some() {
-                    return Err(ControlError::param(
-                        "InvalidParameter.TargetDiskId",
-                        "Size and DiskCategory are for a new target disk; an existing target keeps its own",
-                    ));
-                }
-                self.check_target(&txn, &d, src_size, src_enc.is_some())?;
-                Some(d)
-            }
+            Some(t) => Some(self.existing_target(
+                account,
+                region,
+                t,
+                src_rec.as_ref(),
+                size.is_some() || category.is_some(),
+                src_size,
+                src_enc.is_some(),
+            )?),
             None => None,
         };
-        drop(txn);
-        let new_size = match (&tgt_rec, size) {
-            (Some(t), _) => t.size,
-            (None, Some(s)) if s < src_size => {
-                return Err(ControlError::param(
-                    "InvalidParameter.Size",
-                    format!("size {s} bytes is smaller than the source ({src_size} bytes); give at least that"),
-                ))
-            }
-            (None, Some(s)) => s,
-            (None, None) => src_rounded,
+        let new_size = match &tgt_rec {
+            Some(t) => size_limit(t.size, src_size)?,
+            None => size_from_source(size, src_size, src_rounded)?,
         };
-        if new_size > MAX_SIZE_GIB << 30 {
-            return Err(ControlError::param(
-                "InvalidParameter.Size",
-                format!("the source is {src_size} bytes, more than the largest disk ({MAX_SIZE_GIB} GiB)"),
-            ));
-        }
         // A new target is encrypted unless the source is an encrypted disk (the way back).
         let new_encrypted = tgt_rec.is_none() && src_enc.is_none();
         let tgt_enc = tgt_rec.as_ref().and_then(|t| t.encryption.clone());
@@ -636,54 +611,7 @@ impl Control {
             bytes_written: 0,
             created_at: super::util::now_rfc3339(),
         };
-        let made = (|| {
-            let txn = self.begin()?;
-            if catalog::get::<MigrationRecord>(&txn, &key)?.is_some() {
-                return Err(ControlError::state(
-                    "OperationConflict",
-                    "another call started this migration meanwhile; run it again to follow it",
-                ));
-            }
-            if let Some(s) = &src_rec {
-                // Still there, still as checked.
-                let now = self.find_disk(&txn, &s.id, account)?;
-                if now.encryption != s.encryption || now.size != s.size {
-                    return Err(ControlError::state(
-                        "OperationConflict",
-                        "the source changed; try again",
-                    ));
-                }
-            }
-            if let Some(t) = &tgt_rec {
-                let now = self.find_disk(&txn, &t.id, account)?;
-                self.check_target(&txn, &now, src_size, src_enc.is_some())?;
-            } else {
-                self.pool.create_volume(&txn, &target_id, new_size)?;
-            }
-            if let (Some(s), Some(snap)) = (&src_rec, &snapshot) {
-                self.pool.clone_volume(&txn, &s.id, snap, s.size)?;
-            }
-            if let Some(enc) = &src_enc {
-                self.key_ref(&txn, enc)?;
-            }
-            if let Some((ctx, wrapped)) = &new_key {
-                catalog::put(
-                    &txn,
-                    &KeyRecord {
-                        key_id: ctx.key_id.clone(),
-                        account: account.to_owned(),
-                        region: region.to_owned(),
-                        wrapped: wrapped.clone(),
-                        refs: 1,
-                        origin_disk: target_id.clone(),
-                        created_at: super::util::now_rfc3339(),
-                    },
-                )?;
-            }
-            catalog::put(&txn, &rec)?;
-            txn.commit()?;
-            Ok(())
-        })();
+        let made = self.commit_migration(&rec, src_rec.as_ref(), tgt_rec.as_ref(), new_key.as_ref());
         if let Err(e) = made {
             shred_new(&new_key);
             return Err(e);
@@ -695,6 +623,95 @@ impl Control {
             _ => Err(ControlError::DataPath("no source".into())),
         };
         self.spawn_migration(rec, source, dst_xts, verify, None, reactors)
+    }
+
+    /// Step 1 for an existing target: the account's disk in the region, not the
+    /// source, without `Size`/`DiskCategory` (`new_params`), fit for the source.
+    #[allow(clippy::too_many_arguments)]
+    fn existing_target(
+        &self,
+        account: &str,
+        region: &str,
+        t: &str,
+        src_rec: Option<&DiskRecord>,
+        new_params: bool,
+        src_size: u64,
+        src_encrypted: bool,
+    ) -> Result<DiskRecord, ControlError> {
+        let txn = self.begin()?;
+        let d = self.find_disk(&txn, t, account)?;
+        same_region(Some(region), &d.region, "InvalidDiskId.NotFound", t)?;
+        if src_rec.is_some_and(|s| s.id == d.id) {
+            return Err(ControlError::limit(
+                "InvalidOperation.SourceIsTarget",
+                format!("disk {t} is both the source and the target; migrate into another disk"),
+            ));
+        }
+        if new_params {
+            return Err(ControlError::param(
+                "InvalidParameter.TargetDiskId",
+                "Size and DiskCategory are for a new target disk; an existing target keeps its own",
+            ));
+        }
+        self.check_target(&txn, &d, src_size, src_encrypted)?;
+        Ok(d)
+    }
+
+    /// Step 3: one transaction makes the target volume (or checks the existing target
+    /// again), the source's point-in-time clone, the key rows and the migration row.
+    fn commit_migration(
+        &self,
+        rec: &MigrationRecord,
+        src_rec: Option<&DiskRecord>,
+        tgt_rec: Option<&DiskRecord>,
+        new_key: Option<&(KeyContext, crate::kms::WrappedKey)>,
+    ) -> Result<(), ControlError> {
+        let txn = self.begin()?;
+        if catalog::get::<MigrationRecord>(&txn, &rec.key)?.is_some() {
+            return Err(ControlError::state(
+                "OperationConflict",
+                "another call started this migration meanwhile; run it again to follow it",
+            ));
+        }
+        if let Some(s) = src_rec {
+            // Still there, still as checked.
+            let now = self.find_disk(&txn, &s.id, &rec.account)?;
+            if now.encryption != s.encryption || now.size != s.size {
+                return Err(ControlError::state(
+                    "OperationConflict",
+                    "the source changed; try again",
+                ));
+            }
+        }
+        if let Some(t) = tgt_rec {
+            let now = self.find_disk(&txn, &t.id, &rec.account)?;
+            self.check_target(&txn, &now, rec.source_size, rec.source_encryption.is_some())?;
+        } else {
+            self.pool.create_volume(&txn, &rec.target, rec.size)?;
+        }
+        if let (Some(s), Some(snap)) = (src_rec, &rec.snapshot) {
+            self.pool.clone_volume(&txn, &s.id, snap, s.size)?;
+        }
+        if let Some(enc) = &rec.source_encryption {
+            self.key_ref(&txn, enc)?;
+        }
+        if let Some((ctx, wrapped)) = new_key {
+            catalog::put(
+                &txn,
+                &KeyRecord {
+                    key_id: ctx.key_id.clone(),
+                    account: rec.account.clone(),
+                    region: rec.region.clone(),
+                    wrapped: wrapped.clone(),
+                    refs: 1,
+                    origin_disk: rec.target.clone(),
+                    created_at: super::util::now_rfc3339(),
+                },
+            )?;
+        }
+        catalog::put(&txn, rec)?;
+        txn.commit()?;
+        Ok(())
     }
 
     fn open_snapshot(&self, snap: &str, xts: Option<Arc<Xts>>) -> Result<Source, ControlError> {
