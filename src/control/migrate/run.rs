@@ -7,7 +7,7 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use super::verify::verify_blocks;
-use super::{Msg, Run, Stats, BLOCK, CHECKPOINT_EVERY, PIECE, READERS, WINDOW, WRITERS};
+use super::{Msg, Run, Source, Stats, BLOCK, CHECKPOINT_EVERY, PIECE, READERS, WINDOW, WRITERS};
 use crate::bdev::BdevRef;
 use crate::catalog::{self, DiskKind, DiskRecord, DiskRole, MigrationRecord};
 use crate::control::copy::{io_error, nonzero_runs};
@@ -63,33 +63,15 @@ impl Control {
             for (i, src) in std::iter::once(&mut source).chain(readers.iter_mut()).enumerate() {
                 let tx = tx.clone();
                 s.spawn(move || {
-                    let mut win = first + i as u64 * WINDOW;
-                    while win < rounded {
-                        let wlen = WINDOW.min(rounded - win);
-                        let r = (|| {
-                            for (o, n) in src.extents(win, wlen, size)? {
-                                let data = src.read(reactors, o, n, size)?;
-                                if tx.send(Ok(Msg::Data { off: o, data })).is_err() {
-                                    return Ok(false);
-                                }
-                            }
-                            Ok(tx
-                                .send(Ok(Msg::WindowDone {
-                                    start: win,
-                                    end: win + wlen,
-                                }))
-                                .is_ok())
-                        })();
-                        match r {
-                            Ok(true) => {}
-                            Ok(false) => return,
-                            Err(e) => {
-                                let _ = tx.send(Err(e));
-                                return;
-                            }
-                        }
-                        win += streams * WINDOW;
-                    }
+                    read_windows(
+                        src,
+                        reactors,
+                        &tx,
+                        first + i as u64 * WINDOW,
+                        streams * WINDOW,
+                        rounded,
+                        size,
+                    )
                 });
             }
             drop(tx);
@@ -247,6 +229,34 @@ impl Control {
         drop(dst);
 
         // 6. Finish.
+        self.finish_migration(&rec)?;
+        let allocated = self.pool.mapped_bytes(&rec.target).unwrap_or(0);
+        let secs = started.elapsed().as_secs_f64();
+        Ok(json!({
+            "DiskId": rec.target,
+            "NewDisk": rec.target_new,
+            "Encrypted": rec.target_encryption.is_some(),
+            "SizeBytes": rec.size,
+            "Source": rec.source,
+            "SourceKind": rec.source_kind,
+            "SourceSizeBytes": rec.source_size,
+            "BytesRead": st.read,
+            "BytesWritten": st.written,
+            "BytesSkipped": rounded.saturating_sub(st.written),
+            "TargetAllocatedBytes": allocated,
+            "Resumed": resumed_from.is_some(),
+            "ResumedFrom": resumed_from,
+            "CopySeconds": copy_secs,
+            "Seconds": secs,
+            "Verify": if verified.is_some() { "passed" } else { "off" },
+            "VerifySeconds": verified,
+        }))
+    }
+
+    /// Step 6: the source's clone deleted (its key unreferenced, shredded if that was
+    /// its last use, audited), a new target's disk row, the migration row removed: one
+    /// transaction.
+    fn finish_migration(&self, rec: &MigrationRecord) -> Result<(), ControlError> {
         let shred = match (&rec.snapshot, &rec.source_encryption) {
             (Some(_), Some(enc)) => self.peek(|txn| self.would_shred(txn, enc))?,
             _ => None,
@@ -286,29 +296,9 @@ impl Control {
                 },
             )?;
         }
-        catalog::remove::<MigrationRecord>(&txn, &key)?;
+        catalog::remove::<MigrationRecord>(&txn, &rec.key)?;
         txn.commit()?;
-        let allocated = self.pool.mapped_bytes(&rec.target).unwrap_or(0);
-        let secs = started.elapsed().as_secs_f64();
-        Ok(json!({
-            "DiskId": rec.target,
-            "NewDisk": rec.target_new,
-            "Encrypted": rec.target_encryption.is_some(),
-            "SizeBytes": rec.size,
-            "Source": rec.source,
-            "SourceKind": rec.source_kind,
-            "SourceSizeBytes": rec.source_size,
-            "BytesRead": st.read,
-            "BytesWritten": st.written,
-            "BytesSkipped": rounded.saturating_sub(st.written),
-            "TargetAllocatedBytes": allocated,
-            "Resumed": resumed_from.is_some(),
-            "ResumedFrom": resumed_from,
-            "CopySeconds": copy_secs,
-            "Seconds": secs,
-            "Verify": if verified.is_some() { "passed" } else { "off" },
-            "VerifySeconds": verified,
-        }))
+        Ok(())
     }
 
     /// Flushes the target and records `offset` as the migration's checkpoint.
@@ -361,4 +351,45 @@ fn write_nonzero(reactors: &Reactors, dst: &BdevRef, off: u64, data: Vec<u8>) ->
         run_job(reactors, dst, ops, data).map_err(|e| io_error(e, "writing the target"))?;
     }
     Ok(written)
+}
+
+/// One reader thread: the windows at `start`, `start + stride`, ... below `rounded`,
+/// each extent read sent as [`Msg::Data`], then [`Msg::WindowDone`]. Stops when the
+/// receiver is gone, or at the first error (sent).
+fn read_windows(
+    src: &mut Source,
+    reactors: &Reactors,
+    tx: &mpsc::SyncSender<Result<Msg, ControlError>>,
+    start: u64,
+    stride: u64,
+    rounded: u64,
+    size: u64,
+) {
+    let mut win = start;
+    while win < rounded {
+        let wlen = WINDOW.min(rounded - win);
+        let r = (|| {
+            for (o, n) in src.extents(win, wlen, size)? {
+                let data = src.read(reactors, o, n, size)?;
+                if tx.send(Ok(Msg::Data { off: o, data })).is_err() {
+                    return Ok(false);
+                }
+            }
+            Ok(tx
+                .send(Ok(Msg::WindowDone {
+                    start: win,
+                    end: win + wlen,
+                }))
+                .is_ok())
+        })();
+        match r {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return;
+            }
+        }
+        win += stride;
+    }
 }
