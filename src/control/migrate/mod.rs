@@ -136,6 +136,28 @@ mod verify;
 
 use source::{file_stamp, Source};
 
+/// The one source given: `SourceDiskId`, `SourcePath` or `SourceNbdUri`.
+fn source_arg(
+    src_disk: Option<String>,
+    src_path: Option<String>,
+    src_nbd: Option<String>,
+) -> Result<SourceArg, ControlError> {
+    match (src_disk, src_path, src_nbd) {
+        (Some(d), None, None) => Ok(SourceArg::Disk(d)),
+        (None, Some(f), None) => Ok(SourceArg::Path(f)),
+        (None, None, Some(u)) => Ok(SourceArg::Nbd(u)),
+        (None, None, None) => Err(ControlError::param(
+            "MissingParameter.Source",
+            "give the source: SourceDiskId (a disk), SourcePath (a raw image or block device beneath the \
+                 import directory) or SourceNbdUri (nbd+unix:///EXPORT?socket=PATH, nbd://HOST:PORT/EXPORT)",
+        )),
+        _ => Err(ControlError::param(
+            "InvalidParameter.Source",
+            "give one source: SourceDiskId, SourcePath or SourceNbdUri, not several",
+        )),
+    }
+}
+
 impl Control {
     pub(super) fn migrate_disk(&self, mut p: Params) -> Result<Value, ControlError> {
         let region = p.region("RegionId")?;
@@ -163,24 +185,7 @@ impl Control {
             "InvalidOperation.LocalDiskTarget",
             "; migrate into a cloud disk (basic, ultra, ssd)",
         )?;
-        let source = match (src_disk, src_path, src_nbd) {
-            (Some(d), None, None) => SourceArg::Disk(d),
-            (None, Some(f), None) => SourceArg::Path(f),
-            (None, None, Some(u)) => SourceArg::Nbd(u),
-            (None, None, None) => {
-                return Err(ControlError::param(
-                    "MissingParameter.Source",
-                    "give the source: SourceDiskId (a disk), SourcePath (a raw image or block device beneath the \
-                     import directory) or SourceNbdUri (nbd+unix:///EXPORT?socket=PATH, nbd://HOST:PORT/EXPORT)",
-                ))
-            }
-            _ => {
-                return Err(ControlError::param(
-                    "InvalidParameter.Source",
-                    "give one source: SourceDiskId, SourcePath or SourceNbdUri, not several",
-                ))
-            }
-        };
+        let source = source_arg(src_disk, src_path, src_nbd)?;
         let source_name = match &source {
             SourceArg::Disk(d) => d.clone(),
             SourceArg::Path(f) => self.import_path_name(f)?,
@@ -203,33 +208,7 @@ impl Control {
             return self.abandon_migration(rec);
         }
         if let Some(rec) = existing {
-            if let Some(t) = self.tasks.running(ACTION, &rec.target) {
-                return Ok(json!({
-                    "TaskId": t.id,
-                    "DiskId": rec.target,
-                    "Resumed": true,
-                    "ResumedFrom": rec.offset,
-                    "CheckpointBytes": rec.offset,
-                    "Running": true,
-                }));
-            }
-            let mismatch = |what: &str| {
-                ControlError::param(
-                    "InvalidParameter.MigrationMismatch",
-                    format!(
-                        "an interrupted migration of {} into {} exists with another {what}; run it again with the \
-                         same arguments to resume, or with Abandon=true (--abandon) to remove it",
-                        rec.source, rec.target
-                    ),
-                )
-            };
-            if size.is_some_and(|s| s != rec.size) && rec.target_new {
-                return Err(mismatch("size"));
-            }
-            if category.is_some_and(|c| c != rec.category) && rec.target_new {
-                return Err(mismatch("category"));
-            }
-            return self.resume_migration(rec, verify);
+            return self.follow_or_resume(rec, size, category, verify);
         }
         self.start_migration(
             &account,
@@ -244,6 +223,44 @@ impl Control {
             description.unwrap_or_default(),
             verify,
         )
+    }
+
+    /// A migration with this key exists: its running task, or a resume (with the same
+    /// size and category for a new target).
+    fn follow_or_resume(
+        &self,
+        rec: MigrationRecord,
+        size: Option<u64>,
+        category: Option<Category>,
+        verify: bool,
+    ) -> Result<Value, ControlError> {
+        if let Some(t) = self.tasks.running(ACTION, &rec.target) {
+            return Ok(json!({
+                "TaskId": t.id,
+                "DiskId": rec.target,
+                "Resumed": true,
+                "ResumedFrom": rec.offset,
+                "CheckpointBytes": rec.offset,
+                "Running": true,
+            }));
+        }
+        let mismatch = |what: &str| {
+            ControlError::param(
+                "InvalidParameter.MigrationMismatch",
+                format!(
+                    "an interrupted migration of {} into {} exists with another {what}; run it again with the \
+                     same arguments to resume, or with Abandon=true (--abandon) to remove it",
+                    rec.source, rec.target
+                ),
+            )
+        };
+        if size.is_some_and(|s| s != rec.size) && rec.target_new {
+            return Err(mismatch("size"));
+        }
+        if category.is_some_and(|c| c != rec.category) && rec.target_new {
+            return Err(mismatch("category"));
+        }
+        self.resume_migration(rec, verify)
     }
 
     /// The canonical name of an import path (what the migration row records): the
