@@ -54,7 +54,7 @@ use crate::bdev::crypto::{CryptoBdev, BOUNCE_CHUNK};
 use crate::bdev::BdevRef;
 use crate::catalog::{self, AttachmentRecord, Category, DiskRecord, Encryption, KeyRecord, MigrationRecord};
 use crate::crypto::Xts;
-use crate::kms::{CallOpts, KeyContext};
+use crate::kms::{CallOpts, KeyContext, Reservation};
 use crate::reactor::Reactors;
 use crate::volume::VolumeError;
 
@@ -128,6 +128,14 @@ struct Stats {
 enum Msg {
     Data { off: u64, data: Vec<u8> },
     WindowDone { start: u64, end: u64 },
+}
+
+/// What step 2 of a migration made: a new target's key (its context and wrapped
+/// form), and the XTS engines of the source and the target (if encrypted).
+struct MigrationKeys {
+    new_key: Option<(KeyContext, crate::kms::WrappedKey)>,
+    src_xts: Option<Arc<Xts>>,
+    dst_xts: Option<Arc<Xts>>,
 }
 
 mod run;
@@ -548,48 +556,22 @@ impl Control {
             .as_ref()
             .map(|t| t.id.clone())
             .unwrap_or_else(|| super::util::new_id("d"));
-        let mut new_key: Option<(KeyContext, crate::kms::WrappedKey)> = None;
-        let mut dst_xts = None;
+        let MigrationKeys {
+            new_key,
+            src_xts,
+            dst_xts,
+        } = self.migration_keys(
+            account,
+            region,
+            &target_id,
+            new_encrypted,
+            src_enc.as_ref().zip(src_rec.as_ref().map(|s| s.id.as_str())),
+            tgt_enc.as_ref(),
+            res.as_ref(),
+        )?;
         let shred_new = |nk: &Option<(KeyContext, crate::kms::WrappedKey)>| {
             if let Some((ctx, _)) = nk {
                 let _ = self.kms.audit_crypto_shred(ctx, Some(&target_id));
-            }
-        };
-        if new_encrypted {
-            let key_id = super::util::new_id("k");
-            let ctx = KeyContext::new(account, region, &key_id);
-            let r = res.as_ref().expect("reserved");
-            let (k, wrapped) = self
-                .kms
-                .generate_data_key(&ctx, CallOpts::disk(&target_id).reserved(r))?;
-            let xts = k.xts().map_err(|e| ControlError::DataPath(format!("XTS engine: {e}")));
-            new_key = Some((ctx, wrapped));
-            match xts {
-                Ok(x) => dst_xts = Some(Arc::new(x)),
-                Err(e) => {
-                    shred_new(&new_key);
-                    return Err(e);
-                }
-            }
-        }
-        let keyed = (|| {
-            let mut src_xts = None;
-            if let (Some(enc), Some(s)) = (&src_enc, &src_rec) {
-                let (x, ctx) = self.unwrap_key(enc, &s.id, res.as_ref().expect("reserved"))?;
-                self.kms.audit_decrypt_data(&ctx, Some(&s.id))?;
-                src_xts = Some(x);
-            }
-            if let Some(enc) = &tgt_enc {
-                let (x, _) = self.unwrap_key(enc, &target_id, res.as_ref().expect("reserved"))?;
-                dst_xts = Some(x);
-            }
-            Ok::<_, ControlError>(src_xts)
-        })();
-        let src_xts = match keyed {
-            Ok(x) => x,
-            Err(e) => {
-                shred_new(&new_key);
-                return Err(e);
             }
         };
         drop(res);
@@ -640,6 +622,72 @@ impl Control {
             _ => Err(ControlError::DataPath("no source".into())),
         };
         self.spawn_migration(rec, source, dst_xts, verify, None, reactors)
+    }
+
+    /// Step 2: a new target's data key (generated when `new_encrypted`), the keys of an
+    /// encrypted source (`src`: its encryption and disk id; the use audited) and of an
+    /// encrypted existing target (unwrapped). On a failure a new key is shredded
+    /// (audited).
+    #[allow(clippy::too_many_arguments)]
+    fn migration_keys(
+        &self,
+        account: &str,
+        region: &str,
+        target_id: &str,
+        new_encrypted: bool,
+        src: Option<(&Encryption, &str)>,
+        tgt_enc: Option<&Encryption>,
+        res: Option<&Reservation>,
+    ) -> Result<MigrationKeys, ControlError> {
+        let mut new_key: Option<(KeyContext, crate::kms::WrappedKey)> = None;
+        let mut dst_xts = None;
+        let shred_new = |nk: &Option<(KeyContext, crate::kms::WrappedKey)>| {
+            if let Some((ctx, _)) = nk {
+                let _ = self.kms.audit_crypto_shred(ctx, Some(target_id));
+            }
+        };
+        if new_encrypted {
+            let key_id = super::util::new_id("k");
+            let ctx = KeyContext::new(account, region, &key_id);
+            let r = res.expect("reserved");
+            let (k, wrapped) = self
+                .kms
+                .generate_data_key(&ctx, CallOpts::disk(target_id).reserved(r))?;
+            let xts = k.xts().map_err(|e| ControlError::DataPath(format!("XTS engine: {e}")));
+            new_key = Some((ctx, wrapped));
+            match xts {
+                Ok(x) => dst_xts = Some(Arc::new(x)),
+                Err(e) => {
+                    shred_new(&new_key);
+                    return Err(e);
+                }
+            }
+        }
+        let keyed = (|| {
+            let mut src_xts = None;
+            if let Some((enc, src_id)) = src {
+                let (x, ctx) = self.unwrap_key(enc, src_id, res.expect("reserved"))?;
+                self.kms.audit_decrypt_data(&ctx, Some(src_id))?;
+                src_xts = Some(x);
+            }
+            if let Some(enc) = tgt_enc {
+                let (x, _) = self.unwrap_key(enc, target_id, res.expect("reserved"))?;
+                dst_xts = Some(x);
+            }
+            Ok::<_, ControlError>(src_xts)
+        })();
+        let src_xts = match keyed {
+            Ok(x) => x,
+            Err(e) => {
+                shred_new(&new_key);
+                return Err(e);
+            }
+        };
+        Ok(MigrationKeys {
+            new_key,
+            src_xts,
+            dst_xts,
+        })
     }
 
     /// Step 1 for an existing target: the account's disk in the region, not the
