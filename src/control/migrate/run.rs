@@ -41,10 +41,90 @@ impl Control {
         };
         let mut offset = rec.offset;
         let key = rec.key.clone();
-        // 4. Copy: reader threads read windows ahead (reader i the i-th of every
-        //    READERS windows, each over its own source handle: a second NBD connection,
-        //    a second descriptor of the file), writer threads write, this thread keeps
-        //    the order of finished windows for the checkpoint.
+        // 4. Copy.
+        let copied = self.copy_windows(task, &rec, reactors, &mut source, &dst, &mut st, &mut offset);
+        if let Err(e) = copied {
+            if !task.cancelled() {
+                tracing::warn!(
+                    source = %rec.source,
+                    target = %rec.target,
+                    offset,
+                    error = %e,
+                    "migration stopped; MigrateDisk with the same source and target resumes it"
+                );
+            }
+            return Err(e);
+        }
+        run_job(reactors, &dst, vec![Op::Flush], Vec::new()).map_err(|e| io_error(e, "flushing the target"))?;
+        self.checkpoint(reactors, &dst, &key, rounded, st)?;
+        let copy_secs = started.elapsed().as_secs_f64();
+
+        // 5. Verify.
+        let verified = if verify {
+            let t = Instant::now();
+            let target_ranges = self.pool.allocated_ranges(&rec.target, WINDOW)?;
+            verify_blocks(
+                reactors,
+                &mut source,
+                &dst,
+                &target_ranges,
+                rounded,
+                size,
+                &|| task.cancelled(),
+                &|n| task.progress(n),
+            )?;
+            Some(t.elapsed().as_secs_f64())
+        } else {
+            None
+        };
+        drop(source);
+        drop(dst);
+
+        // 6. Finish.
+        self.finish_migration(&rec)?;
+        let allocated = self.pool.mapped_bytes(&rec.target).unwrap_or(0);
+        let secs = started.elapsed().as_secs_f64();
+        Ok(json!({
+            "DiskId": rec.target,
+            "NewDisk": rec.target_new,
+            "Encrypted": rec.target_encryption.is_some(),
+            "SizeBytes": rec.size,
+            "Source": rec.source,
+            "SourceKind": rec.source_kind,
+            "SourceSizeBytes": rec.source_size,
+            "BytesRead": st.read,
+            "BytesWritten": st.written,
+            "BytesSkipped": rounded.saturating_sub(st.written),
+            "TargetAllocatedBytes": allocated,
+            "Resumed": resumed_from.is_some(),
+            "ResumedFrom": resumed_from,
+            "CopySeconds": copy_secs,
+            "Seconds": secs,
+            "Verify": if verified.is_some() { "passed" } else { "off" },
+            "VerifySeconds": verified,
+        }))
+    }
+
+    /// Step 4, from `offset` on: reader threads read windows ahead (reader i the i-th of
+    /// every READERS windows, each over its own source handle: a second NBD connection, a
+    /// second descriptor of the file), writer threads write, this thread keeps the order
+    /// of finished windows for the checkpoint. `st` and `offset` end where the copy got to
+    /// (checkpointed if it was interrupted).
+    #[allow(clippy::too_many_arguments)]
+    fn copy_windows(
+        &self,
+        task: &Task,
+        rec: &MigrationRecord,
+        reactors: &Reactors,
+        source: &mut Source,
+        dst: &BdevRef,
+        st_out: &mut Stats,
+        offset_out: &mut u64,
+    ) -> Result<(), ControlError> {
+        let rounded = rec.source_size.div_ceil(BLOCK) * BLOCK;
+        let size = rec.source_size;
+        let key = rec.key.as_str();
+        let (mut st, mut offset) = (*st_out, *offset_out);
         let mut readers = Vec::new();
         for _ in 1..READERS {
             match source.try_clone() {
@@ -60,7 +140,7 @@ impl Control {
             let (tx, rx) = mpsc::sync_channel::<Result<Msg, ControlError>>(4);
             let streams = readers.len() as u64 + 1;
             let first = offset;
-            for (i, src) in std::iter::once(&mut source).chain(readers.iter_mut()).enumerate() {
+            for (i, src) in std::iter::once(&mut *source).chain(readers.iter_mut()).enumerate() {
                 let tx = tx.clone();
                 s.spawn(move || {
                     read_windows(
@@ -81,7 +161,7 @@ impl Control {
             let wtx = wtx.take().expect("once");
             let dtx = dtx.take().expect("once");
             for _ in 0..WRITERS {
-                let (wrx, dtx, dst) = (&wrx, dtx.clone(), &dst);
+                let (wrx, dtx) = (&wrx, dtx.clone());
                 s.spawn(move || loop {
                     let next = wrx.lock().unwrap_or_else(|e| e.into_inner()).recv();
                     let Ok((off, data)) = next else { return };
@@ -148,7 +228,7 @@ impl Control {
                                     reap(&mut inflight, &mut pending, true)?;
                                 }
                                 fold_below(&mut st, &mut pending, offset);
-                                self.checkpoint(reactors, &dst, &key, offset, st)?;
+                                self.checkpoint(reactors, dst, key, offset, st)?;
                                 last_cp = Instant::now();
                             }
                         }
@@ -182,7 +262,7 @@ impl Control {
                 // Interrupted with everything before `offset` written: keep it, the next
                 // run resumes here.
                 fold_below(&mut st, &mut pending, offset);
-                let _ = self.checkpoint(reactors, &dst, &key, offset, st);
+                let _ = self.checkpoint(reactors, dst, key, offset, st);
             }
             if res.is_ok() {
                 fold_below(&mut st, &mut pending, u64::MAX);
@@ -191,66 +271,9 @@ impl Control {
         });
         // The other readers' handles (a disk's clone must be closed before it is deleted).
         drop(readers);
-        if let Err(e) = copied {
-            if !task.cancelled() {
-                tracing::warn!(
-                    source = %rec.source,
-                    target = %rec.target,
-                    offset,
-                    error = %e,
-                    "migration stopped; MigrateDisk with the same source and target resumes it"
-                );
-            }
-            return Err(e);
-        }
-        run_job(reactors, &dst, vec![Op::Flush], Vec::new()).map_err(|e| io_error(e, "flushing the target"))?;
-        self.checkpoint(reactors, &dst, &key, rounded, st)?;
-        let copy_secs = started.elapsed().as_secs_f64();
-
-        // 5. Verify.
-        let verified = if verify {
-            let t = Instant::now();
-            let target_ranges = self.pool.allocated_ranges(&rec.target, WINDOW)?;
-            verify_blocks(
-                reactors,
-                &mut source,
-                &dst,
-                &target_ranges,
-                rounded,
-                size,
-                &|| task.cancelled(),
-                &|n| task.progress(n),
-            )?;
-            Some(t.elapsed().as_secs_f64())
-        } else {
-            None
-        };
-        drop(source);
-        drop(dst);
-
-        // 6. Finish.
-        self.finish_migration(&rec)?;
-        let allocated = self.pool.mapped_bytes(&rec.target).unwrap_or(0);
-        let secs = started.elapsed().as_secs_f64();
-        Ok(json!({
-            "DiskId": rec.target,
-            "NewDisk": rec.target_new,
-            "Encrypted": rec.target_encryption.is_some(),
-            "SizeBytes": rec.size,
-            "Source": rec.source,
-            "SourceKind": rec.source_kind,
-            "SourceSizeBytes": rec.source_size,
-            "BytesRead": st.read,
-            "BytesWritten": st.written,
-            "BytesSkipped": rounded.saturating_sub(st.written),
-            "TargetAllocatedBytes": allocated,
-            "Resumed": resumed_from.is_some(),
-            "ResumedFrom": resumed_from,
-            "CopySeconds": copy_secs,
-            "Seconds": secs,
-            "Verify": if verified.is_some() { "passed" } else { "off" },
-            "VerifySeconds": verified,
-        }))
+        *st_out = st;
+        *offset_out = offset;
+        copied
     }
 
     /// Step 6: the source's clone deleted (its key unreferenced, shredded if that was
