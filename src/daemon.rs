@@ -196,23 +196,99 @@ pub(crate) struct Daemon {
     sampler: Option<Sampler>,
 }
 
+/// The data directory, created if need be: owner-only, except that the VMM group may
+/// pass through to its instances' sockets (DATA_DIR/instances/<id>/nbd.sock); every
+/// file in here is 0600.
+fn prepare_data_dir(cfg: &DaemonConfig) -> Result<(), DaemonError> {
+    let dir = &cfg.data_dir;
+    std::fs::create_dir_all(dir).map_err(at(dir))?;
+    let gid = match (cfg.vmm_gid, cfg.rpc_gid) {
+        (Some(v), Some(r)) if v != r => return Err(DaemonError::GroupsDiffer),
+        (v, r) => v.or(r).unwrap_or(0),
+    };
+    std::os::unix::fs::chown(dir, None, Some(gid)).map_err(at(dir))?;
+    std::fs::set_permissions(
+        dir,
+        std::fs::Permissions::from_mode(if gid == 0 { 0o700 } else { 0o710 }),
+    )
+    .map_err(at(dir))?;
+    Ok(())
+}
+
+/// The NBD server: its unix socket (and the instances' sockets), and TCP if asked for.
+fn start_nbd(cfg: &DaemonConfig, reactors: &Arc<Reactors>, exports: &Arc<Exports>) -> Result<NbdServer, DaemonError> {
+    let dir = &cfg.data_dir;
+    let nbd_sock = cfg.nbd_socket_path();
+    // NBD over TCP: TLS, or plain on loopback only when asked for in so many words.
+    let tls = match (cfg.nbd_tcp, &cfg.tls_dir) {
+        (Some(_), Some(d)) => Some(crate::frontend::nbd::tls::server_config(d)?),
+        (Some(a), None) if cfg.nbd_tcp_insecure && a.ip().is_loopback() => {
+            warn!(addr = %a, "NBD over TCP WITHOUT TLS (--nbd-tcp-insecure): loopback clients only");
+            None
+        }
+        (Some(a), None) => return Err(DaemonError::TcpWithoutTls(a)),
+        (None, Some(_)) => return Err(DaemonError::TlsWithoutTcp),
+        (None, None) => None,
+    };
+    let nbd = NbdServer::start(
+        NbdConfig {
+            unix_path: Some(nbd_sock.clone()),
+            tcp: cfg.nbd_tcp,
+            instances_dir: Some(dir.join(crate::export::INSTANCES_DIR)),
+            instance_gid: cfg.vmm_gid,
+            tls,
+        },
+        reactors.clone(),
+        exports.clone(),
+    )
+    .map_err(|source| DaemonError::Nbd {
+        path: nbd_sock.clone(),
+        source,
+    })?;
+    let _ = std::fs::set_permissions(&nbd_sock, std::fs::Permissions::from_mode(0o600));
+    info!(
+        socket = %nbd_sock.display(),
+        tcp = nbd.tcp_addr().map(|a| a.to_string()),
+        "NBD exports (attached disks, by disk id)"
+    );
+    Ok(nbd)
+}
+
+/// The metrics registry's sources (disks, reactors, the slow path) and, with
+/// `--metrics`, its HTTP server.
+fn start_metrics(
+    cfg: &DaemonConfig,
+    exports: &Arc<Exports>,
+    reactors: &Arc<Reactors>,
+    control: &Arc<Control>,
+) -> Result<Option<MetricsServer>, DaemonError> {
+    let registry = Arc::new(Registry::default());
+    {
+        let exports = exports.clone();
+        registry.add_source(move |out| metrics::disk_families(&exports, out));
+        let reactors = reactors.clone();
+        registry.add_source(move |out| metrics::reactor_families(&reactors, out));
+        let control = control.clone();
+        registry.add_source(move |out| metrics::slow_path_families(&control.slow_path(), out));
+    }
+    Ok(match &cfg.metrics {
+        Some(a) => {
+            let m = MetricsServer::start(a, registry.clone()).map_err(|source| DaemonError::Metrics {
+                addr: a.to_string(),
+                source,
+            })?;
+            info!(addr = %m.addr(), "metrics (Prometheus text format)");
+            Some(m)
+        }
+        None => None,
+    })
+}
+
 impl Daemon {
     /// Opens or creates the data directory's state and starts serving.
     pub(crate) fn start(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
         let dir = &cfg.data_dir;
-        std::fs::create_dir_all(dir).map_err(at(dir))?;
-        // Owner-only, except that the VMM group may pass through to its instances'
-        // sockets (DATA_DIR/instances/<id>/nbd.sock); every file in here is 0600.
-        let gid = match (cfg.vmm_gid, cfg.rpc_gid) {
-            (Some(v), Some(r)) if v != r => return Err(DaemonError::GroupsDiffer),
-            (v, r) => v.or(r).unwrap_or(0),
-        };
-        std::os::unix::fs::chown(dir, None, Some(gid)).map_err(at(dir))?;
-        std::fs::set_permissions(
-            dir,
-            std::fs::Permissions::from_mode(if gid == 0 { 0o700 } else { 0o710 }),
-        )
-        .map_err(at(dir))?;
+        prepare_data_dir(&cfg)?;
         let kms = Arc::new(Kms::open(cfg.kms.clone()).map_err(|source| DaemonError::Kms { source })?);
         let db = catalog::open(&dir.join(catalog::CATALOG_FILE)).map_err(|source| DaemonError::Catalog { source })?;
         let pool_path = cfg.pool_path();
@@ -315,62 +391,11 @@ impl Daemon {
             error!(disk = %id, code = e.code(), error = %e, "could not restore the disk to the data path");
         }
 
-        let nbd_sock = cfg.nbd_socket_path();
-        // NBD over TCP: TLS, or plain on loopback only when asked for in so many words.
-        let tls = match (cfg.nbd_tcp, &cfg.tls_dir) {
-            (Some(_), Some(d)) => Some(crate::frontend::nbd::tls::server_config(d)?),
-            (Some(a), None) if cfg.nbd_tcp_insecure && a.ip().is_loopback() => {
-                warn!(addr = %a, "NBD over TCP WITHOUT TLS (--nbd-tcp-insecure): loopback clients only");
-                None
-            }
-            (Some(a), None) => return Err(DaemonError::TcpWithoutTls(a)),
-            (None, Some(_)) => return Err(DaemonError::TlsWithoutTcp),
-            (None, None) => None,
-        };
-        let nbd = NbdServer::start(
-            NbdConfig {
-                unix_path: Some(nbd_sock.clone()),
-                tcp: cfg.nbd_tcp,
-                instances_dir: Some(dir.join(crate::export::INSTANCES_DIR)),
-                instance_gid: cfg.vmm_gid,
-                tls,
-            },
-            reactors.clone(),
-            exports.clone(),
-        )
-        .map_err(|source| DaemonError::Nbd {
-            path: nbd_sock.clone(),
-            source,
-        })?;
-        let _ = std::fs::set_permissions(&nbd_sock, std::fs::Permissions::from_mode(0o600));
-        info!(
-            socket = %nbd_sock.display(),
-            tcp = nbd.tcp_addr().map(|a| a.to_string()),
-            "NBD exports (attached disks, by disk id)"
-        );
+        let nbd = start_nbd(&cfg, &reactors, &exports)?;
 
         let logf: Arc<dyn Fn(LogLine) + Send + Sync> = Arc::new(|l: LogLine| crate::control::rpc::log_line(&l));
         let sampler = control.start_sampler().map_err(DaemonError::Sampler)?;
-        let registry = Arc::new(Registry::default());
-        {
-            let exports = exports.clone();
-            registry.add_source(move |out| metrics::disk_families(&exports, out));
-            let reactors = reactors.clone();
-            registry.add_source(move |out| metrics::reactor_families(&reactors, out));
-            let control = control.clone();
-            registry.add_source(move |out| metrics::slow_path_families(&control.slow_path(), out));
-        }
-        let metrics_server = match &cfg.metrics {
-            Some(a) => {
-                let m = MetricsServer::start(a, registry.clone()).map_err(|source| DaemonError::Metrics {
-                    addr: a.to_string(),
-                    source,
-                })?;
-                info!(addr = %m.addr(), "metrics (Prometheus text format)");
-                Some(m)
-            }
-            None => None,
-        };
+        let metrics_server = start_metrics(&cfg, &exports, &reactors, &control)?;
 
         let sock = cfg.socket_path();
         // With --rpc-group the control socket is that group's too (0660); the data

@@ -21,6 +21,7 @@
 //! [`testing`] holds the internals that tests and fuzzers reach into; it is not an API.
 
 #![warn(clippy::undocumented_unsafe_blocks)]
+#![warn(unreachable_pub)]
 
 mod bdev;
 mod bench;

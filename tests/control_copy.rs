@@ -509,6 +509,17 @@ fn every_refusal_has_its_code_and_changes_nothing() {
         assert!(!err.to_string().is_empty());
         assert_eq!(before, e.dump(), "{p} changed the catalog or the pool");
     }
+    // A local kind: what it is and what to do instead.
+    let err = e.err(
+        "CreateEncryptedCopy",
+        base(json!({"SourceDiskId": plain, "DiskCategory": "local_ssd_pro"})),
+    );
+    assert!(
+        err.to_string().contains(
+            "local_ssd_pro is a local disk and cannot be encrypted; copy into a cloud disk (basic, ultra, ssd)"
+        ),
+        "{err}"
+    );
     assert_eq!(
         e.audit()
             .iter()

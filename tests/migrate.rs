@@ -471,6 +471,17 @@ fn every_refusal_has_its_code_and_changes_nothing() {
         assert!(!msg.is_empty());
         assert_eq!(state(&data), before, "{params} changed something");
     }
+    // A local kind: what it is and what to do instead.
+    let (_, msg) = call(
+        &data,
+        "MigrateDisk",
+        json!({"SourcePath": "vm.raw", "DiskCategory": "local_ssd_pro"}),
+    )
+    .unwrap_err();
+    assert_eq!(
+        msg, "local_ssd_pro is a local disk; migrate into a cloud disk (basic, ultra, ssd)",
+        "{msg}"
+    );
     let tasks = common::rpc(&data, "DescribeTasks", json!({}));
     assert_eq!(tasks["TotalCount"], 0, "{tasks}");
     assert_consistent(&data, 0);

@@ -89,24 +89,13 @@ impl Bdev for CryptoBdev {
     fn capacity(&self) -> u64 {
         self.capacity
     }
-    fn max_io_bytes(&self) -> u64 {
-        self.inner.max_io_bytes()
-    }
-    fn volatile_cache(&self) -> bool {
-        self.inner.volatile_cache()
-    }
-    fn allocation(&self, offset: u64, len: u64) -> Option<Vec<(u64, bool)>> {
-        // An unallocated range reads as zeros through this layer too.
-        self.inner.allocation(offset, len)
-    }
-    fn layer_counters(&self, c: &mut super::LayerCounters) {
-        self.inner.layer_counters(c);
+    /// Passes through all but `takes_lent`; an unallocated range reads as zeros
+    /// through this layer too.
+    fn lower(&self) -> Option<&dyn Bdev> {
+        Some(&*self.inner)
     }
     fn takes_lent(&self) -> bool {
         true
-    }
-    fn dma_writes(&self) -> bool {
-        self.inner.dma_writes()
     }
     fn open_channel(&self, ctx: &ChannelCtx) -> std::io::Result<Box<dyn Channel>> {
         Ok(Box::new(CryptoChannel {

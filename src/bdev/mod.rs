@@ -13,6 +13,9 @@
 //! Requests own their buffer ([`IoBuf`]) until the completion gives it back,
 //! so no buffer can be freed or reused while the device still uses it.
 
+// Its `pub` constants (BOUNCE_CHUNK, STREAM_MAX) become `pub(crate)` once the data
+// path work under way in crypto.rs has landed; until then the lint is off here.
+#[allow(unreachable_pub)]
 pub(crate) mod crypto;
 mod error;
 pub(crate) mod iostat;
@@ -301,37 +304,48 @@ pub trait Bdev: Send + Sync {
     fn block_size(&self) -> u32;
     /// Capacity in bytes.
     fn capacity(&self) -> u64;
+    /// The bdev below a stacked layer (QoS, statistics, crypto): the methods
+    /// below that a layer does not define pass through to it. Such a layer maps
+    /// offsets one to one and reads an unallocated range as zeros (or defines
+    /// [`Bdev::allocation`] itself). `None` (a base device): the defaults.
+    fn lower(&self) -> Option<&dyn Bdev> {
+        None
+    }
     /// Largest request accepted.
     fn max_io_bytes(&self) -> u64 {
-        MAX_IO_BYTES
+        self.lower().map_or(MAX_IO_BYTES, |l| l.max_io_bytes())
     }
     /// Whether the device has a volatile write cache (so FLUSH matters).
     fn volatile_cache(&self) -> bool {
-        true
+        self.lower().is_none_or(|l| l.volatile_cache())
     }
     /// Whether a device reads write payloads by DMA (rather than the CPU
     /// copying them). A layer that fills write buffers of its own (the crypto
     /// layer's bounce buffers) then fills them with streaming stores.
     fn dma_writes(&self) -> bool {
-        false
+        self.lower().is_some_and(|l| l.dma_writes())
     }
     /// Whether reads and writes may carry `Lent` memory instead of a buffer.
     fn takes_lent(&self) -> bool {
-        false
+        self.lower().is_some_and(|l| l.takes_lent())
     }
     /// Which parts of `offset..offset + len` hold data: runs of (length,
     /// allocated), in order, covering the range; an unallocated run reads as
     /// zeros. `None`: the device does not know (every byte is data). Served
     /// from in-memory state without I/O, so a frontend may ask on the data
     /// path (NBD block status).
-    fn allocation(&self, _offset: u64, _len: u64) -> Option<Vec<(u64, bool)>> {
-        None
+    fn allocation(&self, offset: u64, len: u64) -> Option<Vec<(u64, bool)>> {
+        self.lower()?.allocation(offset, len)
     }
     /// Adds what this layer and the layers below it counted on their own
     /// (QoS holds, copy-on-write) into `c`; a virtual bdev forwards to the
     /// bdev below. Read by the control plane ([`iostat::DiskStats`]), never
     /// on the data path.
-    fn layer_counters(&self, _c: &mut LayerCounters) {}
+    fn layer_counters(&self, c: &mut LayerCounters) {
+        if let Some(l) = self.lower() {
+            l.layer_counters(c);
+        }
+    }
     /// Open an I/O channel for the calling reactor.
     fn open_channel(&self, ctx: &ChannelCtx) -> std::io::Result<Box<dyn Channel>>;
 }

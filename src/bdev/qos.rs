@@ -157,21 +157,8 @@ impl Bdev for QosBdev {
     fn capacity(&self) -> u64 {
         self.inner.capacity()
     }
-    fn max_io_bytes(&self) -> u64 {
-        self.inner.max_io_bytes()
-    }
-    fn volatile_cache(&self) -> bool {
-        self.inner.volatile_cache()
-    }
-    fn dma_writes(&self) -> bool {
-        self.inner.dma_writes()
-    }
-    fn allocation(&self, offset: u64, len: u64) -> Option<Vec<(u64, bool)>> {
-        // An unallocated range reads as zeros through this layer too.
-        self.inner.allocation(offset, len)
-    }
-    fn takes_lent(&self) -> bool {
-        self.inner.takes_lent()
+    fn lower(&self) -> Option<&dyn Bdev> {
+        Some(&*self.inner)
     }
     fn layer_counters(&self, c: &mut LayerCounters) {
         c.qos_holds += self.limiter.holds.load(Ordering::Relaxed);

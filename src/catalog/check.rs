@@ -23,7 +23,21 @@ pub fn check_catalog(txn: &ReadTransaction) -> Result<Vec<String>, CatalogError>
     let keys: Vec<KeyRecord> = list_r(txn)?;
     let migrations: Vec<MigrationRecord> = list_r(txn)?;
     let mut problems = Vec::new();
+    check_keys(&mut problems, &disks, &snaps, &images, &migrations, &keys);
+    check_attachments(&mut problems, &disks, &instances, &atts);
+    Ok(problems)
+}
 
+/// Encrypted objects without their wrapped key (or with another account's, or another
+/// CMK's), and key reference counts that do not match the holders.
+fn check_keys(
+    problems: &mut Vec<String>,
+    disks: &[DiskRecord],
+    snaps: &[SnapshotRecord],
+    images: &[ImageRecord],
+    migrations: &[MigrationRecord],
+    keys: &[KeyRecord],
+) {
     let keys_by_id: BTreeMap<&str, &KeyRecord> = keys.iter().map(|k| (k.key_id.as_str(), k)).collect();
     let mut holders: BTreeMap<String, u64> = BTreeMap::new();
     let mut holder = |what: &str, id: &str, account: &str, region: &str, enc: &Option<Encryption>| {
@@ -50,17 +64,17 @@ pub fn check_catalog(txn: &ReadTransaction) -> Result<Vec<String>, CatalogError>
             }
         }
     };
-    for d in &disks {
+    for d in disks {
         holder("disk", &d.id, &d.account, &d.region, &d.encryption);
     }
-    for s in &snaps {
+    for s in snaps {
         holder("snapshot", &s.id, &s.account, &s.region, &s.encryption);
     }
-    for m in &images {
+    for m in images {
         holder("image", &m.id, &m.account, &m.region, &m.encryption);
     }
     // A migration holds the key of the disk it makes and of the source it decrypts.
-    for m in &migrations {
+    for m in migrations {
         if m.target_new {
             holder("migration", &m.key, &m.account, &m.region, &m.target_encryption);
         }
@@ -68,7 +82,7 @@ pub fn check_catalog(txn: &ReadTransaction) -> Result<Vec<String>, CatalogError>
             holder("migration", &m.key, &m.account, &m.region, &m.source_encryption);
         }
     }
-    for k in &keys {
+    for k in keys {
         let n = holders.get(&k.key_id).copied().unwrap_or(0);
         if n == 0 {
             problems.push(format!(
@@ -83,11 +97,20 @@ pub fn check_catalog(txn: &ReadTransaction) -> Result<Vec<String>, CatalogError>
             ));
         }
     }
+}
 
+/// Attachments to unknown disks or instances, a non-shareable disk attached twice,
+/// instances without their system disk.
+fn check_attachments(
+    problems: &mut Vec<String>,
+    disks: &[DiskRecord],
+    instances: &[InstanceRecord],
+    atts: &[AttachmentRecord],
+) {
     let disk_ids: BTreeMap<&str, &DiskRecord> = disks.iter().map(|d| (d.id.as_str(), d)).collect();
     let inst_ids: BTreeMap<&str, &InstanceRecord> = instances.iter().map(|i| (i.id.as_str(), i)).collect();
     let mut per_disk: BTreeMap<&str, u64> = BTreeMap::new();
-    for a in &atts {
+    for a in atts {
         *per_disk.entry(a.disk_id.as_str()).or_default() += 1;
         if !disk_ids.contains_key(a.disk_id.as_str()) {
             problems.push(format!(
@@ -109,10 +132,9 @@ pub fn check_catalog(txn: &ReadTransaction) -> Result<Vec<String>, CatalogError>
             }
         }
     }
-    for i in &instances {
+    for i in instances {
         if !disk_ids.contains_key(i.system_disk.as_str()) {
             problems.push(format!("instance {} has no system disk {}", i.id, i.system_disk));
         }
     }
-    Ok(problems)
 }

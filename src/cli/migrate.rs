@@ -191,82 +191,18 @@ pub(super) fn run(m: &MigrateArgs) -> ExitCode {
     };
     let Some(id) = reply["TaskId"].as_str().map(str::to_owned) else {
         // Abandon: no task.
-        if m.conn.json {
-            println!("{}", serde_json::to_string_pretty(&reply).expect("json"));
-        } else {
-            println!(
-                "abandoned the migration of {} into {}: what it made is removed",
-                reply["Source"].as_str().unwrap_or("?"),
-                reply["DiskId"].as_str().unwrap_or("?")
-            );
-        }
+        print_abandoned(m, &reply);
         return ExitCode::SUCCESS;
     };
     if reply["Resumed"] == true {
-        let how = if reply["Running"] == true {
-            "following its task"
-        } else {
-            "resuming"
-        };
-        eprintln!(
-            "migrate: an interrupted migration into {} exists; {how} from its checkpoint at {:.1} MiB",
-            reply["DiskId"].as_str().unwrap_or("?"),
-            mib(reply["ResumedFrom"].as_u64().unwrap_or(0))
-        );
+        note_resumed(&reply);
     }
     // The handler only stores to an atomic (async-signal-safe).
     crate::sys::on_sigint(on_sigint);
-    let mut prog = Progress::new(0);
-    let mut cancel_sent = false;
-    let result = loop {
-        let mut q = json!({ "TaskIds": [id] });
-        if let Some(a) = &account {
-            q["AccountId"] = a.clone();
-        }
-        if INTERRUPTED.load(Ordering::SeqCst) && !cancel_sent {
-            let mut cq = json!({ "TaskId": id });
-            if let Some(a) = &account {
-                cq["AccountId"] = a.clone();
-            }
-            let _ = c.call("CancelTask", cq);
-            cancel_sent = true;
-        }
-        let d = match c.call("DescribeTasks", q) {
-            Ok(d) => d,
-            Err(e) => {
-                prog.finish();
-                return rpc_fail(m, &e);
-            }
-        };
-        let t = &d["TaskSet"]["Task"][0];
-        let n = |k: &str| t[k].as_u64().unwrap_or(0);
-        match t["TaskStatus"].as_str() {
-            Some("Processing") => {
-                prog.update(&id, n("BytesDone"), n("BytesTotal"), n("RateBytesPerSec"));
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Some("Finished") => break Ok(t["Result"].clone()),
-            Some("Cancelled") => {
-                break Err(RpcError {
-                    rpc_code: -32000,
-                    code: "OperationCancelled".into(),
-                    message: "interrupted; the checkpoint is kept: run the same command again to resume (or add \
-                              --abandon to remove what it made)"
-                        .into(),
-                    data: t.clone(),
-                })
-            }
-            _ => {
-                break Err(RpcError {
-                    rpc_code: -32000,
-                    code: t["Error"]["Code"].as_str().unwrap_or("Migration.Failed").to_owned(),
-                    message: t["Error"]["Message"].as_str().unwrap_or("the task failed").to_owned(),
-                    data: t.clone(),
-                })
-            }
-        }
+    let (result, cancel_sent) = match follow_task(&mut c, &id, account.as_ref()) {
+        Ok(r) => r,
+        Err(e) => return rpc_fail(m, &e),
     };
-    prog.finish();
     match result {
         Ok(r) => {
             if m.conn.json {
@@ -281,6 +217,95 @@ pub(super) fn run(m: &MigrateArgs) -> ExitCode {
             ExitCode::from(130)
         }
         Err(e) => rpc_fail(m, &e),
+    }
+}
+
+/// The reply to `--abandon`.
+fn print_abandoned(m: &MigrateArgs, reply: &Value) {
+    if m.conn.json {
+        println!("{}", serde_json::to_string_pretty(reply).expect("json"));
+    } else {
+        println!(
+            "abandoned the migration of {} into {}: what it made is removed",
+            reply["Source"].as_str().unwrap_or("?"),
+            reply["DiskId"].as_str().unwrap_or("?")
+        );
+    }
+}
+
+/// Says on stderr that an interrupted migration goes on (its task followed, or resumed).
+fn note_resumed(reply: &Value) {
+    let how = if reply["Running"] == true {
+        "following its task"
+    } else {
+        "resuming"
+    };
+    eprintln!(
+        "migrate: an interrupted migration into {} exists; {how} from its checkpoint at {:.1} MiB",
+        reply["DiskId"].as_str().unwrap_or("?"),
+        mib(reply["ResumedFrom"].as_u64().unwrap_or(0))
+    );
+}
+
+/// Polls task `id` until it ends, with a progress bar; after a Ctrl-C it is cancelled
+/// (once). `Ok((the task's result or error, whether a cancel was sent))`; `Err`:
+/// DescribeTasks failed.
+fn follow_task(c: &mut Client, id: &str, account: Option<&Value>) -> Result<(Result<Value, RpcError>, bool), RpcError> {
+    let mut prog = Progress::new(0);
+    let mut cancel_sent = false;
+    let result = loop {
+        let mut q = json!({ "TaskIds": [id] });
+        if let Some(a) = account {
+            q["AccountId"] = a.clone();
+        }
+        if INTERRUPTED.load(Ordering::SeqCst) && !cancel_sent {
+            let mut cq = json!({ "TaskId": id });
+            if let Some(a) = account {
+                cq["AccountId"] = a.clone();
+            }
+            let _ = c.call("CancelTask", cq);
+            cancel_sent = true;
+        }
+        let d = match c.call("DescribeTasks", q) {
+            Ok(d) => d,
+            Err(e) => {
+                prog.finish();
+                return Err(e);
+            }
+        };
+        let t = &d["TaskSet"]["Task"][0];
+        match task_end(t) {
+            Some(r) => break r,
+            None => {
+                let n = |k: &str| t[k].as_u64().unwrap_or(0);
+                prog.update(id, n("BytesDone"), n("BytesTotal"), n("RateBytesPerSec"));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    prog.finish();
+    Ok((result, cancel_sent))
+}
+
+/// How task `t` ended: its result, or the error to report; `None` while it runs.
+fn task_end(t: &Value) -> Option<Result<Value, RpcError>> {
+    match t["TaskStatus"].as_str() {
+        Some("Processing") => None,
+        Some("Finished") => Some(Ok(t["Result"].clone())),
+        Some("Cancelled") => Some(Err(RpcError {
+            rpc_code: -32000,
+            code: "OperationCancelled".into(),
+            message: "interrupted; the checkpoint is kept: run the same command again to resume (or add \
+                      --abandon to remove what it made)"
+                .into(),
+            data: t.clone(),
+        })),
+        _ => Some(Err(RpcError {
+            rpc_code: -32000,
+            code: t["Error"]["Code"].as_str().unwrap_or("Migration.Failed").to_owned(),
+            message: t["Error"]["Message"].as_str().unwrap_or("the task failed").to_owned(),
+            data: t.clone(),
+        })),
     }
 }
 

@@ -41,124 +41,126 @@ fn table(rows: &[Value], cols: &[&str]) -> String {
     out
 }
 
-/// Renders `v`, the result of `method`.
+/// The results shown as a table: the method, the path to its rows, the columns.
+const TABLES: &[(&str, &[&str], &[&str])] = &[
+    (
+        "DescribeDisks",
+        &["Disks", "Disk"],
+        &[
+            "DiskId",
+            "RegionId",
+            "Size",
+            "Category",
+            "Type",
+            "Encrypted",
+            "Status",
+            "InstanceId",
+            "SourceSnapshotId",
+            "MultiAttach",
+        ],
+    ),
+    (
+        "DescribeSnapshots",
+        &["Snapshots", "Snapshot"],
+        &[
+            "SnapshotId",
+            "RegionId",
+            "SourceDiskId",
+            "SizeBytes",
+            "Encrypted",
+            "CreationTime",
+        ],
+    ),
+    (
+        "DescribeImages",
+        &["Images", "Image"],
+        &[
+            "ImageId",
+            "RegionId",
+            "ImageOwnerAlias",
+            "SizeBytes",
+            "Encrypted",
+            "SourceSnapshotId",
+            "SharedWith",
+        ],
+    ),
+    (
+        "DescribeInstances",
+        &["Instances", "Instance"],
+        &["InstanceId", "RegionId", "InstanceName", "SystemDiskId", "DataDiskIds"],
+    ),
+    (
+        "DescribeKmsUsage",
+        &["Regions"],
+        &[
+            "RegionId",
+            "Activated",
+            "Calls",
+            "Throttled",
+            "Available",
+            "DataKeys",
+            "EncryptedDisks",
+        ],
+    ),
+    (
+        "DescribeTasks",
+        &["TaskSet", "Task"],
+        &[
+            "TaskId",
+            "TaskAction",
+            "TaskStatus",
+            "ResourceId",
+            "BytesDone",
+            "BytesTotal",
+            "RateBytesPerSec",
+        ],
+    ),
+    (
+        "DescribeDiskMonitorData",
+        &["MonitorData", "DiskMonitorData"],
+        &[
+            "TimeStamp",
+            "IOPSRead",
+            "IOPSWrite",
+            "BPSRead",
+            "BPSWrite",
+            "LatencyRead",
+            "LatencyWrite",
+            "LatencyReadP99",
+            "LatencyWriteP99",
+            "Errors",
+        ],
+    ),
+    (
+        "DescribeReactors",
+        &["Reactors"],
+        &[
+            "ReactorId",
+            "Core",
+            "BusyPercent",
+            "Ios",
+            "Bytes",
+            "QueueFull",
+            "SlowParks",
+        ],
+    ),
+];
+
+/// Renders `v`, the result of `method`: a table for the methods in [`TABLES`]
+/// (when the rows are there), else its fields, one per line.
 pub(super) fn human(method: &str, v: &Value) -> String {
-    let list = |outer: &str, inner: &str| v.get(outer).and_then(|o| o.get(inner)).and_then(Value::as_array);
-    let t = match method {
-        "DescribeDisks" => list("Disks", "Disk").map(|r| {
-            table(
-                r,
-                &[
-                    "DiskId",
-                    "RegionId",
-                    "Size",
-                    "Category",
-                    "Type",
-                    "Encrypted",
-                    "Status",
-                    "InstanceId",
-                    "SourceSnapshotId",
-                    "MultiAttach",
-                ],
-            )
-        }),
-        "DescribeSnapshots" => list("Snapshots", "Snapshot").map(|r| {
-            table(
-                r,
-                &[
-                    "SnapshotId",
-                    "RegionId",
-                    "SourceDiskId",
-                    "SizeBytes",
-                    "Encrypted",
-                    "CreationTime",
-                ],
-            )
-        }),
-        "DescribeImages" => list("Images", "Image").map(|r| {
-            table(
-                r,
-                &[
-                    "ImageId",
-                    "RegionId",
-                    "ImageOwnerAlias",
-                    "SizeBytes",
-                    "Encrypted",
-                    "SourceSnapshotId",
-                    "SharedWith",
-                ],
-            )
-        }),
-        "DescribeInstances" => list("Instances", "Instance").map(|r| {
-            table(
-                r,
-                &["InstanceId", "RegionId", "InstanceName", "SystemDiskId", "DataDiskIds"],
-            )
-        }),
-        "DescribeKmsUsage" => v.get("Regions").and_then(Value::as_array).map(|r| {
-            table(
-                r,
-                &[
-                    "RegionId",
-                    "Activated",
-                    "Calls",
-                    "Throttled",
-                    "Available",
-                    "DataKeys",
-                    "EncryptedDisks",
-                ],
-            )
-        }),
-        "DescribeTasks" => v["TaskSet"]["Task"].as_array().map(|r| {
-            table(
-                r,
-                &[
-                    "TaskId",
-                    "TaskAction",
-                    "TaskStatus",
-                    "ResourceId",
-                    "BytesDone",
-                    "BytesTotal",
-                    "RateBytesPerSec",
-                ],
-            )
-        }),
-        "DescribeDiskMonitorData" => list("MonitorData", "DiskMonitorData").map(|r| {
-            table(
-                r,
-                &[
-                    "TimeStamp",
-                    "IOPSRead",
-                    "IOPSWrite",
-                    "BPSRead",
-                    "BPSWrite",
-                    "LatencyRead",
-                    "LatencyWrite",
-                    "LatencyReadP99",
-                    "LatencyWriteP99",
-                    "Errors",
-                ],
-            )
-        }),
-        "DescribeReactors" => v.get("Reactors").and_then(Value::as_array).map(|r| {
-            table(
-                r,
-                &[
-                    "ReactorId",
-                    "Core",
-                    "BusyPercent",
-                    "Ios",
-                    "Bytes",
-                    "QueueFull",
-                    "SlowParks",
-                ],
-            )
-        }),
-        _ => None,
-    };
-    if let Some(t) = t {
-        return t;
-    }
+    let rows = TABLES
+        .iter()
+        .find(|(m, _, _)| *m == method)
+        .and_then(|(_, path, cols)| {
+            let rows = path.iter().try_fold(v, |v, k| v.get(*k))?.as_array()?;
+            Some(table(rows, cols))
+        });
+    rows.unwrap_or_else(|| fields(v))
+}
+
+/// `key: value` per line (of `KeyMetadata` if there is one), without `RequestId`.
+fn fields(v: &Value) -> String {
     let mut out = String::new();
     let obj = v.get("KeyMetadata").unwrap_or(v);
     if let Some(m) = obj.as_object() {
@@ -177,4 +179,54 @@ pub(super) fn human(method: &str, v: &Value) -> String {
         out.push_str(&format!("{v}\n"));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn listed_results_are_tables_and_the_rest_fields() {
+        let v = json!({
+            "RequestId": "r-1",
+            "TaskSet": {"Task": [{"TaskId": "t-1", "TaskAction": "MigrateDisk", "TaskStatus": "Finished",
+                                  "ResourceId": "d-1", "BytesDone": 5, "BytesTotal": 5, "RateBytesPerSec": 0}]},
+        });
+        let out = human("DescribeTasks", &v);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 2, "{out}");
+        let head: Vec<&str> = lines[0].split_whitespace().collect();
+        assert_eq!(
+            head,
+            [
+                "TaskId",
+                "TaskAction",
+                "TaskStatus",
+                "ResourceId",
+                "BytesDone",
+                "BytesTotal",
+                "RateBytesPerSec"
+            ]
+        );
+        assert!(lines[1].starts_with("t-1  "), "{out}");
+        assert!(lines[1].contains("MigrateDisk"), "{out}");
+        // A method without a table, and one whose rows are missing: one field a line,
+        // without RequestId; a KMS key's metadata unwrapped.
+        assert_eq!(
+            human("CreateDisk", &json!({"DiskId": "d-1", "RequestId": "r"})),
+            "DiskId: d-1\n"
+        );
+        assert_eq!(
+            human("DescribeDisks", &json!({"RequestId": "r", "TotalCount": 0})),
+            "TotalCount: 0\n"
+        );
+        assert_eq!(
+            human(
+                "DescribeKey",
+                &json!({"KeyMetadata": {"KeyId": "k-1"}, "RequestId": "r"})
+            ),
+            "KeyId: k-1\n"
+        );
+    }
 }

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::job::{read_ops, run_job, JobError, Op};
-use super::params::{check_text, MAX_SIZE_GIB};
+use super::params::{check_text, size_from_source};
 use super::{same_region, Control, ControlError, Params, ENCRYPTION_SECTOR};
 use crate::bdev::crypto::{CryptoBdev, BOUNCE_CHUNK};
 use crate::bdev::{BdevRef, IoError};
@@ -64,21 +64,28 @@ enum Source {
 /// Everything the background part of a copy needs.
 struct CopyJob {
     source: Source,
+    /// The new disk's data key (dropped once the copy is written).
+    xts: Arc<crate::crypto::Xts>,
+    src_size: u64,
+    src_rounded: u64,
+    reactors: Arc<Reactors>,
+    disk: NewDisk,
+}
+
+/// The disk a copy makes, recorded in step 5.
+struct NewDisk {
+    /// The temporary clone of a source disk.
     tmp: Option<String>,
     disk_id: String,
     key_id: String,
     wrapped: crate::kms::WrappedKey,
     ctx: KeyContext,
-    xts: Arc<crate::crypto::Xts>,
     new_size: u64,
-    src_size: u64,
-    src_rounded: u64,
     category: Category,
     name: String,
     description: String,
     account: String,
     region: String,
-    reactors: Arc<Reactors>,
 }
 
 /// What the copy did.
@@ -101,77 +108,16 @@ impl Control {
         p.finish()?;
         check_text("DiskName", &name)?;
         check_text("Description", &description)?;
-        let category = match category {
-            None => None,
-            Some(s) => match super::disks::parse_category(&s, "DiskCategory")? {
-                (c, None) => Some(c),
-                (_, Some(kind)) => {
-                    return Err(ControlError::limit(
-                        "InvalidOperation.EncryptedLocalDisk",
-                        format!(
-                            "{s} is a {} disk and cannot be encrypted; copy into a cloud disk (basic, ultra, ssd)",
-                            kind.as_str()
-                        ),
-                    ))
-                }
-            },
-        };
+        let category = super::disks::parse_cloud_category(
+            category.as_deref(),
+            "InvalidOperation.EncryptedLocalDisk",
+            " and cannot be encrypted; copy into a cloud disk (basic, ultra, ssd)",
+        )?;
 
-        // 1. Checks. The write transaction only reads here and is dropped before any I/O
-        //    (the pool's metadata thread needs the writer).
-        let txn = self.begin()?;
-        let (source, src_size, default_category) =
-            match (src_disk, src_path) {
-                (Some(_), Some(_)) => return Err(ControlError::param(
-                    "InvalidParameter.SourceDiskId",
-                    "give SourceDiskId (a plaintext disk) or SourcePath (a raw image file or block device), not both",
-                )),
-                (None, None) => {
-                    return Err(ControlError::param(
-                        "MissingParameter.SourceDiskId",
-                        "SourceDiskId (a plaintext disk) or SourcePath (a raw image file or block device on the host) \
-                     is required",
-                    ))
-                }
-                (Some(id), None) => {
-                    let d = self.find_disk(&txn, &id, &account)?;
-                    same_region(Some(&region), &d.region, "InvalidDiskId.NotFound", &id)?;
-                    if d.encryption.is_some() {
-                        return Err(ControlError::limit(
-                            "InvalidOperation.SourceEncrypted",
-                            format!(
-                                "disk {id} is already encrypted; CreateEncryptedCopy encrypts plaintext data. For \
-                             another disk with the same data, use CreateSnapshot and CreateDisk SnapshotId=..."
-                            ),
-                        ));
-                    }
-                    let (size, cat) = (d.size, d.category);
-                    let tmp = super::util::new_id("cptmp");
-                    (Source::Disk { rec: Box::new(d), tmp }, size, cat)
-                }
-                (None, Some(path)) => {
-                    let (path, file, size) = self.open_source_path(&path)?;
-                    (Source::File { path, file }, size, Category::Ssd)
-                }
-            };
-        drop(txn);
+        // 1. Checks.
+        let (source, src_size, default_category) = self.copy_source(src_disk, src_path, &account, &region)?;
         let src_rounded = src_size.div_ceil(BLOCK) * BLOCK;
-        let new_size = match size {
-            Some(s) if s < src_size => {
-                return Err(ControlError::param(
-                    "InvalidParameter.Size",
-                    format!("size {s} bytes is smaller than the source ({src_size} bytes); give at least that"),
-                ))
-            }
-            Some(s) => s,
-            None => src_rounded,
-        };
-        if new_size > MAX_SIZE_GIB << 30 {
-            return Err(ControlError::param(
-                "InvalidParameter.Size",
-                format!("the source is {src_size} bytes, more than the largest disk ({MAX_SIZE_GIB} GiB)"),
-            ));
-        }
+        let new_size = size_from_source(size, src_size, src_rounded)?;
         let category = category.unwrap_or(default_category);
         let reactors = self.reactors.clone().ok_or_else(|| {
             ControlError::DataPath("CreateEncryptedCopy needs the reactors (run it through the daemon)".into())
@@ -200,53 +146,121 @@ impl Control {
             Source::Disk { tmp, .. } => Some(tmp.clone()),
             Source::File { .. } => None,
         };
-        let made = (|| {
-            let txn = self.begin()?;
-            self.pool.create_volume(&txn, &disk_id, new_size)?;
-            if let (Source::Disk { rec, .. }, Some(t)) = (&source, &tmp) {
-                self.pool.clone_volume(&txn, &rec.id, t, rec.size)?;
-            }
-            txn.commit()?;
-            Ok::<(), ControlError>(())
-        })();
-        if let Err(e) = made {
+        if let Err(e) = self.create_copy_volumes(&source, tmp.as_deref(), &disk_id, new_size) {
             let _ = self.kms.audit_crypto_shred(&ctx, Some(&disk_id));
             return Err(e);
         }
 
         // 4. and 5.: a background task.
-        let total = match &source {
+        let job = CopyJob {
+            source,
+            xts,
+            src_size,
+            src_rounded,
+            reactors,
+            disk: NewDisk {
+                tmp,
+                disk_id,
+                key_id,
+                wrapped,
+                ctx,
+                new_size,
+                category,
+                name,
+                description,
+                account,
+                region,
+            },
+        };
+        self.spawn_copy(job)
+    }
+
+    /// Step 1 for the source: exactly one of `SourceDiskId` (a plaintext disk of the
+    /// account in the region) and `SourcePath`. Returns the source, its size and the
+    /// category the copy gets by default. The write transaction only reads here and is
+    /// dropped before any I/O (the pool's metadata thread needs the writer).
+    fn copy_source(
+        &self,
+        src_disk: Option<String>,
+        src_path: Option<String>,
+        account: &str,
+        region: &str,
+    ) -> Result<(Source, u64, Category), ControlError> {
+        let txn = self.begin()?;
+        match (src_disk, src_path) {
+            (Some(_), Some(_)) => Err(ControlError::param(
+                "InvalidParameter.SourceDiskId",
+                "give SourceDiskId (a plaintext disk) or SourcePath (a raw image file or block device), not both",
+            )),
+            (None, None) => Err(ControlError::param(
+                "MissingParameter.SourceDiskId",
+                "SourceDiskId (a plaintext disk) or SourcePath (a raw image file or block device on the host) \
+                     is required",
+            )),
+            (Some(id), None) => {
+                let d = self.find_disk(&txn, &id, account)?;
+                same_region(Some(region), &d.region, "InvalidDiskId.NotFound", &id)?;
+                if d.encryption.is_some() {
+                    return Err(ControlError::limit(
+                        "InvalidOperation.SourceEncrypted",
+                        format!(
+                            "disk {id} is already encrypted; CreateEncryptedCopy encrypts plaintext data. For \
+                             another disk with the same data, use CreateSnapshot and CreateDisk SnapshotId=..."
+                        ),
+                    ));
+                }
+                let (size, cat) = (d.size, d.category);
+                let tmp = super::util::new_id("cptmp");
+                Ok((Source::Disk { rec: Box::new(d), tmp }, size, cat))
+            }
+            (None, Some(path)) => {
+                let (path, file, size) = self.open_source_path(&path)?;
+                Ok((Source::File { path, file }, size, Category::Ssd))
+            }
+        }
+    }
+
+    /// Step 3: one transaction creates the new volume and, for a source disk, its
+    /// temporary clone `tmp`.
+    fn create_copy_volumes(
+        &self,
+        source: &Source,
+        tmp: Option<&str>,
+        disk_id: &str,
+        new_size: u64,
+    ) -> Result<(), ControlError> {
+        let txn = self.begin()?;
+        self.pool.create_volume(&txn, disk_id, new_size)?;
+        if let (Source::Disk { rec, .. }, Some(t)) = (source, tmp) {
+            self.pool.clone_volume(&txn, &rec.id, t, rec.size)?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Steps 4 and 5 as a background task; the reply names it. If the task cannot
+    /// start, what step 3 made is removed and the key dropped (audited).
+    fn spawn_copy(&self, job: CopyJob) -> Result<Value, ControlError> {
+        let total = match &job.source {
             Source::Disk { tmp, .. } => self
                 .pool
                 .allocated_ranges(tmp, BATCH)
                 .map(|v| v.iter().map(|r| r.1).sum())
-                .unwrap_or(src_rounded),
-            Source::File { .. } => src_rounded,
+                .unwrap_or(job.src_rounded),
+            Source::File { .. } => job.src_rounded,
         };
-        let (source_id, mode) = match &source {
+        let (source_id, mode) = match &job.source {
             Source::Disk { rec, .. } => (rec.id.clone(), "snapshot"),
             Source::File { path, .. } => (path.display().to_string(), "file"),
         };
-        let job = CopyJob {
-            source,
-            tmp,
-            disk_id: disk_id.clone(),
-            key_id,
-            wrapped,
-            ctx,
-            xts,
-            new_size,
-            src_size,
-            src_rounded,
-            category,
-            name,
-            description,
-            account: account.clone(),
-            region,
-            reactors,
-        };
-        let cleanup_tmp = job.tmp.clone();
-        let cleanup_ctx = job.ctx.clone();
+        let (disk_id, account, new_size, src_size) = (
+            job.disk.disk_id.clone(),
+            job.disk.account.clone(),
+            job.disk.new_size,
+            job.src_size,
+        );
+        let cleanup_tmp = job.disk.tmp.clone();
+        let cleanup_ctx = job.disk.ctx.clone();
         // The copy never starts: remove what step 3 made and drop the key (audited).
         let abandon = |e: ControlError| {
             self.discard_copy(&disk_id, cleanup_tmp.as_deref());
@@ -284,114 +298,125 @@ impl Control {
     ) -> Result<Value, ControlError> {
         let CopyJob {
             source,
-            tmp,
-            disk_id,
-            key_id,
-            wrapped,
-            ctx,
             xts,
-            new_size,
             src_size,
             src_rounded,
-            category,
-            name,
-            description,
-            account,
-            region,
             reactors,
+            disk,
         } = job;
-        let finished = (|| {
-            let dst: BdevRef = Arc::new(
-                CryptoBdev::new(self.pool.bdev(&disk_id)?, xts, ENCRYPTION_SECTOR)
-                    .map_err(|e| ControlError::DataPath(e.to_string()))?,
-            );
-            let stats = match &source {
-                Source::Disk { tmp, .. } => {
-                    let src = self.pool.bdev(tmp)?;
-                    let ranges = self.pool.allocated_ranges(tmp, BATCH)?;
-                    let ranges: Vec<(u64, u64)> = ranges
-                        .into_iter()
-                        .filter(|r| r.0 < src_rounded)
-                        .map(|(o, n)| (o, n.min(src_rounded - o)))
-                        .collect();
-                    copy(&reactors, &dst, &ranges, task, |off, len| {
-                        run_job(&reactors, &src, read_ops(off, len), vec![0; len as usize])
-                            .map_err(|e| io_error(e, "reading the source disk"))
-                    })?
-                }
-                Source::File { path, file } => {
-                    let ranges: Vec<(u64, u64)> = (0..src_rounded)
-                        .step_by(BATCH as usize)
-                        .map(|o| (o, BATCH.min(src_rounded - o)))
-                        .collect();
-                    copy(&reactors, &dst, &ranges, task, |off, len| {
-                        read_file(file, off, len)
-                            .map_err(|e| ControlError::DataPath(format!("{}: {e}", path.display())))
-                    })?
-                }
-            };
-            drop(dst);
-            let txn = self.begin()?;
-            if let Some(t) = &tmp {
-                self.wait_closed(t);
-                self.pool.delete_volume(&txn, t)?;
-            }
-            let enc = Encryption {
-                key_id: key_id.clone(),
-                cmk_id: wrapped.cmk_id.clone(),
-            };
-            catalog::put(
-                &txn,
-                &KeyRecord {
-                    key_id: key_id.clone(),
-                    account: account.clone(),
-                    region: region.clone(),
-                    wrapped: wrapped.clone(),
-                    refs: 0,
-                    origin_disk: disk_id.clone(),
-                    created_at: super::util::now_rfc3339(),
-                },
-            )?;
-            self.key_ref(&txn, &enc)?;
-            let rec = DiskRecord {
-                id: disk_id.clone(),
-                account: account.clone(),
-                region: region.clone(),
-                name: name.clone(),
-                description: description.clone(),
-                size: new_size,
-                category,
-                kind: DiskKind::Cloud,
-                role: DiskRole::Data,
-                encryption: Some(enc),
-                source_snapshot: None,
-                source_image: None,
-                multi_attach: false,
-                qos: self.cfg.qos.caps(category, new_size),
-                created_at: super::util::now_rfc3339(),
-            };
-            catalog::put(&txn, &rec)?;
-            txn.commit()?;
-            Ok::<CopyStats, ControlError>(stats)
-        })();
+        let finished = self
+            .copy_into(task, &reactors, &source, &disk.disk_id, xts, src_rounded)
+            .and_then(|stats| {
+                self.record_copy(&disk)?;
+                Ok(stats)
+            });
         let stats = match finished {
             Ok(s) => s,
             Err(e) => {
-                self.discard_copy(&disk_id, tmp.as_deref());
-                let _ = self.kms.audit_crypto_shred(&ctx, Some(&disk_id));
+                self.discard_copy(&disk.disk_id, disk.tmp.as_deref());
+                let _ = self.kms.audit_crypto_shred(&disk.ctx, Some(&disk.disk_id));
                 return Err(e);
             }
         };
         Ok(json!({
-            "DiskId": disk_id,
+            "DiskId": disk.disk_id,
             "Encrypted": true,
-            "SizeBytes": new_size,
+            "SizeBytes": disk.new_size,
             "Source": source_id,
             "SourceSizeBytes": src_size,
             "CopyMode": mode,
             "BytesCopied": stats.copied,
             "BytesSkipped": src_rounded - stats.copied,
         }))
+    }
+
+    /// Step 4: the first `src_rounded` bytes of `source` (only the allocated
+    /// clusters of a disk's clone) written through volume `disk_id` and the crypto
+    /// layer of key `xts`. The key is dropped with the layer when this returns.
+    fn copy_into(
+        &self,
+        task: &super::tasks::Task,
+        reactors: &Reactors,
+        source: &Source,
+        disk_id: &str,
+        xts: Arc<crate::crypto::Xts>,
+        src_rounded: u64,
+    ) -> Result<CopyStats, ControlError> {
+        let dst: BdevRef = Arc::new(
+            CryptoBdev::new(self.pool.bdev(disk_id)?, xts, ENCRYPTION_SECTOR)
+                .map_err(|e| ControlError::DataPath(e.to_string()))?,
+        );
+        match source {
+            Source::Disk { tmp, .. } => {
+                let src = self.pool.bdev(tmp)?;
+                let ranges = self.pool.allocated_ranges(tmp, BATCH)?;
+                let ranges: Vec<(u64, u64)> = ranges
+                    .into_iter()
+                    .filter(|r| r.0 < src_rounded)
+                    .map(|(o, n)| (o, n.min(src_rounded - o)))
+                    .collect();
+                copy(reactors, &dst, &ranges, task, |off, len| {
+                    run_job(reactors, &src, read_ops(off, len), vec![0; len as usize])
+                        .map_err(|e| io_error(e, "reading the source disk"))
+                })
+            }
+            Source::File { path, file } => {
+                let ranges: Vec<(u64, u64)> = (0..src_rounded)
+                    .step_by(BATCH as usize)
+                    .map(|o| (o, BATCH.min(src_rounded - o)))
+                    .collect();
+                copy(reactors, &dst, &ranges, task, |off, len| {
+                    read_file(file, off, len).map_err(|e| ControlError::DataPath(format!("{}: {e}", path.display())))
+                })
+            }
+        }
+    }
+
+    /// Step 5: one transaction deletes the temporary clone and records the wrapped
+    /// key and the disk row.
+    fn record_copy(&self, disk: &NewDisk) -> Result<(), ControlError> {
+        let txn = self.begin()?;
+        if let Some(t) = &disk.tmp {
+            self.wait_closed(t);
+            self.pool.delete_volume(&txn, t)?;
+        }
+        let enc = Encryption {
+            key_id: disk.key_id.clone(),
+            cmk_id: disk.wrapped.cmk_id.clone(),
+        };
+        catalog::put(
+            &txn,
+            &KeyRecord {
+                key_id: disk.key_id.clone(),
+                account: disk.account.clone(),
+                region: disk.region.clone(),
+                wrapped: disk.wrapped.clone(),
+                refs: 0,
+                origin_disk: disk.disk_id.clone(),
+                created_at: super::util::now_rfc3339(),
+            },
+        )?;
+        self.key_ref(&txn, &enc)?;
+        let rec = DiskRecord {
+            id: disk.disk_id.clone(),
+            account: disk.account.clone(),
+            region: disk.region.clone(),
+            name: disk.name.clone(),
+            description: disk.description.clone(),
+            size: disk.new_size,
+            category: disk.category,
+            kind: DiskKind::Cloud,
+            role: DiskRole::Data,
+            encryption: Some(enc),
+            source_snapshot: None,
+            source_image: None,
+            multi_attach: false,
+            qos: self.cfg.qos.caps(disk.category, disk.new_size),
+            created_at: super::util::now_rfc3339(),
+        };
+        catalog::put(&txn, &rec)?;
+        txn.commit()?;
+        Ok(())
     }
 
     /// Checks and opens `SourcePath`: only beneath the import directory (`serve

@@ -4,13 +4,57 @@
 
 use serde_json::{json, Value};
 
-use super::disks::{parse_spec, KeyPlan};
+use super::disks::{parse_spec, DiskSpec, KeyPlan};
 use super::params::check_text;
 use super::{view, Control, ControlError, Params};
 use crate::catalog::{self, AttachmentRecord, DiskRecord, DiskRole, InstanceRecord};
 
 /// ECS's limit on data disks per instance at creation.
 const MAX_DATA_DISKS: usize = 16;
+
+/// CreateInstance's `SystemDisk.*` and `DataDisk.n.*` (the rest of `p` must be read
+/// already: this finishes it): the system disk's spec (from `image_id`, else blank,
+/// 20 GiB by default) and the data disks'.
+fn instance_disk_specs(
+    mut p: Params,
+    account: &str,
+    region: &str,
+    image_id: &Option<String>,
+) -> Result<(DiskSpec, Vec<DiskSpec>), ControlError> {
+    let mut sys = p.group("SystemDisk")?;
+    let mut sys_spec = parse_spec(&mut sys, account, region, "Category", Some(DiskRole::System))?;
+    sys.finish()?;
+    if sys_spec.snapshot_id.is_some() {
+        return Err(ControlError::param(
+            "InvalidParameter.SystemDiskSnapshotId",
+            "SystemDisk.SnapshotId: a system disk comes from ImageId (create an image from the snapshot)",
+        ));
+    }
+    sys_spec.image_id = image_id.clone();
+    let mut data_specs = Vec::new();
+    for mut g in p.indexed("DataDisk")? {
+        data_specs.push(parse_spec(&mut g, account, region, "Category", Some(DiskRole::Data))?);
+        g.finish()?;
+    }
+    p.finish()?;
+    if data_specs.len() > MAX_DATA_DISKS {
+        return Err(ControlError::param(
+            "InvalidParameter.DataDiskCount",
+            format!("at most {MAX_DATA_DISKS} data disks per instance"),
+        ));
+    }
+    if sys_spec.encrypted == Some(true) {
+        return Err(ControlError::limit(
+            "InvalidOperation.EncryptedSystemDisk",
+            "system disks cannot be encrypted; drop SystemDisk.Encrypted and encrypt data disks \
+             (DataDisk.n.Encrypted=true)",
+        ));
+    }
+    if sys_spec.size.is_none() && image_id.is_none() {
+        sys_spec.size = Some(20 << 30);
+    }
+    Ok((sys_spec, data_specs))
+}
 
 impl Control {
     pub(super) fn create_instance(&self, mut p: Params) -> Result<Value, ControlError> {
@@ -21,38 +65,7 @@ impl Control {
         check_text("InstanceName", &name)?;
         let image_id = p.opt_str("ImageId")?;
         let _ty = p.opt_str("InstanceType")?;
-        let mut sys = p.group("SystemDisk")?;
-        let mut sys_spec = parse_spec(&mut sys, &account, &region, "Category", Some(DiskRole::System))?;
-        sys.finish()?;
-        if sys_spec.snapshot_id.is_some() {
-            return Err(ControlError::param(
-                "InvalidParameter.SystemDiskSnapshotId",
-                "SystemDisk.SnapshotId: a system disk comes from ImageId (create an image from the snapshot)",
-            ));
-        }
-        sys_spec.image_id = image_id.clone();
-        let mut data_specs = Vec::new();
-        for mut g in p.indexed("DataDisk")? {
-            data_specs.push(parse_spec(&mut g, &account, &region, "Category", Some(DiskRole::Data))?);
-            g.finish()?;
-        }
-        p.finish()?;
-        if data_specs.len() > MAX_DATA_DISKS {
-            return Err(ControlError::param(
-                "InvalidParameter.DataDiskCount",
-                format!("at most {MAX_DATA_DISKS} data disks per instance"),
-            ));
-        }
-        if sys_spec.encrypted == Some(true) {
-            return Err(ControlError::limit(
-                "InvalidOperation.EncryptedSystemDisk",
-                "system disks cannot be encrypted; drop SystemDisk.Encrypted and encrypt data disks \
-                 (DataDisk.n.Encrypted=true)",
-            ));
-        }
-        if sys_spec.size.is_none() && image_id.is_none() {
-            sys_spec.size = Some(20 << 30);
-        }
+        let (sys_spec, data_specs) = instance_disk_specs(p, &account, &region, &image_id)?;
 
         let (sys_plan, plans) = self.peek(|txn| {
             let sys_plan = self.plan_disk(txn, sys_spec.clone())?;
@@ -122,18 +135,7 @@ impl Control {
         txn.commit()?;
         // Volumes exist now: put every disk on the data path with the keys at hand.
         let data_ids: Vec<String> = disks.iter().skip(1).map(|(d, _)| d.id.clone()).collect();
-        let mut failed = Vec::new();
-        for (d, keys) in disks {
-            match self
-                .build_export(&d, keys.key, None)
-                .and_then(|e| self.exports.add(e).map_err(|e| ControlError::DataPath(e.to_string())))
-            {
-                Ok(()) => {
-                    self.instance_add(&instance_id, &d.id);
-                }
-                Err(e) => failed.push(json!({ "DiskId": d.id, "Code": e.code(), "Message": e.to_string() })),
-            }
-        }
+        let failed = self.export_instance_disks(&instance_id, disks);
         // The instance's socket serves them (and exists) before the reply.
         self.exports.instances().get_or_create(&instance_id);
         self.exports.instances().wait_bound(std::time::Duration::from_secs(1));
@@ -144,6 +146,24 @@ impl Control {
             "DataDiskIds": data_ids,
             "ExportFailures": failed,
         }))
+    }
+
+    /// Puts an instance's new disks on the data path with their keys; the failures, as
+    /// the reply lists them.
+    fn export_instance_disks(&self, instance_id: &str, disks: Vec<(DiskRecord, KeyPlan)>) -> Vec<Value> {
+        let mut failed = Vec::new();
+        for (d, keys) in disks {
+            match self
+                .build_export(&d, keys.key, None)
+                .and_then(|e| self.exports.add(e).map_err(|e| ControlError::DataPath(e.to_string())))
+            {
+                Ok(()) => {
+                    self.instance_add(instance_id, &d.id);
+                }
+                Err(e) => failed.push(json!({ "DiskId": d.id, "Code": e.code(), "Message": e.to_string() })),
+            }
+        }
+        failed
     }
 
     pub(super) fn describe_instances(&self, mut p: Params) -> Result<Value, ControlError> {

@@ -27,21 +27,21 @@ const DEFAULT_PORT: u16 = 10809;
 
 /// Where an NBD export is.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NbdAddr {
+pub(crate) enum NbdAddr {
     Unix(PathBuf),
     Tcp { host: String, port: u16 },
 }
 
 /// A parsed NBD URI.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NbdUri {
+pub(crate) struct NbdUri {
     pub addr: NbdAddr,
     pub export: String,
 }
 
 /// Why talking to an NBD server failed.
 #[derive(Debug)]
-pub enum NbdError {
+pub(crate) enum NbdError {
     /// The URI is not one this client reads.
     BadUri(String),
     /// No connection (refused, no such socket, timeout).
@@ -115,7 +115,7 @@ fn percent_decode(s: &str) -> Result<String, NbdError> {
 
 /// Parses `nbd+unix:///EXPORT?socket=PATH` and `nbd://HOST[:PORT]/EXPORT` (IPv6 hosts in
 /// brackets). TLS (`nbds://`) and other query parameters are refused.
-pub fn parse_uri(s: &str) -> Result<NbdUri, NbdError> {
+pub(crate) fn parse_uri(s: &str) -> Result<NbdUri, NbdError> {
     let bad = |why: &str| NbdError::BadUri(format!("NBD URI {s:?}: {why}"));
     if let Some(rest) = s.strip_prefix("nbd+unix://") {
         let rest = rest
@@ -196,7 +196,7 @@ impl Write for Stream {
 }
 
 /// One connection in transmission phase.
-pub struct NbdClient {
+pub(crate) struct NbdClient {
     s: Stream,
     size: u64,
     structured: bool,
@@ -222,7 +222,7 @@ fn be64(b: &[u8]) -> u64 {
 
 impl NbdClient {
     /// Connects and negotiates `uri`'s export.
-    pub fn connect(uri: &NbdUri) -> Result<NbdClient, NbdError> {
+    pub(crate) fn connect(uri: &NbdUri) -> Result<NbdClient, NbdError> {
         NbdClient::connect_within(uri, GREETING_TIMEOUT)
     }
 
@@ -303,7 +303,7 @@ impl NbdClient {
 
     /// Another connection to the same export (for reads in parallel); it must have the
     /// same size.
-    pub fn reconnect(&self) -> Result<NbdClient, NbdError> {
+    pub(crate) fn reconnect(&self) -> Result<NbdClient, NbdError> {
         let uri = self
             .uri
             .as_ref()
@@ -319,13 +319,13 @@ impl NbdClient {
     }
 
     /// Export size in bytes.
-    pub fn size(&self) -> u64 {
+    pub(crate) fn size(&self) -> u64 {
         self.size
     }
 
     /// Whether the server answers `base:allocation` block status.
     #[cfg(test)]
-    pub fn has_block_status(&self) -> bool {
+    pub(crate) fn has_block_status(&self) -> bool {
         self.alloc_ctx.is_some()
     }
 
@@ -460,7 +460,7 @@ impl NbdClient {
 
     /// Reads `buf.len()` bytes at `offset` (within the export), up to [`IN_FLIGHT`]
     /// requests on the wire at once.
-    pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), NbdError> {
+    pub(crate) fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), NbdError> {
         if offset + buf.len() as u64 > self.size {
             return Err(NbdError::Protocol(format!(
                 "read of {} bytes at {offset} past the export's end ({})",
@@ -595,7 +595,7 @@ impl NbdClient {
     /// Which parts of `offset..offset+len` may hold data: `(offset, len)` ranges, in
     /// order; the rest reads as zeros (`NBD_STATE_ZERO`). Without `base:allocation`,
     /// the whole range.
-    pub fn data_extents(&mut self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>, NbdError> {
+    pub(crate) fn data_extents(&mut self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>, NbdError> {
         let end = (offset + len).min(self.size);
         let Some(ctx) = self.alloc_ctx else {
             return Ok(if end > offset {

@@ -14,6 +14,31 @@ use super::error::ControlError;
 
 /// Largest ECS disk size in GiB.
 pub(crate) const MAX_SIZE_GIB: u64 = 32768;
+
+/// The size of a new disk made from a source of `src_size` bytes (CreateEncryptedCopy,
+/// MigrateDisk): `Size` if given (at least the source's), else the source rounded up
+/// (`src_rounded`); at most the largest disk.
+pub(super) fn size_from_source(size: Option<u64>, src_size: u64, src_rounded: u64) -> Result<u64, ControlError> {
+    match size {
+        Some(s) if s < src_size => Err(ControlError::param(
+            "InvalidParameter.Size",
+            format!("size {s} bytes is smaller than the source ({src_size} bytes); give at least that"),
+        )),
+        Some(s) => size_limit(s, src_size),
+        None => size_limit(src_rounded, src_size),
+    }
+}
+
+/// `new_size` if a disk may have it (a source of `src_size` bytes is copied into it).
+pub(super) fn size_limit(new_size: u64, src_size: u64) -> Result<u64, ControlError> {
+    if new_size > MAX_SIZE_GIB << 30 {
+        return Err(ControlError::param(
+            "InvalidParameter.Size",
+            format!("the source is {src_size} bytes, more than the largest disk ({MAX_SIZE_GIB} GiB)"),
+        ));
+    }
+    Ok(new_size)
+}
 /// Size granularity of `SizeBytes`.
 pub(crate) const SIZE_ALIGN: u64 = 4096;
 

@@ -86,7 +86,7 @@ impl RateLimit {
 
     /// Events suppressed since this limit was made.
     #[cfg(test)]
-    pub fn suppressed_total(&self) -> u64 {
+    pub(crate) fn suppressed_total(&self) -> u64 {
         self.suppressed_total.load(Relaxed)
     }
 }

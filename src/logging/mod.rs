@@ -159,9 +159,20 @@ pub(crate) fn caller_field(c: Option<crate::kms::Caller>) -> String {
 /// window, each carrying `suppressed` = how many events the limit dropped since the
 /// last line it let through.
 ///
-/// `log_limited!(LIMIT, warn, disk = %id, "message {}", x)`
+/// `log_limited!(LIMIT, warn, disk = %id, "message {}", x)`; the level may depend on
+/// the event (one line, two levels):
+/// `log_limited!(LIMIT, if failed => warn else info, disk = %id, "message")`.
 #[macro_export]
 macro_rules! log_limited {
+    ($limit:expr, if $cond:expr => $level:ident else $otherwise:ident, $($rest:tt)+) => {
+        if let Some(suppressed) = $limit.allow() {
+            if $cond {
+                ::tracing::$level!(suppressed, $($rest)+);
+            } else {
+                ::tracing::$otherwise!(suppressed, $($rest)+);
+            }
+        }
+    };
     ($limit:expr, $level:ident, $($rest:tt)+) => {
         if let Some(suppressed) = $limit.allow() {
             ::tracing::$level!(suppressed, $($rest)+);

@@ -26,11 +26,12 @@ use std::time::{Duration, Instant};
 use crossbeam_queue::ArrayQueue;
 use io_uring::{opcode, types};
 
-pub use stats::{IoCount, IoSource, ReactorStats, StatsSnapshot};
+pub use stats::StatsSnapshot;
+pub(crate) use stats::{IoCount, IoSource, ReactorStats};
 
 use crate::bdev::ChannelCtx;
 use crate::iobuf::BufPool;
-use crate::uring::{PollRing, Ring, RingOpts};
+use crate::uring::{PollRing, Ring, RingOpts, Route};
 
 /// What a poller did in one call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,7 +58,7 @@ pub trait Poller {
 }
 
 /// A message: code to run on a reactor's thread.
-pub type Msg = Box<dyn FnOnce(&mut ReactorCtx) + Send>;
+pub(crate) type Msg = Box<dyn FnOnce(&mut ReactorCtx) + Send>;
 
 /// Configuration of the reactor set.
 #[derive(Debug, Clone)]
@@ -370,64 +371,162 @@ fn run(
 ) {
     // SAFETY: gettid has no preconditions.
     shared.tid.store(unsafe { libc::gettid() }, Ordering::SeqCst);
-    if cfg.pin && !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
-        let _ = ready.send(Err(io::Error::other(format!(
-            "could not pin reactor {id} to core {core}"
-        ))));
-        return;
-    }
-    let setup = BufPool::new(cfg.pool_bytes).and_then(|pool| Ok((Rc::new(Ring::new(cfg.ring, &pool)?), pool)));
-    let (ring, pool) = match setup {
+    let (ring, pool) = match setup(id, core, &cfg) {
         Ok(x) => x,
         Err(e) => {
-            let _ = ready.send(Err(io::Error::new(e.kind(), format!("reactor {id}: {e}"))));
+            let _ = ready.send(Err(e));
             return;
         }
     };
     let _ = ready.send(Ok(()));
-    let iopoll = PollRing::default();
-    let mut ctx = ReactorCtx {
-        id,
-        core,
-        chan: ChannelCtx {
-            ring: ring.clone(),
-            iopoll: iopoll.clone(),
-            pool,
-            waker: {
-                let sh = shared.clone();
-                Arc::new(move || {
-                    fence(Ordering::SeqCst);
-                    if sh.parked.load(Ordering::SeqCst) {
-                        sh.wake();
-                    }
-                })
+    Reactor::new(id, core, cfg, shared, ring, pool).run();
+}
+
+/// Pin the thread to its core (if configured), then make the reactor's
+/// buffer pool and ring.
+fn setup(id: usize, core: usize, cfg: &ReactorConfig) -> io::Result<(Rc<Ring>, BufPool)> {
+    if cfg.pin && !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
+        return Err(io::Error::other(format!("could not pin reactor {id} to core {core}")));
+    }
+    BufPool::new(cfg.pool_bytes)
+        .and_then(|pool| Ok((Rc::new(Ring::new(cfg.ring, &pool)?), pool)))
+        .map_err(|e| io::Error::new(e.kind(), format!("reactor {id}: {e}")))
+}
+
+/// The read of the reactor's eventfd, armed on its ring while it parks (a
+/// message's wake-up then completes it).
+struct WakeRead {
+    route: Route,
+    /// The read's target. It must outlive any in-kernel use; it is leaked
+    /// (8 bytes per reactor) rather than tied to the ring's teardown order.
+    target: *mut u64,
+    armed: bool,
+}
+
+impl WakeRead {
+    fn new(ring: &Ring) -> WakeRead {
+        let target: &'static mut u64 = Box::leak(Box::new(0u64));
+        WakeRead {
+            route: ring.route().expect("a new ring has room for a route"),
+            target,
+            armed: false,
+        }
+    }
+
+    /// Its completion (if any) was reaped: arm it again before parking.
+    #[inline]
+    fn reap(&mut self) {
+        while self.route.pop().is_some() {
+            self.armed = false;
+        }
+    }
+
+    fn arm(&mut self, ring: &Ring, shared: &Shared) {
+        if !self.armed {
+            let e = opcode::Read::new(types::Fd(shared.waker.as_raw_fd()), self.target.cast(), 8).build();
+            // SAFETY: the target is a leaked (never freed) u64 and the
+            // eventfd lives in `shared`, which outlives this thread's ring
+            // use (the ring is dropped when the reactor's loop returns).
+            self.armed = unsafe { ring.push(&self.route, 0, e) };
+        }
+    }
+}
+
+/// One reactor thread's loop and what it owns. Fields drop in order: the
+/// pollers first (they hold channels on the ring), the ring last.
+struct Reactor {
+    pollers: Vec<Box<dyn Poller>>,
+    wake: WakeRead,
+    ctx: ReactorCtx,
+    iopoll: PollRing,
+    ring: Rc<Ring>,
+    shared: Arc<Shared>,
+    cfg: ReactorConfig,
+}
+
+impl Reactor {
+    fn new(id: usize, core: usize, cfg: ReactorConfig, shared: Arc<Shared>, ring: Rc<Ring>, pool: BufPool) -> Reactor {
+        let iopoll = PollRing::default();
+        let ctx = ReactorCtx {
+            id,
+            core,
+            chan: ChannelCtx {
+                ring: ring.clone(),
+                iopoll: iopoll.clone(),
+                pool,
+                waker: {
+                    let sh = shared.clone();
+                    Arc::new(move || {
+                        fence(Ordering::SeqCst);
+                        if sh.parked.load(Ordering::SeqCst) {
+                            sh.wake();
+                        }
+                    })
+                },
             },
-        },
-        stats: shared.stats.clone(),
-        new_pollers: Vec::new(),
-    };
-    let mut pollers: Vec<Box<dyn Poller>> = Vec::new();
-    let waker_route = ring.route().expect("a new ring has room for a route");
-    // The eventfd read's target must outlive any in-kernel use; it is leaked
-    // (8 bytes per reactor) rather than tied to the ring's teardown order.
-    let waker_buf: &'static mut u64 = Box::leak(Box::new(0u64));
-    let waker_ptr: *mut u64 = waker_buf;
-    let mut waker_armed = false;
-    let mut last_work = Instant::now();
-    let mut t_prev = Instant::now();
-    while !shared.stop.load(Ordering::Relaxed) {
+            stats: shared.stats.clone(),
+            new_pollers: Vec::new(),
+        };
+        Reactor {
+            pollers: Vec::new(),
+            wake: WakeRead::new(&ring),
+            ctx,
+            iopoll,
+            ring,
+            shared,
+            cfg,
+        }
+    }
+
+    /// Poll until stopped: spin while there is work or there was some in
+    /// the last `spin`, then park.
+    fn run(mut self) {
+        let mut last_work = Instant::now();
+        let mut t_prev = Instant::now();
+        while !self.shared.stop.load(Ordering::Relaxed) {
+            let work = self.poll_once();
+            let now = Instant::now();
+            let dt = now.duration_since(t_prev);
+            t_prev = now;
+            let polling = self.poll_iopoll();
+            // Completions already reaped into a route queue (by a channel polled
+            // after their owner) are work too: parking now would sleep on them.
+            // Busy vs idle as SPDK counts them: an iteration that did work is
+            // busy time, one that found none is idle time, spinning or not.
+            if work > 0 {
+                self.shared.stats.add_busy(dt);
+            } else {
+                self.shared.stats.add_idle_poll(dt);
+            }
+            if work > 0 || self.ring.queued() > 0 || polling {
+                last_work = now;
+                continue;
+            }
+            if now.duration_since(last_work) < self.cfg.spin {
+                continue;
+            }
+            self.park();
+            let t_wake = Instant::now();
+            self.shared.stats.add_idle(t_wake.duration_since(t_prev));
+            t_prev = t_wake;
+        }
+    }
+
+    /// One iteration: run the queued messages, submit and reap on the ring,
+    /// poll every poller (dropping the finished ones). Returns work done.
+    #[inline]
+    fn poll_once(&mut self) -> usize {
         let mut work = 0usize;
-        while let Some(m) = shared.queue.pop() {
-            m(&mut ctx);
+        while let Some(m) = self.shared.queue.pop() {
+            m(&mut self.ctx);
             work += 1;
         }
-        pollers.append(&mut ctx.new_pollers);
-        let _ = ring.flush();
-        ring.reap();
-        while waker_route.pop().is_some() {
-            waker_armed = false;
-        }
-        pollers.retain_mut(|p| match p.poll(&ctx) {
+        self.pollers.append(&mut self.ctx.new_pollers);
+        let _ = self.ring.flush();
+        self.ring.reap();
+        self.wake.reap();
+        let ctx = &self.ctx;
+        self.pollers.retain_mut(|p| match p.poll(ctx) {
             Poll::Busy(n) => {
                 work += n;
                 true
@@ -438,63 +537,43 @@ fn run(
                 false
             }
         });
-        let _ = ring.flush();
-        let now = Instant::now();
-        let dt = now.duration_since(t_prev);
-        t_prev = now;
-        // I/O on the IOPOLL ring completes only when polled: it never wakes
-        // a parked reactor, so the reactor spins while any is in flight.
-        let polling = iopoll.get().is_some_and(|p| {
+        let _ = self.ring.flush();
+        work
+    }
+
+    /// Submit and reap on the IOPOLL ring; true while it has I/O in flight.
+    /// That I/O completes only when polled: it never wakes a parked
+    /// reactor, so the reactor spins while any is in flight.
+    #[inline]
+    fn poll_iopoll(&self) -> bool {
+        self.iopoll.get().is_some_and(|p| {
             let _ = p.flush();
             p.reap();
             p.in_flight() > 0 || p.queued() > 0
-        });
-        // Completions already reaped into a route queue (by a channel polled
-        // after their owner) are work too: parking now would sleep on them.
-        // Busy vs idle as SPDK counts them: an iteration that did work is
-        // busy time, one that found none is idle time, spinning or not.
-        if work > 0 {
-            shared.stats.add_busy(dt);
-        } else {
-            shared.stats.add_idle_poll(dt);
-        }
-        if work > 0 || ring.queued() > 0 || polling {
-            last_work = now;
-            continue;
-        }
-        if now.duration_since(last_work) < cfg.spin {
-            continue;
-        }
-        // Park.
-        shared.parked.store(true, Ordering::SeqCst);
+        })
+    }
+
+    /// Sleep in the ring until a completion, a message or the park timeout.
+    fn park(&mut self) {
+        self.shared.parked.store(true, Ordering::SeqCst);
         fence(Ordering::SeqCst);
-        if shared.queue.is_empty() && !shared.stop.load(Ordering::SeqCst) {
-            if !waker_armed {
-                let e = opcode::Read::new(types::Fd(shared.waker.as_raw_fd()), waker_ptr.cast(), 8).build();
-                // SAFETY: the target is a leaked (never freed) u64 and the
-                // eventfd lives in `shared`, which outlives this thread's ring
-                // use (the ring is dropped when this function returns).
-                waker_armed = unsafe { ring.push(&waker_route, 0, e) };
-            }
-            let pending = pollers.iter().any(|p| p.pending());
+        if self.shared.queue.is_empty() && !self.shared.stop.load(Ordering::SeqCst) {
+            self.wake.arm(&self.ring, &self.shared);
+            let pending = self.pollers.iter().any(|p| p.pending());
             let timeout = if pending {
-                cfg.park_timeout
+                self.cfg.park_timeout
             } else {
-                cfg.idle_park.max(cfg.park_timeout)
+                self.cfg.idle_park.max(self.cfg.park_timeout)
             };
             let t = Instant::now();
-            let _ = ring.wait(timeout);
+            let _ = self.ring.wait(timeout);
             if pending && t.elapsed() >= timeout {
                 // Requests waiting and nothing for a whole park timeout: a
                 // slow device (or a lost wake-up); counted for the stats.
                 // (An idle connection's armed receive is not waiting work.)
-                shared.stats.add_slow_park();
+                self.shared.stats.add_slow_park();
             }
         }
-        shared.parked.store(false, Ordering::SeqCst);
-        let t_wake = Instant::now();
-        shared.stats.add_idle(t_wake.duration_since(t_prev));
-        t_prev = t_wake;
+        self.shared.parked.store(false, Ordering::SeqCst);
     }
-    drop(pollers);
 }

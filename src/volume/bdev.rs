@@ -64,7 +64,7 @@ pub(crate) struct VolCounters {
 }
 
 impl VolState {
-    pub fn load(pool: &Pool, id: &str) -> Result<VolState, VolumeError> {
+    pub(crate) fn load(pool: &Pool, id: &str) -> Result<VolState, VolumeError> {
         let r = pool.db.begin_read().map_err(db_err)?;
         let size = r
             .open_table(VOL_SIZE)
@@ -99,19 +99,19 @@ impl VolState {
 
     /// The map entry of cluster `c`. Sequentially consistent (a plain load on
     /// x86), so that it is ordered after the epoch entry before it.
-    pub fn entry(&self, c: u64) -> u64 {
+    pub(crate) fn entry(&self, c: u64) -> u64 {
         self.map[c as usize].load(Ordering::SeqCst)
     }
 
     /// The current ownership generation.
-    pub fn owner_gen(&self) -> u64 {
+    pub(crate) fn owner_gen(&self) -> u64 {
         *self.owners.lock().expect("volume owners")
     }
 
     /// Publish a durable map entry: `phys` (0 = unmapped), owned if the
     /// transaction found it the volume's alone in generation `owned_gen` and
     /// no snapshot has been taken since.
-    pub fn publish(&self, c: u64, phys: u64, owned_gen: Option<u64>) {
+    pub(crate) fn publish(&self, c: u64, phys: u64, owned_gen: Option<u64>) {
         let g = self.owners.lock().expect("volume owners");
         let v = match owned_gen {
             Some(gen) if phys != 0 && gen == *g => phys | OWNED,
@@ -124,7 +124,7 @@ impl VolState {
     /// from here on writes take the slow path, which consults the reference
     /// counts. The caller then waits for a grace period, so no fast-path
     /// write that saw an OWNED bit is still in flight.
-    pub fn share_all(&self) {
+    pub(crate) fn share_all(&self) {
         let mut g = self.owners.lock().expect("volume owners");
         *g += 1;
         for e in self.map.iter() {
@@ -134,7 +134,7 @@ impl VolState {
 }
 
 /// A thin volume as a block device (block size 512).
-pub struct VolumeBdev {
+pub(crate) struct VolumeBdev {
     name: String,
     pool: Arc<Pool>,
     state: Arc<VolState>,
@@ -342,6 +342,235 @@ impl VolumeChannel {
     }
 }
 
+impl VolumeChannel {
+    /// A flush goes straight down as one part.
+    #[inline]
+    fn submit_flush(&mut self, tag: u64) {
+        let idx = self.slot(Pending {
+            tag,
+            op: IoOp::Flush,
+            epoch: NO_EPOCH,
+            parts: 1,
+            result: Ok(()),
+            buf: None,
+            pieces: Inline::new(),
+        });
+        self.down(IoRequest::flush((idx as u64) << PART_BITS));
+    }
+
+    /// Unmap and write-zeroes change the map: the metadata thread does them.
+    #[inline]
+    fn submit_zero(&mut self, req: IoRequest) {
+        self.send_to_meta(
+            req.tag,
+            req.op,
+            None,
+            MetaOp::Zero {
+                offset: req.offset,
+                len: req.len,
+            },
+        );
+    }
+
+    #[inline]
+    fn submit_read(&mut self, req: IoRequest) -> Result<(), IoRequest> {
+        let pieces = self.pieces(req.offset, req.bytes());
+        let epoch = self.slots.enter(&self.epochs);
+        let entries: Inline<u64> = pieces.iter().map(|p| self.state.entry(p.cluster)).collect();
+        let mapped = entries.iter().filter(|&&e| e != 0).count();
+        if mapped == 0 {
+            self.read_unmapped(req, epoch);
+            return Ok(());
+        }
+        if pieces.len() == 1 {
+            let at = self.phys(entries[0], &pieces[0]);
+            self.read_one(req, epoch, at);
+            return Ok(());
+        }
+        self.read_spanning(req, epoch, &pieces, &entries)
+    }
+
+    /// A read of unallocated clusters only: zeros, completed at once.
+    #[inline]
+    fn read_unmapped(&mut self, req: IoRequest, epoch: u8) {
+        self.slots.leave(epoch);
+        let mut buf = req.buf.expect("validated");
+        buf.fill(0);
+        self.ready.push_back(IoCompletion {
+            tag: req.tag,
+            op: IoOp::Read,
+            result: Ok(()),
+            buf: Some(buf),
+        });
+    }
+
+    /// A read inside one mapped cluster: the caller's buffer goes down at
+    /// physical offset `at`.
+    #[inline]
+    fn read_one(&mut self, req: IoRequest, epoch: u8, at: u64) {
+        let buf = req.buf.expect("validated");
+        let idx = self.slot(Pending {
+            tag: req.tag,
+            op: IoOp::Read,
+            epoch,
+            parts: 1,
+            result: Ok(()),
+            buf: None,
+            pieces: smallvec::smallvec![0],
+        });
+        self.down(IoRequest::read(at, buf, (idx as u64) << PART_BITS));
+    }
+
+    /// A read spanning clusters: a pool buffer per mapped piece (copied back
+    /// on completion), zeros for the unmapped ones. Without pool buffers the
+    /// request is handed back (back-pressure).
+    fn read_spanning(&mut self, req: IoRequest, epoch: u8, pieces: &[Piece], entries: &[u64]) -> Result<(), IoRequest> {
+        let mut buf = req.buf.expect("validated");
+        let mut temps: Inline<IoBuf> = Inline::new();
+        for (p, &e) in pieces.iter().zip(entries) {
+            if e != 0 {
+                match self.bufs.alloc(p.len as usize) {
+                    Some(t) => temps.push(t),
+                    None => {
+                        self.slots.leave(epoch);
+                        return Err(IoRequest::read(req.offset, buf, req.tag));
+                    }
+                }
+            }
+        }
+        let mut offs = Inline::new();
+        for (p, &e) in pieces.iter().zip(entries) {
+            if e == 0 {
+                buf[p.buf_off..p.buf_off + p.len as usize].fill(0);
+            } else {
+                offs.push(p.buf_off);
+            }
+        }
+        let idx = self.slot(Pending {
+            tag: req.tag,
+            op: IoOp::Read,
+            epoch,
+            parts: temps.len(),
+            result: Ok(()),
+            buf: Some(buf),
+            pieces: offs,
+        });
+        let mut part = 0;
+        for (p, &e) in pieces.iter().zip(entries) {
+            if e != 0 {
+                let mut t = temps.remove(0);
+                t.set_len(p.len as usize);
+                let at = self.phys(e, p);
+                self.down(IoRequest::read(at, t, ((idx as u64) << PART_BITS) | part));
+                part += 1;
+            }
+        }
+        Ok(())
+    }
+
+    #[inline]
+    fn submit_write(&mut self, req: IoRequest) -> Result<(), IoRequest> {
+        let pieces = self.pieces(req.offset, req.bytes());
+        let epoch = self.slots.enter(&self.epochs);
+        let entries: Inline<u64> = pieces.iter().map(|p| self.state.entry(p.cluster)).collect();
+        if entries.iter().any(|e| e & OWNED == 0) {
+            self.write_slow(req, epoch);
+            return Ok(());
+        }
+        if pieces.len() == 1 {
+            let at = self.phys(entries[0], &pieces[0]);
+            self.write_one(req, epoch, at);
+            return Ok(());
+        }
+        self.write_spanning(req, epoch, &pieces, &entries)
+    }
+
+    /// First write or shared cluster: the slow path (the metadata thread
+    /// serialises it with snapshots and frees).
+    fn write_slow(&mut self, req: IoRequest, epoch: u8) {
+        self.slots.leave(epoch);
+        let buf = req.buf.expect("validated");
+        let data = buf.to_vec();
+        self.send_to_meta(
+            req.tag,
+            IoOp::Write,
+            Some(buf),
+            MetaOp::Write {
+                offset: req.offset,
+                data,
+            },
+        );
+    }
+
+    /// A write inside one cluster the volume owns: the caller's buffer goes
+    /// down at physical offset `at`.
+    #[inline]
+    fn write_one(&mut self, req: IoRequest, epoch: u8, at: u64) {
+        let buf = req.buf.expect("validated");
+        let idx = self.slot(Pending {
+            tag: req.tag,
+            op: IoOp::Write,
+            epoch,
+            parts: 1,
+            result: Ok(()),
+            buf: None,
+            pieces: smallvec::smallvec![0],
+        });
+        let mut w = IoRequest::write(at, buf, (idx as u64) << PART_BITS);
+        w.fua = req.fua;
+        self.down(w);
+    }
+
+    /// A write spanning owned clusters: each piece is copied into a pool
+    /// buffer of its own. Without pool buffers the request is handed back
+    /// (back-pressure).
+    fn write_spanning(
+        &mut self,
+        req: IoRequest,
+        epoch: u8,
+        pieces: &[Piece],
+        entries: &[u64],
+    ) -> Result<(), IoRequest> {
+        let buf = req.buf.expect("validated");
+        let mut temps: Inline<IoBuf> = Inline::new();
+        for p in pieces {
+            match self.bufs.alloc(p.len as usize) {
+                Some(mut t) => {
+                    t.set_len(p.len as usize);
+                    t.copy_from_slice(&buf[p.buf_off..p.buf_off + p.len as usize]);
+                    temps.push(t);
+                }
+                None => {
+                    self.slots.leave(epoch);
+                    let mut r = IoRequest::write(req.offset, buf, req.tag);
+                    r.fua = req.fua;
+                    return Err(r);
+                }
+            }
+        }
+        let offs = pieces.iter().map(|p| p.buf_off).collect();
+        let idx = self.slot(Pending {
+            tag: req.tag,
+            op: IoOp::Write,
+            epoch,
+            parts: pieces.len(),
+            result: Ok(()),
+            buf: Some(buf),
+            pieces: offs,
+        });
+        for (part, (p, t)) in pieces.iter().zip(temps).enumerate() {
+            let mut w = IoRequest::write(
+                self.phys(entries[part], p),
+                t,
+                ((idx as u64) << PART_BITS) | part as u64,
+            );
+            w.fua = req.fua;
+            self.down(w);
+        }
+        Ok(())
+    }
+}
+
 impl Channel for VolumeChannel {
     fn submit(&mut self, req: IoRequest) -> Result<(), IoRequest> {
         if let Err(e) = validate(&req, 512, self.state.size, crate::bdev::MAX_IO_BYTES) {
@@ -355,174 +584,16 @@ impl Channel for VolumeChannel {
         }
         match req.op {
             IoOp::Flush => {
-                let idx = self.slot(Pending {
-                    tag: req.tag,
-                    op: IoOp::Flush,
-                    epoch: NO_EPOCH,
-                    parts: 1,
-                    result: Ok(()),
-                    buf: None,
-                    pieces: Inline::new(),
-                });
-                self.down(IoRequest::flush((idx as u64) << PART_BITS));
+                self.submit_flush(req.tag);
+                Ok(())
             }
             IoOp::Unmap | IoOp::WriteZeroes => {
-                self.send_to_meta(
-                    req.tag,
-                    req.op,
-                    None,
-                    MetaOp::Zero {
-                        offset: req.offset,
-                        len: req.len,
-                    },
-                );
+                self.submit_zero(req);
+                Ok(())
             }
-            IoOp::Read => {
-                let pieces = self.pieces(req.offset, req.bytes());
-                let epoch = self.slots.enter(&self.epochs);
-                let entries: Inline<u64> = pieces.iter().map(|p| self.state.entry(p.cluster)).collect();
-                let mapped = entries.iter().filter(|&&e| e != 0).count();
-                let mut buf = req.buf.expect("validated");
-                if mapped == 0 {
-                    self.slots.leave(epoch);
-                    buf.fill(0);
-                    self.ready.push_back(IoCompletion {
-                        tag: req.tag,
-                        op: IoOp::Read,
-                        result: Ok(()),
-                        buf: Some(buf),
-                    });
-                    return Ok(());
-                }
-                if pieces.len() == 1 {
-                    let idx = self.slot(Pending {
-                        tag: req.tag,
-                        op: IoOp::Read,
-                        epoch,
-                        parts: 1,
-                        result: Ok(()),
-                        buf: None,
-                        pieces: smallvec::smallvec![0],
-                    });
-                    let at = self.phys(entries[0], &pieces[0]);
-                    self.down(IoRequest::read(at, buf, (idx as u64) << PART_BITS));
-                    return Ok(());
-                }
-                // Spanning clusters: a pool buffer per mapped piece.
-                let mut temps: Inline<IoBuf> = Inline::new();
-                for (p, &e) in pieces.iter().zip(&entries) {
-                    if e != 0 {
-                        match self.bufs.alloc(p.len as usize) {
-                            Some(t) => temps.push(t),
-                            None => {
-                                self.slots.leave(epoch);
-                                return Err(IoRequest::read(req.offset, buf, req.tag));
-                            }
-                        }
-                    }
-                }
-                let mut offs = Inline::new();
-                for (p, &e) in pieces.iter().zip(&entries) {
-                    if e == 0 {
-                        buf[p.buf_off..p.buf_off + p.len as usize].fill(0);
-                    } else {
-                        offs.push(p.buf_off);
-                    }
-                }
-                let idx = self.slot(Pending {
-                    tag: req.tag,
-                    op: IoOp::Read,
-                    epoch,
-                    parts: temps.len(),
-                    result: Ok(()),
-                    buf: Some(buf),
-                    pieces: offs,
-                });
-                let mut part = 0;
-                for (p, &e) in pieces.iter().zip(&entries) {
-                    if e != 0 {
-                        let mut t = temps.remove(0);
-                        t.set_len(p.len as usize);
-                        let at = self.phys(e, p);
-                        self.down(IoRequest::read(at, t, ((idx as u64) << PART_BITS) | part));
-                        part += 1;
-                    }
-                }
-            }
-            IoOp::Write => {
-                let pieces = self.pieces(req.offset, req.bytes());
-                let epoch = self.slots.enter(&self.epochs);
-                let entries: Inline<u64> = pieces.iter().map(|p| self.state.entry(p.cluster)).collect();
-                let buf = req.buf.expect("validated");
-                if entries.iter().any(|e| e & OWNED == 0) {
-                    // First write or shared cluster: the slow path (the
-                    // metadata thread serialises it with snapshots and frees).
-                    self.slots.leave(epoch);
-                    let data = buf.to_vec();
-                    self.send_to_meta(
-                        req.tag,
-                        IoOp::Write,
-                        Some(buf),
-                        MetaOp::Write {
-                            offset: req.offset,
-                            data,
-                        },
-                    );
-                    return Ok(());
-                }
-                if pieces.len() == 1 {
-                    let idx = self.slot(Pending {
-                        tag: req.tag,
-                        op: IoOp::Write,
-                        epoch,
-                        parts: 1,
-                        result: Ok(()),
-                        buf: None,
-                        pieces: smallvec::smallvec![0],
-                    });
-                    let mut w = IoRequest::write(self.phys(entries[0], &pieces[0]), buf, (idx as u64) << PART_BITS);
-                    w.fua = req.fua;
-                    self.down(w);
-                    return Ok(());
-                }
-                let mut temps: Inline<IoBuf> = Inline::new();
-                for p in &pieces {
-                    match self.bufs.alloc(p.len as usize) {
-                        Some(mut t) => {
-                            t.set_len(p.len as usize);
-                            t.copy_from_slice(&buf[p.buf_off..p.buf_off + p.len as usize]);
-                            temps.push(t);
-                        }
-                        None => {
-                            self.slots.leave(epoch);
-                            let mut r = IoRequest::write(req.offset, buf, req.tag);
-                            r.fua = req.fua;
-                            return Err(r);
-                        }
-                    }
-                }
-                let offs = pieces.iter().map(|p| p.buf_off).collect();
-                let idx = self.slot(Pending {
-                    tag: req.tag,
-                    op: IoOp::Write,
-                    epoch,
-                    parts: pieces.len(),
-                    result: Ok(()),
-                    buf: Some(buf),
-                    pieces: offs,
-                });
-                for (part, (p, t)) in pieces.iter().zip(temps).enumerate() {
-                    let mut w = IoRequest::write(
-                        self.phys(entries[part], p),
-                        t,
-                        ((idx as u64) << PART_BITS) | part as u64,
-                    );
-                    w.fua = req.fua;
-                    self.down(w);
-                }
-            }
+            IoOp::Read => self.submit_read(req),
+            IoOp::Write => self.submit_write(req),
         }
-        Ok(())
     }
 
     fn poll(&mut self, out: &mut Vec<IoCompletion>) -> usize {

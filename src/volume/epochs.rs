@@ -59,7 +59,7 @@ impl Slots {
     /// Enter the current epoch; returns the parity to [`Slots::leave`] with.
     /// Call before loading the volume map.
     #[inline]
-    pub fn enter(&self, epochs: &Epochs) -> u8 {
+    pub(crate) fn enter(&self, epochs: &Epochs) -> u8 {
         let e = (epochs.epoch.load(SeqCst) & 1) as usize;
         let c = &self.counts[e];
         // Single writer: a load and a sequentially consistent store, so the
@@ -70,7 +70,7 @@ impl Slots {
 
     /// Leave the epoch entered with parity `e` (the device completed the I/O).
     #[inline]
-    pub fn leave(&self, e: u8) {
+    pub(crate) fn leave(&self, e: u8) {
         let c = &self.counts[e as usize];
         c.store(c.load(Relaxed) - 1, Release);
     }
@@ -78,7 +78,7 @@ impl Slots {
 
 impl Epochs {
     /// Slots for a new channel.
-    pub fn register(&self) -> Arc<Slots> {
+    pub(crate) fn register(&self) -> Arc<Slots> {
         let s = Arc::new(Slots::default());
         let mut chans = self.chans.lock().expect("epoch channels");
         chans.retain(|w| w.strong_count() > 0);
@@ -99,7 +99,7 @@ impl Epochs {
 
     /// A ticket: once [`Epochs::completed`] reaches it, every request that
     /// entered an epoch before this call has left it.
-    pub fn request(&self) -> u64 {
+    pub(crate) fn request(&self) -> u64 {
         let mut g = self.gp.lock().expect("grace period");
         // A grace period already under way may have flipped before requests
         // that loaded the old map; only the next one is sure to cover them.
@@ -110,7 +110,7 @@ impl Epochs {
 
     /// Advance grace periods as far as possible without waiting; returns the
     /// number completed.
-    pub fn poll(&self) -> u64 {
+    pub(crate) fn poll(&self) -> u64 {
         let mut g = self.gp.lock().expect("grace period");
         loop {
             match g.phase {
@@ -133,7 +133,7 @@ impl Epochs {
 
     /// Waits until every request that entered an epoch before this call has
     /// completed. `false` if that took longer than `timeout` (a device stalls).
-    pub fn synchronize(&self, timeout: Duration) -> bool {
+    pub(crate) fn synchronize(&self, timeout: Duration) -> bool {
         let t = self.request();
         let start = Instant::now();
         let mut nap = Duration::from_micros(10);
@@ -162,18 +162,18 @@ impl Limbo {
         self.m.lock().expect("cluster limbo")
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.map().is_empty()
     }
 
     /// `p` is being freed by an open transaction: not reusable at all yet.
-    pub fn hold(&self, p: u64) {
+    pub(crate) fn hold(&self, p: u64) {
         self.map().insert(p, u64::MAX);
     }
 
     /// `ps` are freed (durably or about to be); reusable once grace period
     /// `ticket` has completed.
-    pub fn ticket(&self, ps: &[u64], ticket: u64) {
+    pub(crate) fn ticket(&self, ps: &[u64], ticket: u64) {
         let mut m = self.map();
         for &p in ps {
             m.insert(p, ticket);
@@ -181,7 +181,7 @@ impl Limbo {
     }
 
     /// `ps` were not freed after all (their transaction failed).
-    pub fn forget(&self, ps: &[u64]) {
+    pub(crate) fn forget(&self, ps: &[u64]) {
         let mut m = self.map();
         for p in ps {
             m.remove(p);
@@ -189,12 +189,12 @@ impl Limbo {
     }
 
     /// Whether `p` must not be allocated yet.
-    pub fn holds(&self, p: u64) -> bool {
+    pub(crate) fn holds(&self, p: u64) -> bool {
         self.map().contains_key(&p)
     }
 
     /// Release every cluster whose grace period is among the `completed`.
-    pub fn prune(&self, completed: u64) {
+    pub(crate) fn prune(&self, completed: u64) {
         self.map().retain(|_, t| *t > completed);
     }
 }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use crate::counters::{Histogram, HistogramSnapshot};
 
 #[derive(Debug, Default)]
-pub struct MetaStats {
+pub(crate) struct MetaStats {
     enqueued: AtomicU64,
     dequeued: AtomicU64,
     batch_size: Histogram,
@@ -73,7 +73,7 @@ impl MetaStats {
         self.durability_failures.fetch_add(1, Relaxed);
     }
 
-    pub fn snapshot(&self) -> MetaStatsSnapshot {
+    pub(crate) fn snapshot(&self) -> MetaStatsSnapshot {
         // Dequeued first: a request counted out is always counted in already.
         let out = self.dequeued.load(Relaxed);
         let inn = self.enqueued.load(Relaxed);

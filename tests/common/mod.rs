@@ -6,7 +6,7 @@ pub mod guest;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sealdisk::{BdevRef, IoCompletion, IoError, IoOp, IoRequest};
+use sealdisk::{BdevRef, BufPool, IoCompletion, IoError, IoOp, IoRequest};
 use sealdisk::{ReactorConfig, Reactors};
 
 /// One request for [`run_ios`].
@@ -35,6 +35,30 @@ pub fn reactors(cores: &[usize]) -> Reactors {
     Reactors::start(&cfg).expect("reactors start")
 }
 
+/// The bdev request for `op`, tagged `tag`, on a buffer from `pool` (a read's filled
+/// with `fill`, if given).
+fn request(pool: &BufPool, op: Op, tag: u64, fill: Option<u8>) -> IoRequest {
+    match op {
+        Op::Read { offset, len } => {
+            let mut b = pool.alloc(len.max(1)).expect("buffer");
+            b.set_len(len);
+            if let Some(x) = fill {
+                b.fill(x);
+            }
+            IoRequest::read(offset, b, tag)
+        }
+        Op::Write { offset, data } => {
+            let mut b = pool.alloc(data.len().max(1)).expect("buffer");
+            b.set_len(data.len());
+            b.copy_from_slice(&data);
+            IoRequest::write(offset, b, tag)
+        }
+        Op::Flush => IoRequest::flush(tag),
+        Op::Unmap { offset, len } => IoRequest::unmap(offset, len, tag),
+        Op::WriteZeroes { offset, len } => IoRequest::write_zeroes(offset, len, tag),
+    }
+}
+
 /// Open a channel on reactor `r`, run `ops` one after another, return their
 /// results.
 pub fn run_ios(reactors: &Reactors, r: usize, bdev: &BdevRef, ops: Vec<Op>) -> Vec<Done> {
@@ -45,23 +69,8 @@ pub fn run_ios(reactors: &Reactors, r: usize, bdev: &BdevRef, ops: Vec<Op>) -> V
             let mut out = Vec::new();
             for (i, op) in ops.into_iter().enumerate() {
                 let tag = i as u64;
-                let req = match op {
-                    Op::Read { offset, len } => {
-                        let mut b = ctx.chan.pool.alloc(len.max(1)).expect("buffer");
-                        b.set_len(len);
-                        b.fill(0xEE);
-                        IoRequest::read(offset, b, tag)
-                    }
-                    Op::Write { offset, data } => {
-                        let mut b = ctx.chan.pool.alloc(data.len().max(1)).expect("buffer");
-                        b.set_len(data.len());
-                        b.copy_from_slice(&data);
-                        IoRequest::write(offset, b, tag)
-                    }
-                    Op::Flush => IoRequest::flush(tag),
-                    Op::Unmap { offset, len } => IoRequest::unmap(offset, len, tag),
-                    Op::WriteZeroes { offset, len } => IoRequest::write_zeroes(offset, len, tag),
-                };
+                // A read's buffer starts as 0xEE: data the device did not write shows.
+                let req = request(&ctx.chan.pool, op, tag, Some(0xEE));
                 ch.submit(req).expect("no back-pressure in a single-request test");
                 let c = wait_one(&mut *ch);
                 assert_eq!(c.tag, tag);
@@ -84,23 +93,7 @@ pub fn run_ios_pipelined(reactors: &Reactors, r: usize, bdev: &BdevRef, ops: Vec
             let mut ch = bdev.open_channel(&ctx.chan).expect("open channel");
             let n = ops.len();
             for (i, op) in ops.into_iter().enumerate() {
-                let tag = i as u64;
-                let req = match op {
-                    Op::Read { offset, len } => {
-                        let mut b = ctx.chan.pool.alloc(len.max(1)).expect("buffer");
-                        b.set_len(len);
-                        IoRequest::read(offset, b, tag)
-                    }
-                    Op::Write { offset, data } => {
-                        let mut b = ctx.chan.pool.alloc(data.len().max(1)).expect("buffer");
-                        b.set_len(data.len());
-                        b.copy_from_slice(&data);
-                        IoRequest::write(offset, b, tag)
-                    }
-                    Op::Flush => IoRequest::flush(tag),
-                    Op::Unmap { offset, len } => IoRequest::unmap(offset, len, tag),
-                    Op::WriteZeroes { offset, len } => IoRequest::write_zeroes(offset, len, tag),
-                };
+                let req = request(&ctx.chan.pool, op, i as u64, None);
                 ch.submit(req).expect("no back-pressure at this depth");
             }
             let mut out: Vec<Option<Done>> = (0..n).map(|_| None).collect();

@@ -305,23 +305,8 @@ impl Bdev for StatsBdev {
     fn capacity(&self) -> u64 {
         self.inner.capacity()
     }
-    fn max_io_bytes(&self) -> u64 {
-        self.inner.max_io_bytes()
-    }
-    fn volatile_cache(&self) -> bool {
-        self.inner.volatile_cache()
-    }
-    fn dma_writes(&self) -> bool {
-        self.inner.dma_writes()
-    }
-    fn takes_lent(&self) -> bool {
-        self.inner.takes_lent()
-    }
-    fn allocation(&self, offset: u64, len: u64) -> Option<Vec<(u64, bool)>> {
-        self.inner.allocation(offset, len)
-    }
-    fn layer_counters(&self, c: &mut LayerCounters) {
-        self.inner.layer_counters(c);
+    fn lower(&self) -> Option<&dyn Bdev> {
+        Some(&*self.inner)
     }
     fn open_channel(&self, ctx: &ChannelCtx) -> std::io::Result<Box<dyn Channel>> {
         let inner = self.inner.open_channel(ctx)?;

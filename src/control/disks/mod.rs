@@ -79,6 +79,23 @@ pub(super) fn parse_category(s: &str, name: &str) -> Result<(Category, Option<Di
     }
 }
 
+/// An optional `DiskCategory` for a cloud disk made from other data (CreateEncryptedCopy,
+/// MigrateDisk): a local kind is refused with `code` and "{s} is a {kind} disk{why}".
+pub(super) fn parse_cloud_category(
+    s: Option<&str>,
+    code: &'static str,
+    why: &str,
+) -> Result<Option<Category>, ControlError> {
+    let Some(s) = s else { return Ok(None) };
+    match parse_category(s, "DiskCategory")? {
+        (c, None) => Ok(Some(c)),
+        (_, Some(kind)) => Err(ControlError::limit(
+            code,
+            format!("{s} is a {} disk{why}", kind.as_str()),
+        )),
+    }
+}
+
 fn parse_multi_attach(p: &mut Params) -> Result<bool, ControlError> {
     if let Ok(Some(b)) = p.opt_bool("MultiAttach") {
         return Ok(b);

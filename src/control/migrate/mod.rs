@@ -48,13 +48,13 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::nbd_client::{parse_uri, NbdAddr, NbdClient};
-use super::params::{check_text, MAX_SIZE_GIB};
+use super::params::{check_text, size_from_source, size_limit};
 use super::{same_region, Control, ControlError, Params, ENCRYPTION_SECTOR};
 use crate::bdev::crypto::{CryptoBdev, BOUNCE_CHUNK};
 use crate::bdev::BdevRef;
 use crate::catalog::{self, AttachmentRecord, Category, DiskRecord, Encryption, KeyRecord, MigrationRecord};
 use crate::crypto::Xts;
-use crate::kms::{CallOpts, KeyContext};
+use crate::kms::{CallOpts, KeyContext, Reservation};
 use crate::reactor::Reactors;
 use crate::volume::VolumeError;
 
@@ -130,11 +130,41 @@ enum Msg {
     WindowDone { start: u64, end: u64 },
 }
 
+/// What step 2 of a migration made: a new target's key (its context and wrapped
+/// form), and the XTS engines of the source and the target (if encrypted).
+struct MigrationKeys {
+    new_key: Option<(KeyContext, crate::kms::WrappedKey)>,
+    src_xts: Option<Arc<Xts>>,
+    dst_xts: Option<Arc<Xts>>,
+}
+
 mod run;
 mod source;
 mod verify;
 
 use source::{file_stamp, Source};
+
+/// The one source given: `SourceDiskId`, `SourcePath` or `SourceNbdUri`.
+fn source_arg(
+    src_disk: Option<String>,
+    src_path: Option<String>,
+    src_nbd: Option<String>,
+) -> Result<SourceArg, ControlError> {
+    match (src_disk, src_path, src_nbd) {
+        (Some(d), None, None) => Ok(SourceArg::Disk(d)),
+        (None, Some(f), None) => Ok(SourceArg::Path(f)),
+        (None, None, Some(u)) => Ok(SourceArg::Nbd(u)),
+        (None, None, None) => Err(ControlError::param(
+            "MissingParameter.Source",
+            "give the source: SourceDiskId (a disk), SourcePath (a raw image or block device beneath the \
+                 import directory) or SourceNbdUri (nbd+unix:///EXPORT?socket=PATH, nbd://HOST:PORT/EXPORT)",
+        )),
+        _ => Err(ControlError::param(
+            "InvalidParameter.Source",
+            "give one source: SourceDiskId, SourcePath or SourceNbdUri, not several",
+        )),
+    }
+}
 
 impl Control {
     pub(super) fn migrate_disk(&self, mut p: Params) -> Result<Value, ControlError> {
@@ -158,39 +188,12 @@ impl Control {
         if let Some(d) = &description {
             check_text("Description", d)?;
         }
-        let category = match category {
-            None => None,
-            Some(s) => match super::disks::parse_category(&s, "DiskCategory")? {
-                (c, None) => Some(c),
-                (_, Some(kind)) => {
-                    return Err(ControlError::limit(
-                        "InvalidOperation.LocalDiskTarget",
-                        format!(
-                            "{s} is a {} disk; migrate into a cloud disk (basic, ultra, ssd)",
-                            kind.as_str()
-                        ),
-                    ))
-                }
-            },
-        };
-        let source = match (src_disk, src_path, src_nbd) {
-            (Some(d), None, None) => SourceArg::Disk(d),
-            (None, Some(f), None) => SourceArg::Path(f),
-            (None, None, Some(u)) => SourceArg::Nbd(u),
-            (None, None, None) => {
-                return Err(ControlError::param(
-                    "MissingParameter.Source",
-                    "give the source: SourceDiskId (a disk), SourcePath (a raw image or block device beneath the \
-                     import directory) or SourceNbdUri (nbd+unix:///EXPORT?socket=PATH, nbd://HOST:PORT/EXPORT)",
-                ))
-            }
-            _ => {
-                return Err(ControlError::param(
-                    "InvalidParameter.Source",
-                    "give one source: SourceDiskId, SourcePath or SourceNbdUri, not several",
-                ))
-            }
-        };
+        let category = super::disks::parse_cloud_category(
+            category.as_deref(),
+            "InvalidOperation.LocalDiskTarget",
+            "; migrate into a cloud disk (basic, ultra, ssd)",
+        )?;
+        let source = source_arg(src_disk, src_path, src_nbd)?;
         let source_name = match &source {
             SourceArg::Disk(d) => d.clone(),
             SourceArg::Path(f) => self.import_path_name(f)?,
@@ -213,33 +216,7 @@ impl Control {
             return self.abandon_migration(rec);
         }
         if let Some(rec) = existing {
-            if let Some(t) = self.tasks.running(ACTION, &rec.target) {
-                return Ok(json!({
-                    "TaskId": t.id,
-                    "DiskId": rec.target,
-                    "Resumed": true,
-                    "ResumedFrom": rec.offset,
-                    "CheckpointBytes": rec.offset,
-                    "Running": true,
-                }));
-            }
-            let mismatch = |what: &str| {
-                ControlError::param(
-                    "InvalidParameter.MigrationMismatch",
-                    format!(
-                        "an interrupted migration of {} into {} exists with another {what}; run it again with the \
-                         same arguments to resume, or with Abandon=true (--abandon) to remove it",
-                        rec.source, rec.target
-                    ),
-                )
-            };
-            if size.is_some_and(|s| s != rec.size) && rec.target_new {
-                return Err(mismatch("size"));
-            }
-            if category.is_some_and(|c| c != rec.category) && rec.target_new {
-                return Err(mismatch("category"));
-            }
-            return self.resume_migration(rec, verify);
+            return self.follow_or_resume(rec, size, category, verify);
         }
         self.start_migration(
             &account,
@@ -254,6 +231,44 @@ impl Control {
             description.unwrap_or_default(),
             verify,
         )
+    }
+
+    /// A migration with this key exists: its running task, or a resume (with the same
+    /// size and category for a new target).
+    fn follow_or_resume(
+        &self,
+        rec: MigrationRecord,
+        size: Option<u64>,
+        category: Option<Category>,
+        verify: bool,
+    ) -> Result<Value, ControlError> {
+        if let Some(t) = self.tasks.running(ACTION, &rec.target) {
+            return Ok(json!({
+                "TaskId": t.id,
+                "DiskId": rec.target,
+                "Resumed": true,
+                "ResumedFrom": rec.offset,
+                "CheckpointBytes": rec.offset,
+                "Running": true,
+            }));
+        }
+        let mismatch = |what: &str| {
+            ControlError::param(
+                "InvalidParameter.MigrationMismatch",
+                format!(
+                    "an interrupted migration of {} into {} exists with another {what}; run it again with the \
+                     same arguments to resume, or with Abandon=true (--abandon) to remove it",
+                    rec.source, rec.target
+                ),
+            )
+        };
+        if size.is_some_and(|s| s != rec.size) && rec.target_new {
+            return Err(mismatch("size"));
+        }
+        if category.is_some_and(|c| c != rec.category) && rec.target_new {
+            return Err(mismatch("category"));
+        }
+        self.resume_migration(rec, verify)
     }
 
     /// The canonical name of an import path (what the migration row records): the
@@ -510,47 +525,22 @@ impl Control {
     ) -> Result<Value, ControlError> {
         let src_rounded = src_size.div_ceil(BLOCK) * BLOCK;
         let src_enc = src_rec.as_ref().and_then(|d| d.encryption.clone());
-        // The target.
-        let txn = self.begin()?;
         let tgt_rec = match &target {
-            Some(t) => {
-                let d = self.find_disk(&txn, t, account)?;
-                same_region(Some(region), &d.region, "InvalidDiskId.NotFound", t)?;
-                if src_rec.as_ref().is_some_and(|s| s.id == d.id) {
-                    return Err(ControlError::limit(
-                        "InvalidOperation.SourceIsTarget",
-                        format!("disk {t} is both the source and the target; migrate into another disk"),
-                    ));
-                }
-                if size.is_some() || category.is_some() {
-                    return Err(ControlError::param(
-                        "InvalidParameter.TargetDiskId",
-                        "Size and DiskCategory are for a new target disk; an existing target keeps its own",
-                    ));
-                }
-                self.check_target(&txn, &d, src_size, src_enc.is_some())?;
-                Some(d)
-            }
+            Some(t) => Some(self.existing_target(
+                account,
+                region,
+                t,
+                src_rec.as_ref(),
+                size.is_some() || category.is_some(),
+                src_size,
+                src_enc.is_some(),
+            )?),
             None => None,
         };
-        drop(txn);
-        let new_size = match (&tgt_rec, size) {
-            (Some(t), _) => t.size,
-            (None, Some(s)) if s < src_size => {
-                return Err(ControlError::param(
-                    "InvalidParameter.Size",
-                    format!("size {s} bytes is smaller than the source ({src_size} bytes); give at least that"),
-                ))
-            }
-            (None, Some(s)) => s,
-            (None, None) => src_rounded,
+        let new_size = match &tgt_rec {
+            Some(t) => size_limit(t.size, src_size)?,
+            None => size_from_source(size, src_size, src_rounded)?,
         };
-        if new_size > MAX_SIZE_GIB << 30 {
-            return Err(ControlError::param(
-                "InvalidParameter.Size",
-                format!("the source is {src_size} bytes, more than the largest disk ({MAX_SIZE_GIB} GiB)"),
-            ));
-        }
         // A new target is encrypted unless the source is an encrypted disk (the way back).
         let new_encrypted = tgt_rec.is_none() && src_enc.is_none();
         let tgt_enc = tgt_rec.as_ref().and_then(|t| t.encryption.clone());
@@ -566,48 +556,22 @@ impl Control {
             .as_ref()
             .map(|t| t.id.clone())
             .unwrap_or_else(|| super::util::new_id("d"));
-        let mut new_key: Option<(KeyContext, crate::kms::WrappedKey)> = None;
-        let mut dst_xts = None;
+        let MigrationKeys {
+            new_key,
+            src_xts,
+            dst_xts,
+        } = self.migration_keys(
+            account,
+            region,
+            &target_id,
+            new_encrypted,
+            src_enc.as_ref().zip(src_rec.as_ref().map(|s| s.id.as_str())),
+            tgt_enc.as_ref(),
+            res.as_ref(),
+        )?;
         let shred_new = |nk: &Option<(KeyContext, crate::kms::WrappedKey)>| {
             if let Some((ctx, _)) = nk {
                 let _ = self.kms.audit_crypto_shred(ctx, Some(&target_id));
-            }
-        };
-        if new_encrypted {
-            let key_id = super::util::new_id("k");
-            let ctx = KeyContext::new(account, region, &key_id);
-            let r = res.as_ref().expect("reserved");
-            let (k, wrapped) = self
-                .kms
-                .generate_data_key(&ctx, CallOpts::disk(&target_id).reserved(r))?;
-            let xts = k.xts().map_err(|e| ControlError::DataPath(format!("XTS engine: {e}")));
-            new_key = Some((ctx, wrapped));
-            match xts {
-                Ok(x) => dst_xts = Some(Arc::new(x)),
-                Err(e) => {
-                    shred_new(&new_key);
-                    return Err(e);
-                }
-            }
-        }
-        let keyed = (|| {
-            let mut src_xts = None;
-            if let (Some(enc), Some(s)) = (&src_enc, &src_rec) {
-                let (x, ctx) = self.unwrap_key(enc, &s.id, res.as_ref().expect("reserved"))?;
-                self.kms.audit_decrypt_data(&ctx, Some(&s.id))?;
-                src_xts = Some(x);
-            }
-            if let Some(enc) = &tgt_enc {
-                let (x, _) = self.unwrap_key(enc, &target_id, res.as_ref().expect("reserved"))?;
-                dst_xts = Some(x);
-            }
-            Ok::<_, ControlError>(src_xts)
-        })();
-        let src_xts = match keyed {
-            Ok(x) => x,
-            Err(e) => {
-                shred_new(&new_key);
-                return Err(e);
             }
         };
         drop(res);
@@ -646,54 +610,7 @@ impl Control {
             bytes_written: 0,
             created_at: super::util::now_rfc3339(),
         };
-        let made = (|| {
-            let txn = self.begin()?;
-            if catalog::get::<MigrationRecord>(&txn, &key)?.is_some() {
-                return Err(ControlError::state(
-                    "OperationConflict",
-                    "another call started this migration meanwhile; run it again to follow it",
-                ));
-            }
-            if let Some(s) = &src_rec {
-                // Still there, still as checked.
-                let now = self.find_disk(&txn, &s.id, account)?;
-                if now.encryption != s.encryption || now.size != s.size {
-                    return Err(ControlError::state(
-                        "OperationConflict",
-                        "the source changed; try again",
-                    ));
-                }
-            }
-            if let Some(t) = &tgt_rec {
-                let now = self.find_disk(&txn, &t.id, account)?;
-                self.check_target(&txn, &now, src_size, src_enc.is_some())?;
-            } else {
-                self.pool.create_volume(&txn, &target_id, new_size)?;
-            }
-            if let (Some(s), Some(snap)) = (&src_rec, &snapshot) {
-                self.pool.clone_volume(&txn, &s.id, snap, s.size)?;
-            }
-            if let Some(enc) = &src_enc {
-                self.key_ref(&txn, enc)?;
-            }
-            if let Some((ctx, wrapped)) = &new_key {
-                catalog::put(
-                    &txn,
-                    &KeyRecord {
-                        key_id: ctx.key_id.clone(),
-                        account: account.to_owned(),
-                        region: region.to_owned(),
-                        wrapped: wrapped.clone(),
-                        refs: 1,
-                        origin_disk: target_id.clone(),
-                        created_at: super::util::now_rfc3339(),
-                    },
-                )?;
-            }
-            catalog::put(&txn, &rec)?;
-            txn.commit()?;
-            Ok(())
-        })();
+        let made = self.commit_migration(&rec, src_rec.as_ref(), tgt_rec.as_ref(), new_key.as_ref());
         if let Err(e) = made {
             shred_new(&new_key);
             return Err(e);
@@ -705,6 +622,161 @@ impl Control {
             _ => Err(ControlError::DataPath("no source".into())),
         };
         self.spawn_migration(rec, source, dst_xts, verify, None, reactors)
+    }
+
+    /// Step 2: a new target's data key (generated when `new_encrypted`), the keys of an
+    /// encrypted source (`src`: its encryption and disk id; the use audited) and of an
+    /// encrypted existing target (unwrapped). On a failure a new key is shredded
+    /// (audited).
+    #[allow(clippy::too_many_arguments)]
+    fn migration_keys(
+        &self,
+        account: &str,
+        region: &str,
+        target_id: &str,
+        new_encrypted: bool,
+        src: Option<(&Encryption, &str)>,
+        tgt_enc: Option<&Encryption>,
+        res: Option<&Reservation>,
+    ) -> Result<MigrationKeys, ControlError> {
+        let mut new_key: Option<(KeyContext, crate::kms::WrappedKey)> = None;
+        let mut dst_xts = None;
+        let shred_new = |nk: &Option<(KeyContext, crate::kms::WrappedKey)>| {
+            if let Some((ctx, _)) = nk {
+                let _ = self.kms.audit_crypto_shred(ctx, Some(target_id));
+            }
+        };
+        if new_encrypted {
+            let key_id = super::util::new_id("k");
+            let ctx = KeyContext::new(account, region, &key_id);
+            let r = res.expect("reserved");
+            let (k, wrapped) = self
+                .kms
+                .generate_data_key(&ctx, CallOpts::disk(target_id).reserved(r))?;
+            let xts = k.xts().map_err(|e| ControlError::DataPath(format!("XTS engine: {e}")));
+            new_key = Some((ctx, wrapped));
+            match xts {
+                Ok(x) => dst_xts = Some(Arc::new(x)),
+                Err(e) => {
+                    shred_new(&new_key);
+                    return Err(e);
+                }
+            }
+        }
+        let keyed = (|| {
+            let mut src_xts = None;
+            if let Some((enc, src_id)) = src {
+                let (x, ctx) = self.unwrap_key(enc, src_id, res.expect("reserved"))?;
+                self.kms.audit_decrypt_data(&ctx, Some(src_id))?;
+                src_xts = Some(x);
+            }
+            if let Some(enc) = tgt_enc {
+                let (x, _) = self.unwrap_key(enc, target_id, res.expect("reserved"))?;
+                dst_xts = Some(x);
+            }
+            Ok::<_, ControlError>(src_xts)
+        })();
+        let src_xts = match keyed {
+            Ok(x) => x,
+            Err(e) => {
+                shred_new(&new_key);
+                return Err(e);
+            }
+        };
+        Ok(MigrationKeys {
+            new_key,
+            src_xts,
+            dst_xts,
+        })
+    }
+
+    /// Step 1 for an existing target: the account's disk in the region, not the
+    /// source, without `Size`/`DiskCategory` (`new_params`), fit for the source.
+    #[allow(clippy::too_many_arguments)]
+    fn existing_target(
+        &self,
+        account: &str,
+        region: &str,
+        t: &str,
+        src_rec: Option<&DiskRecord>,
+        new_params: bool,
+        src_size: u64,
+        src_encrypted: bool,
+    ) -> Result<DiskRecord, ControlError> {
+        let txn = self.begin()?;
+        let d = self.find_disk(&txn, t, account)?;
+        same_region(Some(region), &d.region, "InvalidDiskId.NotFound", t)?;
+        if src_rec.is_some_and(|s| s.id == d.id) {
+            return Err(ControlError::limit(
+                "InvalidOperation.SourceIsTarget",
+                format!("disk {t} is both the source and the target; migrate into another disk"),
+            ));
+        }
+        if new_params {
+            return Err(ControlError::param(
+                "InvalidParameter.TargetDiskId",
+                "Size and DiskCategory are for a new target disk; an existing target keeps its own",
+            ));
+        }
+        self.check_target(&txn, &d, src_size, src_encrypted)?;
+        Ok(d)
+    }
+
+    /// Step 3: one transaction makes the target volume (or checks the existing target
+    /// again), the source's point-in-time clone, the key rows and the migration row.
+    fn commit_migration(
+        &self,
+        rec: &MigrationRecord,
+        src_rec: Option<&DiskRecord>,
+        tgt_rec: Option<&DiskRecord>,
+        new_key: Option<&(KeyContext, crate::kms::WrappedKey)>,
+    ) -> Result<(), ControlError> {
+        let txn = self.begin()?;
+        if catalog::get::<MigrationRecord>(&txn, &rec.key)?.is_some() {
+            return Err(ControlError::state(
+                "OperationConflict",
+                "another call started this migration meanwhile; run it again to follow it",
+            ));
+        }
+        if let Some(s) = src_rec {
+            // Still there, still as checked.
+            let now = self.find_disk(&txn, &s.id, &rec.account)?;
+            if now.encryption != s.encryption || now.size != s.size {
+                return Err(ControlError::state(
+                    "OperationConflict",
+                    "the source changed; try again",
+                ));
+            }
+        }
+        if let Some(t) = tgt_rec {
+            let now = self.find_disk(&txn, &t.id, &rec.account)?;
+            self.check_target(&txn, &now, rec.source_size, rec.source_encryption.is_some())?;
+        } else {
+            self.pool.create_volume(&txn, &rec.target, rec.size)?;
+        }
+        if let (Some(s), Some(snap)) = (src_rec, &rec.snapshot) {
+            self.pool.clone_volume(&txn, &s.id, snap, s.size)?;
+        }
+        if let Some(enc) = &rec.source_encryption {
+            self.key_ref(&txn, enc)?;
+        }
+        if let Some((ctx, wrapped)) = new_key {
+            catalog::put(
+                &txn,
+                &KeyRecord {
+                    key_id: ctx.key_id.clone(),
+                    account: rec.account.clone(),
+                    region: rec.region.clone(),
+                    wrapped: wrapped.clone(),
+                    refs: 1,
+                    origin_disk: rec.target.clone(),
+                    created_at: super::util::now_rfc3339(),
+                },
+            )?;
+        }
+        catalog::put(&txn, rec)?;
+        txn.commit()?;
+        Ok(())
     }
 
     fn open_snapshot(&self, snap: &str, xts: Option<Arc<Xts>>) -> Result<Source, ControlError> {

@@ -7,7 +7,7 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use super::verify::verify_blocks;
-use super::{Msg, Run, Stats, BLOCK, CHECKPOINT_EVERY, PIECE, READERS, WINDOW, WRITERS};
+use super::{Msg, Run, Source, Stats, BLOCK, CHECKPOINT_EVERY, PIECE, READERS, WINDOW, WRITERS};
 use crate::bdev::BdevRef;
 use crate::catalog::{self, DiskKind, DiskRecord, DiskRole, MigrationRecord};
 use crate::control::copy::{io_error, nonzero_runs};
@@ -41,10 +41,90 @@ impl Control {
         };
         let mut offset = rec.offset;
         let key = rec.key.clone();
-        // 4. Copy: reader threads read windows ahead (reader i the i-th of every
-        //    READERS windows, each over its own source handle: a second NBD connection,
-        //    a second descriptor of the file), writer threads write, this thread keeps
-        //    the order of finished windows for the checkpoint.
+        // 4. Copy.
+        let copied = self.copy_windows(task, &rec, reactors, &mut source, &dst, &mut st, &mut offset);
+        if let Err(e) = copied {
+            if !task.cancelled() {
+                tracing::warn!(
+                    source = %rec.source,
+                    target = %rec.target,
+                    offset,
+                    error = %e,
+                    "migration stopped; MigrateDisk with the same source and target resumes it"
+                );
+            }
+            return Err(e);
+        }
+        run_job(reactors, &dst, vec![Op::Flush], Vec::new()).map_err(|e| io_error(e, "flushing the target"))?;
+        self.checkpoint(reactors, &dst, &key, rounded, st)?;
+        let copy_secs = started.elapsed().as_secs_f64();
+
+        // 5. Verify.
+        let verified = if verify {
+            let t = Instant::now();
+            let target_ranges = self.pool.allocated_ranges(&rec.target, WINDOW)?;
+            verify_blocks(
+                reactors,
+                &mut source,
+                &dst,
+                &target_ranges,
+                rounded,
+                size,
+                &|| task.cancelled(),
+                &|n| task.progress(n),
+            )?;
+            Some(t.elapsed().as_secs_f64())
+        } else {
+            None
+        };
+        drop(source);
+        drop(dst);
+
+        // 6. Finish.
+        self.finish_migration(&rec)?;
+        let allocated = self.pool.mapped_bytes(&rec.target).unwrap_or(0);
+        let secs = started.elapsed().as_secs_f64();
+        Ok(json!({
+            "DiskId": rec.target,
+            "NewDisk": rec.target_new,
+            "Encrypted": rec.target_encryption.is_some(),
+            "SizeBytes": rec.size,
+            "Source": rec.source,
+            "SourceKind": rec.source_kind,
+            "SourceSizeBytes": rec.source_size,
+            "BytesRead": st.read,
+            "BytesWritten": st.written,
+            "BytesSkipped": rounded.saturating_sub(st.written),
+            "TargetAllocatedBytes": allocated,
+            "Resumed": resumed_from.is_some(),
+            "ResumedFrom": resumed_from,
+            "CopySeconds": copy_secs,
+            "Seconds": secs,
+            "Verify": if verified.is_some() { "passed" } else { "off" },
+            "VerifySeconds": verified,
+        }))
+    }
+
+    /// Step 4, from `offset` on: reader threads read windows ahead (reader i the i-th of
+    /// every READERS windows, each over its own source handle: a second NBD connection, a
+    /// second descriptor of the file), writer threads write, this thread keeps the order
+    /// of finished windows for the checkpoint. `st` and `offset` end where the copy got to
+    /// (checkpointed if it was interrupted).
+    #[allow(clippy::too_many_arguments)]
+    fn copy_windows(
+        &self,
+        task: &Task,
+        rec: &MigrationRecord,
+        reactors: &Reactors,
+        source: &mut Source,
+        dst: &BdevRef,
+        st_out: &mut Stats,
+        offset_out: &mut u64,
+    ) -> Result<(), ControlError> {
+        let rounded = rec.source_size.div_ceil(BLOCK) * BLOCK;
+        let size = rec.source_size;
+        let key = rec.key.as_str();
+        let (mut st, mut offset) = (*st_out, *offset_out);
         let mut readers = Vec::new();
         for _ in 1..READERS {
             match source.try_clone() {
@@ -60,36 +140,18 @@ impl Control {
             let (tx, rx) = mpsc::sync_channel::<Result<Msg, ControlError>>(4);
             let streams = readers.len() as u64 + 1;
             let first = offset;
-            for (i, src) in std::iter::once(&mut source).chain(readers.iter_mut()).enumerate() {
+            for (i, src) in std::iter::once(&mut *source).chain(readers.iter_mut()).enumerate() {
                 let tx = tx.clone();
                 s.spawn(move || {
-                    let mut win = first + i as u64 * WINDOW;
-                    while win < rounded {
-                        let wlen = WINDOW.min(rounded - win);
-                        let r = (|| {
-                            for (o, n) in src.extents(win, wlen, size)? {
-                                let data = src.read(reactors, o, n, size)?;
-                                if tx.send(Ok(Msg::Data { off: o, data })).is_err() {
-                                    return Ok(false);
-                                }
-                            }
-                            Ok(tx
-                                .send(Ok(Msg::WindowDone {
-                                    start: win,
-                                    end: win + wlen,
-                                }))
-                                .is_ok())
-                        })();
-                        match r {
-                            Ok(true) => {}
-                            Ok(false) => return,
-                            Err(e) => {
-                                let _ = tx.send(Err(e));
-                                return;
-                            }
-                        }
-                        win += streams * WINDOW;
-                    }
+                    read_windows(
+                        src,
+                        reactors,
+                        &tx,
+                        first + i as u64 * WINDOW,
+                        streams * WINDOW,
+                        rounded,
+                        size,
+                    )
                 });
             }
             drop(tx);
@@ -99,7 +161,7 @@ impl Control {
             let wtx = wtx.take().expect("once");
             let dtx = dtx.take().expect("once");
             for _ in 0..WRITERS {
-                let (wrx, dtx, dst) = (&wrx, dtx.clone(), &dst);
+                let (wrx, dtx) = (&wrx, dtx.clone());
                 s.spawn(move || loop {
                     let next = wrx.lock().unwrap_or_else(|e| e.into_inner()).recv();
                     let Ok((off, data)) = next else { return };
@@ -166,7 +228,7 @@ impl Control {
                                     reap(&mut inflight, &mut pending, true)?;
                                 }
                                 fold_below(&mut st, &mut pending, offset);
-                                self.checkpoint(reactors, &dst, &key, offset, st)?;
+                                self.checkpoint(reactors, dst, key, offset, st)?;
                                 last_cp = Instant::now();
                             }
                         }
@@ -200,7 +262,7 @@ impl Control {
                 // Interrupted with everything before `offset` written: keep it, the next
                 // run resumes here.
                 fold_below(&mut st, &mut pending, offset);
-                let _ = self.checkpoint(reactors, &dst, &key, offset, st);
+                let _ = self.checkpoint(reactors, dst, key, offset, st);
             }
             if res.is_ok() {
                 fold_below(&mut st, &mut pending, u64::MAX);
@@ -209,44 +271,15 @@ impl Control {
         });
         // The other readers' handles (a disk's clone must be closed before it is deleted).
         drop(readers);
-        if let Err(e) = copied {
-            if !task.cancelled() {
-                tracing::warn!(
-                    source = %rec.source,
-                    target = %rec.target,
-                    offset,
-                    error = %e,
-                    "migration stopped; MigrateDisk with the same source and target resumes it"
-                );
-            }
-            return Err(e);
-        }
-        run_job(reactors, &dst, vec![Op::Flush], Vec::new()).map_err(|e| io_error(e, "flushing the target"))?;
-        self.checkpoint(reactors, &dst, &key, rounded, st)?;
-        let copy_secs = started.elapsed().as_secs_f64();
+        *st_out = st;
+        *offset_out = offset;
+        copied
+    }
 
-        // 5. Verify.
-        let verified = if verify {
-            let t = Instant::now();
-            let target_ranges = self.pool.allocated_ranges(&rec.target, WINDOW)?;
-            verify_blocks(
-                reactors,
-                &mut source,
-                &dst,
-                &target_ranges,
-                rounded,
-                size,
-                &|| task.cancelled(),
-                &|n| task.progress(n),
-            )?;
-            Some(t.elapsed().as_secs_f64())
-        } else {
-            None
-        };
-        drop(source);
-        drop(dst);
-
-        // 6. Finish.
+    /// Step 6: the source's clone deleted (its key unreferenced, shredded if that was
+    /// its last use, audited), a new target's disk row, the migration row removed: one
+    /// transaction.
+    fn finish_migration(&self, rec: &MigrationRecord) -> Result<(), ControlError> {
         let shred = match (&rec.snapshot, &rec.source_encryption) {
             (Some(_), Some(enc)) => self.peek(|txn| self.would_shred(txn, enc))?,
             _ => None,
@@ -286,29 +319,9 @@ impl Control {
                 },
             )?;
         }
-        catalog::remove::<MigrationRecord>(&txn, &key)?;
+        catalog::remove::<MigrationRecord>(&txn, &rec.key)?;
         txn.commit()?;
-        let allocated = self.pool.mapped_bytes(&rec.target).unwrap_or(0);
-        let secs = started.elapsed().as_secs_f64();
-        Ok(json!({
-            "DiskId": rec.target,
-            "NewDisk": rec.target_new,
-            "Encrypted": rec.target_encryption.is_some(),
-            "SizeBytes": rec.size,
-            "Source": rec.source,
-            "SourceKind": rec.source_kind,
-            "SourceSizeBytes": rec.source_size,
-            "BytesRead": st.read,
-            "BytesWritten": st.written,
-            "BytesSkipped": rounded.saturating_sub(st.written),
-            "TargetAllocatedBytes": allocated,
-            "Resumed": resumed_from.is_some(),
-            "ResumedFrom": resumed_from,
-            "CopySeconds": copy_secs,
-            "Seconds": secs,
-            "Verify": if verified.is_some() { "passed" } else { "off" },
-            "VerifySeconds": verified,
-        }))
+        Ok(())
     }
 
     /// Flushes the target and records `offset` as the migration's checkpoint.
@@ -361,4 +374,45 @@ fn write_nonzero(reactors: &Reactors, dst: &BdevRef, off: u64, data: Vec<u8>) ->
         run_job(reactors, dst, ops, data).map_err(|e| io_error(e, "writing the target"))?;
     }
     Ok(written)
+}
+
+/// One reader thread: the windows at `start`, `start + stride`, ... below `rounded`,
+/// each extent read sent as [`Msg::Data`], then [`Msg::WindowDone`]. Stops when the
+/// receiver is gone, or at the first error (sent).
+fn read_windows(
+    src: &mut Source,
+    reactors: &Reactors,
+    tx: &mpsc::SyncSender<Result<Msg, ControlError>>,
+    start: u64,
+    stride: u64,
+    rounded: u64,
+    size: u64,
+) {
+    let mut win = start;
+    while win < rounded {
+        let wlen = WINDOW.min(rounded - win);
+        let r = (|| {
+            for (o, n) in src.extents(win, wlen, size)? {
+                let data = src.read(reactors, o, n, size)?;
+                if tx.send(Ok(Msg::Data { off: o, data })).is_err() {
+                    return Ok(false);
+                }
+            }
+            Ok(tx
+                .send(Ok(Msg::WindowDone {
+                    start: win,
+                    end: win + wlen,
+                }))
+                .is_ok())
+        })();
+        match r {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return;
+            }
+        }
+        win += stride;
+    }
 }

@@ -327,29 +327,16 @@ impl Conn {
     /// close at any rate).
     fn log_closed(&self) {
         let why = self.closed.unwrap_or(Close::ServerStopping);
-        if why.is_error() {
-            crate::log_limited!(
-                self.sh.log_conns,
-                warn,
-                disk = %self.export.name,
-                reactor = self.reactor,
-                peer = %self.peer,
-                requests = self.served,
-                why = %why,
-                "NBD: connection closed"
-            );
-        } else {
-            crate::log_limited!(
-                self.sh.log_conns,
-                info,
-                disk = %self.export.name,
-                reactor = self.reactor,
-                peer = %self.peer,
-                requests = self.served,
-                why = %why,
-                "NBD: connection closed"
-            );
-        }
+        crate::log_limited!(
+            self.sh.log_conns,
+            if why.is_error() => warn else info,
+            disk = %self.export.name,
+            reactor = self.reactor,
+            peer = %self.peer,
+            requests = self.served,
+            why = %why,
+            "NBD: connection closed"
+        );
     }
 }
 
@@ -518,152 +505,175 @@ impl Conn {
     /// Act on one request header. Returns false when resources are short
     /// (the header stays unparsed and is retried).
     fn start_request(&mut self, r: Request) -> bool {
-        let ro = self.export.read_only;
         self.big_writes = r.cmd == CMD_WRITE && r.len >= BIG_WRITE;
         match r.cmd {
             CMD_DISC => {
                 self.phase = Phase::Disconnecting;
+                true
             }
-            CMD_BLOCK_STATUS => self.block_status(&r),
-            CMD_READ => {
-                if r.len > self.max_payload {
-                    self.reply_read(EINVAL, r.cookie);
-                } else if let Err(e) = self.check_range(&r, EINVAL) {
-                    self.reply_read(e, r.cookie);
-                } else if r.len == 0 {
-                    self.reply_read(0, r.cookie);
-                } else {
-                    if self.slots.len() >= MAX_REQS {
-                        return false;
-                    }
-                    let Some(bufs) = self.alloc_chunks(r.len as u64) else {
-                        return false;
-                    };
-                    let n = bufs.len();
-                    let slot = self.new_slot(Req {
-                        cookie: r.cookie,
-                        op: IoOp::Read,
-                        bytes: r.len as u64,
-                        offset: r.offset,
-                        fua: false,
-                        parts_left: n as u32,
-                        err: 0,
-                        bufs: (0..n).map(|_| None).collect(),
-                        flush_after: false,
-                    });
-                    for (i, b) in bufs.into_iter().enumerate() {
-                        let off = r.offset + i as u64 * MAX_IO_BYTES;
-                        self.submit(IoRequest::read(off, b.expect("allocated"), tag(slot, i)));
-                    }
-                }
+            CMD_BLOCK_STATUS => {
+                self.block_status(&r);
+                true
             }
-            CMD_WRITE => {
-                let refuse = if ro {
-                    Some(EPERM)
-                } else if r.len > self.max_payload {
-                    Some(EINVAL)
-                } else {
-                    self.check_range(&r, ENOSPC).err()
-                };
-                if let Some(e) = refuse {
-                    self.reply(e, r.cookie);
-                    if r.len > 0 {
-                        self.rx_state = RxState::Drain { left: r.len as u64 };
-                    }
-                } else if r.len == 0 {
-                    self.reply(0, r.cookie);
-                } else {
-                    if self.slots.len() >= MAX_REQS {
-                        return false;
-                    }
-                    let Some(bufs) = self.alloc_chunks(r.len as u64) else {
-                        return false;
-                    };
-                    let slot = self.new_slot(Req {
-                        cookie: r.cookie,
-                        op: IoOp::Write,
-                        bytes: r.len as u64,
-                        offset: r.offset,
-                        fua: r.flags & CMD_FLAG_FUA != 0,
-                        parts_left: bufs.len() as u32,
-                        err: 0,
-                        bufs,
-                        flush_after: false,
-                    });
-                    self.rx_state = RxState::Payload {
-                        slot,
-                        chunk: 0,
-                        filled: 0,
-                    };
-                }
-            }
-            CMD_FLUSH => {
-                if self.slots.len() >= MAX_REQS {
-                    return false;
-                }
-                let slot = self.new_slot(Req {
-                    cookie: r.cookie,
-                    op: IoOp::Flush,
-                    bytes: 0,
-                    offset: 0,
-                    fua: false,
-                    parts_left: 1,
-                    err: 0,
-                    bufs: Inline::new(),
-                    flush_after: false,
-                });
-                self.submit(IoRequest::flush(tag(slot, 0)));
-            }
-            CMD_TRIM | CMD_WRITE_ZEROES => {
-                let op = if r.cmd == CMD_TRIM {
-                    IoOp::Unmap
-                } else {
-                    IoOp::WriteZeroes
-                };
-                let past_end = if op == IoOp::Unmap { EINVAL } else { ENOSPC };
-                if ro {
-                    self.reply(EPERM, r.cookie);
-                } else if let Err(e) = self.check_range(&r, past_end) {
-                    self.reply(e, r.cookie);
-                } else if op == IoOp::WriteZeroes && r.flags & CMD_FLAG_FAST_ZERO != 0 {
-                    // We cannot promise that zeroing is faster than writing
-                    // zeros on every backend below (see docs/nbd.md).
-                    self.reply(ENOTSUP, r.cookie);
-                } else if r.len == 0 {
-                    self.reply(0, r.cookie);
-                } else {
-                    if self.slots.len() >= MAX_REQS {
-                        return false;
-                    }
-                    let len = r.len as u64;
-                    let n = len.div_ceil(ZERO_CHUNK) as usize;
-                    let slot = self.new_slot(Req {
-                        cookie: r.cookie,
-                        op,
-                        bytes: 0,
-                        offset: r.offset,
-                        fua: false,
-                        parts_left: n as u32,
-                        err: 0,
-                        bufs: Inline::new(),
-                        flush_after: r.flags & CMD_FLAG_FUA != 0,
-                    });
-                    for i in 0..n {
-                        let off = i as u64 * ZERO_CHUNK;
-                        let l = (len - off).min(ZERO_CHUNK);
-                        let t = tag(slot, i);
-                        let req = if op == IoOp::Unmap {
-                            IoRequest::unmap(r.offset + off, l, t)
-                        } else {
-                            IoRequest::write_zeroes(r.offset + off, l, t)
-                        };
-                        self.submit(req);
-                    }
-                }
-            }
+            CMD_READ => self.start_read(&r),
+            CMD_WRITE => self.start_write(&r),
+            CMD_FLUSH => self.start_flush(&r),
+            CMD_TRIM => self.start_zero(&r, IoOp::Unmap),
+            CMD_WRITE_ZEROES => self.start_zero(&r, IoOp::WriteZeroes),
             _ => {
                 // CACHE, BLOCK_STATUS (not negotiated) and unknown commands.
                 self.reply(EINVAL, r.cookie);
+                true
+            }
+        }
+    }
+
+    /// `NBD_CMD_READ`: refused, answered empty, or split into parts of at
+    /// most [`MAX_IO_BYTES`], each into a pool buffer of its own.
+    #[inline]
+    fn start_read(&mut self, r: &Request) -> bool {
+        if r.len > self.max_payload {
+            self.reply_read(EINVAL, r.cookie);
+        } else if let Err(e) = self.check_range(r, EINVAL) {
+            self.reply_read(e, r.cookie);
+        } else if r.len == 0 {
+            self.reply_read(0, r.cookie);
+        } else {
+            if self.slots.len() >= MAX_REQS {
+                return false;
+            }
+            let Some(bufs) = self.alloc_chunks(r.len as u64) else {
+                return false;
+            };
+            let n = bufs.len();
+            let slot = self.new_slot(Req {
+                cookie: r.cookie,
+                op: IoOp::Read,
+                bytes: r.len as u64,
+                offset: r.offset,
+                fua: false,
+                parts_left: n as u32,
+                err: 0,
+                bufs: (0..n).map(|_| None).collect(),
+                flush_after: false,
+            });
+            for (i, b) in bufs.into_iter().enumerate() {
+                let off = r.offset + i as u64 * MAX_IO_BYTES;
+                self.submit(IoRequest::read(off, b.expect("allocated"), tag(slot, i)));
+            }
+        }
+        true
+    }
+
+    /// `NBD_CMD_WRITE`: refused (its payload drained), answered at once if
+    /// empty, or its payload chunks allocated and the receiver switched to
+    /// filling them (each chunk is submitted when full).
+    #[inline]
+    fn start_write(&mut self, r: &Request) -> bool {
+        let refuse = if self.export.read_only {
+            Some(EPERM)
+        } else if r.len > self.max_payload {
+            Some(EINVAL)
+        } else {
+            self.check_range(r, ENOSPC).err()
+        };
+        if let Some(e) = refuse {
+            self.reply(e, r.cookie);
+            if r.len > 0 {
+                self.rx_state = RxState::Drain { left: r.len as u64 };
+            }
+        } else if r.len == 0 {
+            self.reply(0, r.cookie);
+        } else {
+            if self.slots.len() >= MAX_REQS {
+                return false;
+            }
+            let Some(bufs) = self.alloc_chunks(r.len as u64) else {
+                return false;
+            };
+            let slot = self.new_slot(Req {
+                cookie: r.cookie,
+                op: IoOp::Write,
+                bytes: r.len as u64,
+                offset: r.offset,
+                fua: r.flags & CMD_FLAG_FUA != 0,
+                parts_left: bufs.len() as u32,
+                err: 0,
+                bufs,
+                flush_after: false,
+            });
+            self.rx_state = RxState::Payload {
+                slot,
+                chunk: 0,
+                filled: 0,
+            };
+        }
+        true
+    }
+
+    /// `NBD_CMD_FLUSH`: one flush down.
+    #[inline]
+    fn start_flush(&mut self, r: &Request) -> bool {
+        if self.slots.len() >= MAX_REQS {
+            return false;
+        }
+        let slot = self.new_slot(Req {
+            cookie: r.cookie,
+            op: IoOp::Flush,
+            bytes: 0,
+            offset: 0,
+            fua: false,
+            parts_left: 1,
+            err: 0,
+            bufs: Inline::new(),
+            flush_after: false,
+        });
+        self.submit(IoRequest::flush(tag(slot, 0)));
+        true
+    }
+
+    /// `NBD_CMD_TRIM` (`op` = Unmap) and `NBD_CMD_WRITE_ZEROES`: refused,
+    /// answered at once if empty, or split into parts of at most
+    /// [`ZERO_CHUNK`] (with FUA: a flush once they are done).
+    fn start_zero(&mut self, r: &Request, op: IoOp) -> bool {
+        let past_end = if op == IoOp::Unmap { EINVAL } else { ENOSPC };
+        if self.export.read_only {
+            self.reply(EPERM, r.cookie);
+        } else if let Err(e) = self.check_range(r, past_end) {
+            self.reply(e, r.cookie);
+        } else if op == IoOp::WriteZeroes && r.flags & CMD_FLAG_FAST_ZERO != 0 {
+            // We cannot promise that zeroing is faster than writing
+            // zeros on every backend below (see docs/nbd.md).
+            self.reply(ENOTSUP, r.cookie);
+        } else if r.len == 0 {
+            self.reply(0, r.cookie);
+        } else {
+            if self.slots.len() >= MAX_REQS {
+                return false;
+            }
+            let len = r.len as u64;
+            let n = len.div_ceil(ZERO_CHUNK) as usize;
+            let slot = self.new_slot(Req {
+                cookie: r.cookie,
+                op,
+                bytes: 0,
+                offset: r.offset,
+                fua: false,
+                parts_left: n as u32,
+                err: 0,
+                bufs: Inline::new(),
+                flush_after: r.flags & CMD_FLAG_FUA != 0,
+            });
+            for i in 0..n {
+                let off = i as u64 * ZERO_CHUNK;
+                let l = (len - off).min(ZERO_CHUNK);
+                let t = tag(slot, i);
+                let req = if op == IoOp::Unmap {
+                    IoRequest::unmap(r.offset + off, l, t)
+                } else {
+                    IoRequest::write_zeroes(r.offset + off, l, t)
+                };
+                self.submit(req);
             }
         }
         true

@@ -664,216 +664,285 @@ fn negotiate(
     no_zeroes: bool,
     tls: Tls,
 ) -> io::Result<Option<Negotiated>> {
-    let mut structured = false;
-    // The export `base:allocation` was selected for (NBD_OPT_SET_META_CONTEXT).
-    let mut meta: Option<Vec<u8>> = None;
+    let mut st = OptState::default();
     loop {
         if sh.stop.load(Ordering::SeqCst) {
             return Ok(None);
         }
-        let mut hdr = [0u8; OPTION_HEADER_LEN];
-        s.read_exact(&mut hdr)?;
-        let Some(Ok((opt, len))) = parse_option_header(&hdr, MAX_OPTION_DATA) else {
-            // Not IHAVEOPT, or more data than we accept.
-            return Err(refusal(format!(
-                "not an NBD option header, or option data over {MAX_OPTION_DATA} bytes"
-            )));
-        };
-        let mut data = vec![0u8; len as usize];
-        s.read_exact(&mut data)?;
-        if tls == Tls::Required {
+        let (opt, data) = read_option(s)?;
+        let step = if tls == Tls::Required {
+            before_tls(s, opt, &data)?
+        } else {
             match opt {
-                OPT_STARTTLS if len == 0 => {
-                    s.write_all(&option_reply(opt, REP_ACK, &[]))?;
-                    return Ok(Some(Negotiated::StartTls));
-                }
+                OPT_STARTTLS => starttls_refused(s, opt, tls)?,
+                OPT_EXPORT_NAME => export_name(exports, &data, no_zeroes, &st)?,
                 OPT_ABORT => {
                     let _ = s.write_all(&option_reply(opt, REP_ACK, &[]));
-                    return Ok(None);
+                    Step::Done(None)
                 }
-                // NBD_OPT_EXPORT_NAME has no error reply: close.
-                OPT_EXPORT_NAME => return Err(refusal("NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS".into())),
+                OPT_LIST => list(s, exports, opt, &data)?,
+                OPT_INFO | OPT_GO => info_or_go(sh, exports, s, opt, &data, &st)?,
+                OPT_STRUCTURED_REPLY => structured_reply(s, opt, &data, &mut st)?,
+                OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => meta_context(s, exports, opt, &data, &mut st)?,
                 _ => {
-                    s.write_all(&option_reply(
-                        opt,
-                        REP_ERR_TLS_REQD,
-                        b"this server requires TLS: send NBD_OPT_STARTTLS first",
-                    ))?;
-                    continue;
+                    // EXTENDED_HEADERS and anything newer: not supported, keep
+                    // negotiating.
+                    s.write_all(&option_reply(opt, REP_ERR_UNSUP, &[]))?;
+                    Step::Continue
                 }
             }
-        }
-        match opt {
-            OPT_STARTTLS => {
-                let why: &[u8] = if tls == Tls::Done {
-                    b"TLS is already in place"
-                } else {
-                    b"TLS is not offered on this socket"
-                };
-                s.write_all(&option_reply(
-                    opt,
-                    if tls == Tls::Done {
-                        REP_ERR_INVALID
-                    } else {
-                        REP_ERR_UNSUP
-                    },
-                    why,
-                ))?;
-            }
-            OPT_EXPORT_NAME => {
-                let Some(e) = lookup(exports, &data) else {
-                    // No way to say "unknown" here but closing.
-                    return Err(refusal(format!(
-                        "NBD_OPT_EXPORT_NAME: no export named {:?}",
-                        client_name(&data)
-                    )));
-                };
-                let mut tail = Vec::with_capacity(134);
-                tail.extend_from_slice(&e.bdev.capacity().to_be_bytes());
-                tail.extend_from_slice(&transmission_flags(&e, structured).to_be_bytes());
-                if !no_zeroes {
-                    tail.extend_from_slice(&[0u8; 124]);
-                }
-                let block_status = meta.as_deref() == Some(e.name.as_bytes());
-                return Ok(Some(Negotiated::Handoff(Handoff {
-                    export: e,
-                    tail,
-                    refuse: None,
-                    go: None,
-                    modes: conn::Modes {
-                        structured,
-                        block_status,
-                    },
-                })));
-            }
-            OPT_ABORT => {
-                let _ = s.write_all(&option_reply(opt, REP_ACK, &[]));
-                return Ok(None);
-            }
-            OPT_LIST => {
-                if len != 0 {
-                    s.write_all(&option_reply(opt, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data"))?;
-                    continue;
-                }
-                let mut out = Vec::new();
-                for name in exports.names() {
-                    let mut d = (name.len() as u32).to_be_bytes().to_vec();
-                    d.extend_from_slice(name.as_bytes());
-                    out.extend_from_slice(&option_reply(opt, REP_SERVER, &d));
-                }
-                out.extend_from_slice(&option_reply(opt, REP_ACK, &[]));
-                s.write_all(&out)?;
-            }
-            OPT_INFO | OPT_GO => {
-                let Some(req) = parse_info_request(&data) else {
-                    s.write_all(&option_reply(opt, REP_ERR_INVALID, b"malformed NBD_OPT_INFO/GO data"))?;
-                    continue;
-                };
-                let Some(e) = lookup(exports, &req.name) else {
-                    let msg = format!("no export named {:?}", String::from_utf8_lossy(&req.name));
-                    s.write_all(&option_reply(opt, REP_ERR_UNKNOWN, msg.as_bytes()))?;
-                    continue;
-                };
-                let mut out = Vec::new();
-                let mut d = INFO_EXPORT.to_be_bytes().to_vec();
-                d.extend_from_slice(&e.bdev.capacity().to_be_bytes());
-                d.extend_from_slice(&transmission_flags(&e, structured).to_be_bytes());
-                out.extend_from_slice(&option_reply(opt, REP_INFO, &d));
-                if req.infos.contains(&INFO_NAME) {
-                    let mut d = INFO_NAME.to_be_bytes().to_vec();
-                    d.extend_from_slice(e.name.as_bytes());
-                    out.extend_from_slice(&option_reply(opt, REP_INFO, &d));
-                }
-                if req.infos.contains(&INFO_DESCRIPTION) {
-                    let mut d = INFO_DESCRIPTION.to_be_bytes().to_vec();
-                    d.extend_from_slice(format!("sealdisk {}", e.bdev.name()).as_bytes());
-                    out.extend_from_slice(&option_reply(opt, REP_INFO, &d));
-                }
-                // Sent whether asked or not (the protocol allows it): requests
-                // must be aligned to the bdev's block size.
-                let min = e.bdev.block_size();
-                let mut d = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
-                d.extend_from_slice(&min.to_be_bytes());
-                d.extend_from_slice(&PREFERRED_BLOCK.max(min).to_be_bytes());
-                d.extend_from_slice(&sh.max_payload.to_be_bytes());
-                out.extend_from_slice(&option_reply(opt, REP_INFO, &d));
-                if opt == OPT_INFO {
-                    out.extend_from_slice(&option_reply(opt, REP_ACK, &[]));
-                    s.write_all(&out)?;
-                    continue;
-                }
-                s.write_all(&out)?;
-                let block_status = meta.as_deref() == Some(e.name.as_bytes());
-                return Ok(Some(Negotiated::Handoff(Handoff {
-                    export: e,
-                    tail: option_reply(opt, REP_ACK, &[]),
-                    refuse: Some(option_reply(
-                        opt,
-                        REP_ERR_SHUTDOWN,
-                        b"server busy: every reactor queue is full",
-                    )),
-                    go: Some(opt),
-                    modes: conn::Modes {
-                        structured,
-                        block_status,
-                    },
-                })));
-            }
-            OPT_STRUCTURED_REPLY => {
-                if len != 0 {
-                    s.write_all(&option_reply(
-                        opt,
-                        REP_ERR_INVALID,
-                        b"NBD_OPT_STRUCTURED_REPLY takes no data",
-                    ))?;
-                } else {
-                    structured = true;
-                    s.write_all(&option_reply(opt, REP_ACK, &[]))?;
-                }
-            }
-            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
-                let set = opt == OPT_SET_META_CONTEXT;
-                let Some(req) = parse_meta_request(&data) else {
-                    s.write_all(&option_reply(opt, REP_ERR_INVALID, b"malformed meta context data"))?;
-                    continue;
-                };
-                if !structured {
-                    s.write_all(&option_reply(
-                        opt,
-                        REP_ERR_INVALID,
-                        b"negotiate NBD_OPT_STRUCTURED_REPLY first",
-                    ))?;
-                    continue;
-                }
-                if lookup(exports, &req.name).is_none() {
-                    let msg = format!("no export named {:?}", String::from_utf8_lossy(&req.name));
-                    s.write_all(&option_reply(opt, REP_ERR_UNKNOWN, msg.as_bytes()))?;
-                    continue;
-                }
-                // `base:allocation` is the one context: asked for by name, by its
-                // namespace (`base:`, LIST only), or by an empty LIST.
-                let wanted = req
-                    .queries
-                    .iter()
-                    .any(|q| q.as_slice() == META_BASE_ALLOCATION || (!set && q.as_slice() == b"base:"))
-                    || (!set && req.queries.is_empty());
-                let mut out = Vec::new();
-                if wanted {
-                    let mut d = META_ID_BASE_ALLOCATION.to_be_bytes().to_vec();
-                    d.extend_from_slice(META_BASE_ALLOCATION);
-                    out.extend_from_slice(&option_reply(opt, REP_META_CONTEXT, &d));
-                }
-                if set {
-                    meta = wanted.then(|| req.name.clone());
-                }
-                out.extend_from_slice(&option_reply(opt, REP_ACK, &[]));
-                s.write_all(&out)?;
-            }
-            _ => {
-                // EXTENDED_HEADERS and anything newer: not supported, keep
-                // negotiating.
-                s.write_all(&option_reply(opt, REP_ERR_UNSUP, &[]))?;
-            }
+        };
+        if let Step::Done(n) = step {
+            return Ok(n);
         }
     }
+}
+
+/// What the options negotiated so far.
+#[derive(Default)]
+struct OptState {
+    /// `NBD_OPT_STRUCTURED_REPLY` was acknowledged.
+    structured: bool,
+    /// The export `base:allocation` was selected for (NBD_OPT_SET_META_CONTEXT).
+    meta: Option<Vec<u8>>,
+}
+
+impl OptState {
+    fn modes(&self, export: &Export) -> conn::Modes {
+        conn::Modes {
+            structured: self.structured,
+            block_status: self.meta.as_deref() == Some(export.name.as_bytes()),
+        }
+    }
+}
+
+/// After one option: negotiate on, or the negotiation's outcome.
+enum Step {
+    Continue,
+    Done(Option<Negotiated>),
+}
+
+/// The next option's code and data.
+fn read_option(s: &mut dyn ReadWrite) -> io::Result<(u32, Vec<u8>)> {
+    let mut hdr = [0u8; OPTION_HEADER_LEN];
+    s.read_exact(&mut hdr)?;
+    let Some(Ok((opt, len))) = parse_option_header(&hdr, MAX_OPTION_DATA) else {
+        // Not IHAVEOPT, or more data than we accept.
+        return Err(refusal(format!(
+            "not an NBD option header, or option data over {MAX_OPTION_DATA} bytes"
+        )));
+    };
+    let mut data = vec![0u8; len as usize];
+    s.read_exact(&mut data)?;
+    Ok((opt, data))
+}
+
+/// TLS is required and not in place yet: only NBD_OPT_STARTTLS (and ABORT) go on.
+fn before_tls(s: &mut dyn ReadWrite, opt: u32, data: &[u8]) -> io::Result<Step> {
+    match opt {
+        OPT_STARTTLS if data.is_empty() => {
+            s.write_all(&option_reply(opt, REP_ACK, &[]))?;
+            Ok(Step::Done(Some(Negotiated::StartTls)))
+        }
+        OPT_ABORT => {
+            let _ = s.write_all(&option_reply(opt, REP_ACK, &[]));
+            Ok(Step::Done(None))
+        }
+        // NBD_OPT_EXPORT_NAME has no error reply: close.
+        OPT_EXPORT_NAME => Err(refusal("NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS".into())),
+        _ => {
+            s.write_all(&option_reply(
+                opt,
+                REP_ERR_TLS_REQD,
+                b"this server requires TLS: send NBD_OPT_STARTTLS first",
+            ))?;
+            Ok(Step::Continue)
+        }
+    }
+}
+
+/// NBD_OPT_STARTTLS where TLS is already in place or not offered.
+fn starttls_refused(s: &mut dyn ReadWrite, opt: u32, tls: Tls) -> io::Result<Step> {
+    let why: &[u8] = if tls == Tls::Done {
+        b"TLS is already in place"
+    } else {
+        b"TLS is not offered on this socket"
+    };
+    s.write_all(&option_reply(
+        opt,
+        if tls == Tls::Done {
+            REP_ERR_INVALID
+        } else {
+            REP_ERR_UNSUP
+        },
+        why,
+    ))?;
+    Ok(Step::Continue)
+}
+
+/// NBD_OPT_EXPORT_NAME: the export, or a close (the option has no error reply).
+fn export_name(exports: &Exports, data: &[u8], no_zeroes: bool, st: &OptState) -> io::Result<Step> {
+    let Some(e) = lookup(exports, data) else {
+        // No way to say "unknown" here but closing.
+        return Err(refusal(format!(
+            "NBD_OPT_EXPORT_NAME: no export named {:?}",
+            client_name(data)
+        )));
+    };
+    let mut tail = Vec::with_capacity(134);
+    tail.extend_from_slice(&e.bdev.capacity().to_be_bytes());
+    tail.extend_from_slice(&transmission_flags(&e, st.structured).to_be_bytes());
+    if !no_zeroes {
+        tail.extend_from_slice(&[0u8; 124]);
+    }
+    let modes = st.modes(&e);
+    Ok(Step::Done(Some(Negotiated::Handoff(Handoff {
+        export: e,
+        tail,
+        refuse: None,
+        go: None,
+        modes,
+    }))))
+}
+
+/// NBD_OPT_LIST: every export's name.
+fn list(s: &mut dyn ReadWrite, exports: &Exports, opt: u32, data: &[u8]) -> io::Result<Step> {
+    if !data.is_empty() {
+        s.write_all(&option_reply(opt, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data"))?;
+        return Ok(Step::Continue);
+    }
+    let mut out = Vec::new();
+    for name in exports.names() {
+        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(&option_reply(opt, REP_SERVER, &d));
+    }
+    out.extend_from_slice(&option_reply(opt, REP_ACK, &[]));
+    s.write_all(&out)?;
+    Ok(Step::Continue)
+}
+
+/// NBD_OPT_INFO and NBD_OPT_GO: the export's information; GO then hands the
+/// connection over.
+fn info_or_go(
+    sh: &Shared,
+    exports: &Exports,
+    s: &mut dyn ReadWrite,
+    opt: u32,
+    data: &[u8],
+    st: &OptState,
+) -> io::Result<Step> {
+    let Some(req) = parse_info_request(data) else {
+        s.write_all(&option_reply(opt, REP_ERR_INVALID, b"malformed NBD_OPT_INFO/GO data"))?;
+        return Ok(Step::Continue);
+    };
+    let Some(e) = lookup(exports, &req.name) else {
+        let msg = format!("no export named {:?}", String::from_utf8_lossy(&req.name));
+        s.write_all(&option_reply(opt, REP_ERR_UNKNOWN, msg.as_bytes()))?;
+        return Ok(Step::Continue);
+    };
+    let mut out = Vec::new();
+    let mut d = INFO_EXPORT.to_be_bytes().to_vec();
+    d.extend_from_slice(&e.bdev.capacity().to_be_bytes());
+    d.extend_from_slice(&transmission_flags(&e, st.structured).to_be_bytes());
+    out.extend_from_slice(&option_reply(opt, REP_INFO, &d));
+    if req.infos.contains(&INFO_NAME) {
+        let mut d = INFO_NAME.to_be_bytes().to_vec();
+        d.extend_from_slice(e.name.as_bytes());
+        out.extend_from_slice(&option_reply(opt, REP_INFO, &d));
+    }
+    if req.infos.contains(&INFO_DESCRIPTION) {
+        let mut d = INFO_DESCRIPTION.to_be_bytes().to_vec();
+        d.extend_from_slice(format!("sealdisk {}", e.bdev.name()).as_bytes());
+        out.extend_from_slice(&option_reply(opt, REP_INFO, &d));
+    }
+    // Sent whether asked or not (the protocol allows it): requests
+    // must be aligned to the bdev's block size.
+    let min = e.bdev.block_size();
+    let mut d = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+    d.extend_from_slice(&min.to_be_bytes());
+    d.extend_from_slice(&PREFERRED_BLOCK.max(min).to_be_bytes());
+    d.extend_from_slice(&sh.max_payload.to_be_bytes());
+    out.extend_from_slice(&option_reply(opt, REP_INFO, &d));
+    if opt == OPT_INFO {
+        out.extend_from_slice(&option_reply(opt, REP_ACK, &[]));
+        s.write_all(&out)?;
+        return Ok(Step::Continue);
+    }
+    s.write_all(&out)?;
+    let modes = st.modes(&e);
+    Ok(Step::Done(Some(Negotiated::Handoff(Handoff {
+        export: e,
+        tail: option_reply(opt, REP_ACK, &[]),
+        refuse: Some(option_reply(
+            opt,
+            REP_ERR_SHUTDOWN,
+            b"server busy: every reactor queue is full",
+        )),
+        go: Some(opt),
+        modes,
+    }))))
+}
+
+/// NBD_OPT_STRUCTURED_REPLY: reads are answered in structured chunks from here on.
+fn structured_reply(s: &mut dyn ReadWrite, opt: u32, data: &[u8], st: &mut OptState) -> io::Result<Step> {
+    if !data.is_empty() {
+        s.write_all(&option_reply(
+            opt,
+            REP_ERR_INVALID,
+            b"NBD_OPT_STRUCTURED_REPLY takes no data",
+        ))?;
+    } else {
+        st.structured = true;
+        s.write_all(&option_reply(opt, REP_ACK, &[]))?;
+    }
+    Ok(Step::Continue)
+}
+
+/// NBD_OPT_LIST_META_CONTEXT and NBD_OPT_SET_META_CONTEXT: `base:allocation` is
+/// the one context.
+fn meta_context(
+    s: &mut dyn ReadWrite,
+    exports: &Exports,
+    opt: u32,
+    data: &[u8],
+    st: &mut OptState,
+) -> io::Result<Step> {
+    let set = opt == OPT_SET_META_CONTEXT;
+    let Some(req) = parse_meta_request(data) else {
+        s.write_all(&option_reply(opt, REP_ERR_INVALID, b"malformed meta context data"))?;
+        return Ok(Step::Continue);
+    };
+    if !st.structured {
+        s.write_all(&option_reply(
+            opt,
+            REP_ERR_INVALID,
+            b"negotiate NBD_OPT_STRUCTURED_REPLY first",
+        ))?;
+        return Ok(Step::Continue);
+    }
+    if lookup(exports, &req.name).is_none() {
+        let msg = format!("no export named {:?}", String::from_utf8_lossy(&req.name));
+        s.write_all(&option_reply(opt, REP_ERR_UNKNOWN, msg.as_bytes()))?;
+        return Ok(Step::Continue);
+    }
+    // `base:allocation` is the one context: asked for by name, by its
+    // namespace (`base:`, LIST only), or by an empty LIST.
+    let wanted = req
+        .queries
+        .iter()
+        .any(|q| q.as_slice() == META_BASE_ALLOCATION || (!set && q.as_slice() == b"base:"))
+        || (!set && req.queries.is_empty());
+    let mut out = Vec::new();
+    if wanted {
+        let mut d = META_ID_BASE_ALLOCATION.to_be_bytes().to_vec();
+        d.extend_from_slice(META_BASE_ALLOCATION);
+        out.extend_from_slice(&option_reply(opt, REP_META_CONTEXT, &d));
+    }
+    if set {
+        st.meta = wanted.then(|| req.name.clone());
+    }
+    out.extend_from_slice(&option_reply(opt, REP_ACK, &[]));
+    s.write_all(&out)?;
+    Ok(Step::Continue)
 }

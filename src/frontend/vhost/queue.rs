@@ -339,158 +339,198 @@ impl QueuePoller {
     /// has no buffers now.
     fn submit(&mut self, w: Waiting) -> Result<(), Waiting> {
         let Waiting { head, req } = w;
-        let ro = self.disk.read_only;
-        let bad = |me: &mut Self, s| {
-            me.answer(head, req.status, s, 0);
-            Ok(())
-        };
         match req.kind {
-            Kind::Unsupported(_) => bad(self, VIRTIO_BLK_S_UNSUPP),
+            Kind::Unsupported(_) => {
+                self.answer(head, req.status, VIRTIO_BLK_S_UNSUPP, 0);
+                Ok(())
+            }
             Kind::GetId => {
-                let id = self.disk.id_bytes();
-                let n = (req.data_len as usize).min(id.len());
-                // SAFETY: the segments were checked against the memory table
-                // this poller holds.
-                unsafe { request::scatter(&req.data, 0, &id[..n]) };
-                self.answer(head, req.status, VIRTIO_BLK_S_OK, n as u32);
+                self.get_id(head, &req);
                 Ok(())
             }
-            Kind::Write | Kind::Discard | Kind::WriteZeroes if ro => bad(self, VIRTIO_BLK_S_IOERR),
+            Kind::Write | Kind::Discard | Kind::WriteZeroes if self.disk.read_only => {
+                self.answer(head, req.status, VIRTIO_BLK_S_IOERR, 0);
+                Ok(())
+            }
             Kind::Flush => {
-                let idx = self.alloc_slot(Slot {
-                    head,
-                    bytes: 0,
-                    status: req.status,
-                    data: Segs::new(),
-                    parts: 1,
-                    failed: false,
-                    written: 0,
-                    _mem: self.mem.clone(),
-                });
-                self.chan.submit(IoRequest::flush(idx << PART_BITS));
+                self.submit_flush(head, &req);
                 Ok(())
             }
-            Kind::Read | Kind::Write => {
-                if req.data_len > MAX_REQUEST_BYTES || !self.in_range(req.sector, req.data_len) {
-                    return bad(self, VIRTIO_BLK_S_IOERR);
-                }
-                let len = req.data_len as usize;
-                let parts = len.div_ceil(MAX_IO_BYTES as usize);
-                let write = req.kind == Kind::Write;
-                let fua = write && !self.disk.writeback.load(Ordering::Relaxed);
-                let off = req.sector * SECTOR;
-                let part_len = |p: usize| (MAX_IO_BYTES as usize).min(len - p * MAX_IO_BYTES as usize);
-                if self.disk.lent {
-                    // The crypto layer encrypts from / decrypts into guest memory
-                    // itself: no pool buffer here, no copy.
-                    let op = if write { IoOp::Write } else { IoOp::Read };
-                    let reqs: SmallVec<[IoRequest; 4]> = (0..parts)
-                        .map(|p| {
-                            let segs = request::slice(&req.data, p * MAX_IO_BYTES as usize, part_len(p));
-                            // SAFETY: the segments were checked against the memory
-                            // table, which the slot holds until the request completes.
-                            let lent = unsafe { Lent::new(segs) };
-                            IoRequest::lent(op, off + (p as u64) * MAX_IO_BYTES, lent, 0)
-                        })
-                        .collect();
-                    let idx = self.alloc_slot(Slot {
-                        head,
-                        bytes: len as u64,
-                        status: req.status,
-                        data: Segs::new(),
-                        parts: parts as u32,
-                        failed: false,
-                        written: if write { 0 } else { len as u32 },
-                        _mem: self.mem.clone(),
-                    });
-                    for (p, mut r) in reqs.into_iter().enumerate() {
-                        r.tag = (idx << PART_BITS) | p as u64;
-                        r.fua = fua;
-                        self.chan.submit(r);
-                    }
-                    return Ok(());
-                }
-                let mut bufs: SmallVec<[IoBuf; 4]> = SmallVec::new();
-                for p in 0..parts {
-                    match self.pool.alloc(part_len(p)) {
-                        Some(b) => bufs.push(b),
-                        None => return Err(Waiting { head, req }),
-                    }
-                }
-                if write {
-                    for (p, b) in bufs.iter_mut().enumerate() {
-                        // SAFETY: the segments were checked against the memory
-                        // table this poller holds.
-                        unsafe { request::gather(&req.data, p * MAX_IO_BYTES as usize, b) };
-                    }
-                }
-                let idx = self.alloc_slot(Slot {
-                    head,
-                    bytes: len as u64,
-                    status: req.status,
-                    data: req.data,
-                    parts: parts as u32,
-                    failed: false,
-                    written: if write { 0 } else { len as u32 },
-                    _mem: self.mem.clone(),
-                });
-                for (p, b) in bufs.into_iter().enumerate() {
-                    let at = off + (p as u64) * MAX_IO_BYTES;
-                    let tag = (idx << PART_BITS) | p as u64;
-                    let mut r = if write {
-                        IoRequest::write(at, b, tag)
-                    } else {
-                        IoRequest::read(at, b, tag)
-                    };
-                    r.fua = fua;
-                    self.chan.submit(r);
-                }
-                Ok(())
-            }
+            Kind::Read | Kind::Write => self.submit_rw(head, req),
             Kind::Discard | Kind::WriteZeroes => {
-                // SAFETY: the segments were checked against the memory table
-                // this poller holds.
-                let Some(ranges) = (unsafe { request::ranges(&req, MAX_RANGES) }) else {
-                    return bad(self, VIRTIO_BLK_S_IOERR);
-                };
-                let zeroes = req.kind == Kind::WriteZeroes;
-                for r in &ranges {
-                    let flags_ok = if zeroes {
-                        r.flags & !VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP == 0
-                    } else {
-                        r.flags == 0
-                    };
-                    if !flags_ok {
-                        return bad(self, VIRTIO_BLK_S_UNSUPP);
-                    }
-                    if r.sectors == 0
-                        || r.sectors > MAX_RANGE_SECTORS
-                        || !self.in_range(r.sector, r.sectors as u64 * SECTOR)
-                    {
-                        return bad(self, VIRTIO_BLK_S_IOERR);
-                    }
-                }
-                let idx = self.alloc_slot(Slot {
-                    head,
-                    bytes: 0,
-                    status: req.status,
-                    data: Segs::new(),
-                    parts: ranges.len() as u32,
-                    failed: false,
-                    written: 0,
-                    _mem: self.mem.clone(),
-                });
-                for (p, r) in ranges.iter().enumerate() {
-                    let tag = (idx << PART_BITS) | p as u64;
-                    let (at, n) = (r.sector * SECTOR, r.sectors as u64 * SECTOR);
-                    self.chan.submit(if zeroes {
-                        IoRequest::write_zeroes(at, n, tag)
-                    } else {
-                        IoRequest::unmap(at, n, tag)
-                    });
-                }
+                self.submit_ranges(head, &req);
                 Ok(())
             }
+        }
+    }
+
+    /// VIRTIO_BLK_T_GET_ID: the disk's serial, answered at once.
+    fn get_id(&mut self, head: u16, req: &BlkRequest) {
+        let id = self.disk.id_bytes();
+        let n = (req.data_len as usize).min(id.len());
+        // SAFETY: the segments were checked against the memory table
+        // this poller holds.
+        unsafe { request::scatter(&req.data, 0, &id[..n]) };
+        self.answer(head, req.status, VIRTIO_BLK_S_OK, n as u32);
+    }
+
+    #[inline]
+    fn submit_flush(&mut self, head: u16, req: &BlkRequest) {
+        let idx = self.alloc_slot(Slot {
+            head,
+            bytes: 0,
+            status: req.status,
+            data: Segs::new(),
+            parts: 1,
+            failed: false,
+            written: 0,
+            _mem: self.mem.clone(),
+        });
+        self.chan.submit(IoRequest::flush(idx << PART_BITS));
+    }
+
+    /// A read or write: checked, then split into parts of at most
+    /// [`MAX_IO_BYTES`], on guest memory (`lent`) or on pool buffers.
+    #[inline]
+    fn submit_rw(&mut self, head: u16, req: BlkRequest) -> Result<(), Waiting> {
+        if req.data_len > MAX_REQUEST_BYTES || !self.in_range(req.sector, req.data_len) {
+            self.answer(head, req.status, VIRTIO_BLK_S_IOERR, 0);
+            return Ok(());
+        }
+        let write = req.kind == Kind::Write;
+        let fua = write && !self.disk.writeback.load(Ordering::Relaxed);
+        if self.disk.lent {
+            self.submit_lent(head, &req, write, fua);
+            return Ok(());
+        }
+        self.submit_buffered(head, req, write, fua)
+    }
+
+    /// The length of part `p` of a request of `len` bytes.
+    #[inline]
+    fn part_len(len: usize, p: usize) -> usize {
+        (MAX_IO_BYTES as usize).min(len - p * MAX_IO_BYTES as usize)
+    }
+
+    /// A read or write on guest memory: the crypto layer encrypts from /
+    /// decrypts into it itself, no pool buffer here, no copy.
+    #[inline]
+    fn submit_lent(&mut self, head: u16, req: &BlkRequest, write: bool, fua: bool) {
+        let len = req.data_len as usize;
+        let parts = len.div_ceil(MAX_IO_BYTES as usize);
+        let off = req.sector * SECTOR;
+        let op = if write { IoOp::Write } else { IoOp::Read };
+        let reqs: SmallVec<[IoRequest; 4]> = (0..parts)
+            .map(|p| {
+                let segs = request::slice(&req.data, p * MAX_IO_BYTES as usize, Self::part_len(len, p));
+                // SAFETY: the segments were checked against the memory
+                // table, which the slot holds until the request completes.
+                let lent = unsafe { Lent::new(segs) };
+                IoRequest::lent(op, off + (p as u64) * MAX_IO_BYTES, lent, 0)
+            })
+            .collect();
+        let idx = self.alloc_slot(Slot {
+            head,
+            bytes: len as u64,
+            status: req.status,
+            data: Segs::new(),
+            parts: parts as u32,
+            failed: false,
+            written: if write { 0 } else { len as u32 },
+            _mem: self.mem.clone(),
+        });
+        for (p, mut r) in reqs.into_iter().enumerate() {
+            r.tag = (idx << PART_BITS) | p as u64;
+            r.fua = fua;
+            self.chan.submit(r);
+        }
+    }
+
+    /// A read or write on pool buffers (a write's payload copied in first);
+    /// `Err` hands it back when the pool has no buffers now.
+    #[inline]
+    fn submit_buffered(&mut self, head: u16, req: BlkRequest, write: bool, fua: bool) -> Result<(), Waiting> {
+        let len = req.data_len as usize;
+        let parts = len.div_ceil(MAX_IO_BYTES as usize);
+        let off = req.sector * SECTOR;
+        let mut bufs: SmallVec<[IoBuf; 4]> = SmallVec::new();
+        for p in 0..parts {
+            match self.pool.alloc(Self::part_len(len, p)) {
+                Some(b) => bufs.push(b),
+                None => return Err(Waiting { head, req }),
+            }
+        }
+        if write {
+            for (p, b) in bufs.iter_mut().enumerate() {
+                // SAFETY: the segments were checked against the memory
+                // table this poller holds.
+                unsafe { request::gather(&req.data, p * MAX_IO_BYTES as usize, b) };
+            }
+        }
+        let idx = self.alloc_slot(Slot {
+            head,
+            bytes: len as u64,
+            status: req.status,
+            data: req.data,
+            parts: parts as u32,
+            failed: false,
+            written: if write { 0 } else { len as u32 },
+            _mem: self.mem.clone(),
+        });
+        for (p, b) in bufs.into_iter().enumerate() {
+            let at = off + (p as u64) * MAX_IO_BYTES;
+            let tag = (idx << PART_BITS) | p as u64;
+            let mut r = if write {
+                IoRequest::write(at, b, tag)
+            } else {
+                IoRequest::read(at, b, tag)
+            };
+            r.fua = fua;
+            self.chan.submit(r);
+        }
+        Ok(())
+    }
+
+    /// Discard and write-zeroes: every range checked, then one bdev request
+    /// per range.
+    fn submit_ranges(&mut self, head: u16, req: &BlkRequest) {
+        // SAFETY: the segments were checked against the memory table
+        // this poller holds.
+        let Some(ranges) = (unsafe { request::ranges(req, MAX_RANGES) }) else {
+            return self.answer(head, req.status, VIRTIO_BLK_S_IOERR, 0);
+        };
+        let zeroes = req.kind == Kind::WriteZeroes;
+        for r in &ranges {
+            let flags_ok = if zeroes {
+                r.flags & !VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP == 0
+            } else {
+                r.flags == 0
+            };
+            if !flags_ok {
+                return self.answer(head, req.status, VIRTIO_BLK_S_UNSUPP, 0);
+            }
+            if r.sectors == 0 || r.sectors > MAX_RANGE_SECTORS || !self.in_range(r.sector, r.sectors as u64 * SECTOR) {
+                return self.answer(head, req.status, VIRTIO_BLK_S_IOERR, 0);
+            }
+        }
+        let idx = self.alloc_slot(Slot {
+            head,
+            bytes: 0,
+            status: req.status,
+            data: Segs::new(),
+            parts: ranges.len() as u32,
+            failed: false,
+            written: 0,
+            _mem: self.mem.clone(),
+        });
+        for (p, r) in ranges.iter().enumerate() {
+            let tag = (idx << PART_BITS) | p as u64;
+            let (at, n) = (r.sector * SECTOR, r.sectors as u64 * SECTOR);
+            self.chan.submit(if zeroes {
+                IoRequest::write_zeroes(at, n, tag)
+            } else {
+                IoRequest::unmap(at, n, tag)
+            });
         }
     }
 
