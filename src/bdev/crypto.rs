@@ -29,7 +29,7 @@ use crate::crypto::Xts;
 use crate::iobuf::{BufPool, IoBuf};
 
 /// Largest write handed to the device below in one piece.
-pub const BOUNCE_CHUNK: usize = 128 * 1024;
+pub(crate) const BOUNCE_CHUNK: usize = 128 * 1024;
 
 /// Read bytes decrypted per [`Channel::poll`] (at least one request).
 /// The rest wait in the channel for the next poll, so the caller can
@@ -43,7 +43,7 @@ pub const DECRYPT_BUDGET: usize = 32 << 10;
 /// the encrypted write path's extra CPU per I/O and cut its p99; at 128 KiB it
 /// cost IOPS (0.83–0.85 of plain against 0.89–0.96), as the device's copy of
 /// a large payload runs faster out of the CPU's cache than out of memory.
-pub const STREAM_MAX: usize = 16 << 10;
+pub(crate) const STREAM_MAX: usize = 16 << 10;
 
 pub struct CryptoBdev {
     name: String,

@@ -3,7 +3,7 @@
 //! `serve --backend rbd`). The control plane calls [`Store`], which has the pool's
 //! volume operations and hands each to the backend in use.
 
-pub mod rbd;
+pub(crate) mod rbd;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -13,7 +13,7 @@ use crate::volume::{CheckReport, MetaStatsSnapshot, Pool, VolumeError};
 
 /// Which backend `serve` uses (`--backend file|rbd`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum Backend {
+pub(crate) enum Backend {
     /// The pool file or device (`--pool`).
     #[default]
     File,

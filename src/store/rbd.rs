@@ -42,11 +42,11 @@ const TRASH: TableDefinition<&str, &str> = TableDefinition::new("rbd_trash");
 const HOST: TableDefinition<&str, &str> = TableDefinition::new("rbd_host");
 
 /// RBD object size (order 22), the store's allocation unit.
-pub const OBJECT_SIZE: u64 = 4 << 20;
+pub(crate) const OBJECT_SIZE: u64 = 4 << 20;
 /// How often the reaper looks for committed deletions.
 const REAP_EVERY: Duration = Duration::from_secs(1);
 /// Prefix of the image metadata keys sealdisk writes.
-pub const META_PREFIX: &str = "sealdisk.";
+pub(crate) const META_PREFIX: &str = "sealdisk.";
 
 /// Where a volume is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -83,7 +83,7 @@ pub(crate) struct MetaHandle {
 }
 
 impl MetaHandle {
-    pub fn start(
+    pub(crate) fn start(
         db: Arc<redb::Database>,
         path: &Path,
         cluster: u64,
@@ -119,12 +119,12 @@ impl MetaHandle {
     }
 
     /// A sender for a channel to keep (cheap to clone, lock-free to use).
-    pub fn sender(&self) -> Option<Sender<MetaReq>> {
+    pub(crate) fn sender(&self) -> Option<Sender<MetaReq>> {
         self.tx.lock().expect("meta sender").clone()
     }
 
     /// The thread's counters (senders count what they hand over).
-    pub fn stats(&self) -> &Arc<MetaStats> {
+    pub(crate) fn stats(&self) -> &Arc<MetaStats> {
         &self.stats
     }
 }

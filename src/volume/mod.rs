@@ -30,7 +30,6 @@ mod epochs;
 mod faults;
 // Its three `pub` items become `pub(crate)` once the work under way in meta.rs has
 // landed; until then the lint is off here.
-#[allow(unreachable_pub)]
 mod meta;
 mod meta_stats;
 mod staged;
