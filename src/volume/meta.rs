@@ -41,6 +41,14 @@ use super::{db_err, VolumeError};
 use crate::bdev::IoError;
 
 const MAX_BATCH: usize = 128;
+/// Memory a batch's staged clusters may take, about: a batch takes at most this over two
+/// clusters per request (128 requests at the default 256 KiB clusters, 8 at 4 MiB).
+const STAGED_BUDGET: u64 = 64 << 20;
+
+/// Requests per batch for this cluster size.
+fn max_batch(cluster: u64) -> usize {
+    ((STAGED_BUDGET / (2 * cluster)) as usize).clamp(8, MAX_BATCH)
+}
 /// Failed volume writes (a guest can cause them at any rate, e.g. by filling the pool).
 static PREPARE_ERRORS: crate::logging::RateLimit = crate::logging::RateLimit::standard();
 /// How often an idle metadata thread advances grace periods while freed
@@ -230,7 +238,7 @@ impl Worker {
             };
             let t0 = Instant::now();
             let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
+            while batch.len() < max_batch(self.cluster) {
                 match rx.try_recv() {
                     Ok(r) => batch.push(r),
                     Err(_) => break,
@@ -509,5 +517,22 @@ impl Worker {
             pos += l;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::max_batch;
+
+    #[test]
+    fn batches_shrink_with_the_cluster_size_so_staged_memory_stays_bounded() {
+        assert_eq!(max_batch(64 << 10), 128);
+        assert_eq!(max_batch(256 << 10), 128);
+        assert_eq!(max_batch(1 << 20), 32);
+        assert_eq!(max_batch(4 << 20), 8);
+        for shift in 16..=22 {
+            let cl = 1u64 << shift;
+            assert!(max_batch(cl) as u64 * 2 * cl <= 64 << 20 || max_batch(cl) == 8);
+        }
     }
 }
