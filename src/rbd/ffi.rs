@@ -53,7 +53,7 @@ macro_rules! api {
         }
 
         impl Api {
-            fn load() -> Result<Api, String> {
+            fn load() -> Result<Api, LoadError> {
                 let mut libs = Vec::new();
                 $(
                     let $lib = {
@@ -61,7 +61,7 @@ macro_rules! api {
                         // SAFETY: loading a Ceph client library runs its
                         // initialisers, which have no preconditions.
                         let lib = unsafe { libloading::Library::new(&file) }
-                            .map_err(|e| format!("{file}: {e}"))?;
+                            .map_err(|e| LoadError { what: file.clone(), why: e.to_string() })?;
                         lib
                     };
                     $(
@@ -75,7 +75,7 @@ macro_rules! api {
                                 .get::<unsafe extern "C" fn($($arg),*) $(-> $ret)?>(
                                     concat!(stringify!($name), "\0").as_bytes(),
                                 )
-                                .map_err(|e| format!("{}: {e}", stringify!($name)))?
+                                .map_err(|e| LoadError { what: stringify!($name).into(), why: e.to_string() })?
                         };
                     )*
                     libs.push($lib);
@@ -144,9 +144,26 @@ api! {
     }
 }
 
+/// A Ceph client library, or one of its functions, that could not be loaded (kept, as
+/// the first load's outcome is, for every later caller: hence plain text, not the
+/// loader's error itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadError {
+    /// The library file or the function.
+    pub what: String,
+    /// The loader's message.
+    pub why: String,
+}
+
+impl std::fmt::Display for LoadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.what, self.why)
+    }
+}
+
 /// The function table, loaded on first use; the error names the library or
 /// symbol that is missing.
-pub fn api() -> Result<&'static Api, String> {
-    static API: OnceLock<Result<Api, String>> = OnceLock::new();
+pub fn api() -> Result<&'static Api, LoadError> {
+    static API: OnceLock<Result<Api, LoadError>> = OnceLock::new();
     API.get_or_init(Api::load).as_ref().map_err(|e| e.clone())
 }

@@ -21,7 +21,7 @@ use std::sync::Arc;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RbdError {
     /// `librados.so.2` / `librbd.so.1` (or one of their symbols) is missing.
-    Load(String),
+    Load(ffi::LoadError),
     /// A name given to Ceph holds a NUL byte.
     BadName(String),
     /// A call returned a negative errno (kept as returned, e.g. -2).
