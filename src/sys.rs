@@ -160,15 +160,7 @@ mod tests {
     #[test]
     fn pwritev_all_writes_every_buffer_in_order() {
         use std::os::unix::fs::FileExt;
-        let p = std::env::temp_dir().join(format!("sealdisk-sys-pwritev-{}", std::process::id()));
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .open(&p)
-            .unwrap();
-        std::fs::remove_file(&p).unwrap();
+        let f = tempfile::tempfile().unwrap();
         let (a, b, c) = (vec![1u8; 5000], Vec::new(), vec![2u8; 3]);
         pwritev_all(&f, 10, &[&a, &b, &c]).unwrap();
         let mut got = vec![0u8; 5013];
@@ -184,14 +176,7 @@ mod tests {
     #[test]
     fn seek_finds_data_and_holes_in_a_sparse_file() {
         use std::os::unix::fs::FileExt;
-        let p = std::env::temp_dir().join(format!("sealdisk-sys-seek-{}", std::process::id()));
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .open(&p)
-            .unwrap();
+        let f = tempfile::tempfile().unwrap();
         f.set_len(4 << 20).unwrap();
         f.write_all_at(&[1u8; 4096], 1 << 20).unwrap();
         let d = seek_data_or_hole(&f, 0, true).unwrap().unwrap();
@@ -199,7 +184,6 @@ mod tests {
         let h = seek_data_or_hole(&f, 1 << 20, false).unwrap().unwrap();
         assert!(h > 1 << 20 && h <= 4 << 20, "hole after the data at {h}");
         assert_eq!(seek_data_or_hole(&f, 5 << 20, true).unwrap(), None, "past the end");
-        let _ = std::fs::remove_file(&p);
     }
 
     #[test]
@@ -220,16 +204,15 @@ mod tests {
 
     #[test]
     fn open_beneath_refuses_escapes_and_symlinks() {
-        let d = std::env::temp_dir().join(format!("sealdisk-sys-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
         std::fs::create_dir_all(d.join("sub")).unwrap();
         std::fs::write(d.join("sub/f"), b"x").unwrap();
         std::os::unix::fs::symlink(d.join("sub/f"), d.join("link")).unwrap();
-        assert!(open_beneath(&d, Path::new("sub/f")).is_ok());
+        assert!(open_beneath(d, Path::new("sub/f")).is_ok());
         let code = |r: io::Result<File>| r.unwrap_err().raw_os_error();
-        assert_eq!(code(open_beneath(&d, Path::new("../x"))), Some(libc::EXDEV));
-        assert_eq!(code(open_beneath(&d, Path::new("/etc/passwd"))), Some(libc::EXDEV));
-        assert_eq!(code(open_beneath(&d, Path::new("link"))), Some(libc::ELOOP));
-        let _ = std::fs::remove_dir_all(&d);
+        assert_eq!(code(open_beneath(d, Path::new("../x"))), Some(libc::EXDEV));
+        assert_eq!(code(open_beneath(d, Path::new("/etc/passwd"))), Some(libc::EXDEV));
+        assert_eq!(code(open_beneath(d, Path::new("link"))), Some(libc::ELOOP));
     }
 }

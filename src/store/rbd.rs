@@ -86,22 +86,6 @@ fn check_id(id: &str) -> Result<(), VolumeError> {
     }
 }
 
-fn check_size(size: u64) -> Result<(), VolumeError> {
-    if size == 0 || !size.is_multiple_of(4096) {
-        return Err(VolumeError::BadSize {
-            size,
-            why: "must be a non-zero multiple of 4096 bytes".into(),
-        });
-    }
-    if size > 1 << 50 {
-        return Err(VolumeError::BadSize {
-            size,
-            why: "larger than 1 PiB".into(),
-        });
-    }
-    Ok(())
-}
-
 /// Snapshots are RBD snapshots; everything else is an image.
 fn is_snapshot_id(id: &str) -> bool {
     id.starts_with("s-")
@@ -241,7 +225,7 @@ impl RbdStore {
 
     pub fn create_volume(&self, txn: &redb::WriteTransaction, id: &str, size: u64) -> Result<(), VolumeError> {
         check_id(id)?;
-        check_size(size)?;
+        crate::volume::Pool::check_size(size)?;
         if row(txn, id)?.is_some() {
             return Err(VolumeError::Exists(id.into()));
         }
@@ -325,7 +309,7 @@ impl RbdStore {
     ) -> Result<(), VolumeError> {
         check_id(src)?;
         check_id(dst)?;
-        check_size(size)?;
+        crate::volume::Pool::check_size(size)?;
         let s = row(txn, src)?.ok_or_else(|| VolumeError::NotFound(src.into()))?;
         if row(txn, dst)?.is_some() {
             return Err(VolumeError::Exists(dst.into()));
@@ -680,7 +664,7 @@ impl RbdStore {
     /// marks it as this host's.
     pub fn adopt_volume(&self, txn: &redb::WriteTransaction, id: &str, size: u64) -> Result<(), VolumeError> {
         check_id(id)?;
-        check_size(size)?;
+        crate::volume::Pool::check_size(size)?;
         if row(txn, id)?.is_some() {
             return Err(VolumeError::Exists(id.into()));
         }

@@ -289,7 +289,8 @@ impl Pool {
         self.live(id).is_some()
     }
 
-    fn check_size(size: u64) -> Result<(), VolumeError> {
+    /// A volume size both backends accept: a non-zero multiple of 4096, at most 1 PiB.
+    pub(crate) fn check_size(size: u64) -> Result<(), VolumeError> {
         if size == 0 || !size.is_multiple_of(4096) {
             return Err(VolumeError::BadSize {
                 size,

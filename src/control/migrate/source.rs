@@ -182,7 +182,8 @@ mod tests {
 
     #[test]
     fn file_data_ranges_follow_holes() {
-        let p = std::env::temp_dir().join(format!("sealdisk-mig-ranges-{}", std::process::id()));
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("ranges");
         let mut f = File::create(&p).unwrap();
         f.set_len(8 << 20).unwrap();
         use std::os::unix::fs::FileExt;
@@ -191,7 +192,6 @@ mod tests {
         f.flush().unwrap();
         let f = File::open(&p).unwrap();
         let r = file_data_ranges(&f, 0, 8 << 20).unwrap();
-        let _ = std::fs::remove_file(&p);
         // The file system may round to its block size, but the holes between stay.
         assert_eq!(r.len(), 2, "{r:?}");
         assert!(
