@@ -72,20 +72,24 @@ area_crypto() {
 }
 
 area_cpu() {
-    local size rn rr
+    local size rn rr be ip
     size=$(q 64m 1g)
     rn=$(q "--runtime 1 --rounds 2" "--runtime 12 --rounds 6")
     rr=$(q "--runtime 1 --rounds 2" "--runtime 24 --rounds 12")
     local common="--size $size --rw randwrite --bs 4k --iodepth 32 --time_based --cores $CORE --quiet --compare --output-format json"
     section '2. Data path CPU per I/O (`cpu`)' \
-        "sealdisk bench io --backend null $common $rn" "sealdisk bench io --backend malloc $common $rr"
-    log "cpu: null"
-    # shellcheck disable=SC2086
-    "$BIN" bench io --backend null $common $rn >"$W/cpu-null.json" 2>"$W/cpu.log" || return 1
-    log "cpu: malloc"
-    # shellcheck disable=SC2086
-    "$BIN" bench io --backend malloc $common $rr >"$W/cpu-ram.json" 2>>"$W/cpu.log" || return 1
-    "${FMT[@]}" cpu "$TGT" "$W/cpu-null.json" "$W/cpu-ram.json"
+        "sealdisk bench io --backend null $common $rn --inplace=0   # and --inplace=1" \
+        "sealdisk bench io --backend malloc $common $rr --inplace=0   # and --inplace=1"
+    : >"$W/cpu.log"
+    for be in null malloc; do
+        for ip in 0 1; do
+            log "cpu: $be --inplace=$ip"
+            # shellcheck disable=SC2086
+            "$BIN" bench io --backend $be $common $([ $be = null ] && echo "$rn" || echo "$rr") --inplace=$ip \
+                >"$W/cpu-$be-$ip.json" 2>>"$W/cpu.log" || return 1
+        done
+    done
+    "${FMT[@]}" cpu "$TGT" "$W/cpu-null-0.json" "$W/cpu-null-1.json" "$W/cpu-malloc-0.json" "$W/cpu-malloc-1.json"
 }
 
 area_file() {
@@ -101,7 +105,7 @@ area_file() {
 
 area_nbd() {
     local args
-    args="--runtime $(q '1 --ramp 0' '8 --ramp 2') --reps 2 --size $(q 256M 2G) --targets file,sd-plain,sd-enc,q-luks"
+    args="--runtime $(q '1 --ramp 0 --reps 2' '5 --ramp 1 --reps 6') --size $(q 256M 2G) --targets file,sd-plain,sd-enc,q-luks"
     section '4. NBD frontend (`nbd`)' "tools/nbd-compare.py $args --sealdisk $BIN"
     log "nbd: nbd-compare.py $args"
     rm -f "$W/nbd.json"
@@ -114,7 +118,7 @@ area_nbd() {
 area_vhost() {
     local opts rt i=0 files=()
     opts="-r $(q 1 5) -s $(q 64M 1G)"
-    rt=$(q 1 8)
+    rt=$(q 1 6)
     local jobs=("--rw randread --bs 4k --iodepth 32 --numjobs 2 --runtime $rt"
         "--rw randwrite --bs 4k --iodepth 32 --numjobs 2 --runtime $rt"
         "--rw read --bs 128k --iodepth 8 --numjobs 1 --runtime $rt"
