@@ -306,6 +306,35 @@ impl TempDir {
     }
 }
 
+/// The control plane in this process over the data directory `dir`: its catalog, a pool
+/// file of `pool_size` bytes, the KMS `kms`, data moved on `reactors`, MigrateDisk's
+/// file sources beneath `import_dir`.
+pub fn control_in(
+    dir: &std::path::Path,
+    kms: sealdisk::Kms,
+    pool_size: u64,
+    reactors: &Arc<Reactors>,
+    import_dir: Option<std::path::PathBuf>,
+) -> Arc<sealdisk::Control> {
+    use sealdisk::testing::catalog;
+    let db = catalog::open(&dir.join(catalog::CATALOG_FILE)).unwrap();
+    let pool = sealdisk::Pool::open(db.clone(), &dir.join("pool.img"), pool_size).unwrap();
+    sealdisk::Control::new(
+        db,
+        pool,
+        Arc::new(kms),
+        sealdisk::Exports::new(),
+        Some(reactors.clone()),
+        sealdisk::ControlConfig {
+            data_dir: dir.to_owned(),
+            qos: sealdisk::QosConfig::default(),
+            import_dir,
+            import_devices: false,
+            vmm_gid: None,
+        },
+    )
+}
+
 /// A `sealdisk serve` child, killed on drop.
 pub struct Daemon(pub std::process::Child);
 
