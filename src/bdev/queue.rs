@@ -5,8 +5,8 @@
 //! what is in flight, keep the request a channel handed back under back-pressure
 //! and send it again before anything new, collect completions into storage that is
 //! reused from poll to poll, and, where the caller may block, wait for completions
-//! with a timeout. A virtual bdev's channel uses [`super::Lower`] instead (it queues
-//! every refused request, as it cannot refuse its caller's).
+//! with a timeout. A virtual bdev's channel uses [`super::Lower`] instead: having
+//! accepted its caller's request, it queues every request the channel below refuses.
 //!
 //! No allocation per request: the completion vector is handed out by [`IoQueue::reap`]
 //! and handed back with [`IoQueue::recycle`].

@@ -66,6 +66,60 @@ pub(crate) struct Progress {
     pub bytes: AtomicU64,
 }
 
+/// The progress line a run prints on stderr about once a second, rewritten in place
+/// (`\r`) on a terminal.
+pub(crate) struct ProgressLine {
+    label: String,
+    tty: bool,
+    t0: Instant,
+    last_ios: u64,
+    last_t: Instant,
+}
+
+impl ProgressLine {
+    /// A line for the run `label` that began at `t0`; `enabled`: the caller prints it.
+    pub(crate) fn new(label: &str, t0: Instant, enabled: bool) -> ProgressLine {
+        ProgressLine {
+            label: label.to_owned(),
+            tty: enabled && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            t0,
+            last_ios: 0,
+            last_t: Instant::now(),
+        }
+    }
+
+    /// Time since the last line (or since the line was made).
+    pub(crate) fn since_last(&self) -> Duration {
+        self.last_t.elapsed()
+    }
+
+    /// Prints the counts of `p`, with the rate since the last line.
+    pub(crate) fn print(&mut self, p: &Progress) {
+        let ios = p.ios.load(Ordering::Relaxed);
+        let bytes = p.bytes.load(Ordering::Relaxed);
+        let line = format!(
+            "[{}] {:>6.1}s  {:>9.0} IOPS  {:>8.1} MiB total",
+            self.label,
+            self.t0.elapsed().as_secs_f64(),
+            (ios - self.last_ios) as f64 / self.last_t.elapsed().as_secs_f64(),
+            bytes as f64 / 1048576.0
+        );
+        if self.tty {
+            eprint!("\r{line}  ");
+        } else {
+            eprintln!("{line}");
+        }
+        (self.last_ios, self.last_t) = (ios, Instant::now());
+    }
+
+    /// Ends a line rewritten in place.
+    pub(crate) fn finish(&self) {
+        if self.tty {
+            eprintln!();
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Ramp,
