@@ -293,11 +293,12 @@ fn snapshots_taken_every_few_ms_under_qd32_writes_hold_exactly_what_they_should(
     );
 }
 
-/// An injected commit failure (and an fdatasync failure) fails the requests
+/// An injected commit failure (and an fdatasync failure, and a failed write of
+/// the batch's staged clusters) fails the requests
 /// it carried with EIO, and nothing else: earlier acknowledged writes stay,
 /// the in-memory map is not rolled back under them, and the disk goes on.
 #[test]
-fn a_failed_commit_or_fdatasync_fails_only_its_requests_and_the_disk_goes_on() {
+fn a_failed_staged_write_fdatasync_or_commit_fails_only_its_requests_and_the_disk_goes_on() {
     let d = dir("commitfail");
     let faults = Arc::new(Faults::default());
     let (db, pool) = open(&d.0, faults.clone());
@@ -312,7 +313,10 @@ fn a_failed_commit_or_fdatasync_fails_only_its_requests_and_the_disk_goes_on() {
         assert!(wait_tag(&mut ch, 1).result.is_ok());
         submit(&mut ch, wreq(ctx, BS as u64, &block(1, 1), 2));
         assert!(wait_tag(&mut ch, 2).result.is_ok());
-        for (i, point) in [FaultPoint::Commit, FaultPoint::PoolSync].into_iter().enumerate() {
+        for (i, point) in [FaultPoint::Commit, FaultPoint::PoolSync, FaultPoint::StagedWrite]
+            .into_iter()
+            .enumerate()
+        {
             let c = (i as u64 + 1) * CL; // a fresh cluster each time
             f.fail_nth(point, 1);
             // A pipelined batch: the first write to a fresh cluster and a
@@ -353,6 +357,7 @@ fn a_failed_commit_or_fdatasync_fails_only_its_requests_and_the_disk_goes_on() {
         (2, 1),
         (CL / BS as u64, 2),
         (2 * CL / BS as u64, 2),
+        (3 * CL / BS as u64, 2),
     ] {
         assert_eq!(
             version(b, &read_vol(&r, &v, b * BS as u64, BS)),

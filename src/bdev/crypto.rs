@@ -104,6 +104,7 @@ impl Bdev for CryptoBdev {
             stream: self.inner.dma_writes(),
             pool: ctx.pool.clone(),
             sector_size: self.sector_size as usize,
+            shift: self.sector_size.trailing_zeros(),
             capacity: self.capacity,
             max_io: self.max_io_bytes(),
             pending: Slab::default(),
@@ -154,6 +155,9 @@ struct CryptoChannel {
     stream: bool,
     pool: BufPool,
     sector_size: usize,
+    /// log2 of `sector_size` (every supported size is a power of two): sector
+    /// numbers by shifting, not dividing.
+    shift: u32,
     capacity: u64,
     max_io: u64,
     pending: Slab<Pending>,
@@ -171,7 +175,7 @@ impl CryptoChannel {
     /// Encrypt `src` (whole sectors at byte `offset` of the device) into
     /// the bounce buffer `dst`.
     fn encrypt_into(&self, src: &[u8], dst: &mut [u8], offset: u64) {
-        let s0 = offset / self.sector_size as u64;
+        let s0 = offset >> self.shift;
         if self.stream && dst.len() <= STREAM_MAX {
             self.xts.encrypt_sectors_for_device(src, dst, s0, self.sector_size)
         } else {
@@ -212,82 +216,80 @@ impl CryptoChannel {
         }
     }
 
+    #[inline(always)]
     fn send_down(&mut self, req: IoRequest) {
         self.lower.submit(req);
     }
 
-    fn finish_part(&mut self, c: IoCompletion) {
+    /// Handle one completion from below, rewriting it in place into its
+    /// request's answer when it was the request's last part (true), so a batch
+    /// of answers goes up without being copied one by one.
+    fn finish(&mut self, c: &mut IoCompletion) -> bool {
         let idx = c.tag as usize;
         let p = self.pending.get_mut(idx).expect("completion for a live request");
-        if let Err(e) = c.result {
+        if p.parts == 1 && p.error.is_none() {
+            // Every request but a write over 128 KiB. Building a new completion
+            // here costs more than the rest of the bookkeeping: the CPU stalls
+            // copying a struct whose fields it has just written.
+            match p.op {
+                IoOp::Read if p.lent.is_some() => {
+                    let lent = p.lent.take().expect("checked");
+                    // The pool buffer goes back here; the frontend's memory holds the data.
+                    let buf = c.buf.take().expect("read completes with its buffer");
+                    if c.result.is_ok() {
+                        decrypt_to_lent(&self.xts, &buf, &lent, p.offset >> self.shift, self.sector_size);
+                    }
+                }
+                IoOp::Read => {
+                    let buf = c.buf.as_mut().expect("read completes with its buffer");
+                    if c.result.is_ok() {
+                        decrypt_in_place(&self.xts, buf, p.offset >> self.shift, self.sector_size);
+                    } else {
+                        // Never hand back ciphertext as if it were data.
+                        buf.fill(0);
+                    }
+                }
+                // The caller's buffer (now ciphertext) goes back up as it is.
+                IoOp::Write if p.in_place => {}
+                // The bounce buffer goes back to the pool; the caller's comes back.
+                IoOp::Write => c.buf = p.buf.take(),
+                _ => {}
+            }
+            c.tag = p.tag;
+            self.pending.free(idx);
+            return true;
+        }
+        // A part of a write over 128 KiB (or a later part after a failed one).
+        if let Err(e) = std::mem::replace(&mut c.result, Ok(())) {
             if p.error.is_none() {
                 p.error = Some(Box::new(e));
             }
         }
         match p.op {
-            IoOp::Read if p.lent.is_some() => {
-                let buf = c.buf.expect("read completes with its buffer");
-                if p.error.is_none() {
-                    let lent = p.lent.take().expect("checked");
-                    decrypt_to_lent(
-                        &self.xts,
-                        &buf,
-                        &lent,
-                        p.offset / self.sector_size as u64,
-                        self.sector_size,
-                    );
-                }
-                // The pool buffer goes back here; the frontend's memory holds the data.
-            }
-            IoOp::Read => {
-                let mut buf = c.buf.expect("read completes with its buffer");
-                if p.error.is_none() {
-                    decrypt_in_place(
-                        &self.xts,
-                        &mut buf,
-                        p.offset / self.sector_size as u64,
-                        self.sector_size,
-                    );
-                } else {
-                    // Never hand back ciphertext as if it were data.
-                    buf.fill(0);
-                }
-                p.buf = Some(buf);
-            }
-            // The caller's buffer (now ciphertext) goes back up.
-            IoOp::Write if p.in_place => p.buf = c.buf,
-            // The bounce buffer goes back to the pool here.
-            IoOp::Write => drop(c.buf),
-            _ => {}
+            IoOp::Write if p.in_place => p.buf = c.buf.take(),
+            // Bounce buffers go back to the pool here.
+            _ => drop(c.buf.take()),
         }
         p.parts -= 1;
-        if p.parts == 0 {
-            // Take the fields out and free the slot in place: moving the whole
-            // `Pending` out costs more than the rest of this function.
-            let done = IoCompletion {
-                tag: p.tag,
-                op: p.op,
-                result: p.error.take().map_or(Ok(()), |e| Err(*e)),
-                buf: p.buf.take(),
-            };
-            self.pending.free(idx);
-            self.ready.push(done);
+        if p.parts > 0 {
+            return false;
         }
+        *c = IoCompletion {
+            tag: p.tag,
+            op: p.op,
+            result: p.error.take().map_or(Ok(()), |e| Err(*e)),
+            buf: p.buf.take(),
+        };
+        self.pending.free(idx);
+        true
     }
 
-    /// Handle one completion from below, charging a read's bytes to
-    /// `budget`; true once the budget is spent.
-    fn handle_within(&mut self, c: IoCompletion, budget: &mut usize) -> bool {
-        let bytes = match (&c.op, &c.buf) {
+    /// Bytes of a read completion, charged to the decrypt budget.
+    fn read_bytes(c: &IoCompletion) -> usize {
+        match (&c.op, &c.buf) {
             (IoOp::Read, Some(b)) => b.len(),
             _ => 0,
-        };
-        self.finish_part(c);
-        if bytes >= *budget {
-            return true;
         }
-        *budget -= bytes;
-        false
     }
 }
 
@@ -426,7 +428,7 @@ impl Channel for CryptoChannel {
                 let (tag, offset, fua) = (req.tag, req.offset, req.fua);
                 let mut b = req.buf.expect("validated");
                 self.xts
-                    .encrypt_sectors(&mut b, offset / self.sector_size as u64, self.sector_size)
+                    .encrypt_sectors(&mut b, offset >> self.shift, self.sector_size)
                     .expect("validated whole sectors");
                 let idx = self.pending.insert_with(|| Pending {
                     in_place: true,
@@ -512,26 +514,47 @@ impl Channel for CryptoChannel {
     }
 
     fn poll(&mut self, out: &mut Vec<IoCompletion>) -> usize {
-        let mut comps = self.lower.poll();
+        let before = out.len();
+        // Requests refused at submit (invalid) first.
+        out.append(&mut self.ready);
         let mut budget = DECRYPT_BUDGET;
         // Older completions first; new ones go straight through while the
         // budget lasts and wait in the backlog after that.
         let mut spent = false;
         while !spent {
-            let Some(c) = self.backlog.pop_front() else { break };
-            spent = self.handle_within(c, &mut budget);
-        }
-        for c in comps.drain(..) {
-            if spent {
-                self.backlog.push_back(c);
-            } else {
-                spent = self.handle_within(c, &mut budget);
+            let Some(mut c) = self.backlog.pop_front() else { break };
+            let bytes = Self::read_bytes(&c);
+            if self.finish(&mut c) {
+                out.push(c);
             }
+            spent = bytes >= budget;
+            budget = budget.saturating_sub(bytes);
+        }
+        let mut comps = self.lower.poll();
+        // New completions become answers where they lie; those of finished
+        // requests are packed at the front.
+        let (mut i, mut answers) = (0, 0);
+        while i < comps.len() && !spent {
+            let bytes = Self::read_bytes(&comps[i]);
+            if self.finish(&mut comps[i]) {
+                if answers != i {
+                    comps.swap(answers, i);
+                }
+                answers += 1;
+            }
+            spent = bytes >= budget;
+            budget = budget.saturating_sub(bytes);
+            i += 1;
+        }
+        self.backlog.extend(comps.drain(i..));
+        comps.truncate(answers);
+        if out.is_empty() {
+            std::mem::swap(out, &mut comps);
+        } else {
+            out.append(&mut comps);
         }
         self.lower.recycle(comps);
-        let n = self.ready.len();
-        out.append(&mut self.ready);
-        n
+        out.len() - before
     }
 
     fn in_flight(&self) -> usize {

@@ -61,7 +61,10 @@ impl<T> Slab<T> {
     /// handing the value back as [`Slab::remove`] does.
     pub(crate) fn free(&mut self, i: usize) {
         if let Some(slot) = self.items.get_mut(i) {
-            if slot.take().is_some() {
+            if slot.is_some() {
+                // Dropped where it lies: moving the entry out first reads back
+                // fields written moments ago with wider loads, which stalls.
+                *slot = None;
                 self.free.push(i);
                 self.live -= 1;
             }

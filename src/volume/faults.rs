@@ -1,5 +1,6 @@
-//! Fault injection at the two points where the pool's metadata thread makes
-//! things durable: the pool device's fdatasync and the catalog commit.
+//! Fault injection at the three points where the pool's metadata thread makes
+//! things durable: the write of a batch's staged clusters, the pool device's
+//! fdatasync and the catalog commit.
 //!
 //! Tests (and `serve` with `SEALDISK_FAULTS`, for crash harnesses that need
 //! wider race windows) can fail the N-th call from now, delay every call, or
@@ -17,6 +18,8 @@ pub enum FaultPoint {
     PoolSync,
     /// The metadata thread's catalog commit (the volume map change).
     Commit,
+    /// The metadata thread's write of a batch's staged (new or copied) clusters.
+    StagedWrite,
 }
 
 #[derive(Default)]
@@ -39,7 +42,7 @@ struct Hold {
 #[derive(Default)]
 pub struct Faults {
     any: AtomicBool,
-    points: [Point; 2],
+    points: [Point; 3],
 }
 
 impl std::fmt::Debug for Faults {
@@ -53,7 +56,7 @@ impl std::fmt::Debug for Faults {
 
 /// A fault spec item that does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("fault {0:?}: expected POINT:delay=Nms or POINT:fail=N, POINT commit or pool_sync")]
+#[error("fault {0:?}: expected POINT:delay=Nms or POINT:fail=N, POINT commit, pool_sync or staged_write")]
 pub struct FaultSpecError(pub String);
 
 impl Faults {
@@ -105,7 +108,7 @@ impl Faults {
     }
 
     /// Faults from a spec such as `commit:delay=5ms,pool_sync:fail=3`
-    /// (point `commit` or `pool_sync`; `delay=Nms`, `fail=N` for the N-th
+    /// (point `commit`, `pool_sync` or `staged_write`; `delay=Nms`, `fail=N` for the N-th
     /// call).
     pub fn parse(spec: &str) -> Result<Faults, FaultSpecError> {
         let f = Faults::default();
@@ -115,6 +118,7 @@ impl Faults {
             let p = match point {
                 "commit" => FaultPoint::Commit,
                 "pool_sync" => FaultPoint::PoolSync,
+                "staged_write" => FaultPoint::StagedWrite,
                 _ => return Err(bad()),
             };
             let (k, v) = action.split_once('=').ok_or_else(bad)?;
@@ -175,9 +179,11 @@ mod tests {
 
     #[test]
     fn specs_parse_and_bad_ones_are_refused() {
-        let f = Faults::parse("commit:delay=1ms, pool_sync:fail=1").unwrap();
+        let f = Faults::parse("commit:delay=1ms, pool_sync:fail=1, staged_write:fail=2").unwrap();
         assert!(f.at(FaultPoint::PoolSync).is_err());
         assert!(f.at(FaultPoint::Commit).is_ok());
+        assert!(f.at(FaultPoint::StagedWrite).is_ok());
+        assert!(f.at(FaultPoint::StagedWrite).is_err(), "the second staged write fails");
         for bad in [
             "commit",
             "disk:fail=1",

@@ -316,7 +316,16 @@ impl Worker {
         let res = batch
             .iter()
             .try_for_each(|r| self.apply(&txn, r, &mut fx))
-            .and_then(|()| self.staged.write_out(&self.file).map_err(io))
+            .and_then(|()| {
+                if self.staged.is_empty() {
+                    return Ok(());
+                }
+                self.shared
+                    .faults
+                    .at(FaultPoint::StagedWrite)
+                    .and_then(|()| self.staged.write_out(&self.file))
+                    .map_err(io)
+            })
             .map_err(Failure::Prepare)
             .and_then(|()| {
                 let t = Instant::now();

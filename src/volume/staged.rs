@@ -154,6 +154,11 @@ impl Staged {
         }
     }
 
+    /// Whether no cluster is staged.
+    pub(super) fn is_empty(&self) -> bool {
+        self.clusters.is_empty()
+    }
+
     /// Write every staged cluster, runs of adjacent ones as one `pwritev` each.
     pub(super) fn write_out(&mut self, file: &File) -> std::io::Result<()> {
         for c in &mut self.clusters {
