@@ -57,7 +57,8 @@ pub use bdev::null::NullBdev;
 pub use bdev::qos::{QosBdev, QosLimits};
 pub use bdev::uring::{Iopoll, UringBdev, UringOpts};
 pub use bdev::{
-    Bdev, BdevRef, Channel, ChannelCtx, IoCompletion, IoError, IoOp, IoRequest, IopollError, StackError, MAX_IO_BYTES,
+    Bdev, BdevRef, Channel, ChannelCtx, DrainTimeout, IoCompletion, IoError, IoOp, IoQueue, IoRequest, IopollError,
+    StackError, MAX_IO_BYTES,
 };
 
 // Reactors: the polling threads, their rings and buffer pools.

@@ -1,5 +1,6 @@
 //! The few operating-system calls the control plane and the CLI need that std does
-//! not offer, behind safe functions, so those modules stay free of `unsafe`.
+//! not offer, behind safe functions, so those modules stay free of `unsafe`. The
+//! frontends ask [`peer_cred`] too (the pid of a socket's peer, for their log lines).
 
 use std::ffi::CString;
 use std::fs::File;

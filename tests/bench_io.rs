@@ -290,23 +290,33 @@ fn json_output_uses_fio_field_names_and_compare_names_jobs() {
     assert!(svg.starts_with("<svg") && svg.contains("encrypted read"));
 }
 
+/// A job file of two jobs on the null backend: `a` reads 1 MiB, `b` writes 1 MiB
+/// at random through the crypto layer.
+const TWO_JOBS: &str =
+    "[global]\nbackend=null\nbs=4k\niodepth=4\nsize=1m\n\n[a]\nrw=read\n[b]\nrw=randwrite\nencrypt=1\n";
+
+/// `bench io` on the job file `jf` with `extra` options, on core 0: its JSON report.
+fn run_job_file(jf: &std::path::Path, extra: &[&str]) -> serde_json::Value {
+    let out = bin()
+        .args(["bench", "io", "--quiet", "--cores=0", "--output-format=json"])
+        .args(extra)
+        .arg(jf)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{extra:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 #[test]
 fn job_files_run_like_fio() {
     let tmp = common::TempDir::new("benchio-jobfile");
-    let d = &tmp.0;
-    let jf = d.join("t.fio");
-    std::fs::write(
-        &jf,
-        "[global]\nbackend=null\nbs=4k\niodepth=4\nsize=1m\n\n[a]\nrw=read\n[b]\nrw=randwrite\nencrypt=1\n",
-    )
-    .unwrap();
-    let out = bin()
-        .args(["bench", "io", "--quiet", "--cores=0", "--output-format=json"])
-        .arg(&jf)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let jf = tmp.0.join("t.fio");
+    std::fs::write(&jf, TWO_JOBS).unwrap();
+    let v = run_job_file(&jf, &[]);
     let jobs = v["jobs"].as_array().unwrap();
     assert_eq!(jobs.len(), 2);
     assert_eq!(jobs[0]["jobname"], "a");
@@ -318,24 +328,13 @@ fn job_files_run_like_fio() {
 #[test]
 fn iostat_on_stacks_the_statistics_layer_on_every_target() {
     let tmp = common::TempDir::new("benchio-iostat");
-    let d = &tmp.0;
-    let jf = d.join("jobs.fio");
-    std::fs::write(
-        &jf,
-        "[global]\nbackend=null\nbs=4k\niodepth=4\nsize=1m\n\n[a]\nrw=read\n[b]\nrw=randwrite\nencrypt=1\n",
-    )
-    .unwrap();
+    let jf = tmp.0.join("jobs.fio");
+    std::fs::write(&jf, TWO_JOBS).unwrap();
     for (flag, names) in [
         ("--iostat=on", ["iostat(null0)", "iostat(crypto(null0))"]),
         ("--iostat=off", ["null0", "crypto(null0)"]),
     ] {
-        let out = bin()
-            .args(["bench", "io", "--quiet", "--cores=0", "--output-format=json", flag])
-            .arg(&jf)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let v = run_job_file(&jf, &[flag]);
         let jobs = v["jobs"].as_array().unwrap();
         assert_eq!(jobs[0]["job options"]["filename"], names[0]);
         assert_eq!(jobs[1]["job options"]["filename"], names[1]);

@@ -16,7 +16,7 @@ use sealdisk::testing::catalog;
 use sealdisk::Exports;
 use sealdisk::Pool;
 use sealdisk::Reactors;
-use sealdisk::{Control, ControlConfig, ControlError, QosConfig};
+use sealdisk::{Control, ControlConfig, ControlError};
 use sealdisk::{Kms, KmsConfig, QuotaConfig};
 
 const R: &str = "cn-hangzhou";
@@ -40,24 +40,9 @@ impl Env {
         let dir = TempDir::new(tag);
         let mut kc = KmsConfig::local(&dir.0);
         kc.quota = quota;
-        let kms = Arc::new(Kms::open(kc).unwrap());
-        let db = catalog::open(&dir.0.join(catalog::CATALOG_FILE)).unwrap();
-        let pool = Pool::open(db.clone(), &dir.0.join("pool.img"), pool_size).unwrap();
         let reactors = Arc::new(common::reactors(&[0]));
-        let ctl = Control::new(
-            db,
-            pool,
-            kms,
-            Exports::new(),
-            Some(reactors.clone()),
-            ControlConfig {
-                data_dir: dir.0.clone(),
-                qos: QosConfig::default(),
-                import_dir: Some(std::env::temp_dir()),
-                import_devices: false,
-                vmm_gid: None,
-            },
-        );
+        let kms = Kms::open(kc).unwrap();
+        let ctl = common::control_in(&dir.0, kms, pool_size, &reactors, Some(std::env::temp_dir()));
         Env { ctl, reactors, dir }
     }
     fn ok(&self, m: &str, p: Value) -> Value {

@@ -12,11 +12,9 @@ use serde_json::{json, Value};
 
 use common::{run_ios, Op, TempDir};
 use sealdisk::testing::catalog;
-use sealdisk::Exports;
-use sealdisk::Pool;
 use sealdisk::Reactors;
 use sealdisk::{CallOpts, KeyContext, Kms, KmsConfig, QuotaConfig};
-use sealdisk::{Control, ControlConfig, ControlError, QosConfig};
+use sealdisk::{Control, ControlError};
 
 const R: &str = "cn-hangzhou";
 const A: &str = "acct1";
@@ -38,24 +36,8 @@ impl Env {
         let dir = TempDir::new(tag);
         let mut kc = KmsConfig::local(&dir.0);
         kc.quota = quota;
-        let kms = Arc::new(Kms::open(kc).unwrap());
-        let db = catalog::open(&dir.0.join(catalog::CATALOG_FILE)).unwrap();
-        let pool = Pool::open(db.clone(), &dir.0.join("pool.img"), 64 * MIB).unwrap();
         let reactors = Arc::new(common::reactors(&[0]));
-        let ctl = Control::new(
-            db,
-            pool,
-            kms,
-            Exports::new(),
-            Some(reactors.clone()),
-            ControlConfig {
-                data_dir: dir.0.clone(),
-                qos: QosConfig::default(),
-                import_dir: None,
-                import_devices: false,
-                vmm_gid: None,
-            },
-        );
+        let ctl = common::control_in(&dir.0, Kms::open(kc).unwrap(), 64 * MIB, &reactors, None);
         Env {
             ctl,
             reactors,

@@ -15,10 +15,9 @@ use serde_json::{json, Value};
 use common::{run_ios, Op, TempDir};
 use sealdisk::testing::catalog;
 use sealdisk::Client;
-use sealdisk::Exports;
+use sealdisk::Control;
 use sealdisk::Pool;
 use sealdisk::{CallOpts, KeyContext, Kms, KmsConfig};
-use sealdisk::{Control, ControlConfig, QosConfig};
 
 const R: &str = "cn-hangzhou";
 const A: &str = "acct1";
@@ -63,23 +62,7 @@ fn stop(mut d: Daemon) -> String {
 
 /// The daemon's parts in this process (the daemon must not be running).
 fn open_in_process(dir: &Path, reactors: &Arc<sealdisk::Reactors>) -> Arc<Control> {
-    let kms = Arc::new(Kms::open(KmsConfig::local(dir)).unwrap());
-    let db = catalog::open(&dir.join(catalog::CATALOG_FILE)).unwrap();
-    let pool = Pool::open(db.clone(), &dir.join("pool.img"), 64 * MIB).unwrap();
-    Control::new(
-        db,
-        pool,
-        kms,
-        Exports::new(),
-        Some(reactors.clone()),
-        ControlConfig {
-            data_dir: dir.to_owned(),
-            qos: QosConfig::default(),
-            import_dir: None,
-            import_devices: false,
-            vmm_gid: None,
-        },
-    )
+    common::control_in(dir, Kms::open(KmsConfig::local(dir)).unwrap(), 64 * MIB, reactors, None)
 }
 
 fn raw(c: &mut Client, line: &str) -> Value {

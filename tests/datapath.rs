@@ -9,7 +9,7 @@ use common::*;
 use sealdisk::CryptoBdev;
 use sealdisk::MallocBdev;
 use sealdisk::NullBdev;
-use sealdisk::{BdevRef, IoError, IoRequest, MAX_IO_BYTES};
+use sealdisk::{BdevRef, IoError, IoQueue, IoRequest, MAX_IO_BYTES};
 use sealdisk::{ReactorConfig, Reactors, SendError};
 use sealdisk::{UringBdev, UringOpts};
 
@@ -289,19 +289,21 @@ fn crypto_layer_applies_back_pressure_when_bounce_buffers_run_out() {
     let enc: BdevRef = Arc::new(CryptoBdev::new(base, xts(1), 4096).unwrap());
     let (refused, completed) = r
         .call(0, Duration::from_secs(10), move |ctx| {
-            let mut ch = enc.open_channel(&ctx.chan).unwrap();
+            let mut q = IoQueue::new(enc.open_channel(&ctx.chan).unwrap());
             // The whole 1 MiB arena goes to one caller buffer: no room for a
-            // bounce buffer, so the write must be handed back, not dropped.
+            // bounce buffer, so the write must be handed back (the queue holds
+            // it), not dropped.
             let big = ctx.chan.pool.alloc(256 << 10).unwrap();
             let rest: Vec<_> = std::iter::from_fn(|| ctx.chan.pool.alloc(256 << 10)).collect();
-            let refused = match ch.submit(IoRequest::write(0, big, 1)) {
-                Err(req) => req.tag == 1 && req.buf.as_ref().map(|b| b.len()) == Some(256 << 10),
-                Ok(()) => false,
+            q.submit(IoRequest::write(0, big, 1)).map_err(|_| ()).unwrap();
+            let refused = match q.take_held() {
+                Some(req) => req.tag == 1 && req.buf.as_ref().map(|b| b.len()) == Some(256 << 10),
+                None => false,
             };
             drop(rest);
             let b = ctx.chan.pool.alloc(4096).unwrap();
-            ch.submit(IoRequest::write(0, b, 2)).map_err(|_| ()).unwrap();
-            let c = wait_one(&mut *ch);
+            submit(&mut q, IoRequest::write(0, b, 2));
+            let c = wait_next(&mut q);
             (refused, c.tag == 2 && c.result.is_ok())
         })
         .unwrap();
@@ -317,16 +319,17 @@ fn crypto_layer_decrypts_a_large_completion_batch_in_slices() {
     let enc: BdevRef = Arc::new(CryptoBdev::new(base, xts(3), 4096).unwrap());
     let (first_poll, total, intact) = r
         .call(0, Duration::from_secs(10), move |ctx| {
-            let mut ch = enc.open_channel(&ctx.chan).unwrap();
             let n = 2 * DECRYPT_BUDGET / 4096;
+            let mut q = IoQueue::new(enc.open_channel(&ctx.chan).unwrap());
             for i in 0..n {
                 let mut b = ctx.chan.pool.alloc(4096).unwrap();
                 b.copy_from_slice(&random_bytes(4096, i as u64));
-                ch.submit(IoRequest::write(i as u64 * 4096, b, i as u64))
-                    .map_err(|_| ())
-                    .unwrap();
-                assert!(wait_one(&mut *ch).result.is_ok());
+                submit(&mut q, IoRequest::write(i as u64 * 4096, b, i as u64));
+                assert!(wait_next(&mut q).result.is_ok());
             }
+            // The reads on a channel of their own, polled by hand: the test
+            // counts what each poll hands back.
+            let mut ch = enc.open_channel(&ctx.chan).unwrap();
             // The RAM backend completes at once: all n reads are done below
             // before the first poll, and the layer hands them back a budget
             // at a time.
@@ -488,22 +491,15 @@ fn qos_caps_iops_and_bandwidth_without_dropping_requests() {
         let t = std::time::Instant::now();
         let done = r
             .call(0, Duration::from_secs(30), move |ctx| {
-                let mut ch = q.open_channel(&ctx.chan).unwrap();
+                let mut ch = IoQueue::new(q.open_channel(&ctx.chan).unwrap());
                 for i in 0..n {
                     let b = ctx.chan.pool.alloc(4096).unwrap();
-                    ch.submit(IoRequest::write((i as u64 % 2048) * 4096, b, i as u64))
-                        .map_err(|_| ())
-                        .unwrap();
+                    submit(&mut ch, IoRequest::write((i as u64 % 2048) * 4096, b, i as u64));
                 }
-                let mut ok = 0;
-                let mut v = Vec::new();
-                while ok < n {
-                    v.clear();
-                    ch.poll(&mut v);
-                    ok += v.iter().filter(|c| c.result.is_ok()).count();
-                    std::thread::yield_now();
-                }
-                ok
+                let v = ch
+                    .drain(Duration::from_secs(25), None)
+                    .expect("every request completes");
+                v.iter().filter(|c| c.result.is_ok()).count()
             })
             .unwrap();
         assert_eq!(done, n, "every request completes");

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use sealdisk::ReactorCtx;
-use sealdisk::{BdevRef, Channel, IoCompletion, IoRequest};
+use sealdisk::{BdevRef, IoQueue, IoRequest};
 use sealdisk::{FaultPoint, Faults, Pool};
 
 const CL: u64 = 64 << 10;
@@ -78,27 +78,6 @@ fn rreq(ctx: &ReactorCtx, off: u64, len: usize, tag: u64) -> IoRequest {
     IoRequest::read(off, buf, tag)
 }
 
-/// Poll `ch` for up to `d`, collecting completions.
-fn poll_for(ch: &mut dyn Channel, d: Duration, out: &mut Vec<IoCompletion>) {
-    let t = Instant::now();
-    while t.elapsed() < d {
-        ch.poll(out);
-        std::thread::yield_now();
-    }
-}
-
-fn wait_tag(ch: &mut dyn Channel, tag: u64, out: &mut Vec<IoCompletion>) -> IoCompletion {
-    let t = Instant::now();
-    loop {
-        ch.poll(out);
-        if let Some(i) = out.iter().position(|c| c.tag == tag) {
-            return out.remove(i);
-        }
-        assert!(t.elapsed() < Duration::from_secs(20), "request {tag} did not complete");
-        std::thread::yield_now();
-    }
-}
-
 /// Copies the catalog and pool files as they are now: what a machine that
 /// lost power at this moment could find (redb's durable root is the last
 /// committed one; pages written since are garbage it ignores).
@@ -144,27 +123,24 @@ fn a_write_acknowledged_before_a_flush_survives_a_crash_while_the_first_write_co
     let from = d.0.clone();
     let (w2_acked_before_flush, w1, w2) = r
         .call(0, Duration::from_secs(60), move |ctx| {
-            let mut ch = vol.open_channel(&ctx.chan).unwrap();
-            let mut out = Vec::new();
-            ch.submit(wreq(ctx, 0, &block(0, 1), 1)).unwrap();
+            let mut ch = IoQueue::new(vol.open_channel(&ctx.chan).unwrap());
+            submit(&mut ch, wreq(ctx, 0, &block(0, 1), 1));
             assert!(
                 f2.wait_held(FaultPoint::Commit, Duration::from_secs(10)),
                 "W1 reached its commit"
             );
-            ch.submit(wreq(ctx, BS as u64, &block(1, 1), 2)).unwrap();
-            poll_for(&mut *ch, Duration::from_millis(200), &mut out);
+            submit(&mut ch, wreq(ctx, BS as u64, &block(1, 1), 2));
+            // Poll for 200 ms (W1 stays in flight, held at its commit).
+            let out = ch.wait(usize::MAX, Duration::from_millis(200), None);
             let w2_acked = out.iter().any(|c| c.tag == 2 && c.result.is_ok());
-            ch.submit(IoRequest::flush(3)).unwrap();
-            let fl = wait_tag(&mut *ch, 3, &mut out);
+            ch.recycle(out);
+            submit(&mut ch, IoRequest::flush(3));
+            let fl = wait_tag(&mut ch, 3);
             assert!(fl.result.is_ok());
             crash_image(&from, &img2);
             f2.release(FaultPoint::Commit);
-            let w1 = wait_tag(&mut *ch, 1, &mut out).result;
-            let w2 = if w2_acked {
-                Ok(())
-            } else {
-                wait_tag(&mut *ch, 2, &mut out).result
-            };
+            let w1 = wait_tag(&mut ch, 1).result;
+            let w2 = if w2_acked { Ok(()) } else { wait_tag(&mut ch, 2).result };
             (w2_acked, w1, w2)
         })
         .unwrap();
@@ -221,11 +197,10 @@ fn snapshots_taken_every_few_ms_under_qd32_writes_hold_exactly_what_they_should(
         let r = r.clone();
         move || {
             r.call(0, Duration::from_secs(120), move |ctx| {
-                let mut ch = vol.open_channel(&ctx.chan).unwrap();
+                let mut ch = IoQueue::new(vol.open_channel(&ctx.chan).unwrap());
                 let mut rng = 0x9e3779b97f4a7c15u64;
                 let mut inflight: HashMap<u64, (u64, u64)> = HashMap::new(); // tag=block -> (version, submitted)
                 let mut next_v: HashMap<u64, u64> = HashMap::new();
-                let mut out = Vec::new();
                 let mut acked = 0u64;
                 while !s2.load(SeqCst) || !inflight.is_empty() {
                     while !s2.load(SeqCst) && inflight.len() < QD {
@@ -239,10 +214,10 @@ fn snapshots_taken_every_few_ms_under_qd32_writes_hold_exactly_what_they_should(
                         let v = next_v.entry(b).or_insert(0);
                         *v += 1;
                         let at = c2.fetch_add(1, SeqCst);
-                        ch.submit(wreq(ctx, b * BS as u64, &block(b, *v), b)).unwrap();
+                        submit(&mut ch, wreq(ctx, b * BS as u64, &block(b, *v), b));
                         inflight.insert(b, (*v, at));
                     }
-                    ch.poll(&mut out);
+                    let mut out = ch.reap();
                     for c in out.drain(..) {
                         assert!(c.result.is_ok(), "write failed: {:?}", c.result);
                         let at = c2.fetch_add(1, SeqCst);
@@ -250,6 +225,7 @@ fn snapshots_taken_every_few_ms_under_qd32_writes_hold_exactly_what_they_should(
                         h2.lock().unwrap().entry(c.tag).or_default().push((v, sub, at));
                         acked += 1;
                     }
+                    ch.recycle(out);
                 }
                 acked
             })
@@ -331,13 +307,12 @@ fn a_failed_staged_write_fdatasync_or_commit_fails_only_its_requests_and_the_dis
     let r = reactors(&[0]);
     let f = faults.clone();
     r.call(0, Duration::from_secs(60), move |ctx| {
-        let mut ch = vol.open_channel(&ctx.chan).unwrap();
-        let mut out = Vec::new();
+        let mut ch = IoQueue::new(vol.open_channel(&ctx.chan).unwrap());
         // Cluster 0 allocated and acknowledged, then written on the fast path.
-        ch.submit(wreq(ctx, 0, &block(0, 1), 1)).unwrap();
-        assert!(wait_tag(&mut *ch, 1, &mut out).result.is_ok());
-        ch.submit(wreq(ctx, BS as u64, &block(1, 1), 2)).unwrap();
-        assert!(wait_tag(&mut *ch, 2, &mut out).result.is_ok());
+        submit(&mut ch, wreq(ctx, 0, &block(0, 1), 1));
+        assert!(wait_tag(&mut ch, 1).result.is_ok());
+        submit(&mut ch, wreq(ctx, BS as u64, &block(1, 1), 2));
+        assert!(wait_tag(&mut ch, 2).result.is_ok());
         for (i, point) in [FaultPoint::Commit, FaultPoint::PoolSync, FaultPoint::StagedWrite]
             .into_iter()
             .enumerate()
@@ -346,27 +321,27 @@ fn a_failed_staged_write_fdatasync_or_commit_fails_only_its_requests_and_the_dis
             f.fail_nth(point, 1);
             // A pipelined batch: the first write to a fresh cluster and a
             // fast-path write beside it.
-            ch.submit(wreq(ctx, c, &block(c / BS as u64, 1), 10)).unwrap();
-            ch.submit(wreq(ctx, 2 * BS as u64, &block(2, 1), 11)).unwrap();
-            let failed = wait_tag(&mut *ch, 10, &mut out);
+            submit(&mut ch, wreq(ctx, c, &block(c / BS as u64, 1), 10));
+            submit(&mut ch, wreq(ctx, 2 * BS as u64, &block(2, 1), 11));
+            let failed = wait_tag(&mut ch, 10);
             assert_eq!(
                 failed.result,
                 Err(sealdisk::IoError::Device { errno: libc::EIO }),
                 "{point:?}"
             );
-            assert!(wait_tag(&mut *ch, 11, &mut out).result.is_ok());
+            assert!(wait_tag(&mut ch, 11).result.is_ok());
             // Reads: the failed write is not there, the acknowledged ones are.
-            ch.submit(rreq(ctx, c, BS, 12)).unwrap();
-            let rd = wait_tag(&mut *ch, 12, &mut out);
+            submit(&mut ch, rreq(ctx, c, BS, 12));
+            let rd = wait_tag(&mut ch, 12);
             assert_eq!(version(c / BS as u64, &rd.buf.unwrap()), 0, "{point:?}");
             for b in 0..3u64 {
-                ch.submit(rreq(ctx, b * BS as u64, BS, 13)).unwrap();
-                let rd = wait_tag(&mut *ch, 13, &mut out);
+                submit(&mut ch, rreq(ctx, b * BS as u64, BS, 13));
+                let rd = wait_tag(&mut ch, 13);
                 assert_eq!(version(b, &rd.buf.unwrap()), 1, "{point:?}: block {b}");
             }
             // The disk goes on: the same write now succeeds.
-            ch.submit(wreq(ctx, c, &block(c / BS as u64, 2), 14)).unwrap();
-            assert!(wait_tag(&mut *ch, 14, &mut out).result.is_ok(), "{point:?}");
+            submit(&mut ch, wreq(ctx, c, &block(c / BS as u64, 2), 14));
+            assert!(wait_tag(&mut ch, 14).result.is_ok(), "{point:?}");
         }
     })
     .unwrap();
@@ -414,32 +389,31 @@ fn a_freed_cluster_is_not_reused_while_a_read_may_still_address_it() {
     let db2 = db.clone();
     let (x, while_read, after_read) = r
         .call(0, Duration::from_secs(60), move |ctx| {
-            let mut out = Vec::new();
-            let mut ca = a.open_channel(&ctx.chan).unwrap();
-            ca.submit(wreq(ctx, 0, &block(0, 1), 1)).unwrap();
-            assert!(wait_tag(&mut *ca, 1, &mut out).result.is_ok());
+            let mut ca = IoQueue::new(a.open_channel(&ctx.chan).unwrap());
+            submit(&mut ca, wreq(ctx, 0, &block(0, 1), 1));
+            assert!(wait_tag(&mut ca, 1).result.is_ok());
             let x = phys(&db2, "a", 0).expect("a's cluster 0 is mapped");
             // The stalled read: submitted on its own channel, not reaped.
-            let mut stalled = a.open_channel(&ctx.chan).unwrap();
-            stalled.submit(rreq(ctx, 0, BS, 2)).unwrap();
+            let mut stalled = IoQueue::new(a.open_channel(&ctx.chan).unwrap());
+            submit(&mut stalled, rreq(ctx, 0, BS, 2));
             // Discard a's cluster 0: it is free now.
-            ca.submit(IoRequest::unmap(0, CL, 3)).unwrap();
-            assert!(wait_tag(&mut *ca, 3, &mut out).result.is_ok());
+            submit(&mut ca, IoRequest::unmap(0, CL, 3));
+            assert!(wait_tag(&mut ca, 3).result.is_ok());
             assert_eq!(phys(&db2, "a", 0), None);
             // b's first write must get another cluster.
-            let mut cb = b.open_channel(&ctx.chan).unwrap();
-            cb.submit(wreq(ctx, 0, &block(0, 7), 4)).unwrap();
-            assert!(wait_tag(&mut *cb, 4, &mut out).result.is_ok());
+            let mut cb = IoQueue::new(b.open_channel(&ctx.chan).unwrap());
+            submit(&mut cb, wreq(ctx, 0, &block(0, 7), 4));
+            assert!(wait_tag(&mut cb, 4).result.is_ok());
             let while_read = phys(&db2, "b", 0).unwrap();
             // The read completes (it returns what was there: the old data).
-            let rd = wait_tag(&mut *stalled, 2, &mut out);
+            let rd = wait_tag(&mut stalled, 2);
             assert_eq!(version(0, &rd.buf.unwrap()), 1);
             drop(stalled);
             // Give the metadata thread a moment to end the grace period, then
             // b's next fresh cluster may be the freed one.
             std::thread::sleep(Duration::from_millis(50));
-            cb.submit(wreq(ctx, CL, &block(CL / BS as u64, 7), 5)).unwrap();
-            assert!(wait_tag(&mut *cb, 5, &mut out).result.is_ok());
+            submit(&mut cb, wreq(ctx, CL, &block(CL / BS as u64, 7), 5));
+            assert!(wait_tag(&mut cb, 5).result.is_ok());
             (x, while_read, phys(&db2, "b", 1).unwrap())
         })
         .unwrap();
@@ -685,14 +659,13 @@ fn a_snapshot_waits_for_fast_path_writes_in_flight_and_the_live_disk_keeps_them(
     let (db2, pool2) = (db.clone(), pool.clone());
     let waited = r
         .call(0, Duration::from_secs(60), move |ctx| {
-            let mut out = Vec::new();
-            let mut ch = vol.open_channel(&ctx.chan).unwrap();
-            ch.submit(wreq(ctx, 0, &block(0, 1), 1)).unwrap();
-            assert!(wait_tag(&mut *ch, 1, &mut out).result.is_ok());
+            let mut ch = IoQueue::new(vol.open_channel(&ctx.chan).unwrap());
+            submit(&mut ch, wreq(ctx, 0, &block(0, 1), 1));
+            assert!(wait_tag(&mut ch, 1).result.is_ok());
             // The cluster is owned now: this write takes the fast path and
             // stays in flight until its channel is polled.
-            let mut inflight = vol.open_channel(&ctx.chan).unwrap();
-            inflight.submit(wreq(ctx, BS as u64, &block(1, 1), 2)).unwrap();
+            let mut inflight = IoQueue::new(vol.open_channel(&ctx.chan).unwrap());
+            submit(&mut inflight, wreq(ctx, BS as u64, &block(1, 1), 2));
             let snap = std::thread::spawn(move || {
                 let w = db2.begin_write().unwrap();
                 pool2.clone_volume(&w, "v", "snap", 1 << 20).unwrap();
@@ -700,11 +673,11 @@ fn a_snapshot_waits_for_fast_path_writes_in_flight_and_the_live_disk_keeps_them(
             });
             std::thread::sleep(Duration::from_millis(200));
             let waited = !snap.is_finished();
-            assert!(wait_tag(&mut *inflight, 2, &mut out).result.is_ok());
+            assert!(wait_tag(&mut inflight, 2).result.is_ok());
             snap.join().unwrap();
             // Copy-on-write of the now shared cluster.
-            ch.submit(wreq(ctx, 2 * BS as u64, &block(2, 1), 3)).unwrap();
-            assert!(wait_tag(&mut *ch, 3, &mut out).result.is_ok());
+            submit(&mut ch, wreq(ctx, 2 * BS as u64, &block(2, 1), 3));
+            assert!(wait_tag(&mut ch, 3).result.is_ok());
             waited
         })
         .unwrap();

@@ -11,7 +11,7 @@ use common::*;
 use sealdisk::testing::Dir;
 use sealdisk::MallocBdev;
 use sealdisk::StatsBdev;
-use sealdisk::{BdevRef, IoRequest};
+use sealdisk::{BdevRef, IoQueue, IoRequest};
 use sealdisk::{QosBdev, QosLimits};
 
 fn over(b: BdevRef) -> (BdevRef, Arc<sealdisk::DiskStats>) {
@@ -108,13 +108,16 @@ fn channels_in_turn_reuse_one_shard_and_channels_at_once_get_their_own() {
     // Two channels open at once: a shard each, counts summed.
     let bd = b.clone();
     r.call(1, Duration::from_secs(30), move |ctx| {
-        let mut chans = [bd.open_channel(&ctx.chan).unwrap(), bd.open_channel(&ctx.chan).unwrap()];
+        let mut chans = [
+            IoQueue::new(bd.open_channel(&ctx.chan).unwrap()),
+            IoQueue::new(bd.open_channel(&ctx.chan).unwrap()),
+        ];
         for k in 0..100u64 {
-            let ch = &mut chans[(k % 2) as usize];
+            let q = &mut chans[(k % 2) as usize];
             let mut buf = ctx.chan.pool.alloc(512).unwrap();
             buf.set_len(512);
-            ch.submit(IoRequest::read(k * 512, buf, k)).unwrap();
-            assert_eq!(wait_one(&mut **ch).tag, k);
+            submit(q, IoRequest::read(k * 512, buf, k));
+            assert_eq!(wait_next(q).tag, k);
         }
     })
     .unwrap();
@@ -136,13 +139,13 @@ fn qos_holds_and_held_time_are_counted() {
     let (b, st) = over(q);
     let bd = b.clone();
     r.call(0, Duration::from_secs(30), move |ctx| {
-        let mut ch = bd.open_channel(&ctx.chan).unwrap();
+        let mut q = IoQueue::new(bd.open_channel(&ctx.chan).unwrap());
         for k in 0..5u64 {
             let mut buf = ctx.chan.pool.alloc(512).unwrap();
             buf.set_len(512);
-            ch.submit(IoRequest::read(k * 512, buf, k)).unwrap();
+            submit(&mut q, IoRequest::read(k * 512, buf, k));
         }
-        let mut tags: Vec<u64> = (0..5).map(|_| wait_one(&mut *ch).tag).collect();
+        let mut tags: Vec<u64> = (0..5).map(|_| wait_next(&mut q).tag).collect();
         tags.sort();
         assert_eq!(tags, [0, 1, 2, 3, 4]);
     })
@@ -203,12 +206,12 @@ fn a_request_after_an_idle_spell_is_stamped_afresh() {
     let (b, st) = over(Arc::new(MallocBdev::new("m", 1 << 20, 512)));
     let bd = b.clone();
     r.call(0, Duration::from_secs(30), move |ctx| {
-        let mut ch = bd.open_channel(&ctx.chan).unwrap();
+        let mut q = IoQueue::new(bd.open_channel(&ctx.chan).unwrap());
         for k in 0..3u64 {
             let mut buf = ctx.chan.pool.alloc(512).unwrap();
             buf.set_len(512);
-            ch.submit(IoRequest::read(0, buf, k)).unwrap();
-            assert_eq!(wait_one(&mut *ch).tag, k);
+            submit(&mut q, IoRequest::read(0, buf, k));
+            assert_eq!(wait_next(&mut q).tag, k);
             // Idle: no request in flight, the channel not polled.
             std::thread::sleep(Duration::from_millis(300));
         }

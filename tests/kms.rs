@@ -1643,19 +1643,15 @@ fn a_slow_kms_does_not_delay_first_writes_to_another_disk() {
         let bdev = a_bdev.clone();
         let res = reactors
             .call(0, Duration::from_secs(30), move |ctx| {
-                let mut ch = bdev.open_channel(&ctx.chan).unwrap();
+                let mut q = sealdisk::IoQueue::new(bdev.open_channel(&ctx.chan).unwrap());
                 let mut buf = ctx.chan.pool.alloc(4096).unwrap();
                 buf.set_len(4096);
                 buf.fill(0x5a);
-                ch.submit(IoRequest::write(c * (256 << 10), buf, 1)).unwrap();
-                let mut out = Vec::new();
-                loop {
-                    ch.poll(&mut out);
-                    if let Some(done) = out.pop() {
-                        return done.result;
-                    }
-                    std::thread::yield_now();
-                }
+                q.submit(IoRequest::write(c * (256 << 10), buf, 1))
+                    .map_err(|_| ())
+                    .unwrap();
+                let mut out = q.wait(1, Duration::from_secs(20), None);
+                out.pop().expect("the first write completes within 20 s").result
             })
             .unwrap();
         assert!(res.is_ok(), "{res:?}");

@@ -139,14 +139,40 @@ fn assert_consistent(data: &Path, migrations: u64) {
     assert_eq!(c["Migrations"], migrations, "{c}");
 }
 
-/// Attaches `disk` to a new instance; its NBD URI on the admin socket.
-fn attach(data: &Path, disk: &str) -> String {
-    let inst = common::rpc(data, "CreateInstance", json!({"SystemDisk.SizeBytes": 4 << 20}))["InstanceId"]
+/// The NBD URI of the attached disk `disk` on the admin socket.
+fn nbd_uri(data: &Path, disk: &str) -> String {
+    format!("nbd+unix:///{disk}?socket={}", data.join("nbd.sock").display())
+}
+
+/// Runs qemu-io's `cmds` on the raw image at `uri`: they all succeed and every pattern
+/// read back matches.
+fn qemu_io(uri: &str, cmds: &[&str]) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let out = c.arg(uri).output().expect("qemu-io (qemu-utils)");
+    assert!(
+        out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("verification failed"),
+        "qemu-io {cmds:?}: {}",
+        text(&out)
+    );
+}
+
+/// A new instance (with a 4 MiB system disk): its id.
+fn new_instance(data: &Path) -> String {
+    common::rpc(data, "CreateInstance", json!({"SystemDisk.SizeBytes": 4 << 20}))["InstanceId"]
         .as_str()
         .unwrap()
-        .to_owned();
+        .to_owned()
+}
+
+/// Attaches `disk` to a new instance; its NBD URI on the admin socket.
+fn attach(data: &Path, disk: &str) -> String {
+    let inst = new_instance(data);
     common::rpc(data, "AttachDisk", json!({"DiskId": disk, "InstanceId": inst}));
-    format!("nbd+unix:///{disk}?socket={}", data.join("nbd.sock").display())
+    nbd_uri(data, disk)
 }
 
 /// `qemu-img compare` of a raw file (or NBD URI) and an NBD URI: identical.
@@ -271,13 +297,8 @@ fn a_live_plaintext_disk_into_an_existing_empty_encrypted_disk() {
     let data = env.data();
     let _d = env.daemon(&[]);
     let (_inst, plain, _) = common::instance_with_disk(&data, 16 * MIB, false);
-    let src_uri = format!("nbd+unix:///{plain}?socket={}", data.join("nbd.sock").display());
-    let out = Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "write -P 0x5a 1M 1M", "-c", "write -P 0x17 9M 12k"])
-        .arg(&src_uri)
-        .output()
-        .expect("qemu-io (qemu-utils)");
-    assert!(out.status.success(), "{}", text(&out));
+    let src_uri = nbd_uri(&data, &plain);
+    qemu_io(&src_uri, &["write -P 0x5a 1M 1M", "write -P 0x17 9M 12k"]);
     let target = common::rpc(&data, "CreateDisk", json!({"SizeBytes": 32 * MIB, "Encrypted": true}))["DiskId"]
         .as_str()
         .unwrap()
@@ -297,24 +318,9 @@ fn a_live_plaintext_disk_into_an_existing_empty_encrypted_disk() {
     assert_eq!(r["TargetAllocatedBytes"], 5 * CLUSTER, "{r}");
     // The target has the source's bytes, and zeros past the source's end.
     let t_uri = attach(&data, &target);
-    let out = Command::new("qemu-io")
-        .args([
-            "-f",
-            "raw",
-            "-c",
-            "read -P 0x5a 1M 1M",
-            "-c",
-            "read -P 0x17 9M 12k",
-            "-c",
-            "read -P 0 16M 16M",
-        ])
-        .arg(&t_uri)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("Pattern verification failed"),
-        "{}",
-        text(&out)
+    qemu_io(
+        &t_uri,
+        &["read -P 0x5a 1M 1M", "read -P 0x17 9M 12k", "read -P 0 16M 16M"],
     );
     // Now it holds data: a second migration into it is refused.
     let (code, msg) = migrate(&data, json!({"SourceDiskId": plain, "TargetDiskId": target})).unwrap_err();
@@ -344,20 +350,9 @@ fn every_refusal_has_its_code_and_changes_nothing() {
     let full_enc = mk(64 * MIB, true);
     let attached_enc = mk(64 * MIB, true);
     // Data in `full_enc` (attach, write, detach).
-    let inst = common::rpc(&data, "CreateInstance", json!({"SystemDisk.SizeBytes": 4 << 20}))["InstanceId"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let inst = new_instance(&data);
     common::rpc(&data, "AttachDisk", json!({"DiskId": full_enc, "InstanceId": inst}));
-    let out = Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "write -P 1 0 4k"])
-        .arg(format!(
-            "nbd+unix:///{full_enc}?socket={}",
-            data.join("nbd.sock").display()
-        ))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    qemu_io(&nbd_uri(&data, &full_enc), &["write -P 1 0 4k"]);
     common::rpc(&data, "DetachDisk", json!({"DiskId": full_enc, "InstanceId": inst}));
     common::rpc(&data, "AttachDisk", json!({"DiskId": attached_enc, "InstanceId": inst}));
     // A socket file no one listens on, beneath the import directory.
@@ -735,13 +730,8 @@ fn an_interrupted_decryption_keeps_the_source_key_until_it_finishes() {
     let data = env.data();
     let _d = env.daemon(SLOW);
     let (inst, enc, _) = common::instance_with_disk(&data, 48 * MIB, true);
-    let uri = format!("nbd+unix:///{enc}?socket={}", data.join("nbd.sock").display());
-    let out = Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "write -P 0x3c 0 48M"])
-        .arg(&uri)
-        .output()
-        .expect("qemu-io (qemu-utils)");
-    assert!(out.status.success(), "{}", text(&out));
+    let uri = nbd_uri(&data, &enc);
+    qemu_io(&uri, &["write -P 0x3c 0 48M"]);
     // From the attached disk (a point-in-time clone) into a new unencrypted disk; stopped.
     let start = Instant::now();
     let r = call(&data, "MigrateDisk", json!({"SourceDiskId": enc})).unwrap();
@@ -759,12 +749,7 @@ fn an_interrupted_decryption_keeps_the_source_key_until_it_finishes() {
     assert_consistent(&data, 1);
     // The VM overwrites its disk, then the disk is deleted: the migration still holds the
     // clone and the key (no shred yet; the catalog's key reference counts agree).
-    let out = Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "write -P 0x77 0 1M"])
-        .arg(&uri)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    qemu_io(&uri, &["write -P 0x77 0 1M"]);
     common::rpc(&data, "DetachDisk", json!({"DiskId": enc, "InstanceId": inst}));
     common::rpc(&data, "DeleteDisk", json!({"DiskId": enc}));
     let shreds = |data: &Path| {
@@ -784,16 +769,7 @@ fn an_interrupted_decryption_keeps_the_source_key_until_it_finishes() {
     assert_eq!(r["BytesWritten"], 48 * MIB, "{r}");
     assert_eq!(shreds(&data), 1);
     assert_consistent(&data, 0);
-    let out = Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "read -P 0x3c 0 48M"])
-        .arg(attach(&data, &target))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("verification failed"),
-        "{}",
-        text(&out)
-    );
+    qemu_io(&attach(&data, &target), &["read -P 0x3c 0 48M"]);
 }
 
 #[test]
@@ -807,10 +783,7 @@ fn an_interrupted_migration_into_an_existing_disk_blocks_attach_and_abandon_empt
         .as_str()
         .unwrap()
         .to_owned();
-    let inst = common::rpc(&data, "CreateInstance", json!({"SystemDisk.SizeBytes": 4 << 20}))["InstanceId"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let inst = new_instance(&data);
     let before = clusters_in_use(&data);
     let start = Instant::now();
     let r = call(
@@ -872,17 +845,5 @@ fn an_interrupted_migration_into_an_existing_disk_blocks_attach_and_abandon_empt
     assert_eq!(clusters_in_use(&data), before);
     assert_consistent(&data, 0);
     common::rpc(&data, "AttachDisk", json!({"DiskId": target, "InstanceId": inst}));
-    let out = Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "read -P 0 0 16M"])
-        .arg(format!(
-            "nbd+unix:///{target}?socket={}",
-            data.join("nbd.sock").display()
-        ))
-        .output()
-        .expect("qemu-io (qemu-utils)");
-    assert!(
-        out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("verification failed"),
-        "{}",
-        text(&out)
-    );
+    qemu_io(&nbd_uri(&data, &target), &["read -P 0 0 16M"]);
 }

@@ -45,31 +45,14 @@ impl Fixture {
             .unwrap();
         let dir = tmp.path().to_path_buf();
         let cores: Vec<usize> = sealdisk::all_cores().into_iter().take(2).collect();
-        let reactors = Arc::new(
-            Reactors::start(&ReactorConfig {
-                cores,
-                pool_bytes: 64 << 20,
-                ..ReactorConfig::default()
-            })
-            .expect("reactors"),
-        );
+        let reactors = start_reactors(cores, ReactorConfig::default().park_timeout);
         let exports = Exports::new();
         let plain: BdevRef = Arc::new(MallocBdev::new("plain", 64 * MIB, 512));
         exports.add(Export::new("plain", plain, false)).unwrap();
         let base: BdevRef = Arc::new(MallocBdev::new("secret-base", 64 * MIB, 512));
-        let enc: BdevRef = Arc::new(CryptoBdev::new(base, xts(7), 4096).unwrap());
-        exports.add(Export::new("secret", enc, false)).unwrap();
+        add_encrypted(&exports, "secret", base, 7);
         let sock = dir.join("nbd.sock");
-        let server = NbdServer::start(
-            NbdConfig {
-                unix_path: Some(sock.clone()),
-                tcp: None,
-                ..Default::default()
-            },
-            reactors.clone(),
-            exports.clone(),
-        )
-        .expect("NBD server starts");
+        let server = serve_unix(&sock, &reactors, &exports);
         Fixture {
             _tmp: tmp,
             dir,
@@ -119,6 +102,33 @@ impl Drop for Fixture {
             s.shutdown();
         }
     }
+}
+
+/// Reactors on `cores` with 64 MiB buffer pools.
+fn start_reactors(cores: Vec<usize>, park_timeout: Duration) -> Arc<Reactors> {
+    let cfg = ReactorConfig {
+        cores,
+        pool_bytes: 64 << 20,
+        park_timeout,
+        ..ReactorConfig::default()
+    };
+    Arc::new(Reactors::start(&cfg).expect("reactors"))
+}
+
+/// Exports `base` under the crypto layer (4096-byte sectors, the test key `seed`) as `name`.
+fn add_encrypted(exports: &Exports, name: &str, base: BdevRef, seed: u8) {
+    let enc: BdevRef = Arc::new(CryptoBdev::new(base, xts(seed), 4096).unwrap());
+    exports.add(Export::new(name, enc, false)).unwrap();
+}
+
+/// An NBD server for `exports` on the unix socket `sock`.
+fn serve_unix(sock: &Path, reactors: &Arc<Reactors>, exports: &Arc<Exports>) -> NbdServer {
+    let cfg = NbdConfig {
+        unix_path: Some(sock.to_path_buf()),
+        tcp: None,
+        ..Default::default()
+    };
+    NbdServer::start(cfg, reactors.clone(), exports.clone()).expect("NBD server starts")
 }
 
 /// Run a client tool; a missing tool fails the test with a clear message.
@@ -261,9 +271,7 @@ fn qemu_img_convert_into_encrypted_export_and_compare() {
     let f = Fixture::new("convert");
     let size = 24 * MIB;
     let pool = f.dir.join("pool.img");
-    let base: BdevRef = Arc::new(file_bdev(&pool, size));
-    let enc: BdevRef = Arc::new(CryptoBdev::new(base, xts(42), 4096).unwrap());
-    f.exports.add(Export::new("disk-enc", enc, false)).unwrap();
+    add_encrypted(&f.exports, "disk-enc", Arc::new(file_bdev(&pool, size)), 42);
     // A random image with a zero hole in the middle (qemu-img writes zeroes
     // for it with WRITE_ZEROES).
     let img = f.dir.join("src.raw");
@@ -747,30 +755,16 @@ fn tcp_listener_on_loopback() {
 fn no_completion_is_slept_on_with_a_long_park_timeout() {
     let tmp = common::TempDir::new("nbd-park");
     let dir = &tmp.0;
-    let reactors = Arc::new(
-        Reactors::start(&ReactorConfig {
-            cores: vec![sealdisk::all_cores()[0]],
-            pool_bytes: 64 << 20,
-            park_timeout: Duration::from_secs(60),
-            ..ReactorConfig::default()
-        })
-        .unwrap(),
-    );
+    let reactors = start_reactors(vec![sealdisk::all_cores()[0]], Duration::from_secs(60));
     let exports = Exports::new();
-    let base: BdevRef = Arc::new(file_bdev(&dir.join("disk.img"), 64 * MIB));
-    let enc: BdevRef = Arc::new(CryptoBdev::new(base, xts(3), 4096).unwrap());
-    exports.add(Export::new("disk", enc, false)).unwrap();
+    add_encrypted(
+        &exports,
+        "disk",
+        Arc::new(file_bdev(&dir.join("disk.img"), 64 * MIB)),
+        3,
+    );
     let sock = dir.join("nbd.sock");
-    let server = NbdServer::start(
-        NbdConfig {
-            unix_path: Some(sock.clone()),
-            tcp: None,
-            ..Default::default()
-        },
-        reactors.clone(),
-        exports.clone(),
-    )
-    .unwrap();
+    let server = serve_unix(&sock, &reactors, &exports);
     let uri = format!("nbd+unix:///disk?socket={}", sock.display());
     let t = Instant::now();
     let out = run(

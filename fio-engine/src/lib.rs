@@ -41,7 +41,7 @@ use sealdisk::CryptoBdev;
 use sealdisk::MallocBdev;
 use sealdisk::NullBdev;
 use sealdisk::Xts;
-use sealdisk::{BdevRef, Channel, ChannelCtx, IoCompletion, IoError, IoOp, IoRequest, MAX_IO_BYTES};
+use sealdisk::{BdevRef, ChannelCtx, IoCompletion, IoError, IoOp, IoQueue, IoRequest, MAX_IO_BYTES};
 use sealdisk::{Ring, RingOpts};
 use sealdisk::{UringBdev, UringOpts};
 
@@ -362,16 +362,22 @@ fn bdev_for(spec: &str) -> Result<BdevRef, String> {
 
 struct Engine {
     ctx: ChannelCtx,
-    chans: Vec<Option<Box<dyn Channel>>>,
+    /// One per open file (`engine_pos`): its channel, driven by `IoQueue`.
+    queues: Vec<Option<IoQueue>>,
     /// Per channel: its writes may be encrypted in place (`inplace=1`).
     inplace: Vec<bool>,
+    tags: Tags,
+    events: Vec<*mut IoU>,
+}
+
+/// The io_us the engine holds: in flight by tag, and completed ones not yet
+/// handed to fio.
+struct Tags {
     /// io_u of each tag in flight.
     slots: Vec<*mut IoU>,
     free: Vec<usize>,
     live: usize,
     ready: VecDeque<*mut IoU>,
-    events: Vec<*mut IoU>,
-    comps: Vec<IoCompletion>,
 }
 
 thread_local! {
@@ -406,14 +412,15 @@ fn new_engine() -> Result<Engine, String> {
             // The engine polls from fio's getevents; nothing to wake.
             waker: std::sync::Arc::new(|| {}),
         },
-        chans: Vec::new(),
+        queues: Vec::new(),
         inplace: Vec::new(),
-        slots: Vec::new(),
-        free: Vec::new(),
-        live: 0,
-        ready: VecDeque::new(),
+        tags: Tags {
+            slots: Vec::new(),
+            free: Vec::new(),
+            live: 0,
+            ready: VecDeque::new(),
+        },
         events: Vec::new(),
-        comps: Vec::new(),
     })
 }
 
@@ -442,40 +449,51 @@ fn errno_of(e: &IoError) -> u32 {
     }
 }
 
-impl Engine {
-    fn reap(&mut self) -> usize {
-        let mut comps = std::mem::take(&mut self.comps);
-        for c in self.chans.iter_mut().flatten() {
-            c.poll(&mut comps);
-        }
-        let n = comps.len();
-        for c in comps.drain(..) {
-            let idx = c.tag as usize;
-            let io_u = self.slots[idx];
-            self.free.push(idx);
-            self.live -= 1;
-            let err = match &c.result {
-                Ok(()) => 0,
-                Err(e) => errno_of(e),
-            };
-            if let (IoOp::Read, Ok(()), Some(b)) = (c.op, &c.result, &c.buf) {
-                // SAFETY: io_u is a live fio io_u in flight (fio keeps it
-                // until we return it from `event`); xfer_buf holds
-                // xfer_buflen bytes, the length of this read buffer.
-                unsafe {
-                    let dst: *mut u8 = get(io_u.cast(), off::IO_U_XFER_BUF);
-                    std::ptr::copy_nonoverlapping(b.as_ptr(), dst, b.len());
-                }
-            }
-            // SAFETY: as above; error and resid are engine-writable fields.
+impl Tags {
+    /// Hand a completion's result (and a read's data) to its io_u and queue it
+    /// for `event`.
+    fn complete(&mut self, c: IoCompletion) {
+        let idx = c.tag as usize;
+        let io_u = self.slots[idx];
+        self.free.push(idx);
+        self.live -= 1;
+        let err = match &c.result {
+            Ok(()) => 0,
+            Err(e) => errno_of(e),
+        };
+        if let (IoOp::Read, Ok(()), Some(b)) = (c.op, &c.result, &c.buf) {
+            // SAFETY: io_u is a live fio io_u in flight (fio keeps it
+            // until we return it from `event`); xfer_buf holds
+            // xfer_buflen bytes, the length of this read buffer.
             unsafe {
-                set::<c_uint>(io_u.cast(), off::IO_U_ERROR, err);
-                set::<u64>(io_u.cast(), off::IO_U_RESID, 0);
+                let dst: *mut u8 = get(io_u.cast(), off::IO_U_XFER_BUF);
+                std::ptr::copy_nonoverlapping(b.as_ptr(), dst, b.len());
             }
-            self.ready.push_back(io_u);
         }
-        self.comps = comps;
-        n
+        // SAFETY: as above; error and resid are engine-writable fields.
+        unsafe {
+            set::<c_uint>(io_u.cast(), off::IO_U_ERROR, err);
+            set::<u64>(io_u.cast(), off::IO_U_RESID, 0);
+        }
+        self.ready.push_back(io_u);
+    }
+
+    /// Complete everything in `v` and give the vector back to `q`.
+    fn complete_all(&mut self, q: &mut IoQueue, mut v: Vec<IoCompletion>) {
+        for c in v.drain(..) {
+            self.complete(c);
+        }
+        q.recycle(v);
+    }
+}
+
+impl Engine {
+    /// Reap every channel without blocking.
+    fn reap(&mut self) {
+        for q in self.queues.iter_mut().flatten() {
+            let v = q.reap();
+            self.tags.complete_all(q, v);
+        }
     }
 }
 
@@ -497,7 +515,7 @@ unsafe extern "C" fn sd_cleanup(td: *mut ThreadData) {
         if let Some(mut e) = e {
             // Channels first (a uring channel waits for its requests), then
             // the ring and pool.
-            e.chans.clear();
+            e.queues.clear();
             drop(e);
         }
     })
@@ -544,9 +562,9 @@ unsafe extern "C" fn sd_open_file(td: *mut ThreadData, f: *mut FioFile) -> c_int
         let r = bdev_for(&spec).and_then(|bdev| {
             with_engine(td, |e| -> Result<usize, String> {
                 let ch = bdev.open_channel(&e.ctx).map_err(|x| x.to_string())?;
-                e.chans.push(Some(ch));
+                e.queues.push(Some(IoQueue::new(ch)));
                 e.inplace.push(inplace);
-                Ok(e.chans.len() - 1)
+                Ok(e.queues.len() - 1)
             })?
         });
         match r {
@@ -569,16 +587,14 @@ unsafe extern "C" fn sd_close_file(td: *mut ThreadData, f: *mut FioFile) -> c_in
         let i: u64 = unsafe { get(f.cast(), off::FILE_ENGINE_POS) };
         let _ = with_engine(td, |e| {
             // Finish what is in flight on this channel before dropping it.
-            while e
-                .chans
-                .get(i as usize)
-                .is_some_and(|c| c.as_ref().is_some_and(|c| c.in_flight() > 0))
-            {
-                e.reap();
-                let _ = e.ctx.ring.wait(std::time::Duration::from_millis(1));
-            }
-            if let Some(c) = e.chans.get_mut(i as usize) {
-                *c = None;
+            if let Some(slot) = e.queues.get_mut(i as usize) {
+                if let Some(q) = slot.as_mut() {
+                    // No deadline: it cannot time out.
+                    if let Ok(v) = q.drain(std::time::Duration::MAX, Some(&e.ctx.ring)) {
+                        e.tags.complete_all(q, v);
+                    }
+                }
+                *slot = None;
             }
         });
         0
@@ -607,26 +623,33 @@ unsafe extern "C" fn sd_queue(td: *mut ThreadData, io_u: *mut IoU) -> c_int {
         // SAFETY: engine_pos was set by `sd_open_file`.
         let chan_idx = unsafe { get::<u64>(f.cast(), off::FILE_ENGINE_POS) } as usize;
         let r = with_engine(td, |e| {
-            if e.chans.get(chan_idx).is_none_or(|c| c.is_none()) {
+            let Engine {
+                ctx,
+                queues,
+                tags,
+                inplace,
+                ..
+            } = e;
+            let Some(Some(q)) = queues.get_mut(chan_idx) else {
                 return complete_now(io_u, libc::EBADF);
-            }
-            let idx = match e.free.pop() {
+            };
+            let idx = match tags.free.pop() {
                 Some(i) => i,
                 None => {
-                    e.slots.push(std::ptr::null_mut());
-                    e.slots.len() - 1
+                    tags.slots.push(std::ptr::null_mut());
+                    tags.slots.len() - 1
                 }
             };
             let tag = idx as u64;
             let req = match ddir {
                 DDIR_READ | DDIR_WRITE => {
                     if xlen > MAX_IO_BYTES {
-                        e.free.push(idx);
+                        tags.free.push(idx);
                         return complete_now(io_u, libc::EINVAL);
                     }
-                    let Some(mut b) = e.ctx.pool.alloc(xlen as usize) else {
-                        e.free.push(idx);
-                        return if e.live > 0 {
+                    let Some(mut b) = ctx.pool.alloc(xlen as usize) else {
+                        tags.free.push(idx);
+                        return if tags.live > 0 {
                             FIO_Q_BUSY
                         } else {
                             complete_now(io_u, libc::ENOMEM)
@@ -638,7 +661,7 @@ unsafe extern "C" fn sd_queue(td: *mut ThreadData, io_u: *mut IoU) -> c_int {
                         b.copy_from_slice(unsafe { std::slice::from_raw_parts(xbuf, xlen as usize) });
                         let mut w = IoRequest::write(offset, b, tag);
                         // The copy is ours and never read again.
-                        w.scratch = e.inplace[chan_idx];
+                        w.scratch = inplace[chan_idx];
                         w
                     } else {
                         IoRequest::read(offset, b, tag)
@@ -647,26 +670,29 @@ unsafe extern "C" fn sd_queue(td: *mut ThreadData, io_u: *mut IoU) -> c_int {
                 DDIR_TRIM => IoRequest::unmap(offset, xlen, tag),
                 DDIR_SYNC | DDIR_DATASYNC => IoRequest::flush(tag),
                 _ => {
-                    e.free.push(idx);
+                    tags.free.push(idx);
                     return complete_now(io_u, libc::EINVAL);
                 }
             };
-            let ch = e.chans[chan_idx].as_mut().expect("checked");
-            match ch.submit(req) {
-                Ok(()) => {
-                    e.slots[idx] = io_u;
-                    e.live += 1;
-                    FIO_Q_QUEUED
-                }
-                Err(_) => {
-                    e.free.push(idx);
-                    if e.live > 0 {
-                        FIO_Q_BUSY
-                    } else {
-                        complete_now(io_u, libc::EAGAIN)
-                    }
-                }
+            // Refused with nothing else in flight: it may never go through.
+            let refused = match q.submit(req) {
+                Ok(()) if q.is_blocked() && tags.live == 0 => q.take_held().is_some(),
+                // Taken, or held by the queue and sent first on the next reap.
+                Ok(()) => false,
+                // The queue already holds one: fio retries after getevents.
+                Err(_) => true,
+            };
+            if refused {
+                tags.free.push(idx);
+                return if tags.live > 0 {
+                    FIO_Q_BUSY
+                } else {
+                    complete_now(io_u, libc::EAGAIN)
+                };
             }
+            tags.slots[idx] = io_u;
+            tags.live += 1;
+            FIO_Q_QUEUED
         });
         r.unwrap_or_else(|_| complete_now(io_u, libc::ENOMEM))
     })
@@ -690,22 +716,24 @@ unsafe extern "C" fn sd_getevents(td: *mut ThreadData, min: c_uint, max: c_uint,
         };
         with_engine(td, |e| {
             e.events.clear();
-            loop {
-                let n = e.reap();
-                if e.ready.len() >= min as usize || e.live == 0 {
+            e.reap();
+            let min = min as usize;
+            // Then wait on each channel in turn (sleeping in the ring while
+            // kernel I/O is outstanding) until `min` are ready, nothing is in
+            // flight, or the deadline passes.
+            for q in e.queues.iter_mut().flatten() {
+                let ready = e.tags.ready.len();
+                if ready >= min {
                     break;
                 }
-                if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
-                    break;
-                }
-                if n == 0 && e.ctx.ring.in_flight() > 0 {
-                    // Kernel I/O outstanding: sleep in the ring until some
-                    // completes.
-                    let _ = e.ctx.ring.wait(std::time::Duration::from_millis(1));
-                }
+                let left = deadline.map_or(std::time::Duration::MAX, |d| {
+                    d.saturating_duration_since(std::time::Instant::now())
+                });
+                let v = q.wait(min - ready, left, Some(&e.ctx.ring));
+                e.tags.complete_all(q, v);
             }
-            let take = e.ready.len().min(max as usize);
-            e.events.extend(e.ready.drain(..take));
+            let take = e.tags.ready.len().min(max as usize);
+            e.events.extend(e.tags.ready.drain(..take));
             e.events.len() as c_int
         })
         .unwrap_or(-1)

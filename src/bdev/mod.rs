@@ -21,11 +21,13 @@ pub(crate) mod iostat;
 pub(crate) mod malloc;
 pub(crate) mod null;
 pub(crate) mod qos;
+mod queue;
 pub(crate) mod rbd;
 pub(crate) mod slab;
 pub(crate) mod uring;
 
 pub use error::{IopollError, StackError};
+pub use queue::{DrainTimeout, IoQueue};
 
 use std::fmt;
 use std::rc::Rc;

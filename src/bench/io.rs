@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::fio::{FileJob, JobSpec, TargetSpec};
-use super::job::{DirStats, Job, JobResult, Progress};
+use super::job::{DirStats, Job, JobResult, Progress, ProgressLine};
 use crate::bdev::crypto::CryptoBdev;
 use crate::bdev::iostat::StatsBdev;
 use crate::bdev::malloc::MallocBdev;
@@ -194,9 +194,9 @@ fn prefill(reactors: &Reactors, bdev: &BdevRef) -> Result<(), BenchError> {
         0,
         Duration::from_secs(3600),
         move |ctx| -> Result<Vec<u64>, BenchError> {
-            let mut ch = b.open_channel(&ctx.chan).map_err(|e| BenchError::setup(b.name(), e))?;
+            let ch = b.open_channel(&ctx.chan).map_err(|e| BenchError::setup(b.name(), e))?;
+            let mut q = crate::bdev::IoQueue::new(ch);
             let mut lat = Vec::with_capacity(n as usize);
-            let mut out = Vec::new();
             for c in 0..n {
                 let mut buf = ctx
                     .chan
@@ -206,17 +206,16 @@ fn prefill(reactors: &Reactors, bdev: &BdevRef) -> Result<(), BenchError> {
                 buf.set_len(4096);
                 buf[0] = 1;
                 let t = Instant::now();
-                ch.submit(crate::bdev::IoRequest::write(c * cluster, buf, c))
-                    .map_err(|_| BenchError::Refused("prefill: back-pressure on an idle channel".into()))?;
-                loop {
-                    ch.poll(&mut out);
-                    if let Some(done) = out.pop() {
-                        done.result
-                            .map_err(|e| BenchError::setup(format!("first write of cluster {c}"), e))?;
-                        break;
-                    }
-                    std::hint::spin_loop();
+                let req = crate::bdev::IoRequest::write(c * cluster, buf, c);
+                if q.submit(req).is_err() || q.take_held().is_some() {
+                    return Err(BenchError::Refused("prefill: back-pressure on an idle channel".into()));
                 }
+                let mut out = q.wait(1, Duration::MAX, None);
+                if let Some(done) = out.pop() {
+                    done.result
+                        .map_err(|e| BenchError::setup(format!("first write of cluster {c}"), e))?;
+                }
+                q.recycle(out);
                 lat.push(t.elapsed().as_nanos() as u64);
             }
             Ok(lat)
@@ -327,28 +326,13 @@ fn run_once(
     }
     drop(tx);
     let mut results = Vec::new();
-    let tty = progress && std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let (mut last_ios, mut last_t) = (0u64, Instant::now());
+    let mut line = ProgressLine::new(label, t0, progress);
     while results.len() < spec.numjobs as usize {
         match rx.recv_timeout(Duration::from_secs(1)) {
             Ok(r) => results.push(r),
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 if progress {
-                    let ios = prog.ios.load(Ordering::Relaxed);
-                    let bytes = prog.bytes.load(Ordering::Relaxed);
-                    let dt = last_t.elapsed().as_secs_f64();
-                    let line = format!(
-                        "[{label}] {:>6.1}s  {:>9.0} IOPS  {:>8.1} MiB total",
-                        t0.elapsed().as_secs_f64(),
-                        (ios - last_ios) as f64 / dt,
-                        bytes as f64 / 1048576.0
-                    );
-                    if tty {
-                        eprint!("\r{line}  ");
-                    } else {
-                        eprintln!("{line}");
-                    }
-                    (last_ios, last_t) = (ios, Instant::now());
+                    line.print(&prog);
                 }
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => {
@@ -358,9 +342,7 @@ fn run_once(
             }
         }
     }
-    if tty {
-        eprintln!();
-    }
+    line.finish();
     let wall = t0.elapsed();
     let (u1, s1) = rusage();
     let after = reactors.stats();

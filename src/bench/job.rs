@@ -10,7 +10,7 @@ use hdrhistogram::Histogram;
 
 use super::fio::JobSpec;
 use super::BenchError;
-use crate::bdev::{Channel, IoCompletion, IoOp, IoRequest};
+use crate::bdev::{Channel, IoCompletion, IoOp, IoQueue, IoRequest};
 use crate::iobuf::IoBuf;
 use crate::reactor::{Poll, Poller, ReactorCtx};
 
@@ -64,6 +64,60 @@ pub(crate) struct JobResult {
 pub(crate) struct Progress {
     pub ios: AtomicU64,
     pub bytes: AtomicU64,
+}
+
+/// The progress line a run prints on stderr about once a second, rewritten in place
+/// (`\r`) on a terminal.
+pub(crate) struct ProgressLine {
+    label: String,
+    tty: bool,
+    t0: Instant,
+    last_ios: u64,
+    last_t: Instant,
+}
+
+impl ProgressLine {
+    /// A line for the run `label` that began at `t0`; `enabled`: the caller prints it.
+    pub(crate) fn new(label: &str, t0: Instant, enabled: bool) -> ProgressLine {
+        ProgressLine {
+            label: label.to_owned(),
+            tty: enabled && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            t0,
+            last_ios: 0,
+            last_t: Instant::now(),
+        }
+    }
+
+    /// Time since the last line (or since the line was made).
+    pub(crate) fn since_last(&self) -> Duration {
+        self.last_t.elapsed()
+    }
+
+    /// Prints the counts of `p`, with the rate since the last line.
+    pub(crate) fn print(&mut self, p: &Progress) {
+        let ios = p.ios.load(Ordering::Relaxed);
+        let bytes = p.bytes.load(Ordering::Relaxed);
+        let line = format!(
+            "[{}] {:>6.1}s  {:>9.0} IOPS  {:>8.1} MiB total",
+            self.label,
+            self.t0.elapsed().as_secs_f64(),
+            (ios - self.last_ios) as f64 / self.last_t.elapsed().as_secs_f64(),
+            bytes as f64 / 1048576.0
+        );
+        if self.tty {
+            eprint!("\r{line}  ");
+        } else {
+            eprintln!("{line}");
+        }
+        (self.last_ios, self.last_t) = (ios, Instant::now());
+    }
+
+    /// Ends a line rewritten in place.
+    pub(crate) fn finish(&self) {
+        if self.tty {
+            eprintln!();
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,12 +219,12 @@ struct Slot {
 pub(crate) struct Job {
     spec: JobSpec,
     reactor: usize,
-    chan: Box<dyn Channel>,
+    /// The job's channel; a request it refuses waits there and goes first.
+    q: IoQueue,
     region_start: u64,
     region_blocks: u64,
     slots: Vec<Slot>,
     free: Vec<usize>,
-    retry: Option<(IoRequest, usize)>,
     rng: u64,
     /// Writes scrambled so far (the stamp of the next).
     scrambles: u64,
@@ -193,7 +247,6 @@ pub(crate) struct Job {
     verified: u64,
     verify_errors: u64,
     error: Option<String>,
-    completions: Vec<IoCompletion>,
     progress: Arc<Progress>,
     abort: Arc<AtomicBool>,
     done: Option<Sender<JobResult>>,
@@ -259,12 +312,11 @@ impl Job {
         let writes = read_pct < 100;
         Ok(Job {
             reactor: ctx.id,
-            chan,
+            q: IoQueue::new(chan),
             region_start: spec.offset,
             region_blocks,
             free: (0..slots.len()).rev().collect(),
             slots,
-            retry: None,
             rng: seed ^ 0xdead_beef,
             scrambles: seed << 20,
             refill: std::array::from_fn(|i| (seed ^ 0x9e37_79b9_7f4a_7c15).rotate_left(16 * i as u32) | 1),
@@ -295,7 +347,6 @@ impl Job {
             verified: 0,
             verify_errors: 0,
             error: None,
-            completions: Vec::new(),
             progress,
             abort,
             done: Some(done),
@@ -439,7 +490,7 @@ impl Job {
                 self.phase = Phase::Drain;
             }
         }
-        let idle = self.free.len() == self.slots.len() && self.retry.is_none();
+        let idle = self.q.in_flight() == 0;
         if self.phase == Phase::Drain && idle {
             if self.run_end.is_none() {
                 self.run_end = Some(now);
@@ -478,8 +529,9 @@ impl Job {
 impl Poller for Job {
     fn poll(&mut self, ctx: &ReactorCtx) -> Poll {
         let mut work = 0;
-        let mut comps = std::mem::take(&mut self.completions);
-        if self.chan.poll(&mut comps) > 0 {
+        let was_blocked = self.q.is_blocked();
+        let mut comps = self.q.reap();
+        if !comps.is_empty() {
             let now = Instant::now();
             for c in comps.drain(..) {
                 let bytes = c.buf.as_ref().map_or(0, |b| b.len() as u64);
@@ -488,17 +540,15 @@ impl Poller for Job {
                 work += 1;
             }
         }
-        self.completions = comps;
+        self.q.recycle(comps);
         let now = Instant::now();
         self.advance_phase(now);
-        if let Some((req, slot)) = self.retry.take() {
-            match self.chan.submit(req) {
-                Ok(()) => work += 1,
-                Err(req) => {
-                    self.retry = Some((req, slot));
-                    return if work > 0 { Poll::Busy(work) } else { Poll::Idle };
-                }
-            }
+        if self.q.is_blocked() {
+            // Still refused: nothing new until the held request goes.
+            return if work > 0 { Poll::Busy(work) } else { Poll::Idle };
+        }
+        if was_blocked {
+            work += 1;
         }
         while let Some(slot) = self.free.pop() {
             let Some(req) = self.next_request(slot) else {
@@ -506,14 +556,17 @@ impl Poller for Job {
                 break;
             };
             self.slots[slot].start = now;
-            match self.chan.submit(req) {
-                Ok(()) => work += 1,
-                Err(req) => {
-                    // Back-pressure: keep it and retry on the next poll.
-                    self.retry = Some((req, slot));
-                    break;
-                }
+            if let Err(req) = self.q.submit(req) {
+                // Not reached: nothing is held here. Keep the slot usable anyway.
+                self.slots[slot].buf = req.buf;
+                self.free.push(slot);
+                break;
             }
+            if self.q.is_blocked() {
+                // Back-pressure: the queue holds it and resends it on the next poll.
+                break;
+            }
+            work += 1;
         }
         self.advance_phase(now);
         if self.phase == Phase::Done {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use crate::bdev::{BdevRef, Channel, IoCompletion, IoError, IoRequest};
+use crate::bdev::{BdevRef, IoError, IoQueue, IoRequest};
 use crate::reactor::{Poll, Poller, ReactorCtx, Reactors};
 
 /// Largest single read of a job built by [`read_ops`].
@@ -45,16 +45,13 @@ pub(super) fn run_job(reactors: &Reactors, bdev: &BdevRef, ops: Vec<Op>, data: V
         .call(r, Duration::from_secs(10), move |ctx: &mut ReactorCtx| {
             ctx.add_poller(Box::new(Job {
                 bdev: b,
-                ch: None,
+                q: None,
                 ops,
                 next: 0,
-                inflight: 0,
-                pending: None,
                 data,
                 err: None,
                 cancel: c,
                 reply: Some(tx),
-                done: Vec::new(),
             }))
         })
         .map_err(|e| JobError::Other(e.to_string()))?;
@@ -71,17 +68,14 @@ pub(super) fn run_job(reactors: &Reactors, bdev: &BdevRef, ops: Vec<Op>, data: V
 
 struct Job {
     bdev: BdevRef,
-    ch: Option<Box<dyn Channel>>,
+    /// The channel, opened on the reactor at the first poll.
+    q: Option<IoQueue>,
     ops: Vec<Op>,
     next: usize,
-    inflight: usize,
-    /// A request the channel handed back (back-pressure), to submit again.
-    pending: Option<IoRequest>,
     data: Vec<u8>,
     err: Option<JobError>,
     cancel: Arc<AtomicBool>,
     reply: Option<mpsc::SyncSender<Result<Vec<u8>, JobError>>>,
-    done: Vec<IoCompletion>,
 }
 
 impl Job {
@@ -103,7 +97,7 @@ impl Job {
     }
 
     fn finish(&mut self) -> Poll {
-        self.ch = None;
+        self.q = None;
         let res = match self.err.take() {
             Some(e) => Err(e),
             None => Ok(std::mem::take(&mut self.data)),
@@ -117,10 +111,10 @@ impl Job {
 
 impl Poller for Job {
     fn poll(&mut self, ctx: &ReactorCtx) -> Poll {
-        let mut ch = match self.ch.take() {
-            Some(c) => c,
+        let mut q = match self.q.take() {
+            Some(q) => q,
             None => match self.bdev.open_channel(&ctx.chan) {
-                Ok(c) => c,
+                Ok(c) => IoQueue::new(c),
                 Err(e) => {
                     self.err = Some(JobError::Other(format!("opening a channel: {e}")));
                     return self.finish();
@@ -129,10 +123,13 @@ impl Poller for Job {
         };
         let mut work = 0;
         let (mut ios, mut bytes) = (0u64, 0u64);
-        ch.poll(&mut self.done);
-        for c in std::mem::take(&mut self.done) {
+        let was_blocked = q.is_blocked();
+        let mut done = q.reap();
+        if was_blocked && !q.is_blocked() {
             work += 1;
-            self.inflight -= 1;
+        }
+        for c in done.drain(..) {
+            work += 1;
             ios += 1;
             bytes += match self.ops.get(c.tag as usize) {
                 Some(&Op::Read { len, .. } | &Op::Write { len, .. }) => len as u64,
@@ -152,39 +149,36 @@ impl Poller for Job {
                 (Ok(()), _) => {}
             }
         }
+        q.recycle(done);
         if ios > 0 {
             ctx.stats.add_ios(crate::reactor::IoSource::Job, ios, bytes);
         }
         if self.cancel.load(Ordering::Acquire) && self.err.is_none() {
             self.err = Some(JobError::Other("cancelled".into()));
         }
-        while self.err.is_none() && self.inflight < QUEUE_DEPTH {
-            let req = match self.pending.take() {
-                Some(r) => r,
-                None if self.next < self.ops.len() => match self.request(ctx, self.next) {
-                    Some(r) => {
-                        self.next += 1;
-                        r
-                    }
-                    None => break, // no buffer free: back-pressure, retry on the next poll
-                },
-                None => break,
+        if self.err.is_some() {
+            // Nothing more goes down after a failure.
+            drop(q.take_held());
+        }
+        while self.err.is_none() && q.in_flight() < QUEUE_DEPTH && !q.is_blocked() && self.next < self.ops.len() {
+            let Some(req) = self.request(ctx, self.next) else {
+                break; // no buffer free: back-pressure, retry on the next poll
             };
-            match ch.submit(req) {
-                Ok(()) => {
-                    self.inflight += 1;
-                    work += 1;
-                }
-                Err(r) => {
-                    self.pending = Some(r);
+            self.next += 1;
+            match q.submit(req) {
+                Ok(()) if !q.is_blocked() => work += 1,
+                // Held (back-pressure): resent first on the next poll.
+                Ok(()) => break,
+                Err(_) => {
+                    // Not reached (nothing is held inside this loop); build it again later.
+                    self.next -= 1;
                     break;
                 }
             }
         }
-        self.ch = Some(ch);
-        let all_sent = self.next == self.ops.len() && self.pending.is_none();
-        if self.inflight == 0 && (self.err.is_some() || all_sent) {
-            self.pending = None;
+        let idle = q.in_flight() == 0;
+        self.q = Some(q);
+        if idle && (self.err.is_some() || self.next == self.ops.len()) {
             return self.finish();
         }
         if work > 0 {

@@ -696,18 +696,7 @@ impl Kms {
     /// Records in the audit log that the wrapped key `ctx.key_id` was destroyed
     /// (crypto-shredding: the catalog forgot the last copy). Not metered.
     pub fn audit_crypto_shred(&self, ctx: &KeyContext, disk_id: Option<&str>) -> Result<(), KmsError> {
-        let call = Call {
-            op: "CryptoShred",
-            account: &ctx.account,
-            region: &ctx.region,
-            key_id: Some(&ctx.key_id),
-            opts: CallOpts {
-                disk_id,
-                reservation: None,
-            },
-        };
-        self.validate(&call)?;
-        self.write_audit(&call, self.cmk_id_hint(&ctx.account, &ctx.region), Ok(()))
+        self.audit_unmetered("CryptoShred", ctx, disk_id)
     }
 
     /// Records in the audit log that the data encrypted under `ctx.key_id` (the disk
@@ -715,8 +704,14 @@ impl Kms {
     /// encrypted disk into an unencrypted one): operation `DecryptData`. Not metered (the
     /// unwrap that makes it possible is); a failed audit stops the operation.
     pub fn audit_decrypt_data(&self, ctx: &KeyContext, disk_id: Option<&str>) -> Result<(), KmsError> {
+        self.audit_unmetered("DecryptData", ctx, disk_id)
+    }
+
+    /// An audit record of operation `op` on the key `ctx.key_id`, with no KMS call
+    /// behind it and no metering.
+    fn audit_unmetered(&self, op: &'static str, ctx: &KeyContext, disk_id: Option<&str>) -> Result<(), KmsError> {
         let call = Call {
-            op: "DecryptData",
+            op,
             account: &ctx.account,
             region: &ctx.region,
             key_id: Some(&ctx.key_id),

@@ -6,7 +6,7 @@ pub mod guest;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sealdisk::{BdevRef, BufPool, IoCompletion, IoError, IoOp, IoRequest};
+use sealdisk::{BdevRef, BufPool, IoCompletion, IoError, IoOp, IoQueue, IoRequest};
 use sealdisk::{ReactorConfig, Reactors};
 
 /// One request for [`run_ios`].
@@ -59,25 +59,33 @@ fn request(pool: &BufPool, op: Op, tag: u64, fill: Option<u8>) -> IoRequest {
     }
 }
 
+/// How long a test waits for a request before it fails.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// What a completion hands back to a test.
+fn done(c: IoCompletion) -> Done {
+    Done {
+        result: c.result,
+        data: c.buf.map(|b| b.to_vec()).unwrap_or_default(),
+    }
+}
+
 /// Open a channel on reactor `r`, run `ops` one after another, return their
 /// results.
 pub fn run_ios(reactors: &Reactors, r: usize, bdev: &BdevRef, ops: Vec<Op>) -> Vec<Done> {
     let bdev = bdev.clone();
     reactors
         .call(r, Duration::from_secs(30), move |ctx| {
-            let mut ch = bdev.open_channel(&ctx.chan).expect("open channel");
+            let mut q = IoQueue::new(bdev.open_channel(&ctx.chan).expect("open channel"));
             let mut out = Vec::new();
             for (i, op) in ops.into_iter().enumerate() {
                 let tag = i as u64;
                 // A read's buffer starts as 0xEE: data the device did not write shows.
                 let req = request(&ctx.chan.pool, op, tag, Some(0xEE));
-                ch.submit(req).expect("no back-pressure in a single-request test");
-                let c = wait_one(&mut *ch);
+                submit(&mut q, req);
+                let c = wait_next(&mut q);
                 assert_eq!(c.tag, tag);
-                out.push(Done {
-                    result: c.result,
-                    data: c.buf.map(|b| b.to_vec()).unwrap_or_default(),
-                });
+                out.push(done(c));
             }
             out
         })
@@ -90,31 +98,43 @@ pub fn run_ios_pipelined(reactors: &Reactors, r: usize, bdev: &BdevRef, ops: Vec
     let bdev = bdev.clone();
     reactors
         .call(r, Duration::from_secs(30), move |ctx| {
-            let mut ch = bdev.open_channel(&ctx.chan).expect("open channel");
+            let mut q = IoQueue::new(bdev.open_channel(&ctx.chan).expect("open channel"));
             let n = ops.len();
             for (i, op) in ops.into_iter().enumerate() {
-                let req = request(&ctx.chan.pool, op, i as u64, None);
-                ch.submit(req).expect("no back-pressure at this depth");
+                submit(&mut q, request(&ctx.chan.pool, op, i as u64, None));
             }
             let mut out: Vec<Option<Done>> = (0..n).map(|_| None).collect();
-            let t = Instant::now();
-            let mut v = Vec::new();
-            while out.iter().any(Option::is_none) {
-                ch.poll(&mut v);
-                for c in v.drain(..) {
-                    out[c.tag as usize] = Some(Done {
-                        result: c.result,
-                        data: c.buf.map(|b| b.to_vec()).unwrap_or_default(),
-                    });
-                }
-                assert!(t.elapsed() < Duration::from_secs(25), "requests did not complete");
-                std::thread::yield_now();
+            for c in q.drain(IO_TIMEOUT, None).expect("requests complete") {
+                let i = c.tag as usize;
+                out[i] = Some(done(c));
             }
-            out.into_iter().map(Option::unwrap).collect()
+            out.into_iter()
+                .map(|d| d.expect("every request completed once"))
+                .collect()
         })
         .expect("reactor answers")
 }
 
+/// Submits `req` to `q`, which must take it at once (no back-pressure at a test's depth).
+pub fn submit(q: &mut IoQueue, req: IoRequest) {
+    let tag = req.tag;
+    q.submit(req)
+        .unwrap_or_else(|_| panic!("request {tag}: the queue already holds a refused request"));
+    assert!(!q.is_blocked(), "request {tag}: back-pressure at a test's depth");
+}
+
+/// The next completion on `q` (the oldest reaped); the others stay in the queue.
+pub fn wait_next(q: &mut IoQueue) -> IoCompletion {
+    let mut v = q.wait(1, IO_TIMEOUT, None);
+    assert!(!v.is_empty(), "request did not complete within {IO_TIMEOUT:?}");
+    let c = v.remove(0);
+    q.recycle(v);
+    c
+}
+
+/// The next completion of a bare channel, polled until it comes (20 s at most). Only
+/// `tests/rbd.rs` still drives a bare channel; everything else uses [`IoQueue`] and
+/// [`wait_next`].
 pub fn wait_one(ch: &mut dyn sealdisk::Channel) -> IoCompletion {
     let t = Instant::now();
     let mut v = Vec::new();
@@ -123,8 +143,30 @@ pub fn wait_one(ch: &mut dyn sealdisk::Channel) -> IoCompletion {
         if let Some(c) = v.pop() {
             return c;
         }
-        assert!(t.elapsed() < Duration::from_secs(20), "request did not complete");
+        assert!(t.elapsed() < IO_TIMEOUT, "request did not complete");
         std::thread::yield_now();
+    }
+}
+
+/// The completion tagged `tag` on `q`; the others stay in the queue.
+pub fn wait_tag(q: &mut IoQueue, tag: u64) -> IoCompletion {
+    let t = Instant::now();
+    let mut have = 0;
+    loop {
+        let left = IO_TIMEOUT.saturating_sub(t.elapsed());
+        let mut v = q.wait(have + 1, left, None);
+        if let Some(i) = v.iter().position(|c| c.tag == tag) {
+            let c = v.remove(i);
+            q.recycle(v);
+            return c;
+        }
+        have = v.len();
+        q.recycle(v);
+        assert!(q.in_flight() > 0, "request {tag} is not in flight");
+        assert!(
+            t.elapsed() < IO_TIMEOUT,
+            "request {tag} did not complete within {IO_TIMEOUT:?}"
+        );
     }
 }
 
@@ -262,6 +304,35 @@ impl TempDir {
         std::fs::create_dir(&d).unwrap();
         TempDir(d, outer)
     }
+}
+
+/// The control plane in this process over the data directory `dir`: its catalog, a pool
+/// file of `pool_size` bytes, the KMS `kms`, data moved on `reactors`, MigrateDisk's
+/// file sources beneath `import_dir`.
+pub fn control_in(
+    dir: &std::path::Path,
+    kms: sealdisk::Kms,
+    pool_size: u64,
+    reactors: &Arc<Reactors>,
+    import_dir: Option<std::path::PathBuf>,
+) -> Arc<sealdisk::Control> {
+    use sealdisk::testing::catalog;
+    let db = catalog::open(&dir.join(catalog::CATALOG_FILE)).unwrap();
+    let pool = sealdisk::Pool::open(db.clone(), &dir.join("pool.img"), pool_size).unwrap();
+    sealdisk::Control::new(
+        db,
+        pool,
+        Arc::new(kms),
+        sealdisk::Exports::new(),
+        Some(reactors.clone()),
+        sealdisk::ControlConfig {
+            data_dir: dir.to_owned(),
+            qos: sealdisk::QosConfig::default(),
+            import_dir,
+            import_devices: false,
+            vmm_gid: None,
+        },
+    )
 }
 
 /// A `sealdisk serve` child, killed on drop.

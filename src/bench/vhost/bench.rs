@@ -22,7 +22,7 @@ use super::mem::{GuestBuf, Seg};
 use super::virtq::{BlkOp, Completion, QueueStats, Virtq};
 use crate::bench::fio::{FileJob, JobSpec};
 use crate::bench::io::{GroupResult, IoBenchReport};
-use crate::bench::job::{refill, scramble, DirStats, Progress};
+use crate::bench::job::{refill, scramble, DirStats, Progress, ProgressLine};
 use crate::bench::report;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX};
 
@@ -487,8 +487,7 @@ fn run_job(d: &mut Driver, spec: &JobSpec, opts: &VhostBenchOpts) -> Result<Vhos
         let t0 = Instant::now();
         // The measured interval starts after the ramp.
         let ramp_end = t0 + spec.ramp_time;
-        let tty = opts.progress && std::io::IsTerminal::is_terminal(&std::io::stderr());
-        let (mut last_ios, mut last_t) = (0u64, Instant::now());
+        let mut line = ProgressLine::new(&spec.name, t0, opts.progress);
         let mut samples = None;
         let sample_all = || -> Result<_, BenchError> {
             let dm = match opts.pid {
@@ -512,27 +511,11 @@ fn run_job(d: &mut Driver, spec: &JobSpec, opts: &VhostBenchOpts) -> Result<Vhos
             if samples.is_none() && Instant::now() >= ramp_end {
                 samples = Some(sample_all()?);
             }
-            if opts.progress && last_t.elapsed() >= Duration::from_secs(1) {
-                let ios = prog.ios.load(Ordering::Relaxed);
-                let bytes = prog.bytes.load(Ordering::Relaxed);
-                let line = format!(
-                    "[{}] {:>6.1}s  {:>9.0} IOPS  {:>8.1} MiB total",
-                    spec.name,
-                    t0.elapsed().as_secs_f64(),
-                    (ios - last_ios) as f64 / last_t.elapsed().as_secs_f64(),
-                    bytes as f64 / 1048576.0
-                );
-                if tty {
-                    eprint!("\r{line}  ");
-                } else {
-                    eprintln!("{line}");
-                }
-                (last_ios, last_t) = (ios, Instant::now());
+            if opts.progress && line.since_last() >= Duration::from_secs(1) {
+                line.print(&prog);
             }
         }
-        if tty {
-            eprintln!();
-        }
+        line.finish();
         let end = sample_all()?;
         let begin = samples.unwrap_or_else(|| end.clone());
         let wall = end.1.at.duration_since(begin.1.at);

@@ -144,6 +144,21 @@ mod verify;
 
 use source::{file_stamp, Source};
 
+/// What a migration's reply and its task's result both say about it.
+fn summary(rec: &MigrationRecord, resumed_from: Option<u64>) -> Value {
+    json!({
+        "DiskId": rec.target,
+        "NewDisk": rec.target_new,
+        "Encrypted": rec.target_encryption.is_some(),
+        "SizeBytes": rec.size,
+        "Source": rec.source,
+        "SourceKind": rec.source_kind,
+        "SourceSizeBytes": rec.source_size,
+        "Resumed": resumed_from.is_some(),
+        "ResumedFrom": resumed_from,
+    })
+}
+
 /// The one source given: `SourceDiskId`, `SourcePath` or `SourceNbdUri`.
 fn source_arg(
     src_disk: Option<String>,
@@ -802,17 +817,7 @@ impl Control {
             return Err(ControlError::DataPath("the control plane is shutting down".into()));
         };
         let rounded = rec.source_size.div_ceil(BLOCK) * BLOCK;
-        let reply = json!({
-            "DiskId": rec.target,
-            "NewDisk": rec.target_new,
-            "Encrypted": rec.target_encryption.is_some(),
-            "SizeBytes": rec.size,
-            "Source": rec.source,
-            "SourceKind": rec.source_kind,
-            "SourceSizeBytes": rec.source_size,
-            "Resumed": resumed_from.is_some(),
-            "ResumedFrom": resumed_from,
-        });
+        let reply = summary(&rec, resumed_from);
         let run = Run {
             source,
             dst,

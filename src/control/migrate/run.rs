@@ -84,25 +84,21 @@ impl Control {
         self.finish_migration(&rec)?;
         let allocated = self.pool.mapped_bytes(&rec.target).unwrap_or(0);
         let secs = started.elapsed().as_secs_f64();
-        Ok(json!({
-            "DiskId": rec.target,
-            "NewDisk": rec.target_new,
-            "Encrypted": rec.target_encryption.is_some(),
-            "SizeBytes": rec.size,
-            "Source": rec.source,
-            "SourceKind": rec.source_kind,
-            "SourceSizeBytes": rec.source_size,
+        let mut v = super::summary(&rec, resumed_from);
+        let more = json!({
             "BytesRead": st.read,
             "BytesWritten": st.written,
             "BytesSkipped": rounded.saturating_sub(st.written),
             "TargetAllocatedBytes": allocated,
-            "Resumed": resumed_from.is_some(),
-            "ResumedFrom": resumed_from,
             "CopySeconds": copy_secs,
             "Seconds": secs,
             "Verify": if verified.is_some() { "passed" } else { "off" },
             "VerifySeconds": verified,
-        }))
+        });
+        if let (Some(v), Value::Object(more)) = (v.as_object_mut(), more) {
+            v.extend(more);
+        }
+        Ok(v)
     }
 
     /// Step 4, from `offset` on: reader threads read windows ahead (reader i the i-th of

@@ -268,23 +268,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.peer_addr().map_or_else(|_| "tcp:?".into(), |a| a.to_string()),
             Stream::Unix(s) => {
-                let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
-                let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-                // SAFETY: getsockopt(2) writes at most `len` bytes into the live `cred`.
-                let rc = unsafe {
-                    libc::getsockopt(
-                        s.as_raw_fd(),
-                        libc::SOL_SOCKET,
-                        libc::SO_PEERCRED,
-                        (&mut cred as *mut libc::ucred).cast(),
-                        &mut len,
-                    )
-                };
-                if rc == 0 {
-                    format!("pid:{}", cred.pid)
-                } else {
-                    "unix:?".into()
-                }
+                crate::sys::peer_cred(s).map_or_else(|| "unix:?".into(), |(_, pid)| format!("pid:{pid}"))
             }
         }
     }

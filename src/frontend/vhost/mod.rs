@@ -281,19 +281,7 @@ fn stop_served(mut s: Served) {
 
 /// The pid of a unix socket's peer (SO_PEERCRED), if known.
 fn peer_pid(s: &UnixStream) -> Option<i32> {
-    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: getsockopt(2) writes at most `len` bytes into the live `cred`.
-    let rc = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    (rc == 0).then_some(cred.pid)
+    crate::sys::peer_cred(s).map(|(_, pid)| pid)
 }
 
 /// Whether an error from the message loop ends the connection.
