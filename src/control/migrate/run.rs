@@ -1,6 +1,7 @@
 //! The task of a migration: the copy (readers, writers, checkpoints), verify, and the
 //! transaction that finishes it.
 
+use std::collections::BTreeMap;
 use std::sync::{mpsc, Mutex};
 use std::time::Instant;
 
@@ -104,8 +105,8 @@ impl Control {
     /// Step 4, from `offset` on: reader threads read windows ahead (reader i the i-th of
     /// every READERS windows, each over its own source handle: a second NBD connection, a
     /// second descriptor of the file), writer threads write, this thread keeps the order
-    /// of finished windows for the checkpoint. `st` and `offset` end where the copy got to
-    /// (checkpointed if it was interrupted).
+    /// of finished windows for the checkpoint ([`Order`]). `st` and `offset` end where the
+    /// copy got to (checkpointed if it was interrupted).
     #[allow(clippy::too_many_arguments)]
     fn copy_windows(
         &self,
@@ -120,7 +121,6 @@ impl Control {
         let rounded = rec.source_size.div_ceil(BLOCK) * BLOCK;
         let size = rec.source_size;
         let key = rec.key.as_str();
-        let (mut st, mut offset) = (*st_out, *offset_out);
         let mut readers = Vec::new();
         for _ in 1..READERS {
             match source.try_clone() {
@@ -129,33 +129,22 @@ impl Control {
             }
         }
         let (wtx, wrx) = mpsc::sync_channel::<(u64, Vec<u8>)>(WRITERS);
-        let (mut wtx, wrx) = (Some(wtx), Mutex::new(wrx));
+        let wrx = Mutex::new(wrx);
         let (dtx, drx) = mpsc::channel::<Result<(u64, u64), ControlError>>();
-        let mut dtx = Some(dtx);
+        let mut order = Order::new(*offset_out, *st_out, &drx);
         let copied = std::thread::scope(|s| {
             let (tx, rx) = mpsc::sync_channel::<Result<Msg, ControlError>>(4);
             let streams = readers.len() as u64 + 1;
-            let first = offset;
+            let first = order.offset;
             for (i, src) in std::iter::once(&mut *source).chain(readers.iter_mut()).enumerate() {
                 let tx = tx.clone();
-                s.spawn(move || {
-                    read_windows(
-                        src,
-                        reactors,
-                        &tx,
-                        first + i as u64 * WINDOW,
-                        streams * WINDOW,
-                        rounded,
-                        size,
-                    )
-                });
+                let from = first + i as u64 * WINDOW;
+                s.spawn(move || read_windows(src, reactors, &tx, from, streams * WINDOW, rounded, size));
             }
             drop(tx);
             // Writers: each takes a piece of data, writes its non-zero blocks as one job
             // (up to 32 requests in flight) and reports the bytes written; several jobs
             // run at once.
-            let wtx = wtx.take().expect("once");
-            let dtx = dtx.take().expect("once");
             for _ in 0..WRITERS {
                 let (wrx, dtx) = (&wrx, dtx.clone());
                 s.spawn(move || loop {
@@ -170,81 +159,11 @@ impl Control {
                 });
             }
             drop(dtx);
-            let mut inflight = 0usize;
-            let mut failed: Option<ControlError> = None;
-            // Bytes read and written per window (by its start): a checkpoint records only
-            // the windows below it, so a resume counts none twice.
-            let win_of = |off: u64| first + (off - first) / WINDOW * WINDOW;
-            let mut pending: std::collections::BTreeMap<u64, Stats> = std::collections::BTreeMap::new();
-            // One writer's answer; `wait`: block for it.
-            let reap = |inflight: &mut usize,
-                        pending: &mut std::collections::BTreeMap<u64, Stats>,
-                        wait: bool|
-             -> Result<bool, ControlError> {
-                let r = if wait {
-                    drx.recv()
-                        .map_err(|_| ControlError::DataPath("a migration writer stopped".into()))?
-                } else {
-                    match drx.try_recv() {
-                        Ok(r) => r,
-                        Err(_) => return Ok(false),
-                    }
-                };
-                *inflight -= 1;
-                let (off, n) = r?;
-                pending.entry(win_of(off)).or_default().written += n;
-                Ok(true)
-            };
-            let mut last_cp = Instant::now();
-            let mut done = std::collections::BTreeMap::new();
-            let mut res = (|| {
-                for m in rx.iter() {
-                    match m? {
-                        Msg::Data { off, data } => {
-                            pending.entry(win_of(off)).or_default().read += data.len() as u64;
-                            while reap(&mut inflight, &mut pending, false)? {}
-                            wtx.send((off, data))
-                                .map_err(|_| ControlError::DataPath("the migration writers stopped".into()))?;
-                            inflight += 1;
-                        }
-                        Msg::WindowDone { start, end } => {
-                            // Windows finish out of order; the checkpoint moves over the
-                            // ones finished without a gap.
-                            done.insert(start, end);
-                            while let Some(e) = done.remove(&offset) {
-                                task.progress(e - offset);
-                                offset = e;
-                            }
-                            if task.cancelled() {
-                                return Err(task.cancelled_error());
-                            }
-                            if last_cp.elapsed() >= CHECKPOINT_EVERY {
-                                // Everything before `offset` written, then durable.
-                                while inflight > 0 {
-                                    reap(&mut inflight, &mut pending, true)?;
-                                }
-                                fold_below(&mut st, &mut pending, offset);
-                                self.checkpoint(reactors, dst, key, offset, st)?;
-                                last_cp = Instant::now();
-                            }
-                        }
-                    }
-                }
-                if offset != rounded {
-                    return Err(ControlError::DataPath(format!(
-                        "the source readers stopped at offset {offset} of {rounded}"
-                    )));
-                }
-                Ok(())
-            })();
+            let mut res = self.feed_writers(task, reactors, dst, key, &rx, &wtx, &mut order, rounded);
             drop(rx);
             drop(wtx);
             // Let every write in flight finish; a failed one fails the copy.
-            while inflight > 0 {
-                if let Err(e) = reap(&mut inflight, &mut pending, true) {
-                    failed.get_or_insert(e);
-                }
-            }
+            let mut failed = order.drain_all();
             let write_failed = res.is_ok() && failed.is_some();
             if write_failed {
                 res = Err(failed.take().expect("checked"));
@@ -257,19 +176,68 @@ impl Control {
             if !write_failed && res.is_err() && failed.is_none() {
                 // Interrupted with everything before `offset` written: keep it, the next
                 // run resumes here.
-                fold_below(&mut st, &mut pending, offset);
-                let _ = self.checkpoint(reactors, dst, key, offset, st);
+                order.fold_below(order.offset);
+                let _ = self.checkpoint(reactors, dst, key, order.offset, order.st);
             }
             if res.is_ok() {
-                fold_below(&mut st, &mut pending, u64::MAX);
+                order.fold_below(u64::MAX);
             }
             res
         });
         // The other readers' handles (a disk's clone must be closed before it is deleted).
         drop(readers);
-        *st_out = st;
-        *offset_out = offset;
+        *st_out = order.st;
+        *offset_out = order.offset;
         copied
+    }
+
+    /// This thread's part of step 4: hands what the readers read to the writers, moves
+    /// the checkpoint offset over finished windows and checkpoints every
+    /// [`CHECKPOINT_EVERY`] (after waiting for the writes below it).
+    #[allow(clippy::too_many_arguments)]
+    fn feed_writers(
+        &self,
+        task: &Task,
+        reactors: &Reactors,
+        dst: &BdevRef,
+        key: &str,
+        rx: &mpsc::Receiver<Result<Msg, ControlError>>,
+        wtx: &mpsc::SyncSender<(u64, Vec<u8>)>,
+        order: &mut Order<'_>,
+        rounded: u64,
+    ) -> Result<(), ControlError> {
+        let mut last_cp = Instant::now();
+        for m in rx.iter() {
+            match m? {
+                Msg::Data { off, data } => {
+                    order.read(off, data.len() as u64);
+                    while order.reap(false)? {}
+                    wtx.send((off, data))
+                        .map_err(|_| ControlError::DataPath("the migration writers stopped".into()))?;
+                    order.inflight += 1;
+                }
+                Msg::WindowDone { start, end } => {
+                    task.progress(order.window_done(start, end));
+                    if task.cancelled() {
+                        return Err(task.cancelled_error());
+                    }
+                    if last_cp.elapsed() >= CHECKPOINT_EVERY {
+                        // Everything before `offset` written, then durable.
+                        order.drain()?;
+                        order.fold_below(order.offset);
+                        self.checkpoint(reactors, dst, key, order.offset, order.st)?;
+                        last_cp = Instant::now();
+                    }
+                }
+            }
+        }
+        if order.offset != rounded {
+            return Err(ControlError::DataPath(format!(
+                "the source readers stopped at offset {} of {rounded}",
+                order.offset
+            )));
+        }
+        Ok(())
     }
 
     /// Step 6: the source's clone deleted (its key unreferenced, shredded if that was
@@ -343,11 +311,104 @@ impl Control {
 }
 
 /// Adds the counts of the windows starting below `offset` to `st` and forgets them.
-fn fold_below(st: &mut Stats, pending: &mut std::collections::BTreeMap<u64, Stats>, offset: u64) {
-    let above = pending.split_off(&offset);
-    for w in std::mem::replace(pending, above).into_values() {
-        st.read += w.read;
-        st.written += w.written;
+/// The copy's order keeper: windows finish out of order and writes complete out of
+/// order, but a checkpoint may only record an offset below which everything is written.
+/// Bytes read and written are kept per window (by its start) until the checkpoint passes
+/// the window, so a resume counts none twice.
+struct Order<'a> {
+    /// Where the copy started this run (windows are counted from here).
+    first: u64,
+    /// Everything below is read and handed to the writers.
+    offset: u64,
+    /// Totals of the windows below the last fold.
+    st: Stats,
+    /// Pieces handed to the writers and not yet answered.
+    inflight: usize,
+    pending: BTreeMap<u64, Stats>,
+    /// Finished windows above `offset`: start -> end.
+    done: BTreeMap<u64, u64>,
+    answers: &'a mpsc::Receiver<Result<(u64, u64), ControlError>>,
+}
+
+impl<'a> Order<'a> {
+    fn new(offset: u64, st: Stats, answers: &'a mpsc::Receiver<Result<(u64, u64), ControlError>>) -> Order<'a> {
+        Order {
+            first: offset,
+            offset,
+            st,
+            inflight: 0,
+            pending: BTreeMap::new(),
+            done: BTreeMap::new(),
+            answers,
+        }
+    }
+
+    fn window_of(&self, off: u64) -> u64 {
+        self.first + (off - self.first) / WINDOW * WINDOW
+    }
+
+    /// `len` source bytes at `off` were read.
+    fn read(&mut self, off: u64, len: u64) {
+        let w = self.window_of(off);
+        self.pending.entry(w).or_default().read += len;
+    }
+
+    /// One writer's answer (`wait`: block for it); false when none was there.
+    fn reap(&mut self, wait: bool) -> Result<bool, ControlError> {
+        let r = if wait {
+            self.answers
+                .recv()
+                .map_err(|_| ControlError::DataPath("a migration writer stopped".into()))?
+        } else {
+            match self.answers.try_recv() {
+                Ok(r) => r,
+                Err(_) => return Ok(false),
+            }
+        };
+        self.inflight -= 1;
+        let (off, n) = r?;
+        let w = self.window_of(off);
+        self.pending.entry(w).or_default().written += n;
+        Ok(true)
+    }
+
+    /// Waits for every write in flight; the first failure stops the wait.
+    fn drain(&mut self) -> Result<(), ControlError> {
+        while self.inflight > 0 {
+            self.reap(true)?;
+        }
+        Ok(())
+    }
+
+    /// Waits for every write in flight whatever happens; returns the first failure.
+    fn drain_all(&mut self) -> Option<ControlError> {
+        let mut failed = None;
+        while self.inflight > 0 {
+            if let Err(e) = self.reap(true) {
+                failed.get_or_insert(e);
+            }
+        }
+        failed
+    }
+
+    /// Window `start..end` is read: `offset` moves over the windows finished without a
+    /// gap; returns how far it moved.
+    fn window_done(&mut self, start: u64, end: u64) -> u64 {
+        self.done.insert(start, end);
+        let from = self.offset;
+        while let Some(e) = self.done.remove(&self.offset) {
+            self.offset = e;
+        }
+        self.offset - from
+    }
+
+    /// Adds the windows below `offset` to the totals.
+    fn fold_below(&mut self, offset: u64) {
+        let above = self.pending.split_off(&offset);
+        for w in std::mem::replace(&mut self.pending, above).into_values() {
+            self.st.read += w.read;
+            self.st.written += w.written;
+        }
     }
 }
 
