@@ -134,6 +134,19 @@ fn binding_round_trips_data_metadata_snapshots_and_clones() {
     io.clone_image("disk-a", "s1", "disk-b", &CreateOpts::default())
         .unwrap();
     let clone = io.open("disk-b").unwrap();
+    // The snapshot's clones; what holds data (whole 4 MiB objects, a clone's parent's too).
+    let at_snap = io.open_at("disk-a", Some("s1")).unwrap();
+    assert_eq!(
+        at_snap.children().unwrap(),
+        vec![("rbd".to_string(), "disk-b".to_string())]
+    );
+    assert_eq!(io.open("disk-b").unwrap().children().unwrap(), vec![]);
+    assert_eq!(img.allocated(0, 8 << 20).unwrap(), vec![(0, 4 << 20)]);
+    assert_eq!(clone.allocated(0, 8 << 20).unwrap(), vec![(0, 4 << 20)]);
+    clone.write((6 << 20) + 512, &[7; 512]).unwrap();
+    assert_eq!(clone.allocated(0, 8 << 20).unwrap(), vec![(0, 8 << 20)]);
+    assert_eq!(clone.allocated(4 << 20, 4 << 20).unwrap(), vec![(4 << 20, 4 << 20)]);
+    assert_eq!(img.allocated(4 << 20, 4 << 20).unwrap(), vec![]);
     let mut cb = vec![0u8; data2.len()];
     clone.read(1 << 20, &mut cb).unwrap();
     assert_eq!(cb, data2, "the clone shares the snapshot's data");
@@ -145,6 +158,8 @@ fn binding_round_trips_data_metadata_snapshots_and_clones() {
     assert!(e.is_busy(), "{e}");
     clone.flatten().unwrap();
     drop(clone);
+    assert_eq!(at_snap.children().unwrap(), vec![], "a flattened clone is no child");
+    drop(at_snap);
     img.snap_unprotect("s1").unwrap();
     img.snap_rollback("s1").unwrap();
     img.read(1 << 20, &mut back2).unwrap();
@@ -1377,4 +1392,318 @@ fn vhost_user_blk_io_on_an_encrypted_rbd_disk() {
     let mut s = nbd_go(&data.join("nbd.sock"), &disk).unwrap();
     let (e, got) = nbd_read(&mut s, 1, 2048 * 512, a.len() as u32);
     assert_eq!((e, got == a), (0, true));
+}
+
+/// The RBD snapshots of `image`.
+fn rbd_snaps(c: &ceph::Cluster, image: &str) -> Vec<String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(&c.cmd("rbd", &["snap", "ls", "--format", "json", &format!("rbd/{image}")])).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The `image@snap` a clone's parent is, or `None` (not a clone, or flattened).
+fn rbd_parent(c: &ceph::Cluster, image: &str) -> Option<String> {
+    let info = rbd_info(c, &format!("rbd/{image}"));
+    info.get("parent")
+        .map(|p| format!("{}@{}", p["image"].as_str().unwrap(), p["snapshot"].as_str().unwrap()))
+}
+
+/// NBD reads of `disk` at each offset of `want` (offset, bytes): all equal.
+fn nbd_reads_equal(data: &std::path::Path, disk: &str, want: &[(u64, &[u8])], what: &str) {
+    let mut s = nbd_go(&data.join("nbd.sock"), disk).unwrap_or_else(|e| panic!("{what}: NBD export {disk}: {e}"));
+    for (i, (off, bytes)) in want.iter().enumerate() {
+        let (e, got) = nbd_read(&mut s, i as u64 + 1, *off, bytes.len() as u32);
+        assert_eq!(e, 0, "{what}: read of {disk} at {off}");
+        assert!(got == *bytes, "{what}: {disk} at {off} differs");
+    }
+}
+
+/// Lines of the daemon's log (`data.log`) that contain `what`.
+fn log_lines(data: &std::path::Path, what: &str) -> Vec<String> {
+    std::fs::read_to_string(data.with_extension("log"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(what))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn attach(data: &std::path::Path, disk: &str, inst: &str) {
+    rpc(
+        data,
+        "AttachDisk",
+        serde_json::json!({"DiskId": disk, "InstanceId": inst}),
+    );
+}
+
+fn detach(data: &std::path::Path, disk: &str, inst: &str) {
+    rpc(
+        data,
+        "DetachDisk",
+        serde_json::json!({"DiskId": disk, "InstanceId": inst}),
+    );
+}
+
+fn id_of(v: serde_json::Value, key: &str) -> String {
+    v[key].as_str().unwrap_or_else(|| panic!("no {key}: {v}")).to_owned()
+}
+
+#[test]
+fn delete_snapshot_force_flattens_its_clones_and_finishes_after_a_kill() {
+    let Some(c) = ceph::Cluster::start("flatten") else {
+        return;
+    };
+    let d = TempDir::new("rbd-flatten");
+    let data = d.0.join("data");
+    let args = rbd_args(&c);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    // Every flatten waits 3 s first: the daemon is killed between the two clones'.
+    let dm = start_daemon(BIN, &data, &args, &[("SEALDISK_FAULTS", "rbd_flatten:delay=3000ms")]);
+    let (inst, disk, _) = instance_with_disk(&data, 16 << 20, true);
+    let (a, b) = (random_bytes(8192, 51), random_bytes(8192, 52));
+    let mut s = nbd_go(&data.join("nbd.sock"), &disk).unwrap();
+    assert_eq!(nbd_write(&mut s, 1, 4096, &a), 0);
+    assert_eq!(nbd_write(&mut s, 2, 12 << 20, &a), 0);
+    assert_eq!(nbd_cmd(&mut s, 3, 3, 0, 0, &[], 0).0, 0);
+    let snap = id_of(
+        rpc(&data, "CreateSnapshot", serde_json::json!({"DiskId": disk})),
+        "SnapshotId",
+    );
+    // The disk changes after the snapshot; its clones keep the snapshot's data.
+    assert_eq!(nbd_write(&mut s, 4, 4096, &b), 0);
+    assert_eq!(nbd_cmd(&mut s, 3, 5, 0, 0, &[], 0).0, 0);
+    drop(s);
+    let c1 = id_of(
+        rpc(&data, "CreateDisk", serde_json::json!({"SnapshotId": snap})),
+        "DiskId",
+    );
+    let c2 = id_of(
+        rpc(&data, "CreateDisk", serde_json::json!({"SnapshotId": snap})),
+        "DiskId",
+    );
+    for cl in [&c1, &c2] {
+        assert_eq!(rbd_parent(&c, cl), Some(format!("{disk}@{snap}")));
+    }
+    // c1 is attached (its data path holds the image's exclusive lock) and has data of its own.
+    attach(&data, &c1, &inst);
+    let own = random_bytes(4096, 53);
+    let mut s1 = nbd_go(&data.join("nbd.sock"), &c1).unwrap();
+    assert_eq!(nbd_write(&mut s1, 1, 8 << 20, &own), 0);
+    assert_eq!(nbd_cmd(&mut s1, 3, 2, 0, 0, &[], 0).0, 0);
+    drop(s1);
+
+    // Without Force: refused, nothing changes.
+    let e = try_rpc(&data, "DeleteSnapshot", serde_json::json!({"SnapshotId": snap})).unwrap_err();
+    assert!(e.starts_with("IncorrectSnapshotStatus.UsedByDisk"), "{e}");
+    assert!(rbd_snaps(&c, &disk).contains(&snap));
+    let listed = rpc(&data, "DescribeSnapshots", serde_json::json!({"SnapshotIds": [snap]}));
+    assert_eq!(listed["TotalCount"], 1, "{listed}");
+
+    // With Force: the snapshot leaves the catalog at once; the reaper flattens the clones.
+    rpc(
+        &data,
+        "DeleteSnapshot",
+        serde_json::json!({"SnapshotId": snap, "Force": true}),
+    );
+    let listed = rpc(&data, "DescribeSnapshots", serde_json::json!({"SnapshotIds": [snap]}));
+    assert_eq!(listed["TotalCount"], 0, "{listed}");
+    // Killed after the first clone is flattened, before the second.
+    eventually("the first clone flattened", || {
+        !log_lines(&data, "clone flattened").is_empty()
+    });
+    drop(dm);
+    let flat: Vec<&String> = [&c1, &c2].into_iter().filter(|x| rbd_parent(&c, x).is_none()).collect();
+    assert_eq!(flat.len(), 1, "one clone flattened before the kill: {flat:?}");
+    assert!(
+        rbd_snaps(&c, &disk).contains(&snap),
+        "the snapshot went while a clone still needed it"
+    );
+
+    // After the restart (no faults) the reaper finishes: no clone has a parent, the
+    // snapshot is gone, every disk keeps its bytes.
+    let _dm = start_daemon(BIN, &data, &args, &[]);
+    eventually("the RBD snapshot removed", || !rbd_snaps(&c, &disk).contains(&snap));
+    for cl in [&c1, &c2] {
+        assert_eq!(rbd_parent(&c, cl), None, "{cl} still a clone");
+    }
+    let want_c1: [(u64, &[u8]); 3] = [(4096, &a), (12 << 20, &a), (8 << 20, &own)];
+    nbd_reads_equal(&data, &c1, &want_c1, "attached clone after the flatten");
+    attach(&data, &c2, &inst);
+    let want_c2: [(u64, &[u8]); 2] = [(4096, &a), (12 << 20, &a)];
+    nbd_reads_equal(&data, &c2, &want_c2, "detached clone after the flatten");
+    let want_disk: [(u64, &[u8]); 2] = [(4096, &b), (12 << 20, &a)];
+    nbd_reads_equal(&data, &disk, &want_disk, "the source disk");
+    let r = check_pool(&data);
+    assert_eq!(r["Consistent"], true, "{r}");
+}
+
+#[test]
+fn creations_whose_commit_never_happens_are_removed_from_ceph() {
+    let Some(c) = ceph::Cluster::start("orphans") else {
+        return;
+    };
+    let d = TempDir::new("rbd-orphans");
+    let data = d.0.join("data");
+    let args = rbd_args(&c);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+
+    // 1. A kill between the Ceph create and the catalog commit (held 30 s there): the
+    //    image is in Ceph, no catalog row names it; the restarted daemon removes it.
+    let dm = start_daemon(BIN, &data, &args, &[("SEALDISK_FAULTS", "rbd_created:delay=30000ms")]);
+    rpc(&data, "ActivateKms", serde_json::json!({}));
+    let before = rbd_ls(&c);
+    let call = {
+        let data = data.clone();
+        std::thread::spawn(move || try_rpc(&data, "CreateDisk", serde_json::json!({"SizeBytes": 8 << 20})))
+    };
+    let mut made = Vec::new();
+    eventually("the image made in Ceph", || {
+        made = rbd_ls(&c).into_iter().filter(|i| !before.contains(i)).collect();
+        !made.is_empty()
+    });
+    assert_eq!(made.len(), 1, "{made:?}");
+    let orphan = made[0].clone();
+    drop(dm);
+    assert!(call.join().unwrap().is_err(), "CreateDisk succeeded though killed");
+    assert!(rbd_ls(&c).contains(&orphan), "the image went with the daemon");
+    let dm = start_daemon(BIN, &data, &args, &[("SEALDISK_FAULTS", "rbd_created:fail=2")]);
+    eventually("the uncommitted image removed", || !rbd_ls(&c).contains(&orphan));
+    let disks = rpc(&data, "DescribeDisks", serde_json::json!({}));
+    assert!(!disks.to_string().contains(&orphan), "{disks}");
+    assert!(
+        log_lines(&data, "never committed").iter().any(|l| l.contains(&orphan)),
+        "no log line names the removed image"
+    );
+
+    // 2. A failure after the Ceph create aborts the transaction (call 2: CreateSnapshot):
+    //    the RBD snapshot it made goes, the disk and its data stay.
+    let disk = id_of(
+        rpc(&data, "CreateDisk", serde_json::json!({"SizeBytes": 8 << 20})),
+        "DiskId",
+    );
+    let e = try_rpc(&data, "CreateSnapshot", serde_json::json!({"DiskId": disk})).unwrap_err();
+    assert!(e.contains("injected fault"), "{e}");
+    let listed = rpc(&data, "DescribeSnapshots", serde_json::json!({"DiskId": disk}));
+    assert_eq!(listed["TotalCount"], 0, "{listed}");
+    eventually("the uncommitted snapshot removed", || rbd_snaps(&c, &disk).is_empty());
+    assert!(rbd_ls(&c).contains(&disk), "the disk's image went");
+    // The next creations commit and stay.
+    let snap = id_of(
+        rpc(&data, "CreateSnapshot", serde_json::json!({"DiskId": disk})),
+        "SnapshotId",
+    );
+    let clone = id_of(
+        rpc(&data, "CreateDisk", serde_json::json!({"SnapshotId": snap})),
+        "DiskId",
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(rbd_snaps(&c, &disk), vec![snap]);
+    assert!(rbd_ls(&c).contains(&clone));
+    let r = check_pool(&data);
+    assert_eq!(r["Consistent"], true, "{r}");
+    drop(dm);
+}
+
+#[test]
+fn migrate_and_encrypted_copy_on_rbd_read_only_the_written_objects() {
+    let Some(c) = ceph::Cluster::start("migrate") else {
+        return;
+    };
+    let d = TempDir::new("rbd-migrate");
+    let data = d.0.join("data");
+    let args = rbd_args(&c);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _dm = start_daemon(BIN, &data, &args, &[]);
+    // A sparse plaintext disk: data in RBD objects 0 and 10 of 16.
+    let (inst, src, _) = instance_with_disk(&data, 64 << 20, false);
+    let (a, b) = (random_bytes(8192, 61), random_bytes(4096, 62));
+    let mut s = nbd_go(&data.join("nbd.sock"), &src).unwrap();
+    assert_eq!(nbd_write(&mut s, 1, 4096, &a), 0);
+    assert_eq!(nbd_write(&mut s, 2, (40 << 20) + 8192, &b), 0);
+    assert_eq!(nbd_cmd(&mut s, 3, 3, 0, 0, &[], 0).0, 0);
+    drop(s);
+    detach(&data, &src, &inst);
+    let zeros = vec![0u8; 65536];
+    let want: [(u64, &[u8]); 4] = [
+        (4096, &a),
+        ((40 << 20) + 8192, &b),
+        (1 << 20, &zeros),
+        (60 << 20, &zeros),
+    ];
+    let object = 4u64 << 20;
+
+    // MigrateDisk into a new encrypted disk: only the two objects are read and written.
+    let r = wait_task(
+        rpc(
+            &data,
+            "MigrateDisk",
+            serde_json::json!({"SourceDiskId": src, "Verify": true}),
+        ),
+        |q| rpc(&data, "DescribeTasks", q),
+    )
+    .unwrap_or_else(|e| panic!("{e:?}"));
+    let mig = id_of(r.clone(), "DiskId");
+    assert_eq!(r["Encrypted"], true, "{r}");
+    assert_eq!(r["TargetAllocatedBytes"], 2 * object, "{r}");
+    let read = r["BytesRead"].as_u64().unwrap();
+    assert!(
+        read > 0 && read <= 2 * object,
+        "read {read} bytes of a disk with 2 objects: {r}"
+    );
+    attach(&data, &mig, &inst);
+    nbd_reads_equal(&data, &mig, &want, "migrated disk");
+    detach(&data, &mig, &inst);
+
+    // MigrateDisk into an existing empty RBD disk (it has no objects: not refused as
+    // holding data).
+    let empty = id_of(
+        rpc(
+            &data,
+            "CreateDisk",
+            serde_json::json!({"SizeBytes": 64 << 20, "Encrypted": true}),
+        ),
+        "DiskId",
+    );
+    let r = wait_task(
+        rpc(
+            &data,
+            "MigrateDisk",
+            serde_json::json!({"SourceDiskId": src, "TargetDiskId": empty}),
+        ),
+        |q| rpc(&data, "DescribeTasks", q),
+    )
+    .unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(r["DiskId"], empty.as_str(), "{r}");
+    assert_eq!(r["TargetAllocatedBytes"], 2 * object, "{r}");
+    attach(&data, &empty, &inst);
+    nbd_reads_equal(&data, &empty, &want, "disk migrated into");
+    // Now it holds data: a second migration into it is refused.
+    detach(&data, &empty, &inst);
+    let e = try_rpc(
+        &data,
+        "MigrateDisk",
+        serde_json::json!({"SourceDiskId": src, "TargetDiskId": empty}),
+    )
+    .unwrap_err();
+    assert!(e.starts_with("InvalidOperation.TargetNotEmpty"), "{e}");
+
+    // CreateEncryptedCopy: the copy holds the same bytes.
+    let r = wait_task(
+        rpc(&data, "CreateEncryptedCopy", serde_json::json!({"SourceDiskId": src})),
+        |q| rpc(&data, "DescribeTasks", q),
+    )
+    .unwrap_or_else(|e| panic!("{e:?}"));
+    let copy = id_of(r.clone(), "DiskId");
+    assert_eq!(r["Encrypted"], true, "{r}");
+    assert_eq!(r["BytesCopied"], (a.len() + b.len()) as u64, "{r}");
+    attach(&data, &copy, &inst);
+    nbd_reads_equal(&data, &copy, &want, "encrypted copy");
+    let info = rbd_info(&c, &format!("rbd/{copy}"));
+    assert!(info.get("parent").is_none(), "the copy is a clone: {info}");
+    let r = check_pool(&data);
+    assert_eq!(r["Consistent"], true, "{r}");
 }

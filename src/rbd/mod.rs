@@ -621,6 +621,79 @@ impl Image {
         Ok(())
     }
 
+    /// The clones of this image's snapshot (the image must be open at it; at its head:
+    /// the clones of every snapshot), as (pool, image name); clones in the RBD trash are
+    /// left out.
+    pub fn children(&self) -> Result<Vec<(String, String)>> {
+        let api = self.api();
+        let mut cap = 16usize;
+        loop {
+            let mut specs: Vec<ffi::LinkedImageSpec> = Vec::with_capacity(cap);
+            let mut n = cap;
+            // SAFETY: live image; librbd fills at most `n` specs of the buffer (room for
+            // `cap`) and writes how many there are (or are needed, with -ERANGE) into `n`.
+            let rc = unsafe { (api.rbd_list_children3)(self.h, specs.as_mut_ptr(), &mut n) };
+            if rc == -libc::ERANGE && n > cap {
+                cap = n;
+                continue;
+            }
+            check("rbd_list_children3", rc)?;
+            // SAFETY: on success librbd initialised the first `n` (<= cap) specs.
+            unsafe { specs.set_len(n.min(cap)) };
+            let text = |p: *mut c_char| {
+                if p.is_null() {
+                    String::new()
+                } else {
+                    // SAFETY: a NUL-terminated string librbd allocated for this spec,
+                    // alive until the cleanup below.
+                    unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned()
+                }
+            };
+            let out = specs
+                .iter()
+                .filter(|s| !s.trash)
+                .map(|s| (text(s.pool_name), text(s.image_name)))
+                .collect();
+            // SAFETY: the specs librbd filled, cleaned up once (their strings are
+            // freed; the Vec's own memory is freed by Rust).
+            unsafe { (api.rbd_linked_image_spec_list_cleanup)(specs.as_mut_ptr(), specs.len()) };
+            return Ok(out);
+        }
+    }
+
+    /// The parts of `off..off + len` that hold data (here or, for a clone, in its
+    /// parent), as (offset, length), whole RBD objects at a time and in order.
+    pub fn allocated(&self, off: u64, len: u64) -> Result<Vec<(u64, u64)>> {
+        unsafe extern "C" fn one(ofs: u64, len: usize, exists: c_int, arg: *mut c_void) -> c_int {
+            if exists != 0 {
+                // SAFETY: `arg` is the `&mut Vec` passed below, alive and not aliased
+                // during the synchronous rbd_diff_iterate2 call that runs this.
+                let v = unsafe { &mut *arg.cast::<Vec<(u64, u64)>>() };
+                match v.last_mut() {
+                    Some((o, l)) if *o + *l == ofs => *l += len as u64,
+                    _ => v.push((ofs, len as u64)),
+                }
+            }
+            0
+        }
+        let mut v: Vec<(u64, u64)> = Vec::new();
+        // SAFETY: live image; a NULL snapshot name (from the beginning); the callback
+        // only touches `v`, which outlives this synchronous call.
+        check("rbd_diff_iterate2", unsafe {
+            (self.api().rbd_diff_iterate2)(
+                self.h,
+                std::ptr::null(),
+                off,
+                len,
+                1,
+                1,
+                Some(one),
+                (&mut v as *mut Vec<(u64, u64)>).cast(),
+            )
+        })?;
+        Ok(v)
+    }
+
     /// `rbd image-meta get`: `None` when the key is not set.
     pub fn metadata_get(&self, key: &str) -> Result<Option<String>> {
         let k = cstr(key)?;
