@@ -1084,8 +1084,23 @@ fn cluster_stopping_mid_io_gives_errors_not_a_hang_and_the_disk_works_after() {
     signal_cluster(&c, libc::SIGSTOP);
     let t = Instant::now();
     // The write fails (or, with librbd's write-back cache on in ceph.conf, lands in the
-    // cache and the flush fails): both cannot succeed.
-    let w = nbd_write(&mut s, 3, 1 << 20, &a);
+    // cache and the flush fails): both cannot succeed. While it waits, the reactor is
+    // not stuck in librbd (requests go to librbd from the reactor's thread): a request
+    // on another connection that needs no Ceph (a read past the end) is answered at once.
+    let mut s2 = nbd_go(&data.join("nbd.sock"), &disk).unwrap();
+    let w = std::thread::scope(|sc| {
+        let writer = sc.spawn(|| nbd_write(&mut s, 3, 1 << 20, &a));
+        std::thread::sleep(Duration::from_millis(500));
+        let t2 = Instant::now();
+        let (e2, _) = nbd_read(&mut s2, 1, 16 << 20, 4096);
+        let answered = t2.elapsed();
+        assert_ne!(e2, 0, "a read past the end succeeded");
+        assert!(
+            answered < Duration::from_secs(2),
+            "another request waited {answered:?} while a write waited for the stopped cluster"
+        );
+        writer.join().unwrap()
+    });
     let e = nbd_cmd(&mut s, 3, 9, 0, 0, &[], 0).0;
     let took = t.elapsed();
     assert!(w != 0 || e != 0, "a write and flush with the cluster stopped succeeded");
