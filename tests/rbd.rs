@@ -5,6 +5,8 @@
 #[path = "common/ceph.rs"]
 mod ceph;
 mod common;
+#[path = "common/tools.rs"]
+mod tools;
 
 use std::process::Command;
 use std::sync::Arc;
@@ -15,6 +17,7 @@ use sealdisk::testing::rbd::RbdBdev;
 use sealdisk::testing::rbd::{Cluster, Completion, CreateOpts, RbdError, DISK_OPTIONS};
 use sealdisk::CryptoBdev;
 use sealdisk::{BdevRef, IoError, IoOp, IoRequest};
+use tools::run_tool;
 
 fn connect(c: &ceph::Cluster) -> sealdisk::testing::rbd::IoCtx {
     Cluster::connect(&c.conf, DISK_OPTIONS)
@@ -495,6 +498,31 @@ fn rbd_bdev_pipelined_io_through_crypto_on_two_reactors_stores_ciphertext() {
 
 const BIN: &str = env!("CARGO_BIN_EXE_sealdisk");
 
+/// A test's cluster and directory (`data`: the daemon's data directory).
+struct Env {
+    c: ceph::Cluster,
+    /// Holds `data` (removed on drop).
+    _d: TempDir,
+    data: std::path::PathBuf,
+}
+
+impl Env {
+    /// `None`: no Ceph here and SEALDISK_SKIP_CEPH=1 (see `ceph::Cluster::start`).
+    fn start(name: &str) -> Option<Env> {
+        let c = ceph::Cluster::start(name)?;
+        let d = TempDir::new(&format!("rbd-{name}"));
+        let data = d.0.join("data");
+        Some(Env { c, _d: d, data })
+    }
+
+    /// `serve --backend rbd` on this cluster with data directory `data` and `env`.
+    fn serve(&self, data: &std::path::Path, env: &[(&str, &str)]) -> Daemon {
+        let args = rbd_args(&self.c);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        start_daemon(BIN, data, &args, env)
+    }
+}
+
 fn rbd_args(c: &ceph::Cluster) -> Vec<String> {
     vec![
         "--cores".into(),
@@ -595,14 +623,11 @@ fn serve_refuses_incomplete_rbd_options_and_creates_nothing() {
 
 #[test]
 fn disk_lifecycle_on_rbd_backend_keeps_ciphertext_in_rados() {
-    let Some(c) = ceph::Cluster::start("daemon") else {
+    let Some(env) = Env::start("daemon") else {
         return;
     };
-    let d = TempDir::new("rbd-daemon");
-    let data = d.0.join("data");
-    let args = rbd_args(&c);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let dm = start_daemon(BIN, &data, &args, &[]);
+    let (c, data) = (&env.c, env.data.clone());
+    let dm = env.serve(&data, &[]);
     let (inst, disk, _) = instance_with_disk(&data, 16 << 20, true);
     assert!(
         !data.join("pool.img").exists(),
@@ -653,7 +678,7 @@ fn disk_lifecycle_on_rbd_backend_keeps_ciphertext_in_rados() {
         .collect();
     assert_eq!(nbd_write(&mut s, 1, 0, &plain), 0);
     assert_eq!(nbd_write(&mut s, 2, 8 << 20, &plain[..4096]), 0);
-    assert_eq!(nbd_cmd(&mut s, 3, 3, 0, 0, &[], 0).0, 0, "flush");
+    flush(&mut s, 3);
     let (e, back) = nbd_read(&mut s, 4, 0, plain.len() as u32);
     assert_eq!(e, 0);
     assert!(back == plain, "read back differs");
@@ -701,11 +726,7 @@ fn disk_lifecycle_on_rbd_backend_keeps_ciphertext_in_rados() {
     );
 
     // Detach, then delete: the image leaves the cluster.
-    rpc(
-        &data,
-        "DetachDisk",
-        serde_json::json!({"DiskId": disk, "InstanceId": inst}),
-    );
+    detach(&data, &disk, &inst);
     rpc(&data, "DeleteDisk", serde_json::json!({"DiskId": disk}));
     eventually("image removed after DeleteDisk", || !rbd_ls(&c).contains(&disk));
     let r = check_pool(&data);
@@ -715,24 +736,23 @@ fn disk_lifecycle_on_rbd_backend_keeps_ciphertext_in_rados() {
 
 #[test]
 fn snapshot_clone_and_reset_on_rbd_backend() {
-    let Some(c) = ceph::Cluster::start("snap") else { return };
-    let d = TempDir::new("rbd-snap");
-    let data = d.0.join("data");
-    let args = rbd_args(&c);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let _dm = start_daemon(BIN, &data, &args, &[]);
+    let Some(env) = Env::start("snap") else {
+        return;
+    };
+    let (c, data) = (&env.c, env.data.clone());
+    let _dm = env.serve(&data, &[]);
     let (inst, disk, _) = instance_with_disk(&data, 8 << 20, true);
     let a = random_bytes(8192, 1);
     let b = random_bytes(8192, 2);
     let mut s = nbd_go(&data.join("nbd.sock"), &disk).unwrap();
     assert_eq!(nbd_write(&mut s, 1, 4096, &a), 0);
-    assert_eq!(nbd_cmd(&mut s, 3, 2, 0, 0, &[], 0).0, 0);
+    flush(&mut s, 2);
 
     // A snapshot is a protected RBD snapshot of the disk's image.
-    let snap = rpc(&data, "CreateSnapshot", serde_json::json!({"DiskId": disk}))["SnapshotId"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let snap = id_of(
+        rpc(&data, "CreateSnapshot", serde_json::json!({"DiskId": disk})),
+        "SnapshotId",
+    );
     let snaps: serde_json::Value =
         serde_json::from_slice(&c.cmd("rbd", &["snap", "ls", "--format", "json", &format!("rbd/{disk}")])).unwrap();
     assert!(
@@ -744,41 +764,29 @@ fn snapshot_clone_and_reset_on_rbd_backend() {
 
     // The disk changes after the snapshot.
     assert_eq!(nbd_write(&mut s, 3, 4096, &b), 0);
-    assert_eq!(nbd_cmd(&mut s, 3, 4, 0, 0, &[], 0).0, 0);
+    flush(&mut s, 4);
     drop(s);
 
     // A disk from the snapshot is an RBD clone with the snapshot's data (same key lineage).
-    let clone = rpc(&data, "CreateDisk", serde_json::json!({"SnapshotId": snap}))["DiskId"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let clone = id_of(
+        rpc(&data, "CreateDisk", serde_json::json!({"SnapshotId": snap})),
+        "DiskId",
+    );
     let cinfo = rbd_info(&c, &format!("rbd/{clone}"));
     assert_eq!(cinfo["parent"]["image"], disk.as_str(), "{cinfo}");
     assert_eq!(cinfo["parent"]["snapshot"], snap.as_str(), "{cinfo}");
-    rpc(
-        &data,
-        "AttachDisk",
-        serde_json::json!({"DiskId": clone, "InstanceId": inst}),
-    );
+    attach(&data, &clone, &inst);
     let mut s2 = nbd_go(&data.join("nbd.sock"), &clone).unwrap();
     let (e, got) = nbd_read(&mut s2, 1, 4096, 8192);
     assert_eq!(e, 0);
     assert!(got == a, "the clone reads the snapshot's data");
     // ReInitDisk takes the clone back to its source snapshot.
     assert_eq!(nbd_write(&mut s2, 2, 4096, &b), 0);
-    assert_eq!(nbd_cmd(&mut s2, 3, 3, 0, 0, &[], 0).0, 0);
+    flush(&mut s2, 3);
     drop(s2);
-    rpc(
-        &data,
-        "DetachDisk",
-        serde_json::json!({"DiskId": clone, "InstanceId": inst}),
-    );
+    detach(&data, &clone, &inst);
     rpc(&data, "ReInitDisk", serde_json::json!({"DiskId": clone}));
-    rpc(
-        &data,
-        "AttachDisk",
-        serde_json::json!({"DiskId": clone, "InstanceId": inst}),
-    );
+    attach(&data, &clone, &inst);
     let mut s2 = nbd_go(&data.join("nbd.sock"), &clone).unwrap();
     let (e, got) = nbd_read(&mut s2, 4, 4096, 8192);
     assert_eq!(
@@ -788,34 +796,22 @@ fn snapshot_clone_and_reset_on_rbd_backend() {
     );
     drop(s2);
     // And a blank disk back to zeros.
-    let blank = rpc(
-        &data,
-        "CreateDisk",
-        serde_json::json!({"SizeBytes": 4 << 20, "Encrypted": true}),
-    )["DiskId"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    rpc(
-        &data,
-        "AttachDisk",
-        serde_json::json!({"DiskId": blank, "InstanceId": inst}),
+    let blank = id_of(
+        rpc(
+            &data,
+            "CreateDisk",
+            serde_json::json!({"SizeBytes": 4 << 20, "Encrypted": true}),
+        ),
+        "DiskId",
     );
+    attach(&data, &blank, &inst);
     let mut s3 = nbd_go(&data.join("nbd.sock"), &blank).unwrap();
     assert_eq!(nbd_write(&mut s3, 1, 0, &b), 0);
-    assert_eq!(nbd_cmd(&mut s3, 3, 2, 0, 0, &[], 0).0, 0);
+    flush(&mut s3, 2);
     drop(s3);
-    rpc(
-        &data,
-        "DetachDisk",
-        serde_json::json!({"DiskId": blank, "InstanceId": inst}),
-    );
+    detach(&data, &blank, &inst);
     rpc(&data, "ReInitDisk", serde_json::json!({"DiskId": blank}));
-    rpc(
-        &data,
-        "AttachDisk",
-        serde_json::json!({"DiskId": blank, "InstanceId": inst}),
-    );
+    attach(&data, &blank, &inst);
     let mut s3 = nbd_go(&data.join("nbd.sock"), &blank).unwrap();
     let (e, got) = nbd_read(&mut s3, 3, 0, 8192);
     assert_eq!(
@@ -826,21 +822,13 @@ fn snapshot_clone_and_reset_on_rbd_backend() {
     drop(s3);
 
     // ResetDisk rolls the detached disk back to the snapshot.
-    rpc(
-        &data,
-        "DetachDisk",
-        serde_json::json!({"DiskId": disk, "InstanceId": inst}),
-    );
+    detach(&data, &disk, &inst);
     rpc(
         &data,
         "ResetDisk",
         serde_json::json!({"DiskId": disk, "SnapshotId": snap}),
     );
-    rpc(
-        &data,
-        "AttachDisk",
-        serde_json::json!({"DiskId": disk, "InstanceId": inst}),
-    );
+    attach(&data, &disk, &inst);
     let mut s = nbd_go(&data.join("nbd.sock"), &disk).unwrap();
     let (e, got) = nbd_read(&mut s, 1, 4096, 8192);
     assert_eq!(e, 0);
@@ -849,11 +837,7 @@ fn snapshot_clone_and_reset_on_rbd_backend() {
 
     // Deleting the disk while its snapshot has a clone: the catalog lets it go, and the
     // image stays in Ceph until nothing depends on it; the clone still reads its data.
-    rpc(
-        &data,
-        "DetachDisk",
-        serde_json::json!({"DiskId": disk, "InstanceId": inst}),
-    );
+    detach(&data, &disk, &inst);
     rpc(&data, "DeleteDisk", serde_json::json!({"DiskId": disk}));
     let mut s2 = nbd_go(&data.join("nbd.sock"), &clone).unwrap();
     let (e, got) = nbd_read(&mut s2, 2, 4096, 8192);
@@ -873,11 +857,7 @@ fn snapshot_clone_and_reset_on_rbd_backend() {
         "DeleteSnapshot",
         serde_json::json!({"SnapshotId": snap, "Force": true}),
     );
-    rpc(
-        &data,
-        "DetachDisk",
-        serde_json::json!({"DiskId": clone, "InstanceId": inst}),
-    );
+    detach(&data, &clone, &inst);
     rpc(&data, "DeleteDisk", serde_json::json!({"DiskId": clone}));
     eventually("images removed", || {
         let ls = rbd_ls(&c);
@@ -896,14 +876,14 @@ fn try_rpc(data: &std::path::Path, method: &str, mut params: serde_json::Value) 
 }
 
 fn new_instance(data: &std::path::Path) -> String {
-    rpc(
-        data,
-        "CreateInstance",
-        serde_json::json!({"SystemDisk.SizeBytes": 4 << 20}),
-    )["InstanceId"]
-        .as_str()
-        .unwrap()
-        .to_owned()
+    id_of(
+        rpc(
+            data,
+            "CreateInstance",
+            serde_json::json!({"SystemDisk.SizeBytes": 4 << 20}),
+        ),
+        "InstanceId",
+    )
 }
 
 #[test]
@@ -924,7 +904,7 @@ fn a_disk_moves_between_two_daemons_fenced_by_the_exclusive_lock() {
     let a = random_bytes(16384, 11);
     let mut s = nbd_go(&da.join("nbd.sock"), &disk).unwrap();
     assert_eq!(nbd_write(&mut s, 1, 1 << 20, &a), 0);
-    assert_eq!(nbd_cmd(&mut s, 3, 2, 0, 0, &[], 0).0, 0);
+    flush(&mut s, 2);
 
     // Bad adoptions change nothing.
     let e = try_rpc(&db, "AdoptDisk", serde_json::json!({})).unwrap_err();
@@ -953,14 +933,14 @@ fn a_disk_moves_between_two_daemons_fenced_by_the_exclusive_lock() {
     );
     // An encrypted disk whose key B's KMS cannot unwrap (each daemon has its own local
     // KMS here; a move of encrypted disks needs a shared one): refused, nothing changes.
-    let enc = rpc(
-        &da,
-        "CreateDisk",
-        serde_json::json!({"SizeBytes": 4 << 20, "Encrypted": true}),
-    )["DiskId"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let enc = id_of(
+        rpc(
+            &da,
+            "CreateDisk",
+            serde_json::json!({"SizeBytes": 4 << 20, "Encrypted": true}),
+        ),
+        "DiskId",
+    );
     rpc(&db, "ActivateKms", serde_json::json!({}));
     let e = try_rpc(&db, "AdoptDisk", serde_json::json!({"DiskId": enc})).unwrap_err();
     assert!(e.starts_with("Kms."), "{e}");
@@ -991,20 +971,12 @@ fn a_disk_moves_between_two_daemons_fenced_by_the_exclusive_lock() {
     // A still writes.
     let b = random_bytes(4096, 12);
     assert_eq!(nbd_write(&mut s, 3, 0, &b), 0);
-    assert_eq!(nbd_cmd(&mut s, 3, 4, 0, 0, &[], 0).0, 0);
+    flush(&mut s, 4);
     drop(s);
 
     // A detaches: B attaches and reads A's data.
-    rpc(
-        &da,
-        "DetachDisk",
-        serde_json::json!({"DiskId": disk, "InstanceId": inst_a}),
-    );
-    rpc(
-        &db,
-        "AttachDisk",
-        serde_json::json!({"DiskId": disk, "InstanceId": inst_b}),
-    );
+    detach(&da, &disk, &inst_a);
+    attach(&db, &disk, &inst_b);
     let mut s = nbd_go(&db.join("nbd.sock"), &disk).unwrap();
     let (e, got) = nbd_read(&mut s, 1, 1 << 20, a.len() as u32);
     assert_eq!((e, got == a), (0, true), "B reads what A wrote");
@@ -1012,7 +984,7 @@ fn a_disk_moves_between_two_daemons_fenced_by_the_exclusive_lock() {
     assert_eq!((e, got == b), (0, true));
     let c2 = random_bytes(4096, 13);
     assert_eq!(nbd_write(&mut s, 3, 8192, &c2), 0);
-    assert_eq!(nbd_cmd(&mut s, 3, 4, 0, 0, &[], 0).0, 0);
+    flush(&mut s, 4);
     drop(s);
 
     // A forgets the disk (DeleteDisk in its catalog): the image is B's now and stays.
@@ -1062,24 +1034,21 @@ fn signal_cluster(c: &ceph::Cluster, sig: i32) {
 
 #[test]
 fn cluster_stopping_mid_io_gives_errors_not_a_hang_and_the_disk_works_after() {
-    let Some(c) = ceph::Cluster::start("outage") else {
+    let Some(env) = Env::start("outage") else {
         return;
     };
+    let (c, data) = (&env.c, env.data.clone());
     // Requests give up after 5 s here (sealdisk's default is 30 s; ceph.conf may set its own).
     let mut conf = std::fs::read_to_string(&c.conf).unwrap();
     conf.push_str("\n[client]\nrados osd op timeout = 5\nrados mon op timeout = 5\n");
     std::fs::write(&c.conf, conf).unwrap();
-    let d = TempDir::new("rbd-outage");
-    let data = d.0.join("data");
-    let args = rbd_args(&c);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let _dm = start_daemon(BIN, &data, &args, &[]);
+    let _dm = env.serve(&data, &[]);
     let (_inst, disk, _) = instance_with_disk(&data, 16 << 20, true);
     let a = random_bytes(8192, 21);
     let mut s = nbd_go(&data.join("nbd.sock"), &disk).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
     assert_eq!(nbd_write(&mut s, 1, 0, &a), 0);
-    assert_eq!(nbd_cmd(&mut s, 3, 2, 0, 0, &[], 0).0, 0);
+    flush(&mut s, 2);
 
     signal_cluster(&c, libc::SIGSTOP);
     let t = Instant::now();
@@ -1122,7 +1091,7 @@ fn cluster_stopping_mid_io_gives_errors_not_a_hang_and_the_disk_works_after() {
         assert!(t.elapsed() < Duration::from_secs(90), "the disk did not recover");
         std::thread::sleep(Duration::from_millis(500));
     }
-    assert_eq!(nbd_cmd(&mut s, 3, 6, 0, 0, &[], 0).0, 0);
+    flush(&mut s, 6);
     let (e, got) = nbd_read(&mut s, 7, 0, 8192);
     assert_eq!((e, got == a), (0, true), "data written before the outage");
     let (e, got) = nbd_read(&mut s, 8, 1 << 20, 8192);
@@ -1216,23 +1185,15 @@ fn an_encrypted_disk_moves_between_daemons_sharing_a_transit_kms() {
     let a = random_bytes(16384, 31);
     let mut s = nbd_go(&da.join("nbd.sock"), &disk).unwrap();
     assert_eq!(nbd_write(&mut s, 1, 4096, &a), 0);
-    assert_eq!(nbd_cmd(&mut s, 3, 2, 0, 0, &[], 0).0, 0);
+    flush(&mut s, 2);
     drop(s);
-    rpc(
-        &da,
-        "DetachDisk",
-        serde_json::json!({"DiskId": disk, "InstanceId": inst_a}),
-    );
+    detach(&da, &disk, &inst_a);
 
     rpc(&db, "ActivateKms", serde_json::json!({}));
     let inst_b = new_instance(&db);
     let r = rpc(&db, "AdoptDisk", serde_json::json!({"DiskId": disk}));
     assert_eq!(r["Encrypted"], true, "{r}");
-    rpc(
-        &db,
-        "AttachDisk",
-        serde_json::json!({"DiskId": disk, "InstanceId": inst_b}),
-    );
+    attach(&db, &disk, &inst_b);
     let mut s = nbd_go(&db.join("nbd.sock"), &disk).unwrap();
     let (e, got) = nbd_read(&mut s, 1, 4096, a.len() as u32);
     assert_eq!(
@@ -1245,38 +1206,31 @@ fn an_encrypted_disk_moves_between_daemons_sharing_a_transit_kms() {
 
 #[test]
 fn images_on_rbd_backend_create_copy_export_and_boot() {
-    let Some(c) = ceph::Cluster::start("images") else {
+    let Some(env) = Env::start("images") else {
         return;
     };
-    let d = TempDir::new("rbd-images");
-    let data = d.0.join("data");
-    let args = rbd_args(&c);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let _dm = start_daemon(BIN, &data, &args, &[]);
+    let (c, data) = (&env.c, env.data.clone());
+    let _dm = env.serve(&data, &[]);
     let (inst, disk, _) = instance_with_disk(&data, 8 << 20, false);
     let mut s = nbd_go(&data.join("nbd.sock"), &disk).unwrap();
     assert_eq!(nbd_write(&mut s, 1, 4096, &[0x33; 4096]), 0);
-    assert_eq!(nbd_cmd(&mut s, 3, 2, 0, 0, &[], 0).0, 0);
+    flush(&mut s, 2);
     drop(s);
-    rpc(
-        &data,
-        "DetachDisk",
-        serde_json::json!({"DiskId": disk, "InstanceId": inst}),
+    detach(&data, &disk, &inst);
+    let snap = id_of(
+        rpc(&data, "CreateSnapshot", serde_json::json!({"DiskId": disk})),
+        "SnapshotId",
     );
-    let snap = rpc(&data, "CreateSnapshot", serde_json::json!({"DiskId": disk}))["SnapshotId"]
-        .as_str()
-        .unwrap()
-        .to_owned();
     let wait =
         |r: serde_json::Value| wait_task(r, |q| rpc(&data, "DescribeTasks", q)).unwrap_or_else(|e| panic!("{e:?}"));
-    let img = wait(rpc(
-        &data,
-        "CreateImage",
-        serde_json::json!({"SnapshotId": snap, "ImageName": "base"}),
-    ))["ImageId"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let img = id_of(
+        wait(rpc(
+            &data,
+            "CreateImage",
+            serde_json::json!({"SnapshotId": snap, "ImageName": "base"}),
+        )),
+        "ImageId",
+    );
     // The image is an RBD clone of the snapshot.
     let info = rbd_info(&c, &format!("rbd/{img}"));
     assert_eq!(info["parent"]["snapshot"], snap.as_str(), "{info}");
@@ -1301,10 +1255,10 @@ fn images_on_rbd_backend_create_copy_export_and_boot() {
     );
     assert!(bytes[..4096].iter().all(|&b| b == 0));
     // An instance booted from the image: its system disk is a clone that reads the data.
-    let i2 = rpc(&data, "CreateInstance", serde_json::json!({"ImageId": img}))["InstanceId"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let i2 = id_of(
+        rpc(&data, "CreateInstance", serde_json::json!({"ImageId": img})),
+        "InstanceId",
+    );
     let disks = rpc(&data, "DescribeDisks", serde_json::json!({"InstanceId": i2}));
     let sys = disks["Disks"]["Disk"]
         .as_array()
@@ -1323,83 +1277,16 @@ fn images_on_rbd_backend_create_copy_export_and_boot() {
     assert_eq!(r["Consistent"], true, "{r}");
 }
 
-/// Runs `tool`; panics unless it succeeds. Its stdout.
-fn run_tool(tool: &str, args: &[&str]) -> String {
-    let out = Command::new(tool).args(args).output().unwrap_or_else(|e| {
-        panic!("cannot run {tool} ({e}): install it (apt-get install fio qemu-utils; .ci/run does)")
-    });
-    let so = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{tool} {args:?} failed: {}\n{so}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    so
-}
-
 #[test]
 fn qemu_io_and_fio_verify_through_nbd_on_rbd() {
-    let Some(c) = ceph::Cluster::start("tools") else { return };
-    let d = TempDir::new("rbd-tools");
-    let data = d.0.join("data");
-    let args = rbd_args(&c);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let _dm = start_daemon(BIN, &data, &args, &[]);
+    let Some(env) = Env::start("tools") else {
+        return;
+    };
+    let data = env.data.clone();
+    let _dm = env.serve(&data, &[]);
     let (_inst, disk, _) = instance_with_disk(&data, 64 << 20, true);
     let uri = format!("nbd+unix:///{disk}?socket={}", data.join("nbd.sock").display());
-    let w = run_tool(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-c",
-            "write -P 0xa5 0 1M",
-            "-c",
-            "write -P 0x5a 4M 3M",
-            "-c",
-            "write -P 0x11 -f 8M 64k",
-            "-c",
-            "flush",
-            "-c",
-            "discard 0 64k",
-            "-c",
-            "write -z 4M 128k",
-            "-c",
-            "aio_write -P 0x33 16M 4k",
-            "-c",
-            "aio_flush",
-            &uri,
-        ],
-    );
-    assert!(!w.contains("error") && !w.contains("failed"), "{w}");
-    let r = run_tool(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-c",
-            "read -P 0 0 64k",
-            "-c",
-            "read -P 0xa5 64k 960k",
-            "-c",
-            "read -P 0 4M 128k",
-            "-c",
-            "read -P 0x5a 4224k 2944k",
-            "-c",
-            "read -P 0x11 8M 64k",
-            "-c",
-            "read -P 0x33 16M 4k",
-            "-c",
-            "read -P 0 32M 1M",
-            &uri,
-        ],
-    );
-    assert!(
-        !r.contains("Pattern verification failed") && !r.contains("error"),
-        "{r}"
-    );
-    assert_eq!(r.matches("read ").count(), 7, "{r}");
+    tools::qemu_io_patterns(&uri, "encrypted RBD disk");
     // fio's nbd engine: random writes with verification, 16 in flight.
     let out = run_tool(
         "fio",
@@ -1430,12 +1317,11 @@ fn qemu_io_and_fio_verify_through_nbd_on_rbd() {
 #[test]
 fn vhost_user_blk_io_on_an_encrypted_rbd_disk() {
     use sealdisk::testing::vmm::{Driver, DriverOptions};
-    let Some(c) = ceph::Cluster::start("vhost") else { return };
-    let d = TempDir::new("rbd-vhost");
-    let data = d.0.join("data");
-    let args = rbd_args(&c);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let _dm = start_daemon(BIN, &data, &args, &[]);
+    let Some(env) = Env::start("vhost") else {
+        return;
+    };
+    let data = env.data.clone();
+    let _dm = env.serve(&data, &[]);
     let (inst, disk, _) = instance_with_disk(&data, 16 << 20, true);
     let sock = data.join(format!("instances/{inst}/vhost/{disk}.sock"));
     let mut v = Driver::connect(&sock, &DriverOptions::default()).unwrap_or_else(|e| panic!("vhost connect: {e}"));
@@ -1505,34 +1391,36 @@ fn detach(data: &std::path::Path, disk: &str, inst: &str) {
     );
 }
 
+/// An NBD flush (command 3) that succeeds.
+fn flush(s: &mut std::os::unix::net::UnixStream, cookie: u64) {
+    assert_eq!(nbd_cmd(s, 3, cookie, 0, 0, &[], 0).0, 0, "flush");
+}
+
 fn id_of(v: serde_json::Value, key: &str) -> String {
     v[key].as_str().unwrap_or_else(|| panic!("no {key}: {v}")).to_owned()
 }
 
 #[test]
 fn delete_snapshot_force_flattens_its_clones_and_finishes_after_a_kill() {
-    let Some(c) = ceph::Cluster::start("flatten") else {
+    let Some(env) = Env::start("flatten") else {
         return;
     };
-    let d = TempDir::new("rbd-flatten");
-    let data = d.0.join("data");
-    let args = rbd_args(&c);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (c, data) = (&env.c, env.data.clone());
     // Every flatten waits 3 s first: the daemon is killed between the two clones'.
-    let dm = start_daemon(BIN, &data, &args, &[("SEALDISK_FAULTS", "rbd_flatten:delay=3000ms")]);
+    let dm = env.serve(&data, &[("SEALDISK_FAULTS", "rbd_flatten:delay=3000ms")]);
     let (inst, disk, _) = instance_with_disk(&data, 16 << 20, true);
     let (a, b) = (random_bytes(8192, 51), random_bytes(8192, 52));
     let mut s = nbd_go(&data.join("nbd.sock"), &disk).unwrap();
     assert_eq!(nbd_write(&mut s, 1, 4096, &a), 0);
     assert_eq!(nbd_write(&mut s, 2, 12 << 20, &a), 0);
-    assert_eq!(nbd_cmd(&mut s, 3, 3, 0, 0, &[], 0).0, 0);
+    flush(&mut s, 3);
     let snap = id_of(
         rpc(&data, "CreateSnapshot", serde_json::json!({"DiskId": disk})),
         "SnapshotId",
     );
     // The disk changes after the snapshot; its clones keep the snapshot's data.
     assert_eq!(nbd_write(&mut s, 4, 4096, &b), 0);
-    assert_eq!(nbd_cmd(&mut s, 3, 5, 0, 0, &[], 0).0, 0);
+    flush(&mut s, 5);
     drop(s);
     let c1 = id_of(
         rpc(&data, "CreateDisk", serde_json::json!({"SnapshotId": snap})),
@@ -1550,7 +1438,7 @@ fn delete_snapshot_force_flattens_its_clones_and_finishes_after_a_kill() {
     let own = random_bytes(4096, 53);
     let mut s1 = nbd_go(&data.join("nbd.sock"), &c1).unwrap();
     assert_eq!(nbd_write(&mut s1, 1, 8 << 20, &own), 0);
-    assert_eq!(nbd_cmd(&mut s1, 3, 2, 0, 0, &[], 0).0, 0);
+    flush(&mut s1, 2);
     drop(s1);
 
     // Without Force: refused, nothing changes.
@@ -1582,7 +1470,7 @@ fn delete_snapshot_force_flattens_its_clones_and_finishes_after_a_kill() {
 
     // After the restart (no faults) the reaper finishes: no clone has a parent, the
     // snapshot is gone, every disk keeps its bytes.
-    let _dm = start_daemon(BIN, &data, &args, &[]);
+    let _dm = env.serve(&data, &[]);
     eventually("the RBD snapshot removed", || !rbd_snaps(&c, &disk).contains(&snap));
     for cl in [&c1, &c2] {
         assert_eq!(rbd_parent(&c, cl), None, "{cl} still a clone");
@@ -1600,17 +1488,14 @@ fn delete_snapshot_force_flattens_its_clones_and_finishes_after_a_kill() {
 
 #[test]
 fn creations_whose_commit_never_happens_are_removed_from_ceph() {
-    let Some(c) = ceph::Cluster::start("orphans") else {
+    let Some(env) = Env::start("orphans") else {
         return;
     };
-    let d = TempDir::new("rbd-orphans");
-    let data = d.0.join("data");
-    let args = rbd_args(&c);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (c, data) = (&env.c, env.data.clone());
 
     // 1. A kill between the Ceph create and the catalog commit (held 30 s there): the
     //    image is in Ceph, no catalog row names it; the restarted daemon removes it.
-    let dm = start_daemon(BIN, &data, &args, &[("SEALDISK_FAULTS", "rbd_created:delay=30000ms")]);
+    let dm = env.serve(&data, &[("SEALDISK_FAULTS", "rbd_created:delay=30000ms")]);
     rpc(&data, "ActivateKms", serde_json::json!({}));
     let before = rbd_ls(&c);
     let call = {
@@ -1627,7 +1512,7 @@ fn creations_whose_commit_never_happens_are_removed_from_ceph() {
     drop(dm);
     assert!(call.join().unwrap().is_err(), "CreateDisk succeeded though killed");
     assert!(rbd_ls(&c).contains(&orphan), "the image went with the daemon");
-    let dm = start_daemon(BIN, &data, &args, &[("SEALDISK_FAULTS", "rbd_created:fail=2")]);
+    let dm = env.serve(&data, &[("SEALDISK_FAULTS", "rbd_created:fail=2")]);
     eventually("the uncommitted image removed", || !rbd_ls(&c).contains(&orphan));
     let disks = rpc(&data, "DescribeDisks", serde_json::json!({}));
     assert!(!disks.to_string().contains(&orphan), "{disks}");
@@ -1667,21 +1552,18 @@ fn creations_whose_commit_never_happens_are_removed_from_ceph() {
 
 #[test]
 fn migrate_and_encrypted_copy_on_rbd_read_only_the_written_objects() {
-    let Some(c) = ceph::Cluster::start("migrate") else {
+    let Some(env) = Env::start("migrate") else {
         return;
     };
-    let d = TempDir::new("rbd-migrate");
-    let data = d.0.join("data");
-    let args = rbd_args(&c);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let _dm = start_daemon(BIN, &data, &args, &[]);
+    let (c, data) = (&env.c, env.data.clone());
+    let _dm = env.serve(&data, &[]);
     // A sparse plaintext disk: data in RBD objects 0 and 10 of 16.
     let (inst, src, _) = instance_with_disk(&data, 64 << 20, false);
     let (a, b) = (random_bytes(8192, 61), random_bytes(4096, 62));
     let mut s = nbd_go(&data.join("nbd.sock"), &src).unwrap();
     assert_eq!(nbd_write(&mut s, 1, 4096, &a), 0);
     assert_eq!(nbd_write(&mut s, 2, (40 << 20) + 8192, &b), 0);
-    assert_eq!(nbd_cmd(&mut s, 3, 3, 0, 0, &[], 0).0, 0);
+    flush(&mut s, 3);
     drop(s);
     detach(&data, &src, &inst);
     let zeros = vec![0u8; 65536];

@@ -111,3 +111,29 @@ def fmt(x, n=0):
 
 def errors(res):
     return [(k, r["err"]) for k, v in res.items() for r in v if r["err"]]
+
+
+def table(res, workloads, targets, client=False):
+    """The per-target markdown table (client: with fio's own CPU column)."""
+    head = "| workload | target | IOPS | MiB/s | p50 us | p99 us | server CPU us/IO |"
+    rule = "|---|---|---:|---:|---:|---:|---:|"
+    if client:
+        head, rule = head + " client CPU % |", rule + "---:|"
+    lines = [head, rule]
+    for wl in workloads:
+        for t in targets:
+            g = lambda k: avg(res, wl, t, k)
+            row = (f"| {wl} | {t} | {fmt(g('iops'))} | {fmt(g('mibs'), 1)} | {fmt(g('p50'), 1)} | "
+                   f"{fmt(g('p99'), 1)} | {fmt(g('srv_us'), 1)} |")
+            lines.append(row + (f" {fmt(g('cli'))} |" if client else ""))
+    return lines
+
+
+def write_json(path, a, res, workloads, targets, keys, **extra):
+    """The averaged figures (and the run's settings, errors and extra) as JSON."""
+    doc = {"date": time.strftime("%Y-%m-%d %H:%M"), "reps": a.reps, "runtime": a.runtime, "ramp": a.ramp,
+           "size": a.size, **extra, "errors": [f"{k[0]} {k[1]}: {e}" for k, e in errors(res)],
+           "figures": {wl: {t: {k: avg(res, wl, t, k) for k in keys} for t in targets if (wl, t) in res}
+                       for wl in workloads}}
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)

@@ -25,7 +25,7 @@ Usage: tools/nbd-compare.py [--workdir DIR] [--runtime S] [--ramp S] [--reps N] 
 """
 import argparse, json, os, shutil, signal, subprocess, sys, tempfile, time
 
-from fiolib import WORKLOADS, errors, fill as fill_target, fmt as f, measure_all, nbd, run, size_bytes
+from fiolib import WORKLOADS, errors, fill as fill_target, measure_all, nbd, run, size_bytes, table, write_json
 from fiolib import avg as avg_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -172,13 +172,7 @@ def main():
     def avg(wl, t, k):
         return avg_of(res, wl, t, k)
     L = [f"# NBD export comparison ({time.strftime('%Y-%m-%d %H:%M')}, {a.reps} reps x {a.runtime}s, "
-         f"servers on cpu {srv_cpu}, fio on cpu {fio_cpu})", "",
-         "| workload | target | IOPS | MiB/s | p50 us | p99 us | server CPU us/IO | client CPU % |",
-         "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for wl in workloads:
-        for t in targets:
-            L.append(f"| {wl} | {t} | {f(avg(wl, t, 'iops'))} | {f(avg(wl, t, 'mibs'), 1)} | {f(avg(wl, t, 'p50'), 1)} | "
-                     f"{f(avg(wl, t, 'p99'), 1)} | {f(avg(wl, t, 'srv_us'), 1)} | {f(avg(wl, t, 'cli'))} |")
+         f"servers on cpu {srv_cpu}, fio on cpu {fio_cpu})", "", *table(res, workloads, targets, client=True)]
     L += ["", "| workload | sd-enc / q-luks | sd-enc / sd-plain | sd-enc / file | sd-plain / q-raw |", "|---|---:|---:|---:|---:|"]
     def r(wl, x, y, n):
         a_, b_ = avg(wl, x, "iops"), avg(wl, y, "iops")
@@ -193,15 +187,8 @@ def main():
     if a.out:
         open(a.out, "w").write(text)
     if a.json:
-        keys = ("iops", "mibs", "p50", "p99", "srv_us", "cli")
-        doc = {"date": time.strftime("%Y-%m-%d %H:%M"), "reps": a.reps, "runtime": a.runtime, "ramp": a.ramp,
-               "size": a.size, "server_cpu": srv_cpu, "fio_cpu": fio_cpu,
-               "errors": [f"{k[0]} {k[1]}: {e}" for k, e in errs],
-               "figures": {wl: {t: {k: avg(wl, t, k) for k in keys} for t in targets if (wl, t) in res}
-                           for wl in workloads}}
-        with open(a.json, "w") as jf:
-            json.dump(doc, jf, indent=1)
-
+        write_json(a.json, a, res, workloads, targets, ("iops", "mibs", "p50", "p99", "srv_us", "cli"),
+                   server_cpu=srv_cpu, fio_cpu=fio_cpu)
 
 if __name__ == "__main__":
     main()

@@ -26,7 +26,7 @@ Needs: target/release/sealdisk, fio, qemu-nbd and qemu-img with the rbd block mo
 """
 import argparse, json, os, shutil, signal, subprocess, sys, tempfile, time
 
-from fiolib import WORKLOADS, avg as avg_of, errors, fill, fmt as f, log, measure_all, nbd, run, size_bytes
+from fiolib import WORKLOADS, avg as avg_of, errors, fill, log, measure_all, nbd, run, size_bytes, table, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEALDISK = os.path.join(ROOT, "target", "release", "sealdisk")
@@ -156,12 +156,7 @@ def main():
         return avg_of(res, wl, t, k)
     L = [f"# RBD comparison ({time.strftime('%Y-%m-%d %H:%M')}, {a.reps} reps x {a.runtime}s, {size >> 20} MiB images, "
          f"servers on cpu {srv_cpu}, fio on cpu {fio_cpu}, single-node memstore cluster)", "",
-         "| workload | target | IOPS | MiB/s | p50 us | p99 us | server CPU us/IO |",
-         "|---|---|---:|---:|---:|---:|---:|"]
-    for wl in workloads:
-        for t in TARGETS:
-            L.append(f"| {wl} | {t} | {f(avg(wl, t, 'iops'))} | {f(avg(wl, t, 'mibs'), 1)} | {f(avg(wl, t, 'p50'), 1)} | "
-                     f"{f(avg(wl, t, 'p99'), 1)} | {f(avg(wl, t, 'srv_us'), 1)} |")
+         *table(res, workloads, TARGETS)]
     L += ["", "| workload | sd-enc IOPS / best peer | sd-enc CPU/IO / best peer's | sd-enc / sd-plain IOPS "
           "| sd-enc CPU/IO / sd-enc-stock's |",
           "|---|---:|---:|---:|---:|"]
@@ -183,15 +178,8 @@ def main():
     if a.out:
         open(a.out, "w").write(text)
     if a.json:
-        keys = ("iops", "mibs", "p50", "p99", "srv_us")
-        doc = {"date": time.strftime("%Y-%m-%d %H:%M"), "reps": a.reps, "runtime": a.runtime, "ramp": a.ramp,
-               "size": size, "server_cpu": srv_cpu, "fio_cpu": fio_cpu,
-               "errors": [f"{k[0]} {k[1]}: {e}" for k, e in errs],
-               "figures": {wl: {t: {k: avg(wl, t, k) for k in keys} for t in TARGETS if (wl, t) in res}
-                           for wl in workloads}}
-        with open(a.json, "w") as f_:
-            json.dump(doc, f_, indent=1)
-
+        write_json(a.json, a, res, workloads, TARGETS, ("iops", "mibs", "p50", "p99", "srv_us"),
+                   server_cpu=srv_cpu, fio_cpu=fio_cpu)
 
 if __name__ == "__main__":
     main()
