@@ -636,9 +636,9 @@ fn disk_lifecycle_on_rbd_backend_keeps_ciphertext_in_rados() {
 
     // The disk is an RBD image <pool>/<DiskId>, format 2, layering + exclusive-lock,
     // carrying what another host needs.
-    let images = rbd_ls(&c);
+    let images = rbd_ls(c);
     assert!(images.contains(&disk), "{images:?}");
-    let info = rbd_info(&c, &format!("rbd/{disk}"));
+    let info = rbd_info(c, &format!("rbd/{disk}"));
     assert_eq!(info["format"], 2, "{info}");
     assert_eq!(info["size"], 16 << 20, "{info}");
     let feats: Vec<&str> = info["features"]
@@ -728,7 +728,7 @@ fn disk_lifecycle_on_rbd_backend_keeps_ciphertext_in_rados() {
     // Detach, then delete: the image leaves the cluster.
     detach(&data, &disk, &inst);
     rpc(&data, "DeleteDisk", serde_json::json!({"DiskId": disk}));
-    eventually("image removed after DeleteDisk", || !rbd_ls(&c).contains(&disk));
+    eventually("image removed after DeleteDisk", || !rbd_ls(c).contains(&disk));
     let r = check_pool(&data);
     assert_eq!(r["Consistent"], true, "{r}");
     drop(dm);
@@ -759,7 +759,7 @@ fn snapshot_clone_and_reset_on_rbd_backend() {
         snaps.as_array().unwrap().iter().any(|x| x["name"] == snap.as_str()),
         "{snaps}"
     );
-    let sinfo = rbd_info(&c, &format!("rbd/{disk}@{snap}"));
+    let sinfo = rbd_info(c, &format!("rbd/{disk}@{snap}"));
     assert_eq!(sinfo["protected"], "true", "{sinfo}");
 
     // The disk changes after the snapshot.
@@ -772,7 +772,7 @@ fn snapshot_clone_and_reset_on_rbd_backend() {
         rpc(&data, "CreateDisk", serde_json::json!({"SnapshotId": snap})),
         "DiskId",
     );
-    let cinfo = rbd_info(&c, &format!("rbd/{clone}"));
+    let cinfo = rbd_info(c, &format!("rbd/{clone}"));
     assert_eq!(cinfo["parent"]["image"], disk.as_str(), "{cinfo}");
     assert_eq!(cinfo["parent"]["snapshot"], snap.as_str(), "{cinfo}");
     attach(&data, &clone, &inst);
@@ -847,7 +847,7 @@ fn snapshot_clone_and_reset_on_rbd_backend() {
     assert_eq!(r["Consistent"], true, "{r}");
     std::thread::sleep(Duration::from_secs(3));
     assert!(
-        rbd_ls(&c).contains(&disk),
+        rbd_ls(c).contains(&disk),
         "the image went while its snapshot had a clone"
     );
 
@@ -860,7 +860,7 @@ fn snapshot_clone_and_reset_on_rbd_backend() {
     detach(&data, &clone, &inst);
     rpc(&data, "DeleteDisk", serde_json::json!({"DiskId": clone}));
     eventually("images removed", || {
-        let ls = rbd_ls(&c);
+        let ls = rbd_ls(c);
         !ls.contains(&disk) && !ls.contains(&clone)
     });
     let r = check_pool(&data);
@@ -1050,7 +1050,7 @@ fn cluster_stopping_mid_io_gives_errors_not_a_hang_and_the_disk_works_after() {
     assert_eq!(nbd_write(&mut s, 1, 0, &a), 0);
     flush(&mut s, 2);
 
-    signal_cluster(&c, libc::SIGSTOP);
+    signal_cluster(c, libc::SIGSTOP);
     let t = Instant::now();
     // The write fails (or, with librbd's write-back cache on in ceph.conf, lands in the
     // cache and the flush fails): both cannot succeed. While it waits, the reactor is
@@ -1080,7 +1080,7 @@ fn cluster_stopping_mid_io_gives_errors_not_a_hang_and_the_disk_works_after() {
     // The control plane still answers.
     rpc(&data, "DescribeDisks", serde_json::json!({}));
 
-    signal_cluster(&c, libc::SIGCONT);
+    signal_cluster(c, libc::SIGCONT);
     // Back: the same connection writes and reads again (retrying while the client
     // reconnects).
     let t = Instant::now();
@@ -1232,7 +1232,7 @@ fn images_on_rbd_backend_create_copy_export_and_boot() {
         "ImageId",
     );
     // The image is an RBD clone of the snapshot.
-    let info = rbd_info(&c, &format!("rbd/{img}"));
+    let info = rbd_info(c, &format!("rbd/{img}"));
     assert_eq!(info["parent"]["snapshot"], snap.as_str(), "{info}");
     let copy = wait(rpc(
         &data,
@@ -1240,7 +1240,7 @@ fn images_on_rbd_backend_create_copy_export_and_boot() {
         serde_json::json!({"ImageId": img, "DestinationRegionId": "cn-shanghai"}),
     ));
     let copy_id = copy["ImageId"].as_str().unwrap().to_owned();
-    assert!(rbd_ls(&c).contains(&copy_id), "{copy}");
+    assert!(rbd_ls(c).contains(&copy_id), "{copy}");
     let ex = wait(rpc(
         &data,
         "ExportImage",
@@ -1431,7 +1431,7 @@ fn delete_snapshot_force_flattens_its_clones_and_finishes_after_a_kill() {
         "DiskId",
     );
     for cl in [&c1, &c2] {
-        assert_eq!(rbd_parent(&c, cl), Some(format!("{disk}@{snap}")));
+        assert_eq!(rbd_parent(c, cl), Some(format!("{disk}@{snap}")));
     }
     // c1 is attached (its data path holds the image's exclusive lock) and has data of its own.
     attach(&data, &c1, &inst);
@@ -1444,7 +1444,7 @@ fn delete_snapshot_force_flattens_its_clones_and_finishes_after_a_kill() {
     // Without Force: refused, nothing changes.
     let e = try_rpc(&data, "DeleteSnapshot", serde_json::json!({"SnapshotId": snap})).unwrap_err();
     assert!(e.starts_with("IncorrectSnapshotStatus.UsedByDisk"), "{e}");
-    assert!(rbd_snaps(&c, &disk).contains(&snap));
+    assert!(rbd_snaps(c, &disk).contains(&snap));
     let listed = rpc(&data, "DescribeSnapshots", serde_json::json!({"SnapshotIds": [snap]}));
     assert_eq!(listed["TotalCount"], 1, "{listed}");
 
@@ -1461,19 +1461,19 @@ fn delete_snapshot_force_flattens_its_clones_and_finishes_after_a_kill() {
         !log_lines(&data, "clone flattened").is_empty()
     });
     drop(dm);
-    let flat: Vec<&String> = [&c1, &c2].into_iter().filter(|x| rbd_parent(&c, x).is_none()).collect();
+    let flat: Vec<&String> = [&c1, &c2].into_iter().filter(|x| rbd_parent(c, x).is_none()).collect();
     assert_eq!(flat.len(), 1, "one clone flattened before the kill: {flat:?}");
     assert!(
-        rbd_snaps(&c, &disk).contains(&snap),
+        rbd_snaps(c, &disk).contains(&snap),
         "the snapshot went while a clone still needed it"
     );
 
     // After the restart (no faults) the reaper finishes: no clone has a parent, the
     // snapshot is gone, every disk keeps its bytes.
     let _dm = env.serve(&data, &[]);
-    eventually("the RBD snapshot removed", || !rbd_snaps(&c, &disk).contains(&snap));
+    eventually("the RBD snapshot removed", || !rbd_snaps(c, &disk).contains(&snap));
     for cl in [&c1, &c2] {
-        assert_eq!(rbd_parent(&c, cl), None, "{cl} still a clone");
+        assert_eq!(rbd_parent(c, cl), None, "{cl} still a clone");
     }
     let want_c1: [(u64, &[u8]); 3] = [(4096, &a), (12 << 20, &a), (8 << 20, &own)];
     nbd_reads_equal(&data, &c1, &want_c1, "attached clone after the flatten");
@@ -1497,23 +1497,23 @@ fn creations_whose_commit_never_happens_are_removed_from_ceph() {
     //    image is in Ceph, no catalog row names it; the restarted daemon removes it.
     let dm = env.serve(&data, &[("SEALDISK_FAULTS", "rbd_created:delay=30000ms")]);
     rpc(&data, "ActivateKms", serde_json::json!({}));
-    let before = rbd_ls(&c);
+    let before = rbd_ls(c);
     let call = {
         let data = data.clone();
         std::thread::spawn(move || try_rpc(&data, "CreateDisk", serde_json::json!({"SizeBytes": 8 << 20})))
     };
     let mut made = Vec::new();
     eventually("the image made in Ceph", || {
-        made = rbd_ls(&c).into_iter().filter(|i| !before.contains(i)).collect();
+        made = rbd_ls(c).into_iter().filter(|i| !before.contains(i)).collect();
         !made.is_empty()
     });
     assert_eq!(made.len(), 1, "{made:?}");
     let orphan = made[0].clone();
     drop(dm);
     assert!(call.join().unwrap().is_err(), "CreateDisk succeeded though killed");
-    assert!(rbd_ls(&c).contains(&orphan), "the image went with the daemon");
+    assert!(rbd_ls(c).contains(&orphan), "the image went with the daemon");
     let dm = env.serve(&data, &[("SEALDISK_FAULTS", "rbd_created:fail=2")]);
-    eventually("the uncommitted image removed", || !rbd_ls(&c).contains(&orphan));
+    eventually("the uncommitted image removed", || !rbd_ls(c).contains(&orphan));
     let disks = rpc(&data, "DescribeDisks", serde_json::json!({}));
     assert!(!disks.to_string().contains(&orphan), "{disks}");
     assert!(
@@ -1531,8 +1531,8 @@ fn creations_whose_commit_never_happens_are_removed_from_ceph() {
     assert!(e.contains("injected fault"), "{e}");
     let listed = rpc(&data, "DescribeSnapshots", serde_json::json!({"DiskId": disk}));
     assert_eq!(listed["TotalCount"], 0, "{listed}");
-    eventually("the uncommitted snapshot removed", || rbd_snaps(&c, &disk).is_empty());
-    assert!(rbd_ls(&c).contains(&disk), "the disk's image went");
+    eventually("the uncommitted snapshot removed", || rbd_snaps(c, &disk).is_empty());
+    assert!(rbd_ls(c).contains(&disk), "the disk's image went");
     // The next creations commit and stay.
     let snap = id_of(
         rpc(&data, "CreateSnapshot", serde_json::json!({"DiskId": disk})),
@@ -1543,8 +1543,8 @@ fn creations_whose_commit_never_happens_are_removed_from_ceph() {
         "DiskId",
     );
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(rbd_snaps(&c, &disk), vec![snap]);
-    assert!(rbd_ls(&c).contains(&clone));
+    assert_eq!(rbd_snaps(c, &disk), vec![snap]);
+    assert!(rbd_ls(c).contains(&clone));
     let r = check_pool(&data);
     assert_eq!(r["Consistent"], true, "{r}");
     drop(dm);
@@ -1641,7 +1641,7 @@ fn migrate_and_encrypted_copy_on_rbd_read_only_the_written_objects() {
     assert_eq!(r["BytesCopied"], (a.len() + b.len()) as u64, "{r}");
     attach(&data, &copy, &inst);
     nbd_reads_equal(&data, &copy, &want, "encrypted copy");
-    let info = rbd_info(&c, &format!("rbd/{copy}"));
+    let info = rbd_info(c, &format!("rbd/{copy}"));
     assert!(info.get("parent").is_none(), "the copy is a clone: {info}");
     let r = check_pool(&data);
     assert_eq!(r["Consistent"], true, "{r}");
