@@ -334,11 +334,6 @@ impl RbdStore {
         Ok(v)
     }
 
-    /// Intents not yet settled (tests, CheckPool).
-    pub fn intents_len(&self) -> Result<usize, VolumeError> {
-        self.intents().map(|v| v.len())
-    }
-
     /// Settles the intents: the catalog's write lock is taken first, so the
     /// transaction of each creation has committed or aborted. An object a row (or a
     /// trash row) names stays; one no row names is removed from Ceph (an image another
@@ -373,7 +368,7 @@ impl RbdStore {
             };
             match r {
                 Ok(Reaped::Done) => {
-                    warn!(object = %m.key(), "RBD: removed what a creation left whose transaction never committed");
+                    warn!(object = %m.key(), "RBD: a creation whose transaction never committed is gone from Ceph (removed now, or never made)");
                     done.push(m);
                 }
                 Ok(_) => {}
