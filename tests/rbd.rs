@@ -1487,6 +1487,60 @@ fn delete_snapshot_force_flattens_its_clones_and_finishes_after_a_kill() {
 }
 
 #[test]
+fn a_deleted_snapshot_whose_flattened_clone_has_snapshots_goes_with_them() {
+    let Some(env) = Env::start("flatten-snaps") else {
+        return;
+    };
+    let (c, data) = (&env.c, env.data.clone());
+    let _dm = env.serve(&data, &[]);
+    let (inst, disk, _) = instance_with_disk(&data, 8 << 20, true);
+    let a = random_bytes(8192, 71);
+    let mut s = nbd_go(&data.join("nbd.sock"), &disk).unwrap();
+    assert_eq!(nbd_write(&mut s, 1, 4096, &a), 0);
+    flush(&mut s, 2);
+    drop(s);
+    let snap = id_of(
+        rpc(&data, "CreateSnapshot", serde_json::json!({"DiskId": disk})),
+        "SnapshotId",
+    );
+    let clone = id_of(
+        rpc(&data, "CreateDisk", serde_json::json!({"SnapshotId": snap})),
+        "DiskId",
+    );
+    let snap2 = id_of(
+        rpc(&data, "CreateSnapshot", serde_json::json!({"DiskId": clone})),
+        "SnapshotId",
+    );
+    rpc(
+        &data,
+        "DeleteSnapshot",
+        serde_json::json!({"SnapshotId": snap, "Force": true}),
+    );
+    // The clone's head is flattened; its snapshot still reads through the parent's, so
+    // that one stays (quietly: no failure logged every reaper pass).
+    eventually("the clone flattened", || rbd_parent(c, &clone).is_none());
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        rbd_snaps(c, &disk).contains(&snap),
+        "went while the clone's snapshot needs it"
+    );
+    assert!(
+        log_lines(&data, "will retry").is_empty(),
+        "failures logged: {:?}",
+        log_lines(&data, "will retry")
+    );
+    attach(&data, &clone, &inst);
+    let want: [(u64, &[u8]); 1] = [(4096, &a)];
+    nbd_reads_equal(&data, &clone, &want, "flattened clone");
+    // Once the clone's snapshot goes, so does the deleted one.
+    rpc(&data, "DeleteSnapshot", serde_json::json!({"SnapshotId": snap2}));
+    eventually("the deleted snapshot removed", || !rbd_snaps(c, &disk).contains(&snap));
+    nbd_reads_equal(&data, &clone, &want, "flattened clone, its snapshot gone");
+    let r = check_pool(&data);
+    assert_eq!(r["Consistent"], true, "{r}");
+}
+
+#[test]
 fn creations_whose_commit_never_happens_are_removed_from_ceph() {
     let Some(env) = Env::start("orphans") else {
         return;

@@ -563,6 +563,9 @@ impl RbdStore {
             match r {
                 Ok(()) => info!(clone = %child, "RBD reaper: clone flattened"),
                 Err(e) if e.is_not_found() => {}
+                // EINVAL: its head has no parent any more, but its own snapshots
+                // still read through this one: it goes when they do.
+                Err(e) if e.errno() == Some(libc::EINVAL) => return Ok(false),
                 Err(e) if e.is_busy() || e.errno() == Some(libc::EROFS) => {
                     warn!(clone = %child, error = %e,
                           "RBD reaper: another client holds the clone's lock (attached on another host?); will retry");
