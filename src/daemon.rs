@@ -311,7 +311,7 @@ impl Daemon {
             ),
             _ => return Err(DaemonError::ReactorFaults),
         };
-        let faults = Faults::parse(&pool_faults.join(",")).map_err(DaemonError::PoolFaults)?;
+        let faults = Arc::new(Faults::parse(&pool_faults.join(",")).map_err(DaemonError::PoolFaults)?);
         if !spec.is_empty() {
             warn!(faults = %spec, "SEALDISK_FAULTS is set: injecting faults");
         }
@@ -322,7 +322,7 @@ impl Daemon {
                     &pool_path,
                     cfg.pool_size,
                     crate::volume::DEFAULT_CLUSTER,
-                    Arc::new(faults),
+                    faults,
                 )
                 .map_err(|source| DaemonError::Pool {
                     path: pool_path.clone(),
@@ -330,18 +330,24 @@ impl Daemon {
                 })?,
             ),
             Backend::Rbd { ceph_conf, pool } => Store::Rbd(
-                crate::store::rbd::RbdStore::open(db.clone(), ceph_conf, pool).map_err(|source| {
-                    DaemonError::RbdPool {
-                        pool: pool.clone(),
-                        conf: ceph_conf.clone(),
-                        source,
-                    }
+                crate::store::rbd::RbdStore::open(
+                    db.clone(),
+                    ceph_conf,
+                    pool,
+                    &dir.join(crate::store::rbd::INTENTS_FILE),
+                    faults,
+                )
+                .map_err(|source| DaemonError::RbdPool {
+                    pool: pool.clone(),
+                    conf: ceph_conf.clone(),
+                    source,
                 })?,
             ),
         };
         // Owner-only state files (the directory is 0700 as well).
         for f in [
             Some(dir.join(catalog::CATALOG_FILE)),
+            Some(dir.join(crate::store::rbd::INTENTS_FILE)),
             pool.path().map(|p| p.to_path_buf()),
         ]
         .into_iter()

@@ -4,11 +4,12 @@
 //! A missing client tool is a test failure (CI installs them), never a skip.
 
 mod common;
+#[path = "common/tools.rs"]
+mod tools;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -133,17 +134,7 @@ fn serve_unix(sock: &Path, reactors: &Arc<Reactors>, exports: &Arc<Exports>) -> 
 
 /// Run a client tool; a missing tool fails the test with a clear message.
 fn run(tool: &str, args: &[&str]) -> String {
-    let out = Command::new(tool).args(args).output().unwrap_or_else(|e| {
-        panic!("cannot run {tool} ({e}): install it (apt-get install fio libnbd-bin qemu-utils; .ci/run does)")
-    });
-    let so = String::from_utf8_lossy(&out.stdout).into_owned();
-    let se = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "{tool} {args:?} failed: {}\nstdout:\n{so}\nstderr:\n{se}",
-        out.status
-    );
-    so
+    tools::run_tool(tool, args)
 }
 
 #[test]
@@ -183,63 +174,7 @@ fn nbdinfo_shows_sizes_flags_and_block_sizes() {
 fn qemu_io_patterns_discard_zeroes_flush() {
     let f = Fixture::new("qemu-io");
     for export in ["plain", "secret"] {
-        let uri = f.uri(export);
-        let w = run(
-            "qemu-io",
-            &[
-                "-f",
-                "raw",
-                "-c",
-                "write -P 0xa5 0 1M",
-                "-c",
-                "write -P 0x5a 4M 3M", // larger than one bdev request: split
-                "-c",
-                "write -P 0x11 -f 8M 64k", // FUA
-                "-c",
-                "flush",
-                "-c",
-                "discard 0 64k",
-                "-c",
-                "write -z 4M 128k",
-                "-c",
-                "aio_write -P 0x33 16M 4k",
-                "-c",
-                "aio_write -P 0x44 17M 4k",
-                "-c",
-                "aio_flush",
-                &uri,
-            ],
-        );
-        assert!(!w.contains("error") && !w.contains("failed"), "{export}: {w}");
-        let r = run(
-            "qemu-io",
-            &[
-                "-f",
-                "raw",
-                "-c",
-                "read -P 0 0 64k",
-                "-c",
-                "read -P 0xa5 64k 960k",
-                "-c",
-                "read -P 0 4M 128k",
-                "-c",
-                "read -P 0x5a 4224k 2944k",
-                "-c",
-                "read -P 0x11 8M 64k",
-                "-c",
-                "read -P 0x33 16M 4k",
-                "-c",
-                "read -P 0x44 17M 4k",
-                "-c",
-                "read -P 0 32M 1M",
-                &uri,
-            ],
-        );
-        assert!(
-            !r.contains("Pattern verification failed") && !r.contains("error"),
-            "{export}: {r}"
-        );
-        assert_eq!(r.matches("read ").count(), 8, "{export}: {r}");
+        tools::qemu_io_patterns(&f.uri(export), export);
     }
     f.wait_idle();
 }

@@ -297,6 +297,57 @@ def migrate(tg, path):
         tg.add(21, "migrate ≥ 0.8× `qemu-img convert -t none` raw → raw", f"{y:.2f}×" if y else "n/a", y, ">=", 0.8)
 
 
+# --- rbd: tools/rbd-compare.py --json ---------------------------------------------------
+RBD_TARGETS = (("sd-plain", "sealdisk plain"), ("sd-enc", "sealdisk encrypted"),
+               ("sd-enc-stock", "sealdisk encrypted, librbd's stock settings"),
+               ("q-rbdluks", "qemu-nbd, librbd LUKS2"), ("q-luks", "qemu-nbd, QEMU luks over rbd"))
+
+
+def rbd(tg, path):
+    r = json.load(open(path))
+    fig = r["figures"]
+    print(f"{r['date']}, {r['reps']} reps × {r['runtime']} s, {r['size'] >> 20} MiB images, servers on CPU "
+          f"{r['server_cpu']}, fio on CPU {r['fio_cpu']}; server CPU is the server process's utime+stime "
+          "(librbd's threads included) per I/O:\n")
+    print("| workload | target | IOPS | MiB/s | p50 µs | p99 µs | server CPU µs/I/O |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    n = lambda x, d=0: "n/a" if x is None else f"{x:,.{d}f}"
+    for wl, label in NBD_ROWS:
+        for t, name in RBD_TARGETS:
+            x = fig.get(wl, {}).get(t)
+            if x:
+                print(f"| {label} | {name} | {n(x['iops'])} | {n(x['mibs'], 1)} | {n(x['p50'], 1)} | "
+                      f"{n(x['p99'], 1)} | {n(x['srv_us'], 1)} |")
+    print("\n| workload | encrypted IOPS / better peer | encrypted CPU per I/O / better peer's | "
+          "encrypted / plain IOPS | CPU per I/O / stock settings' |")
+    print("|---|---:|---:|---:|---:|")
+    iops_r, cpu_r, enc_r = [], [], []
+    for wl, label in NBD_ROWS:
+        f = fig.get(wl, {})
+        g = lambda t, k: (f.get(t) or {}).get(k)
+        peers = [t for t in ("q-rbdluks", "q-luks") if g(t, "iops")]
+        best = max(peers, key=lambda t: g(t, "iops")) if peers else None
+        e, pl = g("sd-enc", "iops"), g("sd-plain", "iops")
+        ri = e / g(best, "iops") if best and e else None
+        rc = g("sd-enc", "srv_us") / g(best, "srv_us") if best and g("sd-enc", "srv_us") and g(best, "srv_us") else None
+        re_ = e / pl if e and pl else None
+        rs = (g("sd-enc", "srv_us") / g("sd-enc-stock", "srv_us")
+              if g("sd-enc", "srv_us") and g("sd-enc-stock", "srv_us") else None)
+        iops_r.append(ri)
+        cpu_r.append(rc)
+        enc_r.append(re_)
+        print(f"| {label} | {n(ri, 2)}" + (f" ({best})" if best else "") + f" | {n(rc, 2)} | {n(re_, 3)} | {n(rs, 2)} |")
+    if r["errors"]:
+        print(f"\nfio errors: {'; '.join(r['errors'])}")
+    fmt = lambda v: " / ".join("n/a" if x is None else f"{x:.2f}" for x in v)
+    known = lambda v: [x for x in v if x is not None]
+    tg.add(22, "RBD encrypted IOPS ≥ the better peer's on every workload", fmt(iops_r),
+           min(known(iops_r)) if known(iops_r) else None, ">=", 1.0)
+    tg.add(22, "RBD host CPU per I/O ≤ 0.5× the better peer's", fmt(cpu_r),
+           max(known(cpu_r)) if known(cpu_r) else None, "<=", 0.5)
+    tg.add(22, "RBD encrypted ≥ 0.95× plain", fmt(enc_r), min(known(enc_r)) if known(enc_r) else None, ">=", 0.95)
+
+
 # --- targets: the rows the areas above appended -----------------------------------------
 def targets(tg):
     rows = [line.rstrip("\n").split("\t") for line in open(tg.path) if line.strip()]
@@ -310,7 +361,7 @@ def targets(tg):
 
 
 AREAS = {"crypto": crypto, "cpu": cpu, "file": file, "nbd": nbd, "vhost": vhost, "volume": volume,
-         "iostat": iostat, "migrate": migrate, "targets": targets}
+         "iostat": iostat, "migrate": migrate, "rbd": rbd, "targets": targets}
 
 if __name__ == "__main__":
     if len(sys.argv) < 3 or sys.argv[1] not in AREAS:

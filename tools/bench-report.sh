@@ -5,19 +5,20 @@
 # areas that ran. Progress and the scripts' own output go to stderr and WORKDIR/*.log.
 #
 # Usage: tools/bench-report.sh [--quick] [--bin SEALDISK] [--workdir DIR] [AREA...]
-#   AREA      crypto cpu file nbd vhost volume iostat migrate (default: all, in that order)
+#   AREA      crypto cpu file nbd vhost volume iostat migrate rbd (default: all, in that order)
 #   --quick   a smoke test: one short round per area on small disks (seconds each); its
 #             figures say nothing about performance
 #   --bin     the sealdisk binary (default: $SEALDISK, else target/release/sealdisk, built
 #             with cargo if missing)
 #   --workdir scratch space on the disk to measure (default /var/tmp/sealdisk-bench-report)
 # Needs fio, qemu-utils (qemu-img, qemu-nbd, qemu-storage-daemon) and python3 for the
-# areas that compare with them; openssl for the crypto baseline.
+# areas that compare with them; openssl for the crypto baseline; for rbd, Ceph (ceph-mon,
+# ceph-mgr, ceph-osd, ceph-common) and QEMU's rbd block module (qemu-block-extra).
 # Placement: CORE (default 1) is the reactor core of the `bench io` areas (cpu, volume).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-ALL=(crypto cpu file nbd vhost volume iostat migrate)
+ALL=(crypto cpu file nbd vhost volume iostat migrate rbd)
 QUICK=0
 BIN=${SEALDISK:-}
 W=/var/tmp/sealdisk-bench-report
@@ -183,6 +184,18 @@ area_migrate() {
     "$ROOT/tools/migrate-bench.sh" $args -b "$BIN" -w "$W/migrate" -j "$W/migrate.json" >"$W/migrate.log" 2>&1 \
         || { tail -5 "$W/migrate.log" >&2; return 1; }
     "${FMT[@]}" migrate "$TGT" "$W/migrate.json"
+}
+
+area_rbd() {
+    local args
+    args="--runtime $(q '1 --ramp 0' '10 --ramp 2') --reps 2 --size $(q 128M 512M)"
+    section '9. Ceph RBD backend (`rbd`)' "tools/rbd-compare.py $args --sealdisk $BIN"
+    log "rbd: rbd-compare.py $args"
+    rm -f "$W/rbd.json"
+    # shellcheck disable=SC2086
+    python3 "$ROOT/tools/rbd-compare.py" $args --sealdisk "$BIN" --workdir "$W/rbd" --json "$W/rbd.json" \
+        >"$W/rbd.log" 2>&1 || { tail -5 "$W/rbd.log" >&2; return 1; }
+    "${FMT[@]}" rbd "$TGT" "$W/rbd.json"
 }
 
 echo "# Benchmark report ($(stamp); $BIN; $(nproc) CPUs)"

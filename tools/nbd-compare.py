@@ -25,21 +25,12 @@ Usage: tools/nbd-compare.py [--workdir DIR] [--runtime S] [--ramp S] [--reps N] 
 """
 import argparse, json, os, shutil, signal, subprocess, sys, tempfile, time
 
+from fiolib import WORKLOADS, errors, fill as fill_target, measure_all, nbd, run, size_bytes, table, write_json
+from fiolib import avg as avg_of
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEALDISK = os.path.join(ROOT, "target", "release", "sealdisk")
-SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-CLK = os.sysconf("SC_CLK_TCK")
-WORKLOADS = {
-    "randread": ["--rw=randread", "--bs=4k", "--iodepth=32"],
-    "randwrite": ["--rw=randwrite", "--bs=4k", "--iodepth=32"],
-    "seqread": ["--rw=read", "--bs=128k", "--iodepth=8"],
-    "seqwrite": ["--rw=write", "--bs=128k", "--iodepth=8"],
-}
 TARGETS = ["file", "sd-plain", "sd-enc", "q-raw", "q-luks", "nbd-null"]
-
-
-def log(*a):
-    print(time.strftime("[%H:%M:%S]"), *a, file=sys.stderr, flush=True)
 
 
 def irq_cpu():
@@ -53,29 +44,6 @@ def irq_cpu():
     except OSError:
         pass
     return 0
-
-
-def cpu_ticks(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        s = f.read()
-    fields = s[s.rindex(")") + 2:].split()
-    return int(fields[11]) + int(fields[12])
-
-
-def size_bytes(text):
-    """'2G', '512M', '1073741824' -> bytes (at least 64 MiB, a multiple of 1 MiB)."""
-    t = text.strip().upper()
-    try:
-        n = int(t[:-1]) * SIZE_UNITS[t[-1]] if t[-1] in SIZE_UNITS else int(t)
-    except (ValueError, IndexError):
-        raise argparse.ArgumentTypeError(f"size {text!r}: use a number with K, M, G or T")
-    if n < 64 << 20 or n % (1 << 20):
-        raise argparse.ArgumentTypeError(f"size {text!r}: at least 64M, a multiple of 1M")
-    return n
-
-
-def run(cmd, **kw):
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
 
 
 def sd(data_dir, *args):
@@ -157,8 +125,8 @@ def main():
             disks[name] = f"nbd+unix:///{d}?socket={os.path.join(data, 'nbd.sock')}"
         # --- qemu-nbd raw and LUKS, pinned to the server CPU.
         raw, luks, pw = (os.path.join(w, n) for n in ("raw.img", "luks.img", "pass"))
-        with open(os.open(pw, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
-            f.write("peer-bench-passphrase")
+        with open(os.open(pw, os.O_WRONLY | os.O_CREAT, 0o600), "w") as pf:
+            pf.write("peer-bench-passphrase")
         run(["qemu-img", "create", "-q", "-f", "raw", raw, str(a.size)])
         run(["qemu-img", "create", "-q", "-f", "luks", "--object", f"secret,id=sec0,file={pw},format=raw",
              "-o", "key-secret=sec0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,hash-alg=sha256", luks, str(a.size)])
@@ -187,41 +155,12 @@ def main():
         # --- fill every target once (allocates sealdisk clusters, real ciphertext everywhere).
         # (the file target reads q-raw's image, so it needs that fill too)
         fill = set(targets) | ({"q-raw"} if "file" in targets else set())
+        fio_args = {t: nbd(u) for t, u in uris.items()}
+        fio_args["file"] = ["--ioengine=io_uring", "--direct=1", f"--filename={raw}"]
         for name in [t for t in ["sd-plain", "sd-enc", "q-raw", "q-luks"] if t in fill]:
-            log(f"filling {name}")
-            run(["fio", "--name=fill", "--ioengine=nbd", f"--uri={uris[name]}", "--rw=write", "--bs=1M",
-                 "--iodepth=8", f"--size={a.size}", f"--cpus_allowed={fio_cpu}", "--output-format=json"])
+            fill_target(name, fio_args[name], a.size, fio_cpu)
         # --- measure.
-        res = {}
-        for rep in range(a.reps):
-            for wl, wopts in workloads.items():
-                # ABBA: odd repetitions run the targets in reverse, so a host
-                # slowing down during a workload (write-back after writes) does
-                # not always hit the same targets.
-                for t in (targets if rep % 2 == 0 else targets[::-1]):
-                    log(f"rep {rep + 1} {wl} {t}")
-                    tgt = (["--ioengine=io_uring", "--direct=1", f"--filename={raw}"] if t == "file"
-                           else ["--ioengine=nbd", f"--uri={uris[t]}"])
-                    pid = srv_pid[t]
-                    c0 = cpu_ticks(pid) if pid else 0
-                    t0 = time.time()
-                    out = run(["fio", f"--name={wl}", "--numjobs=1", "--time_based=1", f"--runtime={a.runtime}",
-                               f"--ramp_time={a.ramp}", f"--size={a.size}", "--norandommap=1", "--randrepeat=0",
-                               f"--cpus_allowed={fio_cpu}", *wopts, *tgt, "--output-format=json"]).stdout
-                    wall = time.time() - t0
-                    cpu = (cpu_ticks(pid) - c0) / CLK if pid else None
-                    j = json.loads(out[out.index("{"):])["jobs"][0]
-                    d = j["write"] if "write" in wl else j["read"]
-                    pc = d["clat_ns"].get("percentile", {})
-                    ios = d["total_ios"] or 1
-                    # Server CPU covers ramp too: scale to the measured IOs over the whole wall time.
-                    ios_wall = d["iops"] * wall
-                    res.setdefault((wl, t), []).append({
-                        "iops": d["iops"], "mibs": d["bw_bytes"] / 2**20,
-                        "p50": pc.get("50.000000", 0) / 1000, "p99": pc.get("99.000000", 0) / 1000,
-                        "srv_us": (cpu / ios_wall * 1e6) if cpu is not None and ios_wall else None,
-                        "err": j["error"], "ios": ios, "cli": j["usr_cpu"] + j["sys_cpu"],
-                    })
+        res = measure_all(a, workloads, targets, fio_args, {t: p for t, p in srv_pid.items() if p}, fio_cpu)
     finally:
         cleanup()
         for pid in (qpid if "qpid" in dir() else {}).values():
@@ -231,19 +170,9 @@ def main():
                 pass
 
     def avg(wl, t, k):
-        v = [r[k] for r in res.get((wl, t), []) if r[k] is not None]
-        return sum(v) / len(v) if v else None
-
-    def f(x, n=0):
-        return "n/a" if x is None else f"{x:,.{n}f}"
+        return avg_of(res, wl, t, k)
     L = [f"# NBD export comparison ({time.strftime('%Y-%m-%d %H:%M')}, {a.reps} reps x {a.runtime}s, "
-         f"servers on cpu {srv_cpu}, fio on cpu {fio_cpu})", "",
-         "| workload | target | IOPS | MiB/s | p50 us | p99 us | server CPU us/IO | client CPU % |",
-         "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for wl in workloads:
-        for t in targets:
-            L.append(f"| {wl} | {t} | {f(avg(wl, t, 'iops'))} | {f(avg(wl, t, 'mibs'), 1)} | {f(avg(wl, t, 'p50'), 1)} | "
-                     f"{f(avg(wl, t, 'p99'), 1)} | {f(avg(wl, t, 'srv_us'), 1)} | {f(avg(wl, t, 'cli'))} |")
+         f"servers on cpu {srv_cpu}, fio on cpu {fio_cpu})", "", *table(res, workloads, targets, client=True)]
     L += ["", "| workload | sd-enc / q-luks | sd-enc / sd-plain | sd-enc / file | sd-plain / q-raw |", "|---|---:|---:|---:|---:|"]
     def r(wl, x, y, n):
         a_, b_ = avg(wl, x, "iops"), avg(wl, y, "iops")
@@ -251,22 +180,15 @@ def main():
     for wl in workloads:
         L.append(f"| {wl} | {r(wl, 'sd-enc', 'q-luks', 2)} | {r(wl, 'sd-enc', 'sd-plain', 3)} | "
                  f"{r(wl, 'sd-enc', 'file', 3)} | {r(wl, 'sd-plain', 'q-raw', 2)} |")
-    errs = [(k, r["err"]) for k, v in res.items() for r in v if r["err"]]
+    errs = errors(res)
     L += ["", f"fio errors: {errs or 'none'}"]
     text = "\n".join(L) + "\n"
     print(text)
     if a.out:
         open(a.out, "w").write(text)
     if a.json:
-        keys = ("iops", "mibs", "p50", "p99", "srv_us", "cli")
-        doc = {"date": time.strftime("%Y-%m-%d %H:%M"), "reps": a.reps, "runtime": a.runtime, "ramp": a.ramp,
-               "size": a.size, "server_cpu": srv_cpu, "fio_cpu": fio_cpu,
-               "errors": [f"{k[0]} {k[1]}: {e}" for k, e in errs],
-               "figures": {wl: {t: {k: avg(wl, t, k) for k in keys} for t in targets if (wl, t) in res}
-                           for wl in workloads}}
-        with open(a.json, "w") as f:
-            json.dump(doc, f, indent=1)
-
+        write_json(a.json, a, res, workloads, targets, ("iops", "mibs", "p50", "p99", "srv_us", "cli"),
+                   server_cpu=srv_cpu, fio_cpu=fio_cpu)
 
 if __name__ == "__main__":
     main()

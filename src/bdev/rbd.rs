@@ -288,6 +288,12 @@ impl RbdChannel {
 
     fn collect(&mut self) {
         self.reap_image();
+        self.drain();
+    }
+
+    /// Finish what `reap_image` found for this channel and what other channels put in
+    /// its inbox.
+    fn drain(&mut self) {
         let mut mine = std::mem::take(&mut self.mine);
         for (slot, ret) in mine.drain(..) {
             self.finish(slot, ret);
@@ -349,11 +355,28 @@ impl Channel for RbdChannel {
     }
 
     fn poll(&mut self, out: &mut Vec<IoCompletion>) -> usize {
+        if self.armed {
+            // The eventfd's poll goes to the kernel and its completion comes back
+            // without the reactor's loop, so a caller polling in a loop makes progress
+            // (both are free when there is nothing to do).
+            let _ = self.ring.flush();
+            self.ring.reap();
+        }
+        let mut fired = false;
         while self.route.pop().is_some() {
             self.armed = false;
+            fired = true;
         }
         if !self.slab.is_empty() {
-            self.collect();
+            // librbd is asked (an eventfd read and `rbd_poll_io_events`: a syscall and
+            // a lock) only when the eventfd's poll fired, or when none is armed (none
+            // yet, or the ring was full): a reactor spinning with requests in flight
+            // does not pay them on every turn. Results other channels took for us are
+            // in the inbox (and their waker woke us), looked at every turn.
+            if fired || !self.armed {
+                self.reap_image();
+            }
+            self.drain();
             if !self.slab.is_empty() {
                 self.arm();
             }

@@ -14,6 +14,8 @@ pub type Image = *mut c_void;
 pub type Completion = *mut c_void;
 pub type ImageOptions = *mut c_void;
 pub type Callback = Option<unsafe extern "C" fn(Completion, *mut c_void)>;
+/// The callback of `rbd_diff_iterate2`: (offset, length, exists, arg); non-zero stops.
+pub type DiffCallback = Option<unsafe extern "C" fn(u64, usize, c_int, *mut c_void) -> c_int>;
 
 /// `EVENT_TYPE_EVENTFD` of `rbd_set_image_notification`.
 pub const EVENT_TYPE_EVENTFD: c_int = 2;
@@ -29,6 +31,18 @@ pub const FEATURE_EXCLUSIVE_LOCK: u64 = 1 << 2;
 
 const MAX_BLOCK_NAME_SIZE: usize = 24;
 const MAX_IMAGE_NAME_SIZE: usize = 96;
+
+/// `rbd_linked_image_spec_t` (strings owned by librbd until
+/// `rbd_linked_image_spec_list_cleanup`).
+#[repr(C)]
+pub struct LinkedImageSpec {
+    pub pool_id: i64,
+    pub pool_name: *mut c_char,
+    pub pool_namespace: *mut c_char,
+    pub image_id: *mut c_char,
+    pub image_name: *mut c_char,
+    pub trash: bool,
+}
 
 /// `rbd_image_info_t`.
 #[repr(C)]
@@ -135,6 +149,9 @@ api! {
         fn rbd_snap_is_protected(Image, *const c_char, *mut c_int) -> c_int;
         fn rbd_snap_exists(Image, *const c_char, *mut bool) -> c_int;
         fn rbd_flatten(Image) -> c_int;
+        fn rbd_list_children3(Image, *mut LinkedImageSpec, *mut usize) -> c_int;
+        fn rbd_linked_image_spec_list_cleanup(*mut LinkedImageSpec, usize);
+        fn rbd_diff_iterate2(Image, *const c_char, u64, u64, u8, u8, DiffCallback, *mut c_void) -> c_int;
         fn rbd_metadata_get(Image, *const c_char, *mut c_char, *mut usize) -> c_int;
         fn rbd_metadata_set(Image, *const c_char, *const c_char) -> c_int;
         fn rbd_metadata_remove(Image, *const c_char) -> c_int;

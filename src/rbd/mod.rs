@@ -92,11 +92,43 @@ fn check(call: &'static str, rc: c_int) -> Result<c_int> {
 /// with `?` is a default: it applies only where ceph.conf leaves the option at
 /// librados' own default (`0`: wait forever), so a ceph.conf may set its own
 /// timeouts.
+///
+/// Options whose value starts with `~` trim librbd's work per I/O and apply only
+/// where ceph.conf does not name the option at all (in any section), so a
+/// ceph.conf that sets one keeps its value: no librbd cache (sealdisk flushes
+/// and encrypts above it; the guest has its own), no per-object I/O scheduler,
+/// requests handed to librbd's dispatch in the calling (reactor) thread rather
+/// than queued for its op thread, and no objecter throttle (one that is full
+/// would block that thread; sealdisk bounds what is in flight itself).
 pub const DISK_OPTIONS: &[(&str, &str)] = &[
     ("rbd_skip_partial_discard", "false"),
     ("rados_osd_op_timeout", "?30"),
     ("rados_mon_op_timeout", "?30"),
+    ("rbd_cache", "~false"),
+    ("rbd_io_scheduler", "~none"),
+    ("rbd_non_blocking_aio", "~false"),
+    ("objecter_inflight_ops", "~0"),
+    ("objecter_inflight_op_bytes", "~0"),
 ];
+
+/// The option names a ceph.conf's text sets (any section), spelled as librados
+/// spells them (`rbd cache` and `rbd-cache` are `rbd_cache`).
+fn conf_names(text: &str) -> std::collections::HashSet<String> {
+    text.lines()
+        .map(|l| l.trim())
+        .filter(|l| !l.starts_with(['#', ';', '[']))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, _)| {
+            k.trim()
+                .to_ascii_lowercase()
+                .split([' ', '\t', '-', '_'])
+                .filter(|w| !w.is_empty())
+                .collect::<Vec<_>>()
+                .join("_")
+        })
+        .filter(|k| !k.is_empty())
+        .collect()
+}
 
 /// Whether the Ceph client libraries can be loaded here.
 pub fn available() -> Result<()> {
@@ -142,7 +174,21 @@ impl Cluster {
         check("rados_conf_read_file", unsafe {
             (api.rados_conf_read_file)(inner.h, path.as_ptr())
         })?;
+        // Unreadable here: librados read it above, so it is only the names that are
+        // unknown; then no `~` option applies.
+        let named = std::fs::read_to_string(conf).ok().map(|t| conf_names(&t));
         for (k, v) in options {
+            if let Some(tuned) = v.strip_prefix('~') {
+                if named.as_ref().is_none_or(|n| n.contains(*k)) {
+                    continue;
+                }
+                let (kc, vc) = (cstr(k)?, cstr(tuned)?);
+                // SAFETY: a live handle and two NUL-terminated strings.
+                check("rados_conf_set", unsafe {
+                    (api.rados_conf_set)(inner.h, kc.as_ptr(), vc.as_ptr())
+                })?;
+                continue;
+            }
             let v = match v.strip_prefix('?') {
                 Some(default) => {
                     let kc = cstr(k)?;
@@ -168,6 +214,19 @@ impl Cluster {
         // SAFETY: a configured, not yet connected handle.
         check("rados_connect", unsafe { (api.rados_connect)(inner.h) })?;
         Ok(Cluster(Arc::new(inner)))
+    }
+
+    /// The value of client option `key` as this connection uses it.
+    pub fn conf_get(&self, key: &str) -> Result<String> {
+        let k = cstr(key)?;
+        let mut buf = [0 as c_char; 256];
+        // SAFETY: a live handle, a NUL-terminated name; librados writes at most
+        // `buf.len()` bytes, NUL-terminated.
+        check("rados_conf_get", unsafe {
+            (self.0.api.rados_conf_get)(self.0.h, k.as_ptr(), buf.as_mut_ptr(), buf.len())
+        })?;
+        let v: Vec<u8> = buf.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+        Ok(String::from_utf8_lossy(&v).into_owned())
     }
 
     /// Open pool `name`.
@@ -621,6 +680,79 @@ impl Image {
         Ok(())
     }
 
+    /// The clones of this image's snapshot (the image must be open at it; at its head:
+    /// the clones of every snapshot), as (pool, image name); clones in the RBD trash are
+    /// left out.
+    pub fn children(&self) -> Result<Vec<(String, String)>> {
+        let api = self.api();
+        let mut cap = 16usize;
+        loop {
+            let mut specs: Vec<ffi::LinkedImageSpec> = Vec::with_capacity(cap);
+            let mut n = cap;
+            // SAFETY: live image; librbd fills at most `n` specs of the buffer (room for
+            // `cap`) and writes how many there are (or are needed, with -ERANGE) into `n`.
+            let rc = unsafe { (api.rbd_list_children3)(self.h, specs.as_mut_ptr(), &mut n) };
+            if rc == -libc::ERANGE && n > cap {
+                cap = n;
+                continue;
+            }
+            check("rbd_list_children3", rc)?;
+            // SAFETY: on success librbd initialised the first `n` (<= cap) specs.
+            unsafe { specs.set_len(n.min(cap)) };
+            let text = |p: *mut c_char| {
+                if p.is_null() {
+                    String::new()
+                } else {
+                    // SAFETY: a NUL-terminated string librbd allocated for this spec,
+                    // alive until the cleanup below.
+                    unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned()
+                }
+            };
+            let out = specs
+                .iter()
+                .filter(|s| !s.trash)
+                .map(|s| (text(s.pool_name), text(s.image_name)))
+                .collect();
+            // SAFETY: the specs librbd filled, cleaned up once (their strings are
+            // freed; the Vec's own memory is freed by Rust).
+            unsafe { (api.rbd_linked_image_spec_list_cleanup)(specs.as_mut_ptr(), specs.len()) };
+            return Ok(out);
+        }
+    }
+
+    /// The parts of `off..off + len` that hold data (here or, for a clone, in its
+    /// parent), as (offset, length), whole RBD objects at a time and in order.
+    pub fn allocated(&self, off: u64, len: u64) -> Result<Vec<(u64, u64)>> {
+        unsafe extern "C" fn one(ofs: u64, len: usize, exists: c_int, arg: *mut c_void) -> c_int {
+            if exists != 0 {
+                // SAFETY: `arg` is the `&mut Vec` passed below, alive and not aliased
+                // during the synchronous rbd_diff_iterate2 call that runs this.
+                let v = unsafe { &mut *arg.cast::<Vec<(u64, u64)>>() };
+                match v.last_mut() {
+                    Some((o, l)) if *o + *l == ofs => *l += len as u64,
+                    _ => v.push((ofs, len as u64)),
+                }
+            }
+            0
+        }
+        let mut v: Vec<(u64, u64)> = Vec::new();
+        // SAFETY: live image; a NULL snapshot name (from the beginning); the callback
+        // only touches `v`, which outlives this synchronous call.
+        check("rbd_diff_iterate2", unsafe {
+            (self.api().rbd_diff_iterate2)(
+                self.h,
+                std::ptr::null(),
+                off,
+                len,
+                1,
+                1,
+                Some(one),
+                (&mut v as *mut Vec<(u64, u64)>).cast(),
+            )
+        })?;
+        Ok(v)
+    }
+
     /// `rbd image-meta get`: `None` when the key is not set.
     pub fn metadata_get(&self, key: &str) -> Result<Option<String>> {
         let k = cstr(key)?;
@@ -760,5 +892,24 @@ impl Drop for Completion {
         // SAFETY: a completion we own (never handed to librbd, or handed
         // back by poll_io_events after it completed): released once.
         unsafe { (self.api.rbd_aio_release)(self.c.as_ptr()) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conf_names_are_normalised_and_comments_skipped() {
+        let n = conf_names(
+            "[global]\n  rbd cache = true\n# rbd_io_scheduler = none\n; objecter-inflight-ops = 5\n\
+             [client]\nrbd-non-blocking-aio=false\nRBD_Sparse_Read_Threshold_Bytes = 1\nnot an option\n",
+        );
+        let mut v: Vec<&str> = n.iter().map(String::as_str).collect();
+        v.sort();
+        assert_eq!(
+            v,
+            ["rbd_cache", "rbd_non_blocking_aio", "rbd_sparse_read_threshold_bytes"]
+        );
     }
 }

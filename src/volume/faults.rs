@@ -1,6 +1,7 @@
 //! Fault injection at the three points where the pool's metadata thread makes
-//! things durable: the write of a batch's staged clusters, the pool device's
-//! fdatasync and the catalog commit.
+//! things durable (the write of a batch's staged clusters, the pool device's
+//! fdatasync and the catalog commit), and at two points of the RBD store (a volume
+//! made in Ceph before its catalog commit, the flatten of a deleted snapshot's clone).
 //!
 //! Tests (and `serve` with `SEALDISK_FAULTS`, for crash harnesses that need
 //! wider race windows) can fail the N-th call from now, delay every call, or
@@ -20,6 +21,11 @@ pub enum FaultPoint {
     Commit,
     /// The metadata thread's write of a batch's staged (new or copied) clusters.
     StagedWrite,
+    /// The RBD store, after it made a volume in Ceph and before the caller's catalog
+    /// transaction commits (`rbd_created`): a failure there aborts that transaction.
+    RbdCreated,
+    /// The RBD reaper, before it flattens a clone of a deleted snapshot (`rbd_flatten`).
+    RbdFlatten,
 }
 
 #[derive(Default)]
@@ -42,7 +48,7 @@ struct Hold {
 #[derive(Default)]
 pub struct Faults {
     any: AtomicBool,
-    points: [Point; 3],
+    points: [Point; 5],
 }
 
 impl std::fmt::Debug for Faults {
@@ -50,13 +56,15 @@ impl std::fmt::Debug for Faults {
         f.debug_struct("Faults")
             .field("pool_sync_calls", &self.calls(FaultPoint::PoolSync))
             .field("commit_calls", &self.calls(FaultPoint::Commit))
+            .field("rbd_created_calls", &self.calls(FaultPoint::RbdCreated))
+            .field("rbd_flatten_calls", &self.calls(FaultPoint::RbdFlatten))
             .finish()
     }
 }
 
 /// A fault spec item that does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("fault {0:?}: expected POINT:delay=Nms or POINT:fail=N, POINT commit, pool_sync or staged_write")]
+#[error("fault {0:?}: expected POINT:delay=Nms or POINT:fail=N, POINT commit, pool_sync, staged_write, rbd_created or rbd_flatten")]
 pub struct FaultSpecError(pub String);
 
 impl Faults {
@@ -108,8 +116,8 @@ impl Faults {
     }
 
     /// Faults from a spec such as `commit:delay=5ms,pool_sync:fail=3`
-    /// (point `commit`, `pool_sync` or `staged_write`; `delay=Nms`, `fail=N` for the N-th
-    /// call).
+    /// (point `commit`, `pool_sync`, `staged_write`, `rbd_created` or `rbd_flatten`;
+    /// `delay=Nms`, `fail=N` for the N-th call).
     pub fn parse(spec: &str) -> Result<Faults, FaultSpecError> {
         let f = Faults::default();
         for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -119,6 +127,8 @@ impl Faults {
                 "commit" => FaultPoint::Commit,
                 "pool_sync" => FaultPoint::PoolSync,
                 "staged_write" => FaultPoint::StagedWrite,
+                "rbd_created" => FaultPoint::RbdCreated,
+                "rbd_flatten" => FaultPoint::RbdFlatten,
                 _ => return Err(bad()),
             };
             let (k, v) = action.split_once('=').ok_or_else(bad)?;
@@ -179,17 +189,24 @@ mod tests {
 
     #[test]
     fn specs_parse_and_bad_ones_are_refused() {
-        let f = Faults::parse("commit:delay=1ms, pool_sync:fail=1, staged_write:fail=2").unwrap();
+        let f = Faults::parse(
+            "commit:delay=1ms, pool_sync:fail=1, staged_write:fail=2, rbd_created:fail=2, rbd_flatten:delay=1ms",
+        )
+        .unwrap();
         assert!(f.at(FaultPoint::PoolSync).is_err());
         assert!(f.at(FaultPoint::Commit).is_ok());
         assert!(f.at(FaultPoint::StagedWrite).is_ok());
         assert!(f.at(FaultPoint::StagedWrite).is_err(), "the second staged write fails");
+        assert!(f.at(FaultPoint::RbdCreated).is_ok());
+        assert!(f.at(FaultPoint::RbdCreated).is_err());
+        assert!(f.at(FaultPoint::RbdFlatten).is_ok());
         for bad in [
             "commit",
             "disk:fail=1",
             "commit:fail=x",
             "commit:delay=5",
             "commit:boom=1",
+            "rbd:fail=1",
         ] {
             assert!(Faults::parse(bad).is_err(), "{bad}");
         }

@@ -91,18 +91,9 @@ impl Cluster {
 
     /// Runs `prog` (rbd, rados, ceph) against this cluster; panics unless it succeeds.
     pub fn cmd(&self, prog: &str, args: &[&str]) -> Vec<u8> {
-        let out = Command::new(prog)
-            .arg("-c")
-            .arg(&self.conf)
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("{prog}: {e}"));
-        assert!(
-            out.status.success(),
-            "{prog} {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out.stdout
+        let (ok, out, err) = self.try_cmd(prog, args);
+        assert!(ok, "{prog} {args:?}: {err}");
+        out
     }
 
     /// Like [`Cluster::cmd`] but returns (success, stdout, stderr).
