@@ -1700,3 +1700,57 @@ fn migrate_and_encrypted_copy_on_rbd_read_only_the_written_objects() {
     let r = check_pool(&data);
     assert_eq!(r["Consistent"], true, "{r}");
 }
+
+/// A multi-attach disk on RBD: every instance on the host that holds the image's
+/// exclusive lock shares its one image handle (both attachments succeed, both see one
+/// disk); another host's attachment is refused with InUse until the first host has
+/// detached it from every instance, and then sees what the first host wrote.
+#[test]
+fn a_multi_attach_disk_is_shared_on_one_host_and_fenced_from_another() {
+    let Some(env) = Env::start("multi") else { return };
+    let db = env.data.with_file_name("b");
+    let dm_a = env.serve(&env.data, &[]);
+    let dm_b = env.serve(&db, &[]);
+    let da = &env.data;
+    rpc(da, "ActivateKms", serde_json::json!({}));
+    let disk = id_of(
+        rpc(
+            da,
+            "CreateDisk",
+            serde_json::json!({"SizeBytes": 8 << 20, "DiskCategory": "ssd", "MultiAttach": "Enabled"}),
+        ),
+        "DiskId",
+    );
+    let (i1, i2) = (new_instance(da), new_instance(da));
+    attach(da, &disk, &i1);
+    attach(da, &disk, &i2);
+    let a = random_bytes(8192, 21);
+    let mut s = nbd_go(&da.join("nbd.sock"), &disk).unwrap();
+    assert_eq!(nbd_write(&mut s, 1, 1 << 20, &a), 0);
+    flush(&mut s, 2);
+    drop(s);
+    nbd_reads_equal(da, &disk, &[(1 << 20, &a)], "host A, two attachments");
+
+    rpc(&db, "AdoptDisk", serde_json::json!({"DiskId": disk}));
+    let ib = new_instance(&db);
+    let refused = |what: &str| {
+        let e = try_rpc(&db, "AttachDisk", serde_json::json!({"DiskId": disk, "InstanceId": ib})).unwrap_err();
+        assert!(e.starts_with("IncorrectDiskStatus.InUse"), "{what}: {e}");
+    };
+    refused("attached to two instances on A");
+    detach(da, &disk, &i1);
+    refused("still attached to one instance on A");
+    detach(da, &disk, &i2);
+    let t = Instant::now();
+    while let Err(e) = try_rpc(&db, "AttachDisk", serde_json::json!({"DiskId": disk, "InstanceId": ib})) {
+        assert!(e.starts_with("IncorrectDiskStatus.InUse"), "{e}");
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "A's lock was never released: {e}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    nbd_reads_equal(&db, &disk, &[(1 << 20, &a)], "host B after A detached everywhere");
+    drop(dm_b);
+    drop(dm_a);
+}
