@@ -2,7 +2,8 @@
 //!
 //! * Writes are encrypted out of place into bounce buffers from the reactor's
 //!   pool (the caller's buffer is never modified), in chunks of at most
-//!   [`BOUNCE_CHUNK`] bytes, each its own write to the device below.
+//!   [`BOUNCE_CHUNK`] bytes, each its own write to the device below; a write
+//!   whose caller marks it `scratch` is encrypted in its own buffer instead.
 //! * Reads go to the device in the caller's buffer and are decrypted in place.
 //! * The XTS sector number is the byte offset divided by this layer's sector
 //!   size (512 or 4096; `plain64`, see `docs/format.md`).
@@ -19,6 +20,10 @@
 //!   handed back to the caller to retry.
 //! * Each poll decrypts at most [`DECRYPT_BUDGET`] bytes of reads, so the
 //!   caller gets back to submitting between slices of a large batch.
+//! * A batch of completions from below becomes the callers' answers where it
+//!   lies (`CryptoChannel::finish` rewrites each in place) and goes up whole:
+//!   building a new completion per request stalled the CPU on copies of
+//!   structs it had just written.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
