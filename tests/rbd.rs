@@ -462,13 +462,13 @@ fn rbd_bdev_pipelined_io_through_crypto_on_two_reactors_stores_ciphertext() {
             let enc = enc.clone();
             let d = d0.clone();
             move |ctx| {
-                let mut ch = enc.open_channel(&ctx.chan).unwrap();
+                let mut q = sealdisk::IoQueue::new(enc.open_channel(&ctx.chan).unwrap());
                 let mut b = ctx.chan.pool.alloc(d.len()).unwrap();
                 b.copy_from_slice(&d);
                 let mut req = IoRequest::write(0, b, 9);
                 req.fua = true;
-                ch.submit(req).unwrap();
-                wait_one(ch.as_mut()).result
+                submit(&mut q, req);
+                wait_next(&mut q).result
             }
         })
         .unwrap();

@@ -132,22 +132,6 @@ pub fn wait_next(q: &mut IoQueue) -> IoCompletion {
     c
 }
 
-/// The next completion of a bare channel, polled until it comes (20 s at most). Only
-/// `tests/rbd.rs` still drives a bare channel; everything else uses [`IoQueue`] and
-/// [`wait_next`].
-pub fn wait_one(ch: &mut dyn sealdisk::Channel) -> IoCompletion {
-    let t = Instant::now();
-    let mut v = Vec::new();
-    loop {
-        ch.poll(&mut v);
-        if let Some(c) = v.pop() {
-            return c;
-        }
-        assert!(t.elapsed() < IO_TIMEOUT, "request did not complete");
-        std::thread::yield_now();
-    }
-}
-
 /// The completion tagged `tag` on `q`; the others stay in the queue.
 pub fn wait_tag(q: &mut IoQueue, tag: u64) -> IoCompletion {
     let t = Instant::now();
