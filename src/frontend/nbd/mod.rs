@@ -159,15 +159,18 @@ impl NbdServer {
             log_io: RateLimit::standard(),
         });
         let sh = shared.clone();
-        let instances = cfg.instances_dir.clone().map(|dir| InstanceSockets {
+        let mut instances = cfg.instances_dir.clone().map(|dir| InstanceSockets {
             dir,
             gid: cfg.instance_gid.unwrap_or(0),
             bound: Default::default(),
             generation: None,
         });
-        if instances.is_some() {
+        if let Some(i) = instances.as_mut() {
             // From now on the control plane waits for new instances' sockets.
             shared.exports.instances().set_bound(0, true);
+            // The instances restored at start are served before this returns, so before
+            // the control socket opens: a client never finds a previous run's stale socket.
+            i.sync(&shared);
         }
         let acceptor = std::thread::Builder::new()
             .name("nbd-accept".into())
