@@ -76,6 +76,18 @@ struct Vol {
     base: Option<(String, String)>,
 }
 
+impl Vol {
+    /// A volume that is a whole RBD image of its own (no snapshot, no hidden base).
+    fn image(id: &str, size: u64) -> Vol {
+        Vol {
+            size,
+            image: id.into(),
+            snap: None,
+            base: None,
+        }
+    }
+}
+
 fn db_err(context: &'static str) -> impl Fn(redb::Error) -> VolumeError {
     move |e| VolumeError::Db {
         context,
@@ -456,17 +468,7 @@ impl RbdStore {
         self.make_image(&m, &format!("create RBD image {id}"), || {
             self.io.create(id, size, &CreateOpts::default())
         })?;
-        put(
-            txn,
-            VOLUMES,
-            id,
-            &Vol {
-                size,
-                image: id.into(),
-                snap: None,
-                base: None,
-            },
-        )?;
+        put(txn, VOLUMES, id, &Vol::image(id, size))?;
         self.created()
     }
 
@@ -971,17 +973,7 @@ impl RbdStore {
         }
         drop(img);
         self.claim(id)?;
-        put(
-            txn,
-            VOLUMES,
-            id,
-            &Vol {
-                size,
-                image: id.into(),
-                snap: None,
-                base: None,
-            },
-        )
+        put(txn, VOLUMES, id, &Vol::image(id, size))
     }
 
     /// Writes `sealdisk.<key>` image metadata on volume `id`'s image.
