@@ -268,6 +268,7 @@ fn json_output_uses_fio_field_names_and_compare_names_jobs() {
     let r = &v["sealdisk"]["ratios"];
     assert!(r["read"]["iops"].as_f64().unwrap() > 0.0);
     assert!(r["cipher_ns_per_io"].as_f64().unwrap() > 0.0);
+    assert!(r["cipher_hot_ns_per_io"].as_f64().unwrap() > 0.0);
     // Per-round ratios: one per alternation, their median reported.
     let m = &r["round_median"];
     assert_eq!(m["rounds"].as_u64(), Some(4));

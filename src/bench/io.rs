@@ -78,9 +78,13 @@ impl GroupResult {
 #[derive(Debug, Clone)]
 pub struct IoBenchReport {
     pub groups: Vec<GroupResult>,
-    /// With `--compare`: nanoseconds the XTS kernel takes for one block of
-    /// `bs` bytes, measured in this run.
+    /// With `--compare`: nanoseconds the XTS kernel takes for one request
+    /// of `bs` bytes over the job's working set (its `iodepth` buffers in
+    /// turn, in place or into bounce buffers as the crypto layer does),
+    /// measured in this run: the cipher's own cost in the stack.
     pub cipher_ns_per_io: Option<f64>,
+    /// The same on one buffer that stays in L1 (the kernel's best case).
+    pub cipher_hot_ns_per_io: Option<f64>,
     pub kernel: String,
     pub cores: Vec<usize>,
     /// With `--compare`: each round's plain and encrypted run, in order, for
@@ -397,29 +401,91 @@ fn new_group(name: &str, spec: &JobSpec, target: &str) -> GroupResult {
     }
 }
 
-/// Nanoseconds the engine needs to encrypt `bs` bytes in `ss`-byte sectors,
-/// best of a few short runs, measured on reactor 0's thread (the core the
-/// jobs run on, between their rounds).
-fn cipher_ns(reactors: &Reactors, xts: &Arc<Xts>, bs: usize, ss: usize) -> Result<f64, BenchError> {
+/// What one request's encryption is in a job: `bs` bytes in `ss`-byte
+/// sectors, cycling over `depth` request buffers (a job at that queue depth
+/// keeps that many), in place or into as many bounce buffers, with
+/// streaming stores where the crypto layer uses them.
+#[derive(Clone, Copy)]
+struct CipherWork {
+    bs: usize,
+    ss: usize,
+    depth: usize,
+    in_place: bool,
+    stream: bool,
+}
+
+/// The cipher's own cost in nanoseconds per request, measured on reactor
+/// 0's thread (the core the jobs run on, between their rounds): `hot` is
+/// one buffer encrypted again and again (it stays in L1), `working_set` is
+/// the job's buffers in turn (they live in L2 at QD32, as in the stack).
+/// Each is the median of five 40 ms windows' means.
+#[derive(Clone, Copy, Debug, Default)]
+struct CipherCost {
+    hot: f64,
+    working_set: f64,
+}
+
+fn cipher_ns(reactors: &Reactors, xts: &Arc<Xts>, w: CipherWork) -> Result<CipherCost, BenchError> {
     let xts = xts.clone();
     reactors
         .call(0, Duration::from_secs(10), move |_| {
-            let mut buf = vec![0x5au8; bs.max(ss) / ss * ss];
-            let mut best = f64::MAX;
-            for _ in 0..5 {
-                let t = Instant::now();
-                let mut n = 0u64;
-                while t.elapsed() < Duration::from_millis(40) {
-                    for _ in 0..16 {
-                        xts.encrypt_sectors(&mut buf, n, ss).expect("whole sectors");
-                        n += 1;
+            let len = w.bs.max(w.ss) / w.ss * w.ss;
+            let mut src = AlignedBufs::new(w.depth.max(1), len);
+            let mut dst = AlignedBufs::new(if w.in_place { 0 } else { w.depth.max(1) }, len);
+            let mut windows = |bufs: usize| {
+                let mut means = Vec::with_capacity(5);
+                let mut sector = 0u64;
+                for _ in 0..5 {
+                    let t = Instant::now();
+                    let mut n = 0u64;
+                    while t.elapsed() < Duration::from_millis(40) {
+                        for _ in 0..16 {
+                            let i = (n % bufs as u64) as usize;
+                            if w.in_place {
+                                xts.encrypt_sectors(src.get_mut(i), sector, w.ss)
+                            } else if w.stream && len <= crate::bdev::crypto::STREAM_MAX {
+                                xts.encrypt_sectors_for_device(src.get(i), dst.get_mut(i), sector, w.ss)
+                            } else {
+                                xts.encrypt_sectors_to(src.get(i), dst.get_mut(i), sector, w.ss)
+                            }
+                            .expect("whole sectors");
+                            n += 1;
+                            sector += (len / w.ss) as u64;
+                        }
                     }
+                    means.push(t.elapsed().as_nanos() as f64 / n as f64);
                 }
-                best = best.min(t.elapsed().as_nanos() as f64 / n as f64);
+                median(means).unwrap_or(0.0)
+            };
+            CipherCost {
+                hot: windows(1),
+                working_set: windows(w.depth.max(1)),
             }
-            best
         })
         .map_err(BenchError::from)
+}
+
+/// `n` page-aligned buffers of `len` bytes in one allocation, filled.
+struct AlignedBufs {
+    mem: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBufs {
+    fn new(n: usize, len: usize) -> AlignedBufs {
+        let mem = vec![0x5au8; n * len + 4096];
+        let start = mem.as_ptr().align_offset(4096);
+        AlignedBufs { mem, start, len }
+    }
+    fn get(&self, i: usize) -> &[u8] {
+        let at = self.start + i * self.len;
+        &self.mem[at..at + self.len]
+    }
+    fn get_mut(&mut self, i: usize) -> &mut [u8] {
+        let at = self.start + i * self.len;
+        &mut self.mem[at..at + self.len]
+    }
 }
 
 /// The median of the samples.
@@ -438,6 +504,7 @@ pub fn run(opts: &IoBenchOpts) -> Result<IoBenchReport, BenchError> {
     let reactors = Reactors::start(&opts.reactors).map_err(|e| BenchError::setup("starting reactors", e))?;
     let mut groups = Vec::new();
     let mut cipher = None;
+    let mut cipher_hot = None;
     let mut round_pairs = Vec::new();
     let mut kernel = crate::crypto::Kernel::selected()
         .map_err(|e| BenchError::setup("the XTS kernel", e))?
@@ -463,11 +530,16 @@ pub fn run(opts: &IoBenchOpts) -> Result<IoBenchReport, BenchError> {
             }
             let mut plain = new_group("plain", &fj.job, &backend_name);
             let mut encrypted = new_group("encrypted", &fj.job, enc.name());
-            let ss = fj.target.sector_size.unwrap_or(4096) as usize;
-            let bs = fj.job.bs as usize;
+            let work = CipherWork {
+                bs: fj.job.bs as usize,
+                ss: fj.target.sector_size.unwrap_or(4096) as usize,
+                depth: fj.job.iodepth as usize,
+                in_place: fj.job.inplace,
+                stream: base.dma_writes(),
+            };
             // The cipher's own cost, sampled before and after every round on
             // the reactors' core: the machine's speed drifts over a run.
-            let mut samples = vec![cipher_ns(&reactors, &xts, bs, ss)?];
+            let mut samples = vec![cipher_ns(&reactors, &xts, work)?];
             let mut pairs = Vec::new();
             for r in 0..rounds {
                 let order: [bool; 2] = if r % 2 == 0 { [false, true] } else { [true, false] };
@@ -483,9 +555,10 @@ pub fn run(opts: &IoBenchOpts) -> Result<IoBenchReport, BenchError> {
                     *(if is_enc { &mut pair.encrypted } else { &mut pair.plain }) = RoundFigures::of(&out);
                 }
                 pairs.push(pair);
-                samples.push(cipher_ns(&reactors, &xts, bs, ss)?);
+                samples.push(cipher_ns(&reactors, &xts, work)?);
             }
-            cipher = median(samples);
+            cipher = median(samples.iter().map(|c| c.working_set).collect());
+            cipher_hot = median(samples.iter().map(|c| c.hot).collect());
             if round_pairs.is_empty() {
                 round_pairs = pairs;
             }
@@ -512,6 +585,7 @@ pub fn run(opts: &IoBenchOpts) -> Result<IoBenchReport, BenchError> {
     Ok(IoBenchReport {
         groups,
         cipher_ns_per_io: cipher,
+        cipher_hot_ns_per_io: cipher_hot,
         kernel,
         cores,
         rounds: round_pairs,

@@ -597,6 +597,7 @@ fn io_report(r: &VhostBenchReport) -> IoBenchReport {
     IoBenchReport {
         groups: r.groups.iter().map(|g| g.group.clone()).collect(),
         cipher_ns_per_io: None,
+        cipher_hot_ns_per_io: None,
         kernel: String::new(),
         cores: Vec::new(),
         rounds: Vec::new(),
