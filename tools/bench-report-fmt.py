@@ -300,7 +300,8 @@ def migrate(tg, path):
 # --- rbd: tools/rbd-compare.py --json ---------------------------------------------------
 RBD_TARGETS = (("sd-plain", "sealdisk plain"), ("sd-enc", "sealdisk encrypted"),
                ("sd-enc-stock", "sealdisk encrypted, librbd's stock settings"),
-               ("q-rbdluks", "qemu-nbd, librbd LUKS2"), ("q-luks", "qemu-nbd, QEMU luks over rbd"))
+               ("q-rbdluks", "qemu-nbd, librbd LUKS2"), ("q-luks", "qemu-nbd, QEMU luks over rbd"),
+               ("librbd", "librbd alone (`rbd bench`, no frontend, no cipher)"))
 
 
 def rbd(tg, path):
@@ -319,8 +320,8 @@ def rbd(tg, path):
                 print(f"| {label} | {name} | {n(x['iops'])} | {n(x['mibs'], 1)} | {n(x['p50'], 1)} | "
                       f"{n(x['p99'], 1)} | {n(x['srv_us'], 1)} |")
     print("\n| workload | encrypted IOPS / better peer | encrypted CPU per I/O / better peer's | "
-          "encrypted / plain IOPS | CPU per I/O / stock settings' |")
-    print("|---|---:|---:|---:|---:|")
+          "encrypted / plain IOPS | CPU per I/O / stock settings' | librbd alone's CPU per I/O / better peer's |")
+    print("|---|---:|---:|---:|---:|---:|")
     iops_r, cpu_r, enc_r = [], [], []
     for wl, label in NBD_ROWS:
         f = fig.get(wl, {})
@@ -333,10 +334,11 @@ def rbd(tg, path):
         re_ = e / pl if e and pl else None
         rs = (g("sd-enc", "srv_us") / g("sd-enc-stock", "srv_us")
               if g("sd-enc", "srv_us") and g("sd-enc-stock", "srv_us") else None)
+        fl = g("librbd", "srv_us") / g(best, "srv_us") if best and g("librbd", "srv_us") and g(best, "srv_us") else None
         iops_r.append(ri)
         cpu_r.append(rc)
         enc_r.append(re_)
-        print(f"| {label} | {n(ri, 2)}" + (f" ({best})" if best else "") + f" | {n(rc, 2)} | {n(re_, 3)} | {n(rs, 2)} |")
+        print(f"| {label} | {n(ri, 2)}" + (f" ({best})" if best else "") + f" | {n(rc, 2)} | {n(re_, 3)} | {n(rs, 2)} | {n(fl, 2)} |")
     if r["errors"]:
         print(f"\nfio errors: {'; '.join(r['errors'])}")
     fmt = lambda v: " / ".join("n/a" if x is None else f"{x:.2f}" for x in v)

@@ -90,19 +90,38 @@ def abba(reps, workloads, targets):
                 yield rep, wl, t
 
 
-def measure_all(a, workloads, targets, fio_args, pids, cpu):
-    """Every run of abba(): {(workload, target): [measure() rows]}. a: the parsed
-    arguments (reps, runtime, ramp); fio_args/pids: per target."""
+def measure_all(a, workloads, targets, one):
+    """Every run of abba(): {(workload, target): [one(workload, target) rows]}, one()
+    returning measure()'s row. a: the parsed arguments (reps)."""
     res = {}
     for rep, wl, t in abba(a.reps, workloads, targets):
         log(f"rep {rep + 1} {wl} {t}")
-        res.setdefault((wl, t), []).append(measure(wl, fio_args[t], pids.get(t), a.size, a.runtime, a.ramp, cpu))
+        res.setdefault((wl, t), []).append(one(wl, t))
     return res
+
+
+def fio_runs(a, fio_args, pids, cpu):
+    """measure_all()'s one() for fio targets: fio_args and server pids per target."""
+    return lambda wl, t: measure(wl, fio_args[t], pids.get(t), a.size, a.runtime, a.ramp, cpu)
 
 
 def avg(res, wl, t, k):
     v = [r[k] for r in res.get((wl, t), []) if r[k] is not None]
     return sum(v) / len(v) if v else None
+
+
+def rep_ratios(res, wl, a, b, k="iops"):
+    """Per-rep a/b of k in workload wl (the reps of a and b ran next to each other)."""
+    return [x[k] / y[k] for x, y in zip(res.get((wl, a), []), res.get((wl, b), [])) if x[k] and y[k]]
+
+
+def spread(v):
+    """'median (min..max)' of v, or 'n/a'."""
+    if not v:
+        return "n/a"
+    s = sorted(v)
+    m = s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
+    return f"{m:.2f} ({s[0]:.2f}..{s[-1]:.2f})"
 
 
 def fmt(x, n=0):
@@ -134,6 +153,8 @@ def write_json(path, a, res, workloads, targets, keys, **extra):
     doc = {"date": time.strftime("%Y-%m-%d %H:%M"), "reps": a.reps, "runtime": a.runtime, "ramp": a.ramp,
            "size": a.size, **extra, "errors": [f"{k[0]} {k[1]}: {e}" for k, e in errors(res)],
            "figures": {wl: {t: {k: avg(res, wl, t, k) for k in keys} for t in targets if (wl, t) in res}
-                       for wl in workloads}}
+                       for wl in workloads},
+           "runs": {wl: {t: [{k: r[k] for k in keys} for r in res[wl, t]] for t in targets if (wl, t) in res}
+                    for wl in workloads}}
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)

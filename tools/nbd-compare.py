@@ -15,17 +15,19 @@ Order: for rep, for workload: file, sd-plain, sd-enc, q-raw, q-luks, nbd-null; r
 every other rep (ABBA), so use an even --reps.
 Placement (like ../shared/peer/qemu-luks-nbd.sh): servers (one sealdisk reactor,
 qemu-nbd) on the CPU that does not take the disk's completion interrupts, fio on
-the other. Server CPU is utime+stime of the server process over the fio run;
+the other; --servers-on-irq-cpu swaps them (the servers reap their own completions where
+the interrupt lands, fio, the file's too, runs on the other CPU). Server CPU is utime+stime of the server process over the fio run;
 client CPU is fio's usr_cpu+sys_cpu (% of its one core).
 
 Usage: tools/nbd-compare.py [--workdir DIR] [--runtime S] [--ramp S] [--reps N] [--out FILE]
                             [--size SIZE] [--targets T,..] [--workloads W,..] [--sealdisk BIN] [--json FILE]
+                            [--servers-on-irq-cpu]
 --sealdisk BIN (or $SEALDISK) uses that binary instead of building target/release/sealdisk;
 --json FILE also writes the averaged figures as JSON (for tools/bench-report.sh).
 """
 import argparse, json, os, shutil, signal, subprocess, sys, tempfile, time
 
-from fiolib import WORKLOADS, errors, fill as fill_target, measure_all, nbd, run, size_bytes, table, write_json
+from fiolib import WORKLOADS, errors, fill as fill_target, fio_runs, measure_all, nbd, run, size_bytes, table, write_json
 from fiolib import avg as avg_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,6 +60,8 @@ def main():
     ap.add_argument("--ramp", type=int, default=2)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--size", default=size_bytes("2G"), type=size_bytes)
+    ap.add_argument("--servers-on-irq-cpu", action="store_true",
+                    help="servers on the CPU taking the disk's interrupts, fio on the other")
     ap.add_argument("--out", default=None)
     ap.add_argument("--targets", default=",".join(TARGETS),
                     help="comma-separated subset of " + ",".join(TARGETS))
@@ -91,6 +95,8 @@ def main():
                        check=True)
     fio_cpu = irq_cpu()
     srv_cpu = 1 - fio_cpu if os.cpu_count() >= 2 and fio_cpu in (0, 1) else (fio_cpu + 1) % os.cpu_count()
+    if a.servers_on_irq_cpu:
+        fio_cpu, srv_cpu = srv_cpu, fio_cpu
     w = a.workdir
     shutil.rmtree(w, ignore_errors=True)
     os.makedirs(w)
@@ -160,7 +166,7 @@ def main():
         for name in [t for t in ["sd-plain", "sd-enc", "q-raw", "q-luks"] if t in fill]:
             fill_target(name, fio_args[name], a.size, fio_cpu)
         # --- measure.
-        res = measure_all(a, workloads, targets, fio_args, {t: p for t, p in srv_pid.items() if p}, fio_cpu)
+        res = measure_all(a, workloads, targets, fio_runs(a, fio_args, {t: p for t, p in srv_pid.items() if p}, fio_cpu))
     finally:
         cleanup()
         for pid in (qpid if "qpid" in dir() else {}).values():

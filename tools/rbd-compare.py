@@ -12,26 +12,35 @@ nbd engine, every server pinned to the same CPU and linking librbd in-process:
   q-rbdluks  qemu-nbd, QEMU's rbd driver with librbd's own LUKS2 encryption
              (`rbd encryption format ... luks2`, encrypt.format=luks2; aes-256-xts)
   q-luks     qemu-nbd, QEMU's luks driver (aes-256-xts-plain64) over its rbd driver
+  librbd     `rbd bench` on a plain image with sealdisk's librbd settings, pinned like the
+             servers: librbd alone, no frontend, no cipher. Not a contender: the CPU per I/O
+             any librbd client pays on this cluster at the rate it sustains (the floor under
+             sd-enc's figure). Its CPU and I/Os are counted between the ramp and the end.
 Workloads: 4k randread/randwrite QD32, 128k seq read/write QD8, numjobs=1.
 Order: ABBA over repetitions (use an even --reps).
 Server CPU is utime+stime of the server process (its librbd threads included) over the
 fio run, per I/O; the OSD's CPU is not counted for anyone.
 
 Usage: tools/rbd-compare.py [--workdir DIR] [--size 512M] [--runtime S] [--ramp S] [--reps N] [--out FILE]
-                            [--sealdisk BIN] [--json FILE]
+                            [--sealdisk BIN] [--json FILE] [--targets T,T,...]
 --sealdisk BIN (or $SEALDISK): that binary instead of target/release/sealdisk; --json FILE also
 writes the averaged figures as JSON (for tools/bench-report.sh).
 Needs: target/release/sealdisk, fio, qemu-nbd and qemu-img with the rbd block module
 (qemu-block-extra), rbd/ceph (ceph-common), ceph-mon/mgr/osd.
 """
-import argparse, json, os, shutil, signal, subprocess, sys, tempfile, time
+import argparse, json, os, re, shutil, signal, subprocess, sys, tempfile, time
 
-from fiolib import WORKLOADS, avg as avg_of, errors, fill, log, measure_all, nbd, run, size_bytes, table, write_json
+import fiolib
+from fiolib import WORKLOADS, avg as avg_of, cpu_ticks, errors, fill, log, measure_all, nbd, rep_ratios, run, size_bytes, \
+    spread, table, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEALDISK = os.path.join(ROOT, "target", "release", "sealdisk")
 CLUSTER = os.path.join(ROOT, "tools", "ceph-cluster.sh")
-TARGETS = ["sd-plain", "sd-enc", "sd-enc-stock", "q-rbdluks", "q-luks"]
+TARGETS = ["sd-plain", "sd-enc", "sd-enc-stock", "q-rbdluks", "q-luks", "librbd"]
+# `rbd bench` arguments per workload (the same sizes and depths as fiolib.WORKLOADS).
+RBD_BENCH = {"randread": ("read", "4K", 32, "rand"), "randwrite": ("write", "4K", 32, "rand"),
+             "seqread": ("read", "128K", 8, "seq"), "seqwrite": ("write", "128K", 8, "seq")}
 # librbd's own values of the options sealdisk tunes (set in sd-enc-stock's ceph.conf).
 STOCK = {"rbd cache": "true", "rbd io scheduler": "simple", "rbd non blocking aio": "true",
          "objecter inflight ops": "1024", "objecter inflight op bytes": "104857600"}
@@ -55,6 +64,47 @@ def start_sealdisk(data, conf, cpu, log_path):
     return p, sd
 
 
+def rbd_bench_options():
+    """sealdisk's librbd settings (src/rbd/mod.rs DISK_OPTIONS) as `rbd` command-line overrides."""
+    src = open(os.path.join(ROOT, "src", "rbd", "mod.rs")).read()
+    block = src[src.index("pub const DISK_OPTIONS"):]
+    block = block[:block.index("];")]
+    return [f"--{k}={v.lstrip('~?')}" for k, v in re.findall(r'\("(\w+)", "([^"]*)"\)', block)]
+
+
+def measure_rbd_bench(conf, image, wl, runtime, ramp, cpu, bench_opts):
+    """`rbd bench` of workload wl on image, pinned to cpu, for ramp + runtime seconds: its
+    IOPS and CPU per I/O between the ramp and the end (from its per-second op counts and
+    /proc), in measure()'s shape."""
+    kind, bs, depth, pattern = RBD_BENCH[wl]
+    p = subprocess.Popen(["taskset", "-c", str(cpu), "rbd", "-c", conf, "bench", "--io-type", kind, "--io-size", bs,
+                          "--io-threads", str(depth), "--io-total", "1T", "--io-pattern", pattern, image,
+                          *bench_opts], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
+    marks = []  # (time, cumulative ops, cpu ticks) at each progress line
+
+    def read_until(deadline):
+        for line in p.stdout:
+            f = line.split()
+            if len(f) >= 3 and f[0].isdigit() and f[1].isdigit():
+                marks.append((time.time(), int(f[1]), cpu_ticks(p.pid)))
+            if time.time() >= deadline:
+                return
+    t0 = time.time()
+    read_until(t0 + ramp)
+    read_until(t0 + ramp + runtime)
+    p.kill()
+    p.wait()
+    first = next((m for m in marks if m[0] >= t0 + ramp), None)
+    if first is None or marks[-1] is first:
+        return {"iops": None, "mibs": None, "p50": None, "p99": None, "srv_us": None,
+                "err": "rbd bench printed too few progress lines", "ios": 1, "cli": 0}
+    last = marks[-1]
+    ops, secs = last[1] - first[1], last[0] - first[0]
+    size = int(bs[:-1]) << 10
+    return {"iops": ops / secs, "mibs": ops * size / secs / 2**20, "p50": None, "p99": None,
+            "srv_us": (last[2] - first[2]) / fiolib.CLK / max(ops, 1) * 1e6, "err": 0, "ios": ops, "cli": 0}
+
+
 def disk_uri(sd, data, inst, size, enc):
     """A new ssd disk of size bytes attached to inst: its NBD URI."""
     d = sd("create-disk", f"SizeBytes={size}", f"Encrypted={enc}", "DiskCategory=ssd")["DiskId"]
@@ -73,7 +123,11 @@ def main():
     ap.add_argument("--out")
     ap.add_argument("--sealdisk", default=os.environ.get("SEALDISK"), help="the sealdisk binary")
     ap.add_argument("--json", default=None, help="also write the averaged figures to this file as JSON")
+    ap.add_argument("--targets", default=",".join(TARGETS), help="which of " + ",".join(TARGETS))
     a = ap.parse_args()
+    targets = a.targets.split(",")
+    if not targets or any(t not in TARGETS for t in targets):
+        sys.exit(f"--targets: choose from {','.join(TARGETS)}")
     global SEALDISK
     if a.sealdisk:
         SEALDISK = os.path.abspath(a.sealdisk)
@@ -132,9 +186,20 @@ def main():
             uris[name] = f"nbd+unix:///?socket={sock}"
         srv_pid = {"sd-plain": p.pid, "sd-enc": p.pid, "sd-enc-stock": ps.pid, **qpid}
         fio_args = {t: nbd(u) for t, u in uris.items()}
-        for name in TARGETS:
-            fill(name, fio_args[name], size, fio_cpu)
-        res = measure_all(a, workloads, TARGETS, fio_args, srv_pid, fio_cpu)
+        run(["rbd", "-c", conf, "create", "--size", f"{size >> 20}M", "rbd/librbd"])
+        run(["rbd", "-c", conf, "bench", "--io-type", "write", "--io-size", "1M", "--io-threads", "8",
+             "--io-total", str(size), "--io-pattern", "seq", "rbd/librbd"])
+        bench_opts = rbd_bench_options()
+        fio = fiolib.fio_runs(a, fio_args, srv_pid, fio_cpu)
+
+        def one(wl, t):
+            if t == "librbd":
+                return measure_rbd_bench(conf, "rbd/librbd", wl, a.runtime, a.ramp, srv_cpu, bench_opts)
+            return fio(wl, t)
+        for name in targets:
+            if name != "librbd":
+                fill(name, fio_args[name], size, fio_cpu)
+        res = measure_all(a, workloads, targets, one)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -156,10 +221,11 @@ def main():
         return avg_of(res, wl, t, k)
     L = [f"# RBD comparison ({time.strftime('%Y-%m-%d %H:%M')}, {a.reps} reps x {a.runtime}s, {size >> 20} MiB images, "
          f"servers on cpu {srv_cpu}, fio on cpu {fio_cpu}, single-node memstore cluster)", "",
-         *table(res, workloads, TARGETS)]
+         *table(res, workloads, targets)]
     L += ["", "| workload | sd-enc IOPS / best peer | sd-enc CPU/IO / best peer's | sd-enc / sd-plain IOPS "
-          "| sd-enc CPU/IO / sd-enc-stock's |",
-          "|---|---:|---:|---:|---:|"]
+          "| sd-enc CPU/IO / sd-enc-stock's | librbd alone's CPU/IO / best peer's "
+          "| per rep: sd-enc / best peer IOPS | per rep: sd-enc / sd-plain IOPS |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for wl in workloads:
         peers = [t for t in ("q-rbdluks", "q-luks") if avg(wl, t, "iops")]
         best = max(peers, key=lambda t: avg(wl, t, "iops")) if peers else None
@@ -170,7 +236,11 @@ def main():
         r3 = f"{e / pl:.3f}" if e and pl else "n/a"
         cs = avg(wl, "sd-enc-stock", "srv_us")
         r4 = f"{ce / cs:.2f}" if cs and ce else "n/a"
-        L.append(f"| {wl} | {r1} | {r2} | {r3} | {r4} |")
+        fl = avg(wl, "librbd", "srv_us")
+        r5 = f"{fl / cb:.2f}" if fl and cb else "n/a"
+        r6 = spread(rep_ratios(res, wl, "sd-enc", best)) if best else "n/a"
+        r7 = spread(rep_ratios(res, wl, "sd-enc", "sd-plain"))
+        L.append(f"| {wl} | {r1} | {r2} | {r3} | {r4} | {r5} | {r6} | {r7} |")
     errs = errors(res)
     L += ["", f"fio errors: {errs or 'none'}"]
     text = "\n".join(L) + "\n"
@@ -178,7 +248,7 @@ def main():
     if a.out:
         open(a.out, "w").write(text)
     if a.json:
-        write_json(a.json, a, res, workloads, TARGETS, ("iops", "mibs", "p50", "p99", "srv_us"),
+        write_json(a.json, a, res, workloads, targets, ("iops", "mibs", "p50", "p99", "srv_us"),
                    server_cpu=srv_cpu, fio_cpu=fio_cpu)
 
 if __name__ == "__main__":
