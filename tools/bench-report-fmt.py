@@ -320,8 +320,18 @@ def rbd(tg, path):
                 print(f"| {label} | {name} | {n(x['iops'])} | {n(x['mibs'], 1)} | {n(x['p50'], 1)} | "
                       f"{n(x['p99'], 1)} | {n(x['srv_us'], 1)} |")
     print("\n| workload | encrypted IOPS / better peer | encrypted CPU per I/O / better peer's | "
-          "encrypted / plain IOPS | CPU per I/O / stock settings' | librbd alone's CPU per I/O / better peer's |")
-    print("|---|---:|---:|---:|---:|---:|")
+          "encrypted / plain IOPS | CPU per I/O / stock settings' | librbd alone's CPU per I/O / better peer's | "
+          "per rep: encrypted / better peer IOPS | per rep: encrypted / plain IOPS |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    runs = r.get("runs", {})
+
+    def per_rep(wl, a, b):
+        ra, rb = runs.get(wl, {}).get(a, []), runs.get(wl, {}).get(b, [])
+        v = sorted(x["iops"] / y["iops"] for x, y in zip(ra, rb) if x["iops"] and y["iops"])
+        if not v:
+            return "n/a"
+        m = v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+        return f"{m:.2f} ({v[0]:.2f}..{v[-1]:.2f})"
     iops_r, cpu_r, enc_r = [], [], []
     for wl, label in NBD_ROWS:
         f = fig.get(wl, {})
@@ -338,7 +348,8 @@ def rbd(tg, path):
         iops_r.append(ri)
         cpu_r.append(rc)
         enc_r.append(re_)
-        print(f"| {label} | {n(ri, 2)}" + (f" ({best})" if best else "") + f" | {n(rc, 2)} | {n(re_, 3)} | {n(rs, 2)} | {n(fl, 2)} |")
+        print(f"| {label} | {n(ri, 2)}" + (f" ({best})" if best else "") + f" | {n(rc, 2)} | {n(re_, 3)} | {n(rs, 2)} | {n(fl, 2)} | "
+              f"{per_rep(wl, 'sd-enc', best) if best else 'n/a'} | {per_rep(wl, 'sd-enc', 'sd-plain')} |")
     if r["errors"]:
         print(f"\nfio errors: {'; '.join(r['errors'])}")
     fmt = lambda v: " / ".join("n/a" if x is None else f"{x:.2f}" for x in v)

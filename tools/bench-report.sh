@@ -188,7 +188,7 @@ area_migrate() {
 
 area_rbd() {
     local args
-    args="--runtime $(q '1 --ramp 0' '10 --ramp 2') --reps 2 --size $(q 128M 512M)"
+    args="--runtime $(q '1 --ramp 0' '8 --ramp 2') --reps $(q 2 4) --size $(q 128M 512M)"
     section '9. Ceph RBD backend (`rbd`)' "tools/rbd-compare.py $args --sealdisk $BIN"
     log "rbd: rbd-compare.py $args"
     rm -f "$W/rbd.json"
