@@ -1754,3 +1754,72 @@ fn a_multi_attach_disk_is_shared_on_one_host_and_fenced_from_another() {
     drop(dm_b);
     drop(dm_a);
 }
+
+/// DeleteSnapshot with Force on the host that holds the snapshot, for a clone another
+/// host adopted and has attached (its data path holds the clone's exclusive lock, and
+/// keeps writing): librbd hands the flatten to the lock's owner, the snapshot goes only
+/// once the clone no longer needs it, and the other host's data and I/O are intact.
+#[test]
+fn delete_snapshot_force_flattens_a_clone_attached_on_another_host() {
+    let Some(env) = Env::start("xflatten") else { return };
+    let db = env.data.with_file_name("b");
+    let da = &env.data;
+    let dm_a = env.serve(da, &[]);
+    let dm_b = env.serve(&db, &[]);
+    let (_inst_a, disk, _) = instance_with_disk(da, 16 << 20, false);
+    let a = random_bytes(8192, 61);
+    let mut s = nbd_go(&da.join("nbd.sock"), &disk).unwrap();
+    assert_eq!(nbd_write(&mut s, 1, 4096, &a), 0);
+    flush(&mut s, 2);
+    drop(s);
+    let snap = id_of(
+        rpc(da, "CreateSnapshot", serde_json::json!({"DiskId": disk})),
+        "SnapshotId",
+    );
+    let clone = id_of(rpc(da, "CreateDisk", serde_json::json!({"SnapshotId": snap})), "DiskId");
+    assert_eq!(rbd_parent(&env.c, &clone), Some(format!("{disk}@{snap}")));
+
+    // B adopts the clone and attaches it; the connection stays open through the flatten.
+    rpc(&db, "AdoptDisk", serde_json::json!({"DiskId": clone}));
+    let ib = new_instance(&db);
+    attach(&db, &clone, &ib);
+    let own = random_bytes(4096, 62);
+    let mut sb = nbd_go(&db.join("nbd.sock"), &clone).unwrap();
+    assert_eq!(nbd_write(&mut sb, 1, 8 << 20, &own), 0);
+    flush(&mut sb, 2);
+
+    rpc(
+        da,
+        "DeleteSnapshot",
+        serde_json::json!({"SnapshotId": snap, "Force": true}),
+    );
+    eventually("the RBD snapshot removed", || !rbd_snaps(&env.c, &disk).contains(&snap));
+    assert_eq!(
+        rbd_parent(&env.c, &clone),
+        None,
+        "the snapshot went before the clone was flattened"
+    );
+
+    // B's open connection reads the parent's data (now the clone's own) and its own write,
+    // and goes on writing.
+    let (e, got) = nbd_read(&mut sb, 3, 4096, a.len() as u32);
+    assert_eq!((e, got == a), (0, true), "the snapshot's data in the flattened clone");
+    let (e, got) = nbd_read(&mut sb, 4, 8 << 20, 4096);
+    assert_eq!((e, got == own), (0, true), "B's own write");
+    let more = random_bytes(4096, 63);
+    assert_eq!(nbd_write(&mut sb, 5, 12 << 20, &more), 0);
+    flush(&mut sb, 6);
+    drop(sb);
+    nbd_reads_equal(
+        &db,
+        &clone,
+        &[(4096, &a), (8 << 20, &own), (12 << 20, &more)],
+        "B after the flatten",
+    );
+    for (host, data) in [("A", da), ("B", &db)] {
+        let r = check_pool(data);
+        assert_eq!(r["Consistent"], true, "{host}: {r}");
+    }
+    drop(dm_b);
+    drop(dm_a);
+}
