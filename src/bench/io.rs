@@ -430,8 +430,10 @@ fn cipher_ns(reactors: &Reactors, xts: &Arc<Xts>, w: CipherWork) -> Result<Ciphe
     reactors
         .call(0, Duration::from_secs(10), move |_| {
             let len = w.bs.max(w.ss) / w.ss * w.ss;
-            let mut src = AlignedBufs::new(w.depth.max(1), len);
-            let mut dst = AlignedBufs::new(if w.in_place { 0 } else { w.depth.max(1) }, len);
+            // Past 64 MiB a larger working set misses the caches no more.
+            let depth = w.depth.clamp(1, ((64 << 20) / len).max(1));
+            let mut src = AlignedBufs::new(depth, len);
+            let mut dst = AlignedBufs::new(if w.in_place { 0 } else { depth }, len);
             let mut windows = |bufs: usize| {
                 let mut means = Vec::with_capacity(5);
                 let mut sector = 0u64;
@@ -459,7 +461,7 @@ fn cipher_ns(reactors: &Reactors, xts: &Arc<Xts>, w: CipherWork) -> Result<Ciphe
             };
             CipherCost {
                 hot: windows(1),
-                working_set: windows(w.depth.max(1)),
+                working_set: windows(depth),
             }
         })
         .map_err(BenchError::from)
