@@ -82,16 +82,17 @@ def measure_rbd_bench(conf, image, wl, runtime, ramp, cpu, bench_opts):
                           *bench_opts], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
     marks = []  # (time, cumulative ops, cpu ticks) at each progress line
 
-    def read_until(deadline):
+    def read_until(deadline, marks_after=0.0, at_least=0):
+        """Progress lines until deadline, and until at_least of them came after marks_after."""
         for line in p.stdout:
             f = line.split()
             if len(f) >= 3 and f[0].isdigit() and f[1].isdigit():
                 marks.append((time.time(), int(f[1]), cpu_ticks(p.pid)))
-            if time.time() >= deadline:
+            if time.time() >= deadline and sum(m[0] >= marks_after for m in marks) >= at_least:
                 return
     t0 = time.time()
-    read_until(t0 + ramp)
-    read_until(t0 + ramp + runtime)
+    read_until(t0 + ramp, t0 + ramp, 1)
+    read_until(t0 + ramp + runtime, t0 + ramp, 2)
     p.kill()
     p.wait()
     first = next((m for m in marks if m[0] >= t0 + ramp), None)
