@@ -749,10 +749,7 @@ fn snapshot_clone_and_reset_on_rbd_backend() {
     flush(&mut s, 2);
 
     // A snapshot is a protected RBD snapshot of the disk's image.
-    let snap = id_of(
-        rpc(&data, "CreateSnapshot", serde_json::json!({"DiskId": disk})),
-        "SnapshotId",
-    );
+    let snap = snapshot_of(&data, &disk);
     let snaps: serde_json::Value =
         serde_json::from_slice(&c.cmd("rbd", &["snap", "ls", "--format", "json", &format!("rbd/{disk}")])).unwrap();
     assert!(
@@ -768,10 +765,7 @@ fn snapshot_clone_and_reset_on_rbd_backend() {
     drop(s);
 
     // A disk from the snapshot is an RBD clone with the snapshot's data (same key lineage).
-    let clone = id_of(
-        rpc(&data, "CreateDisk", serde_json::json!({"SnapshotId": snap})),
-        "DiskId",
-    );
+    let clone = clone_of(&data, &snap);
     let cinfo = rbd_info(c, &format!("rbd/{clone}"));
     assert_eq!(cinfo["parent"]["image"], disk.as_str(), "{cinfo}");
     assert_eq!(cinfo["parent"]["snapshot"], snap.as_str(), "{cinfo}");
@@ -1217,10 +1211,7 @@ fn images_on_rbd_backend_create_copy_export_and_boot() {
     flush(&mut s, 2);
     drop(s);
     detach(&data, &disk, &inst);
-    let snap = id_of(
-        rpc(&data, "CreateSnapshot", serde_json::json!({"DiskId": disk})),
-        "SnapshotId",
-    );
+    let snap = snapshot_of(&data, &disk);
     let wait =
         |r: serde_json::Value| wait_task(r, |q| rpc(&data, "DescribeTasks", q)).unwrap_or_else(|e| panic!("{e:?}"));
     let img = id_of(
@@ -1396,6 +1387,22 @@ fn flush(s: &mut std::os::unix::net::UnixStream, cookie: u64) {
     assert_eq!(nbd_cmd(s, 3, cookie, 0, 0, &[], 0).0, 0, "flush");
 }
 
+/// CreateSnapshot of `disk`: the snapshot's id.
+fn snapshot_of(data: &std::path::Path, disk: &str) -> String {
+    id_of(
+        rpc(data, "CreateSnapshot", serde_json::json!({"DiskId": disk})),
+        "SnapshotId",
+    )
+}
+
+/// CreateDisk from snapshot `snap` (an RBD clone): the disk's id.
+fn clone_of(data: &std::path::Path, snap: &str) -> String {
+    id_of(
+        rpc(data, "CreateDisk", serde_json::json!({"SnapshotId": snap})),
+        "DiskId",
+    )
+}
+
 fn id_of(v: serde_json::Value, key: &str) -> String {
     v[key].as_str().unwrap_or_else(|| panic!("no {key}: {v}")).to_owned()
 }
@@ -1414,22 +1421,13 @@ fn delete_snapshot_force_flattens_its_clones_and_finishes_after_a_kill() {
     assert_eq!(nbd_write(&mut s, 1, 4096, &a), 0);
     assert_eq!(nbd_write(&mut s, 2, 12 << 20, &a), 0);
     flush(&mut s, 3);
-    let snap = id_of(
-        rpc(&data, "CreateSnapshot", serde_json::json!({"DiskId": disk})),
-        "SnapshotId",
-    );
+    let snap = snapshot_of(&data, &disk);
     // The disk changes after the snapshot; its clones keep the snapshot's data.
     assert_eq!(nbd_write(&mut s, 4, 4096, &b), 0);
     flush(&mut s, 5);
     drop(s);
-    let c1 = id_of(
-        rpc(&data, "CreateDisk", serde_json::json!({"SnapshotId": snap})),
-        "DiskId",
-    );
-    let c2 = id_of(
-        rpc(&data, "CreateDisk", serde_json::json!({"SnapshotId": snap})),
-        "DiskId",
-    );
+    let c1 = clone_of(&data, &snap);
+    let c2 = clone_of(&data, &snap);
     for cl in [&c1, &c2] {
         assert_eq!(rbd_parent(c, cl), Some(format!("{disk}@{snap}")));
     }
@@ -1499,18 +1497,9 @@ fn a_deleted_snapshot_whose_flattened_clone_has_snapshots_goes_with_them() {
     assert_eq!(nbd_write(&mut s, 1, 4096, &a), 0);
     flush(&mut s, 2);
     drop(s);
-    let snap = id_of(
-        rpc(&data, "CreateSnapshot", serde_json::json!({"DiskId": disk})),
-        "SnapshotId",
-    );
-    let clone = id_of(
-        rpc(&data, "CreateDisk", serde_json::json!({"SnapshotId": snap})),
-        "DiskId",
-    );
-    let snap2 = id_of(
-        rpc(&data, "CreateSnapshot", serde_json::json!({"DiskId": clone})),
-        "SnapshotId",
-    );
+    let snap = snapshot_of(&data, &disk);
+    let clone = clone_of(&data, &snap);
+    let snap2 = snapshot_of(&data, &clone);
     rpc(
         &data,
         "DeleteSnapshot",
@@ -1588,14 +1577,8 @@ fn creations_whose_commit_never_happens_are_removed_from_ceph() {
     eventually("the uncommitted snapshot removed", || rbd_snaps(c, &disk).is_empty());
     assert!(rbd_ls(c).contains(&disk), "the disk's image went");
     // The next creations commit and stay.
-    let snap = id_of(
-        rpc(&data, "CreateSnapshot", serde_json::json!({"DiskId": disk})),
-        "SnapshotId",
-    );
-    let clone = id_of(
-        rpc(&data, "CreateDisk", serde_json::json!({"SnapshotId": snap})),
-        "DiskId",
-    );
+    let snap = snapshot_of(&data, &disk);
+    let clone = clone_of(&data, &snap);
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(rbd_snaps(c, &disk), vec![snap]);
     assert!(rbd_ls(c).contains(&clone));
@@ -1772,11 +1755,8 @@ fn delete_snapshot_force_flattens_a_clone_attached_on_another_host() {
     assert_eq!(nbd_write(&mut s, 1, 4096, &a), 0);
     flush(&mut s, 2);
     drop(s);
-    let snap = id_of(
-        rpc(da, "CreateSnapshot", serde_json::json!({"DiskId": disk})),
-        "SnapshotId",
-    );
-    let clone = id_of(rpc(da, "CreateDisk", serde_json::json!({"SnapshotId": snap})), "DiskId");
+    let snap = snapshot_of(da, &disk);
+    let clone = clone_of(da, &snap);
     assert_eq!(rbd_parent(&env.c, &clone), Some(format!("{disk}@{snap}")));
 
     // B adopts the clone and attaches it; the connection stays open through the flatten.

@@ -556,11 +556,9 @@ impl Poller for Job {
                 break;
             };
             self.slots[slot].start = now;
-            if let Err(req) = self.q.submit(req) {
-                // Not reached: nothing is held here. Keep the slot usable anyway.
-                self.slots[slot].buf = req.buf;
-                self.free.push(slot);
-                break;
+            // The loop runs only while nothing is held, so the queue takes it.
+            if self.q.submit(req).is_err() {
+                unreachable!("submit while a request is held");
             }
             if self.q.is_blocked() {
                 // Back-pressure: the queue holds it and resends it on the next poll.

@@ -165,16 +165,14 @@ impl Poller for Job {
                 break; // no buffer free: back-pressure, retry on the next poll
             };
             self.next += 1;
-            match q.submit(req) {
-                Ok(()) if !q.is_blocked() => work += 1,
-                // Held (back-pressure): resent first on the next poll.
-                Ok(()) => break,
-                Err(_) => {
-                    // Not reached (nothing is held inside this loop); build it again later.
-                    self.next -= 1;
-                    break;
-                }
+            // The loop runs only while nothing is held, so the queue takes it.
+            if q.submit(req).is_err() {
+                unreachable!("submit while a request is held");
             }
+            if q.is_blocked() {
+                break; // held (back-pressure): resent first on the next poll
+            }
+            work += 1;
         }
         let idle = q.in_flight() == 0;
         self.q = Some(q);

@@ -214,7 +214,7 @@ impl Control {
                     while order.reap(false)? {}
                     wtx.send((off, data))
                         .map_err(|_| ControlError::DataPath("the migration writers stopped".into()))?;
-                    order.inflight += 1;
+                    order.sent();
                 }
                 Msg::WindowDone { start, end } => {
                     task.progress(order.window_done(start, end));
@@ -310,7 +310,6 @@ impl Control {
     }
 }
 
-/// Adds the counts of the windows starting below `offset` to `st` and forgets them.
 /// The copy's order keeper: windows finish out of order and writes complete out of
 /// order, but a checkpoint may only record an offset below which everything is written.
 /// Bytes read and written are kept per window (by its start) until the checkpoint passes
@@ -351,6 +350,11 @@ impl<'a> Order<'a> {
     fn read(&mut self, off: u64, len: u64) {
         let w = self.window_of(off);
         self.pending.entry(w).or_default().read += len;
+    }
+
+    /// A piece went to the writers: one more answer to wait for.
+    fn sent(&mut self) {
+        self.inflight += 1;
     }
 
     /// One writer's answer (`wait`: block for it); false when none was there.
