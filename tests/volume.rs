@@ -278,6 +278,66 @@ fn a_full_pool_fails_the_write_with_enospc_and_stays_consistent() {
     assert!(e.pool.check().unwrap().problems.is_empty());
 }
 
+/// Clusters a delete frees wait out a grace period before reuse (a read that loaded the
+/// old map may still be in flight). A write that needs them right after the delete, while
+/// another volume's reads keep the grace period busy, waits for it instead of failing
+/// with ENOSPC. (Seen as a rare Pool.Full from a CreateEncryptedCopy right after a failed
+/// one under a loaded test suite.)
+/// Sets its flag when dropped, unwinding included.
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn a_write_right_after_a_delete_reuses_the_freed_clusters_while_reads_are_in_flight() {
+    // Three usable clusters: one for the reader's volume, two for the volume that is
+    // deleted and made again, round after round.
+    let e = env("reuse", 4 * CL);
+    let r = reactors(&[0, 1]);
+    e.txn(|t| e.pool.create_volume(t, "d-reader", 1 << 20)).unwrap();
+    let reader = e.pool.bdev("d-reader").unwrap();
+    write(&r, &reader, 0, &[7u8; 4096]).unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let reads = s.spawn(|| {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let ops = (0..8)
+                    .map(|i| Op::Read {
+                        offset: i * 4096,
+                        len: 4096,
+                    })
+                    .collect();
+                for d in run_ios_pipelined(&r, 1, &reader, ops) {
+                    assert!(d.result.is_ok(), "read: {:?}", d.result);
+                    n += 1;
+                }
+            }
+            n
+        });
+        // Stops the reader however the rounds end (a failed round must not hang the scope).
+        let _stop = StopOnDrop(&stop);
+        for round in 0..20 {
+            let id = format!("d-{round}");
+            e.txn(|t| e.pool.create_volume(t, &id, 1 << 20)).unwrap();
+            let v = e.pool.bdev(&id).unwrap();
+            for c in 0..2 {
+                write(&r, &v, c * CL, &[round as u8 + 1; 4096])
+                    .unwrap_or_else(|err| panic!("round {round}, cluster {c}: {err:?}"));
+            }
+            drop(v);
+            e.txn(|t| e.pool.delete_volume(t, &id)).unwrap();
+        }
+        drop(_stop);
+        assert!(reads.join().unwrap() > 0, "the reads ran");
+    });
+    assert!(e.pool.check().unwrap().problems.is_empty());
+}
+
 #[test]
 fn data_and_maps_survive_reopen() {
     let e = env("reopen", 16 << 20);

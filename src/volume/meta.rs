@@ -54,6 +54,9 @@ static PREPARE_ERRORS: crate::logging::RateLimit = crate::logging::RateLimit::st
 /// How often an idle metadata thread advances grace periods while freed
 /// clusters wait for one.
 const RECLAIM_TICK: Duration = Duration::from_millis(1);
+/// Longest an allocation waits for freed clusters' grace period when the pool
+/// has no other room (the requests it waits for are device I/O in flight).
+const GRACE_WAIT: Duration = Duration::from_secs(1);
 
 pub(crate) enum MetaOp {
     Write {
@@ -376,30 +379,42 @@ impl Worker {
     }
 
     fn alloc(&mut self, txn: &redb::WriteTransaction) -> Result<u64, VolumeError> {
-        let mut free = txn.open_table(FREE).map_err(db_err)?;
-        let mut pick = None;
-        for e in free.iter().map_err(db_err)? {
-            let p = e.map_err(db_err)?.0.value();
-            if !self.shared.limbo.holds(p) {
-                pick = Some(p);
-                break;
+        let mut waited = false;
+        loop {
+            let mut free = txn.open_table(FREE).map_err(db_err)?;
+            let (mut pick, mut held) = (None, false);
+            for e in free.iter().map_err(db_err)? {
+                let p = e.map_err(db_err)?.0.value();
+                if !self.shared.limbo.holds(p) {
+                    pick = Some(p);
+                    break;
+                }
+                held = true;
             }
-        }
-        if let Some(p) = pick {
-            free.remove(p).map_err(db_err)?;
-            return Ok(p);
-        }
-        let mut meta = txn.open_table(POOL_META).map_err(db_err)?;
-        let high = meta.get("high").map_err(db_err)?.map(|v| v.value()).unwrap_or(1);
-        if high >= self.capacity {
+            if let Some(p) = pick {
+                free.remove(p).map_err(db_err)?;
+                return Ok(p);
+            }
+            let mut meta = txn.open_table(POOL_META).map_err(db_err)?;
+            let high = meta.get("high").map_err(db_err)?.map(|v| v.value()).unwrap_or(1);
+            if high < self.capacity {
+                meta.insert("high", high + 1).map_err(db_err)?;
+                return Ok(high);
+            }
+            // Full but for freed clusters still in their grace period (a volume
+            // deleted a moment ago while other volumes' reads are in flight): wait
+            // for a grace period once rather than fail a write the pool has room for.
+            if held && !waited && self.shared.epochs.synchronize(GRACE_WAIT) {
+                waited = true;
+                self.reclaim();
+                continue;
+            }
             let nfree = free.len().map_err(db_err)?;
             return Err(VolumeError::PoolFull {
                 needed: self.cluster,
                 free: nfree * self.cluster,
             });
         }
-        meta.insert("high", high + 1).map_err(db_err)?;
-        Ok(high)
     }
 
     fn decref(&mut self, txn: &redb::WriteTransaction, p: u64, fx: &mut Effects) -> Result<(), VolumeError> {
