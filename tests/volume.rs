@@ -278,11 +278,6 @@ fn a_full_pool_fails_the_write_with_enospc_and_stays_consistent() {
     assert!(e.pool.check().unwrap().problems.is_empty());
 }
 
-/// Clusters a delete frees wait out a grace period before reuse (a read that loaded the
-/// old map may still be in flight). A write that needs them right after the delete, while
-/// another volume's reads keep the grace period busy, waits for it instead of failing
-/// with ENOSPC. (Seen as a rare Pool.Full from a CreateEncryptedCopy right after a failed
-/// one under a loaded test suite.)
 /// Sets its flag when dropped, unwinding included.
 struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
 
@@ -292,6 +287,11 @@ impl Drop for StopOnDrop<'_> {
     }
 }
 
+/// Clusters a delete frees wait out a grace period before reuse (a read that loaded the
+/// old map may still be in flight). A write that needs them right after the delete, while
+/// another volume's reads keep the grace period busy, waits for it instead of failing
+/// with ENOSPC. (Seen as a rare Pool.Full from a CreateEncryptedCopy right after a failed
+/// one under a loaded test suite.)
 #[test]
 fn a_write_right_after_a_delete_reuses_the_freed_clusters_while_reads_are_in_flight() {
     // Three usable clusters: one for the reader's volume, two for the volume that is
@@ -320,7 +320,7 @@ fn a_write_right_after_a_delete_reuses_the_freed_clusters_while_reads_are_in_fli
             n
         });
         // Stops the reader however the rounds end (a failed round must not hang the scope).
-        let _stop = StopOnDrop(&stop);
+        let stopper = StopOnDrop(&stop);
         for round in 0..20 {
             let id = format!("d-{round}");
             e.txn(|t| e.pool.create_volume(t, &id, 1 << 20)).unwrap();
@@ -332,7 +332,7 @@ fn a_write_right_after_a_delete_reuses_the_freed_clusters_while_reads_are_in_fli
             drop(v);
             e.txn(|t| e.pool.delete_volume(t, &id)).unwrap();
         }
-        drop(_stop);
+        drop(stopper);
         assert!(reads.join().unwrap() > 0, "the reads ran");
     });
     assert!(e.pool.check().unwrap().problems.is_empty());
