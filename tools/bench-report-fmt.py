@@ -12,6 +12,8 @@ import re
 import statistics
 import sys
 
+from fiolib import spread
+
 med = statistics.median
 
 
@@ -327,11 +329,7 @@ def rbd(tg, path):
 
     def per_rep(wl, a, b):
         ra, rb = runs.get(wl, {}).get(a, []), runs.get(wl, {}).get(b, [])
-        v = sorted(x["iops"] / y["iops"] for x, y in zip(ra, rb) if x["iops"] and y["iops"])
-        if not v:
-            return "n/a"
-        m = v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
-        return f"{m:.2f} ({v[0]:.2f}..{v[-1]:.2f})"
+        return spread([x["iops"] / y["iops"] for x, y in zip(ra, rb) if x["iops"] and y["iops"]])
     iops_r, cpu_r, enc_r = [], [], []
     for wl, label in NBD_ROWS:
         f = fig.get(wl, {})
